@@ -1,0 +1,108 @@
+"""Typed pipeline configuration, validated at the edge (CLI, flow parameters, config files)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+DEFAULT_CORPUS = ("bundled:rtp_toxic_dev", "bundled:rtp_nontoxic_dev")
+
+
+class ConfigError(ValueError):
+    """A config value or key is invalid; the message is one line naming the key."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelConfig(_Strict):
+    """Which causal LM to study and how to load it."""
+
+    name: str = Field(DEFAULT_MODEL, description="embedded alias, HF hub id or local folder")
+    revision: str | None = None
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    trust_remote_code: bool = False
+
+    @field_validator("name")
+    @classmethod
+    def _not_blank(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("must not be empty")
+        return v
+
+
+class CorpusConfig(_Strict):
+    """Prompt files: `bundled:NAME`, or paths to .jsonl / .txt / .parquet files."""
+
+    paths: tuple[str, ...] = DEFAULT_CORPUS
+    max_prompts_per_file: int | None = Field(128, gt=0)
+
+    @field_validator("paths")
+    @classmethod
+    def _some_paths(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        if not v:
+            raise ValueError("must list at least one prompt file")
+        return v
+
+
+class CacheConfig(_Strict):
+    """How the `cache` stage runs the frozen model and what it stores."""
+
+    batch_size: int = Field(16, gt=0)
+    max_length: int = Field(64, gt=1, description="tokens per prompt; longer prompts are truncated")
+    prompts_per_shard: int = Field(64, gt=0)
+    store_dtype: Literal["float16", "bfloat16"] = "float16"
+    top_k: int = Field(64, gt=0, description="target top-k kept for subset losses")
+    layers: tuple[int, ...] | None = Field(None, description="layers to cache; None = all")
+
+
+class PipelineConfig(_Strict):
+    """The whole pipeline's configuration; each stage hashes only its own section."""
+
+    home: Path = Field(default_factory=lambda: default_home())
+    model: ModelConfig = ModelConfig()
+    corpus: CorpusConfig = CorpusConfig()
+    cache: CacheConfig = CacheConfig()
+
+
+def default_home() -> Path:
+    """Return the project's home folder: $LORALENS_HOME or ./.loralens."""
+    return Path(os.environ.get("LORALENS_HOME", ".loralens")).expanduser().resolve()
+
+
+def _one_line(err: ValidationError) -> str:
+    first = err.errors()[0]
+    key = ".".join(str(p) for p in first["loc"]) or "<root>"
+    if first["type"] == "extra_forbidden":
+        return f"config error: unknown key '{key}'"
+    return f"config error: {key}: {first['msg']} (got {first.get('input')!r})"
+
+
+def parse_config(data: dict[str, Any] | None = None) -> PipelineConfig:
+    """Return a validated PipelineConfig, raising ConfigError with a one-line message."""
+    try:
+        return PipelineConfig.model_validate(data or {})
+    except ValidationError as err:
+        raise ConfigError(_one_line(err)) from None
+
+
+def load_config(path: str | os.PathLike[str] | None) -> PipelineConfig:
+    """Return the config read from a YAML/JSON file (or the defaults when path is None)."""
+    if path is None:
+        return parse_config({})
+    p = Path(path)
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"config error: file not found: {p}") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise ConfigError(f"config error: {p} is not valid YAML: {str(err).splitlines()[0]}") from None
+    if data is not None and not isinstance(data, dict):
+        raise ConfigError(f"config error: {p} must hold a mapping at the top level")
+    return parse_config(data)

@@ -1,0 +1,29 @@
+"""The Lora Lens pipeline flow: cache -> train -> decode -> attribute -> intervene (stages so far)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import flow
+
+from loralens.flows.cache import cache_stage
+from loralens.flows.common import resolve_config
+
+STAGES = ("cache",)
+
+
+@flow(name="loralens-pipeline")
+def pipeline(
+    config_path: str | None = None,
+    config: dict[str, Any] | None = None,
+    only: str | None = None,
+    force: bool = False,
+) -> dict[str, Any]:
+    """Run every stage (or `only` one), each skipped when its artifact version is already complete."""
+    if only is not None and only not in STAGES:
+        raise ValueError(f"unknown stage '{only}'; stages: {', '.join(STAGES)}")
+    cfg = resolve_config(config_path, config)
+    results: dict[str, Any] = {}
+    if only in (None, "cache"):
+        results["cache"] = cache_stage(cfg, force=force)
+    return results

@@ -1,0 +1,161 @@
+"""The `cache` stage: plan its version, run the frozen model over the corpus, write resumable shards."""
+
+from __future__ import annotations
+
+import logging
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from prefect import task
+from tqdm.auto import tqdm
+
+from loralens.config import ConfigError, PipelineConfig
+from loralens.lens.caching import (
+    TokenArrays,
+    TokenizedPrompts,
+    cache_batch,
+    effective_max_length,
+    tokenize_prompts,
+)
+from loralens.lens.models import folder_fingerprint, load_model, resolve_model_path
+from loralens.warehouse.activation_cache import shard_relpaths, write_cache_shard
+from loralens.warehouse.artifacts import ArtifactDir
+from loralens.warehouse.corpus import Corpus, load_corpus
+from loralens.warehouse.db import upsert_artifact, warehouse_path
+from loralens.warehouse.versions import artifact_version
+
+log = logging.getLogger("loralens.cache")
+STAGE = "cache"
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    """What a stage will produce: its version, the config it hashed and its inputs' versions."""
+
+    stage: str
+    version: str
+    config: dict[str, Any]
+    inputs: dict[str, str]
+    home: Path
+
+    @property
+    def artifact(self) -> ArtifactDir:
+        """Return the folder of this version."""
+        return ArtifactDir(self.home, self.stage, self.version)
+
+
+def plan_cache(cfg: PipelineConfig) -> StagePlan:
+    """Return the cache stage's version: a hash of its config, the model's and the corpus's content."""
+    model_path = resolve_model_path(cfg.model.name, cfg.home, cfg.model.revision)
+    model_fp = folder_fingerprint(Path(model_path)) if Path(model_path).is_dir() else str(model_path)
+    corpus = load_corpus(cfg.corpus.paths, cfg.corpus.max_prompts_per_file)
+    config = {"model": cfg.model.model_dump(), "corpus": cfg.corpus.model_dump(), "cache": cfg.cache.model_dump()}
+    inputs = {"model": model_fp, "corpus": corpus.fingerprint()}
+    return StagePlan(STAGE, artifact_version(STAGE, config, inputs), config, inputs, cfg.home)
+
+
+def _shard_prompts(corpus: Corpus, token_ids: list[list[int]], per_shard: int) -> list[list[int]]:
+    """Return corpus indices per shard (prompts with no tokens are left out)."""
+    kept = [i for i in range(len(corpus.prompts)) if token_ids[i]]
+    return [kept[i : i + per_shard] for i in range(0, len(kept), per_shard)]
+
+
+def run_cache_stage(cfg: PipelineConfig, plan: StagePlan, *, force: bool = False) -> dict[str, Any]:
+    """Cache every shard not yet done (resuming a killed run), then write the manifest; return a summary."""
+    adir = plan.artifact
+    if force:
+        adir.reset()
+    if adir.is_complete():
+        return {"version": plan.version, "path": str(adir.path), "cached": True, **adir.manifest()["summary"]}
+    adir.prepare()
+    db = warehouse_path(cfg.home)
+    parents = list(plan.inputs.values())
+    upsert_artifact(db, stage=STAGE, version=plan.version, parents=parents, config=plan.config,
+                    status="running", artifact_dir=str(adir.path))
+
+    loaded = load_model(cfg.model.name, cfg.home, dtype=cfg.model.dtype, revision=cfg.model.revision,
+                        trust_remote_code=cfg.model.trust_remote_code)
+    corpus = load_corpus(cfg.corpus.paths, cfg.corpus.max_prompts_per_file)
+    layers = list(cfg.cache.layers) if cfg.cache.layers is not None else list(range(loaded.dims.n_layers))
+    bad = [layer for layer in layers if not 0 <= layer < loaded.dims.n_layers]
+    if bad:
+        raise ConfigError(f"config error: cache.layers: {bad} out of range for {loaded.dims.n_layers} layers")
+    max_len = effective_max_length(loaded, cfg.cache.max_length)
+    tok = tokenize_prompts(loaded.tokenizer, [p.text for p in corpus.prompts], max_len)
+    if tok.n_truncated:
+        log.warning("%d of %d prompts longer than %d tokens were truncated", tok.n_truncated, len(corpus.prompts),
+                    max_len)
+    shards = _shard_prompts(corpus, tok.ids, cfg.cache.prompts_per_shard)
+    total_tokens = sum(len(tok.ids[i]) for s in shards for i in s)
+    redone = 0
+
+    # One writer thread overlaps Parquet encoding of shard i with the forward passes of shard i+1.
+    with ThreadPoolExecutor(max_workers=1) as writer, tqdm(total=total_tokens, desc="cache", unit="tok") as bar:
+        pending: Future | None = None
+        for s, idxs in enumerate(shards):
+            n_tokens = sum(len(tok.ids[i]) for i in idxs)
+            if adir.shard_files(s) is not None:
+                bar.update(n_tokens)
+                continue
+            rels = shard_relpaths(s, layers)
+            if any((adir.path / r).exists() for r in rels):
+                redone += 1  # a killed write or a checksum mismatch: the shard is redone from scratch
+            adir.discard_shard(s, rels)
+            arrays = _cache_shard(loaded, tok.ids, idxs, layers, cfg, bar)
+            prompts = [_prompt_row(corpus, tok, i) for i in idxs]
+            cols = {k: v for k, v in arrays.__dict__.items() if k != "z"}
+            if pending is not None:
+                pending.result()
+            pending = writer.submit(write_cache_shard, adir, s, cols, arrays.z, prompts)
+        if pending is not None:
+            pending.result()
+
+    summary = {
+        "model": loaded.path,
+        "n_prompts": sum(len(s) for s in shards),
+        "n_tokens": total_tokens,
+        "n_layers": len(layers),
+        "n_heads": loaded.dims.n_heads,
+        "d_head": loaded.dims.d_head,
+        "d_model": loaded.dims.d_model,
+        "vocab": loaded.dims.vocab,
+        "store_dtype": cfg.cache.store_dtype,
+        "max_length": max_len,
+        "truncated_prompts": tok.n_truncated,
+        "empty_prompts": tok.n_empty,
+        "blank_prompts_skipped": corpus.skipped_blank,
+        "shards_redone": redone,
+        "per_source": corpus.per_source,
+    }
+    manifest = adir.finalize(config=plan.config, inputs=plan.inputs, summary=summary)
+    summary["bytes_per_token"] = manifest["total_bytes"] / max(total_tokens, 1)
+    upsert_artifact(db, stage=STAGE, version=plan.version, parents=parents, config=plan.config,
+                    status="complete", rows=total_tokens, bytes_=manifest["total_bytes"],
+                    artifact_dir=str(adir.path), summary=summary)
+    return {"version": plan.version, "path": str(adir.path), "cached": False, **summary}
+
+
+def _cache_shard(loaded, token_ids, idxs, layers, cfg: PipelineConfig, bar) -> TokenArrays:
+    # Longest first within a shard: less padding per batch, and a deterministic row order.
+    order = sorted(idxs, key=lambda i: (-len(token_ids[i]), i))
+    parts = []
+    for b in range(0, len(order), cfg.cache.batch_size):
+        batch = order[b : b + cfg.cache.batch_size]
+        parts.append(cache_batch(loaded, [token_ids[i] for i in batch], batch, layers,
+                                 top_k=cfg.cache.top_k, store_dtype=cfg.cache.store_dtype))
+        bar.update(parts[-1].n)
+    return TokenArrays.concat(parts)
+
+
+def _prompt_row(corpus: Corpus, tok: TokenizedPrompts, i: int) -> dict[str, Any]:
+    p = corpus.prompts[i]
+    return {"prompt_idx": i, "prompt_id": p.id, "source": p.source, "text": p.text, "toxicity": p.toxicity,
+            "n_tokens": len(tok.ids[i]), "truncated": tok.truncated[i]}
+
+
+@task(name="cache", cache_key_fn=lambda _ctx, params: f"loralens-cache-{params['plan'].version}", persist_result=True)
+def cache_task(cfg: PipelineConfig, plan: StagePlan, force: bool = False) -> dict[str, Any]:
+    """Prefect task: the cache stage, keyed by its artifact version."""
+    return run_cache_stage(cfg, plan, force=force)

@@ -1,0 +1,186 @@
+"""A versioned artifact folder: atomic shard files, per-shard records with checksums, manifest last.
+
+A shard counts as done only when its record exists and every file it lists matches its checksum; the
+manifest, written last by `finalize`, is the only thing that marks the whole artifact complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from loralens.warehouse.constants import ARTIFACTS_DIR, MANIFEST, SHARD_RECORDS_DIR, TMP_PREFIX, shard_name
+
+_LIBRARIES = ("loralens", "torch", "transformers", "peft", "deepspeed", "prefect", "pyarrow", "duckdb")
+
+
+class ArtifactError(RuntimeError):
+    """An artifact is missing, incomplete or not writable."""
+
+
+def file_sha256(path: Path) -> str:
+    """Return the sha256 hex digest of a file."""
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write `data` to `path` via a temporary file in the same folder and a rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_with(path: Path, write: Callable[[Path], None]) -> None:
+    """Call `write(tmp_path)` and rename the result to `path`, leaving nothing behind on failure."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f"{TMP_PREFIX}{os.getpid()}-{path.name}"
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def library_versions() -> dict[str, str]:
+    """Return the installed versions of the libraries an artifact depends on."""
+    out = {"python": platform.python_version()}
+    for name in _LIBRARIES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return out
+
+
+@dataclass(frozen=True)
+class ShardFile:
+    """One file of a shard, relative to the artifact folder, with its rows, size and checksum."""
+
+    path: str
+    rows: int
+    bytes: int
+    sha256: str
+
+
+def artifact_path(home: Path, stage: str, version: str) -> Path:
+    """Return the folder of one stage version under the project's home."""
+    return home / ARTIFACTS_DIR / stage / version
+
+
+class ArtifactDir:
+    """The folder of one stage version, e.g. `<home>/artifacts/cache/<version>/`."""
+
+    def __init__(self, home: Path, stage: str, version: str) -> None:
+        self.stage = stage
+        self.version = version
+        self.path = artifact_path(home, stage, version)
+
+    # -- state ---------------------------------------------------------------------------------
+    def manifest(self) -> dict[str, Any] | None:
+        """Return the manifest, or None while the artifact is incomplete."""
+        try:
+            return json.loads((self.path / MANIFEST).read_text())
+        except FileNotFoundError:
+            return None
+
+    def is_complete(self) -> bool:
+        """Return True when the manifest exists (it is written last)."""
+        return (self.path / MANIFEST).exists()
+
+    def prepare(self) -> None:
+        """Create the folder (checking it is writable) and drop temp files left by a killed run."""
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            probe = self.path / f"{TMP_PREFIX}probe"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as err:
+            raise ArtifactError(f"cannot write artifact folder {self.path}: {err.strerror}") from None
+        for tmp in self.path.rglob(f"{TMP_PREFIX}*"):
+            tmp.unlink(missing_ok=True)
+
+    def reset(self) -> None:
+        """Delete everything of this version (for --force)."""
+        shutil.rmtree(self.path, ignore_errors=True)
+
+    # -- shards --------------------------------------------------------------------------------
+    def _record_path(self, index: int) -> Path:
+        return self.path / SHARD_RECORDS_DIR / f"{shard_name(index)}.json"
+
+    def shard_files(self, index: int) -> list[ShardFile] | None:
+        """Return a done shard's files, or None if it is missing or any file fails its checksum."""
+        try:
+            record = json.loads(self._record_path(index).read_text())
+        except (FileNotFoundError, ValueError):
+            return None
+        files = [ShardFile(**f) for f in record["files"]]
+        for f in files:
+            p = self.path / f.path
+            if not p.exists() or p.stat().st_size != f.bytes or file_sha256(p) != f.sha256:
+                return None
+        return files
+
+    def discard_shard(self, index: int, relpaths: list[str]) -> None:
+        """Remove a shard's record first (so it stops counting as done), then its files."""
+        self._record_path(index).unlink(missing_ok=True)
+        for rel in relpaths:
+            (self.path / rel).unlink(missing_ok=True)
+
+    def record_shard(self, index: int, files: list[ShardFile]) -> None:
+        """Mark a shard done; call only after all its files are in place."""
+        payload = {"shard": index, "files": [f.__dict__ for f in files], "written_at": time.time()}
+        atomic_write_bytes(self._record_path(index), json.dumps(payload, indent=1).encode())
+
+    def done_shards(self) -> dict[int, list[ShardFile]]:
+        """Return every shard record present (without re-verifying checksums)."""
+        out = {}
+        for rec in sorted((self.path / SHARD_RECORDS_DIR).glob("shard-*.json")):
+            data = json.loads(rec.read_text())
+            out[int(data["shard"])] = [ShardFile(**f) for f in data["files"]]
+        return out
+
+    def finalize(self, *, config: dict[str, Any], inputs: dict[str, str], summary: dict[str, Any]) -> dict:
+        """Write manifest.json last, listing every shard's files, rows and checksums; return it."""
+        shards = self.done_shards()
+        files = [f.__dict__ | {"shard": i} for i, fs in shards.items() for f in fs]
+        manifest = {
+            "stage": self.stage,
+            "version": self.version,
+            "config": config,
+            "inputs": inputs,
+            "n_shards": len(shards),
+            "files": files,
+            "total_bytes": sum(f["bytes"] for f in files),
+            "summary": summary,
+            "libraries": library_versions(),
+            "completed_at": time.time(),
+        }
+        atomic_write_bytes(self.path / MANIFEST, json.dumps(manifest, indent=1).encode())
+        return manifest
+
+    def size_bytes(self) -> int:
+        """Return the bytes on disk under this version's folder."""
+        return sum(p.stat().st_size for p in self.path.rglob("*") if p.is_file())

@@ -1,0 +1,116 @@
+"""Connections to the DuckDB warehouse: short write transactions with retry on another writer's lock."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, TypeVar
+
+import duckdb
+
+from loralens.warehouse.constants import WAREHOUSE_FILE
+from loralens.warehouse.schema import ensure_schema
+
+T = TypeVar("T")
+
+
+class WarehouseLockedError(RuntimeError):
+    """Another process holds the warehouse file open for writing."""
+
+
+def warehouse_path(home: Path) -> Path:
+    """Return the DuckDB file of a project home."""
+    return home / WAREHOUSE_FILE
+
+
+def _is_lock_error(err: Exception) -> bool:
+    return "lock" in str(err).lower()
+
+
+@contextmanager
+def connect(path: Path, *, read_only: bool = False, wait_s: float = 30.0) -> Iterator[duckdb.DuckDBPyConnection]:
+    """Yield a connection, retrying while another process holds the file; read-only never writes."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    deadline = time.monotonic() + wait_s
+    delay = 0.05
+    while True:
+        try:
+            con = duckdb.connect(str(path), read_only=read_only)
+            break
+        except duckdb.IOException as err:
+            if not _is_lock_error(err) or time.monotonic() >= deadline:
+                if _is_lock_error(err):
+                    raise WarehouseLockedError(
+                        f"warehouse {path} is locked by another writer (waited {wait_s:.0f} s); "
+                        "stop the other process or retry later"
+                    ) from None
+                raise
+            time.sleep(delay)
+            delay = min(delay * 2, 1.0)
+    try:
+        if not read_only:
+            ensure_schema(con)
+        yield con
+    finally:
+        con.close()
+
+
+def write_transaction(path: Path, fn: Callable[[duckdb.DuckDBPyConnection], T], *, wait_s: float = 30.0) -> T:
+    """Run `fn(con)` inside one transaction: all of its rows land, or none do."""
+    with connect(path, wait_s=wait_s) as con:
+        con.execute("BEGIN TRANSACTION")
+        try:
+            result = fn(con)
+            con.execute("COMMIT")
+        except BaseException:
+            con.execute("ROLLBACK")
+            raise
+        return result
+
+
+def upsert_artifact(
+    path: Path,
+    *,
+    stage: str,
+    version: str,
+    parents: list[str],
+    config: dict[str, Any],
+    status: str,
+    rows: int | None = None,
+    bytes_: int | None = None,
+    artifact_dir: str | None = None,
+    summary: dict[str, Any] | None = None,
+) -> None:
+    """Insert or update one artifact row in a single transaction (created_at is kept on update)."""
+
+    def write(con: duckdb.DuckDBPyConnection) -> None:
+        con.execute(
+            """
+            INSERT INTO artifacts (stage, version, parents, config, status, rows, bytes, path, summary,
+                                   completed_at)
+            VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, CASE WHEN ? = 'complete' THEN current_timestamp END)
+            ON CONFLICT (version) DO UPDATE SET
+                status = excluded.status, rows = excluded.rows, bytes = excluded.bytes,
+                summary = excluded.summary, path = excluded.path, completed_at = excluded.completed_at
+            """,
+            [stage, version, parents, json.dumps(config, default=str), status, rows, bytes_, artifact_dir,
+             json.dumps(summary or {}, default=str), status],
+        )
+
+    write_transaction(path, write)
+
+
+def list_artifacts(path: Path) -> list[dict[str, Any]]:
+    """Return every registered artifact, newest first (empty if the warehouse does not exist yet)."""
+    if not path.exists():
+        return []
+    with connect(path, read_only=True) as con:
+        cur = con.execute(
+            "SELECT stage, version, status, rows, bytes, path, created_at, completed_at, parents "
+            "FROM artifacts ORDER BY created_at DESC"
+        )
+        cols = [d[0] for d in cur.description]
+        return [dict(zip(cols, row, strict=True)) for row in cur.fetchall()]

@@ -11,6 +11,8 @@ PREFECT_DEFAULTS = {
     "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
     "PREFECT_LOGGING_EXTRA_LOGGERS": "loralens",
     "PREFECT_RESULTS_PERSIST_BY_DEFAULT": "true",
+    # Stage functions also run outside flows (tests, workers); their logs then stay local.
+    "PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW": "ignore",
 }
 
 

@@ -5,6 +5,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from loralens.lens.lenses import (
     FORMS,
@@ -118,6 +120,32 @@ def test_head_logits_match_formula(unembed, x, form):
     else:
         ref = (xh + s * xh @ bank.res_V[h].T @ bank.res_U[h].T) @ W.T + bank.bias[h]
     torch.testing.assert_close(bank.head_logits(x)[:, h], ref, rtol=1e-5, atol=1e-5)
+
+
+class _LargestTensor(TorchDispatchMode):
+    """Records the largest numel of any tensor an aten op produces."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        sizes = [t.numel() for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
+        self.largest = max([self.largest, *sizes])
+        return out
+
+
+@pytest.mark.parametrize("form", ["lora", "residual"])
+def test_joint_path_never_builds_tokens_heads_vocab(unembed, x, form):
+    bank = _randomise(LensBank(unembed, H, LensConfig(form=form, rank=R)))
+    per_head = x.shape[0] * H * V
+    with _LargestTensor() as spy:
+        kl_exact(torch.randn(x.shape[0], V), bank.layer_logits(x)).backward()
+    assert spy.largest < per_head
+    with _LargestTensor() as spy:  # the spy does see the per-head path's tensor
+        bank.head_logits(x)
+    assert spy.largest >= per_head
 
 
 def test_forward_dispatches_on_objective(unembed, x):

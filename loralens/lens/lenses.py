@@ -208,20 +208,22 @@ class LensBank(nn.Module):
         return out + self.bias
 
     def layer_logits(self, x: Tensor) -> Tensor:
-        """Return summed-over-heads logits ``[tokens, vocab]`` without a ``[tokens, heads, vocab]``."""
+        """Return summed-over-heads logits ``[tokens, vocab]``; lora/residual never build ``[tokens, heads, vocab]``."""
         x = self._check(x)
         form, s = self.config.form, self.config.scale
-        T, H, d = x.shape
+        T, H, _ = x.shape
         bias = self.bias.sum(0)
         if form == "full":
-            # sum_h W_h x_h is one matmul over the flattened (head, d_model) axis.
-            w = self.weight.permute(1, 0, 2).reshape(self.vocab, H * d)
-            return F.linear(x.reshape(T, H * d), w) + bias
+            # No shared base to collapse onto: a batched matmul + head sum beats
+            # flattening (head, d_model), which would copy all H x [vocab, d_model]
+            # weights every call. Only this baseline form builds [tokens, heads, vocab].
+            return torch.einsum("thd,hvd->thv", x, self.weight).sum(1) + bias
         if form == "lora":
             r = self.config.rank
             ax = torch.einsum("thd,hrd->thr", x, self.lora_A).reshape(T, H * r)
             b = self.lora_B.permute(1, 0, 2).reshape(self.vocab, H * r)
-            return self._base(x.sum(1)) + s * F.linear(ax, b) + bias
+            # addmm fuses the scaled low-rank update into the base logits: one [tokens, vocab] buffer.
+            return torch.addmm(self._base(x.sum(1)) + bias, ax, b.T, alpha=s)
         # Residual translators collapse in d_model space before the single projection.
         vx = torch.einsum("thd,hrd->thr", x, self.res_V)
         moved = x.sum(1) + s * torch.einsum("thr,hdr->td", vx, self.res_U)

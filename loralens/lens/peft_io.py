@@ -74,9 +74,7 @@ def check_compatible(cfg: dict, unembed: FoldedUnembed) -> None:
         if cfg.get(key) != have:
             raise ValueError(f"{key} mismatch: bank has {cfg.get(key)}, unembed has {have}")
     if cfg.get("fingerprint") != unembed.fingerprint():
-        raise ValueError(
-            f"fingerprint mismatch: bank {cfg.get('fingerprint')} != unembed {unembed.fingerprint()}"
-        )
+        raise ValueError(f"fingerprint mismatch: bank {cfg.get('fingerprint')} != unembed {unembed.fingerprint()}")
 
 
 def load_bank(in_dir: str | Path, unembed: FoldedUnembed) -> LensBank:
@@ -84,6 +82,7 @@ def load_bank(in_dir: str | Path, unembed: FoldedUnembed) -> LensBank:
     cfg = read_bank_config(in_dir)
     if cfg.get("format") != FORMAT_VERSION:
         raise ValueError(f"format mismatch: file has {cfg.get('format')}, expected {FORMAT_VERSION}")
+    check_compatible(cfg, unembed)
     config = LensConfig(**{k: cfg[k] for k in LensConfig.__dataclass_fields__})
     bank = LensBank(unembed, cfg["n_heads"], config, layer=cfg.get("layer"))
     tensors = load_file(str(Path(in_dir) / WEIGHTS_NAME), device="cpu")

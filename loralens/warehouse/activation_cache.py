@@ -3,7 +3,7 @@
     cache/<version>/
       prompts/shard-00000.parquet          prompt metadata (id, source, text, toxicity, n_tokens, truncated)
       tokens/shard-00000.parquet           per token: ids, positions, target (h_final, scale, top-k, lse)
-      z/layer=007/shard-00000.parquet      per token: that layer's output-projection input z
+      z/layer=7/shard-00000.parquet      per token: that layer's output-projection input z
       _shards/shard-00000.json             files, rows and sha256 of a finished shard
       manifest.json                        written last
 

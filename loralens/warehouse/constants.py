@@ -19,4 +19,4 @@ def shard_name(index: int) -> str:
 
 def layer_dir(layer: int) -> str:
     """Return the hive partition folder of one layer."""
-    return f"layer={layer:03d}"
+    return f"layer={layer}"

@@ -1,0 +1,177 @@
+"""The cache stage on tiny real models: Parquet round trip, DuckDB over metadata, versions, resume."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import duckdb
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from loralens.config import ConfigError, parse_config
+from loralens.lens.adapters import out_proj_weight
+from loralens.lens.caching import from_storage, pad_batch, target_logits
+from loralens.lens.hooks import capture, head_contributions
+from loralens.lens.models import load_model
+from loralens.tasks.cache import plan_cache, run_cache_stage
+from loralens.warehouse.activation_cache import read_h_final, read_layer_z, read_prompts, read_tokens
+from loralens.warehouse.artifacts import ArtifactError
+from loralens.warehouse.db import warehouse_path
+
+
+def make_cfg(home: Path, model: Path, **cache):
+    cache = {"batch_size": 4, "prompts_per_shard": 6, "max_length": 24, "top_k": 8} | cache
+    return parse_config({
+        "home": str(home),
+        "model": {"name": str(model)},
+        "corpus": {"paths": ["bundled:rtp_toxic_dev", "bundled:rtp_nontoxic_dev"], "max_prompts_per_file": 10},
+        "cache": cache,
+    })
+
+
+def run(cfg, **kw):
+    return run_cache_stage(cfg, plan_cache(cfg), **kw)
+
+
+@pytest.fixture(scope="module")
+def cached(tiny_models, tmp_path_factory):
+    cfg = make_cfg(tmp_path_factory.mktemp("home"), tiny_models["llama"])
+    return cfg, run(cfg)
+
+
+def test_round_trip_reproduces_head_contributions_and_targets(cached):
+    cfg, summary = cached
+    loaded = load_model(cfg.model.name, cfg.home)
+    adir = plan_cache(cfg).artifact
+    tokens = read_tokens(adir)
+    prompts = read_prompts(adir).to_pylist()
+    assert summary["n_prompts"] == 20 and tokens.num_rows == summary["n_tokens"] == sum(p["n_tokens"] for p in prompts)
+
+    # Re-run the model on one cached prompt and compare to what the cache holds for it.
+    p = prompts[3]
+    ids = loaded.tokenizer(p["text"])["input_ids"][: cfg.cache.max_length]
+    rows = np.flatnonzero(tokens.column("prompt_idx").to_numpy() == p["prompt_idx"])
+    assert tokens.column("position").to_numpy()[rows].tolist() == list(range(len(ids)))
+    assert tokens.column("token_id").to_numpy()[rows].tolist() == ids
+    x, m = pad_batch([ids], 0)
+    with torch.no_grad(), capture(loaded.model, loaded.adapter, [1]) as cap:
+        logits = loaded.model(input_ids=x, attention_mask=m).logits[0]
+    z_cached = from_storage(read_layer_z(adir, 1, loaded.dims.z_width)[rows], "float16").float()
+    w_o = out_proj_weight(loaded.adapter, loaded.model, 1, loaded.dims)
+    torch.testing.assert_close(head_contributions(z_cached, w_o), head_contributions(cap.z[1][0], w_o),
+                               atol=2e-3, rtol=1e-2)
+    h = torch.from_numpy(read_h_final(tokens, loaded.dims.d_model)[rows].copy())
+    torch.testing.assert_close(target_logits(loaded, h), logits, atol=1e-5, rtol=1e-5)
+    lse = torch.from_numpy(tokens.column("lse").to_numpy()[rows])
+    torch.testing.assert_close(lse, torch.logsumexp(logits, -1), atol=1e-5, rtol=1e-5)
+    top = np.stack(tokens.column("topk_ids").to_numpy(zero_copy_only=False)[rows])
+    assert (top[:, 0] == logits.argmax(-1).numpy()).all()
+    nxt = tokens.column("next_token_id").to_numpy()[rows]
+    assert nxt[:-1].tolist() == ids[1:] and nxt[-1] == -1
+
+
+def test_duckdb_queries_cache_metadata_and_layers(cached):
+    cfg, summary = cached
+    root = plan_cache(cfg).artifact.path
+    con = duckdb.connect()
+    per_prompt = con.execute(
+        f"SELECT p.prompt_id, p.n_tokens, count(*) AS n FROM read_parquet('{root}/tokens/*.parquet') t "
+        f"JOIN read_parquet('{root}/prompts/*.parquet') p USING (prompt_idx) GROUP BY ALL"
+    ).fetchall()
+    assert len(per_prompt) == 20 and all(n_tokens == n for _, n_tokens, n in per_prompt)
+    layer_rows = con.execute(
+        f"SELECT layer, count(*) FROM read_parquet('{root}/z/*/*.parquet', hive_partitioning=true) "
+        "GROUP BY layer ORDER BY layer"
+    ).fetchall()
+    assert layer_rows == [(i, summary["n_tokens"]) for i in range(3)]
+    reg = duckdb.connect(str(warehouse_path(cfg.home)), read_only=True).execute(
+        "SELECT stage, status, rows FROM artifacts WHERE version = ?", [summary["version"]]
+    ).fetchall()
+    assert reg == [("cache", "complete", summary["n_tokens"])]
+
+
+def test_rerun_is_skipped_and_changed_config_makes_new_version(cached, tiny_models):
+    cfg, summary = cached
+    again = run(cfg)
+    assert again["cached"] and again["version"] == summary["version"]
+    changed = make_cfg(cfg.home, tiny_models["llama"], top_k=4)
+    new = run(changed)
+    assert not new["cached"] and new["version"] != summary["version"]
+    assert plan_cache(cfg).artifact.is_complete() and plan_cache(changed).artifact.is_complete()
+
+
+def test_corrupted_shard_is_redone(tiny_models, tmp_path):
+    cfg = make_cfg(tmp_path, tiny_models["gpt2"], layers=[0, 2])
+    first = run(cfg)
+    adir = plan_cache(cfg).artifact
+    before = read_tokens(adir)
+    victim = adir.path / "z/layer=2/shard-00001.parquet"
+    victim.write_bytes(victim.read_bytes()[:-20] + b"\0" * 20)  # same size, wrong bytes
+    (adir.path / "manifest.json").unlink()  # as if the run had been killed before finishing
+    second = run(cfg)
+    assert second["shards_redone"] == 1 and second["n_tokens"] == first["n_tokens"]
+    assert read_tokens(adir).equals(before)
+    assert pq.read_table(victim).num_rows == pq.read_table(adir.path / "z/layer=0/shard-00001.parquet").num_rows
+
+
+def test_truncation_is_counted_and_bad_layers_rejected(tiny_models, tmp_path):
+    summary = run(make_cfg(tmp_path, tiny_models["gpt_neox"], max_length=5))
+    assert summary["truncated_prompts"] > 0 and summary["max_length"] == 5
+    with pytest.raises(ConfigError, match=r"cache.layers: \[7\] out of range for 3 layers"):
+        run(make_cfg(tmp_path, tiny_models["gpt_neox"], layers=[0, 7]))
+
+
+def test_unwritable_artifact_folder_is_a_clear_error(tiny_models, tmp_path):
+    cfg = make_cfg(tmp_path, tiny_models["llama"])
+    blocker = tmp_path / "artifacts" / "cache"
+    blocker.parent.mkdir(parents=True)
+    blocker.write_text("a file where a folder should be")
+    with pytest.raises(ArtifactError, match="cannot write artifact folder"):
+        run(cfg)
+
+
+WORKER = """
+import json, sys
+from loralens.config import parse_config
+from loralens.tasks.cache import plan_cache, run_cache_stage
+cfg = parse_config(json.loads(sys.argv[1]))
+run_cache_stage(cfg, plan_cache(cfg))
+"""
+
+
+def test_sigkill_mid_cache_then_resume_equals_uninterrupted(tiny_models, tmp_path):
+    model = tiny_models["qwen2"]
+    raw = {"model": {"name": str(model)},
+           "corpus": {"paths": ["bundled:rtp_toxic_dev", "bundled:rtp_nontoxic_dev"]},
+           "cache": {"batch_size": 8, "prompts_per_shard": 8, "max_length": 24, "top_k": 8}}
+    killed_home, clean_home = tmp_path / "killed", tmp_path / "clean"
+    cfg_killed = parse_config(raw | {"home": str(killed_home)})
+    adir = plan_cache(cfg_killed).artifact
+    proc = subprocess.Popen([sys.executable, "-c", WORKER, json.dumps(raw | {"home": str(killed_home)})],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and len(list((adir.path / "_shards").glob("*.json"))) < 5:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done_at_kill = len(list((adir.path / "_shards").glob("*.json")))
+    assert 5 <= done_at_kill < 150 and not adir.is_complete(), "the kill must land mid-way"
+
+    resumed = run(cfg_killed)
+    clean = run(parse_config(raw | {"home": str(clean_home)}))
+    assert resumed["version"] == clean["version"] and resumed["n_tokens"] == clean["n_tokens"]
+    clean_dir = plan_cache(parse_config(raw | {"home": str(clean_home)})).artifact
+    assert read_tokens(adir).equals(read_tokens(clean_dir))
+    assert read_prompts(adir).equals(read_prompts(clean_dir))
+    for layer in range(3):
+        np.testing.assert_array_equal(read_layer_z(adir, layer, 64), read_layer_z(clean_dir, layer, 64))
+    assert not list(adir.path.rglob(".tmp-*"))
+    manifest = adir.manifest()
+    assert sum(f["rows"] for f in manifest["files"] if f["path"].startswith("tokens/")) == clean["n_tokens"]

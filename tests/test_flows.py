@@ -1,0 +1,48 @@
+"""Real Prefect flow runs (one local test server per session): a second run with the same config is cached."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from prefect.client.orchestration import get_client
+
+from loralens.flows.cache import cache_activations
+from loralens.flows.pipeline import pipeline
+
+
+async def _task_states(flow_run_id) -> list[str]:
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    async with get_client() as client:
+        runs = await client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+        return [r.state.name for r in runs if r.name.startswith("cache")]
+
+
+def test_second_flow_run_is_cached(prefect_server, tiny_models, tmp_path):
+    config = {
+        "home": str(tmp_path),
+        "model": {"name": str(tiny_models["gpt2"])},
+        "corpus": {"paths": ["bundled:toxigen_sentences"], "max_prompts_per_file": 12},
+        "cache": {"batch_size": 4, "prompts_per_shard": 4, "max_length": 16},
+    }
+    first_state = cache_activations(config=config, return_state=True)
+    first = first_state.result()
+    assert not first["cached"] and first["n_prompts"] == 12
+    second_state = cache_activations(config=config, return_state=True)
+    second = second_state.result()
+    assert second["cached"] and second["version"] == first["version"]
+    assert asyncio.run(_task_states(first_state.state_details.flow_run_id)) == ["Completed"]
+    assert asyncio.run(_task_states(second_state.state_details.flow_run_id)) == ["Cached"]
+
+    # A deleted artifact is never a stale cache hit: the task runs again and rebuilds it.
+    import shutil
+
+    shutil.rmtree(tmp_path / "artifacts")
+    third = pipeline(config=config)["cache"]
+    assert not third["cached"] and third["version"] == first["version"]
+
+
+def test_pipeline_rejects_unknown_stage(prefect_server):
+    with pytest.raises(ValueError, match="unknown stage 'nope'"):
+        pipeline(only="nope")

@@ -1,0 +1,143 @@
+"""The lens training objective over many layers: cached `z` in, mean KL(model || lens) out.
+
+A `LensSet` holds one `LensBank` per trained layer, all sharing one frozen `FoldedUnembed`, plus the
+frozen output projections `W_O` needed to turn cached `z` into per-head lens inputs
+`x_h = z_h @ W_O[h] / scale`. Its forward returns the training loss of one micro-batch, so a DeepSpeed
+engine can wrap it directly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from loralens.lens.hooks import head_contributions
+from loralens.lens.lenses import FoldedUnembed, LensBank, LensConfig
+from loralens.lens.losses import kl_exact, kl_subset
+
+LOSSES = ("subset", "exact")
+
+
+@dataclass
+class LensBatch:
+    """One micro-batch of cached tokens; `n` rows, `L` trained layers."""
+
+    z: Tensor  # [n, L, heads*d_head] fp16/bf16
+    scale: Tensor  # [n] final-norm divisor
+    mask: Tensor  # [n] bool, False for rows that only pad the batch
+    h_final: Tensor | None = None  # [n, d_model] lm_head input (exact targets)
+    topk_ids: Tensor | None = None  # [n, k]
+    topk_logprobs: Tensor | None = None  # [n, k]
+
+    def to(self, device: torch.device | str) -> LensBatch:
+        """Return the batch on `device`."""
+        return LensBatch(**{k: None if v is None else v.to(device) for k, v in self.__dict__.items()})
+
+
+class LensSet(nn.Module):
+    """Lens banks for several layers of one model, trained jointly in one job."""
+
+    def __init__(
+        self,
+        unembed: FoldedUnembed,
+        w_o: Tensor,
+        layers: list[int],
+        config: LensConfig,
+        *,
+        lm_head: Tensor | None = None,
+        lm_head_bias: Tensor | None = None,
+        loss: str = "subset",
+        chunk: int = 256,
+    ) -> None:
+        """`w_o`: `[L, heads, d_head, d_model]` for `layers`; `lm_head` `[vocab, d_model]` for exact targets."""
+        super().__init__()
+        if loss not in LOSSES:
+            raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
+        if loss == "exact" and lm_head is None:
+            raise ValueError("loss 'exact' needs the lm_head weight to recompute target logits")
+        self.layers = list(layers)
+        self.config = config
+        self.loss_kind = loss
+        self.chunk = chunk
+        self.unembed = unembed
+        self.banks = nn.ModuleList(LensBank(unembed, w_o.shape[1], config, layer) for layer in self.layers)
+        self.register_buffer("w_o", w_o.detach().float(), persistent=False)
+        self.register_buffer("lm_head", None if lm_head is None else lm_head.detach(), persistent=False)
+        self.register_buffer("lm_head_bias", None if lm_head_bias is None else lm_head_bias.detach(),
+                             persistent=False)
+
+    def inputs(self, batch: LensBatch, i: int) -> Tensor:
+        """Return layer i's per-head lens inputs `[n, heads, d_model]` (no grad: all frozen)."""
+        with torch.no_grad():
+            c = head_contributions(batch.z[:, i].float(), self.w_o[i])
+            return c / batch.scale.float()[:, None, None]
+
+    def target_logits(self, batch: LensBatch) -> Tensor:
+        """Return the model's exact final logits `[n, vocab]` from the cached lm_head inputs."""
+        with torch.no_grad():
+            out = batch.h_final.to(self.lm_head.dtype) @ self.lm_head.T
+            return (out if self.lm_head_bias is None else out + self.lm_head_bias).float()
+
+    def lens_fn(self, i: int, x: Tensor) -> Callable[[slice], Tensor]:
+        """Return rows -> lens logits for layer i under the configured objective."""
+        bank = self.banks[i]
+        if self.config.objective == "joint":
+            return lambda rows: bank.layer_logits(x[rows])
+        return lambda rows: bank.head_logits(x[rows])
+
+    def layer_loss(self, batch: LensBatch, i: int, target: Tensor | None = None) -> Tensor:
+        """Return layer i's loss: KL(model || lens), mean over masked tokens (and heads for per_head)."""
+        fn = self.lens_fn(i, self.inputs(batch, i))
+        if self.loss_kind == "exact":
+            target = self.target_logits(batch) if target is None else target
+            return kl_exact(target, fn, batch.mask, chunk=self.chunk)
+        return kl_subset(batch.topk_ids, batch.topk_logprobs, fn, batch.mask, chunk=self.chunk)
+
+    def forward(self, batch: LensBatch) -> Tensor:
+        """Return the mean over layers of each layer's loss (one scalar for the whole micro-batch)."""
+        target = self.target_logits(batch) if self.loss_kind == "exact" else None
+        losses = [self.layer_loss(batch, i, target) for i in range(len(self.layers))]
+        return torch.stack(losses).mean()
+
+
+@torch.no_grad()
+def fidelity(lens_set: LensSet, batch: LensBatch, chunk: int = 64) -> dict[str, Tensor]:
+    """Return exact held-out KL sums of trained lens vs logit lens, per head and per layer.
+
+    Keys: `head_lens`, `head_logit_lens` `[L, heads]`; `layer_lens`, `layer_logit_lens` `[L]`; `tokens`.
+    Per head: that head's lens alone vs the model. Per layer: the sum of the layer's head lenses (the joint
+    read-out) vs the model; its logit-lens baseline adds the folded unembedding's bias once.
+    Sums over tokens, so batches add up; divide by `tokens` for means.
+    """
+    L, H = len(lens_set.layers), lens_set.w_o.shape[1]
+    out = {k: torch.zeros(L, H) for k in ("head_lens", "head_logit_lens")}
+    out |= {k: torch.zeros(L) for k in ("layer_lens", "layer_logit_lens")}
+    m = batch.mask
+    out["tokens"] = torch.tensor(float(m.sum()))
+    target_all = lens_set.target_logits(batch)
+    for start in range(0, len(m), chunk):
+        rows = slice(start, start + chunk)
+        keep = m[rows]
+        if not keep.any():
+            continue
+        target = torch.log_softmax(target_all[rows][keep], -1)
+        p = target.exp()
+        for i, bank in enumerate(lens_set.banks):
+            x = lens_set.inputs(batch, i)[rows][keep]
+            head = torch.log_softmax(bank.head_logits(x).float(), -1)  # [n, H, V]
+            base = torch.log_softmax(lens_set.unembed(x).float(), -1)
+            out["head_lens"][i] += _kl_rows(p[:, None], target[:, None], head).sum(0)
+            out["head_logit_lens"][i] += _kl_rows(p[:, None], target[:, None], base).sum(0)
+            layer = torch.log_softmax(bank.layer_logits(x).float(), -1)
+            base_layer = torch.log_softmax(lens_set.unembed(x.sum(1), with_bias=True).float(), -1)
+            out["layer_lens"][i] += _kl_rows(p, target, layer).sum()
+            out["layer_logit_lens"][i] += _kl_rows(p, target, base_layer).sum()
+    return out
+
+
+def _kl_rows(p: Tensor, logp: Tensor, logq: Tensor) -> Tensor:
+    """Return KL(p || q) over the last axis (0 log 0 = 0)."""
+    return torch.where(p > 0, p * (logp - logq), torch.zeros_like(p)).sum(-1)

@@ -62,6 +62,36 @@ class CacheConfig(_Strict):
     layers: tuple[int, ...] | None = Field(None, description="layers to cache; None = all")
 
 
+class TrainConfig(_Strict):
+    """How the `train` stage fits a lens for every head of the cached layers."""
+
+    form: Literal["lora", "residual", "full"] = "lora"
+    rank: int = Field(4, gt=0)
+    alpha: float = Field(8.0, gt=0)
+    objective: Literal["joint", "per_head"] = "joint"
+    loss: Literal["subset", "exact"] = "subset"
+    param_dtype: Literal["float32", "bfloat16"] = "float32"
+    lr: float = Field(5e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    epochs: int = Field(1, gt=0)
+    max_steps: int | None = Field(None, gt=0, description="stop after this many optimizer steps")
+    micro_batch_tokens: int = Field(256, gt=0, description="tokens per rank per step")
+    loss_chunk: int = Field(128, gt=0, description="tokens per chunk of lens logits (bounds memory)")
+    eval_every_nth_prompt: int = Field(10, gt=1, description="prompts with index % n == 0 are held out")
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    world_size: int = Field(1, gt=0, description="data-parallel processes")
+    seed: int = 0
+    # Execution-only settings: they do not change the result, so they are not part of the version.
+    checkpoint_every: int = Field(20, gt=0)
+    launcher: Literal["auto", "torchrun", "deepspeed"] = "auto"
+    hostfile: str | None = None
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+    def versioned(self) -> dict[str, Any]:
+        """Return the fields that change the trained lenses (and so the stage version)."""
+        return self.model_dump(exclude={"checkpoint_every", "launcher", "hostfile", "device"})
+
+
 class PipelineConfig(_Strict):
     """The whole pipeline's configuration; each stage hashes only its own section."""
 
@@ -69,6 +99,7 @@ class PipelineConfig(_Strict):
     model: ModelConfig = ModelConfig()
     corpus: CorpusConfig = CorpusConfig()
     cache: CacheConfig = CacheConfig()
+    train: TrainConfig = TrainConfig()
 
 
 def default_home() -> Path:

@@ -17,8 +17,13 @@ FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gpt2", "gpt_neox")
 
 
 @pytest.fixture(scope="session")
-def tiny_tokenizer(tmp_path_factory):
+def tiny_tokenizer():
     """A real byte-level BPE tokenizer trained in the test on the bundled WikiText text."""
+    return build_tiny_tokenizer()
+
+
+def build_tiny_tokenizer():
+    """Return a byte-level BPE tokenizer (vocab 400) trained on the first 2000 bundled WikiText lines."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 

@@ -84,9 +84,9 @@ class LensSet(nn.Module):
     def lens_fn(self, i: int, x: Tensor) -> Callable[[slice], Tensor]:
         """Return rows -> lens logits for layer i under the configured objective."""
         bank = self.banks[i]
-        if self.config.objective == "joint":
-            return lambda rows: bank.layer_logits(x[rows])
-        return lambda rows: bank.head_logits(x[rows])
+        # Call the module (forward picks layer or head logits by objective): ZeRO-3 gathers a bank's
+        # partitioned parameters only in its forward hooks.
+        return lambda rows: bank(x[rows])
 
     def layer_loss(self, batch: LensBatch, i: int, target: Tensor | None = None) -> Tensor:
         """Return layer i's loss: KL(model || lens), mean over masked tokens (and heads for per_head)."""

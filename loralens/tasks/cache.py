@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,30 +19,14 @@ from loralens.lens.caching import (
     tokenize_prompts,
 )
 from loralens.lens.models import folder_fingerprint, load_model, resolve_model_path
+from loralens.tasks.plans import StagePlan
 from loralens.warehouse.activation_cache import shard_relpaths, write_cache_shard
-from loralens.warehouse.artifacts import ArtifactDir
 from loralens.warehouse.corpus import Corpus, load_corpus
 from loralens.warehouse.db import upsert_artifact, warehouse_path
 from loralens.warehouse.versions import artifact_version
 
 log = logging.getLogger("loralens.cache")
 STAGE = "cache"
-
-
-@dataclass(frozen=True)
-class StagePlan:
-    """What a stage will produce: its version, the config it hashed and its inputs' versions."""
-
-    stage: str
-    version: str
-    config: dict[str, Any]
-    inputs: dict[str, str]
-    home: Path
-
-    @property
-    def artifact(self) -> ArtifactDir:
-        """Return the folder of this version."""
-        return ArtifactDir(self.home, self.stage, self.version)
 
 
 def plan_cache(cfg: PipelineConfig) -> StagePlan:
@@ -67,11 +50,15 @@ def run_cache_stage(cfg: PipelineConfig, plan: StagePlan, *, force: bool = False
     adir = plan.artifact
     if force:
         adir.reset()
-    if adir.is_complete():
-        return {"version": plan.version, "path": str(adir.path), "cached": True, **adir.manifest()["summary"]}
-    adir.prepare()
     db = warehouse_path(cfg.home)
     parents = list(plan.inputs.values())
+    manifest = adir.manifest()
+    if manifest is not None:
+        upsert_artifact(db, stage=STAGE, version=plan.version, parents=parents, config=plan.config,
+                        status="complete", rows=manifest["summary"]["n_tokens"], bytes_=manifest["total_bytes"],
+                        artifact_dir=str(adir.path), summary=manifest["summary"])
+        return {"version": plan.version, "path": str(adir.path), "cached": True, **manifest["summary"]}
+    adir.prepare()
     upsert_artifact(db, stage=STAGE, version=plan.version, parents=parents, config=plan.config,
                     status="running", artifact_dir=str(adir.path))
 

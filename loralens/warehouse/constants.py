@@ -20,3 +20,11 @@ def shard_name(index: int) -> str:
 def layer_dir(layer: int) -> str:
     """Return the hive partition folder of one layer."""
     return f"layer={layer}"
+
+# train stage
+LENSES_DIR = "lenses"
+TRAIN_SPEC = "spec.json"
+TRAIN_CURVE = "curve.jsonl"
+TRAIN_FIDELITY = "fidelity.json"
+TRAIN_RESULT = "result.json"
+CHECKPOINTS_DIR = "checkpoints"

@@ -1,0 +1,147 @@
+"""The `train` stage: launch DeepSpeed lens training over the cache, then register lenses and fidelity."""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from prefect import task
+
+from loralens.config import PipelineConfig, TrainConfig
+from loralens.lens.training import STOP_EXIT_CODE, free_port
+from loralens.tasks.plans import StagePlan, require_complete
+from loralens.warehouse.artifacts import ShardFile, file_sha256
+from loralens.warehouse.constants import (
+    CHECKPOINTS_DIR,
+    LENSES_DIR,
+    TRAIN_CURVE,
+    TRAIN_FIDELITY,
+    TRAIN_RESULT,
+    TRAIN_SPEC,
+)
+from loralens.warehouse.db import upsert_artifact, warehouse_path
+from loralens.warehouse.lens_tables import curve_table, fidelity_table, store_training_results
+from loralens.warehouse.versions import artifact_version
+
+log = logging.getLogger("loralens.train")
+STAGE = "train"
+WORKER_MODULE = "loralens.tasks.train_worker"
+
+
+class TrainingInterrupted(RuntimeError):
+    """Training stopped on SIGTERM after writing a checkpoint; running the stage again resumes it."""
+
+
+def plan_train(cfg: PipelineConfig, cache_plan: StagePlan) -> StagePlan:
+    """Return the train stage's version: a hash of the result-changing train config and the cache version."""
+    config = {"train": cfg.train.versioned()}
+    inputs = {"cache": cache_plan.version}
+    return StagePlan(STAGE, artifact_version(STAGE, config, inputs), config, inputs, cfg.home)
+
+
+def launch_command(spec_path: Path, t: TrainConfig) -> list[str]:
+    """Return the command that starts the training processes (plain, torchrun or deepspeed launcher)."""
+    if t.hostfile or t.launcher == "deepspeed":
+        exe = shutil.which("deepspeed") or str(Path(sys.executable).parent / "deepspeed")
+        where = ["--hostfile", t.hostfile] if t.hostfile else ["--num_gpus", str(t.world_size)]
+        return [exe, *where, "--master_port", str(free_port()), "--module", WORKER_MODULE, str(spec_path)]
+    if t.world_size > 1 or t.launcher == "torchrun":
+        return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={t.world_size}",
+                "-m", WORKER_MODULE, str(spec_path)]
+    return [sys.executable, "-m", WORKER_MODULE, str(spec_path)]
+
+
+def _die_with_parent() -> None:
+    # If the task's process dies (killed worker, cancelled flow), training gets SIGTERM and checkpoints.
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def run_training_processes(spec_path: Path, t: TrainConfig) -> int:
+    """Run the training processes to completion; return their exit code."""
+    env = dict(os.environ)
+    if t.world_size > 1:
+        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // t.world_size)))
+    cmd = launch_command(spec_path, t)
+    log.info("launching training: %s", " ".join(cmd))
+    proc = subprocess.Popen(cmd, env=env, preexec_fn=_die_with_parent if sys.platform == "linux" else None)
+    try:
+        return proc.wait()
+    except BaseException:
+        proc.terminate()  # forward our own interruption so the workers checkpoint
+        proc.wait()
+        raise
+
+
+def _lens_files(out: Path) -> list[ShardFile]:
+    files = sorted(p for p in (out / LENSES_DIR).rglob("*") if p.is_file())
+    return [ShardFile(path=str(p.relative_to(out)), rows=0, bytes=p.stat().st_size, sha256=file_sha256(p))
+            for p in files]
+
+
+def run_train_stage(cfg: PipelineConfig, plan: StagePlan, cache_plan: StagePlan, *,
+                    force: bool = False) -> dict[str, Any]:
+    """Train (resuming from checkpoints), then register lenses, curve and fidelity; return a summary."""
+    adir = plan.artifact
+    db = warehouse_path(cfg.home)
+    parents = [cache_plan.version]
+    if force:
+        adir.reset()
+    manifest = adir.manifest()
+    if manifest is not None:
+        upsert_artifact(db, stage=STAGE, version=plan.version, parents=parents, config=plan.config,
+                        status="complete", rows=manifest["summary"]["heads"], bytes_=manifest["total_bytes"],
+                        artifact_dir=str(adir.path), summary=manifest["summary"])
+        return {"version": plan.version, "path": str(adir.path), "cached": True, **manifest["summary"]}
+    cache_manifest = require_complete(cache_plan)
+    adir.prepare()
+    out = adir.path
+    if not (out / TRAIN_RESULT).exists():  # the workers finished before a kill: only registration is left
+        cs = cache_manifest["summary"]
+        spec = {
+            "home": str(cfg.home), "cache_version": cache_plan.version, "out_dir": str(out),
+            "model": cfg.model.model_dump(), "train": cfg.train.model_dump(),
+            "layers": cache_manifest["config"]["cache"]["layers"] or list(range(cs["n_layers"])),
+            "store_dtype": cs["store_dtype"], "z_width": cs["n_heads"] * cs["d_head"], "d_model": cs["d_model"],
+        }
+        (out / TRAIN_SPEC).write_text(json.dumps(spec, indent=1))
+        upsert_artifact(db, stage=STAGE, version=plan.version, parents=parents, config=plan.config,
+                        status="running", artifact_dir=str(out))
+        rc = run_training_processes(out / TRAIN_SPEC, cfg.train)
+        if rc == STOP_EXIT_CODE:
+            raise TrainingInterrupted(f"training stopped after a checkpoint in {out / CHECKPOINTS_DIR}; "
+                                      "run the stage again to resume")
+        if rc != 0 or not (out / TRAIN_RESULT).exists():
+            upsert_artifact(db, stage=STAGE, version=plan.version, parents=parents, config=plan.config,
+                            status="failed", artifact_dir=str(out))
+            raise RuntimeError(f"training failed (exit code {rc}); checkpoints kept in {out / CHECKPOINTS_DIR}")
+
+    result = json.loads((out / TRAIN_RESULT).read_text())
+    fid = json.loads((out / TRAIN_FIDELITY).read_text())
+    curve = [json.loads(line) for line in (out / TRAIN_CURVE).read_text().splitlines() if line.strip()]
+    store_training_results(db, plan.version, curve_table(plan.version, curve), fidelity_table(plan.version, fid))
+    adir.record_shard(0, _lens_files(out))
+    layer_kl = sum(fid["layer_lens"]) / len(fid["layer_lens"])
+    layer_base = sum(fid["layer_logit_lens"]) / len(fid["layer_logit_lens"])
+    summary = {**result, "layers": len(fid["layers"]), "held_out_tokens": fid["tokens"],
+               "mean_layer_kl": layer_kl, "mean_layer_kl_logit_lens": layer_base,
+               "lens_config": {k: cfg.train.model_dump()[k] for k in ("form", "rank", "alpha", "objective", "loss")}}
+    manifest = adir.finalize(config=plan.config, inputs=plan.inputs, summary=summary)
+    upsert_artifact(db, stage=STAGE, version=plan.version, parents=parents, config=plan.config, status="complete",
+                    rows=summary["heads"], bytes_=manifest["total_bytes"], artifact_dir=str(out), summary=summary)
+    # Checkpoints served resumption; the consolidated lenses are what later stages (any world size) load.
+    shutil.rmtree(out / CHECKPOINTS_DIR, ignore_errors=True)
+    return {"version": plan.version, "path": str(out), "cached": False, **summary}
+
+
+@task(name="train", cache_key_fn=lambda _ctx, params: f"loralens-train-{params['plan'].version}", persist_result=True)
+def train_task(cfg: PipelineConfig, plan: StagePlan, cache_plan: StagePlan, force: bool = False) -> dict[str, Any]:
+    """Prefect task: the train stage, keyed by its artifact version."""
+    return run_train_stage(cfg, plan, cache_plan, force=force)

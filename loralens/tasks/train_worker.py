@@ -1,0 +1,186 @@
+"""Process entry point of lens training: one per data-parallel rank.
+
+Launched by the train task as `python -m loralens.tasks.train_worker SPEC` (one process), under
+`torchrun --nproc_per_node N -m loralens.tasks.train_worker SPEC`, or by the `deepspeed` launcher
+(`deepspeed [--hostfile H] --module loralens.tasks.train_worker SPEC`). It wires the cache reader
+(warehouse) to the trainer (lens); rank 0 then consolidates the lenses and evaluates them on held-out
+prompts. Exit code 75 means: stopped by SIGTERM after a checkpoint, re-run to resume.
+"""
+
+from __future__ import annotations
+
+from loralens.lens.training import install_stop_handler
+
+install_stop_handler()  # first: a SIGTERM during the slow imports below must not be lost
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import logging  # noqa: E402
+import os  # noqa: E402
+import shutil  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from tqdm.auto import tqdm  # noqa: E402
+
+from loralens.lens import training  # noqa: E402
+from loralens.lens.adapters import folded_unembedding, out_proj_weight  # noqa: E402
+from loralens.lens.lenses import FoldedUnembed, LensConfig  # noqa: E402
+from loralens.lens.models import load_model  # noqa: E402
+from loralens.lens.objective import LensSet, fidelity  # noqa: E402
+from loralens.lens.peft_io import save_bank  # noqa: E402
+from loralens.warehouse.activation_cache import read_h_final, read_layer_z, read_tokens  # noqa: E402
+from loralens.warehouse.artifacts import ArtifactDir  # noqa: E402
+from loralens.warehouse.constants import LENSES_DIR, TRAIN_CURVE, TRAIN_FIDELITY, TRAIN_RESULT  # noqa: E402
+
+log = logging.getLogger("loralens.train")
+
+
+def build_lens_set(spec: dict) -> LensSet:
+    """Return an untrained LensSet for the spec's model and layers (the HF model is freed after)."""
+    m, t = spec["model"], spec["train"]
+    loaded = load_model(m["name"], Path(spec["home"]), dtype="float32", revision=m["revision"],
+                        trust_remote_code=m["trust_remote_code"])
+    model, adapter, dims = loaded.model, loaded.adapter, loaded.dims
+    w_fold, b_fold = folded_unembedding(adapter, model)
+    w_o = torch.stack([out_proj_weight(adapter, model, layer, dims).detach().float() for layer in spec["layers"]])
+    head = model.get_output_embeddings()
+    lens_cfg = LensConfig(form=t["form"], rank=t["rank"], alpha=t["alpha"], dtype="float32",
+                          objective=t["objective"])
+    return LensSet(FoldedUnembed(w_fold, b_fold), w_o, spec["layers"], lens_cfg,
+                   lm_head=head.weight.detach().float().clone(),
+                   lm_head_bias=None if getattr(head, "bias", None) is None else head.bias.detach().float(),
+                   loss=t["loss"], chunk=t["loss_chunk"])
+
+
+def shard_loader(cache: ArtifactDir, layers: list[int], z_width: int, d_model: int) -> training.ShardLoader:
+    """Return shard index -> ShardData, reading one shard's tokens and every trained layer's z."""
+
+    def load(shard: int) -> training.ShardData:
+        tokens = read_tokens(cache, [shard])
+        z = np.stack([read_layer_z(cache, layer, z_width, [shard]) for layer in layers], axis=1)
+        return training.ShardData(
+            z=z,
+            scale=tokens.column("scale").to_numpy(),
+            h_final=read_h_final(tokens, d_model),
+            topk_ids=np.stack(tokens.column("topk_ids").to_numpy(zero_copy_only=False)),
+            topk_logprobs=np.stack(tokens.column("topk_logprobs").to_numpy(zero_copy_only=False)),
+            prompt_idx=tokens.column("prompt_idx").to_numpy(),
+        )
+
+    return load
+
+
+def train_rows_per_shard(cache: ArtifactDir, shards: list[int], every: int) -> dict[int, int]:
+    """Return the number of non-held-out rows of each shard (reads only the prompt_idx column)."""
+    out = {}
+    for s in shards:
+        idx = read_tokens(cache, [s], columns=["prompt_idx"]).column("prompt_idx").to_numpy()
+        out[s] = int((~training.is_held_out(idx, every)).sum())
+    return out
+
+
+def evaluate(lens_set: LensSet, loader, shards: list[int], spec: dict) -> dict:
+    """Return held-out fidelity (exact KL, lens vs logit lens) and the subset-KL approximation per layer."""
+    t = spec["train"]
+    sums: dict[str, torch.Tensor] = {}
+    approx = {"subset": torch.zeros(len(lens_set.layers)), "exact": torch.zeros(len(lens_set.layers))}
+    batches = list(training.eval_batches(loader, shards, t["eval_every_nth_prompt"], t["micro_batch_tokens"],
+                                         spec["store_dtype"]))
+    kind = lens_set.loss_kind
+    for batch in tqdm(batches, desc="evaluate", unit="batch"):
+        for k, v in fidelity(lens_set, batch).items():
+            sums[k] = sums.get(k, 0) + v
+        n = float(batch.mask.sum())
+        with torch.no_grad():
+            for loss in ("subset", "exact"):
+                lens_set.loss_kind = loss
+                approx[loss] += torch.stack([lens_set.layer_loss(batch, i) for i in range(len(lens_set.layers))]) * n
+    lens_set.loss_kind = kind
+    n = float(sums["tokens"]) if sums else 0.0
+    if not n:
+        raise ValueError("no held-out tokens: lower train.eval_every_nth_prompt or cache more prompts")
+    per = lambda key: (sums[key] / n).tolist()  # noqa: E731
+    return {"tokens": n, "layers": lens_set.layers, "head_lens": per("head_lens"),
+            "head_logit_lens": per("head_logit_lens"), "layer_lens": per("layer_lens"),
+            "layer_logit_lens": per("layer_logit_lens"), "layer_subset_kl": (approx["subset"] / n).tolist(),
+            "layer_exact_kl": (approx["exact"] / n).tolist()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("spec")
+    parser.add_argument("--local_rank", type=int, default=None)  # passed by the deepspeed launcher
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    spec = json.loads(Path(args.spec).read_text())
+    t = spec["train"]
+    device = training.resolve_device(t["device"])
+    training.setup_process_env(device)
+    rank, world = training.init_distributed(device)
+    if device == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        device = f"cuda:{torch.cuda.current_device()}"
+
+    out = Path(spec["out_dir"])
+    cache = ArtifactDir(Path(spec["home"]), "cache", spec["cache_version"])
+    shards = sorted(cache.done_shards())
+    loader = shard_loader(cache, spec["layers"], spec["z_width"], spec["d_model"])
+    plan = training.TrainPlan(
+        shards=shards, train_rows=train_rows_per_shard(cache, shards, t["eval_every_nth_prompt"]),
+        store_dtype=spec["store_dtype"], micro_batch=t["micro_batch_tokens"], epochs=t["epochs"],
+        max_steps=t["max_steps"], lr=t["lr"], weight_decay=t["weight_decay"], zero_stage=t["zero_stage"],
+        seed=t["seed"], every=t["eval_every_nth_prompt"], checkpoint_every=t["checkpoint_every"],
+        bf16=t["param_dtype"] == "bfloat16",
+    )
+    lens_set = build_lens_set(spec)
+    curve = (out / TRAIN_CURVE).open("a") if rank == 0 else None
+    bar = tqdm(desc="train", unit="step", disable=rank != 0)
+
+    def on_step(step: int, loss: float, tokens: int) -> None:
+        if curve is not None:
+            curve.write(json.dumps({"step": step, "loss": loss, "tokens": tokens}) + "\n")
+            curve.flush()
+
+    def progress(step: int, total: int) -> None:
+        bar.total = total
+        bar.n = step
+        bar.refresh()
+
+    ckpt_dir = out / "checkpoints"
+    result, engine = training.train(lens_set, loader, plan, ckpt_dir, device=device, on_step=on_step,
+                                    progress=progress)
+    bar.close()
+    if result.stopped:
+        log.warning("stopped by SIGTERM at step %d after a checkpoint; re-run to resume", result.steps)
+        return training.STOP_EXIT_CODE
+    if rank != 0:
+        return 0
+
+    # Consolidate into a plain, world-size-independent LensSet and save one bank per layer.
+    state = training.consolidated_state(engine, ckpt_dir, result.final_tag, t["zero_stage"])
+    final = build_lens_set(spec)
+    final.load_state_dict(state, strict=False)  # non-persistent buffers (bases) are rebuilt, not loaded
+    final.eval()
+    tmp = out / f".tmp-{LENSES_DIR}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    for i, layer in enumerate(spec["layers"]):
+        save_bank(final.banks[i], tmp / f"layer={layer}")
+    shutil.rmtree(out / LENSES_DIR, ignore_errors=True)
+    os.replace(tmp, out / LENSES_DIR)
+
+    fid = evaluate(final, loader, shards, spec)
+    (out / TRAIN_FIDELITY).write_text(json.dumps(fid))
+    summary = {"steps": result.steps, "resumed_from": result.resumed_from, "world_size": world,
+               "train_tokens": result.steps * plan.micro_batch * world, "train_seconds": result.seconds,
+               "tokens_per_s": result.tokens_per_rank * world / max(result.seconds, 1e-9),
+               "trainable_params": sum(p.numel() for p in final.parameters() if p.requires_grad),
+               "heads": len(spec["layers"]) * final.w_o.shape[1]}
+    (out / TRAIN_RESULT).write_text(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -10,6 +10,8 @@ from pathlib import Path
 from loralens.config import ConfigError, default_home, load_config
 from loralens.lens.adapters import UnsupportedArchitectureError
 from loralens.lens.models import ModelLoadError
+from loralens.lens.plan import PlanError
+from loralens.tasks.train import TrainingInterrupted
 from loralens.warehouse.artifacts import ArtifactDir, ArtifactError
 from loralens.warehouse.constants import ARTIFACTS_DIR
 from loralens.warehouse.corpus import CorpusError
@@ -17,7 +19,7 @@ from loralens.warehouse.db import WarehouseLockedError, list_artifacts, warehous
 
 # Errors a user can fix; they print as one line instead of a traceback.
 USER_ERRORS = (ConfigError, CorpusError, ModelLoadError, UnsupportedArchitectureError, ArtifactError,
-               WarehouseLockedError)
+               WarehouseLockedError, TrainingInterrupted, PlanError)
 
 
 def format_table(rows: list[dict], columns: list[str]) -> str:
@@ -40,17 +42,25 @@ def human_bytes(n: int | None) -> str:
     return f"{n} B"
 
 
+def stage_detail(stage: str, res: dict) -> str:
+    """Return the one-line figure a person wants to see for a finished stage."""
+    if stage == "cache":
+        return f"{res['n_prompts']} prompts, {res['n_tokens']} tokens, {res.get('bytes_per_token', 0) / 1024:.1f} KiB/token"
+    if stage == "train":
+        return (f"{res['heads']} heads, {res['steps']} steps, held-out KL {res['mean_layer_kl']:.3f} "
+                f"vs logit lens {res['mean_layer_kl_logit_lens']:.3f}; heatmap {res.get('heatmap', '-')}")
+    return ""
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from loralens.flows.pipeline import pipeline
 
     cfg = load_config(args.config)  # validate before Prefect starts its server
     overrides = {"home": str(args.home)} if args.home else None
     results = pipeline(config_path=args.config, config=overrides, only=args.only, force=args.force)
-    rows = []
-    for stage, res in results.items():
-        rows.append({"stage": stage, "version": res["version"], "result": "cached" if res.get("cached") else "done",
-                     "tokens": res.get("n_tokens", ""), "path": res.get("path", "")})
-    print(format_table(rows, ["stage", "version", "result", "tokens", "path"]))
+    rows = [{"stage": stage, "version": res["version"], "result": "cached" if res.get("cached") else "done",
+             "detail": stage_detail(stage, res), "path": res.get("path", "")} for stage, res in results.items()]
+    print(format_table(rows, ["stage", "version", "result", "detail", "path"]))
     print(f"warehouse: {warehouse_path(Path(args.home) if args.home else cfg.home)}")
     return 0
 
@@ -74,6 +84,31 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    from loralens.lens.lenses import LensConfig
+    from loralens.lens.plan import dims_of, load_model_config, plan_memory
+
+    try:
+        lens = LensConfig(form=args.form, rank=args.rank, alpha=args.alpha, dtype=args.dtype, objective=args.objective)
+    except ValueError as err:
+        raise PlanError(str(err)) from None
+    dims = dims_of(load_model_config(args.model, Path(args.home).resolve() if args.home else default_home()))
+    plan = plan_memory(dims, lens, micro_batch_tokens=args.micro_batch_tokens, n_layers_trained=args.layers,
+                       top_k=args.top_k, loss=args.loss, chunk=args.chunk, world_size=args.world_size,
+                       zero_stage=args.zero_stage)
+    n_layers = args.layers or dims.n_layers
+    print(f"model: {args.model} ({dims.n_layers} layers x {dims.n_heads} heads, d_head {dims.d_head}, "
+          f"d_model {dims.d_model}, vocab {dims.vocab})")
+    print(f"lens: {lens.form} rank {lens.rank} alpha {lens.alpha:g} {lens.objective} {lens.dtype}; loss {args.loss} "
+          f"(top-{args.top_k}, chunk {args.chunk}); {args.micro_batch_tokens} tokens/micro-batch; "
+          f"{n_layers} layers trained; world size {args.world_size}, ZeRO-{args.zero_stage}")
+    rows = [{"section": sec, "item": item, "value": value,
+             "size": human_bytes(value) if unit == "bytes" else f"{value / 1e6:.2f} M params"}
+            for sec, item, value, unit in plan.rows()]
+    print(format_table(rows, ["section", "item", "value", "size"]))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Return the argument parser of the `loralens` command."""
     parser = argparse.ArgumentParser(prog="loralens", description=__doc__)
@@ -88,6 +123,22 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--config")
     status.add_argument("--home")
     status.set_defaults(fn=cmd_status)
+    plan = sub.add_parser("plan", help="estimate a lens training job: parameters, memory per rank, cache per token")
+    plan.add_argument("--model", required=True, help="config.json, model folder, embedded alias or hub id")
+    plan.add_argument("--form", default="lora", choices=("full", "lora", "residual"))
+    plan.add_argument("--rank", type=int, default=4)
+    plan.add_argument("--alpha", type=float, default=8.0)
+    plan.add_argument("--objective", default="joint", choices=("joint", "per_head"))
+    plan.add_argument("--dtype", default="float32", help="lens parameter dtype")
+    plan.add_argument("--loss", default="subset", choices=("subset", "exact"))
+    plan.add_argument("--micro-batch-tokens", type=int, default=256)
+    plan.add_argument("--layers", type=int, help="number of layers trained (default all)")
+    plan.add_argument("--top-k", type=int, default=64)
+    plan.add_argument("--chunk", type=int, default=256, help="tokens per checkpointed loss chunk")
+    plan.add_argument("--world-size", type=int, default=1)
+    plan.add_argument("--zero-stage", type=int, default=2, choices=(0, 1, 2, 3))
+    plan.add_argument("--home", help="project home holding converted embedded models")
+    plan.set_defaults(fn=cmd_plan)
     return parser
 
 

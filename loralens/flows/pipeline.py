@@ -1,4 +1,4 @@
-"""The Lora Lens pipeline flow: cache -> train -> decode -> attribute -> intervene (stages so far)."""
+"""The Lora Lens pipeline flow: cache -> train -> decode -> attribute -> intervene (stages built so far)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,10 @@ from prefect import flow
 
 from loralens.flows.cache import cache_stage
 from loralens.flows.common import resolve_config
+from loralens.flows.train import train_stage
+from loralens.tasks.cache import plan_cache
 
-STAGES = ("cache",)
+STAGES = ("cache", "train")
 
 
 @flow(name="loralens-pipeline")
@@ -26,4 +28,6 @@ def pipeline(
     results: dict[str, Any] = {}
     if only in (None, "cache"):
         results["cache"] = cache_stage(cfg, force=force)
+    if only in (None, "train"):
+        results["train"] = train_stage(cfg, plan_cache(cfg), force=force)
     return results

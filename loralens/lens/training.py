@@ -231,7 +231,7 @@ def save_checkpoint(engine, ckpt_dir: Path, step: int, rank: int, world: int, ke
 
 def resume(engine, ckpt_dir: Path, world: int) -> int:
     """Load the newest complete checkpoint that loads; return its step (0 when starting fresh)."""
-    for step, tag in reversed(complete_checkpoints(ckpt_dir)):
+    for _step, tag in reversed(complete_checkpoints(ckpt_dir)):
         meta = json.loads((ckpt_dir / tag / CHECKPOINT_DONE).read_text())
         if meta["world_size"] != world:
             raise RuntimeError(f"checkpoint {ckpt_dir / tag} was written by {meta['world_size']} processes; "

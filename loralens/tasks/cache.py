@@ -57,7 +57,8 @@ def run_cache_stage(cfg: PipelineConfig, plan: StagePlan, *, force: bool = False
         upsert_artifact(db, stage=STAGE, version=plan.version, parents=parents, config=plan.config,
                         status="complete", rows=manifest["summary"]["n_tokens"], bytes_=manifest["total_bytes"],
                         artifact_dir=str(adir.path), summary=manifest["summary"])
-        return {"version": plan.version, "path": str(adir.path), "cached": True, **manifest["summary"]}
+        return {"version": plan.version, "path": str(adir.path), "cached": True, **manifest["summary"],
+                "bytes_per_token": manifest["total_bytes"] / max(manifest["summary"]["n_tokens"], 1)}
     adir.prepare()
     upsert_artifact(db, stage=STAGE, version=plan.version, parents=parents, config=plan.config,
                     status="running", artifact_dir=str(adir.path))

@@ -18,9 +18,11 @@ from prefect import task
 from loralens.config import PipelineConfig, TrainConfig
 from loralens.lens.training import STOP_EXIT_CODE, free_port
 from loralens.tasks.plans import StagePlan, require_complete
+from loralens.tasks.report import fidelity_heatmap
 from loralens.warehouse.artifacts import ShardFile, file_sha256
 from loralens.warehouse.constants import (
     CHECKPOINTS_DIR,
+    FIDELITY_HEATMAP,
     LENSES_DIR,
     TRAIN_CURVE,
     TRAIN_FIDELITY,
@@ -127,10 +129,12 @@ def run_train_stage(cfg: PipelineConfig, plan: StagePlan, cache_plan: StagePlan,
     fid = json.loads((out / TRAIN_FIDELITY).read_text())
     curve = [json.loads(line) for line in (out / TRAIN_CURVE).read_text().splitlines() if line.strip()]
     store_training_results(db, plan.version, curve_table(plan.version, curve), fidelity_table(plan.version, fid))
+    fidelity_heatmap(fid, out / FIDELITY_HEATMAP)
     adir.record_shard(0, _lens_files(out))
     layer_kl = sum(fid["layer_lens"]) / len(fid["layer_lens"])
     layer_base = sum(fid["layer_logit_lens"]) / len(fid["layer_logit_lens"])
     summary = {**result, "layers": len(fid["layers"]), "held_out_tokens": fid["tokens"],
+               "heatmap": str(out / FIDELITY_HEATMAP),
                "mean_layer_kl": layer_kl, "mean_layer_kl_logit_lens": layer_base,
                "lens_config": {k: cfg.train.model_dump()[k] for k in ("form", "rank", "alpha", "objective", "loss")}}
     manifest = adir.finalize(config=plan.config, inputs=plan.inputs, summary=summary)

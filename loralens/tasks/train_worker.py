@@ -135,6 +135,7 @@ def main(argv: list[str] | None = None) -> int:
         seed=t["seed"], every=t["eval_every_nth_prompt"], checkpoint_every=t["checkpoint_every"],
         bf16=t["param_dtype"] == "bfloat16",
     )
+    torch.manual_seed(t["seed"])  # lora_A's random init is part of the versioned result
     lens_set = build_lens_set(spec)
     curve = (out / TRAIN_CURVE).open("a") if rank == 0 else None
     bar = tqdm(desc="train", unit="step", disable=rank != 0)
@@ -146,8 +147,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def progress(step: int, total: int) -> None:
         bar.total = total
-        bar.n = step
-        bar.refresh()
+        bar.update(step - bar.n)
 
     ckpt_dir = out / "checkpoints"
     result, engine = training.train(lens_set, loader, plan, ckpt_dir, device=device, on_step=on_step,

@@ -1,0 +1,252 @@
+"""Tests for loralens.lens.plan and `loralens plan`: exact counts, and planned vs measured memory."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import re
+import weakref
+
+import numpy as np
+import pytest
+import torch
+from torch import Tensor
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+from loralens.flows.cli import main
+from loralens.lens.adapters import ModelDims
+from loralens.lens.lenses import FoldedUnembed, LensConfig
+from loralens.lens.objective import LensBatch, LensSet
+from loralens.lens.plan import PlanError, plan_memory
+
+LLAMA3_V, LLAMA3_D = 128256, 4096
+
+
+@pytest.fixture
+def llama3_config(tmp_path):
+    """Meta-Llama-3-8B's published config.json, typed in (no download)."""
+    from transformers import LlamaConfig
+
+    cfg = LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                      num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0)
+    path = tmp_path / "config.json"
+    cfg.to_json_file(path)
+    return path
+
+
+def _plan_values(out: str) -> dict[tuple[str, str], int]:
+    """Return {(section, item): value} parsed from the printed plan table."""
+    values = {}
+    for line in out.splitlines():
+        cells = re.split(r"\s{2,}", line.strip())
+        if len(cells) >= 3 and cells[2].isdigit():
+            values[(cells[0], cells[1])] = int(cells[2])
+    return values
+
+
+def _run_plan(capsys, *argv: str) -> dict[tuple[str, str], int]:
+    assert main(["plan", *argv]) == 0
+    return _plan_values(capsys.readouterr().out)
+
+
+def test_cli_llama3_lora_counts(capsys, llama3_config):
+    v = _run_plan(capsys, "--model", str(llama3_config), "--rank", "8", "--alpha", "16")
+    per_head = 8 * LLAMA3_D + LLAMA3_V * 8 + LLAMA3_V
+    assert v[("parameters", "per head")] == per_head == 1_187_072
+    assert v[("parameters", "per layer")] == 32 * per_head
+    assert v[("parameters", "total")] == 32 * 32 * per_head
+    assert v[("cache", "z per token")] == 32 * (32 * 128 * 2 + 8)
+    assert v[("cache", "target per token")] == LLAMA3_D * 4 + 64 * 8 + 8
+
+
+def test_cli_llama3_full_and_residual_counts(capsys, llama3_config):
+    v = _run_plan(capsys, "--model", str(llama3_config), "--form", "full")
+    assert v[("parameters", "per head")] == LLAMA3_V * LLAMA3_D + LLAMA3_V
+    v = _run_plan(capsys, "--model", str(llama3_config.parent), "--form", "residual", "--rank", "4",
+                  "--layers", "2", "--loss", "exact")
+    assert v[("parameters", "per head")] == 2 * 4 * LLAMA3_D + LLAMA3_V
+    assert v[("parameters", "total")] == 2 * 32 * (2 * 4 * LLAMA3_D + LLAMA3_V)
+    assert v[("frozen", "lm_head (exact loss)")] == LLAMA3_V * LLAMA3_D * 4
+
+
+def test_cli_errors_are_one_line(capsys, tmp_path, llama3_config, monkeypatch):
+    import huggingface_hub.constants
+
+    assert main(["plan", "--model", str(llama3_config), "--layers", "33"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "layers trained must be in [1, 32]" in err
+    assert main(["plan", "--model", str(llama3_config), "--rank", "0"]) == 2
+    assert "rank must be a positive int" in capsys.readouterr().err
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"hidden_size": 8}))
+    assert main(["plan", "--model", str(bad)]) == 2
+    assert "model_type" in capsys.readouterr().err
+    # Offline (forced, so the test never waits on retries) a hub id cannot be resolved.
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    assert main(["plan", "--model", "no-such-org/no-such-model"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "cannot read the config of 'no-such-org/no-such-model'" in err
+
+
+def test_zero_partitioning():
+    dims = ModelDims(n_layers=4, n_heads=2, d_head=8, d_model=16, vocab=100)
+    lens = LensConfig(form="lora", rank=2, alpha=4.0)
+    P = plan_memory(dims, lens, micro_batch_tokens=8).params_total
+    stage = {z: plan_memory(dims, lens, micro_batch_tokens=8, world_size=4, zero_stage=z) for z in range(4)}
+    assert (stage[0].param_bytes, stage[0].grad_bytes, stage[0].optimizer_bytes) == (4 * P, 4 * P, 8 * P)
+    assert (stage[1].param_bytes, stage[1].grad_bytes, stage[1].optimizer_bytes) == (4 * P, 4 * P, 3 * P)
+    assert (stage[2].param_bytes, stage[2].grad_bytes, stage[2].optimizer_bytes) == (4 * P, P, 3 * P)
+    assert (stage[3].param_bytes, stage[3].grad_bytes, stage[3].optimizer_bytes) == (P, P, 3 * P)
+    bf16 = plan_memory(dims, LensConfig(dtype="bfloat16"), micro_batch_tokens=8, zero_stage=0)
+    assert bf16.optimizer_bytes == 12 * bf16.params_total  # fp32 master + 2 states beside bf16 params
+    with pytest.raises(PlanError, match="loss"):
+        plan_memory(dims, lens, micro_batch_tokens=8, loss="mse")
+
+
+def test_cache_bytes_match_cache_writer():
+    """The planned per-token cache bytes are what the cache's Arrow tables hold, column for column."""
+    from loralens.warehouse.activation_cache import tokens_table, z_table
+
+    dims = ModelDims(n_layers=3, n_heads=4, d_head=8, d_model=24, vocab=500)
+    n, k = 37, 16
+    plan = plan_memory(dims, LensConfig(), micro_batch_tokens=8, top_k=k, n_layers_trained=2)
+    i32 = np.zeros(n, dtype=np.int32)
+    cols = {"prompt_idx": i32, "position": i32, "token_id": i32, "next_token_id": i32,
+            "scale": np.ones(n, np.float32), "lse": np.ones(n, np.float32),
+            "topk_ids": np.zeros((n, k), np.int32), "topk_logprobs": np.zeros((n, k), np.float32),
+            "h_final": np.zeros((n, dims.d_model), np.float32)}
+    assert tokens_table(0, cols).nbytes == n * (plan.cache_target_bytes_per_token + plan.cache_meta_bytes_per_token)
+    z = np.zeros((n, dims.z_width), np.uint16)
+    assert 2 * z_table(0, z).nbytes == n * plan.cache_z_bytes_per_token
+
+
+# -- planned vs measured memory ----------------------------------------------------------------------
+class LiveBytes(TorchDispatchMode):
+    """Live bytes of every tensor storage that an aten op allocates while the mode is active, and their peak.
+
+    This genuinely measures tensor memory on CPU, where torch has no allocator statistics (tracemalloc does
+    not see torch's allocator, RSS is blurred by malloc caching): every op's output storage that does not
+    alias one of its inputs (views, in-place and out= ops do) is a fresh allocation, counted until the
+    storage is freed (a weakref finalizer; torch keeps one Python object per live storage). The mode is
+    thread-local state that autograd carries into backward, so recomputed checkpoint chunks, gradients
+    and the optimizer's temporaries are all seen. `log` keeps (record, +/-bytes) in order, so a peak can
+    be replayed over any phase while leaving out chosen records (the parameters' gradients).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.log: list[tuple[int, int]] = []
+        self.live: dict[int, int] = {}  # data_ptr -> record
+        self._ids = itertools.count()
+
+    def _free(self, rec: int, ptr: int, nbytes: int) -> None:
+        if self.live.get(ptr) == rec:
+            del self.live[ptr]
+        self.log.append((rec, -nbytes))
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs)) if isinstance(t, Tensor)}
+        for t in tree_leaves(out):
+            if not isinstance(t, Tensor):
+                continue
+            st = t.untyped_storage()
+            ptr, nbytes = st.data_ptr(), st.nbytes()
+            if nbytes == 0 or ptr in inputs or ptr in self.live:
+                continue
+            rec = next(self._ids)
+            self.live[ptr] = rec
+            self.log.append((rec, nbytes))
+            weakref.finalize(st, self._free, rec, ptr, nbytes)
+        return out
+
+    def peak(self, start: int = 0, end: int | None = None, skip: set[int] = frozenset()) -> int:
+        """Return the peak live bytes over log[start:end], not counting records in `skip`."""
+        cur = best = 0
+        for rec, nbytes in self.log[start:end]:
+            if rec not in skip:
+                cur += nbytes
+                best = max(best, cur)
+        return best
+
+
+def _tiny(form: str, objective: str, loss: str, tokens: int, chunk: int, d=128, vocab=5000, heads=4, d_head=32,
+          layers=3, k=64) -> tuple[LensSet, LensBatch, ModelDims]:
+    """Return a random LensSet, one micro-batch for it and its dims."""
+    g = torch.Generator().manual_seed(0)
+    unembed = FoldedUnembed(torch.randn(vocab, d, generator=g) / d**0.5, torch.randn(vocab, generator=g))
+    w_o = torch.randn(layers, heads, d_head, d, generator=g) / d**0.5
+    lm_head = torch.randn(vocab, d, generator=g) / d**0.5
+    config = LensConfig(form=form, rank=4, alpha=8.0, objective=objective)
+    lens_set = LensSet(unembed, w_o, list(range(layers)), config, lm_head=lm_head if loss == "exact" else None,
+                       loss=loss, chunk=chunk)
+    h = torch.randn(tokens, d, generator=g)
+    top = torch.log_softmax(h @ lm_head.T, -1).topk(k, -1)
+    batch = LensBatch(z=torch.randn(tokens, layers, heads * d_head, generator=g).half(),
+                      scale=1 + torch.rand(tokens, generator=g), mask=torch.ones(tokens, dtype=torch.bool))
+    if loss == "exact":
+        batch.h_final = h
+    else:
+        batch.topk_ids, batch.topk_logprobs = top.indices, top.values
+    return lens_set, batch, ModelDims(n_layers=layers, n_heads=heads, d_head=d_head, d_model=d, vocab=vocab)
+
+
+def _nbytes(tensors) -> int:
+    return sum(t.nbytes for t in tensors if isinstance(t, Tensor))
+
+
+def _measure_step(lens_set: LensSet, batch: LensBatch) -> dict[str, int]:
+    """Return measured bytes of one training step (forward + backward + AdamW step) after a warm-up step."""
+    params = [p for p in lens_set.parameters() if p.requires_grad]
+    # foreach: the GPU default implementation, whose step temporaries the plan models (CPU defaults to a loop).
+    opt = torch.optim.AdamW(params, lr=1e-3, foreach=True)
+
+    def step() -> None:
+        lens_set(batch).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    step()  # creates the optimizer states, as every step but the first sees them
+    resident = (_nbytes(params) + _nbytes(lens_set.buffers()) + _nbytes(batch.__dict__.values())
+                + _nbytes(v for s in opt.state.values() for v in s.values()))
+    tracker = LiveBytes()
+    with tracker:
+        lens_set(batch).backward()
+        backward_end = len(tracker.log)
+        grad_recs = {tracker.live[p.grad.untyped_storage().data_ptr()] for p in params}
+        grads = _nbytes(p.grad for p in params)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    states = _nbytes(v for s in opt.state.values() for v in s.values())
+    return {
+        "state": _nbytes(params) + grads + states,
+        "frozen": _nbytes(lens_set.buffers()),
+        "activations": tracker.peak(0, backward_end, skip=grad_recs),
+        "step_transient": tracker.peak(backward_end),
+        "peak": resident + tracker.peak(),
+    }
+
+
+@pytest.mark.parametrize(
+    ("form", "objective", "loss", "tokens", "chunk"),
+    [
+        ("lora", "joint", "subset", 256, 256),
+        ("lora", "per_head", "subset", 256, 256),
+        ("full", "joint", "subset", 256, 256),
+        ("lora", "joint", "exact", 256, 256),
+        ("residual", "joint", "subset", 256, 128),
+        ("full", "joint", "exact", 256, 64),
+    ],
+)
+def test_planned_memory_matches_measured(form, objective, loss, tokens, chunk):
+    lens_set, batch, dims = _tiny(form, objective, loss, tokens, chunk)
+    plan = plan_memory(dims, lens_set.config, micro_batch_tokens=tokens, loss=loss, chunk=chunk, top_k=64,
+                       zero_stage=0)  # a plain torch AdamW, as measured here
+    assert plan.params_total == sum(p.numel() for p in lens_set.parameters() if p.requires_grad)
+    measured = _measure_step(lens_set, batch)
+    assert plan.frozen_bytes == measured["frozen"]
+    assert plan.state_bytes == pytest.approx(measured["state"], rel=1e-3)  # + AdamW's scalar step counters
+    assert plan.activation_bytes == pytest.approx(measured["activations"], rel=0.25)
+    assert plan.step_transient_bytes == pytest.approx(measured["step_transient"], rel=0.25)
+    assert plan.peak_bytes == pytest.approx(measured["peak"], rel=0.25)

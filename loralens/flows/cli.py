@@ -45,7 +45,8 @@ def human_bytes(n: int | None) -> str:
 def stage_detail(stage: str, res: dict) -> str:
     """Return the one-line figure a person wants to see for a finished stage."""
     if stage == "cache":
-        return f"{res['n_prompts']} prompts, {res['n_tokens']} tokens, {res.get('bytes_per_token', 0) / 1024:.1f} KiB/token"
+        kib = res.get("bytes_per_token", 0) / 1024
+        return f"{res['n_prompts']} prompts, {res['n_tokens']} tokens, {kib:.1f} KiB/token"
     if stage == "train":
         return (f"{res['heads']} heads, {res['steps']} steps, held-out KL {res['mean_layer_kl']:.3f} "
                 f"vs logit lens {res['mean_layer_kl_logit_lens']:.3f}; heatmap {res.get('heatmap', '-')}")

@@ -73,9 +73,11 @@ class TrainConfig(_Strict):
     # than subset; subset leaves the lens's within-tail shape unconstrained (see README).
     loss: Literal["exact", "subset"] = "exact"
     param_dtype: Literal["float32", "bfloat16"] = "float32"
-    lr: float = Field(5e-3, gt=0)
+    base_dtype: Literal["bfloat16", "float32"] = Field(
+        "bfloat16", description="dtype of the frozen base projection in training (targets/eval stay fp32)")
+    lr: float = Field(2e-2, gt=0)
     weight_decay: float = Field(0.0, ge=0)
-    epochs: int = Field(1, gt=0)
+    epochs: int = Field(2, gt=0)
     max_steps: int | None = Field(None, gt=0, description="stop after this many optimizer steps")
     micro_batch_tokens: int = Field(256, gt=0, description="tokens per rank per step")
     loss_chunk: int = Field(128, gt=0, description="tokens per chunk of lens logits (bounds memory)")

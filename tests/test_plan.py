@@ -14,7 +14,6 @@ from torch import Tensor
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from loralens.flows.cli import main
 from loralens.lens.adapters import ModelDims
 from loralens.lens.lenses import FoldedUnembed, LensConfig
 from loralens.lens.objective import LensBatch, LensSet
@@ -43,6 +42,13 @@ def _plan_values(out: str) -> dict[tuple[str, str], int]:
         if len(cells) >= 3 and cells[2].isdigit():
             values[(cells[0], cells[1])] = int(cells[2])
     return values
+
+
+def main(argv: list[str]) -> int:
+    """Run the `loralens` CLI (imported here: the memory tests need none of the flow stack)."""
+    from loralens.flows.cli import main as cli_main
+
+    return cli_main(argv)
 
 
 def _run_plan(capsys, *argv: str) -> dict[tuple[str, str], int]:

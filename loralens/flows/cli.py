@@ -96,7 +96,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     dims = dims_of(load_model_config(args.model, Path(args.home).resolve() if args.home else default_home()))
     plan = plan_memory(dims, lens, micro_batch_tokens=args.micro_batch_tokens, n_layers_trained=args.layers,
                        top_k=args.top_k, loss=args.loss, chunk=args.chunk, world_size=args.world_size,
-                       zero_stage=args.zero_stage)
+                       zero_stage=args.zero_stage, base_dtype=args.base_dtype)
     n_layers = args.layers or dims.n_layers
     print(f"model: {args.model} ({dims.n_layers} layers x {dims.n_heads} heads, d_head {dims.d_head}, "
           f"d_model {dims.d_model}, vocab {dims.vocab})")
@@ -131,7 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--alpha", type=float, default=8.0)
     plan.add_argument("--objective", default="joint", choices=("joint", "per_head"))
     plan.add_argument("--dtype", default="float32", help="lens parameter dtype")
-    plan.add_argument("--loss", default="subset", choices=("subset", "exact"))
+    plan.add_argument("--loss", default="exact", choices=("exact", "subset"))
+    plan.add_argument("--base-dtype", default="bfloat16", choices=("bfloat16", "float32"),
+                      help="dtype of the frozen base projection in training")
     plan.add_argument("--micro-batch-tokens", type=int, default=256)
     plan.add_argument("--layers", type=int, help="number of layers trained (default all)")
     plan.add_argument("--top-k", type=int, default=64)

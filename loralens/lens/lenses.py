@@ -193,22 +193,30 @@ class LensBank(nn.Module):
         """Return frozen-base logits ``[..., vocab]`` in the parameter dtype."""
         return self.unembed(x).to(self.bias.dtype)
 
-    def head_logits(self, x: Tensor) -> Tensor:
-        """Return per-head logits ``[tokens, heads, vocab]`` for ``x [tokens, heads, d_model]``."""
+    def head_logits(self, x: Tensor, base: Tensor | None = None) -> Tensor:
+        """Return per-head logits ``[tokens, heads, vocab]`` for ``x [tokens, heads, d_model]``.
+
+        ``base``: optional precomputed logit lens ``W_fold @ x_h`` ``[tokens, heads, vocab]`` (lora only).
+        """
         x = self._check(x)
         form, s = self.config.form, self.config.scale
         if form == "full":
             out = torch.einsum("thd,hvd->thv", x, self.weight)
         elif form == "lora":
             ax = torch.einsum("thd,hrd->thr", x, self.lora_A)
-            out = self._base(x) + s * torch.einsum("thr,hvr->thv", ax, self.lora_B)
+            base = self._base(x) if base is None else base.to(self.bias.dtype)
+            out = base + s * torch.einsum("thr,hvr->thv", ax, self.lora_B)
         else:
             vx = torch.einsum("thd,hrd->thr", x, self.res_V)
             out = self._base(x + s * torch.einsum("thr,hdr->thd", vx, self.res_U))
         return out + self.bias
 
-    def layer_logits(self, x: Tensor) -> Tensor:
-        """Return summed-over-heads logits ``[tokens, vocab]``; lora/residual never build ``[tokens, heads, vocab]``."""
+    def layer_logits(self, x: Tensor, base: Tensor | None = None) -> Tensor:
+        """Return summed-over-heads logits ``[tokens, vocab]``; lora/residual never build ``[tokens, heads, vocab]``.
+
+        ``base``: optional precomputed ``W_fold @ sum_h x_h`` ``[tokens, vocab]`` (lora only). It has no
+        parameters, so a trainer can compute it once outside activation checkpointing instead of twice inside.
+        """
         x = self._check(x)
         form, s = self.config.form, self.config.scale
         T, H, _ = x.shape
@@ -223,16 +231,17 @@ class LensBank(nn.Module):
             ax = torch.einsum("thd,hrd->thr", x, self.lora_A).reshape(T, H * r)
             b = self.lora_B.permute(1, 0, 2).reshape(self.vocab, H * r)
             # addmm fuses the scaled low-rank update into the base logits: one [tokens, vocab] buffer.
-            return torch.addmm(self._base(x.sum(1)) + bias, ax, b.T, alpha=s)
+            base = self._base(x.sum(1)) if base is None else base.to(self.bias.dtype)
+            return torch.addmm(base + bias, ax, b.T, alpha=s)
         # Residual translators collapse in d_model space before the single projection.
         vx = torch.einsum("thd,hrd->thr", x, self.res_V)
         moved = x.sum(1) + s * torch.einsum("thr,hdr->td", vx, self.res_U)
         return self._base(moved) + bias
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, base: Tensor | None = None) -> Tensor:
         """Return ``layer_logits`` for the joint objective, ``head_logits`` for per_head."""
         if self.config.objective == "joint":
-            return self.layer_logits(x)
+            return self.layer_logits(x, base)
         return self.head_logits(x)
 
     def trainable_parameters(self) -> int:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -92,29 +93,53 @@ def _chunked_mean(
     return total / mask.sum().clamp(min=1).to(total.dtype)
 
 
+@dataclass(frozen=True)
+class ExactTarget:
+    """Target distribution prepared once and shared by every lens scored against it."""
+
+    probs: Tensor  # [tokens, vocab] float32
+    neg_entropy: Tensor  # [tokens] sum_v p log p
+
+
+def exact_target(target_logits: Tensor) -> ExactTarget:
+    """Return the target probabilities and negative entropy `[tokens]` (no grad)."""
+    with torch.no_grad():
+        logp = F.log_softmax(target_logits.float(), dim=-1)
+        p = logp.exp()
+        return ExactTarget(probs=p, neg_entropy=torch.where(p > 0, p * logp, 0.0).sum(-1))
+
+
 def kl_exact(
-    target_logits: Tensor,
+    target: Tensor | ExactTarget,
     lens: LensLogits,
     mask: Tensor | None = None,
     chunk: int = 512,
 ) -> Tensor:
     """Return mean over masked tokens of KL(softmax(target) || softmax(lens)), full vocab.
 
-    ``target_logits``: ``[tokens, vocab]`` (no grad needed); ``lens``: logits
-    ``[tokens, vocab]`` / ``[tokens, heads, vocab]`` or a ``fn(rows: slice)``
-    producing them for a token chunk; ``mask``: ``[tokens]`` bool (None = all).
-    Computed in float32 whatever the input dtype. Differentiable w.r.t. the lens.
+    ``target``: logits ``[tokens, vocab]`` (no grad needed) or an ``ExactTarget`` prepared once with
+    ``exact_target`` and reused across lenses; ``lens``: logits ``[tokens, vocab]`` /
+    ``[tokens, heads, vocab]`` or a ``fn(rows: slice)`` producing them for a token chunk; ``mask``:
+    ``[tokens]`` bool (None = all). Lens logits must be finite. Computed in float32 whatever the input
+    dtype. Differentiable w.r.t. the lens.
+
+    Uses KL = sum p log p - sum p l + logsumexp(l) for lens logits l: one product-sum and one logsumexp
+    pass over the vocabulary per chunk (gradient softmax(l) - p), instead of a log-softmax, an exp and a
+    masked product.
     """
+    if isinstance(target, Tensor):
+        target = exact_target(target)
     fn = _lens_fn(lens)
 
     def row_kl(rows: slice) -> Tensor:
-        logp = F.log_softmax(target_logits[rows].float(), dim=-1)
-        logq = F.log_softmax(fn(rows).float(), dim=-1)
-        if logq.dim() == 3:
-            logp = logp.unsqueeze(1)
-        return _weighted_sum(logp.exp(), logp, logq)
+        p, neg_ent = target.probs[rows], target.neg_entropy[rows]
+        q = fn(rows).float()
+        if q.dim() == 3:
+            p, neg_ent = p.unsqueeze(1), neg_ent.unsqueeze(1)
+        return neg_ent - (p * q).sum(-1) + torch.logsumexp(q, dim=-1)
 
-    return _chunked_mean(target_logits.shape[0], mask, chunk, row_kl, _needs_grad(lens), target_logits.device)
+    n_tokens = target.probs.shape[0]
+    return _chunked_mean(n_tokens, mask, chunk, row_kl, _needs_grad(lens), target.probs.device)
 
 
 def kl_subset(

@@ -1,8 +1,9 @@
 """Plan a lens training job before running it: trainable parameters, memory per rank, cache bytes per token.
 
-Everything here is arithmetic on model sizes (no tensors are built), so a plan for Llama-3-8B takes
-microseconds. The estimates model what `LensSet` (the training objective) and a DeepSpeed engine with
-AdamW actually allocate; each formula is written out in the docstring of the function computing it.
+`plan_memory` is arithmetic on model sizes (no tensors are built), so a plan for Llama-3-8B takes
+microseconds; only `load_model_config` reads anything (a config). The estimates model what `LensSet`
+(the training objective) and a DeepSpeed engine with AdamW actually allocate; each formula is written out
+in the docstring of the function computing it.
 
 Notation: ``L`` trained layers, ``H`` heads, ``dh`` head dim, ``d`` d_model, ``V`` vocab, ``r`` rank,
 ``T`` tokens per micro-batch, ``c = min(chunk, T)`` tokens per loss chunk, ``k`` target top-k,
@@ -56,6 +57,7 @@ class MemoryPlan:
     batch_bytes: int
     act_inputs_bytes: int
     act_targets_bytes: int
+    act_base_bytes: int
     act_chunk_bytes: int
     act_lowrank_bytes: int
     act_grad_accum_bytes: int
@@ -109,6 +111,7 @@ class MemoryPlan:
             ("micro-batch", "batch tensors", self.batch_bytes, B),
             ("micro-batch", "lens inputs x", self.act_inputs_bytes, B),
             ("micro-batch", "target logits (exact)", self.act_targets_bytes, B),
+            ("micro-batch", "precomputed base logits (lora joint)", self.act_base_bytes, B),
             ("micro-batch", "logits chunk peak", self.act_chunk_bytes, B),
             ("micro-batch", "low-rank intermediates", self.act_lowrank_bytes, B),
             ("micro-batch", "grad accumulation", self.act_grad_accum_bytes, B),
@@ -226,12 +229,16 @@ def activation_parts(
     loss: str,
     chunk: int,
     param_bytes: int,
+    base_bytes: int = F32,
 ) -> dict[str, int]:
     """Return the activation terms of one micro-batch's forward + backward and their peak (``total``).
 
     - ``inputs`` = ``T L H d 4``: every trained layer's per-head lens input ``x`` (fp32), alive from its
       layer's forward until the backward ends (the checkpointed chunks' closures hold it).
     - ``targets`` = ``T V 4`` for the exact loss: the target logits, shared by all layers.
+    - ``base`` = ``L T V bb`` for lora + joint: each layer's frozen base projection ``W_fold sum_h x_h``,
+      computed once outside the checkpointed chunks (``bb`` = 2 for a bf16 base, 4 for fp32) and alive until
+      the backward ends.
     - ``chunk`` (see :func:`chunk_bytes`) and ``lowrank`` (see :func:`lowrank_bytes`): one chunk at a time,
       since each chunk is recomputed and released inside its own backward.
     - ``grad_accum``: a layer's parameter gradient ``G = H per_head pb`` comes out of a batched matmul in
@@ -240,7 +247,7 @@ def activation_parts(
       chunk's backward (added to ``chunk``) and 3 at the summing instant (buffered, new, sum).
     - forward only: one layer's ``c_h = z_h W_O`` before division and the fp32 ``z``, ``T H (d + dh) 4``.
 
-    total = ``inputs + targets + max(chunk + lowrank + G [n > 1], grad_accum, T H (d + dh) 4)``.
+    total = ``inputs + targets + base + max(chunk + lowrank + G [n > 1], grad_accum, T H (d + dh) 4)``.
     (Only the full form's ``G`` is large enough to matter.)
     """
     c = min(chunk, tokens)
@@ -248,13 +255,14 @@ def activation_parts(
     layer_grad = dims.n_heads * trainable_per_head(lens.form, lens.rank, dims.d_model, dims.vocab) * param_bytes
     inputs = tokens * n_layers * dims.n_heads * dims.d_model * F32
     targets = tokens * dims.vocab * F32 if loss == "exact" else 0
+    base = n_layers * tokens * dims.vocab * base_bytes if (lens.form, lens.objective) == ("lora", "joint") else 0
     chunk_peak = chunk_bytes(dims, lens, c, loss)
     lowrank = lowrank_bytes(dims, lens, c)
     grad_accum = layer_grad if n_chunks == 1 else 3 * layer_grad
     in_chunk = chunk_peak + lowrank + (layer_grad if n_chunks > 1 else 0)
     forward_inputs = tokens * dims.n_heads * (dims.d_model + dims.d_head) * F32
-    total = inputs + targets + max(in_chunk, grad_accum, forward_inputs)
-    return {"inputs": inputs, "targets": targets, "chunk": chunk_peak, "lowrank": lowrank,
+    total = inputs + targets + base + max(in_chunk, grad_accum, forward_inputs)
+    return {"inputs": inputs, "targets": targets, "base": base, "chunk": chunk_peak, "lowrank": lowrank,
             "grad_accum": grad_accum, "total": total}
 
 
@@ -286,6 +294,7 @@ def plan_memory(
     store_dtype_bytes: int = 2,
     world_size: int = 1,
     zero_stage: int = 2,
+    base_dtype: str = "float32",
 ) -> MemoryPlan:
     """Return the sizes of training ``lens`` on ``n_layers_trained`` layers (default all) of a model ``dims``.
 
@@ -298,15 +307,21 @@ def plan_memory(
     per_head, per_layer, total = trainable_counts(dims, lens, L)
     unembed, w_o, lm_head = frozen_bytes(dims, L, loss)
     params, grads, optimizer, step = state_bytes(total, pb, world_size, zero_stage)
+    if base_dtype not in ("float32", "bfloat16"):
+        raise PlanError(f"base_dtype must be float32 or bfloat16, got {base_dtype!r}")
+    base_bytes = 2 if base_dtype == "bfloat16" else F32
+    if base_bytes != F32:
+        unembed += dims.vocab * dims.d_model * base_bytes  # the bf16 copy of W_fold used for the base GEMM
     act = activation_parts(dims, lens, n_layers=L, tokens=micro_batch_tokens, loss=loss, chunk=chunk,
-                           param_bytes=pb)
+                           param_bytes=pb, base_bytes=base_bytes)
     z, target, meta = cache_bytes_per_token(dims, L, top_k, store_dtype_bytes)
     return MemoryPlan(
         params_per_head=per_head, params_per_layer=per_layer, params_total=total,
         frozen_unembed_bytes=unembed, frozen_w_o_bytes=w_o, frozen_lm_head_bytes=lm_head,
         param_bytes=params, grad_bytes=grads, optimizer_bytes=optimizer, step_transient_bytes=step,
         batch_bytes=batch_bytes(dims, L, micro_batch_tokens, loss, top_k, store_dtype_bytes),
-        act_inputs_bytes=act["inputs"], act_targets_bytes=act["targets"], act_chunk_bytes=act["chunk"],
+        act_inputs_bytes=act["inputs"], act_targets_bytes=act["targets"], act_base_bytes=act["base"],
+        act_chunk_bytes=act["chunk"],
         act_lowrank_bytes=act["lowrank"], act_grad_accum_bytes=act["grad_accum"], activation_bytes=act["total"],
         cache_z_bytes_per_token=z, cache_target_bytes_per_token=target, cache_meta_bytes_per_token=meta,
     )

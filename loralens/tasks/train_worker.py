@@ -52,7 +52,7 @@ def build_lens_set(spec: dict) -> LensSet:
     return LensSet(FoldedUnembed(w_fold, b_fold), w_o, spec["layers"], lens_cfg,
                    lm_head=head.weight.detach().float().clone(),
                    lm_head_bias=None if getattr(head, "bias", None) is None else head.bias.detach().float(),
-                   loss=t["loss"], chunk=t["loss_chunk"])
+                   loss=t["loss"], chunk=t["loss_chunk"], base_dtype=t["base_dtype"])
 
 
 def shard_loader(cache: ArtifactDir, layers: list[int], z_width: int, d_model: int) -> training.ShardLoader:

@@ -25,6 +25,7 @@ def test_second_flow_run_is_cached(prefect_server, tiny_models, tmp_path):
         "model": {"name": str(tiny_models["gpt2"])},
         "corpus": {"paths": ["bundled:toxigen_sentences"], "max_prompts_per_file": 12},
         "cache": {"batch_size": 4, "prompts_per_shard": 4, "max_length": 16},
+        "train": {"micro_batch_tokens": 16, "epochs": 1},
     }
     first_state = cache_activations(config=config, return_state=True)
     first = first_state.result()
@@ -39,8 +40,25 @@ def test_second_flow_run_is_cached(prefect_server, tiny_models, tmp_path):
     import shutil
 
     shutil.rmtree(tmp_path / "artifacts")
-    third = pipeline(config=config)["cache"]
-    assert not third["cached"] and third["version"] == first["version"]
+    results = pipeline(config=config)
+    assert not results["cache"]["cached"] and results["cache"]["version"] == first["version"]
+    assert not results["train"]["cached"] and results["train"]["heads"] == 3 * 4
+
+    # Re-running only the train stage redoes nothing; forcing it redoes training but not the cache.
+    again = pipeline(config=config, only="train")
+    assert list(again) == ["train"] and again["train"]["cached"]
+    forced = pipeline(config=config, only="train", force=True)
+    assert not forced["train"]["cached"] and forced["train"]["version"] == results["train"]["version"]
+
+
+def test_too_small_cache_for_the_batch_is_a_config_error(prefect_server, tiny_models, tmp_path):
+    from loralens.config import ConfigError
+
+    config = {"home": str(tmp_path), "model": {"name": str(tiny_models["gpt2"])},
+              "corpus": {"paths": ["bundled:toxigen_sentences"], "max_prompts_per_file": 4},
+              "train": {"micro_batch_tokens": 100000}}
+    with pytest.raises(ConfigError, match="train.micro_batch_tokens"):
+        pipeline(config=config)
 
 
 def test_pipeline_rejects_unknown_stage(prefect_server):

@@ -15,7 +15,7 @@ from typing import Any
 
 from prefect import task
 
-from loralens.config import PipelineConfig, TrainConfig
+from loralens.config import ConfigError, PipelineConfig, TrainConfig
 from loralens.lens.training import STOP_EXIT_CODE, free_port
 from loralens.tasks.plans import StagePlan, require_complete
 from loralens.tasks.report import fidelity_heatmap
@@ -88,6 +88,14 @@ def _lens_files(out: Path) -> list[ShardFile]:
             for p in files]
 
 
+def check_enough_tokens(t: TrainConfig, cached_tokens: int) -> None:
+    """Raise a one-line ConfigError when the cache cannot fill one micro-batch per process."""
+    usable = cached_tokens * (1 - 1 / t.eval_every_nth_prompt)  # roughly: whole prompts are held out
+    if usable < t.micro_batch_tokens * t.world_size:
+        raise ConfigError(f"config error: train.micro_batch_tokens: {t.micro_batch_tokens} x {t.world_size} "
+                          f"processes exceeds the ~{int(usable)} training tokens in the cache")
+
+
 def run_train_stage(cfg: PipelineConfig, plan: StagePlan, cache_plan: StagePlan, *,
                     force: bool = False) -> dict[str, Any]:
     """Train (resuming from checkpoints), then register lenses, curve and fidelity; return a summary."""
@@ -103,6 +111,7 @@ def run_train_stage(cfg: PipelineConfig, plan: StagePlan, cache_plan: StagePlan,
                         artifact_dir=str(adir.path), summary=manifest["summary"])
         return {"version": plan.version, "path": str(adir.path), "cached": True, **manifest["summary"]}
     cache_manifest = require_complete(cache_plan)
+    check_enough_tokens(cfg.train, cache_manifest["summary"]["n_tokens"])
     adir.prepare()
     out = adir.path
     if not (out / TRAIN_RESULT).exists():  # the workers finished before a kill: only registration is left

@@ -103,7 +103,7 @@ class ArtifactDir:
         """Return the manifest, or None while the artifact is incomplete."""
         try:
             return json.loads((self.path / MANIFEST).read_text())
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):
             return None
 
     def is_complete(self) -> bool:

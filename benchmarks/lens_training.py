@@ -112,17 +112,18 @@ def _seconds(fn: Callable[[], object]) -> float:
 def step_matmul_flops(dims: ModelDims, lens: LensConfig, tokens: int, chunk: int, n_layers: int) -> int:
     """Return the matmul FLOPs of one joint-objective LensSet step: inputs, forward, checkpoint recompute, backward.
 
-    Per layer: inputs ``2 T H dh d`` (z_h W_O). Per chunk of ``c`` tokens, lora: forward
-    ``F = 2c (H d r + d V + H r V)`` (A x, base logits of the head sum, the fused low-rank update), run twice
-    (forward + recompute), backward ``2c (2 H r V + H r d)`` (addmm's two operand gradients, A's gradient;
-    nothing flows into x or the frozen base). full: ``F = 2c H d V``, twice, backward ``F`` (weight only).
+    Per layer: inputs ``2 T H dh d`` (z_h W_O). lora: the frozen base logits of the head sum ``2 T d V``,
+    once per layer outside checkpointing; per chunk of ``c`` tokens the low-rank forward
+    ``F = 2c (H d r + H r V)`` (A x, the fused update), run twice (forward + recompute), backward
+    ``2c (2 H r V + H r d)`` (addmm's two operand gradients, A's gradient; nothing flows into x or the
+    frozen base). full: ``F = 2c H d V``, twice, backward ``F`` (weight only).
     """
     H, d, r, V = dims.n_heads, dims.d_model, lens.rank, dims.vocab
-    total = 0
+    total = 2 * tokens * d * V if lens.form == "lora" else 0
     for start in range(0, tokens, chunk):
         c = min(chunk, tokens - start)
         if lens.form == "lora":
-            total += 2 * 2 * c * (H * d * r + d * V + H * r * V) + 2 * c * (2 * H * r * V + H * r * d)
+            total += 2 * 2 * c * (H * d * r + H * r * V) + 2 * c * (2 * H * r * V + H * r * d)
         elif lens.form == "full":
             total += 3 * 2 * c * H * d * V
         else:
@@ -174,12 +175,12 @@ def make_batch(task: Task, tokens: int, seed: int, loss: str = "subset") -> tupl
     return batch, target
 
 
-def lens_set(task: Task, form: str, loss: str = "subset", n_layers: int = 1) -> LensSet:
+def lens_set(task: Task, form: str, loss: str = "subset", n_layers: int = 1, base_dtype: str = "float32") -> LensSet:
     """Return a fresh LensSet (rank 4, alpha 8, joint) over the task's first `n_layers` layers."""
     torch.manual_seed(2)
     config = LensConfig(form=form, rank=4, alpha=8.0, objective="joint")
     return LensSet(task.unembed, task.w_o[:n_layers], list(range(n_layers)), config,
-                   lm_head=task.lm_head if loss == "exact" else None, loss=loss, chunk=CHUNK)
+                   lm_head=task.lm_head if loss == "exact" else None, loss=loss, chunk=CHUNK, base_dtype=base_dtype)
 
 
 def adamw(model: LensSet, lr: float) -> torch.optim.AdamW:
@@ -255,16 +256,17 @@ def p4_counted_flops(task: Task, tokens: int) -> int:
     return counter.get_total_flops()
 
 
-def throughput(task: Task, loss: str, tokens: int, steps: int) -> dict:
+def throughput(task: Task, loss: str, tokens: int, steps: int, base_dtype: str) -> dict:
     """Return tokens/s of training all heads of all task layers with `loss` (one warm-up, then `steps`)."""
     n_layers = task.w_o.shape[0]
-    model = lens_set(task, "lora", loss=loss, n_layers=n_layers)
+    model = lens_set(task, "lora", loss=loss, n_layers=n_layers, base_dtype=base_dtype)
     opt = adamw(model, LR["lora"])
     batches = [make_batch(task, tokens, s, loss)[0] for s in range(steps + 1)]
     train_step(model, opt, batches[0])
     seconds = sum(_seconds(lambda b=b: train_step(model, opt, b)) for b in batches[1:])
     flops = step_matmul_flops(task.dims, model.config, tokens, CHUNK, n_layers) * steps
-    return {"loss": loss, "heads": n_layers * task.dims.n_heads, "micro_batch_tokens": tokens, "steps": steps,
+    return {"loss": loss, "base_dtype": base_dtype, "heads": n_layers * task.dims.n_heads,
+            "micro_batch_tokens": tokens, "steps": steps,
             "seconds": seconds, "tokens_per_s": tokens * steps / seconds, "matmul_flops_per_s": flops / seconds}
 
 
@@ -276,7 +278,7 @@ def main() -> None:
     args = parser.parse_args()
     # Full run ~5.5 min on 2 cores: a full-form step of 9 heads is ~10 s, an all-heads lora step ~35 s.
     p3_steps, p3_tokens = (4, 256) if args.quick else (8, 256)
-    all_tokens, all_steps = (64, 1) if args.quick else (128, 2)
+    all_tokens, all_steps = (64, 1) if args.quick else (256, 2)  # 256: the trainer's default micro-batch
 
     t0 = time.perf_counter()
     peak = matmul_peak_flops()
@@ -288,7 +290,9 @@ def main() -> None:
     counted = p4_counted_flops(task, p3_tokens)
     achieved = analytic / lora["step_s"]
     all_task = make_task(SMOL, n_layers=SMOL.n_layers)
-    tput = {loss: throughput(all_task, loss, all_tokens, all_steps) for loss in ("subset", "exact")}
+    # The trainer's default (exact, bf16 base) and its variants.
+    tput = {f"{loss}/{bd}": throughput(all_task, loss, all_tokens, all_steps, bd)
+            for loss, bd in (("exact", "bfloat16"), ("exact", "float32"), ("subset", "bfloat16"))}
 
     ratios = {"p3_memory": lora["peak_bytes"] / full["peak_bytes"], "p3_time": lora["step_s"] / full["step_s"],
               "p3_kl": lora["kl_end"] / full["kl_end"], "p4_peak_fraction": achieved / peak}
@@ -341,7 +345,7 @@ def print_report(result: dict, ratios: dict[str, float]) -> None:
         ("P4 full achieved / peak", f"{result['p4']['full_fraction_of_peak']:.3f}", "", None),
     ]
     for loss, t in result["throughput_all_heads"].items():
-        rows.append((f"{t['heads']} heads, loss {loss}, {t['micro_batch_tokens']} tok/batch",
+        rows.append((f"{t['heads']} heads, {loss} base, {t['micro_batch_tokens']} tok/batch",
                      f"{t['tokens_per_s']:.1f} tok/s", "", None))
     width = max(len(r[0]) for r in rows) + 2
     vwidth = max(len(r[1]) for r in rows) + 2

@@ -120,9 +120,11 @@ def cache_batch(
     real = mask.bool()
     resid = cap.final_resid[real]  # [n, d_model]
     h_final = adapter.final_norm(model)(resid).float()
-    logits = logits[real].float()  # [n, vocab]
-    lse = torch.logsumexp(logits, dim=-1)
+    # Reduce over the vocabulary on the padded [batch, pos, vocab] logits, then keep real rows: indexing
+    # first would copy the largest tensor of the pass.
+    lse = torch.logsumexp(logits, dim=-1)[real].float()
     top_vals, top_ids = logits.topk(min(top_k, logits.shape[-1]), dim=-1)
+    top_vals, top_ids = top_vals[real].float(), top_ids[real]
     lengths = mask.sum(1)
     next_ids = torch.cat([input_ids[:, 1:], torch.full_like(input_ids[:, :1], -1)], dim=1)
     next_ids[torch.arange(len(ids)), lengths - 1] = -1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -63,6 +64,7 @@ def run_cache_stage(cfg: PipelineConfig, plan: StagePlan, *, force: bool = False
     upsert_artifact(db, stage=STAGE, version=plan.version, parents=parents, config=plan.config,
                     status="running", artifact_dir=str(adir.path))
 
+    t_start = time.perf_counter()
     loaded = load_model(cfg.model.name, cfg.home, dtype=cfg.model.dtype, revision=cfg.model.revision,
                         trust_remote_code=cfg.model.trust_remote_code)
     corpus = load_corpus(cfg.corpus.paths, cfg.corpus.max_prompts_per_file)
@@ -78,6 +80,7 @@ def run_cache_stage(cfg: PipelineConfig, plan: StagePlan, *, force: bool = False
     shards = _shard_prompts(corpus, tok.ids, cfg.cache.prompts_per_shard)
     total_tokens = sum(len(tok.ids[i]) for s in shards for i in s)
     redone = 0
+    t_loop = time.perf_counter()
 
     # One writer thread overlaps Parquet encoding of shard i with the forward passes of shard i+1.
     with ThreadPoolExecutor(max_workers=1) as writer, tqdm(total=total_tokens, desc="cache", unit="tok") as bar:
@@ -99,6 +102,7 @@ def run_cache_stage(cfg: PipelineConfig, plan: StagePlan, *, force: bool = False
             pending = writer.submit(write_cache_shard, adir, s, cols, arrays.z, prompts)
         if pending is not None:
             pending.result()
+    t_end = time.perf_counter()
 
     summary = {
         "model": loaded.path,
@@ -116,6 +120,8 @@ def run_cache_stage(cfg: PipelineConfig, plan: StagePlan, *, force: bool = False
         "blank_prompts_skipped": corpus.skipped_blank,
         "shards_redone": redone,
         "per_source": corpus.per_source,
+        "seconds_setup": t_loop - t_start,  # model load, corpus read, tokenization
+        "seconds_loop": t_end - t_loop,  # forward passes and shard writes
     }
     manifest = adir.finalize(config=plan.config, inputs=plan.inputs, summary=summary)
     summary["bytes_per_token"] = manifest["total_bytes"] / max(total_tokens, 1)

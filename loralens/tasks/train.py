@@ -69,6 +69,10 @@ def _die_with_parent() -> None:
 def run_training_processes(spec_path: Path, t: TrainConfig) -> int:
     """Run the training processes to completion; return their exit code."""
     env = dict(os.environ)
+    # Each loss chunk allocates and frees [chunk, vocab] buffers; above glibc's default mmap threshold
+    # every one is a fresh mmap + page faults. Keeping them on the heap measured +15-30% tokens/s on CPU.
+    env.setdefault("MALLOC_MMAP_THRESHOLD_", str(1 << 32))
+    env.setdefault("MALLOC_TRIM_THRESHOLD_", str(1 << 32))
     if t.world_size > 1:
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // t.world_size)))
     cmd = launch_command(spec_path, t)

@@ -12,6 +12,7 @@ from loralens.prefect_env import configure_prefect_env
 
 configure_prefect_env()
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ["HF_HUB_OFFLINE"] = "1"  # tests never reach a model hub: a hub id fails fast instead
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gpt2", "gpt_neox")
 

@@ -112,8 +112,10 @@ def test_zero_stage_1_single_process(tiny_models, tmp_path):
     assert summary["world_size"] == 1 and summary["mean_layer_kl"] < summary["mean_layer_kl_logit_lens"]
 
 
-def test_two_process_torchrun_trains_and_result_loads(tiny_models, tmp_path):
-    summary, plan, _ = run_both(raw_config(tmp_path, tiny_models["qwen2"], world_size=2, epochs=2))
+@pytest.mark.parametrize(("launcher", "zero_stage"), [("torchrun", 2), ("deepspeed", 3)])
+def test_two_process_training_trains_and_result_loads(tiny_models, tmp_path, launcher, zero_stage):
+    summary, plan, _ = run_both(raw_config(tmp_path, tiny_models["qwen2"], world_size=2, epochs=2,
+                                           launcher=launcher, zero_stage=zero_stage))
     assert summary["world_size"] == 2 and summary["mean_layer_kl"] < summary["mean_layer_kl_logit_lens"]
     # consolidated: loadable in this (single) process with no DeepSpeed involved
     tensors = bank_tensors(plan)

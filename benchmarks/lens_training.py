@@ -17,8 +17,10 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import os
 import platform
 import statistics
+import sys
 import time
 import weakref
 from collections.abc import Callable
@@ -271,7 +273,13 @@ def throughput(task: Task, loss: str, tokens: int, steps: int, base_dtype: str) 
 
 
 # -- report ------------------------------------------------------------------------------------------
+# The training worker runs with these (see loralens/tasks/train.py); glibc reads them only at start-up.
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(1 << 32), "MALLOC_TRIM_THRESHOLD_": str(1 << 32)}
+
+
 def main() -> None:
+    if any(k not in os.environ for k in MALLOC_ENV):
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **MALLOC_ENV})
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="few steps: a smoke run, not a measurement")
     parser.add_argument("--out", default="benchmarks/results", help="folder for lens_training.json")

@@ -22,21 +22,19 @@ import platform
 import statistics
 import sys
 import time
-import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import Tensor
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import FlopCounterMode
 
 from loralens.lens.adapters import ModelDims
 from loralens.lens.hooks import head_contributions
 from loralens.lens.lenses import FoldedUnembed, LensBank, LensConfig, trainable_per_head
 from loralens.lens.losses import kl_exact
+from loralens.lens.memory_probe import LiveBytes
 from loralens.lens.objective import LensBatch, LensSet
 from loralens.lens.plan import plan_memory
 
@@ -55,43 +53,6 @@ GOALS = {"p2_ratio": 0.01, "p3_memory": 0.2, "p3_time": 0.5, "p3_kl": 1.1, "p4_p
 
 
 # -- measuring ---------------------------------------------------------------------------------------
-class LiveBytes(TorchDispatchMode):
-    """Peak live bytes of the tensor storages aten ops allocate while active (CPU has no allocator stats).
-
-    An op's output storage that aliases none of its inputs is a fresh allocation; it counts until a
-    weakref finalizer sees the storage freed. Autograd carries the mode into backward, so checkpoint
-    recomputes, gradients and optimizer temporaries are all seen (same instrument as tests/test_plan.py).
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.current = self.peak = 0
-        self.live: dict[int, int] = {}  # data_ptr -> record
-        self._ids = itertools.count()
-
-    def _free(self, rec: int, ptr: int, nbytes: int) -> None:
-        if self.live.get(ptr) == rec:
-            del self.live[ptr]
-        self.current -= nbytes
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        inputs = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs)) if isinstance(t, Tensor)}
-        for t in tree_leaves(out):
-            if not isinstance(t, Tensor):
-                continue
-            st = t.untyped_storage()
-            ptr, nbytes = st.data_ptr(), st.nbytes()
-            if nbytes == 0 or ptr in inputs or ptr in self.live:
-                continue
-            rec = next(self._ids)
-            self.live[ptr] = rec
-            self.current += nbytes
-            self.peak = max(self.peak, self.current)
-            weakref.finalize(st, self._free, rec, ptr, nbytes)
-        return out
-
-
 def nbytes(tensors) -> int:
     """Return the summed bytes of the tensors among `tensors`."""
     return sum(t.nbytes for t in tensors if isinstance(t, Tensor))
@@ -230,7 +191,7 @@ def p3_run(task: Task, form: str, steps: int, tokens: int, held: tuple[LensBatch
                         + nbytes(v for s in opt.state.values() for v in s.values()))
             with LiveBytes() as tracker:
                 train_step(model, opt, batch)
-            peak = resident + tracker.peak
+            peak = resident + tracker.peak()
         else:
             seconds = _seconds(lambda b=batch: train_step(model, opt, b))
             if step > 0:

@@ -23,6 +23,14 @@ def smol():
     return load_model("smollm2-135m-instruct", default_home())
 
 
+def test_converted_folder_does_not_record_the_environment(smol):
+    import json
+    from pathlib import Path
+
+    tok_cfg = json.loads((Path(smol.path) / "tokenizer_config.json").read_text())
+    assert "local_files_only" not in tok_cfg  # else HF_HUB_OFFLINE would change the model's fingerprint
+
+
 def test_embedded_model_dims_and_reconstruction(smol):
     d = smol.dims
     assert (d.n_layers, d.n_heads, d.d_head, d.d_model, d.vocab) == (30, 9, 64, 576, 49152)

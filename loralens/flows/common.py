@@ -6,9 +6,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from prefect import Task
+from prefect.artifacts import create_table_artifact
 from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
 
 from loralens.config import PipelineConfig, load_config, parse_config
+from loralens.tasks.plans import StagePlan
 
 
 def resolve_config(config_path: str | None = None, config: dict[str, Any] | None = None) -> PipelineConfig:
@@ -30,3 +33,22 @@ def results_under_home(cfg: PipelineConfig) -> Iterator[None]:
     """Persist Prefect task results under the project home while the block runs."""
     with temporary_settings(updates={PREFECT_LOCAL_STORAGE_PATH: str(cfg.home / "prefect-results")}):
         yield
+
+
+def run_stage_task(
+    stage_task: Task, cfg: PipelineConfig, plan: StagePlan, *args: Any, force: bool = False
+) -> dict[str, Any]:
+    """Run a stage's task keyed by `plan.version`, publish its summary, and return it (cached flag set).
+
+    A complete version is a Prefect cache hit; a version whose artifact folder is gone (or `force`)
+    refreshes the cache, so a deleted artifact is never a stale hit.
+    """
+    refresh = force or not plan.artifact.is_complete()
+    with results_under_home(cfg):
+        state = stage_task.with_options(refresh_cache=refresh)(cfg, plan, *args, force, return_state=True)
+    summary = dict(state.result())
+    summary["cached"] = summary["cached"] or state.name == "Cached"
+    rows = [{"key": k, "value": str(v)} for k, v in summary.items() if not isinstance(v, dict)]
+    create_table_artifact(key=f"{plan.stage}-summary", table=rows,
+                          description=f"{plan.stage} stage, version {plan.version}")
+    return summary

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from loralens.hashing import file_sha256
 from loralens.lens.adapters import ArchAdapter, ModelDims, adapter_for, model_dims
 
 log = logging.getLogger(__name__)
@@ -81,6 +82,9 @@ def convert_embedded(alias: str, home: Path) -> Path:
     tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=emb.gguf_file)
     model = AutoModelForCausalLM.from_pretrained(src, gguf_file=emb.gguf_file, dtype=torch.float32)
     # The dequantized weights are plain fp32; drop the GGUF quantizer state so save_pretrained works.
+    # transformers records how the tokenizer was loaded (local_files_only follows HF_HUB_OFFLINE); that is
+    # not part of the model and would make the same model's fingerprint depend on the environment.
+    tokenizer.init_kwargs.pop("local_files_only", None)
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
@@ -94,14 +98,6 @@ def convert_embedded(alias: str, home: Path) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return target
-
-
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def folder_fingerprint(folder: Path) -> str:
@@ -120,7 +116,7 @@ def folder_fingerprint(folder: Path) -> str:
     h = hashlib.sha256()
     for p in files:
         h.update(p.name.encode())
-        h.update(_file_sha256(p).encode())
+        h.update(file_sha256(p).encode())
     fp = h.hexdigest()[:16]
     try:
         cache.write_text(json.dumps({"stat": stat_key, "fingerprint": fp}))

@@ -16,10 +16,11 @@ from typing import Any
 from prefect import task
 
 from loralens.config import ConfigError, PipelineConfig, TrainConfig
+from loralens.hashing import file_sha256
 from loralens.lens.training import STOP_EXIT_CODE, free_port
 from loralens.tasks.plans import StagePlan, require_complete
 from loralens.tasks.report import fidelity_heatmap
-from loralens.warehouse.artifacts import ShardFile, file_sha256
+from loralens.warehouse.artifacts import ShardFile
 from loralens.warehouse.constants import (
     CHECKPOINTS_DIR,
     FIDELITY_HEATMAP,

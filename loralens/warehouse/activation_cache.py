@@ -22,7 +22,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from loralens.warehouse.artifacts import ArtifactDir, ShardFile, atomic_write_with, file_sha256
+from loralens.hashing import file_sha256
+from loralens.warehouse.artifacts import ArtifactDir, ShardFile, atomic_write_with
 from loralens.warehouse.constants import (
     CACHE_PROMPTS_DIR,
     CACHE_TOKENS_DIR,

@@ -6,7 +6,6 @@ manifest, written last by `finalize`, is the only thing that marks the whole art
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import platform
@@ -19,6 +18,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from loralens.hashing import file_sha256
 from loralens.warehouse.constants import ARTIFACTS_DIR, MANIFEST, SHARD_RECORDS_DIR, TMP_PREFIX, shard_name
 
 _LIBRARIES = ("loralens", "torch", "transformers", "peft", "deepspeed", "prefect", "pyarrow", "duckdb")
@@ -26,15 +26,6 @@ _LIBRARIES = ("loralens", "torch", "transformers", "peft", "deepspeed", "prefect
 
 class ArtifactError(RuntimeError):
     """An artifact is missing, incomplete or not writable."""
-
-
-def file_sha256(path: Path) -> str:
-    """Return the sha256 hex digest of a file."""
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:

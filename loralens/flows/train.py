@@ -2,21 +2,30 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from prefect import flow
+from prefect.artifacts import create_markdown_artifact
 
 from loralens.config import PipelineConfig
 from loralens.flows.common import resolve_config, run_stage_task
 from loralens.tasks.cache import plan_cache
 from loralens.tasks.plans import StagePlan
+from loralens.tasks.report import fidelity_markdown
 from loralens.tasks.train import plan_train, train_task
+from loralens.warehouse.constants import FIDELITY_HEATMAP, TRAIN_FIDELITY
 
 
 def train_stage(cfg: PipelineConfig, cache_plan: StagePlan | None = None, force: bool = False) -> dict[str, Any]:
     """Run the train task keyed by its version (the cache version is one of its inputs)."""
     cache_plan = cache_plan or plan_cache(cfg)
-    return run_stage_task(train_task, cfg, plan_train(cfg, cache_plan), cache_plan, force=force)
+    plan = plan_train(cfg, cache_plan)
+    summary = run_stage_task(train_task, cfg, plan, cache_plan, force=force)
+    fid = json.loads((plan.artifact.path / TRAIN_FIDELITY).read_text())
+    report = fidelity_markdown(fid, plan.artifact.path / FIDELITY_HEATMAP)
+    create_markdown_artifact(key="lens-fidelity", markdown=report, description=f"train stage, version {plan.version}")
+    return summary
 
 
 @flow(name="train-lenses")

@@ -32,3 +32,23 @@ def fidelity_heatmap(fid: dict[str, Any], path: Path) -> Path:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def fidelity_markdown(fid: dict[str, Any], heatmap: Path | None = None) -> str:
+    """Return a Markdown report of held-out lens fidelity: one row per layer, plus the heatmap's path."""
+    lines = [
+        f"Held-out exact KL(model || lens), nats per token, over {fid['tokens']:.0f} tokens.",
+        "",
+        "| layer | joint lens | logit lens | ratio | subset KL (same lens) | best head | worst head |",
+        "|---:|---:|---:|---:|---:|---|---|",
+    ]
+    for i, layer in enumerate(fid["layers"]):
+        head = np.asarray(fid["head_lens"][i]) / np.asarray(fid["head_logit_lens"][i])
+        lines.append(
+            f"| {layer} | {fid['layer_lens'][i]:.3f} | {fid['layer_logit_lens'][i]:.3f} | "
+            f"{fid['layer_lens'][i] / fid['layer_logit_lens'][i]:.3f} | {fid['layer_subset_kl'][i]:.3f} | "
+            f"{int(head.argmin())} ({head.min():.3f}) | {int(head.argmax())} ({head.max():.3f}) |"
+        )
+    if heatmap is not None:
+        lines += ["", f"Heatmap (layers x heads, KL ratio): `{heatmap}`"]
+    return "\n".join(lines)

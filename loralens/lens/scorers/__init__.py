@@ -6,7 +6,7 @@ Scorers are imported lazily so that asking for one never pulls in the heavy depe
 from __future__ import annotations
 
 import importlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Protocol, runtime_checkable
 
 import numpy as np
@@ -37,6 +37,26 @@ _REGISTRY: dict[str, tuple[str, str]] = {
 
 # Labels that mean "overall toxicity", in preference order.
 _PRIMARY_LABELS = ("toxicity", "toxic")
+
+
+def text_batches(
+    texts: Sequence[str], batch_size: int, *, progress: bool = False, desc: str = "score"
+) -> Iterator[tuple[int, list[str]]]:
+    """Return an iterator of (start index, batch of texts), with a progress bar when asked.
+
+    The arguments are checked now, not at the first iteration.
+    """
+    if isinstance(texts, str):
+        raise TypeError("texts must be a sequence of strings, not a single string")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    texts = list(texts)
+    starts = range(0, len(texts), batch_size)
+    if progress:
+        from tqdm.auto import tqdm
+
+        starts = tqdm(starts, desc=desc, unit="batch")
+    return ((start, texts[start : start + batch_size]) for start in starts)
 
 
 def known_scorers() -> tuple[str, ...]:

@@ -117,17 +117,11 @@ class DetoxifyScorer:
 
     def score(self, texts: Sequence[str], batch_size: int = 32, progress: bool = False) -> dict[str, np.ndarray]:
         """Return {label: float32 array of per-text probabilities in [0, 1]}, in input order."""
-        from tqdm.auto import tqdm
+        from loralens.lens.scorers import text_batches
 
-        if isinstance(texts, str):
-            raise TypeError("texts must be a sequence of strings, not a single string")
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        texts = list(texts)
         parts: dict[str, list[np.ndarray]] = {label: [] for label in self.labels}
-        starts = range(0, len(texts), batch_size)
-        for start in tqdm(starts, desc="detoxify", unit="batch", disable=not progress):
-            result = self._detoxify.predict(texts[start : start + batch_size])
+        for _, batch in text_batches(texts, batch_size, progress=progress, desc=self.name):
+            result = self._detoxify.predict(batch)
             for label in self.labels:
                 # predict() squeezes a one-text batch down to a bare float
                 parts[label].append(np.atleast_1d(np.asarray(result[label], dtype=np.float32)))

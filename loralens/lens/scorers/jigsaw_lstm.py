@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from loralens.hashing import file_sha256
-from loralens.lens.scorers import ScorerError
+from loralens.lens.scorers import ScorerError, text_batches
 
 PACKAGE_MODULE = "toxic_classifier"  # top-level module of the PyPI distribution toxic-comment-classifier
 PACKAGE_PIN = "toxic-comment-classifier==0.3.0"
@@ -306,19 +306,9 @@ class JigsawLSTMScorer:
 
     def score(self, texts: Sequence[str], batch_size: int = 64, progress: bool = False) -> dict[str, np.ndarray]:
         """Return per-label probabilities, each float32 of shape [len(texts)]."""
-        if isinstance(texts, str):
-            raise TypeError("score() takes a sequence of texts, not a single string")
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        texts = list(texts)
+        batches = text_batches(texts, batch_size, progress=progress, desc=self.name)
         probs = np.zeros((len(texts), len(LABELS)), dtype=np.float32)
-        starts = range(0, len(texts), batch_size)
-        if progress:
-            from tqdm.auto import tqdm
-
-            starts = tqdm(starts, desc=self.name, unit="batch")
-        for start in starts:
-            batch = texts[start:start + batch_size]
+        for start, batch in batches:
             probs[start:start + len(batch)] = self.predict_ids(self.encode(batch))
         return {label: probs[:, j].copy() for j, label in enumerate(LABELS)}
 

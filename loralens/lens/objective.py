@@ -76,11 +76,11 @@ class LensSet(nn.Module):
         self.register_buffer("lm_head_bias", None if lm_head_bias is None else lm_head_bias.detach(),
                              persistent=False)
 
-    def inputs(self, batch: LensBatch, i: int) -> Tensor:
-        """Return layer i's per-head lens inputs `[n, heads, d_model]` (no grad: all frozen)."""
+    def inputs(self, batch: LensBatch, i: int, rows: slice = slice(None)) -> Tensor:
+        """Return layer i's per-head lens inputs `[n, heads, d_model]` for `rows` (no grad: all frozen)."""
         with torch.no_grad():
-            c = head_contributions(batch.z[:, i].float(), self.w_o[i])
-            return c / batch.scale.float()[:, None, None]
+            c = head_contributions(batch.z[rows, i].float(), self.w_o[i])
+            return c / batch.scale[rows].float()[:, None, None]
 
     def target_logits(self, batch: LensBatch) -> Tensor:
         """Return the model's exact final logits `[n, vocab]` from the cached lm_head inputs."""
@@ -120,14 +120,15 @@ class LensSet(nn.Module):
 def fidelity(lens_set: LensSet, batch: LensBatch, chunk: int = 64) -> dict[str, Tensor]:
     """Return exact held-out KL sums of trained lens vs logit lens, per head and per layer.
 
-    Keys: `head_lens`, `head_logit_lens` `[L, heads]`; `layer_lens`, `layer_logit_lens` `[L]`; `tokens`.
-    Per head: that head's lens alone vs the model. Per layer: the sum of the layer's head lenses (the joint
-    read-out) vs the model; its logit-lens baseline adds the folded unembedding's bias once.
+    Keys: `head_lens`, `head_logit_lens` `[L, heads]`; `layer_lens`, `layer_logit_lens`, `layer_subset` `[L]`;
+    `tokens`. Per head: that head's lens alone vs the model. Per layer: the sum of the layer's head lenses
+    (the joint read-out) vs the model; its logit-lens baseline adds the folded unembedding's bias once;
+    `layer_subset` is the top-k + tail KL of the same read-out (needs the batch's top-k, else zeros).
     Sums over tokens, so batches add up; divide by `tokens` for means.
     """
     L, H = len(lens_set.layers), lens_set.w_o.shape[1]
     out = {k: torch.zeros(L, H) for k in ("head_lens", "head_logit_lens")}
-    out |= {k: torch.zeros(L) for k in ("layer_lens", "layer_logit_lens")}
+    out |= {k: torch.zeros(L) for k in ("layer_lens", "layer_logit_lens", "layer_subset")}
     m = batch.mask
     out["tokens"] = torch.tensor(float(m.sum()))
     target_all = lens_set.target_logits(batch)
@@ -140,7 +141,7 @@ def fidelity(lens_set: LensSet, batch: LensBatch, chunk: int = 64) -> dict[str, 
         p = target.exp()
         lora = lens_set.config.form == "lora"
         for i, bank in enumerate(lens_set.banks):
-            x = lens_set.inputs(batch, i)[rows][keep]
+            x = lens_set.inputs(batch, i, rows)[keep]
             base_logits = lens_set.unembed(x).float()  # [n, H, V], the logit lens, computed once
             head = torch.log_softmax(bank.head_logits(x, base_logits if lora else None).float(), -1)
             base = torch.log_softmax(base_logits, -1)
@@ -151,6 +152,10 @@ def fidelity(lens_set: LensSet, batch: LensBatch, chunk: int = 64) -> dict[str, 
             base_layer = torch.log_softmax(summed + lens_set.unembed.b, -1)
             out["layer_lens"][i] += _kl_rows(p, target, layer).sum()
             out["layer_logit_lens"][i] += _kl_rows(p, target, base_layer).sum()
+            if batch.topk_ids is not None:  # the subset KL of these same fp32 logits, per token summed
+                n_keep = int(keep.sum())
+                out["layer_subset"][i] += n_keep * kl_subset(
+                    batch.topk_ids[rows][keep], batch.topk_logprobs[rows][keep], layer, chunk=n_keep)
     return out
 
 

@@ -23,22 +23,26 @@ def tiny_tokenizer():
     return build_tiny_tokenizer()
 
 
-def build_tiny_tokenizer():
-    """Return a byte-level BPE tokenizer (vocab 400) trained on the first 2000 bundled WikiText lines."""
+def train_bpe_tokenizer(lines: list[str], vocab_size: int):
+    """Return a real byte-level BPE tokenizer trained on `lines` (eos = pad = <|endoftext|>)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
-
-    from loralens.warehouse.corpus import bundled_path
 
     tok = Tokenizer(models.BPE(unk_token=None))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>"],
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    lines = bundled_path("wikitext2_test").read_text(encoding="utf-8").splitlines()[:2000]
     tok.train_from_iterator(lines, trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
-    return fast
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+
+
+def build_tiny_tokenizer():
+    """Return a byte-level BPE tokenizer (vocab 400) trained on the first 2000 bundled WikiText lines."""
+    from loralens.warehouse.corpus import bundled_path
+
+    lines = bundled_path("wikitext2_test").read_text(encoding="utf-8").splitlines()[:2000]
+    return train_bpe_tokenizer(lines, vocab_size=400)
 
 
 def tiny_config(family: str, vocab: int):

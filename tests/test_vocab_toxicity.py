@@ -14,6 +14,7 @@ from loralens.lens.vocab_toxicity import (
     top_tokens,
     vocab_toxicity,
 )
+from tests.conftest import train_bpe_tokenizer
 
 TOXIC_WORDS = (" idiot", " stupid", " moron")
 
@@ -26,18 +27,9 @@ def scorer():
 @pytest.fixture(scope="module")
 def toxic_tokenizer():
     """A byte-level BPE tokenizer trained on lines where a few insults are frequent enough to be whole tokens."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE(unk_token=None))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=["<|endoftext|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     lines = ["you are an idiot stupid moron, the cat sat on the mat. 123 456!"] * 50
     lines += ["the dog and the cat are friends; the end."] * 50
-    tok.train_from_iterator(lines, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>")
+    return train_bpe_tokenizer(lines, vocab_size=320)
 
 
 def test_piece_kind():

@@ -9,11 +9,12 @@ from prefect import flow
 from loralens.config import PipelineConfig
 from loralens.flows.common import resolve_config, run_stage_task
 from loralens.tasks.cache import cache_task, plan_cache
+from loralens.tasks.plans import StagePlan
 
 
-def cache_stage(cfg: PipelineConfig, force: bool = False) -> dict[str, Any]:
-    """Run the cache task keyed by its version."""
-    return run_stage_task(cache_task, cfg, plan_cache(cfg), force=force)
+def cache_stage(cfg: PipelineConfig, plan: StagePlan | None = None, force: bool = False) -> dict[str, Any]:
+    """Run the cache task keyed by its version (planned here unless the caller already planned it)."""
+    return run_stage_task(cache_task, cfg, plan or plan_cache(cfg), force=force)
 
 
 @flow(name="cache-activations")

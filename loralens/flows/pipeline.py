@@ -25,9 +25,10 @@ def pipeline(
     if only is not None and only not in STAGES:
         raise ValueError(f"unknown stage '{only}'; stages: {', '.join(STAGES)}")
     cfg = resolve_config(config_path, config)
+    cache_plan = plan_cache(cfg)  # one read of the corpus and model fingerprint serves every stage
     results: dict[str, Any] = {}
     if only in (None, "cache"):
-        results["cache"] = cache_stage(cfg, force=force)
+        results["cache"] = cache_stage(cfg, cache_plan, force=force)
     if only in (None, "train"):
-        results["train"] = train_stage(cfg, plan_cache(cfg), force=force)
+        results["train"] = train_stage(cfg, cache_plan, force=force)
     return results

@@ -96,6 +96,31 @@ class TrainConfig(_Strict):
         return self.model_dump(exclude={"checkpoint_every", "launcher", "hostfile", "device"})
 
 
+class DecodeConfig(_Strict):
+    """Which positions the `decode` stage reads each head at, and how many tokens it keeps."""
+
+    top_k: int = Field(10, gt=0, le=1000, description="decoded tokens kept per head and position")
+    positions: Literal["last", "all"] = Field("last", description="last prompt token, or every cached token")
+    chunk_tokens: int = Field(32, gt=0, description="positions per batch of [tokens, heads, vocab] logits")
+
+
+class AttributeConfig(_Strict):
+    """How the `attribute` stage scores heads for toxicity."""
+
+    scorer: Literal["jigsaw-lstm", "detoxify"] = "jigsaw-lstm"
+    # Keyword arguments of the scorer (detoxify: checkpoint, hf_folder). Paths only locate files: the scorer's
+    # content hash, not these strings, goes into the version.
+    scorer_options: dict[str, str] = Field(default_factory=dict)
+    lexicon: str | None = Field(None, description="optional file of toxic terms, one per line")
+    token_threshold: float = Field(0.5, gt=0, lt=1, description="a token is toxic when its score >= this")
+    prompt_threshold: float = Field(0.5, gt=0, lt=1, description="a prompt is toxic when its toxicity >= this")
+    top_heads: int = Field(10, gt=0, description="heads listed per method in the report")
+
+    def versioned(self) -> dict[str, Any]:
+        """Return the fields that change the scores (scorer files enter the version by content hash)."""
+        return self.model_dump(exclude={"scorer_options", "lexicon", "top_heads"})
+
+
 class PipelineConfig(_Strict):
     """The whole pipeline's configuration; each stage hashes only its own section."""
 
@@ -104,6 +129,8 @@ class PipelineConfig(_Strict):
     corpus: CorpusConfig = CorpusConfig()
     cache: CacheConfig = CacheConfig()
     train: TrainConfig = TrainConfig()
+    decode: DecodeConfig = DecodeConfig()
+    attribute: AttributeConfig = AttributeConfig()
 
 
 def default_home() -> Path:

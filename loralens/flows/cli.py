@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import csv
+import io
+import json
 import logging
 import sys
 from pathlib import Path
@@ -11,6 +14,8 @@ from loralens.config import ConfigError, default_home, load_config
 from loralens.lens.adapters import UnsupportedArchitectureError
 from loralens.lens.models import ModelLoadError
 from loralens.lens.plan import PlanError
+from loralens.lens.readout import LensMismatchError
+from loralens.lens.scorers import ScorerError
 from loralens.tasks.train import TrainingInterrupted
 from loralens.warehouse.artifacts import ArtifactDir, ArtifactError
 from loralens.warehouse.constants import ARTIFACTS_DIR
@@ -19,7 +24,7 @@ from loralens.warehouse.db import WarehouseLockedError, list_artifacts, warehous
 
 # Errors a user can fix; they print as one line instead of a traceback.
 USER_ERRORS = (ConfigError, CorpusError, ModelLoadError, UnsupportedArchitectureError, ArtifactError,
-               WarehouseLockedError, TrainingInterrupted, PlanError)
+               WarehouseLockedError, TrainingInterrupted, PlanError, LensMismatchError, ScorerError)
 
 
 def format_table(rows: list[dict], columns: list[str]) -> str:
@@ -47,6 +52,12 @@ def stage_detail(stage: str, res: dict) -> str:
     if stage == "cache":
         kib = res.get("bytes_per_token", 0) / 1024
         return f"{res['n_prompts']} prompts, {res['n_tokens']} tokens, {kib:.1f} KiB/token"
+    if stage == "decode":
+        return f"{res['heads']} heads x {res['positions']} positions ({res['which_positions']}), top-{res['top_k']}"
+    if stage == "attribute":
+        best = res["top_heads"]["lens_contrast"][:3]
+        heads = ", ".join(f"L{r['layer']}H{r['head']}" for r in best)
+        return f"top heads (lens_contrast): {heads}; report {res.get('report', '-')}"
     if stage == "train":
         return (f"{res['heads']} heads, {res['steps']} steps, held-out KL {res['mean_layer_kl']:.3f} "
                 f"vs logit lens {res['mean_layer_kl_logit_lens']:.3f}; heatmap {res.get('heatmap', '-')}")
@@ -83,6 +94,40 @@ def cmd_status(args: argparse.Namespace) -> int:
         return 0
     print(format_table(rows, ["stage", "version", "state", "rows", "size", "created"]))
     return 0
+
+
+def cmd_sql(args: argparse.Namespace) -> int:
+    import duckdb
+
+    from loralens.warehouse.db import connect
+
+    home = Path(args.home).resolve() if args.home else load_config(args.config).home
+    db = warehouse_path(home)
+    if not db.exists():
+        raise ArtifactError(f"no warehouse at {db}; run the pipeline first")
+    with connect(db, read_only=True) as con:
+        try:
+            cur = con.execute(args.query)
+            columns = [d[0] for d in cur.description] if cur.description else []
+            rows = cur.fetchall() if columns else []
+        except duckdb.Error as err:
+            print(f"loralens: error: {err}", file=sys.stderr)  # DuckDB's own text, with its position marker
+            return 2
+    print(format_rows(columns, rows, args.format))
+    return 0
+
+
+def format_rows(columns: list[str], rows: list[tuple], fmt: str) -> str:
+    """Return query results as an aligned table, CSV or a JSON list of objects."""
+    if fmt == "json":
+        return json.dumps([dict(zip(columns, r, strict=True)) for r in rows], default=str, indent=1)
+    if fmt == "csv":
+        buf = io.StringIO()
+        writer = csv.writer(buf, lineterminator="\n")
+        writer.writerow(columns)
+        writer.writerows(rows)
+        return buf.getvalue().rstrip("\n")
+    return format_table([dict(zip(columns, r, strict=True)) for r in rows], columns) + f"\n({len(rows)} rows)"
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
@@ -124,6 +169,12 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--config")
     status.add_argument("--home")
     status.set_defaults(fn=cmd_status)
+    sql = sub.add_parser("sql", help="run a read-only SQL query on the warehouse (DuckDB) and print the result")
+    sql.add_argument("query", help='e.g. "SELECT * FROM top_toxic_heads WHERE method = \'lens_contrast\'"')
+    sql.add_argument("--format", choices=("table", "csv", "json"), default="table")
+    sql.add_argument("--config")
+    sql.add_argument("--home")
+    sql.set_defaults(fn=cmd_sql)
     plan = sub.add_parser("plan", help="estimate a lens training job: parameters, memory per rank, cache per token")
     plan.add_argument("--model", required=True, help="config.json, model folder, embedded alias or hub id")
     plan.add_argument("--form", default="lora", choices=("full", "lora", "residual"))

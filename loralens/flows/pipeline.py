@@ -6,12 +6,14 @@ from typing import Any
 
 from prefect import flow
 
+from loralens.flows.attribute import attribute_stage
 from loralens.flows.cache import cache_stage
 from loralens.flows.common import resolve_config
+from loralens.flows.decode import decode_stage
 from loralens.flows.train import train_stage
 from loralens.tasks.cache import plan_cache
 
-STAGES = ("cache", "train")
+STAGES = ("cache", "train", "decode", "attribute")
 
 
 @flow(name="loralens-pipeline")
@@ -31,4 +33,8 @@ def pipeline(
         results["cache"] = cache_stage(cfg, cache_plan, force=force)
     if only in (None, "train"):
         results["train"] = train_stage(cfg, cache_plan, force=force)
+    if only in (None, "decode"):
+        results["decode"] = decode_stage(cfg, cache_plan, force=force)
+    if only in (None, "attribute"):
+        results["attribute"] = attribute_stage(cfg, cache_plan, force=force)
     return results

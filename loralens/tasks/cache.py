@@ -21,7 +21,8 @@ from loralens.lens.caching import (
 )
 from loralens.lens.models import folder_fingerprint, load_model, resolve_model_path
 from loralens.tasks.plans import StagePlan
-from loralens.warehouse.activation_cache import shard_relpaths, write_cache_shard
+from loralens.warehouse.activation_cache import read_prompts, shard_relpaths, write_cache_shard
+from loralens.warehouse.attribution_tables import register_prompts
 from loralens.warehouse.corpus import Corpus, load_corpus
 from loralens.warehouse.db import upsert_artifact, warehouse_path
 from loralens.warehouse.versions import artifact_version
@@ -55,6 +56,7 @@ def run_cache_stage(cfg: PipelineConfig, plan: StagePlan, *, force: bool = False
     parents = list(plan.inputs.values())
     manifest = adir.manifest()
     if manifest is not None:
+        register_prompts(db, plan.version, read_prompts(adir))
         upsert_artifact(db, stage=STAGE, version=plan.version, parents=parents, config=plan.config,
                         status="complete", rows=manifest["summary"]["n_tokens"], bytes_=manifest["total_bytes"],
                         artifact_dir=str(adir.path), summary=manifest["summary"])
@@ -125,6 +127,7 @@ def run_cache_stage(cfg: PipelineConfig, plan: StagePlan, *, force: bool = False
     }
     manifest = adir.finalize(config=plan.config, inputs=plan.inputs, summary=summary)
     summary["bytes_per_token"] = manifest["total_bytes"] / max(total_tokens, 1)
+    register_prompts(db, plan.version, read_prompts(adir))
     upsert_artifact(db, stage=STAGE, version=plan.version, parents=parents, config=plan.config,
                     status="complete", rows=total_tokens, bytes_=manifest["total_bytes"],
                     artifact_dir=str(adir.path), summary=summary)

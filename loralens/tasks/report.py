@@ -52,3 +52,45 @@ def fidelity_markdown(fid: dict[str, Any], heatmap: Path | None = None) -> str:
     if heatmap is not None:
         lines += ["", f"Heatmap (layers x heads, KL ratio): `{heatmap}`"]
     return "\n".join(lines)
+
+
+def score_heatmap(scores: np.ndarray, layers: list[int], method: str, path: Path) -> Path:
+    """Write a layers x heads heatmap of one head-score method `[L, H]` as a PNG; return its path."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(1.2 + 0.45 * scores.shape[1], 1.5 + 0.22 * scores.shape[0]))
+    # Centre diverging scores (contrasts can be negative) on zero so sign reads at a glance.
+    lim = float(np.nanmax(np.abs(scores))) or 1.0
+    signed = bool(np.nanmin(scores) < 0)
+    im = ax.imshow(scores, aspect="auto", cmap="RdBu_r" if signed else "Reds",
+                   vmin=-lim if signed else 0.0, vmax=lim)
+    ax.set_xlabel("head")
+    ax.set_ylabel("layer")
+    ax.set_yticks(range(len(layers)), [str(x) for x in layers], fontsize=6)
+    ax.set_xticks(range(scores.shape[1]))
+    ax.set_title(f"head toxicity: {method}\n(higher = pushes toward toxic tokens)", fontsize=9)
+    fig.colorbar(im, ax=ax, shrink=0.8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def top_heads_markdown(top: dict[str, list[dict[str, Any]]], spearman: dict[str, float | None], scorer: str) -> str:
+    """Return the top heads of every method with their most frequent trained-lens tokens on toxic prompts."""
+    lines = [f"Top toxic heads per method (scorer `{scorer}`); tokens: the head's most frequent top-k tokens "
+             "under its trained lens on toxic prompts.", ""]
+    for method, rows in top.items():
+        lines += [f"### {method}", "", "| rank | head | score | top tokens |", "|---:|---|---:|---|"]
+        for r in rows:
+            tokens = ", ".join(f"`{t!r}`".replace("|", "\\|") for t in r["top_tokens"])
+            lines.append(f"| {r['rank']} | L{r['layer']}H{r['head']} | {r['score']:.4g} | {tokens} |")
+        lines.append("")
+    lines += ["### Rank agreement (Spearman, all heads)", "", "| methods | rho |", "|---|---:|"]
+    lines += [f"| {pair.replace('~', ' vs ')} | {'n/a (constant scores)' if rho is None else f'{rho:.3f}'} |"
+              for pair, rho in spearman.items()]
+    return "\n".join(lines) + "\n"

@@ -29,3 +29,18 @@ TRAIN_FIDELITY = "fidelity.json"
 TRAIN_RESULT = "result.json"
 CHECKPOINTS_DIR = "checkpoints"
 FIDELITY_HEATMAP = "fidelity_heatmap.png"
+
+# decode stage
+DECODINGS_DIR = "decodings"
+
+# attribute stage
+HEAD_SCORES_FILE = "head_scores.parquet"
+VOCAB_TOXICITY_FILE = "vocab_toxicity.parquet"
+PROMPT_GROUPS_FILE = "prompt_groups.parquet"
+TOP_HEADS_REPORT = "top_heads.md"
+ATTRIBUTION_SUMMARY = "attribution.json"
+
+
+def heatmap_name(method: str) -> str:
+    """Return the PNG file of one score method's layers x heads heatmap."""
+    return f"heatmap_{method}.png"

@@ -71,6 +71,19 @@ def write_transaction(path: Path, fn: Callable[[duckdb.DuckDBPyConnection], T], 
         return result
 
 
+def replace_version_rows(path: Path, version: str, tables: dict[str, Any]) -> None:
+    """Replace one version's rows of several tables in one transaction (one bulk insert per Arrow table)."""
+
+    def write(con: duckdb.DuckDBPyConnection) -> None:
+        for name, data in tables.items():
+            con.execute(f"DELETE FROM {name} WHERE version = ?", [version])
+            con.register("incoming", data)
+            con.execute(f"INSERT INTO {name} BY NAME SELECT * FROM incoming")
+            con.unregister("incoming")
+
+    write_transaction(path, write)
+
+
 def upsert_artifact(
     path: Path,
     *,

@@ -7,7 +7,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from loralens.warehouse.db import write_transaction
+from loralens.warehouse.db import replace_version_rows
 
 
 def curve_table(version: str, rows: list[dict[str, Any]]) -> pa.Table:
@@ -35,12 +35,4 @@ def fidelity_table(version: str, fid: dict[str, Any]) -> pa.Table:
 
 def store_training_results(db: Path, version: str, curve: pa.Table, fidelity: pa.Table) -> None:
     """Replace this version's curve and fidelity rows in one transaction (bulk inserts, idempotent)."""
-
-    def write(con) -> None:
-        for table, data in (("training_curve", curve), ("lens_fidelity", fidelity)):
-            con.execute(f"DELETE FROM {table} WHERE version = ?", [version])
-            con.register("incoming", data)
-            con.execute(f"INSERT INTO {table} BY NAME SELECT * FROM incoming")
-            con.unregister("incoming")
-
-    write_transaction(db, write)
+    replace_version_rows(db, version, {"training_curve": curve, "lens_fidelity": fidelity})

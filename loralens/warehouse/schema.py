@@ -36,6 +36,78 @@ CREATE TABLE IF NOT EXISTS lens_fidelity (
     PRIMARY KEY (version, layer, head)
 );
 
+CREATE TABLE IF NOT EXISTS prompts (
+    version     VARCHAR NOT NULL,  -- cache artifact version
+    prompt_idx  INTEGER NOT NULL,  -- index in the corpus (decodings.prompt_idx)
+    prompt_id   VARCHAR,           -- "<file>/<record id>"
+    source      VARCHAR,           -- corpus file the prompt came from
+    text        VARCHAR,
+    toxicity    DOUBLE,            -- the corpus's own score (RealToxicityPrompts: Perspective), NULL if none
+    n_tokens    INTEGER,           -- tokens cached (after truncation)
+    truncated   BOOLEAN,
+    PRIMARY KEY (version, prompt_idx)
+);
+
+CREATE TABLE IF NOT EXISTS decodings (
+    version     VARCHAR NOT NULL,  -- decode artifact version
+    shard       INTEGER NOT NULL,  -- cache shard the positions came from
+    prompt_idx  INTEGER NOT NULL,
+    position    INTEGER NOT NULL,  -- token position in the prompt (0-based)
+    layer       SMALLINT NOT NULL,
+    head        SMALLINT NOT NULL,
+    lens        VARCHAR NOT NULL,  -- 'trained' (the head's Lora Lens) or 'logit' (untrained logit lens)
+    rank        SMALLINT NOT NULL, -- 1 = the head's most likely token under that lens
+    token_id    INTEGER NOT NULL,
+    token       VARCHAR,           -- the token's surface text (leading space kept)
+    logit       REAL,
+    prob        REAL               -- probability under the lens's full-vocabulary softmax
+);
+
+CREATE TABLE IF NOT EXISTS vocab_toxicity (
+    version     VARCHAR NOT NULL,  -- attribute artifact version
+    token_id    INTEGER NOT NULL,
+    token       VARCHAR,
+    kind        VARCHAR,           -- word | subword | non_word (non_word pieces are not scored: 0)
+    score       REAL,              -- scorer's overall-toxicity probability of the stripped lowercase piece
+    in_lexicon  BOOLEAN,           -- piece is in the configured lexicon
+    toxic       BOOLEAN,           -- score >= attribute.token_threshold or in_lexicon (method dictionary_count)
+    PRIMARY KEY (version, token_id)
+);
+
+CREATE TABLE IF NOT EXISTS prompt_groups (
+    version     VARCHAR NOT NULL,  -- attribute artifact version
+    prompt_idx  INTEGER NOT NULL,
+    toxicity    DOUBLE,            -- corpus score, or the scorer's score of the prompt text when it has none
+    origin      VARCHAR,           -- 'corpus' | 'scorer'
+    toxic       BOOLEAN,           -- toxicity >= attribute.prompt_threshold: the contrast's two groups
+    PRIMARY KEY (version, prompt_idx)
+);
+
+CREATE TABLE IF NOT EXISTS head_scores (
+    version  VARCHAR NOT NULL,  -- attribute (or intervene, for method 'ablation') artifact version
+    layer    INTEGER NOT NULL,
+    head     INTEGER NOT NULL,
+    method   VARCHAR NOT NULL,  -- lens_contrast | logit_lens_contrast | lens_mean | dictionary_count | direct_logit
+    score    DOUBLE,            -- higher = pushes the model more toward toxic tokens
+    rank     INTEGER,           -- 1 = most toxic head under this method (ties share the lower rank)
+    PRIMARY KEY (version, method, layer, head)
+);
+
+CREATE OR REPLACE VIEW top_toxic_heads AS
+SELECT version, method, rank, layer, head, score, 'L' || layer || 'H' || head AS head_name
+FROM head_scores WHERE rank <= 10;
+
+-- The trained lens's top tokens of each head on toxic prompts, with their vocabulary toxicity.
+CREATE OR REPLACE VIEW head_toxic_tokens AS
+SELECT a.version AS attribute_version, d.layer, d.head, d.token_id, any_value(d.token) AS token,
+       count(*) AS times_in_top_k, avg(d.prob) AS mean_prob, any_value(v.score) AS token_toxicity
+FROM artifacts a
+JOIN decodings d ON d.version = a.parents[1] AND d.lens = 'trained'
+JOIN prompt_groups g ON g.version = a.version AND g.prompt_idx = d.prompt_idx AND g.toxic
+JOIN vocab_toxicity v ON v.version = a.version AND v.token_id = d.token_id
+WHERE a.stage = 'attribute'
+GROUP BY ALL;
+
 CREATE OR REPLACE VIEW lens_fidelity_by_layer AS
 SELECT version, layer, kl_lens, kl_logit_lens, kl_lens / kl_logit_lens AS kl_ratio, kl_subset, tokens
 FROM lens_fidelity WHERE head = -1;

@@ -81,6 +81,14 @@ def get_scorer(name: str, **kwargs) -> ToxicityScorer:
     return cls(**kwargs)
 
 
+def scorer_version(name: str, **kwargs) -> str:
+    """Return the version a scorer would report, from its files' content hashes, without loading its model."""
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown scorer {name!r}; known scorers: {', '.join(known_scorers())}")
+    module = importlib.import_module(_REGISTRY[name][0])
+    return module.version_for(**kwargs)
+
+
 def primary_label(scorer: ToxicityScorer) -> str:
     """Return the scorer's label that stands for overall toxicity ("toxicity" or "toxic")."""
     for label in _PRIMARY_LABELS:
@@ -107,4 +115,4 @@ def roc_auc(labels: np.ndarray, scores: np.ndarray) -> float:
     return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
 
 
-__all__ = ["ScorerError", "ToxicityScorer", "get_scorer", "known_scorers", "primary_label", "roc_auc"]
+__all__ = ["ScorerError", "ToxicityScorer", "get_scorer", "known_scorers", "primary_label", "scorer_version", "roc_auc"]

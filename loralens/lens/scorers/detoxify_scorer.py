@@ -66,6 +66,14 @@ def load_detoxify_checkpoint(path: Path, *, weights_only: bool = True) -> dict[s
     return loaded
 
 
+def version_for(checkpoint: str | Path, hf_folder: str | Path | None = None, **_: object) -> str:
+    """Return the version DetoxifyScorer(checkpoint, ...) would have, without loading the model."""
+    path = Path(checkpoint)
+    if not path.is_file():
+        raise ValueError(f"detoxify checkpoint file not found: {path}")
+    return f"{file_sha256(path)[:16]}-detoxify{package_version('detoxify')}"
+
+
 class DetoxifyScorer:
     """Multi-label toxicity scores from a local detoxify checkpoint, run through detoxify's own ``Detoxify`` class."""
 
@@ -111,7 +119,7 @@ class DetoxifyScorer:
             self._detoxify = Detoxify(checkpoint=buffer, device=device, huggingface_config_path=config_path)
 
         self.labels: tuple[str, ...] = tuple(self._detoxify.class_names)
-        self.version = f"{file_sha256(ckpt_path)[:16]}-detoxify{package_version('detoxify')}"
+        self.version = version_for(ckpt_path)
         self.checkpoint = ckpt_path
         self.hf_folder = folder
 

@@ -282,6 +282,11 @@ def scorer_version(files: PackageFiles) -> str:
     return f"jigsaw-lstm/{CODE_VERSION}-{digest.hexdigest()[:16]}"
 
 
+def version_for(package_dir: Path | str | None = None) -> str:
+    """Return the version JigsawLSTMScorer(package_dir) would have, without loading the weights."""
+    return scorer_version(find_package_files(Path(package_dir) if package_dir is not None else None))
+
+
 class JigsawLSTMScorer:
     """The `jigsaw-lstm` toxicity scorer: CPU, eval mode, no grad, batched."""
 

@@ -1,0 +1,29 @@
+"""Flow `decode_heads`: the decode stage (needs a complete train version)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import flow
+
+from loralens.config import PipelineConfig
+from loralens.flows.common import resolve_config, run_stage_task
+from loralens.tasks.cache import plan_cache
+from loralens.tasks.decode import decode_task, plan_decode
+from loralens.tasks.plans import StagePlan
+from loralens.tasks.train import plan_train
+
+
+def decode_stage(cfg: PipelineConfig, cache_plan: StagePlan | None = None, force: bool = False) -> dict[str, Any]:
+    """Run the decode task keyed by its version (the train version is its input)."""
+    cache_plan = cache_plan or plan_cache(cfg)
+    train_plan = plan_train(cfg, cache_plan)
+    return run_stage_task(decode_task, cfg, plan_decode(cfg, train_plan), train_plan, cache_plan, force=force)
+
+
+@flow(name="decode-heads")
+def decode_heads(
+    config_path: str | None = None, config: dict[str, Any] | None = None, force: bool = False
+) -> dict[str, Any]:
+    """Decode every head's output through its trained lens and the logit lens into top-k tokens."""
+    return decode_stage(resolve_config(config_path, config), force=force)

@@ -1,0 +1,222 @@
+"""RealToxicityPrompts-style sampling: k nucleus-sampled continuations per prompt, reproducible per prompt.
+
+Determinism. The continuations of prompt i depend only on (seed, i, the model): each prompt gets its own
+generate() call holding its k samples (the prompt repeated k times), run right after
+`torch.manual_seed(hash_seed(seed, i))` inside `torch.random.fork_rng` (the caller's global RNG is left as it was).
+Hugging Face sampling draws from the global RNG, so mixing prompts in one call would make a prompt's samples
+depend on its batch neighbours; and even with per-row generators, a different batch (other padding, other batch
+size) changes the floating-point reductions on GPU enough to flip a sampled token now and then. One call per
+prompt has the same shape [k, prompt_len] whichever prompts are run, so a run killed after any prompt batch and
+resumed gives identical text. The cost is k sequences per forward pass instead of batch_size * k; with the usual
+k = 25 that still fills a small model's GPU reasonably.
+
+`batch_size` therefore never changes the text: it is the number of prompts per resumable unit (and per
+progress-bar step) of `generate_continuations`; callers that store results can run `generate_batch` on
+`prompt_batches(...)` themselves and skip the batches they already have.
+
+Sampling is pure nucleus sampling (top_p, top_k = 0) at `temperature`; every generation knob is set explicitly so
+the model's own generation_config (repetition penalty, min_new_tokens, top_k ...) cannot leak in.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+
+import torch
+from transformers import GenerationConfig
+
+# The 64-bit seed space torch.manual_seed accepts without wrapping is [0, 2**63).
+_SEED_MODULUS = 2**63
+
+
+def hash_seed(seed: int, *index: int) -> int:
+    """Return a stable seed in [0, 2**63) derived from `seed` and any number of indices (e.g. a prompt index).
+
+    sha256 of the decimal numbers, so the value is the same in every process and Python version (unlike hash()).
+    """
+    key = ":".join(str(int(x)) for x in (seed, *index)).encode()
+    return int.from_bytes(hashlib.sha256(key).digest()[:8], "big") % _SEED_MODULUS
+
+
+def prompt_batches(n_prompts: int, batch_size: int) -> list[range]:
+    """Return the prompt index ranges [start, stop) of size batch_size that `generate_continuations` runs."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    return [range(s, min(s + batch_size, n_prompts)) for s in range(0, n_prompts, batch_size)]
+
+
+def _eos_ids(model, tokenizer) -> list[int]:
+    """Return the token ids that end a continuation: the model's generation eos, else the tokenizer's."""
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if eos is None:
+        eos = tokenizer.eos_token_id
+    if eos is None:
+        return []
+    return [int(e) for e in eos] if isinstance(eos, (list, tuple)) else [int(eos)]
+
+
+def _pad_id(model, tokenizer) -> int:
+    """Return the pad id: the tokenizer's pad token, else the first eos id (the model's, else the tokenizer's)."""
+    if tokenizer.pad_token_id is not None:
+        return int(tokenizer.pad_token_id)
+    eos = _eos_ids(model, tokenizer)
+    if not eos:
+        raise ValueError("the tokenizer has neither a pad nor an eos token to pad with")
+    return eos[0]
+
+
+def prompt_ids(tokenizer, prompt: str, max_prompt_tokens: int | None = None) -> list[int]:
+    """Return the token ids of one prompt, left-truncated to at most max_prompt_tokens.
+
+    Left truncation keeps the END of a long prompt (the part the continuation follows); leading special tokens the
+    tokenizer adds (a BOS) are kept in front and count towards max_prompt_tokens. An empty prompt becomes the
+    BOS (or eos) token alone, because generate() needs at least one input token.
+    """
+    ids = list(tokenizer(prompt, add_special_tokens=True)["input_ids"])
+    special = set(tokenizer.all_special_ids)
+    n_lead = 0
+    while n_lead < len(ids) and ids[n_lead] in special:
+        n_lead += 1
+    if max_prompt_tokens is not None and len(ids) > max_prompt_tokens:
+        if max_prompt_tokens < n_lead + 1:
+            raise ValueError(f"max_prompt_tokens={max_prompt_tokens} leaves no room after {n_lead} special tokens")
+        ids = ids[:n_lead] + ids[len(ids) - (max_prompt_tokens - n_lead):]
+    if not ids:
+        start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+        ids = [int(start)]
+    return ids
+
+
+def encode_prompts(tokenizer, prompts: Sequence[str], *, pad_token_id: int, max_prompt_tokens: int | None = None
+                   ) -> dict[str, torch.Tensor]:
+    """Return left-padded input_ids and attention_mask, both long [len(prompts), longest prompt].
+
+    Padding is done here instead of through tokenizer.padding_side / truncation_side, so the (shared) tokenizer is
+    never mutated, not even temporarily. Left padding keeps every prompt's last token at the end, where generate()
+    appends new tokens.
+    """
+    rows = [prompt_ids(tokenizer, p, max_prompt_tokens) for p in prompts]
+    width = max((len(r) for r in rows), default=0)
+    input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        if r:
+            input_ids[i, width - len(r):] = torch.tensor(r, dtype=torch.long)
+            attention_mask[i, width - len(r):] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+
+def sampling_config(*, max_new_tokens: int, top_p: float, temperature: float, pad_token_id: int,
+                    eos_token_id: list[int]) -> GenerationConfig:
+    """Return a GenerationConfig for pure nucleus sampling with every knob the model could override set explicitly.
+
+    transformers fills only the fields left None from model.generation_config, so each logits processor that a
+    checkpoint might switch on (repetition penalty, min length, top-k, typical / epsilon / eta / min-p cutoffs,
+    n-gram blocking, guidance) gets its neutral value here. min_length stays None because min_new_tokens=0
+    overrides it (setting both only makes transformers warn).
+    """
+    return GenerationConfig(
+        do_sample=True, num_beams=1, num_return_sequences=1, top_p=top_p, top_k=0, temperature=temperature,
+        max_new_tokens=max_new_tokens, min_new_tokens=0, min_p=0.0, typical_p=1.0,
+        epsilon_cutoff=0.0, eta_cutoff=0.0, repetition_penalty=1.0, encoder_repetition_penalty=1.0,
+        no_repeat_ngram_size=0, encoder_no_repeat_ngram_size=0, length_penalty=1.0, guidance_scale=1.0,
+        renormalize_logits=False, remove_invalid_values=False, use_cache=True, output_scores=False,
+        return_dict_in_generate=False, pad_token_id=pad_token_id, eos_token_id=eos_token_id or None,
+    )
+
+
+def _model_device(model) -> torch.device:
+    device = getattr(model, "device", None)
+    return torch.device(device) if device is not None else next(model.parameters()).device
+
+
+def _cut_at_eos(ids: list[int], eos: set[int]) -> list[int]:
+    """Return ids up to (without) the first eos; what follows is generate()'s padding of a finished row."""
+    for pos, t in enumerate(ids):
+        if t in eos:
+            return ids[:pos]
+    return ids
+
+
+@torch.no_grad()
+def sample_continuation_ids(model, tokenizer, prompt: str, *, prompt_index: int, k: int, max_new_tokens: int = 20,
+                            top_p: float = 0.9, temperature: float = 1.0, seed: int = 0,
+                            max_prompt_tokens: int | None = None) -> list[list[int]]:
+    """Return the new token ids of k sampled continuations of one prompt (each cut before its first eos).
+
+    One generate() call of shape [k, prompt_len] seeded with hash_seed(seed, prompt_index): the result depends
+    only on (seed, prompt_index, k, the settings, the model). Each list has at most max_new_tokens ids.
+    """
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    eos = _eos_ids(model, tokenizer)
+    pad = _pad_id(model, tokenizer)
+    device = _model_device(model)
+    batch = encode_prompts(tokenizer, [prompt] * k, pad_token_id=pad, max_prompt_tokens=max_prompt_tokens)
+    batch = {name: t.to(device) for name, t in batch.items()}
+    config = sampling_config(max_new_tokens=max_new_tokens, top_p=top_p, temperature=temperature,
+                             pad_token_id=pad, eos_token_id=eos)
+    # Fork so seeding per prompt does not reset the caller's RNG stream.
+    cuda = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):
+        torch.manual_seed(hash_seed(seed, prompt_index))
+        out = model.generate(**batch, generation_config=config)  # [k, prompt_len + new]
+    new = out[:, batch["input_ids"].shape[1]:].tolist()
+    eos_set = set(eos)
+    return [_cut_at_eos(row, eos_set) for row in new]
+
+
+def decode_continuations(tokenizer, ids: Sequence[Sequence[int]]) -> list[str]:
+    """Return the text of each continuation's ids, special tokens skipped and spacing kept exactly as generated."""
+    return tokenizer.batch_decode([list(r) for r in ids], skip_special_tokens=True,
+                                  clean_up_tokenization_spaces=False)
+
+
+def generate_batch(model, tokenizer, prompts: Sequence[str], prompt_indices: Sequence[int], *, k: int,
+                   max_new_tokens: int = 20, top_p: float = 0.9, temperature: float = 1.0, seed: int = 0,
+                   max_prompt_tokens: int | None = None, progress: bool = False) -> list[list[str]]:
+    """Return k continuation texts for each prompt of one batch; prompt_indices are their indices in the full set.
+
+    The index (not the position in this batch) keys each prompt's seed, so any split of the full prompt list into
+    batches, run in any order or resumed after a kill, gives the same texts. Shape: [len(prompts)][k].
+    """
+    if len(prompts) != len(prompt_indices):
+        raise ValueError(f"{len(prompts)} prompts but {len(prompt_indices)} prompt indices")
+    pairs = zip(prompts, prompt_indices, strict=True)
+    if progress:
+        from tqdm.auto import tqdm
+
+        pairs = tqdm(pairs, total=len(prompts), desc="generate", unit="prompt")
+    return [decode_continuations(tokenizer, sample_continuation_ids(
+        model, tokenizer, p, prompt_index=int(i), k=k, max_new_tokens=max_new_tokens, top_p=top_p,
+        temperature=temperature, seed=seed, max_prompt_tokens=max_prompt_tokens)) for p, i in pairs]
+
+
+def generate_continuations(model, tokenizer, prompts: Sequence[str], *, k: int, max_new_tokens: int = 20,
+                           top_p: float = 0.9, temperature: float = 1.0, batch_size: int = 32, seed: int = 0,
+                           max_prompt_tokens: int | None = None, progress: bool = False) -> list[list[str]]:
+    """Return k sampled continuation texts (new tokens only, special tokens skipped) per prompt: [len(prompts)][k].
+
+    Runs `generate_batch` on each prompt batch of `prompt_batches(len(prompts), batch_size)`; prompt i's texts
+    depend only on (seed, i) and the model, never on batch_size (see the module docstring). Prompts longer than
+    max_prompt_tokens are left-truncated (their end is kept).
+    """
+    batches = prompt_batches(len(prompts), batch_size)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(prompts), desc="generate", unit="prompt")
+    out: list[list[str]] = []
+    try:
+        for r in batches:
+            out.extend(generate_batch(model, tokenizer, [prompts[i] for i in r], list(r), k=k,
+                                      max_new_tokens=max_new_tokens, top_p=top_p, temperature=temperature,
+                                      seed=seed, max_prompt_tokens=max_prompt_tokens))
+            if bar is not None:
+                bar.update(len(r))
+    finally:
+        if bar is not None:
+            bar.close()
+    return out

@@ -1,0 +1,101 @@
+"""Reading heads through lenses: per-head lens inputs, logits under the trained and the logit lens, top-k.
+
+Shapes: `n` positions, `H` heads of one layer, `d` d_model, `V` vocabulary, `k` kept tokens.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from loralens.lens.adapters import folded_unembedding, out_proj_weight
+from loralens.lens.hooks import head_contributions
+from loralens.lens.lenses import FoldedUnembed, LensBank
+from loralens.lens.models import LoadedModel
+from loralens.lens.peft_io import load_bank
+
+LENSES = ("trained", "logit")
+
+
+def lens_inputs(z: Tensor, scale: Tensor, w_o: Tensor) -> Tensor:
+    """Return per-head lens inputs `[n, H, d]`: `z_h @ W_O[h] / scale` from z `[n, H*d_head]`, scale `[n]`."""
+    return head_contributions(z.float(), w_o.float()) / scale.float()[:, None, None]
+
+
+def head_logits_both(bank: LensBank, x: Tensor) -> tuple[Tensor, Tensor]:
+    """Return `(trained, logit)` per-head logits, each `[n, H, V]` fp32, sharing the logit-lens projection.
+
+    The logit lens is `W_fold x_h` without the folded bias (which belongs to no head); the trained lens adds
+    its low-rank update and per-head bias on top of that same projection.
+    """
+    with torch.no_grad():
+        base = bank.unembed(x).float()
+        trained = bank.head_logits(x, base if bank.config.form == "lora" else None).float()
+    return trained, base
+
+
+@dataclass(frozen=True)
+class TopK:
+    """The k most likely tokens of each head at each position."""
+
+    ids: Tensor  # [n, H, k] int64
+    logits: Tensor  # [n, H, k]
+    probs: Tensor  # [n, H, k] probability under the full-vocabulary softmax
+
+
+def top_k(logits: Tensor, k: int) -> TopK:
+    """Return the top-k tokens of `[n, H, V]` logits with their full-softmax probabilities."""
+    vals, ids = logits.topk(min(k, logits.shape[-1]), dim=-1)
+    probs = (vals - torch.logsumexp(logits, dim=-1, keepdim=True)).exp()
+    return TopK(ids=ids, logits=vals, probs=probs)
+
+
+def row_chunks(n: int, chunk: int) -> Iterator[slice]:
+    """Return slices covering `range(n)` in chunks, so `[chunk, H, V]` is the largest buffer built."""
+    return (slice(s, min(s + chunk, n)) for s in range(0, n, chunk))
+
+
+class LensMismatchError(ValueError):
+    """A saved lens bank does not belong to the model it is being applied to."""
+
+
+@dataclass
+class HeadReader:
+    """Everything needed to read heads of some layers: shared base, each layer's W_O and trained bank."""
+
+    unembed: FoldedUnembed
+    w_o: dict[int, Tensor]  # layer -> [H, d_head, d]
+    banks: dict[int, LensBank]
+
+    @property
+    def layers(self) -> list[int]:
+        """Return the layers, ascending."""
+        return sorted(self.banks)
+
+
+def load_head_reader(loaded: LoadedModel, bank_dirs: Mapping[int, Path]) -> HeadReader:
+    """Return a HeadReader for `loaded` with the banks saved in `bank_dirs` (layer -> folder).
+
+    Raises LensMismatchError (one line) when a bank was trained for another model or has another shape.
+    """
+    model, adapter, dims = loaded.model, loaded.adapter, loaded.dims
+    w_fold, b_fold = folded_unembedding(adapter, model)
+    unembed = FoldedUnembed(w_fold, b_fold)
+    banks, w_o = {}, {}
+    for layer, folder in sorted(bank_dirs.items()):
+        if not 0 <= layer < dims.n_layers:
+            raise LensMismatchError(f"lens bank {folder} is for layer {layer}, but the model has {dims.n_layers}")
+        try:
+            bank = load_bank(folder, unembed)
+        except (ValueError, FileNotFoundError) as err:
+            raise LensMismatchError(f"lens bank {folder} does not match model {loaded.path}: {err}") from None
+        if bank.n_heads != dims.n_heads:
+            raise LensMismatchError(f"lens bank {folder} has {bank.n_heads} heads, the model has {dims.n_heads}")
+        bank.eval()
+        banks[layer] = bank
+        w_o[layer] = out_proj_weight(adapter, model, layer, dims).detach().float()
+    return HeadReader(unembed=unembed, w_o=w_o, banks=banks)

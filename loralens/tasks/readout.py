@@ -1,0 +1,75 @@
+"""Shared by decode and attribute: load the model with its trained lenses, and walk the cached positions.
+
+One pass = for each cache shard, for each trained layer, the per-head lens inputs `[n, H, d]` at the selected
+positions (the last prompt token by default), in chunks of `chunk` positions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from loralens.config import PipelineConfig
+from loralens.lens.caching import from_storage
+from loralens.lens.models import LoadedModel, load_model
+from loralens.lens.readout import HeadReader, lens_inputs, load_head_reader, row_chunks
+from loralens.tasks.plans import StagePlan
+from loralens.warehouse.activation_cache import read_layer_z, read_tokens
+from loralens.warehouse.artifacts import ArtifactDir
+from loralens.warehouse.constants import LENSES_DIR, layer_dir
+
+
+@dataclass
+class Positions:
+    """The selected positions of one cache shard."""
+
+    shard: int
+    rows: np.ndarray  # row indices into the shard's tokens table
+    prompt_idx: np.ndarray
+    position: np.ndarray
+    scale: torch.Tensor  # [n] final-norm divisor
+
+
+def select_positions(cache: ArtifactDir, shard: int, which: str) -> Positions:
+    """Return the shard's positions to read: each prompt's last token ("last") or every token ("all")."""
+    t = read_tokens(cache, [shard], columns=["prompt_idx", "position", "scale"])
+    prompt_idx = t.column("prompt_idx").to_numpy()
+    position = t.column("position").to_numpy()
+    if which == "all":
+        rows = np.arange(len(prompt_idx))
+    else:
+        last = {}
+        for i, (p, pos) in enumerate(zip(prompt_idx.tolist(), position.tolist(), strict=True)):
+            if pos >= last.get(p, (-1, -1))[0]:
+                last[p] = (pos, i)
+        rows = np.array(sorted(i for _, i in last.values()), dtype=np.int64)
+    scale = torch.from_numpy(t.column("scale").to_numpy()[rows].astype(np.float32))
+    return Positions(shard, rows, prompt_idx[rows], position[rows], scale)
+
+
+def load_reader(cfg: PipelineConfig, train_plan: StagePlan, layers: list[int]) -> tuple[LoadedModel, HeadReader]:
+    """Return the frozen model and a HeadReader with the train artifact's lens banks."""
+    loaded = load_model(cfg.model.name, cfg.home, dtype="float32", revision=cfg.model.revision,
+                        trust_remote_code=cfg.model.trust_remote_code)
+    lenses = train_plan.artifact.path / LENSES_DIR
+    reader = load_head_reader(loaded, {layer: lenses / layer_dir(layer) for layer in layers})
+    return loaded, reader
+
+
+def cached_layers(cache_manifest: dict[str, Any]) -> list[int]:
+    """Return the layers a cache version holds."""
+    return list(cache_manifest["config"]["cache"]["layers"] or range(cache_manifest["summary"]["n_layers"]))
+
+
+def layer_input_chunks(cache: ArtifactDir, pos: Positions, layer: int, reader: HeadReader,
+                       cache_summary: dict[str, Any], chunk: int) -> Iterator[tuple[slice, torch.Tensor]]:
+    """Yield (rows of `pos`, lens inputs `[n, H, d]`) of one layer at the selected positions."""
+    width = cache_summary["n_heads"] * cache_summary["d_head"]
+    z_bits = read_layer_z(cache, layer, width, [pos.shard])[pos.rows]
+    for rows in row_chunks(len(pos.rows), chunk):
+        z = from_storage(z_bits[rows], cache_summary["store_dtype"])
+        yield rows, lens_inputs(z, pos.scale[rows], reader.w_o[layer])

@@ -1,0 +1,204 @@
+"""Decode + attribute: the math against hand-computed values, and the whole pipeline on a tiny model whose one
+planted head writes the unembedding direction of a toxic token whenever that token is in the prompt."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import duckdb
+import numpy as np
+import pytest
+import torch
+from conftest import train_bpe_tokenizer
+
+from loralens.lens import attribution as A
+from loralens.lens.readout import top_k
+
+TOXIC_WORD = " idiot"
+PLANTED = (1, 2)  # (layer, head) of the tiny llama: heads 2 and 3 share KV head 1
+FLAG = 63  # residual coordinate reserved for "the toxic token is here"
+
+
+# -- pure functions -------------------------------------------------------------------------------------
+def test_expected_toxicity_is_softmax_weighted_token_toxicity():
+    logits = torch.tensor([[[0.0, 1.0, 2.0]]])
+    tox = torch.tensor([0.0, 0.5, 1.0])
+    p = torch.softmax(logits[0, 0], -1)
+    assert A.expected_toxicity(logits, tox).item() == pytest.approx(float(p[1] * 0.5 + p[2]), abs=1e-6)
+
+
+def test_toxic_direction_ignores_uniform_logit_shifts():
+    w = torch.randn(5, 3)
+    tox = torch.tensor([0.0, 0.0, 1.0, 0.0, 0.5])
+    u = A.toxic_direction(w, tox)
+    x = torch.randn(3)
+    assert float((w @ x) @ (tox - tox.mean())) == pytest.approx(float(x @ u), abs=1e-5)
+    # A direction the whole vocabulary moves along together is not toxic.
+    w_flat = torch.ones(5, 1).repeat(1, 3)
+    assert torch.allclose(A.toxic_direction(w_flat, tox), torch.zeros(3), atol=1e-6)
+
+
+def test_ranks_highest_first_ties_share_and_nan_last():
+    assert A.ranks(np.array([0.1, 0.9, 0.5, 0.9, np.nan])).tolist() == [4, 1, 3, 1, 5]
+    assert A.ranks(np.array([[1.0, 3.0], [2.0, 0.0]])).tolist() == [[3, 1], [2, 4]]
+
+
+def test_spearman_and_contrast_and_dictionary_count():
+    assert A.spearman(np.array([1, 2, 3, 4.0]), np.array([10, 20, 30, 40.0])) == pytest.approx(1.0)
+    assert A.spearman(np.array([1, 2, 3, 4.0]), np.array([4, 3, 2, 1.0])) == pytest.approx(-1.0)
+    assert np.isnan(A.spearman(np.array([1, 2, 3.0]), np.array([5, 5, 5.0])))
+    np.testing.assert_allclose(A.contrast(np.array([3.0]), 3, np.array([1.0]), 2), [0.5])
+    with pytest.raises(ValueError, match="both groups"):
+        A.contrast(np.array([1.0]), 0, np.array([1.0]), 2)
+    ids = torch.tensor([[[0, 2, 3]]])
+    toxic = torch.tensor([False, False, True, True])
+    assert A.dictionary_count(ids, toxic).tolist() == [[2]]
+
+
+def test_top_k_probabilities_are_full_softmax():
+    logits = torch.tensor([[[2.0, 1.0, 0.0, -1.0]]])
+    t = top_k(logits, 2)
+    assert t.ids.tolist() == [[[0, 1]]]
+    torch.testing.assert_close(t.probs, torch.softmax(logits, -1)[..., :2])
+
+
+# -- the planted toxic head, end to end ------------------------------------------------------------------
+def planted_model(folder: Path, tokenizer) -> Path:
+    """Save a tiny llama whose head PLANTED copies 'the toxic token is in the prompt' into its unembedding."""
+    from conftest import tiny_config
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config("llama", len(tokenizer)))
+    tox_id = tokenizer.convert_tokens_to_ids(tokenizer.tokenize(TOXIC_WORD))
+    assert len(tox_id) == 1, "the toxic word must be one token of the test tokenizer"
+    tox_id = tox_id[0]
+    layer, head = PLANTED
+    d_head = 16
+    with torch.no_grad():
+        emb = model.model.embed_tokens.weight
+        emb[:, FLAG] = 0.0
+        emb[tox_id, FLAG] = 8.0
+        for blk in model.model.layers:  # nothing else writes the flag coordinate
+            blk.self_attn.o_proj.weight[FLAG] = 0.0
+            blk.mlp.down_proj.weight[FLAG] = 0.0
+        attn = model.model.layers[layer].self_attn
+        kv = head // 2  # GQA: 4 query heads over 2 KV heads
+        attn.q_proj.weight[head * d_head:(head + 1) * d_head] = 0.0  # uniform attention over the prefix
+        attn.v_proj.weight[kv * d_head:(kv + 1) * d_head] = 0.0
+        attn.v_proj.weight[kv * d_head, FLAG] = 1.0  # value = the flag
+        w_u = model.lm_head.weight[tox_id]
+        attn.o_proj.weight[:, head * d_head:(head + 1) * d_head] = 0.0
+        attn.o_proj.weight[:, head * d_head] = 40.0 * w_u / w_u.norm()  # ... written along the toxic unembedding
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def planted_corpus(folder: Path) -> list[str]:
+    rng = random.Random(0)
+    words = "the cat sat on a mat and then it ran to the old house near the river".split()
+    toxic, clean = [], []
+    for i in range(12):
+        base = " ".join(rng.choice(words) for _ in range(6))
+        toxic.append({"id": f"t{i}", "text": f"{base}{TOXIC_WORD} {rng.choice(words)}", "toxicity": 0.9})
+        clean.append({"id": f"c{i}", "text": f"{base} {rng.choice(words)}", "toxicity": 0.05})
+    paths = []
+    for name, rows in (("toxic", toxic), ("clean", clean)):
+        p = folder / f"{name}.jsonl"
+        p.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        paths.append(str(p))
+    return paths
+
+
+@pytest.fixture(scope="module")
+def planted_run(prefect_server, tmp_path_factory):
+    from loralens.flows.pipeline import pipeline
+    from loralens.warehouse.corpus import bundled_path
+
+    root = tmp_path_factory.mktemp("planted")
+    lines = bundled_path("wikitext2_test").read_text(encoding="utf-8").splitlines()[:1500]
+    tokenizer = train_bpe_tokenizer(lines + [f"you{TOXIC_WORD}, you are an{TOXIC_WORD}"] * 300, vocab_size=400)
+    model = planted_model(root / "model", tokenizer)
+    config = {"home": str(root / "home"), "model": {"name": str(model)},
+              "corpus": {"paths": planted_corpus(root)},
+              "cache": {"batch_size": 8, "prompts_per_shard": 10, "max_length": 24},
+              "train": {"micro_batch_tokens": 64, "epochs": 1},
+              "decode": {"top_k": 5}}
+    results = pipeline(config=config)
+    return config, results, root / "home" / "warehouse.duckdb"
+
+
+def test_planted_head_ranks_first_by_lens_and_direct_logit(planted_run):
+    _config, results, db = planted_run
+    top = results["attribute"]["top_heads"]
+    for method in ("lens_contrast", "logit_lens_contrast", "direct_logit"):
+        assert (top[method][0]["layer"], top[method][0]["head"]) == PLANTED, method
+    # The planted head's trained-lens decoding on toxic prompts is the toxic word.
+    assert TOXIC_WORD in top["lens_contrast"][0]["top_tokens"][:1]
+    with duckdb.connect(str(db), read_only=True) as con:
+        rank = con.execute("SELECT rank FROM head_scores WHERE method = 'dictionary_count' AND layer = ? AND head = ?",
+                           list(PLANTED)).fetchone()[0]
+    assert rank == 1
+
+
+def test_warehouse_rows_match_the_artifacts_and_views_work(planted_run):
+    _config, results, db = planted_run
+    dec, att = results["decode"], results["attribute"]
+    n_prompts = results["cache"]["n_prompts"]
+    with duckdb.connect(str(db), read_only=True) as con:
+        q = lambda sql, *a: con.execute(sql, list(a)).fetchall()  # noqa: E731
+        assert q("SELECT count(*) FROM decodings WHERE version = ?", dec["version"])[0][0] == dec["rows"]
+        assert dec["rows"] == n_prompts * 12 * 2 * 5  # prompts x heads x lenses x top-k
+        assert q("SELECT count(DISTINCT (prompt_idx, layer, head, lens, rank)) FROM decodings")[0][0] == dec["rows"]
+        assert q("SELECT count(*) FROM head_scores WHERE version = ?", att["version"])[0][0] == 12 * len(A.METHODS)
+        assert q("SELECT count(*) FROM prompts")[0][0] == n_prompts
+        assert q("SELECT count(*) FROM prompt_groups WHERE toxic")[0][0] == 12
+        top = q("SELECT layer, head FROM top_toxic_heads WHERE method = 'lens_contrast' AND rank = 1")
+        assert top == [PLANTED]
+        tokens = q("SELECT token FROM head_toxic_tokens WHERE layer = ? AND head = ? ORDER BY times_in_top_k DESC, "
+                   "mean_prob DESC LIMIT 1", *PLANTED)
+        assert tokens == [(TOXIC_WORD,)]
+        parents = q("SELECT parents FROM artifacts WHERE version = ?", att["version"])[0][0]
+        assert parents == [dec["version"]]
+
+
+def test_rerun_inserts_nothing_twice(planted_run):
+    from loralens.flows.pipeline import pipeline
+
+    config, results, db = planted_run
+
+    def counts() -> tuple:
+        with duckdb.connect(str(db), read_only=True) as con:
+            return tuple(con.execute(f"SELECT count(*) FROM {t}").fetchone()[0]
+                         for t in ("decodings", "head_scores", "vocab_toxicity", "prompts", "prompt_groups"))
+
+    before = counts()
+    again = pipeline(config=config)
+    assert again["decode"]["cached"] and again["attribute"]["cached"]
+    forced = pipeline(config=config, only="decode", force=True)
+    assert not forced["decode"]["cached"] and forced["decode"]["version"] == results["decode"]["version"]
+    forced = pipeline(config=config, only="attribute", force=True)
+    assert not forced["attribute"]["cached"]
+    assert counts() == before
+
+
+def test_sql_cli_prints_rows_and_reports_bad_sql(planted_run, capsys):
+    from loralens.flows.cli import main
+
+    config, _results, _db = planted_run
+    home = config["home"]
+    sql = "SELECT layer, head FROM top_toxic_heads WHERE method = 'direct_logit' AND rank = 1"
+    assert main(["sql", sql, "--home", home, "--format", "csv"]) == 0
+    assert capsys.readouterr().out.strip().splitlines() == ["layer,head", f"{PLANTED[0]},{PLANTED[1]}"]
+    assert main(["sql", sql, "--home", home, "--format", "json"]) == 0
+    assert json.loads(capsys.readouterr().out) == [{"layer": PLANTED[0], "head": PLANTED[1]}]
+    assert main(["sql", "SELECT count(*) AS n FROM head_scores", "--home", home]) == 0
+    assert "n" in capsys.readouterr().out
+    assert main(["sql", "SELEC nonsense", "--home", home]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("loralens: error: Parser Error") and "Traceback" not in err
+    assert main(["sql", "DELETE FROM head_scores", "--home", home]) == 2  # read-only
+    assert "read-only" in capsys.readouterr().err

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 DEFAULT_CORPUS = ("bundled:rtp_toxic_dev", "bundled:rtp_nontoxic_dev")
@@ -121,6 +121,49 @@ class AttributeConfig(_Strict):
         return self.model_dump(exclude={"scorer_options", "lexicon", "top_heads"})
 
 
+class HeadSetConfig(_Strict):
+    """One set of heads to intervene on: hand-written, the top N of a score method, or a SQL query."""
+
+    name: str | None = Field(None, description="condition label; derived from the source when omitted")
+    heads: str | None = Field(None, description='explicit heads, e.g. "L3H1,L5H0" or "3.1 5.0"')
+    top_n: int | None = Field(None, gt=0, description="the N best-ranked heads of `method` in head_scores")
+    method: str = Field("lens_contrast", description="score method for top_n")
+    sql: str | None = Field(None, description="read-only query over the warehouse returning (layer, head) rows")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> HeadSetConfig:
+        given = [k for k in ("heads", "top_n", "sql") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of heads, top_n, sql (got {', '.join(given) or 'none'})")
+        return self
+
+
+class InterveneConfig(_Strict):
+    """How the `intervene` stage ablates heads, samples continuations and measures toxicity and fluency."""
+
+    prompts: tuple[str, ...] = Field(("bundled:rtp_toxic_dev",), description="prompt files (challenging prompts)")
+    max_prompts: int = Field(32, gt=0)
+    # RealToxicityPrompts protocol: k=25 samples, nucleus p=0.9, 20 new tokens. k=4 keeps the CPU default run short.
+    k: int = Field(4, gt=0)
+    max_new_tokens: int = Field(20, gt=0)
+    top_p: float = Field(0.9, gt=0, le=1)
+    seed: int = 0
+    kind: Literal["zero", "mean", "scale", "project"] = "zero"
+    factor: float = Field(0.0, description="scale: multiply the head's output by this")
+    head_sets: tuple[HeadSetConfig, ...] = Field(
+        tuple(HeadSetConfig(top_n=n) for n in (1, 3, 5, 10)), description="conditions besides the baseline")
+    random_seeds: tuple[int, ...] = Field((0, 1), description="random head sets of each size, one per seed")
+    ppl_tokens: int = Field(2048, gt=1, description="WikiText-2 tokens for perplexity")
+    ppl_window: int = Field(256, gt=1)
+    mean_tokens: int = Field(4096, gt=0, description="WikiText-2 tokens averaged for the 'mean' intervention")
+    ablation_candidates: int = Field(10, ge=0, description="top heads scored causally one at a time (0: off)")
+    ablation_method: str = "lens_contrast"
+    ablation_prompts: int = Field(16, gt=0)
+    ablation_k: int = Field(2, gt=0)
+    n_boot: int = Field(1000, gt=0)
+    batch_prompts: int = Field(8, gt=0, description="prompts per resumable generation batch")
+
+
 class PipelineConfig(_Strict):
     """The whole pipeline's configuration; each stage hashes only its own section."""
 
@@ -131,6 +174,7 @@ class PipelineConfig(_Strict):
     train: TrainConfig = TrainConfig()
     decode: DecodeConfig = DecodeConfig()
     attribute: AttributeConfig = AttributeConfig()
+    intervene: InterveneConfig = InterveneConfig()
 
 
 def default_home() -> Path:

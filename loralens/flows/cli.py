@@ -58,6 +58,10 @@ def stage_detail(stage: str, res: dict) -> str:
         best = res["top_heads"]["lens_contrast"][:3]
         heads = ", ".join(f"L{r['layer']}H{r['head']}" for r in best)
         return f"top heads (lens_contrast): {heads}; report {res.get('report', '-')}"
+    if stage == "intervene":
+        best = min(res.get("goal") or [{}], key=lambda g: g.get("emt_rel", 0))
+        return (f"{res['conditions']} conditions, k={res['k']}; best {best.get('condition', '-')}: EMT "
+                f"{best.get('emt_rel', 0):+.1%}, PPL {best.get('ppl_rel') or 0:+.1%}; report {res.get('report', '-')}")
     if stage == "train":
         return (f"{res['heads']} heads, {res['steps']} steps, held-out KL {res['mean_layer_kl']:.3f} "
                 f"vs logit lens {res['mean_layer_kl_logit_lens']:.3f}; heatmap {res.get('heatmap', '-')}")

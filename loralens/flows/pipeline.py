@@ -1,4 +1,4 @@
-"""The Lora Lens pipeline flow: cache -> train -> decode -> attribute -> intervene (stages built so far)."""
+"""The Lora Lens pipeline flow: cache -> train -> decode -> attribute -> intervene."""
 
 from __future__ import annotations
 
@@ -10,10 +10,11 @@ from loralens.flows.attribute import attribute_stage
 from loralens.flows.cache import cache_stage
 from loralens.flows.common import resolve_config
 from loralens.flows.decode import decode_stage
+from loralens.flows.intervene import intervene_stage
 from loralens.flows.train import train_stage
 from loralens.tasks.cache import plan_cache
 
-STAGES = ("cache", "train", "decode", "attribute")
+STAGES = ("cache", "train", "decode", "attribute", "intervene")
 
 
 @flow(name="loralens-pipeline")
@@ -37,4 +38,6 @@ def pipeline(
         results["decode"] = decode_stage(cfg, cache_plan, force=force)
     if only in (None, "attribute"):
         results["attribute"] = attribute_stage(cfg, cache_plan, force=force)
+    if only in (None, "intervene"):
+        results["intervene"] = intervene_stage(cfg, cache_plan, force=force)
     return results

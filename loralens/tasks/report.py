@@ -94,3 +94,72 @@ def top_heads_markdown(top: dict[str, list[dict[str, Any]]], spearman: dict[str,
     lines += [f"| {pair.replace('~', ' vs ')} | {'n/a (constant scores)' if rho is None else f'{rho:.3f}'} |"
               for pair, rho in spearman.items()]
     return "\n".join(lines) + "\n"
+
+
+def _fmt(x: Any, spec: str = ".3f") -> str:
+    return "-" if x is None or (isinstance(x, float) and np.isnan(x)) else format(x, spec)
+
+
+def _ci(row: dict[str, Any], key: str, spec: str = ".3f") -> str:
+    return f"{_fmt(row[key], spec)} [{_fmt(row[key + '_low'], spec)}, {_fmt(row[key + '_high'], spec)}]"
+
+
+def intervention_markdown(rows: list[dict[str, Any]], summary: dict[str, Any]) -> str:
+    """Return the intervention table (metrics with 95% bootstrap intervals) and the goal check as Markdown."""
+    lines = [f"Intervention `{summary['kind']}` on {summary['prompts']} prompts; {summary['protocol']}; "
+             f"scorer `{summary['scorer']}`. Intervals: 95% bootstrap over prompts; EMT delta is paired "
+             "(same prompts and sampling seeds as the baseline).", "",
+             "| condition | heads | EMT [95% CI] | EMT delta [95% CI] | tox. prob. [95% CI] | mean tox. | PPL | "
+             "EMT rel. | PPL rel. |",
+             "|---|---|---|---|---|---:|---:|---:|---:|"]
+    for r in rows:
+        if r["grp"].startswith("ablation"):
+            continue
+        lines.append(
+            f"| {r['condition']} | {r['heads'] or '-'} | {_ci(r, 'emt')} | {_ci(r, 'emt_delta', '+.3f')}"
+            f" | {_ci(r, 'tox_prob')} | {_fmt(r['mean_tox'])}"
+            f" | {_fmt(r['ppl'], '.2f')} | {_fmt(r['emt_rel'], '+.1%')} | {_fmt(r['ppl_rel'], '+.1%')} |")
+    if summary.get("goal"):
+        lines += ["", "Goal: <= 2% of heads, EMT down >= 25% relative, >= 3x the random drop, PPL up <= 5%.", "",
+                  "| condition | head share | EMT rel. | significant | drop vs random | PPL rel. | meets goal |",
+                  "|---|---:|---:|---|---:|---:|---|"]
+        for g in summary["goal"]:
+            lines.append(f"| {g['condition']} | {g['head_share']:.1%} | {_fmt(g['emt_rel'], '+.1%')} | "
+                         f"{'yes' if g['significant'] else 'no'} | {_fmt(g['vs_random'], '.2f')}x | "
+                         f"{_fmt(g['ppl_rel'], '+.1%')} | {'yes' if g['meets_goal'] else 'no'} |")
+    abl = summary.get("ablation")
+    if abl:
+        lines += ["", "Causal per-head score (mean-toxicity drop when the head alone is zeroed; method `ablation`); "
+                  f"Spearman vs the lens ranking: {_fmt(abl['spearman_vs_lens'])}", "",
+                  "| head | drop | rank |", "|---|---:|---:|"]
+        lines += [f"| {h} | {_fmt(d, '+.4f')} | {rk} |" for h, d, rk in zip(abl["heads"], abl["drop"], abl["rank"],
+                                                                          strict=True)]
+    return "\n".join(lines) + "\n"
+
+
+def toxicity_ppl_plot(rows: list[dict[str, Any]], path: Path) -> Path:
+    """Write expected maximum toxicity (with 95% intervals) against perplexity, one point per condition."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    colours = {"baseline": "black", "attributed": "tab:red", "random": "tab:blue"}
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    for r in rows:
+        if r["grp"] not in colours or r["ppl"] is None:
+            continue
+        ax.errorbar(r["ppl"], r["emt"], yerr=[[r["emt"] - r["emt_low"]], [r["emt_high"] - r["emt"]]], fmt="o",
+                    color=colours[r["grp"]], capsize=3, alpha=0.8)
+        ax.annotate(r["condition"], (r["ppl"], r["emt"]), fontsize=6, xytext=(3, 3), textcoords="offset points")
+    for grp, colour in colours.items():
+        ax.plot([], [], "o", color=colour, label=grp)
+    ax.set_xlabel("WikiText-2 perplexity (fluency cost)")
+    ax.set_ylabel("expected maximum toxicity")
+    ax.legend(fontsize=8)
+    ax.set_title("toxicity vs perplexity per condition", fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

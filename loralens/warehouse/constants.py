@@ -44,3 +44,11 @@ ATTRIBUTION_SUMMARY = "attribution.json"
 def heatmap_name(method: str) -> str:
     """Return the PNG file of one score method's layers x heads heatmap."""
     return f"heatmap_{method}.png"
+
+# intervene stage
+GENERATIONS_DIR = "generations"
+PPL_DIR = "perplexity"
+HEAD_MEANS_FILE = "head_means.safetensors"
+INTERVENTIONS_FILE = "interventions.parquet"
+INTERVENTION_REPORT = "interventions.md"
+INTERVENTION_PLOT = "toxicity_vs_ppl.png"

@@ -93,6 +93,37 @@ CREATE TABLE IF NOT EXISTS head_scores (
     PRIMARY KEY (version, method, layer, head)
 );
 
+CREATE TABLE IF NOT EXISTS generations (
+    version     VARCHAR NOT NULL,  -- intervene artifact version
+    condition   VARCHAR NOT NULL,  -- interventions.condition
+    prompt_idx  INTEGER NOT NULL,  -- index among the stage's prompts (see summary for the prompt files)
+    sample      INTEGER NOT NULL,  -- 0..k-1
+    seed        BIGINT,            -- the prompt's sampling seed (the same in every condition: paired comparison)
+    prompt      VARCHAR,
+    text        VARCHAR,           -- the continuation only
+    toxicity    REAL               -- scorer's overall-toxicity probability of the continuation
+);
+
+CREATE TABLE IF NOT EXISTS interventions (
+    version        VARCHAR NOT NULL, -- intervene artifact version
+    condition      VARCHAR NOT NULL, -- baseline | top3:lens_contrast | random3:s0 | ablate:L3H1 | ...
+    grp            VARCHAR,          -- baseline | attributed | random | ablation
+    kind           VARCHAR,          -- zero | mean | scale | project
+    heads          VARCHAR,          -- "L3H1,L5H0"
+    n_heads        INTEGER,
+    n_prompts      INTEGER,
+    k              INTEGER,          -- continuations per prompt
+    emt            DOUBLE, emt_low DOUBLE, emt_high DOUBLE,            -- expected maximum toxicity, 95% bootstrap
+    tox_prob       DOUBLE, tox_prob_low DOUBLE, tox_prob_high DOUBLE,  -- share of prompts with a continuation >= 0.5
+    mean_tox       DOUBLE, mean_tox_low DOUBLE, mean_tox_high DOUBLE,
+    emt_delta      DOUBLE, emt_delta_low DOUBLE, emt_delta_high DOUBLE, -- paired vs baseline (same prompts, seeds)
+    ppl            DOUBLE,           -- WikiText-2 perplexity under the intervention (NULL for ablation rows)
+    emt_rel        DOUBLE,           -- relative change vs baseline
+    tox_prob_rel   DOUBLE,
+    ppl_rel        DOUBLE,
+    PRIMARY KEY (version, condition)
+);
+
 CREATE OR REPLACE VIEW top_toxic_heads AS
 SELECT version, method, rank, layer, head, score, 'L' || layer || 'H' || head AS head_name
 FROM head_scores WHERE rank <= 10;

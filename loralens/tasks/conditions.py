@@ -1,0 +1,116 @@
+"""The intervene stage's conditions: baseline, attributed head sets, random controls, single-head ablations."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import pyarrow.parquet as pq
+
+from loralens.config import ConfigError, HeadSetConfig, InterveneConfig
+from loralens.lens.generation import hash_seed
+from loralens.lens.interventions import Head, format_heads, parse_head_list, random_head_sets
+from loralens.tasks.plans import StagePlan, require_complete
+from loralens.warehouse.constants import HEAD_SCORES_FILE
+from loralens.warehouse.db import connect, warehouse_path
+
+
+@dataclass(frozen=True)
+class Condition:
+    """One generation condition."""
+
+    name: str
+    group: str  # baseline | attributed | random | ablation | ablation_baseline
+    heads: tuple[Head, ...]
+    n_prompts: int
+    k: int
+
+    def to_dict(self) -> dict:
+        """Return a JSON-serialisable description (part of the stage version)."""
+        d = asdict(self)
+        d["heads"] = format_heads(self.heads)
+        return d
+
+
+def ranked_heads(attribute_plan: StagePlan, method: str) -> list[Head]:
+    """Return every head ordered by its rank under `method` (ties by layer, head) from the attribute artifact."""
+    require_complete(attribute_plan)
+    t = pq.read_table(attribute_plan.artifact.path / HEAD_SCORES_FILE, filters=[("method", "=", method)],
+                      columns=["layer", "head", "rank"])
+    if t.num_rows == 0:
+        known = sorted(set(pq.read_table(attribute_plan.artifact.path / HEAD_SCORES_FILE,
+                                         columns=["method"]).column("method").to_pylist()))
+        raise ConfigError(f"config error: method '{method}' has no head scores; methods: {', '.join(known)}")
+    rows = sorted(zip(t.column("rank").to_pylist(), t.column("layer").to_pylist(), t.column("head").to_pylist(),
+                      strict=True))
+    return [(layer, head) for _rank, layer, head in rows]
+
+
+def sql_heads(home, query: str) -> tuple[Head, ...]:
+    """Return the (layer, head) rows of a read-only warehouse query."""
+    import duckdb
+
+    with connect(warehouse_path(home), read_only=True) as con:
+        try:
+            cur = con.execute(query)
+        except duckdb.Error as err:
+            raise ConfigError(f"config error: intervene.head_sets.sql: {str(err).splitlines()[0]}") from None
+        cols = [d[0] for d in cur.description or []]
+        if cols[:2] != ["layer", "head"]:
+            raise ConfigError(f"config error: intervene.head_sets.sql must return columns (layer, head), got {cols}")
+        return tuple(sorted({(int(r[0]), int(r[1])) for r in cur.fetchall()}))
+
+
+def resolve_head_set(hs: HeadSetConfig, attribute_plan: StagePlan, index: int) -> tuple[str, tuple[Head, ...]]:
+    """Return (condition name, sorted heads) of one configured head set."""
+    if hs.heads is not None:
+        try:
+            heads = tuple(sorted(set(parse_head_list(hs.heads))))
+        except ValueError as err:
+            raise ConfigError(f"config error: intervene.head_sets.{index}.heads: {err}") from None
+        return hs.name or f"list:{format_heads(heads)}", heads
+    if hs.top_n is not None:
+        heads = tuple(sorted(ranked_heads(attribute_plan, hs.method)[: hs.top_n]))
+        return hs.name or f"top{hs.top_n}:{hs.method}", heads
+    return hs.name or f"sql{index}", sql_heads(attribute_plan.home, hs.sql)
+
+
+def build_conditions(ic: InterveneConfig, attribute_plan: StagePlan, layers: list[int], n_heads: int,
+                     n_prompts: int) -> list[Condition]:
+    """Return every condition in run order; random sets avoid all attributed heads and match their sizes."""
+    conds = [Condition("baseline", "baseline", (), n_prompts, ic.k)]
+    attributed: list[Condition] = []
+    for i, hs in enumerate(ic.head_sets):
+        name, heads = resolve_head_set(hs, attribute_plan, i)
+        if not heads:
+            raise ConfigError(f"config error: intervene.head_sets.{i}: selects no heads")
+        bad = [h for h in heads if h[0] not in layers or not 0 <= h[1] < n_heads]
+        if bad:
+            raise ConfigError(f"config error: intervene.head_sets.{i}: {format_heads(bad)} not among the "
+                              f"{len(layers)} x {n_heads} attributed heads")
+        attributed.append(Condition(name, "attributed", heads, n_prompts, ic.k))
+    names = [c.name for c in attributed]
+    if len(set(names)) != len(names) or "baseline" in names:
+        raise ConfigError(f"config error: intervene.head_sets: condition names must be unique, got {names}")
+    conds += attributed
+    exclude = {h for c in attributed for h in c.heads}
+    for size in sorted({len(c.heads) for c in attributed}):
+        for seed in ic.random_seeds:
+            # Draw over the attributed layers' heads (the same pool the lens ranked), relabelled to real layers.
+            (drawn,) = random_head_sets(len(layers), n_heads, size, [hash_seed(seed, size)],
+                                        exclude=[(layers.index(layer), h) for layer, h in exclude])
+            heads = tuple(sorted((layers[li], h) for li, h in drawn))
+            conds.append(Condition(f"random{size}:s{seed}", "random", heads, n_prompts, ic.k))
+    if ic.ablation_candidates:
+        n_abl = min(ic.ablation_prompts, n_prompts)
+        conds.append(Condition("ablation:baseline", "ablation_baseline", (), n_abl, ic.ablation_k))
+        for head in ranked_heads(attribute_plan, ic.ablation_method)[: ic.ablation_candidates]:
+            conds.append(Condition(f"ablate:{format_heads([head])}", "ablation", (head,), n_abl, ic.ablation_k))
+    return conds
+
+
+def total_heads(layers: list[int], n_heads: int) -> int:
+    """Return the number of heads the conditions choose from."""
+    return len(layers) * n_heads
+
+
+__all__ = ["Condition", "build_conditions", "ranked_heads", "resolve_head_set", "sql_heads", "total_heads"]

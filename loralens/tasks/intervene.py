@@ -1,0 +1,297 @@
+"""The `intervene` stage: ablate head sets, sample continuations, score toxicity and fluency against controls."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from typing import Any
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+from prefect import task
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from loralens.config import ConfigError, PipelineConfig
+from loralens.lens import toxicity_metrics as M
+from loralens.lens.adapters import folded_unembedding
+from loralens.lens.attribution import spearman, toxic_direction
+from loralens.lens.generation import generate_batch, hash_seed, prompt_batches
+from loralens.lens.interventions import HeadIntervention, intervene, mean_head_z
+from loralens.lens.models import LoadedModel, load_model
+from loralens.lens.scorers import get_scorer, primary_label
+from loralens.tasks.conditions import Condition, build_conditions, ranked_heads
+from loralens.tasks.plans import StagePlan, require_complete
+from loralens.tasks.report import intervention_markdown, toxicity_ppl_plot
+from loralens.warehouse.artifacts import atomic_write_bytes, atomic_write_with
+from loralens.warehouse.constants import (
+    HEAD_MEANS_FILE,
+    HEAD_SCORES_FILE,
+    INTERVENTION_PLOT,
+    INTERVENTION_REPORT,
+    INTERVENTIONS_FILE,
+    VOCAB_TOXICITY_FILE,
+)
+from loralens.warehouse.corpus import bundled_path, load_corpus
+from loralens.warehouse.db import upsert_artifact, warehouse_path
+from loralens.warehouse.intervention_tables import (
+    batch_index,
+    interventions_table,
+    read_condition_scores,
+    read_ppl,
+    store_interventions,
+    write_generation_batch,
+    write_ppl,
+)
+from loralens.warehouse.versions import artifact_version
+
+log = logging.getLogger("loralens.intervene")
+STAGE = "intervene"
+# The goal held for the claim: with <= 2% of heads, EMT down >= 25% relative, >= 3x random's drop, PPL up <= 5%.
+GOAL = {"max_head_share": 0.02, "emt_rel": -0.25, "vs_random": 3.0, "ppl_rel": 0.05}
+
+
+def plan_intervene(cfg: PipelineConfig, attribute_plan: StagePlan, cache_plan: StagePlan) -> tuple[StagePlan,
+                                                                                                   list[Condition]]:
+    """Return the stage version and its conditions (head sets resolved now, so the version names the heads)."""
+    ic = cfg.intervene
+    cache = require_complete(cache_plan)["summary"]
+    layers = list(cache_plan.config["cache"]["layers"] or range(cache["n_layers"]))
+    prompts = load_corpus(ic.prompts, ic.max_prompts)
+    conds = build_conditions(ic, attribute_plan, layers, cache["n_heads"], min(ic.max_prompts, len(prompts.prompts)))
+    config = {"intervene": ic.model_dump(exclude={"batch_prompts", "head_sets"}),
+              "conditions": [c.to_dict() for c in conds]}
+    inputs = {"attribute": attribute_plan.version, "prompts": prompts.fingerprint()}
+    return StagePlan(STAGE, artifact_version(STAGE, config, inputs), config, inputs, cfg.home), conds
+
+
+def _interventions(cfg: PipelineConfig, cond: Condition, loaded: LoadedModel, extra: dict) -> list[HeadIntervention]:
+    if not cond.heads:
+        return []
+    ic = cfg.intervene
+    kind = "zero" if cond.group in ("ablation", "ablation_baseline") else ic.kind  # causal scores: plain removal
+    return [HeadIntervention(kind=kind, heads=cond.heads, factor=ic.factor, means=extra.get("means"),
+                             direction=extra.get("direction"))]
+
+
+def _head_means(cfg: PipelineConfig, loaded: LoadedModel, layers: list[int], plan: StagePlan, text: str) -> dict:
+    """Return each head's mean z over WikiText-2 (computed once per version, saved in the artifact)."""
+    path = plan.artifact.path / HEAD_MEANS_FILE
+    if path.exists():
+        return {tuple(int(x) for x in k.split(".")): v for k, v in load_file(str(path)).items()}
+    ids = loaded.tokenizer(text, add_special_tokens=False)["input_ids"][: cfg.intervene.mean_tokens]
+    window = 128
+    batches = [(torch.tensor([ids[i:i + window]]), None) for i in range(0, len(ids) - 1, window)]
+    means = mean_head_z(loaded.model, loaded.adapter, loaded.dims, batches, layers)
+    atomic_write_with(path, lambda tmp: save_file({f"{layer}.{h}": v.contiguous() for (layer, h), v in means.items()},
+                                                  str(tmp)))
+    return means
+
+
+def _toxic_direction(attribute_plan: StagePlan, loaded: LoadedModel) -> torch.Tensor:
+    """Return the toxic direction in d_model space from the attribute stage's vocabulary toxicity."""
+    vt = pq.read_table(attribute_plan.artifact.path / VOCAB_TOXICITY_FILE, columns=["token_id", "score"])
+    w_fold, _ = folded_unembedding(loaded.adapter, loaded.model)
+    tox = torch.zeros(w_fold.shape[0])
+    ids = torch.from_numpy(vt.column("token_id").to_numpy().astype(np.int64))
+    tox[ids] = torch.from_numpy(vt.column("score").to_numpy().astype(np.float32))
+    return toxic_direction(w_fold, tox)
+
+
+def wikitext(max_tokens: int) -> str:
+    """Return enough of the bundled WikiText-2 test text for `max_tokens` tokens (~4 characters per token)."""
+    return bundled_path("wikitext2_test").read_text(encoding="utf-8")[: max_tokens * 8]
+
+
+def run_intervene_stage(cfg: PipelineConfig, plan: StagePlan, conds: list[Condition], attribute_plan: StagePlan,
+                        cache_plan: StagePlan, *, force: bool = False) -> dict[str, Any]:
+    """Generate and score every (condition, prompt batch) not yet done, then metrics into DuckDB; return a summary."""
+    adir = plan.artifact
+    db = warehouse_path(cfg.home)
+    parents = [attribute_plan.version]
+    ic = cfg.intervene
+    if force:
+        adir.reset()
+    manifest = adir.manifest()
+    if manifest is not None:
+        _store(db, plan, adir)
+        upsert_artifact(db, stage=STAGE, version=plan.version, parents=parents, config=plan.config,
+                        status="complete", rows=manifest["summary"]["generations"], bytes_=manifest["total_bytes"],
+                        artifact_dir=str(adir.path), summary=manifest["summary"])
+        return {"version": plan.version, "path": str(adir.path), "cached": True, **manifest["summary"]}
+    require_complete(attribute_plan)
+    adir.prepare()
+    upsert_artifact(db, stage=STAGE, version=plan.version, parents=parents, config=plan.config, status="running",
+                    artifact_dir=str(adir.path))
+    t0 = time.perf_counter()
+    loaded = load_model(cfg.model.name, cfg.home, dtype=cfg.model.dtype, revision=cfg.model.revision,
+                        trust_remote_code=cfg.model.trust_remote_code)
+    scorer = get_scorer(cfg.attribute.scorer, **cfg.attribute.scorer_options)
+    label = primary_label(scorer)
+    prompts = [p.text for p in load_corpus(ic.prompts, ic.max_prompts).prompts][: ic.max_prompts]
+    text = wikitext(ic.ppl_tokens if ic.kind != "mean" else max(ic.ppl_tokens, ic.mean_tokens))
+    layers = sorted({layer for c in conds for layer, _ in c.heads})
+    extra: dict[str, Any] = {}
+    if ic.kind == "mean":
+        extra["means"] = _head_means(cfg, loaded, layers, plan, text)
+    if ic.kind == "project":
+        extra["direction"] = _toxic_direction(attribute_plan, loaded)
+
+    work = [(ci, bi, r) for ci, c in enumerate(conds) for bi, r in enumerate(prompt_batches(c.n_prompts,
+                                                                                              ic.batch_prompts))]
+    t_gen = time.perf_counter()
+    with tqdm(total=sum(len(r) * conds[ci].k for ci, _, r in work), desc="intervene", unit="sample") as bar:
+        for ci, cond in enumerate(conds):
+            with intervene(loaded.model, loaded.adapter, _interventions(cfg, cond, loaded, extra), loaded.dims):
+                for bi, r in [(bi, r) for c2, bi, r in work if c2 == ci]:
+                    if adir.shard_files(batch_index(ci, bi)) is not None:
+                        bar.update(len(r) * cond.k)
+                        continue
+                    texts = generate_batch(loaded.model, loaded.tokenizer, [prompts[i] for i in r], list(r), k=cond.k,
+                                           max_new_tokens=ic.max_new_tokens, top_p=ic.top_p, seed=ic.seed)
+                    flat = [t for row in texts for t in row]
+                    tox = scorer.score(flat)[label]
+                    rows = {"condition": [cond.name] * len(flat),
+                            "prompt_idx": [i for i in r for _ in range(cond.k)],
+                            "sample": [j for _ in r for j in range(cond.k)],
+                            "seed": [hash_seed(ic.seed, i) for i in r for _ in range(cond.k)],
+                            "prompt": [prompts[i] for i in r for _ in range(cond.k)], "text": flat,
+                            "toxicity": tox.tolist()}
+                    write_generation_batch(adir, batch_index(ci, bi), rows)
+                    bar.update(len(r) * cond.k)
+                if cond.group in ("baseline", "attributed", "random") and read_ppl(adir, ci) is None:
+                    write_ppl(adir, ci, M.perplexity(loaded.model, loaded.tokenizer, text, max_tokens=ic.ppl_tokens,
+                                                     window=ic.ppl_window))
+    t_done = time.perf_counter()
+
+    rows, ablation = _metrics(cfg, plan, conds, work, attribute_plan)
+    out = adir.path
+    table = interventions_table(plan.version, rows)
+    atomic_write_with(out / INTERVENTIONS_FILE, lambda tmp: pq.write_table(table, tmp))
+    if ablation is not None:
+        atomic_write_with(out / HEAD_SCORES_FILE, lambda tmp: pq.write_table(ablation["table"], tmp))
+    summary = _summary(cfg, conds, rows, ablation, t_gen - t0, t_done - t_gen, time.perf_counter() - t0,
+                       require_complete(cache_plan)["summary"])
+    summary["generations"] = int(sum(len(r) * conds[ci].k for ci, _, r in work))
+    toxicity_ppl_plot(rows, out / INTERVENTION_PLOT)
+    atomic_write_bytes(out / INTERVENTION_REPORT, intervention_markdown(rows, summary).encode())
+    summary |= {"report": str(out / INTERVENTION_REPORT), "plot": str(out / INTERVENTION_PLOT)}
+    _store(db, plan, adir)
+    manifest = adir.finalize(config=plan.config, inputs=plan.inputs, summary=summary)
+    upsert_artifact(db, stage=STAGE, version=plan.version, parents=parents, config=plan.config, status="complete",
+                    rows=summary["generations"], bytes_=manifest["total_bytes"], artifact_dir=str(out),
+                    summary=summary)
+    return {"version": plan.version, "path": str(out), "cached": False, **summary}
+
+
+def _metrics(cfg, plan, conds, work, attribute_plan) -> tuple[list[dict], dict | None]:
+    """Return one metrics row per condition (paired deltas vs its baseline) and the causal ablation scores."""
+    ic = cfg.intervene
+    adir = plan.artifact
+    scores = {ci: read_condition_scores(adir, [batch_index(ci, bi) for c2, bi, _ in work if c2 == ci],
+                                        c.n_prompts, c.k) for ci, c in enumerate(conds)}
+    base_of = {"baseline": 0}
+    for ci, c in enumerate(conds):
+        if c.group == "ablation_baseline":
+            base_of["ablation"] = ci
+    rows = []
+    for ci, c in enumerate(conds):
+        base_ci = base_of["ablation"] if c.group in ("ablation", "ablation_baseline") else 0
+        s, b = scores[ci], scores[base_ci]
+        m = M.metric_table(s, n_boot=ic.n_boot, seed=ic.seed)
+        k = s.shape[1]
+        paired = np.concatenate([s, b], axis=1)
+        delta = M.expected_max_toxicity(s) - M.expected_max_toxicity(b)
+        lo, hi = M.bootstrap_ci(paired, lambda x, k=k: M.expected_max_toxicity(x[:, :k]) -
+                                M.expected_max_toxicity(x[:, k:]), n_boot=ic.n_boot, seed=ic.seed)
+        ppl = read_ppl(adir, ci)
+        base_ppl = read_ppl(adir, 0)
+        base_m = M.metric_table(b, n_boot=1, seed=ic.seed)
+        rows.append({
+            "condition": c.name, "grp": c.group, "kind": "zero" if c.group.startswith("ablation") else ic.kind,
+            "heads": ",".join(f"L{a}H{h}" for a, h in c.heads), "n_heads": len(c.heads),
+            "n_prompts": c.n_prompts, "k": c.k,
+            "emt": m["expected_max_toxicity"], "emt_low": m["expected_max_toxicity_low"],
+            "emt_high": m["expected_max_toxicity_high"],
+            "tox_prob": m["toxicity_probability"], "tox_prob_low": m["toxicity_probability_low"],
+            "tox_prob_high": m["toxicity_probability_high"],
+            "mean_tox": m["mean_toxicity"], "mean_tox_low": m["mean_toxicity_low"],
+            "mean_tox_high": m["mean_toxicity_high"],
+            "emt_delta": delta, "emt_delta_low": lo, "emt_delta_high": hi,
+            "ppl": None if ppl is None else ppl["ppl"],
+            "emt_rel": M.relative_change(m["expected_max_toxicity"], base_m["expected_max_toxicity"]),
+            "tox_prob_rel": M.relative_change(m["toxicity_probability"], base_m["toxicity_probability"]),
+            "ppl_rel": None if ppl is None or base_ppl is None else M.relative_change(ppl["ppl"], base_ppl["ppl"]),
+        })
+    ablated = [(ci, c) for ci, c in enumerate(conds) if c.group == "ablation"]
+    if not ablated:
+        return rows, None
+    # Causal score: how much removing the head alone lowers mean toxicity (paired: same prompts and seeds).
+    base_mean = M.mean_toxicity(scores[base_of["ablation"]])
+    heads = [c.heads[0] for _, c in ablated]
+    drop = np.array([base_mean - M.mean_toxicity(scores[ci]) for ci, _ in ablated])
+    order = np.argsort(-drop, kind="stable")
+    rank = np.empty(len(drop), dtype=np.int64)
+    rank[order] = np.arange(1, len(drop) + 1)
+    table = _ablation_table(plan.version, heads, drop, rank)
+    lens_order = ranked_heads(attribute_plan, ic.ablation_method)
+    lens_rank = np.array([lens_order.index(h) + 1 for h in heads], dtype=float)
+    return rows, {"table": table, "heads": heads, "drop": drop.tolist(), "rank": rank.tolist(),
+                  "spearman_vs_lens": spearman(-lens_rank, drop)}
+
+
+def _ablation_table(version, heads, drop, rank):
+    import pyarrow as pa
+
+    return pa.table({"version": [version] * len(heads), "layer": pa.array([h[0] for h in heads], pa.int32()),
+                     "head": pa.array([h[1] for h in heads], pa.int32()), "method": ["ablation"] * len(heads),
+                     "score": pa.array(drop, pa.float64()), "rank": pa.array(rank, pa.int32())})
+
+
+def _summary(cfg, conds, rows, ablation, t_setup, t_gen, t_total, cache_summary) -> dict[str, Any]:
+    ic = cfg.intervene
+    n_total = cache_summary["n_layers"] * cache_summary["n_heads"]
+    by = {r["condition"]: r for r in rows}
+    goal = []
+    for c in conds:
+        if c.group != "attributed":
+            continue
+        r = by[c.name]
+        randoms = [by[x.name] for x in conds if x.group == "random" and len(x.heads) == len(c.heads)]
+        rand_drop = float(np.mean([-x["emt_delta"] for x in randoms])) if randoms else float("nan")
+        ratio = -r["emt_delta"] / rand_drop if rand_drop > 0 else float("inf") if -r["emt_delta"] > 0 else float("nan")
+        share = len(c.heads) / n_total
+        goal.append({"condition": c.name, "heads": len(c.heads), "head_share": share, "emt_rel": r["emt_rel"],
+                     "emt_delta_ci": [r["emt_delta_low"], r["emt_delta_high"]],
+                     "significant": r["emt_delta_high"] < 0, "random_drop": rand_drop, "vs_random": ratio,
+                     "ppl_rel": r["ppl_rel"],
+                     "meets_goal": bool(share <= GOAL["max_head_share"] and r["emt_rel"] <= GOAL["emt_rel"]
+                                        and ratio >= GOAL["vs_random"] and (r["ppl_rel"] or 0) <= GOAL["ppl_rel"])})
+    out = {"conditions": len(conds), "kind": ic.kind, "k": ic.k, "prompts": conds[0].n_prompts,
+           "protocol": f"nucleus p={ic.top_p}, {ic.max_new_tokens} new tokens, k={ic.k} per prompt "
+                       f"(RealToxicityPrompts uses k=25; smaller k for the CPU default)",
+           "scorer": cfg.attribute.scorer, "goal": goal, "seconds_setup": t_setup, "seconds_generate": t_gen,
+           "seconds": t_total}
+    if ablation is not None:
+        out["ablation"] = {"heads": [f"L{a}H{h}" for a, h in ablation["heads"]], "drop": ablation["drop"],
+                           "rank": ablation["rank"], "spearman_vs_lens": ablation["spearman_vs_lens"]}
+    return json.loads(json.dumps(out, default=float).replace("NaN", "null").replace("Infinity", "1e308"))
+
+
+def _store(db, plan: StagePlan, adir) -> None:
+    table = pq.read_table(adir.path / INTERVENTIONS_FILE)
+    abl = adir.path / HEAD_SCORES_FILE
+    store_interventions(db, plan.version, table, pq.read_table(abl) if abl.exists() else None, adir)
+
+
+@task(name="intervene", cache_key_fn=lambda _ctx, params: f"loralens-intervene-{params['plan'].version}",
+      persist_result=True)
+def intervene_task(cfg: PipelineConfig, plan: StagePlan, conds: list[Condition], attribute_plan: StagePlan,
+                   cache_plan: StagePlan, force: bool = False) -> dict[str, Any]:
+    """Prefect task: the intervene stage, keyed by its artifact version."""
+    return run_intervene_stage(cfg, plan, conds, attribute_plan, cache_plan, force=force)
+
+
+__all__ = ["ConfigError", "intervene_task", "plan_intervene", "run_intervene_stage"]

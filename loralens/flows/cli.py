@@ -121,6 +121,27 @@ def cmd_sql(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_gc(args: argparse.Namespace) -> int:
+    from loralens.warehouse.gc import collect_garbage, find_garbage
+
+    home = Path(args.home).resolve() if args.home else load_config(args.config).home
+    garbage = find_garbage(home, keep_latest=args.keep_latest, include_incomplete=args.include_incomplete,
+                           wait_s=args.wait)
+    if not garbage:
+        print(f"nothing to remove under {home}")
+        return 0
+    rows = [{"stage": g.stage, "version": g.version, "size": human_bytes(g.bytes), "reason": g.reason}
+            for g in garbage]
+    print(format_table(rows, ["stage", "version", "size", "reason"]))
+    total = human_bytes(sum(g.bytes for g in garbage))
+    if not args.yes:
+        print(f"would remove {len(garbage)} item(s), {total} (dry run; pass --yes to delete)")
+        return 0
+    result = collect_garbage(home, garbage, wait_s=args.wait)
+    print(f"removed {len(result.removed)} item(s), {total}; {sum(result.rows.values())} warehouse rows deleted")
+    return 0
+
+
 def format_rows(columns: list[str], rows: list[tuple], fmt: str) -> str:
     """Return query results as an aligned table, CSV or a JSON list of objects."""
     if fmt == "json":
@@ -179,6 +200,15 @@ def build_parser() -> argparse.ArgumentParser:
     sql.add_argument("--config")
     sql.add_argument("--home")
     sql.set_defaults(fn=cmd_sql)
+    gc = sub.add_parser("gc", help="remove artifact versions nothing kept depends on (dry run unless --yes)")
+    gc.add_argument("--yes", action="store_true", help="really delete (default: only list what would go)")
+    gc.add_argument("--keep-latest", type=int, default=1, help="newest complete versions kept per stage")
+    gc.add_argument("--include-incomplete", action="store_true",
+                    help="also remove incomplete versions that are not their stage's newest attempt")
+    gc.add_argument("--wait", type=float, default=30.0, help="seconds to wait for another warehouse writer")
+    gc.add_argument("--config")
+    gc.add_argument("--home")
+    gc.set_defaults(fn=cmd_gc)
     plan = sub.add_parser("plan", help="estimate a lens training job: parameters, memory per rank, cache per token")
     plan.add_argument("--model", required=True, help="config.json, model folder, embedded alias or hub id")
     plan.add_argument("--form", default="lora", choices=("full", "lora", "residual"))

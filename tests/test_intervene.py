@@ -1,0 +1,137 @@
+"""The intervene stage on a tiny real model: rows written once, re-run skipped, controls drawn reproducibly,
+a SIGKILLed run resumes to the same generations as an uninterrupted one."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import duckdb
+import pytest
+import yaml
+
+INTERVENE = {"max_prompts": 6, "k": 2, "max_new_tokens": 4, "ppl_tokens": 200, "ppl_window": 50, "n_boot": 50,
+             "batch_prompts": 2, "head_sets": [{"top_n": 1}, {"top_n": 2}, {"heads": "L0H1"}],
+             "random_seeds": [0, 1], "ablation_candidates": 2, "ablation_prompts": 2}
+
+
+def config(home: Path, model: Path, **intervene) -> dict:
+    return {"home": str(home), "model": {"name": str(model)},
+            "corpus": {"paths": ["bundled:rtp_toxic_dev", "bundled:rtp_nontoxic_dev"], "max_prompts_per_file": 6},
+            "cache": {"batch_size": 4, "prompts_per_shard": 4, "max_length": 16},
+            "train": {"micro_batch_tokens": 32, "epochs": 1},
+            "intervene": {**INTERVENE, **intervene}}
+
+
+def n_generations(conditions: int, ablations: int) -> int:
+    return conditions * INTERVENE["max_prompts"] * INTERVENE["k"] + (ablations + 1) * 2 * 2
+
+
+@pytest.fixture(scope="module")
+def run(prefect_server, tiny_models, tmp_path_factory):
+    from loralens.flows.pipeline import pipeline
+
+    cfg = config(tmp_path_factory.mktemp("intervene") / "home", tiny_models["llama"])
+    return cfg, pipeline(config=cfg)
+
+
+def rows(db: Path, sql: str) -> list[tuple]:
+    with duckdb.connect(str(db), read_only=True) as con:
+        return con.execute(sql).fetchall()
+
+
+def test_stage_writes_every_condition_once_and_rerun_is_skipped(run):
+    from loralens.flows.pipeline import pipeline
+
+    cfg, res = run
+    iv = res["intervene"]
+    db = Path(cfg["home"]) / "warehouse.duckdb"
+    # baseline + 3 attributed + random (sizes 1 and 2) x 2 seeds; ablation baseline + 2 single heads
+    names = [r[0] for r in rows(db, "SELECT condition FROM interventions ORDER BY condition")]
+    assert len(names) == 1 + 3 + 4 + 3
+    assert {"baseline", "top1:lens_contrast", "top2:lens_contrast", "list:L0H1", "random1:s0", "random2:s1",
+            "ablation:baseline"} <= set(names)
+    assert iv["generations"] == n_generations(8, 2)
+    count = f"SELECT count(*) FROM generations WHERE version = '{iv['version']}'"
+    assert rows(db, count)[0][0] == iv["generations"]
+    assert rows(db, "SELECT count(*) FROM head_scores WHERE method = 'ablation'")[0][0] == 2
+    assert rows(db, "SELECT count(*) FROM interventions WHERE ppl IS NULL")[0][0] == 3  # ablation rows only
+    base = rows(db, "SELECT emt, emt_delta, emt_rel FROM interventions WHERE condition = 'baseline'")[0]
+    assert base[1] == 0 and base[2] == 0
+    assert Path(iv["report"]).read_text().count("| random") == 4 and Path(iv["plot"]).stat().st_size > 0
+
+    again = pipeline(config=cfg)
+    assert all(r["cached"] for r in again.values())
+    assert rows(db, count)[0][0] == iv["generations"]
+
+
+def test_random_controls_are_reproducible_and_avoid_attributed_heads(run):
+    from loralens.config import parse_config
+    from loralens.tasks.attribute import plan_attribute
+    from loralens.tasks.cache import plan_cache
+    from loralens.tasks.decode import plan_decode
+    from loralens.tasks.intervene import plan_intervene
+    from loralens.tasks.train import plan_train
+
+    cfg = parse_config(run[0])
+    cache = plan_cache(cfg)
+    attribute = plan_attribute(cfg, plan_decode(cfg, plan_train(cfg, cache)))
+    plan_a, conds_a = plan_intervene(cfg, attribute, cache)
+    plan_b, conds_b = plan_intervene(cfg, attribute, cache)
+    assert plan_a.version == plan_b.version == run[1]["intervene"]["version"] and conds_a == conds_b
+    attributed = {h for c in conds_a if c.group == "attributed" for h in c.heads}
+    randoms = [c for c in conds_a if c.group == "random"]
+    assert randoms and all(not set(c.heads) & attributed for c in randoms)
+    assert {c.heads for c in randoms if len(c.heads) == 1} != {()}  # two seeds give two sets
+    assert len({c.heads for c in randoms if len(c.heads) == 2}) == 2
+
+
+@pytest.mark.parametrize("kind", ["mean", "project"])
+def test_other_intervention_kinds_complete(run, kind, tmp_path):
+    from loralens.flows.pipeline import pipeline
+
+    cfg = {**run[0], "intervene": {**run[0]["intervene"], "kind": kind, "random_seeds": [0],
+                                   "ablation_candidates": 0, "head_sets": [{"top_n": 2}]}}
+    res = pipeline(config=cfg, only="intervene")["intervene"]
+    assert not res["cached"] and res["kind"] == kind and res["version"] != run[1]["intervene"]["version"]
+    assert res["generations"] == 3 * INTERVENE["max_prompts"] * INTERVENE["k"]
+
+
+def test_sigkill_mid_generation_then_resume_equals_uninterrupted(run, tmp_path):
+    cfg, res = run
+    home = tmp_path / "home"
+    shutil.copytree(cfg["home"], home)
+    iv_dir = Path(res["intervene"]["path"].replace(cfg["home"], str(home)))
+    shutil.rmtree(iv_dir)
+    cfg_file = tmp_path / "config.yaml"
+    cfg_file.write_text(yaml.safe_dump({**cfg, "home": str(home)}))
+    cmd = [sys.executable, "-m", "loralens.flows.cli", "run", "--config", str(cfg_file), "--only", "intervene"]
+    proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    gen_dir = iv_dir / "generations"
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and proc.poll() is None:
+        if gen_dir.is_dir() and len(list(gen_dir.glob("*.parquet"))) >= 3:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run finished before it could be killed"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done_before = len(list(gen_dir.glob("*.parquet")))
+    assert not (iv_dir / "manifest.json").exists()
+    assert 3 <= done_before < 30
+
+    from loralens.flows.pipeline import pipeline
+
+    resumed = pipeline(config={**cfg, "home": str(home)}, only="intervene")["intervene"]
+    assert not resumed["cached"] and resumed["version"] == res["intervene"]["version"]
+    version = res["intervene"]["version"]
+    query = ("SELECT condition, prompt_idx, sample, seed, text, toxicity FROM generations "
+             f"WHERE version = '{version}' ORDER BY condition, prompt_idx, sample")
+    assert rows(home / "warehouse.duckdb", query) == rows(Path(cfg["home"]) / "warehouse.duckdb", query)
+    metrics = f"SELECT condition, emt, emt_low, emt_high, ppl FROM interventions WHERE version = '{version}' ORDER BY 1"
+    assert rows(home / "warehouse.duckdb", metrics) == rows(Path(cfg["home"]) / "warehouse.duckdb", metrics)

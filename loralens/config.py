@@ -142,7 +142,7 @@ class InterveneConfig(_Strict):
     """How the `intervene` stage ablates heads, samples continuations and measures toxicity and fluency."""
 
     prompts: tuple[str, ...] = Field(("bundled:rtp_toxic_dev",), description="prompt files (challenging prompts)")
-    max_prompts: int = Field(32, gt=0)
+    max_prompts: int = Field(24, gt=0)
     # RealToxicityPrompts protocol: k=25 samples, nucleus p=0.9, 20 new tokens. k=4 keeps the CPU default run short.
     k: int = Field(4, gt=0)
     max_new_tokens: int = Field(20, gt=0)
@@ -152,11 +152,11 @@ class InterveneConfig(_Strict):
     factor: float = Field(0.0, description="scale: multiply the head's output by this")
     head_sets: tuple[HeadSetConfig, ...] = Field(
         tuple(HeadSetConfig(top_n=n) for n in (1, 3, 5, 10)), description="conditions besides the baseline")
-    random_seeds: tuple[int, ...] = Field((0, 1), description="random head sets of each size, one per seed")
+    random_seeds: tuple[int, ...] = Field((0,), description="random head sets of each size, one per seed")
     ppl_tokens: int = Field(2048, gt=1, description="WikiText-2 tokens for perplexity")
     ppl_window: int = Field(256, gt=1)
     mean_tokens: int = Field(4096, gt=0, description="WikiText-2 tokens averaged for the 'mean' intervention")
-    ablation_candidates: int = Field(10, ge=0, description="top heads scored causally one at a time (0: off)")
+    ablation_candidates: int = Field(5, ge=0, description="top heads scored causally one at a time (0: off)")
     ablation_method: str = "lens_contrast"
     ablation_prompts: int = Field(16, gt=0)
     ablation_k: int = Field(2, gt=0)

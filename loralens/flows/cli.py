@@ -69,9 +69,12 @@ def stage_detail(stage: str, res: dict) -> str:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from loralens.flows.pipeline import pipeline
+    from loralens.flows.pipeline import STAGES, pipeline
 
     cfg = load_config(args.config)  # validate before Prefect starts its server
+    if args.only is not None and args.only not in STAGES:
+        raise ConfigError(f"unknown stage '{args.only}'; stages: {', '.join(STAGES)}")
+    quiet_user_error_tracebacks()
     overrides = {"home": str(args.home)} if args.home else None
     results = pipeline(config_path=args.config, config=overrides, only=args.only, force=args.force)
     rows = [{"stage": stage, "version": res["version"], "result": "cached" if res.get("cached") else "done",
@@ -79,6 +82,21 @@ def cmd_run(args: argparse.Namespace) -> int:
     print(format_table(rows, ["stage", "version", "result", "detail", "path"]))
     print(f"warehouse: {warehouse_path(Path(args.home) if args.home else cfg.home)}")
     return 0
+
+
+class _DropUserErrorTraceback(logging.Filter):
+    """Prefect logs a failed run's exception with its traceback; a user error is printed as one line instead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], USER_ERRORS):
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+def quiet_user_error_tracebacks() -> None:
+    """Install the filter on the loggers Prefect's flow and task engines report failures on."""
+    for name in ("prefect.flow_runs", "prefect.task_runs", "prefect.flows", "prefect.tasks"):
+        logging.getLogger(name).addFilter(_DropUserErrorTraceback())
 
 
 def cmd_status(args: argparse.Namespace) -> int:

@@ -91,8 +91,10 @@ def load_head_reader(loaded: LoadedModel, bank_dirs: Mapping[int, Path]) -> Head
             raise LensMismatchError(f"lens bank {folder} is for layer {layer}, but the model has {dims.n_layers}")
         try:
             bank = load_bank(folder, unembed)
-        except (ValueError, FileNotFoundError) as err:
-            raise LensMismatchError(f"lens bank {folder} does not match model {loaded.path}: {err}") from None
+        except Exception as err:  # noqa: BLE001 - a truncated safetensors file raises its own error type
+            reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+            raise LensMismatchError(f"lens bank {folder} is unreadable or does not match model {loaded.path}: "
+                                    f"{reason}") from None
         if bank.n_heads != dims.n_heads:
             raise LensMismatchError(f"lens bank {folder} has {bank.n_heads} heads, the model has {dims.n_heads}")
         bank.eval()

@@ -39,7 +39,7 @@ from loralens.warehouse.constants import (
     VOCAB_TOXICITY_FILE,
     heatmap_name,
 )
-from loralens.warehouse.db import upsert_artifact, warehouse_path
+from loralens.warehouse.db import ensure_writable, upsert_artifact, warehouse_path
 from loralens.warehouse.decodings import read_decodings
 from loralens.warehouse.versions import artifact_version
 
@@ -84,6 +84,7 @@ def run_attribute_stage(cfg: PipelineConfig, plan: StagePlan, decode_plan: Stage
     parents = [decode_plan.version]
     a = cfg.attribute
     if force:
+        ensure_writable(warehouse_path(cfg.home))  # a locked warehouse must not cost the old artifact
         adir.reset()
     manifest = adir.manifest()
     if manifest is not None:

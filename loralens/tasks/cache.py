@@ -24,7 +24,7 @@ from loralens.tasks.plans import StagePlan
 from loralens.warehouse.activation_cache import read_prompts, shard_relpaths, write_cache_shard
 from loralens.warehouse.attribution_tables import register_prompts
 from loralens.warehouse.corpus import Corpus, load_corpus
-from loralens.warehouse.db import upsert_artifact, warehouse_path
+from loralens.warehouse.db import ensure_writable, upsert_artifact, warehouse_path
 from loralens.warehouse.versions import artifact_version
 
 log = logging.getLogger("loralens.cache")
@@ -51,6 +51,7 @@ def run_cache_stage(cfg: PipelineConfig, plan: StagePlan, *, force: bool = False
     """Cache every shard not yet done (resuming a killed run), then write the manifest; return a summary."""
     adir = plan.artifact
     if force:
+        ensure_writable(warehouse_path(cfg.home))  # a locked warehouse must not cost the old artifact
         adir.reset()
     db = warehouse_path(cfg.home)
     parents = list(plan.inputs.values())

@@ -16,7 +16,7 @@ from loralens.lens.readout import head_logits_both, top_k
 from loralens.lens.vocab_toxicity import token_texts
 from loralens.tasks.plans import StagePlan, require_complete
 from loralens.tasks.readout import cached_layers, layer_input_chunks, load_reader, select_positions
-from loralens.warehouse.db import upsert_artifact, warehouse_path
+from loralens.warehouse.db import ensure_writable, upsert_artifact, warehouse_path
 from loralens.warehouse.decodings import decodings_block, load_shard_into_db, write_decode_shard
 from loralens.warehouse.versions import artifact_version
 
@@ -47,6 +47,7 @@ def run_decode_stage(cfg: PipelineConfig, plan: StagePlan, train_plan: StagePlan
     db = warehouse_path(cfg.home)
     parents = [train_plan.version]
     if force:
+        ensure_writable(warehouse_path(cfg.home))  # a locked warehouse must not cost the old artifact
         adir.reset()
     manifest = adir.manifest()
     if manifest is not None:

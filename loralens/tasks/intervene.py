@@ -35,7 +35,7 @@ from loralens.warehouse.constants import (
     VOCAB_TOXICITY_FILE,
 )
 from loralens.warehouse.corpus import bundled_path, load_corpus
-from loralens.warehouse.db import upsert_artifact, warehouse_path
+from loralens.warehouse.db import ensure_writable, upsert_artifact, warehouse_path
 from loralens.warehouse.intervention_tables import (
     batch_index,
     interventions_table,
@@ -113,6 +113,7 @@ def run_intervene_stage(cfg: PipelineConfig, plan: StagePlan, conds: list[Condit
     parents = [attribute_plan.version]
     ic = cfg.intervene
     if force:
+        ensure_writable(warehouse_path(cfg.home))  # a locked warehouse must not cost the old artifact
         adir.reset()
     manifest = adir.manifest()
     if manifest is not None:

@@ -30,7 +30,7 @@ from loralens.warehouse.constants import (
     TRAIN_RESULT,
     TRAIN_SPEC,
 )
-from loralens.warehouse.db import upsert_artifact, warehouse_path
+from loralens.warehouse.db import ensure_writable, upsert_artifact, warehouse_path
 from loralens.warehouse.lens_tables import curve_table, fidelity_table, store_training_results
 from loralens.warehouse.versions import artifact_version
 
@@ -101,6 +101,14 @@ def check_enough_tokens(t: TrainConfig, cached_tokens: int) -> None:
                           f"processes exceeds the ~{int(usable)} training tokens in the cache")
 
 
+def _store_results(db: Path, version: str, out: Path) -> dict[str, Any]:
+    """Replace the version's curve and fidelity rows from the artifact's files; return the fidelity."""
+    fid = json.loads((out / TRAIN_FIDELITY).read_text())
+    curve = [json.loads(line) for line in (out / TRAIN_CURVE).read_text().splitlines() if line.strip()]
+    store_training_results(db, version, curve_table(version, curve), fidelity_table(version, fid))
+    return fid
+
+
 def run_train_stage(cfg: PipelineConfig, plan: StagePlan, cache_plan: StagePlan, *,
                     force: bool = False) -> dict[str, Any]:
     """Train (resuming from checkpoints), then register lenses, curve and fidelity; return a summary."""
@@ -108,9 +116,11 @@ def run_train_stage(cfg: PipelineConfig, plan: StagePlan, cache_plan: StagePlan,
     db = warehouse_path(cfg.home)
     parents = [cache_plan.version]
     if force:
+        ensure_writable(warehouse_path(cfg.home))  # a locked warehouse must not cost the old artifact
         adir.reset()
     manifest = adir.manifest()
     if manifest is not None:
+        _store_results(db, plan.version, adir.path)  # idempotent; restores rows if the warehouse lost them
         upsert_artifact(db, stage=STAGE, version=plan.version, parents=parents, config=plan.config,
                         status="complete", rows=manifest["summary"]["heads"], bytes_=manifest["total_bytes"],
                         artifact_dir=str(adir.path), summary=manifest["summary"])
@@ -140,9 +150,7 @@ def run_train_stage(cfg: PipelineConfig, plan: StagePlan, cache_plan: StagePlan,
             raise RuntimeError(f"training failed (exit code {rc}); checkpoints kept in {out / CHECKPOINTS_DIR}")
 
     result = json.loads((out / TRAIN_RESULT).read_text())
-    fid = json.loads((out / TRAIN_FIDELITY).read_text())
-    curve = [json.loads(line) for line in (out / TRAIN_CURVE).read_text().splitlines() if line.strip()]
-    store_training_results(db, plan.version, curve_table(plan.version, curve), fidelity_table(plan.version, fid))
+    fid = _store_results(db, plan.version, out)
     fidelity_heatmap(fid, out / FIDELITY_HEATMAP)
     adir.record_shard(0, _lens_files(out))
     layer_kl = sum(fid["layer_lens"]) / len(fid["layer_lens"])

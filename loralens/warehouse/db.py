@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -30,9 +31,15 @@ def _is_lock_error(err: Exception) -> bool:
     return "lock" in str(err).lower()
 
 
+def lock_wait_s() -> float:
+    """Return how long a writer waits for another process's lock: $LORALENS_LOCK_WAIT_S or 30 s."""
+    return float(os.environ.get("LORALENS_LOCK_WAIT_S", "30"))
+
+
 @contextmanager
-def connect(path: Path, *, read_only: bool = False, wait_s: float = 30.0) -> Iterator[duckdb.DuckDBPyConnection]:
+def connect(path: Path, *, read_only: bool = False, wait_s: float | None = None) -> Iterator[duckdb.DuckDBPyConnection]:
     """Yield a connection, retrying while another process holds the file; read-only never writes."""
+    wait_s = lock_wait_s() if wait_s is None else wait_s
     path.parent.mkdir(parents=True, exist_ok=True)
     deadline = time.monotonic() + wait_s
     delay = 0.05
@@ -58,7 +65,14 @@ def connect(path: Path, *, read_only: bool = False, wait_s: float = 30.0) -> Ite
         con.close()
 
 
-def write_transaction(path: Path, fn: Callable[[duckdb.DuckDBPyConnection], T], *, wait_s: float = 30.0) -> T:
+def ensure_writable(path: Path) -> None:
+    """Raise WarehouseLockedError now if another process holds the warehouse (before deleting anything)."""
+    with connect(path):
+        pass
+
+
+def write_transaction(path: Path, fn: Callable[[duckdb.DuckDBPyConnection], T], *,
+                      wait_s: float | None = None) -> T:
     """Run `fn(con)` inside one transaction: all of its rows land, or none do."""
     with connect(path, wait_s=wait_s) as con:
         con.execute("BEGIN TRANSACTION")

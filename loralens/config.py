@@ -161,7 +161,7 @@ class InterveneConfig(_Strict):
     ablation_prompts: int = Field(16, gt=0)
     ablation_k: int = Field(2, gt=0)
     n_boot: int = Field(1000, gt=0)
-    batch_prompts: int = Field(8, gt=0, description="prompts per resumable generation batch")
+    batch_prompts: int = Field(8, gt=0, description="prompts per generation batch (one generate call; resumable)")
 
 
 class PipelineConfig(_Strict):

@@ -157,3 +157,17 @@ def test_other_families(tiny_models, tiny_tokenizer, family):
     a = generate_continuations(m, tiny_tokenizer, PROMPTS[:2], batch_size=2, **SETTINGS)
     assert len(a) == 2 and all(len(r) == 3 for r in a)
     assert generate_batch(m, tiny_tokenizer, PROMPTS[1:2], [1], **SETTINGS) == a[1:]
+
+
+def test_joint_batch_is_reproducible_and_keyed(tiny_models):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from loralens.lens.generation import generate_joint
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_models["llama"]).eval()
+    tok = AutoTokenizer.from_pretrained(tiny_models["llama"])
+    prompts = ["The cat sat", "A longer prompt about the river and the"]
+    a = generate_joint(model, tok, prompts, batch_key=0, k=3, max_new_tokens=5)
+    assert a == generate_joint(model, tok, prompts, batch_key=0, k=3, max_new_tokens=5)
+    assert a != generate_joint(model, tok, prompts, batch_key=1, k=3, max_new_tokens=5)
+    assert [len(x) for x in a] == [3, 3]

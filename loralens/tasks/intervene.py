@@ -18,7 +18,7 @@ from loralens.config import ConfigError, PipelineConfig
 from loralens.lens import toxicity_metrics as M
 from loralens.lens.adapters import folded_unembedding
 from loralens.lens.attribution import spearman, toxic_direction
-from loralens.lens.generation import generate_batch, hash_seed, prompt_batches
+from loralens.lens.generation import generate_joint, hash_seed, prompt_batches
 from loralens.lens.interventions import HeadIntervention, intervene, mean_head_z
 from loralens.lens.models import LoadedModel, load_model
 from loralens.lens.scorers import get_scorer, primary_label
@@ -61,7 +61,7 @@ def plan_intervene(cfg: PipelineConfig, attribute_plan: StagePlan, cache_plan: S
     layers = list(cache_plan.config["cache"]["layers"] or range(cache["n_layers"]))
     prompts = load_corpus(ic.prompts, ic.max_prompts)
     conds = build_conditions(ic, attribute_plan, layers, cache["n_heads"], min(ic.max_prompts, len(prompts.prompts)))
-    config = {"intervene": ic.model_dump(exclude={"batch_prompts", "head_sets"}),
+    config = {"intervene": ic.model_dump(exclude={"head_sets"}),  # batch_prompts fixes the sampled batches
               "conditions": [c.to_dict() for c in conds]}
     inputs = {"attribute": attribute_plan.version, "prompts": prompts.fingerprint()}
     return StagePlan(STAGE, artifact_version(STAGE, config, inputs), config, inputs, cfg.home), conds
@@ -150,14 +150,16 @@ def run_intervene_stage(cfg: PipelineConfig, plan: StagePlan, conds: list[Condit
                     if adir.shard_files(batch_index(ci, bi)) is not None:
                         bar.update(len(r) * cond.k)
                         continue
-                    texts = generate_batch(loaded.model, loaded.tokenizer, [prompts[i] for i in r], list(r), k=cond.k,
-                                           max_new_tokens=ic.max_new_tokens, top_p=ic.top_p, seed=ic.seed)
+                    # One generate() per prompt batch, seeded by the batch's first prompt: every condition samples
+                    # with the same seeds (paired comparison) and a resumed batch gives the same texts.
+                    texts = generate_joint(loaded.model, loaded.tokenizer, [prompts[i] for i in r], batch_key=r[0],
+                                           k=cond.k, max_new_tokens=ic.max_new_tokens, top_p=ic.top_p, seed=ic.seed)
                     flat = [t for row in texts for t in row]
                     tox = scorer.score(flat)[label]
                     rows = {"condition": [cond.name] * len(flat),
                             "prompt_idx": [i for i in r for _ in range(cond.k)],
                             "sample": [j for _ in r for j in range(cond.k)],
-                            "seed": [hash_seed(ic.seed, i) for i in r for _ in range(cond.k)],
+                            "seed": [hash_seed(ic.seed, r[0]) for _ in r for _ in range(cond.k)],
                             "prompt": [prompts[i] for i in r for _ in range(cond.k)], "text": flat,
                             "toxicity": tox.tolist()}
                     write_generation_batch(adir, batch_index(ci, bi), rows)

@@ -126,7 +126,9 @@ def planted_run(prefect_server, tmp_path_factory):
               "corpus": {"paths": planted_corpus(root)},
               "cache": {"batch_size": 8, "prompts_per_shard": 10, "max_length": 24},
               "train": {"micro_batch_tokens": 64, "epochs": 1},
-              "decode": {"top_k": 5}}
+              "decode": {"top_k": 5},
+              "intervene": {"max_prompts": 4, "k": 2, "max_new_tokens": 4, "ppl_tokens": 100, "ppl_window": 50,
+                            "head_sets": [{"top_n": 1}], "ablation_candidates": 0, "n_boot": 20}}
     results = pipeline(config=config)
     return config, results, root / "home" / "warehouse.duckdb"
 

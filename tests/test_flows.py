@@ -26,6 +26,8 @@ def test_second_flow_run_is_cached(prefect_server, tiny_models, tmp_path):
         "corpus": {"paths": ["bundled:toxigen_sentences"], "max_prompts_per_file": 12},
         "cache": {"batch_size": 4, "prompts_per_shard": 4, "max_length": 16},
         "train": {"micro_batch_tokens": 16, "epochs": 1},
+        "intervene": {"max_prompts": 4, "k": 2, "max_new_tokens": 4, "ppl_tokens": 100, "ppl_window": 50,
+                      "head_sets": [{"top_n": 2}], "ablation_candidates": 1, "ablation_prompts": 2, "n_boot": 20},
     }
     first_state = cache_activations(config=config, return_state=True)
     first = first_state.result()

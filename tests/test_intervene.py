@@ -65,8 +65,14 @@ def test_stage_writes_every_condition_once_and_rerun_is_skipped(run):
     assert base[1] == 0 and base[2] == 0
     assert Path(iv["report"]).read_text().count("| random") == 4 and Path(iv["plot"]).stat().st_size > 0
 
+    report = Path(iv["run_report"]).read_text()
+    for section in ("## Stages", "## Lens fidelity", "## Head toxicity", "## Interventions", "## Config"):
+        assert section in report
+    assert "| intervene |" in report and "toxicity_vs_ppl.png" in report
+
     again = pipeline(config=cfg)
     assert all(r["cached"] for r in again.values())
+    assert again["intervene"]["run_report"] != iv["run_report"]  # one report file per pipeline run
     assert rows(db, count)[0][0] == iv["generations"]
 
 

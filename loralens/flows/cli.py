@@ -16,6 +16,7 @@ from loralens.lens.models import ModelLoadError
 from loralens.lens.plan import PlanError
 from loralens.lens.readout import LensMismatchError
 from loralens.lens.scorers import ScorerError
+from loralens.tasks.report import stage_detail
 from loralens.tasks.train import TrainingInterrupted
 from loralens.warehouse.artifacts import ArtifactDir, ArtifactError
 from loralens.warehouse.constants import ARTIFACTS_DIR
@@ -47,27 +48,6 @@ def human_bytes(n: int | None) -> str:
     return f"{n} B"
 
 
-def stage_detail(stage: str, res: dict) -> str:
-    """Return the one-line figure a person wants to see for a finished stage."""
-    if stage == "cache":
-        kib = res.get("bytes_per_token", 0) / 1024
-        return f"{res['n_prompts']} prompts, {res['n_tokens']} tokens, {kib:.1f} KiB/token"
-    if stage == "decode":
-        return f"{res['heads']} heads x {res['positions']} positions ({res['which_positions']}), top-{res['top_k']}"
-    if stage == "attribute":
-        best = res["top_heads"]["lens_contrast"][:3]
-        heads = ", ".join(f"L{r['layer']}H{r['head']}" for r in best)
-        return f"top heads (lens_contrast): {heads}; report {res.get('report', '-')}"
-    if stage == "intervene":
-        best = min(res.get("goal") or [{}], key=lambda g: g.get("emt_rel", 0))
-        return (f"{res['conditions']} conditions, k={res['k']}; best {best.get('condition', '-')}: EMT "
-                f"{best.get('emt_rel', 0):+.1%}, PPL {best.get('ppl_rel') or 0:+.1%}; report {res.get('report', '-')}")
-    if stage == "train":
-        return (f"{res['heads']} heads, {res['steps']} steps, held-out KL {res['mean_layer_kl']:.3f} "
-                f"vs logit lens {res['mean_layer_kl_logit_lens']:.3f}; heatmap {res.get('heatmap', '-')}")
-    return ""
-
-
 def cmd_run(args: argparse.Namespace) -> int:
     from loralens.flows.pipeline import STAGES, pipeline
 
@@ -80,6 +60,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     rows = [{"stage": stage, "version": res["version"], "result": "cached" if res.get("cached") else "done",
              "detail": stage_detail(stage, res), "path": res.get("path", "")} for stage, res in results.items()]
     print(format_table(rows, ["stage", "version", "result", "detail", "path"]))
+    report = next((r["run_report"] for r in results.values() if "run_report" in r), None)
+    if report:
+        print(f"run report: {report}")
     print(f"warehouse: {warehouse_path(Path(args.home) if args.home else cfg.home)}")
     return 0
 

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import time
+from pathlib import Path
 from typing import Any
 
+import yaml
 from prefect import flow
+from prefect.artifacts import create_link_artifact, create_markdown_artifact
+from prefect.runtime import flow_run
 
+from loralens.config import PipelineConfig
 from loralens.flows.attribute import attribute_stage
 from loralens.flows.cache import cache_stage
 from loralens.flows.common import resolve_config
@@ -13,6 +19,7 @@ from loralens.flows.decode import decode_stage
 from loralens.flows.intervene import intervene_stage
 from loralens.flows.train import train_stage
 from loralens.tasks.cache import plan_cache
+from loralens.tasks.report import run_report
 
 STAGES = ("cache", "train", "decode", "attribute", "intervene")
 
@@ -29,15 +36,28 @@ def pipeline(
         raise ValueError(f"unknown stage '{only}'; stages: {', '.join(STAGES)}")
     cfg = resolve_config(config_path, config)
     cache_plan = plan_cache(cfg)  # one read of the corpus and model fingerprint serves every stage
+    stages = {"cache": cache_stage, "train": train_stage, "decode": decode_stage, "attribute": attribute_stage,
+              "intervene": intervene_stage}
     results: dict[str, Any] = {}
-    if only in (None, "cache"):
-        results["cache"] = cache_stage(cfg, cache_plan, force=force)
-    if only in (None, "train"):
-        results["train"] = train_stage(cfg, cache_plan, force=force)
-    if only in (None, "decode"):
-        results["decode"] = decode_stage(cfg, cache_plan, force=force)
-    if only in (None, "attribute"):
-        results["attribute"] = attribute_stage(cfg, cache_plan, force=force)
-    if only in (None, "intervene"):
-        results["intervene"] = intervene_stage(cfg, cache_plan, force=force)
+    seconds: dict[str, float] = {}
+    for name in STAGES:
+        if only in (None, name):
+            t0 = time.perf_counter()
+            results[name] = stages[name](cfg, cache_plan, force=force)
+            seconds[name] = time.perf_counter() - t0
+    report = write_run_report(cfg, results, seconds)
+    results[list(results)[-1]]["run_report"] = str(report)
     return results
+
+
+def write_run_report(cfg: PipelineConfig, results: dict[str, Any], seconds: dict[str, float]) -> Path:
+    """Write this run's report under `<home>/reports/` and link it from the flow run as a Prefect artifact."""
+    run = flow_run.get_name() or "local"
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    path = cfg.home / "reports" / f"run-{stamp}-{run}.md"
+    run_report(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), results, seconds, path,
+               title=f"{run} ({stamp} UTC)")
+    create_markdown_artifact(key="run-report", markdown=path.read_text(encoding="utf-8"),
+                             description=f"Lora Lens run report, also saved as {path}")
+    create_link_artifact(key="run-report-file", link=path.as_uri(), description="the run report file")
+    return path

@@ -96,8 +96,13 @@ def build_conditions(ic: InterveneConfig, attribute_plan: StagePlan, layers: lis
     for size in sorted({len(c.heads) for c in attributed}):
         for seed in ic.random_seeds:
             # Draw over the attributed layers' heads (the same pool the lens ranked), relabelled to real layers.
-            (drawn,) = random_head_sets(len(layers), n_heads, size, [hash_seed(seed, size)],
-                                        exclude=[(layers.index(layer), h) for layer, h in exclude])
+            try:
+                (drawn,) = random_head_sets(len(layers), n_heads, size, [hash_seed(seed, size)],
+                                            exclude=[(layers.index(layer), h) for layer, h in exclude])
+            except ValueError:
+                raise ConfigError(f"config error: intervene.random_seeds: a random control of {size} heads needs "
+                                  f"{size} heads outside the {len(exclude)} attributed ones; the model has "
+                                  f"{len(layers) * n_heads} (use smaller head sets or random_seeds: [])") from None
             heads = tuple(sorted((layers[li], h) for li, h in drawn))
             conds.append(Condition(f"random{size}:s{seed}", "random", heads, n_prompts, ic.k))
     if ic.ablation_candidates:

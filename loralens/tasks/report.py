@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -163,3 +164,61 @@ def toxicity_ppl_plot(rows: list[dict[str, Any]], path: Path) -> Path:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def stage_detail(stage: str, res: dict[str, Any]) -> str:
+    """Return the one-line figure a person wants to see for a finished stage."""
+    if stage == "cache":
+        kib = res.get("bytes_per_token", 0) / 1024
+        return f"{res['n_prompts']} prompts, {res['n_tokens']} tokens, {kib:.1f} KiB/token"
+    if stage == "train":
+        return (f"{res['heads']} heads, {res['steps']} steps, held-out KL {res['mean_layer_kl']:.3f} "
+                f"vs logit lens {res['mean_layer_kl_logit_lens']:.3f}")
+    if stage == "decode":
+        return f"{res['heads']} heads x {res['positions']} positions ({res['which_positions']}), top-{res['top_k']}"
+    if stage == "attribute":
+        best = res["top_heads"]["lens_contrast"][:3]
+        return "top heads (lens_contrast): " + ", ".join(f"L{r['layer']}H{r['head']}" for r in best)
+    if stage == "intervene":
+        best = min(res.get("goal") or [{}], key=lambda g: g.get("emt_rel") or 0)
+        return (f"{res['conditions']} conditions, k={res['k']}; best {best.get('condition', '-')}: EMT "
+                f"{best.get('emt_rel') or 0:+.1%}, PPL {best.get('ppl_rel') or 0:+.1%}")
+    return ""
+
+
+def run_report(config_yaml: str, results: dict[str, dict[str, Any]], seconds: dict[str, float], out: Path,
+               title: str) -> Path:
+    """Write one pipeline run's Markdown report (stages, fidelity, head heatmaps, top heads, interventions)."""
+    import json
+
+    def link(path: str | Path, alt: str) -> str:
+        return f"![{alt}]({os.path.relpath(path, out.parent)})"
+
+    lines = [f"# Lora Lens run report: {title}", "", "## Stages", "",
+             "| stage | version | result | wall s | detail |", "|---|---|---|---:|---|"]
+    for stage, res in results.items():
+        lines.append(f"| {stage} | `{res['version']}` | {'cached' if res.get('cached') else 'done'} | "
+                     f"{seconds.get(stage, 0):.1f} | {stage_detail(stage, res)} |")
+    lines += ["", f"Total wall time: {sum(seconds.values()):.1f} s", ""]
+    if "cache" in results:
+        lines += [f"Model: `{results['cache'].get('model', '-')}`", ""]
+    if "train" in results:
+        train = Path(results["train"]["path"])
+        fid = json.loads((train / "fidelity.json").read_text())
+        lines += ["## Lens fidelity", "", fidelity_markdown(fid), "", link(train / "fidelity_heatmap.png",
+                                                                            "fidelity heatmap"), ""]
+    if "attribute" in results:
+        att = results["attribute"]
+        lines += ["## Head toxicity", ""]
+        lines += [f"{link(p, m)}" for m, p in att["heatmaps"].items()]
+        lines += ["", Path(att["report"]).read_text(encoding="utf-8"), ""]
+    if "intervene" in results:
+        iv = results["intervene"]
+        lines += ["## Interventions", "", Path(iv["report"]).read_text(encoding="utf-8"), "",
+                  link(iv["plot"], "toxicity vs perplexity"), ""]
+    lines += ["## Config", "", "```yaml", config_yaml.rstrip(), "```", ""]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".tmp-{out.name}")
+    tmp.write_text("\n".join(lines), encoding="utf-8")
+    os.replace(tmp, out)
+    return out

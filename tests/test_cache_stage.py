@@ -175,3 +175,26 @@ def test_sigkill_mid_cache_then_resume_equals_uninterrupted(tiny_models, tmp_pat
     assert not list(adir.path.rglob(".tmp-*"))
     manifest = adir.manifest()
     assert sum(f["rows"] for f in manifest["files"] if f["path"].startswith("tokens/")) == clean["n_tokens"]
+
+
+def test_shards_split_over_workers_equal_one_run(prefect_server, tiny_models, tmp_path):
+    """Two workers caching disjoint shard lists (then a finalizing run) give the single run's files exactly."""
+    from loralens.flows.cache import cache_activations
+
+    def cfg(home: Path) -> dict:
+        return {"home": str(home), "model": {"name": str(tiny_models["llama"])},
+                "corpus": {"paths": ["bundled:toxigen_sentences"], "max_prompts_per_file": 10},
+                "cache": {"batch_size": 4, "prompts_per_shard": 3, "max_length": 16}}
+
+    single = cache_activations(config=cfg(tmp_path / "one"))
+    first = cache_activations(config=cfg(tmp_path / "split"), shards=[0, 2])
+    assert first["partial"] and first["shards_done"] == 2 and first["n_shards"] == 4
+    second = cache_activations(config=cfg(tmp_path / "split"), shards=[1, 3])
+    assert not second.get("partial") and second["version"] == single["version"]
+    final = cache_activations(config=cfg(tmp_path / "split"))
+    assert final["cached"]
+    mapped = cache_activations(config=cfg(tmp_path / "mapped"), workers=2)
+    manifests = [json.loads((home / "artifacts" / "cache" / single["version"] / "manifest.json").read_text())
+                 for home in (tmp_path / "one", tmp_path / "split", tmp_path / "mapped")]
+    files = [sorted((f["path"], f["sha256"]) for f in m["files"]) for m in manifests]
+    assert files[0] == files[1] == files[2] and mapped["n_prompts"] == single["n_prompts"]

@@ -1,14 +1,14 @@
-"""Flow `cache_activations`: the cache stage on its own."""
+"""Flow `cache_activations`: the cache stage on its own, whole or split by prompt shard over workers."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from prefect import flow
+from prefect import flow, unmapped
 
 from loralens.config import PipelineConfig
-from loralens.flows.common import resolve_config, run_stage_task
-from loralens.tasks.cache import cache_task, plan_cache
+from loralens.flows.common import resolve_config, results_under_home, run_stage_task
+from loralens.tasks.cache import cache_shards_task, cache_task, plan_cache, shard_count
 from loralens.tasks.plans import StagePlan
 
 
@@ -19,7 +19,28 @@ def cache_stage(cfg: PipelineConfig, plan: StagePlan | None = None, force: bool 
 
 @flow(name="cache-activations")
 def cache_activations(
-    config_path: str | None = None, config: dict[str, Any] | None = None, force: bool = False
+    config_path: str | None = None,
+    config: dict[str, Any] | None = None,
+    force: bool = False,
+    workers: int = 1,
+    shards: list[int] | None = None,
 ) -> dict[str, Any]:
-    """Cache per-head attention inputs and lens targets of a frozen model over a prompt corpus."""
-    return cache_stage(resolve_config(config_path, config), force=force)
+    """Cache per-head attention inputs and lens targets of a frozen model over a prompt corpus.
+
+    `workers > 1` maps the shards over that many concurrent tasks (threads with the default task runner; one
+    machine each with a distributed task runner), then finalizes. `shards` caches only those shard indices and
+    returns without finalizing unless every shard is done: one worker's share when several deployment runs on
+    different machines share the artifact folder (a last run without `shards` writes the manifest).
+    """
+    cfg = resolve_config(config_path, config)
+    plan = plan_cache(cfg)
+    if shards is not None:
+        with results_under_home(cfg):
+            return cache_shards_task(cfg, plan, sorted(shards))
+    if workers > 1 and not plan.artifact.is_complete():
+        n = shard_count(cfg)
+        groups = [list(range(i, n, workers)) for i in range(min(workers, n))]
+        with results_under_home(cfg):
+            for future in cache_shards_task.map(unmapped(cfg), unmapped(plan), groups):
+                future.result()
+    return cache_stage(cfg, plan, force=force)

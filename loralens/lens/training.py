@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from loralens.killpoints import maybe_kill
 from loralens.lens.objective import LensBatch, LensSet
 
 log = logging.getLogger("loralens.train")
@@ -219,6 +220,7 @@ def save_checkpoint(engine, ckpt_dir: Path, step: int, rank: int, world: int, ke
     tag = checkpoint_tag(step)
     engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"step": step, "world_size": world})
     dist.barrier()
+    maybe_kill("train.mid_checkpoint")  # the checkpoint's files are written, its marker is not
     if rank == 0:
         marker = ckpt_dir / tag / CHECKPOINT_DONE
         tmp = marker.with_suffix(".tmp")
@@ -227,6 +229,7 @@ def save_checkpoint(engine, ckpt_dir: Path, step: int, rank: int, world: int, ke
         for _, old in complete_checkpoints(ckpt_dir)[:-keep]:
             shutil.rmtree(ckpt_dir / old, ignore_errors=True)
     dist.barrier()
+    maybe_kill("train.after_checkpoint")
 
 
 def resume(engine, ckpt_dir: Path, world: int) -> int:
@@ -351,6 +354,7 @@ def train(
             engine.backward(loss)
             engine.step()
             step += 1
+            maybe_kill("train.after_step")
             stats = torch.tensor([loss.item(), float(stop_requested())])
             dist.all_reduce(stats)  # mean loss for the curve; any rank's SIGTERM stops every rank
             if on_step is not None:

@@ -47,10 +47,16 @@ def _shard_prompts(corpus: Corpus, token_ids: list[list[int]], per_shard: int) -
     return [kept[i : i + per_shard] for i in range(0, len(kept), per_shard)]
 
 
-def run_cache_stage(cfg: PipelineConfig, plan: StagePlan, *, force: bool = False) -> dict[str, Any]:
-    """Cache every shard not yet done (resuming a killed run), then write the manifest; return a summary."""
+def run_cache_stage(cfg: PipelineConfig, plan: StagePlan, *, force: bool = False,
+                    only_shards: list[int] | None = None) -> dict[str, Any]:
+    """Cache every shard not yet done (resuming a killed run), then write the manifest; return a summary.
+
+    `only_shards`: worker mode for a run split over several processes or machines sharing the artifact
+    folder: cache just these shards (never touching the others' temp files) and write the manifest only if
+    every shard is then done; a final run without `only_shards` finalizes otherwise.
+    """
     adir = plan.artifact
-    if force:
+    if force and only_shards is None:
         ensure_writable(warehouse_path(cfg.home))  # a locked warehouse must not cost the old artifact
         adir.reset()
     db = warehouse_path(cfg.home)
@@ -63,7 +69,7 @@ def run_cache_stage(cfg: PipelineConfig, plan: StagePlan, *, force: bool = False
                         artifact_dir=str(adir.path), summary=manifest["summary"])
         return {"version": plan.version, "path": str(adir.path), "cached": True, **manifest["summary"],
                 "bytes_per_token": manifest["total_bytes"] / max(manifest["summary"]["n_tokens"], 1)}
-    adir.prepare()
+    adir.prepare(clean_tmp=only_shards is None)
     upsert_artifact(db, stage=STAGE, version=plan.version, parents=parents, config=plan.config,
                     status="running", artifact_dir=str(adir.path))
 
@@ -90,7 +96,7 @@ def run_cache_stage(cfg: PipelineConfig, plan: StagePlan, *, force: bool = False
         pending: Future | None = None
         for s, idxs in enumerate(shards):
             n_tokens = sum(len(tok.ids[i]) for i in idxs)
-            if adir.shard_files(s) is not None:
+            if (only_shards is not None and s not in only_shards) or adir.shard_files(s) is not None:
                 bar.update(n_tokens)
                 continue
             rels = shard_relpaths(s, layers)
@@ -106,6 +112,9 @@ def run_cache_stage(cfg: PipelineConfig, plan: StagePlan, *, force: bool = False
         if pending is not None:
             pending.result()
     t_end = time.perf_counter()
+    if only_shards is not None and len(adir.done_shards()) < len(shards):
+        return {"version": plan.version, "path": str(adir.path), "cached": False, "partial": True,
+                "shards": sorted(only_shards), "shards_done": len(adir.done_shards()), "n_shards": len(shards)}
 
     summary = {
         "model": loaded.path,
@@ -151,6 +160,26 @@ def _prompt_row(corpus: Corpus, tok: TokenizedPrompts, i: int) -> dict[str, Any]
     p = corpus.prompts[i]
     return {"prompt_idx": i, "prompt_id": p.id, "source": p.source, "text": p.text, "toxicity": p.toxicity,
             "n_tokens": len(tok.ids[i]), "truncated": tok.truncated[i]}
+
+
+def shard_count(cfg: PipelineConfig) -> int:
+    """Return how many shards the cache stage will write (tokenizes the corpus; loads no weights)."""
+    from transformers import AutoTokenizer
+
+    from loralens.lens.models import prepare_tokenizer
+
+    path = resolve_model_path(cfg.model.name, cfg.home, cfg.model.revision)
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.model.trust_remote_code)
+    prepare_tokenizer(tokenizer)
+    corpus = load_corpus(cfg.corpus.paths, cfg.corpus.max_prompts_per_file)
+    tok = tokenize_prompts(tokenizer, [p.text for p in corpus.prompts], cfg.cache.max_length)
+    return len(_shard_prompts(corpus, tok.ids, cfg.cache.prompts_per_shard))
+
+
+@task(name="cache-shards")
+def cache_shards_task(cfg: PipelineConfig, plan: StagePlan, shards: list[int]) -> dict[str, Any]:
+    """Prefect task: cache only `shards` of the version (one worker's share of a split run; never cached)."""
+    return run_cache_stage(cfg, plan, only_shards=shards)
 
 
 @task(name="cache", cache_key_fn=lambda _ctx, params: f"loralens-cache-{params['plan'].version}", persist_result=True)

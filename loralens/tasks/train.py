@@ -17,6 +17,7 @@ from prefect import task
 
 from loralens.config import ConfigError, PipelineConfig, TrainConfig
 from loralens.hashing import file_sha256
+from loralens.killpoints import maybe_kill
 from loralens.lens.training import STOP_EXIT_CODE, free_port
 from loralens.tasks.plans import StagePlan, require_complete
 from loralens.tasks.report import fidelity_heatmap
@@ -149,6 +150,7 @@ def run_train_stage(cfg: PipelineConfig, plan: StagePlan, cache_plan: StagePlan,
                             status="failed", artifact_dir=str(out))
             raise RuntimeError(f"training failed (exit code {rc}); checkpoints kept in {out / CHECKPOINTS_DIR}")
 
+    maybe_kill("train.after_workers")
     result = json.loads((out / TRAIN_RESULT).read_text())
     fid = _store_results(db, plan.version, out)
     fidelity_heatmap(fid, out / FIDELITY_HEATMAP)

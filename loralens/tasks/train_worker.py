@@ -25,6 +25,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
+from loralens.killpoints import maybe_kill  # noqa: E402
 from loralens.lens import training  # noqa: E402
 from loralens.lens.adapters import folded_unembedding, out_proj_weight  # noqa: E402
 from loralens.lens.lenses import FoldedUnembed, LensConfig  # noqa: E402
@@ -159,6 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     shutil.rmtree(tmp, ignore_errors=True)
     for i, layer in enumerate(spec["layers"]):
         save_bank(final.banks[i], tmp / f"layer={layer}")
+    maybe_kill("train.mid_lens_save")  # the banks are in the temp folder, not yet renamed
     shutil.rmtree(out / LENSES_DIR, ignore_errors=True)
     os.replace(tmp, out / LENSES_DIR)
 
@@ -169,6 +171,7 @@ def main(argv: list[str] | None = None) -> int:
                "tokens_per_s": result.tokens_per_rank * world / max(result.seconds, 1e-9),
                "trainable_params": sum(p.numel() for p in final.parameters() if p.requires_grad),
                "heads": len(spec["layers"]) * final.w_o.shape[1]}
+    maybe_kill("train.before_result")
     (out / TRAIN_RESULT).write_text(json.dumps(summary))
     return 0
 

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from loralens.hashing import file_sha256
+from loralens.killpoints import maybe_kill
 from loralens.warehouse.constants import ARTIFACTS_DIR, MANIFEST, SHARD_RECORDS_DIR, TMP_PREFIX, shard_name
 
 _LIBRARIES = ("loralens", "torch", "transformers", "peft", "deepspeed", "prefect", "pyarrow", "duckdb")
@@ -49,6 +50,7 @@ def atomic_write_with(path: Path, write: Callable[[Path], None]) -> None:
     tmp = path.parent / f"{TMP_PREFIX}{os.getpid()}-{path.name}"
     try:
         write(tmp)
+        maybe_kill("atomic_write.before_rename")
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -101,8 +103,11 @@ class ArtifactDir:
         """Return True when the manifest exists (it is written last)."""
         return (self.path / MANIFEST).exists()
 
-    def prepare(self) -> None:
-        """Create the folder (checking it is writable) and drop temp files left by a killed run."""
+    def prepare(self, *, clean_tmp: bool = True) -> None:
+        """Create the folder (checking it is writable) and drop temp files left by a killed run.
+
+        `clean_tmp=False` for workers that share the folder with others still writing (shard-split runs).
+        """
         try:
             self.path.mkdir(parents=True, exist_ok=True)
             probe = self.path / f"{TMP_PREFIX}probe"
@@ -110,8 +115,9 @@ class ArtifactDir:
             probe.unlink()
         except OSError as err:
             raise ArtifactError(f"cannot write artifact folder {self.path}: {err.strerror}") from None
-        for tmp in self.path.rglob(f"{TMP_PREFIX}*"):
-            tmp.unlink(missing_ok=True)
+        if clean_tmp:
+            for tmp in self.path.rglob(f"{TMP_PREFIX}*"):
+                tmp.unlink(missing_ok=True)
 
     def reset(self) -> None:
         """Delete everything of this version (for --force)."""
@@ -142,8 +148,10 @@ class ArtifactDir:
 
     def record_shard(self, index: int, files: list[ShardFile]) -> None:
         """Mark a shard done; call only after all its files are in place."""
+        maybe_kill(f"{self.stage}.before_record")
         payload = {"shard": index, "files": [f.__dict__ for f in files], "written_at": time.time()}
         atomic_write_bytes(self._record_path(index), json.dumps(payload, indent=1).encode())
+        maybe_kill(f"{self.stage}.after_record")
 
     def done_shards(self) -> dict[int, list[ShardFile]]:
         """Return every shard record present (without re-verifying checksums)."""
@@ -155,6 +163,7 @@ class ArtifactDir:
 
     def finalize(self, *, config: dict[str, Any], inputs: dict[str, str], summary: dict[str, Any]) -> dict:
         """Write manifest.json last, listing every shard's files, rows and checksums; return it."""
+        maybe_kill(f"{self.stage}.before_manifest")
         shards = self.done_shards()
         files = [f.__dict__ | {"shard": i} for i, fs in shards.items() for f in fs]
         manifest = {
@@ -170,6 +179,7 @@ class ArtifactDir:
             "completed_at": time.time(),
         }
         atomic_write_bytes(self.path / MANIFEST, json.dumps(manifest, indent=1).encode())
+        maybe_kill(f"{self.stage}.after_manifest")
         return manifest
 
     def size_bytes(self) -> int:

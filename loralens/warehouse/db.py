@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -12,10 +13,12 @@ from typing import Any, TypeVar
 
 import duckdb
 
+from loralens.killpoints import maybe_kill
 from loralens.warehouse.constants import WAREHOUSE_FILE
 from loralens.warehouse.schema import ensure_schema
 
 T = TypeVar("T")
+_WRITERS = threading.RLock()
 
 
 class WarehouseLockedError(RuntimeError):
@@ -58,9 +61,14 @@ def connect(path: Path, *, read_only: bool = False, wait_s: float | None = None)
             time.sleep(delay)
             delay = min(delay * 2, 1.0)
     try:
-        if not read_only:
-            ensure_schema(con)
-        yield con
+        if read_only:
+            yield con
+        else:
+            # DuckDB serialises writers across processes by its file lock; threads of one process (mapped
+            # Prefect tasks) share one database instance and would hit write-write conflicts instead.
+            with _WRITERS:
+                ensure_schema(con)
+                yield con
     finally:
         con.close()
 
@@ -94,6 +102,7 @@ def replace_version_rows(path: Path, version: str, tables: dict[str, Any]) -> No
             con.register("incoming", data)
             con.execute(f"INSERT INTO {name} BY NAME SELECT * FROM incoming")
             con.unregister("incoming")
+            maybe_kill(f"db.inserted.{name}")  # inside the transaction: a kill here must roll back
 
     write_transaction(path, write)
 

@@ -17,6 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from loralens.hashing import file_sha256
+from loralens.killpoints import maybe_kill
 from loralens.warehouse.artifacts import ArtifactDir, ShardFile, atomic_write_with
 from loralens.warehouse.constants import DECODINGS_DIR, shard_name
 from loralens.warehouse.db import write_transaction
@@ -72,6 +73,7 @@ def load_shard_into_db(db: Path, version: str, index: int, path: Path, rows: int
         con.execute("DELETE FROM decodings WHERE version = ? AND shard = ?", [version, index])
         con.execute(f"INSERT INTO decodings BY NAME SELECT ? AS version, * FROM read_parquet('{_sql_path(path)}')",
                     [version])
+        maybe_kill("db.inserted.decodings")  # inside the transaction: a kill here must roll back
         return True
 
     return write_transaction(db, write)

@@ -11,6 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from loralens.hashing import file_sha256
+from loralens.killpoints import maybe_kill
 from loralens.warehouse.artifacts import ArtifactDir, ShardFile, atomic_write_bytes, atomic_write_with
 from loralens.warehouse.constants import GENERATIONS_DIR, PPL_DIR, shard_name
 from loralens.warehouse.db import replace_version_rows
@@ -58,6 +59,7 @@ def ppl_path(adir: ArtifactDir, condition: int) -> Path:
 def write_ppl(adir: ArtifactDir, condition: int, result: dict[str, float]) -> None:
     """Write one condition's perplexity record atomically."""
     atomic_write_bytes(ppl_path(adir, condition), json.dumps(result).encode())
+    maybe_kill("intervene.after_ppl")
 
 
 def read_ppl(adir: ArtifactDir, condition: int) -> dict[str, float] | None:

@@ -20,8 +20,8 @@ from loralens.prefect_env import configure_prefect_env
 configure_prefect_env()
 
 VARIANTS = [
-    ("zero", "lens_contrast"), ("zero", "logit_lens_contrast"), ("zero", "direct_logit"),
-    ("zero", "dictionary_count"), ("zero", "lens_mean"), ("mean", "lens_contrast"), ("project", "lens_contrast"),
+    ("zero", "lens_contrast"), ("zero", "direct_logit"), ("project", "lens_contrast"), ("mean", "lens_contrast"),
+    ("zero", "dictionary_count"), ("zero", "logit_lens_contrast"), ("zero", "lens_mean"),
 ]
 
 
@@ -54,6 +54,7 @@ def main() -> None:
             cols = [d[0] for d in cur.description]
             for r in cur.fetchall():
                 rows.append({"kind": kind, "method": method, **dict(zip(cols, r, strict=True))})
+        write_json(Path(args.out), args, runs, rows)  # after every variant: a long sweep keeps what it measured
     head = f"{'kind':8} {'method':20} {'condition':28} {'EMT':>6} {'dEMT [95% CI]':>24} {'tox.p':>6} {'PPL rel':>8}"
     print(head)
     print("-" * len(head))
@@ -62,7 +63,10 @@ def main() -> None:
         ppl = "-" if r["ppl_rel"] is None else f"{r['ppl_rel']:+.1%}"
         print(f"{r['kind']:8} {r['method']:20} {r['condition'][:28]:28} {r['emt']:6.3f} {ci:>24} {r['tox_prob']:6.3f} "
               f"{ppl:>8}")
-    out = Path(args.out)
+
+
+def write_json(out: Path, args: argparse.Namespace, runs: list[dict], rows: list[dict]) -> None:
+    """Write the sweep's results so far."""
     out.mkdir(parents=True, exist_ok=True)
     (out / "intervention_sweep.json").write_text(json.dumps(
         {"machine": platform.platform(), "sizes": args.sizes, "seeds": args.seeds, "runs": runs, "rows": rows},

@@ -204,3 +204,16 @@ def test_sql_cli_prints_rows_and_reports_bad_sql(planted_run, capsys):
     assert err.startswith("loralens: error: Parser Error") and "Traceback" not in err
     assert main(["sql", "DELETE FROM head_scores", "--home", home]) == 2  # read-only
     assert "read-only" in capsys.readouterr().err
+
+
+def test_a_stage_that_fails_is_marked_failed_not_left_running(planted_run):
+    from loralens.config import ConfigError
+    from loralens.flows.pipeline import pipeline
+
+    config, _results, db = planted_run
+    bad = {**config, "attribute": {"prompt_threshold": 0.99}}  # no prompt is that toxic: no contrast
+    with pytest.raises(ConfigError, match="attribute.prompt_threshold"):
+        pipeline(config=bad, only="attribute")
+    with duckdb.connect(str(db), read_only=True) as con:
+        states = con.execute("SELECT status FROM artifacts WHERE stage = 'attribute' ORDER BY created_at").fetchall()
+    assert states[-1] == ("failed",) and ("running",) not in states

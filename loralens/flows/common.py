@@ -12,6 +12,7 @@ from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
 
 from loralens.config import PipelineConfig, load_config, parse_config
 from loralens.tasks.plans import StagePlan
+from loralens.warehouse.db import is_registered_complete, warehouse_path
 
 
 def resolve_config(config_path: str | None = None, config: dict[str, Any] | None = None) -> PipelineConfig:
@@ -41,9 +42,11 @@ def run_stage_task(
     """Run a stage's task keyed by `plan.version`, publish its summary, and return it (cached flag set).
 
     A complete version is a Prefect cache hit; a version whose artifact folder is gone (or `force`)
-    refreshes the cache, so a deleted artifact is never a stale hit.
+    refreshes the cache, so a deleted artifact is never a stale hit. So does one the warehouse does not register
+    as complete (a run killed between its manifest and its rows): the task then only registers it.
     """
-    refresh = force or not plan.artifact.is_complete()
+    refresh = (force or not plan.artifact.is_complete()
+               or not is_registered_complete(warehouse_path(cfg.home), plan.version))
     with results_under_home(cfg):
         state = stage_task.with_options(refresh_cache=refresh)(cfg, plan, *args, force, return_state=True)
     summary = dict(state.result())

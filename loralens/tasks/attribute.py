@@ -20,7 +20,7 @@ from loralens.lens import attribution as A
 from loralens.lens.readout import head_logits_both
 from loralens.lens.scorers import get_scorer, primary_label, scorer_version
 from loralens.lens.vocab_toxicity import load_lexicon, token_texts, vocab_toxicity
-from loralens.tasks.plans import StagePlan, require_complete
+from loralens.tasks.plans import StagePlan, failures_recorded, require_complete
 from loralens.tasks.readout import cached_layers, layer_input_chunks, load_reader, select_positions
 from loralens.tasks.report import score_heatmap, top_heads_markdown
 from loralens.warehouse.activation_cache import read_prompts
@@ -264,4 +264,5 @@ def _store(db: Path, version: str, out: Path) -> None:
 def attribute_task(cfg: PipelineConfig, plan: StagePlan, decode_plan: StagePlan, train_plan: StagePlan,
                    cache_plan: StagePlan, force: bool = False) -> dict[str, Any]:
     """Prefect task: the attribute stage, keyed by its artifact version."""
-    return run_attribute_stage(cfg, plan, decode_plan, train_plan, cache_plan, force=force)
+    with failures_recorded(plan):
+        return run_attribute_stage(cfg, plan, decode_plan, train_plan, cache_plan, force=force)

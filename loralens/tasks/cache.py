@@ -20,7 +20,7 @@ from loralens.lens.caching import (
     tokenize_prompts,
 )
 from loralens.lens.models import folder_fingerprint, load_model, resolve_model_path
-from loralens.tasks.plans import StagePlan
+from loralens.tasks.plans import StagePlan, failures_recorded
 from loralens.warehouse.activation_cache import read_prompts, shard_relpaths, write_cache_shard
 from loralens.warehouse.attribution_tables import register_prompts
 from loralens.warehouse.corpus import Corpus, load_corpus
@@ -185,4 +185,5 @@ def cache_shards_task(cfg: PipelineConfig, plan: StagePlan, shards: list[int]) -
 @task(name="cache", cache_key_fn=lambda _ctx, params: f"loralens-cache-{params['plan'].version}", persist_result=True)
 def cache_task(cfg: PipelineConfig, plan: StagePlan, force: bool = False) -> dict[str, Any]:
     """Prefect task: the cache stage, keyed by its artifact version."""
-    return run_cache_stage(cfg, plan, force=force)
+    with failures_recorded(plan):
+        return run_cache_stage(cfg, plan, force=force)

@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 from loralens.config import PipelineConfig
 from loralens.lens.readout import head_logits_both, top_k
 from loralens.lens.vocab_toxicity import token_texts
-from loralens.tasks.plans import StagePlan, require_complete
+from loralens.tasks.plans import StagePlan, failures_recorded, require_complete
 from loralens.tasks.readout import cached_layers, layer_input_chunks, load_reader, select_positions
 from loralens.warehouse.db import ensure_writable, upsert_artifact, warehouse_path
 from loralens.warehouse.decodings import decodings_block, load_shard_into_db, write_decode_shard
@@ -113,4 +113,5 @@ def plan_cache_shards(cache_plan: StagePlan) -> list[int]:
 def decode_task(cfg: PipelineConfig, plan: StagePlan, train_plan: StagePlan, cache_plan: StagePlan,
                 force: bool = False) -> dict[str, Any]:
     """Prefect task: the decode stage, keyed by its artifact version."""
-    return run_decode_stage(cfg, plan, train_plan, cache_plan, force=force)
+    with failures_recorded(plan):
+        return run_decode_stage(cfg, plan, train_plan, cache_plan, force=force)

@@ -23,7 +23,7 @@ from loralens.lens.interventions import HeadIntervention, intervene, mean_head_z
 from loralens.lens.models import LoadedModel, load_model
 from loralens.lens.scorers import get_scorer, primary_label
 from loralens.tasks.conditions import Condition, build_conditions, ranked_heads
-from loralens.tasks.plans import StagePlan, require_complete
+from loralens.tasks.plans import StagePlan, failures_recorded, require_complete
 from loralens.tasks.report import intervention_markdown, toxicity_ppl_plot
 from loralens.warehouse.artifacts import atomic_write_bytes, atomic_write_with
 from loralens.warehouse.constants import (
@@ -294,7 +294,8 @@ def _store(db, plan: StagePlan, adir) -> None:
 def intervene_task(cfg: PipelineConfig, plan: StagePlan, conds: list[Condition], attribute_plan: StagePlan,
                    cache_plan: StagePlan, force: bool = False) -> dict[str, Any]:
     """Prefect task: the intervene stage, keyed by its artifact version."""
-    return run_intervene_stage(cfg, plan, conds, attribute_plan, cache_plan, force=force)
+    with failures_recorded(plan):
+        return run_intervene_stage(cfg, plan, conds, attribute_plan, cache_plan, force=force)
 
 
 __all__ = ["ConfigError", "intervene_task", "plan_intervene", "run_intervene_stage"]

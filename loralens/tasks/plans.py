@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from loralens.warehouse.artifacts import ArtifactDir, ArtifactError
+from loralens.warehouse.db import mark_failed, warehouse_path
 
 
 @dataclass(frozen=True)
@@ -32,3 +35,16 @@ def require_complete(plan: StagePlan) -> dict[str, Any]:
         raise ArtifactError(f"missing upstream artifact: {plan.stage} version {plan.version} is not complete; "
                             f"run `loralens run --only {plan.stage}` first")
     return manifest
+
+
+@contextmanager
+def failures_recorded(plan: StagePlan) -> Iterator[None]:
+    """Mark the plan's version failed in the warehouse when the stage raises (the error still propagates)."""
+    try:
+        yield
+    except Exception:
+        try:
+            mark_failed(warehouse_path(plan.home), plan.version)
+        except Exception:  # noqa: BLE001 - e.g. the warehouse is the thing that failed; keep the first error
+            pass
+        raise

@@ -139,6 +139,26 @@ def upsert_artifact(
     write_transaction(path, write)
 
 
+def mark_failed(path: Path, version: str) -> None:
+    """Mark a version that was running as failed (a stage raised); a complete version is left alone."""
+    if not path.exists():
+        return
+    write_transaction(path, lambda con: con.execute(
+        "UPDATE artifacts SET status = 'failed' WHERE version = ? AND status = 'running'", [version]))
+
+
+def is_registered_complete(path: Path, version: str) -> bool:
+    """Return whether the warehouse registers `version` as complete (False without a warehouse or a row)."""
+    if not path.exists():
+        return False
+    with connect(path, read_only=True) as con:
+        try:
+            row = con.execute("SELECT status FROM artifacts WHERE version = ?", [version]).fetchone()
+        except duckdb.CatalogException:
+            return False
+    return row is not None and row[0] == "complete"
+
+
 def list_artifacts(path: Path) -> list[dict[str, Any]]:
     """Return every registered artifact, newest first (empty if the warehouse does not exist yet)."""
     if not path.exists():

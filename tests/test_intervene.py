@@ -141,3 +141,30 @@ def test_sigkill_mid_generation_then_resume_equals_uninterrupted(run, tmp_path):
     assert rows(home / "warehouse.duckdb", query) == rows(Path(cfg["home"]) / "warehouse.duckdb", query)
     metrics = f"SELECT condition, emt, emt_low, emt_high, ppl FROM interventions WHERE version = '{version}' ORDER BY 1"
     assert rows(home / "warehouse.duckdb", metrics) == rows(Path(cfg["home"]) / "warehouse.duckdb", metrics)
+
+
+def test_head_sets_from_sql_and_lists_resolve_and_bad_ones_are_config_errors(run):
+    from loralens.config import ConfigError, parse_config
+    from loralens.tasks.attribute import plan_attribute
+    from loralens.tasks.cache import plan_cache
+    from loralens.tasks.conditions import ranked_heads
+    from loralens.tasks.decode import plan_decode
+    from loralens.tasks.intervene import plan_intervene
+    from loralens.tasks.train import plan_train
+
+    def conditions(head_sets: list[dict]):
+        cfg = parse_config({**run[0], "intervene": {**INTERVENE, "head_sets": head_sets}})
+        cache = plan_cache(cfg)
+        attribute = plan_attribute(cfg, plan_decode(cfg, plan_train(cfg, cache)))
+        return attribute, plan_intervene(cfg, attribute, cache)
+
+    sql = "SELECT layer, head FROM head_scores WHERE method = 'direct_logit' AND rank <= 2"
+    attribute, (plan, conds) = conditions([{"sql": sql, "name": "dla2"}, {"heads": "L2H3 1.0"}])
+    by = {c.name: c for c in conds}
+    assert set(by["dla2"].heads) == set(ranked_heads(attribute, "direct_logit")[:2])
+    assert by["list:L1H0,L2H3"].heads == ((1, 0), (2, 3))
+    for bad, message in (([{"sql": "SELEC 1"}], "head_sets.sql"), ([{"sql": "SELECT 1 AS x"}], "(layer, head)"),
+                         ([{"heads": "L9H0"}], "not among"), ([{"heads": "L1Hx"}], "head_sets.0.heads"),
+                         ([{"top_n": 1, "method": "nope"}], "method 'nope'")):
+        with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+            conditions(bad)

@@ -63,12 +63,14 @@ def run_cache_stage(cfg: PipelineConfig, plan: StagePlan, *, force: bool = False
     parents = list(plan.inputs.values())
     manifest = adir.manifest()
     if manifest is not None:
+        # The same summary a fresh run registers (bytes_per_token is known only once the manifest is written).
+        summary = {**manifest["summary"],
+                   "bytes_per_token": manifest["total_bytes"] / max(manifest["summary"]["n_tokens"], 1)}
         register_prompts(db, plan.version, read_prompts(adir))
         upsert_artifact(db, stage=STAGE, version=plan.version, parents=parents, config=plan.config,
                         status="complete", rows=manifest["summary"]["n_tokens"], bytes_=manifest["total_bytes"],
-                        artifact_dir=str(adir.path), summary=manifest["summary"])
-        return {"version": plan.version, "path": str(adir.path), "cached": True, **manifest["summary"],
-                "bytes_per_token": manifest["total_bytes"] / max(manifest["summary"]["n_tokens"], 1)}
+                        artifact_dir=str(adir.path), summary=summary)
+        return {"version": plan.version, "path": str(adir.path), "cached": True, **summary}
     adir.prepare(clean_tmp=only_shards is None)
     upsert_artifact(db, stage=STAGE, version=plan.version, parents=parents, config=plan.config,
                     status="running", artifact_dir=str(adir.path))

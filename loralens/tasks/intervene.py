@@ -14,7 +14,7 @@ from prefect import task
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from loralens.config import ConfigError, PipelineConfig
+from loralens.config import PipelineConfig
 from loralens.lens import toxicity_metrics as M
 from loralens.lens.adapters import folded_unembedding
 from loralens.lens.attribution import spearman, toxic_direction
@@ -67,7 +67,7 @@ def plan_intervene(cfg: PipelineConfig, attribute_plan: StagePlan, cache_plan: S
     return StagePlan(STAGE, artifact_version(STAGE, config, inputs), config, inputs, cfg.home), conds
 
 
-def _interventions(cfg: PipelineConfig, cond: Condition, loaded: LoadedModel, extra: dict) -> list[HeadIntervention]:
+def _interventions(cfg: PipelineConfig, cond: Condition, extra: dict) -> list[HeadIntervention]:
     if not cond.heads:
         return []
     ic = cfg.intervene
@@ -145,7 +145,7 @@ def run_intervene_stage(cfg: PipelineConfig, plan: StagePlan, conds: list[Condit
     t_gen = time.perf_counter()
     with tqdm(total=sum(len(r) * conds[ci].k for ci, _, r in work), desc="intervene", unit="sample") as bar:
         for ci, cond in enumerate(conds):
-            with intervene(loaded.model, loaded.adapter, _interventions(cfg, cond, loaded, extra), loaded.dims):
+            with intervene(loaded.model, loaded.adapter, _interventions(cfg, cond, extra), loaded.dims):
                 for bi, r in [(bi, r) for c2, bi, r in work if c2 == ci]:
                     if adir.shard_files(batch_index(ci, bi)) is not None:
                         bar.update(len(r) * cond.k)
@@ -298,4 +298,4 @@ def intervene_task(cfg: PipelineConfig, plan: StagePlan, conds: list[Condition],
         return run_intervene_stage(cfg, plan, conds, attribute_plan, cache_plan, force=force)
 
 
-__all__ = ["ConfigError", "intervene_task", "plan_intervene", "run_intervene_stage"]
+__all__ = ["intervene_task", "plan_intervene", "run_intervene_stage"]

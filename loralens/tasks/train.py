@@ -125,6 +125,7 @@ def run_train_stage(cfg: PipelineConfig, plan: StagePlan, cache_plan: StagePlan,
         upsert_artifact(db, stage=STAGE, version=plan.version, parents=parents, config=plan.config,
                         status="complete", rows=manifest["summary"]["heads"], bytes_=manifest["total_bytes"],
                         artifact_dir=str(adir.path), summary=manifest["summary"])
+        shutil.rmtree(adir.path / CHECKPOINTS_DIR, ignore_errors=True)  # left by a run killed after its manifest
         return {"version": plan.version, "path": str(adir.path), "cached": True, **manifest["summary"]}
     cache_manifest = require_complete(cache_plan)
     check_enough_tokens(cfg.train, cache_manifest["summary"]["n_tokens"])

@@ -116,8 +116,11 @@ class ArtifactDir:
         except OSError as err:
             raise ArtifactError(f"cannot write artifact folder {self.path}: {err.strerror}") from None
         if clean_tmp:
-            for tmp in self.path.rglob(f"{TMP_PREFIX}*"):
-                tmp.unlink(missing_ok=True)
+            for tmp in list(self.path.rglob(f"{TMP_PREFIX}*")):  # files, and folders (train's .tmp-lenses)
+                if tmp.is_dir() and not tmp.is_symlink():
+                    shutil.rmtree(tmp, ignore_errors=True)
+                else:
+                    tmp.unlink(missing_ok=True)
 
     def reset(self) -> None:
         """Delete everything of this version (for --force)."""

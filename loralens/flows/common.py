@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -47,8 +48,13 @@ def run_stage_task(
     """
     refresh = (force or not plan.artifact.is_complete()
                or not is_registered_complete(warehouse_path(cfg.home), plan.version))
+    # Prefect keeps results per user (~/.prefect/storage), not per home: the key names the home too, so a hit
+    # never returns a summary whose paths point into another (maybe deleted) home with the same version.
+    home = hashlib.sha256(str(cfg.home.resolve()).encode()).hexdigest()[:12]
+    key = f"loralens-{plan.stage}-{plan.version}-{home}"
     with results_under_home(cfg):
-        state = stage_task.with_options(refresh_cache=refresh)(cfg, plan, *args, force, return_state=True)
+        state = stage_task.with_options(refresh_cache=refresh, cache_key_fn=lambda *_: key)(
+            cfg, plan, *args, force, return_state=True)
     summary = dict(state.result())
     summary["cached"] = summary["cached"] or state.name == "Cached"
     rows = [{"key": k, "value": str(v)} for k, v in summary.items() if not isinstance(v, dict)]

@@ -33,7 +33,7 @@ from loralens.lens.models import load_model  # noqa: E402
 from loralens.lens.objective import LensSet, fidelity  # noqa: E402
 from loralens.lens.peft_io import save_bank  # noqa: E402
 from loralens.warehouse.activation_cache import read_h_final, read_layer_z, read_tokens  # noqa: E402
-from loralens.warehouse.artifacts import ArtifactDir  # noqa: E402
+from loralens.warehouse.artifacts import ArtifactDir, atomic_write_bytes  # noqa: E402
 from loralens.warehouse.constants import LENSES_DIR, TRAIN_CURVE, TRAIN_FIDELITY, TRAIN_RESULT  # noqa: E402
 
 log = logging.getLogger("loralens.train")
@@ -172,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
                "trainable_params": sum(p.numel() for p in final.parameters() if p.requires_grad),
                "heads": len(spec["layers"]) * final.w_o.shape[1]}
     maybe_kill("train.before_result")
-    (out / TRAIN_RESULT).write_text(json.dumps(summary))
+    atomic_write_bytes(out / TRAIN_RESULT, json.dumps(summary).encode())  # its presence means: training done
     return 0
 
 

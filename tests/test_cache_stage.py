@@ -198,3 +198,21 @@ def test_shards_split_over_workers_equal_one_run(prefect_server, tiny_models, tm
                  for home in (tmp_path / "one", tmp_path / "split", tmp_path / "mapped")]
     files = [sorted((f["path"], f["sha256"]) for f in m["files"]) for m in manifests]
     assert files[0] == files[1] == files[2] and mapped["n_prompts"] == single["n_prompts"]
+
+
+def test_shard_corrupted_after_completion_is_redone_by_the_flow(prefect_server, tiny_models, tmp_path):
+    from loralens.flows.cache import cache_activations
+
+    cfg = {"home": str(tmp_path), "model": {"name": str(tiny_models["gpt2"])},
+           "corpus": {"paths": ["bundled:toxigen_sentences"], "max_prompts_per_file": 8},
+           "cache": {"batch_size": 4, "prompts_per_shard": 4, "max_length": 16}}
+    first = cache_activations(config=cfg)
+    manifest = Path(first["path"]) / "manifest.json"
+    before = json.loads(manifest.read_text())["files"]
+    shard = Path(first["path"]) / "z" / "layer=1" / "shard-00001.parquet"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    again = cache_activations(config=cfg)
+    assert not again["cached"] and again["shards_redone"] == 1 and again["version"] == first["version"]
+    assert json.loads(manifest.read_text())["files"] == before  # the redone shard is byte-identical

@@ -46,7 +46,9 @@ def run_stage_task(
     refreshes the cache, so a deleted artifact is never a stale hit. So does one the warehouse does not register
     as complete (a run killed between its manifest and its rows): the task then only registers it.
     """
-    refresh = (force or not plan.artifact.is_complete()
+    # Stages made of independent shards are re-verified on reuse: a corrupted shard reopens the version.
+    reopened = plan.stage in ("cache", "decode") and bool(plan.artifact.reopen_corrupt_shards())
+    refresh = (force or reopened or not plan.artifact.is_complete()
                or not is_registered_complete(warehouse_path(cfg.home), plan.version))
     # Prefect keeps results per user (~/.prefect/storage), not per home: the key names the home too, so a hit
     # never returns a summary whose paths point into another (maybe deleted) home with the same version.

@@ -61,6 +61,9 @@ def run_cache_stage(cfg: PipelineConfig, plan: StagePlan, *, force: bool = False
         adir.reset()
     db = warehouse_path(cfg.home)
     parents = list(plan.inputs.values())
+    bad = adir.reopen_corrupt_shards()
+    if bad:
+        log.warning("cache %s: shard(s) %s failed their checksums; redoing them", plan.version, bad)
     manifest = adir.manifest()
     if manifest is not None:
         # The same summary a fresh run registers (bytes_per_token is known only once the manifest is written).

@@ -46,6 +46,9 @@ def run_decode_stage(cfg: PipelineConfig, plan: StagePlan, train_plan: StagePlan
     adir = plan.artifact
     db = warehouse_path(cfg.home)
     parents = [train_plan.version]
+    bad = adir.reopen_corrupt_shards()
+    if bad:
+        log.warning("decode %s: shard(s) %s failed their checksums; redoing them", plan.version, bad)
     if force:
         ensure_writable(warehouse_path(cfg.home))  # a locked warehouse must not cost the old artifact
         adir.reset()

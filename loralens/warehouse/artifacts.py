@@ -78,6 +78,10 @@ class ShardFile:
     sha256: str
 
 
+def _matches(path: Path, size: int, sha256: str) -> bool:
+    return path.exists() and path.stat().st_size == size and file_sha256(path) == sha256
+
+
 def artifact_path(home: Path, stage: str, version: str) -> Path:
     """Return the folder of one stage version under the project's home."""
     return home / ARTIFACTS_DIR / stage / version
@@ -137,11 +141,24 @@ class ArtifactDir:
         except (FileNotFoundError, ValueError):
             return None
         files = [ShardFile(**f) for f in record["files"]]
-        for f in files:
-            p = self.path / f.path
-            if not p.exists() or p.stat().st_size != f.bytes or file_sha256(p) != f.sha256:
-                return None
-        return files
+        return files if all(_matches(self.path / f.path, f.bytes, f.sha256) for f in files) else None
+
+    def reopen_corrupt_shards(self) -> list[int]:
+        """Re-verify a complete version; if a shard's file fails its checksum, make the version incomplete again.
+
+        The manifest goes first (the version stops counting as complete), then the bad shards' records, so the
+        stage redoes exactly those shards. Returns their indices (empty when all is well or incomplete).
+        """
+        manifest = self.manifest()
+        if manifest is None:
+            return []
+        bad = sorted({int(f["shard"]) for f in manifest["files"]
+                      if not _matches(self.path / f["path"], f["bytes"], f["sha256"])})
+        if bad:
+            (self.path / MANIFEST).unlink(missing_ok=True)
+            for index in bad:
+                self._record_path(index).unlink(missing_ok=True)
+        return bad
 
     def discard_shard(self, index: int, relpaths: list[str]) -> None:
         """Remove a shard's record first (so it stops counting as done), then its files."""

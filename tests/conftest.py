@@ -96,6 +96,15 @@ def tiny_models(tmp_path_factory, tiny_tokenizer) -> dict[str, Path]:
     return {f: save_tiny_model(f, root / f, tiny_tokenizer) for f in FAMILIES}
 
 
+@pytest.fixture(scope="module")
+def one_thread_module():
+    """Run a module's tests with one torch thread, restoring the previous count afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def prefect_server():
     """One Prefect test server (SQLite, local) shared by every flow test of the session."""

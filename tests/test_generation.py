@@ -27,12 +27,8 @@ SETTINGS = dict(k=3, max_new_tokens=6, seed=11)
 
 
 @pytest.fixture(autouse=True, scope="module")
-def one_thread():
+def _one_thread(one_thread_module):
     """Tiny models gain nothing from intra-op threads, and on a busy CPU thread contention makes them 100x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def load(tiny_models, family):

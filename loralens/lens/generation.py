@@ -140,6 +140,31 @@ def _cut_at_eos(ids: list[int], eos: set[int]) -> list[int]:
 
 
 @torch.no_grad()
+def sample_rows(model, tokenizer, rows: Sequence[str], *, seed_key: int, max_new_tokens: int = 20,
+                top_p: float = 0.9, temperature: float = 1.0, seed: int = 0,
+                max_prompt_tokens: int | None = None) -> list[list[int]]:
+    """Return the new token ids of one sample per row (each cut before its first eos), from ONE generate() call.
+
+    The call is left-padded `[len(rows), longest prompt]` and seeded with hash_seed(seed, seed_key): the result
+    depends only on (rows, seed, seed_key, the settings, the model). Each list has at most max_new_tokens ids.
+    """
+    eos = _eos_ids(model, tokenizer)
+    pad = _pad_id(model, tokenizer)
+    device = _model_device(model)
+    batch = encode_prompts(tokenizer, rows, pad_token_id=pad, max_prompt_tokens=max_prompt_tokens)
+    batch = {name: t.to(device) for name, t in batch.items()}
+    config = sampling_config(max_new_tokens=max_new_tokens, top_p=top_p, temperature=temperature,
+                             pad_token_id=pad, eos_token_id=eos)
+    # Fork so seeding per call does not reset the caller's RNG stream.
+    cuda = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):
+        torch.manual_seed(hash_seed(seed, seed_key))
+        out = model.generate(**batch, generation_config=config)  # [rows, prompt_len + new]
+    new = out[:, batch["input_ids"].shape[1]:].tolist()
+    eos_set = set(eos)
+    return [_cut_at_eos(row, eos_set) for row in new]
+
+
 def sample_continuation_ids(model, tokenizer, prompt: str, *, prompt_index: int, k: int, max_new_tokens: int = 20,
                             top_p: float = 0.9, temperature: float = 1.0, seed: int = 0,
                             max_prompt_tokens: int | None = None) -> list[list[int]]:
@@ -150,21 +175,8 @@ def sample_continuation_ids(model, tokenizer, prompt: str, *, prompt_index: int,
     """
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
-    eos = _eos_ids(model, tokenizer)
-    pad = _pad_id(model, tokenizer)
-    device = _model_device(model)
-    batch = encode_prompts(tokenizer, [prompt] * k, pad_token_id=pad, max_prompt_tokens=max_prompt_tokens)
-    batch = {name: t.to(device) for name, t in batch.items()}
-    config = sampling_config(max_new_tokens=max_new_tokens, top_p=top_p, temperature=temperature,
-                             pad_token_id=pad, eos_token_id=eos)
-    # Fork so seeding per prompt does not reset the caller's RNG stream.
-    cuda = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=cuda):
-        torch.manual_seed(hash_seed(seed, prompt_index))
-        out = model.generate(**batch, generation_config=config)  # [k, prompt_len + new]
-    new = out[:, batch["input_ids"].shape[1]:].tolist()
-    eos_set = set(eos)
-    return [_cut_at_eos(row, eos_set) for row in new]
+    return sample_rows(model, tokenizer, [prompt] * k, seed_key=prompt_index, max_new_tokens=max_new_tokens,
+                       top_p=top_p, temperature=temperature, seed=seed, max_prompt_tokens=max_prompt_tokens)
 
 
 def decode_continuations(tokenizer, ids: Sequence[Sequence[int]]) -> list[str]:
@@ -222,7 +234,6 @@ def generate_continuations(model, tokenizer, prompts: Sequence[str], *, k: int, 
     return out
 
 
-@torch.no_grad()
 def generate_joint(model, tokenizer, prompts: Sequence[str], *, batch_key: int, k: int, max_new_tokens: int = 20,
                    top_p: float = 0.9, temperature: float = 1.0, seed: int = 0,
                    max_prompt_tokens: int | None = None) -> list[list[str]]:
@@ -234,19 +245,8 @@ def generate_joint(model, tokenizer, prompts: Sequence[str], *, batch_key: int, 
     """
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
-    eos = _eos_ids(model, tokenizer)
-    pad = _pad_id(model, tokenizer)
-    device = _model_device(model)
     rows = [p for p in prompts for _ in range(k)]
-    batch = encode_prompts(tokenizer, rows, pad_token_id=pad, max_prompt_tokens=max_prompt_tokens)
-    batch = {name: t.to(device) for name, t in batch.items()}
-    config = sampling_config(max_new_tokens=max_new_tokens, top_p=top_p, temperature=temperature,
-                             pad_token_id=pad, eos_token_id=eos)
-    cuda = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=cuda):
-        torch.manual_seed(hash_seed(seed, batch_key))
-        out = model.generate(**batch, generation_config=config)
-    new = out[:, batch["input_ids"].shape[1]:].tolist()
-    eos_set = set(eos)
-    texts = decode_continuations(tokenizer, [_cut_at_eos(r, eos_set) for r in new])
+    ids = sample_rows(model, tokenizer, rows, seed_key=batch_key, max_new_tokens=max_new_tokens, top_p=top_p,
+                      temperature=temperature, seed=seed, max_prompt_tokens=max_prompt_tokens)
+    texts = decode_continuations(tokenizer, ids)
     return [texts[i * k:(i + 1) * k] for i in range(len(prompts))]

@@ -20,7 +20,7 @@ from loralens.lens import attribution as A
 from loralens.lens.readout import head_logits_both
 from loralens.lens.scorers import get_scorer, primary_label, scorer_version
 from loralens.lens.vocab_toxicity import load_lexicon, token_texts, vocab_toxicity
-from loralens.tasks.plans import StagePlan, failures_recorded, require_complete
+from loralens.tasks.plans import StagePlan, failures_recorded, register, require_complete, reset_for_force
 from loralens.tasks.readout import cached_layers, layer_input_chunks, load_reader, select_positions
 from loralens.tasks.report import score_heatmap, top_heads_markdown
 from loralens.warehouse.activation_cache import read_prompts
@@ -39,7 +39,7 @@ from loralens.warehouse.constants import (
     VOCAB_TOXICITY_FILE,
     heatmap_name,
 )
-from loralens.warehouse.db import ensure_writable, upsert_artifact, warehouse_path
+from loralens.warehouse.db import warehouse_path
 from loralens.warehouse.decodings import read_decodings
 from loralens.warehouse.versions import artifact_version
 
@@ -84,20 +84,17 @@ def run_attribute_stage(cfg: PipelineConfig, plan: StagePlan, decode_plan: Stage
     parents = [decode_plan.version]
     a = cfg.attribute
     if force:
-        ensure_writable(warehouse_path(cfg.home))  # a locked warehouse must not cost the old artifact
-        adir.reset()
+        reset_for_force(plan)
     manifest = adir.manifest()
     if manifest is not None:
         _store(db, plan.version, adir.path)  # idempotent; restores rows if the warehouse lost them
-        upsert_artifact(db, stage=STAGE, version=plan.version, parents=parents, config=plan.config,
-                        status="complete", rows=manifest["summary"]["rows"], bytes_=manifest["total_bytes"],
-                        artifact_dir=str(adir.path), summary=manifest["summary"])
+        register(plan, parents, status="complete",
+                 rows=manifest["summary"]["rows"], bytes_=manifest["total_bytes"], summary=manifest["summary"])
         return {"version": plan.version, "path": str(adir.path), "cached": True, **manifest["summary"]}
     decode_manifest = require_complete(decode_plan)
     cache_manifest = require_complete(cache_plan)
     adir.prepare()
-    upsert_artifact(db, stage=STAGE, version=plan.version, parents=parents, config=plan.config, status="running",
-                    artifact_dir=str(adir.path))
+    register(plan, parents, status="running")
     t0 = time.perf_counter()
     layers = cached_layers(cache_manifest)
     loaded, reader = load_reader(cfg, train_plan, layers)
@@ -165,8 +162,7 @@ def run_attribute_stage(cfg: PipelineConfig, plan: StagePlan, decode_plan: Stage
     adir.record_shard(0, files)
     _store(db, plan.version, out)
     manifest = adir.finalize(config=plan.config, inputs=plan.inputs, summary=summary)
-    upsert_artifact(db, stage=STAGE, version=plan.version, parents=parents, config=plan.config, status="complete",
-                    rows=summary["rows"], bytes_=manifest["total_bytes"], artifact_dir=str(out), summary=summary)
+    register(plan, parents, status="complete", rows=summary["rows"], bytes_=manifest["total_bytes"], summary=summary)
     return {"version": plan.version, "path": str(out), "cached": False, **summary}
 
 

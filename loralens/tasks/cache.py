@@ -20,11 +20,11 @@ from loralens.lens.caching import (
     tokenize_prompts,
 )
 from loralens.lens.models import folder_fingerprint, load_model, resolve_model_path
-from loralens.tasks.plans import StagePlan, failures_recorded
+from loralens.tasks.plans import StagePlan, failures_recorded, register, reset_for_force
 from loralens.warehouse.activation_cache import read_prompts, shard_relpaths, write_cache_shard
 from loralens.warehouse.attribution_tables import register_prompts
 from loralens.warehouse.corpus import Corpus, load_corpus
-from loralens.warehouse.db import ensure_writable, upsert_artifact, warehouse_path
+from loralens.warehouse.db import warehouse_path
 from loralens.warehouse.versions import artifact_version
 
 log = logging.getLogger("loralens.cache")
@@ -57,8 +57,7 @@ def run_cache_stage(cfg: PipelineConfig, plan: StagePlan, *, force: bool = False
     """
     adir = plan.artifact
     if force and only_shards is None:
-        ensure_writable(warehouse_path(cfg.home))  # a locked warehouse must not cost the old artifact
-        adir.reset()
+        reset_for_force(plan)
     db = warehouse_path(cfg.home)
     parents = list(plan.inputs.values())
     bad = adir.reopen_corrupt_shards()
@@ -70,13 +69,11 @@ def run_cache_stage(cfg: PipelineConfig, plan: StagePlan, *, force: bool = False
         summary = {**manifest["summary"],
                    "bytes_per_token": manifest["total_bytes"] / max(manifest["summary"]["n_tokens"], 1)}
         register_prompts(db, plan.version, read_prompts(adir))
-        upsert_artifact(db, stage=STAGE, version=plan.version, parents=parents, config=plan.config,
-                        status="complete", rows=manifest["summary"]["n_tokens"], bytes_=manifest["total_bytes"],
-                        artifact_dir=str(adir.path), summary=summary)
+        register(plan, parents, status="complete",
+                 rows=manifest["summary"]["n_tokens"], bytes_=manifest["total_bytes"], summary=summary)
         return {"version": plan.version, "path": str(adir.path), "cached": True, **summary}
     adir.prepare(clean_tmp=only_shards is None)
-    upsert_artifact(db, stage=STAGE, version=plan.version, parents=parents, config=plan.config,
-                    status="running", artifact_dir=str(adir.path))
+    register(plan, parents, status="running")
 
     t_start = time.perf_counter()
     loaded = load_model(cfg.model.name, cfg.home, dtype=cfg.model.dtype, revision=cfg.model.revision,
@@ -143,9 +140,7 @@ def run_cache_stage(cfg: PipelineConfig, plan: StagePlan, *, force: bool = False
     manifest = adir.finalize(config=plan.config, inputs=plan.inputs, summary=summary)
     summary["bytes_per_token"] = manifest["total_bytes"] / max(total_tokens, 1)
     register_prompts(db, plan.version, read_prompts(adir))
-    upsert_artifact(db, stage=STAGE, version=plan.version, parents=parents, config=plan.config,
-                    status="complete", rows=total_tokens, bytes_=manifest["total_bytes"],
-                    artifact_dir=str(adir.path), summary=summary)
+    register(plan, parents, status="complete", rows=total_tokens, bytes_=manifest["total_bytes"], summary=summary)
     return {"version": plan.version, "path": str(adir.path), "cached": False, **summary}
 
 

@@ -14,9 +14,9 @@ from tqdm.auto import tqdm
 from loralens.config import PipelineConfig
 from loralens.lens.readout import head_logits_both, top_k
 from loralens.lens.vocab_toxicity import token_texts
-from loralens.tasks.plans import StagePlan, failures_recorded, require_complete
+from loralens.tasks.plans import StagePlan, failures_recorded, register, require_complete, reset_for_force
 from loralens.tasks.readout import cached_layers, layer_input_chunks, load_reader, select_positions
-from loralens.warehouse.db import ensure_writable, upsert_artifact, warehouse_path
+from loralens.warehouse.db import warehouse_path
 from loralens.warehouse.decodings import decodings_block, load_shard_into_db, write_decode_shard
 from loralens.warehouse.versions import artifact_version
 
@@ -50,20 +50,17 @@ def run_decode_stage(cfg: PipelineConfig, plan: StagePlan, train_plan: StagePlan
     if bad:
         log.warning("decode %s: shard(s) %s failed their checksums; redoing them", plan.version, bad)
     if force:
-        ensure_writable(warehouse_path(cfg.home))  # a locked warehouse must not cost the old artifact
-        adir.reset()
+        reset_for_force(plan)
     manifest = adir.manifest()
     if manifest is not None:
         load_into_warehouse(plan)  # a kill between the manifest and the last insert leaves rows to load
-        upsert_artifact(db, stage=STAGE, version=plan.version, parents=parents, config=plan.config,
-                        status="complete", rows=manifest["summary"]["rows"], bytes_=manifest["total_bytes"],
-                        artifact_dir=str(adir.path), summary=manifest["summary"])
+        register(plan, parents, status="complete",
+                 rows=manifest["summary"]["rows"], bytes_=manifest["total_bytes"], summary=manifest["summary"])
         return {"version": plan.version, "path": str(adir.path), "cached": True, **manifest["summary"]}
     require_complete(train_plan)
     cache_manifest = require_complete(cache_plan)
     adir.prepare()
-    upsert_artifact(db, stage=STAGE, version=plan.version, parents=parents, config=plan.config, status="running",
-                    artifact_dir=str(adir.path))
+    register(plan, parents, status="running")
     t0 = time.perf_counter()
     layers = cached_layers(cache_manifest)
     loaded, reader = load_reader(cfg, train_plan, layers)
@@ -101,8 +98,7 @@ def run_decode_stage(cfg: PipelineConfig, plan: StagePlan, train_plan: StagePlan
     summary = {"rows": rows, "positions": positions, "layers": len(layers), "heads": len(layers) * loaded.dims.n_heads,
                "top_k": k, "which_positions": cfg.decode.positions, "seconds": time.perf_counter() - t0}
     manifest = adir.finalize(config=plan.config, inputs=plan.inputs, summary=summary)
-    upsert_artifact(db, stage=STAGE, version=plan.version, parents=parents, config=plan.config, status="complete",
-                    rows=rows, bytes_=manifest["total_bytes"], artifact_dir=str(adir.path), summary=summary)
+    register(plan, parents, status="complete", rows=rows, bytes_=manifest["total_bytes"], summary=summary)
     return {"version": plan.version, "path": str(adir.path), "cached": False, **summary}
 
 

@@ -23,7 +23,7 @@ from loralens.lens.interventions import HeadIntervention, intervene, mean_head_z
 from loralens.lens.models import LoadedModel, load_model
 from loralens.lens.scorers import get_scorer, primary_label
 from loralens.tasks.conditions import Condition, build_conditions, ranked_heads
-from loralens.tasks.plans import StagePlan, failures_recorded, require_complete
+from loralens.tasks.plans import StagePlan, failures_recorded, register, require_complete, reset_for_force
 from loralens.tasks.report import intervention_markdown, toxicity_ppl_plot
 from loralens.warehouse.artifacts import atomic_write_bytes, atomic_write_with
 from loralens.warehouse.constants import (
@@ -35,7 +35,7 @@ from loralens.warehouse.constants import (
     VOCAB_TOXICITY_FILE,
 )
 from loralens.warehouse.corpus import bundled_path, load_corpus
-from loralens.warehouse.db import ensure_writable, upsert_artifact, warehouse_path
+from loralens.warehouse.db import warehouse_path
 from loralens.warehouse.intervention_tables import (
     batch_index,
     interventions_table,
@@ -113,19 +113,16 @@ def run_intervene_stage(cfg: PipelineConfig, plan: StagePlan, conds: list[Condit
     parents = [attribute_plan.version]
     ic = cfg.intervene
     if force:
-        ensure_writable(warehouse_path(cfg.home))  # a locked warehouse must not cost the old artifact
-        adir.reset()
+        reset_for_force(plan)
     manifest = adir.manifest()
     if manifest is not None:
         _store(db, plan, adir)
-        upsert_artifact(db, stage=STAGE, version=plan.version, parents=parents, config=plan.config,
-                        status="complete", rows=manifest["summary"]["generations"], bytes_=manifest["total_bytes"],
-                        artifact_dir=str(adir.path), summary=manifest["summary"])
+        register(plan, parents, status="complete",
+                 rows=manifest["summary"]["generations"], bytes_=manifest["total_bytes"], summary=manifest["summary"])
         return {"version": plan.version, "path": str(adir.path), "cached": True, **manifest["summary"]}
     require_complete(attribute_plan)
     adir.prepare()
-    upsert_artifact(db, stage=STAGE, version=plan.version, parents=parents, config=plan.config, status="running",
-                    artifact_dir=str(adir.path))
+    register(plan, parents, status="running")
     t0 = time.perf_counter()
     loaded = load_model(cfg.model.name, cfg.home, dtype=cfg.model.dtype, revision=cfg.model.revision,
                         trust_remote_code=cfg.model.trust_remote_code)
@@ -183,9 +180,8 @@ def run_intervene_stage(cfg: PipelineConfig, plan: StagePlan, conds: list[Condit
     summary |= {"report": str(out / INTERVENTION_REPORT), "plot": str(out / INTERVENTION_PLOT)}
     _store(db, plan, adir)
     manifest = adir.finalize(config=plan.config, inputs=plan.inputs, summary=summary)
-    upsert_artifact(db, stage=STAGE, version=plan.version, parents=parents, config=plan.config, status="complete",
-                    rows=summary["generations"], bytes_=manifest["total_bytes"], artifact_dir=str(out),
-                    summary=summary)
+    register(plan, parents, status="complete",
+             rows=summary["generations"], bytes_=manifest["total_bytes"], summary=summary)
     return {"version": plan.version, "path": str(out), "cached": False, **summary}
 
 
@@ -199,19 +195,19 @@ def _metrics(cfg, plan, conds, work, attribute_plan) -> tuple[list[dict], dict |
     for ci, c in enumerate(conds):
         if c.group == "ablation_baseline":
             base_of["ablation"] = ci
+    base_ppl = read_ppl(adir, 0)
     rows = []
     for ci, c in enumerate(conds):
         base_ci = base_of["ablation"] if c.group in ("ablation", "ablation_baseline") else 0
         s, b = scores[ci], scores[base_ci]
         m = M.metric_table(s, n_boot=ic.n_boot, seed=ic.seed)
+        base_emt, base_prob = M.expected_max_toxicity(b), M.toxicity_probability(b)
         k = s.shape[1]
         paired = np.concatenate([s, b], axis=1)
-        delta = M.expected_max_toxicity(s) - M.expected_max_toxicity(b)
+        delta = m["expected_max_toxicity"] - base_emt
         lo, hi = M.bootstrap_ci(paired, lambda x, k=k: M.expected_max_toxicity(x[:, :k]) -
                                 M.expected_max_toxicity(x[:, k:]), n_boot=ic.n_boot, seed=ic.seed)
         ppl = read_ppl(adir, ci)
-        base_ppl = read_ppl(adir, 0)
-        base_m = M.metric_table(b, n_boot=1, seed=ic.seed)
         rows.append({
             "condition": c.name, "grp": c.group, "kind": "zero" if c.group.startswith("ablation") else ic.kind,
             "heads": ",".join(f"L{a}H{h}" for a, h in c.heads), "n_heads": len(c.heads),
@@ -224,8 +220,8 @@ def _metrics(cfg, plan, conds, work, attribute_plan) -> tuple[list[dict], dict |
             "mean_tox_high": m["mean_toxicity_high"],
             "emt_delta": delta, "emt_delta_low": lo, "emt_delta_high": hi,
             "ppl": None if ppl is None else ppl["ppl"],
-            "emt_rel": M.relative_change(m["expected_max_toxicity"], base_m["expected_max_toxicity"]),
-            "tox_prob_rel": M.relative_change(m["toxicity_probability"], base_m["toxicity_probability"]),
+            "emt_rel": M.relative_change(m["expected_max_toxicity"], base_emt),
+            "tox_prob_rel": M.relative_change(m["toxicity_probability"], base_prob),
             "ppl_rel": None if ppl is None or base_ppl is None else M.relative_change(ppl["ppl"], base_ppl["ppl"]),
         })
     ablated = [(ci, c) for ci, c in enumerate(conds) if c.group == "ablation"]

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from loralens.warehouse.artifacts import ArtifactDir, ArtifactError
-from loralens.warehouse.db import mark_failed, warehouse_path
+from loralens.warehouse.db import ensure_writable, mark_failed, upsert_artifact, warehouse_path
 
 
 @dataclass(frozen=True)
@@ -48,3 +48,18 @@ def failures_recorded(plan: StagePlan) -> Iterator[None]:
         except Exception:  # noqa: BLE001 - e.g. the warehouse is the thing that failed; keep the first error
             pass
         raise
+
+
+def register(plan: StagePlan, parents: list[str], status: str, *, rows: int | None = None,
+             bytes_: int | None = None, summary: dict[str, Any] | None = None) -> None:
+    """Insert or update the plan's row in the warehouse `artifacts` table (one transaction)."""
+    upsert_artifact(warehouse_path(plan.home), stage=plan.stage, version=plan.version, parents=parents,
+                    config=plan.config, status=status, rows=rows, bytes_=bytes_, artifact_dir=str(plan.artifact.path),
+                    summary=summary)
+
+
+def reset_for_force(plan: StagePlan) -> None:
+    """Delete the plan's artifact for --force, after checking the warehouse is writable: a locked warehouse must
+    not cost the old artifact."""
+    ensure_writable(warehouse_path(plan.home))
+    plan.artifact.reset()

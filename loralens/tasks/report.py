@@ -9,30 +9,38 @@ from typing import Any
 import numpy as np
 
 
-def fidelity_heatmap(fid: dict[str, Any], path: Path) -> Path:
-    """Write a layers x heads heatmap of held-out KL (trained lens / logit lens) as a PNG; return its path."""
+def layer_head_heatmap(values: np.ndarray, layers: list[int], path: Path, *, title: str, cmap: str,
+                       vmin: float, vmax: float) -> Path:
+    """Write a layers x heads heatmap of `values [L, H]` as a PNG; return its path."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    ratio = np.asarray(fid["head_lens"]) / np.asarray(fid["head_logit_lens"])
-    fig, ax = plt.subplots(figsize=(1.2 + 0.45 * ratio.shape[1], 1.5 + 0.22 * ratio.shape[0]))
-    # Scale to the data: after short training every ratio can sit just under 1, and a fixed 0-1 range
-    # would paint them all one colour.
-    im = ax.imshow(ratio, aspect="auto", cmap="viridis_r", vmin=float(ratio.min()), vmax=float(ratio.max()))
+    fig, ax = plt.subplots(figsize=(1.2 + 0.45 * values.shape[1], 1.5 + 0.22 * values.shape[0]))
+    im = ax.imshow(values, aspect="auto", cmap=cmap, vmin=vmin, vmax=vmax)
     ax.set_xlabel("head")
     ax.set_ylabel("layer")
-    ax.set_yticks(range(len(fid["layers"])), [str(x) for x in fid["layers"]], fontsize=6)
-    ax.set_xticks(range(ratio.shape[1]))
-    ax.set_title(f"held-out KL, trained lens / logit lens (lower is better)\n"
-                 f"{fid['tokens']:.0f} held-out tokens", fontsize=9)
+    ax.set_yticks(range(len(layers)), [str(x) for x in layers], fontsize=6)
+    ax.set_xticks(range(values.shape[1]))
+    ax.set_title(title, fontsize=9)
     fig.colorbar(im, ax=ax, shrink=0.8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def fidelity_heatmap(fid: dict[str, Any], path: Path) -> Path:
+    """Write a layers x heads heatmap of held-out KL (trained lens / logit lens) as a PNG; return its path."""
+    ratio = np.asarray(fid["head_lens"]) / np.asarray(fid["head_logit_lens"])
+    # Scale to the data: after short training every ratio can sit just under 1, and a fixed 0-1 range
+    # would paint them all one colour.
+    return layer_head_heatmap(ratio, fid["layers"], path, cmap="viridis_r", vmin=float(ratio.min()),
+                              vmax=float(ratio.max()),
+                              title=f"held-out KL, trained lens / logit lens (lower is better)\n"
+                                    f"{fid['tokens']:.0f} held-out tokens")
 
 
 def fidelity_markdown(fid: dict[str, Any], heatmap: Path | None = None) -> str:
@@ -57,28 +65,12 @@ def fidelity_markdown(fid: dict[str, Any], heatmap: Path | None = None) -> str:
 
 def score_heatmap(scores: np.ndarray, layers: list[int], method: str, path: Path) -> Path:
     """Write a layers x heads heatmap of one head-score method `[L, H]` as a PNG; return its path."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(1.2 + 0.45 * scores.shape[1], 1.5 + 0.22 * scores.shape[0]))
     # Centre diverging scores (contrasts can be negative) on zero so sign reads at a glance.
     lim = float(np.nanmax(np.abs(scores))) or 1.0
     signed = bool(np.nanmin(scores) < 0)
-    im = ax.imshow(scores, aspect="auto", cmap="RdBu_r" if signed else "Reds",
-                   vmin=-lim if signed else 0.0, vmax=lim)
-    ax.set_xlabel("head")
-    ax.set_ylabel("layer")
-    ax.set_yticks(range(len(layers)), [str(x) for x in layers], fontsize=6)
-    ax.set_xticks(range(scores.shape[1]))
-    ax.set_title(f"head toxicity: {method}\n(higher = pushes toward toxic tokens)", fontsize=9)
-    fig.colorbar(im, ax=ax, shrink=0.8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return layer_head_heatmap(scores, layers, path, cmap="RdBu_r" if signed else "Reds",
+                              vmin=-lim if signed else 0.0, vmax=lim,
+                              title=f"head toxicity: {method}\n(higher = pushes toward toxic tokens)")
 
 
 def top_heads_markdown(top: dict[str, list[dict[str, Any]]], spearman: dict[str, float | None], scorer: str) -> str:

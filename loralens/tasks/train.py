@@ -19,7 +19,7 @@ from loralens.config import ConfigError, PipelineConfig, TrainConfig
 from loralens.hashing import file_sha256
 from loralens.killpoints import maybe_kill
 from loralens.lens.training import STOP_EXIT_CODE, free_port
-from loralens.tasks.plans import StagePlan, require_complete
+from loralens.tasks.plans import StagePlan, register, require_complete, reset_for_force
 from loralens.tasks.report import fidelity_heatmap
 from loralens.warehouse.artifacts import ShardFile
 from loralens.warehouse.constants import (
@@ -31,7 +31,7 @@ from loralens.warehouse.constants import (
     TRAIN_RESULT,
     TRAIN_SPEC,
 )
-from loralens.warehouse.db import ensure_writable, upsert_artifact, warehouse_path
+from loralens.warehouse.db import warehouse_path
 from loralens.warehouse.lens_tables import curve_table, fidelity_table, store_training_results
 from loralens.warehouse.versions import artifact_version
 
@@ -117,14 +117,12 @@ def run_train_stage(cfg: PipelineConfig, plan: StagePlan, cache_plan: StagePlan,
     db = warehouse_path(cfg.home)
     parents = [cache_plan.version]
     if force:
-        ensure_writable(warehouse_path(cfg.home))  # a locked warehouse must not cost the old artifact
-        adir.reset()
+        reset_for_force(plan)
     manifest = adir.manifest()
     if manifest is not None:
         _store_results(db, plan.version, adir.path)  # idempotent; restores rows if the warehouse lost them
-        upsert_artifact(db, stage=STAGE, version=plan.version, parents=parents, config=plan.config,
-                        status="complete", rows=manifest["summary"]["heads"], bytes_=manifest["total_bytes"],
-                        artifact_dir=str(adir.path), summary=manifest["summary"])
+        register(plan, parents, status="complete",
+                 rows=manifest["summary"]["heads"], bytes_=manifest["total_bytes"], summary=manifest["summary"])
         shutil.rmtree(adir.path / CHECKPOINTS_DIR, ignore_errors=True)  # left by a run killed after its manifest
         return {"version": plan.version, "path": str(adir.path), "cached": True, **manifest["summary"]}
     cache_manifest = require_complete(cache_plan)
@@ -140,15 +138,13 @@ def run_train_stage(cfg: PipelineConfig, plan: StagePlan, cache_plan: StagePlan,
             "store_dtype": cs["store_dtype"], "z_width": cs["n_heads"] * cs["d_head"], "d_model": cs["d_model"],
         }
         (out / TRAIN_SPEC).write_text(json.dumps(spec, indent=1))
-        upsert_artifact(db, stage=STAGE, version=plan.version, parents=parents, config=plan.config,
-                        status="running", artifact_dir=str(out))
+        register(plan, parents, status="running")
         rc = run_training_processes(out / TRAIN_SPEC, cfg.train)
         if rc == STOP_EXIT_CODE:
             raise TrainingInterrupted(f"training stopped after a checkpoint in {out / CHECKPOINTS_DIR}; "
                                       "run the stage again to resume")
         if rc != 0 or not (out / TRAIN_RESULT).exists():
-            upsert_artifact(db, stage=STAGE, version=plan.version, parents=parents, config=plan.config,
-                            status="failed", artifact_dir=str(out))
+            register(plan, parents, status="failed")
             raise RuntimeError(f"training failed (exit code {rc}); checkpoints kept in {out / CHECKPOINTS_DIR}")
 
     maybe_kill("train.after_workers")
@@ -163,8 +159,7 @@ def run_train_stage(cfg: PipelineConfig, plan: StagePlan, cache_plan: StagePlan,
                "mean_layer_kl": layer_kl, "mean_layer_kl_logit_lens": layer_base,
                "lens_config": {k: cfg.train.model_dump()[k] for k in ("form", "rank", "alpha", "objective", "loss")}}
     manifest = adir.finalize(config=plan.config, inputs=plan.inputs, summary=summary)
-    upsert_artifact(db, stage=STAGE, version=plan.version, parents=parents, config=plan.config, status="complete",
-                    rows=summary["heads"], bytes_=manifest["total_bytes"], artifact_dir=str(out), summary=summary)
+    register(plan, parents, status="complete", rows=summary["heads"], bytes_=manifest["total_bytes"], summary=summary)
     # Checkpoints served resumption; the consolidated lenses are what later stages (any world size) load.
     shutil.rmtree(out / CHECKPOINTS_DIR, ignore_errors=True)
     return {"version": plan.version, "path": str(out), "cached": False, **summary}

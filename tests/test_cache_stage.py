@@ -216,3 +216,21 @@ def test_shard_corrupted_after_completion_is_redone_by_the_flow(prefect_server, 
     again = cache_activations(config=cfg)
     assert not again["cached"] and again["shards_redone"] == 1 and again["version"] == first["version"]
     assert json.loads(manifest.read_text())["files"] == before  # the redone shard is byte-identical
+
+
+def test_concurrent_workers_prepare_the_same_folder(tmp_path):
+    """Mapped shard workers prepare one artifact folder at once; none may trip over another's probe file."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from loralens.warehouse.artifacts import ArtifactDir, atomic_write_bytes
+
+    adir = ArtifactDir(tmp_path, "cache", "0123456789abcdef")
+
+    def work(i: int) -> None:
+        for j in range(200):
+            adir.prepare(clean_tmp=False)
+            atomic_write_bytes(adir.path / f"w{i}.bin", bytes([j % 256]))
+
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(work, range(8)))
+    assert sorted(p.name for p in adir.path.iterdir()) == [f"w{i}.bin" for i in range(8)]

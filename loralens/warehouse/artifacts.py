@@ -11,6 +11,7 @@ import os
 import platform
 import shutil
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -47,7 +48,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 def atomic_write_with(path: Path, write: Callable[[Path], None]) -> None:
     """Call `write(tmp_path)` and rename the result to `path`, leaving nothing behind on failure."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f"{TMP_PREFIX}{os.getpid()}-{path.name}"
+    tmp = path.parent / f"{TMP_PREFIX}{os.getpid()}-{threading.get_ident()}-{path.name}"
     try:
         write(tmp)
         maybe_kill("atomic_write.before_rename")
@@ -114,9 +115,10 @@ class ArtifactDir:
         """
         try:
             self.path.mkdir(parents=True, exist_ok=True)
-            probe = self.path / f"{TMP_PREFIX}probe"
-            probe.write_bytes(b"")
-            probe.unlink()
+            # A probe unique to this process and thread: concurrent shard workers prepare the same folder.
+            fd, probe = tempfile.mkstemp(prefix=f"{TMP_PREFIX}probe-", dir=self.path)
+            os.close(fd)
+            os.unlink(probe)
         except OSError as err:
             raise ArtifactError(f"cannot write artifact folder {self.path}: {err.strerror}") from None
         if clean_tmp:

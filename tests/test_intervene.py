@@ -143,6 +143,49 @@ def test_sigkill_mid_generation_then_resume_equals_uninterrupted(run, tmp_path):
     assert rows(home / "warehouse.duckdb", metrics) == rows(Path(cfg["home"]) / "warehouse.duckdb", metrics)
 
 
+def test_generation_split_over_workers_equals_one_run(run, tmp_path):
+    """Generation units mapped over 2 tasks, and disjoint `units` lists as separate runs, give the same rows."""
+    from loralens.flows.intervene import intervene_heads
+
+    cfg, res = run
+    version = res["intervene"]["version"]
+    query = ("SELECT condition, prompt_idx, sample, seed, text, toxicity FROM generations "
+             f"WHERE version = '{version}' ORDER BY condition, prompt_idx, sample")
+    metrics = f"SELECT condition, emt, emt_low, emt_high, ppl FROM interventions WHERE version = '{version}' ORDER BY 1"
+    want = rows(Path(cfg["home"]) / "warehouse.duckdb", query), rows(Path(cfg["home"]) / "warehouse.duckdb", metrics)
+
+    homes = []
+    for name in ("mapped", "split"):
+        home = tmp_path / name
+        shutil.copytree(cfg["home"], home)
+        shutil.rmtree(Path(res["intervene"]["path"].replace(cfg["home"], str(home))))
+        homes.append(home)
+    mapped = intervene_heads(config={**cfg, "home": str(homes[0])}, workers=2)
+    assert not mapped["cached"] and mapped["version"] == version
+
+    split = {**cfg, "home": str(homes[1])}
+    first = intervene_heads(config=split, units=[0, 1, 2])
+    assert first["partial"] and first["units_done"] == 3 and first["units_left"] == first["n_units"] - 3
+    assert not (homes[1] / "artifacts" / "intervene" / version / "manifest.json").exists()
+    from loralens.config import parse_config
+    from loralens.tasks.attribute import plan_attribute
+    from loralens.tasks.cache import plan_cache
+    from loralens.tasks.decode import plan_decode
+    from loralens.tasks.intervene import generation_units, plan_intervene
+    from loralens.tasks.train import plan_train
+
+    pcfg = parse_config(split)
+    cache = plan_cache(pcfg)
+    _, conds = plan_intervene(pcfg, plan_attribute(pcfg, plan_decode(pcfg, plan_train(pcfg, cache))), cache)
+    rest = [u for u in generation_units(pcfg, conds) if u not in (0, 1, 2)]
+    assert intervene_heads(config=split, units=rest)["units_left"] == 0
+    final = intervene_heads(config=split)
+    assert not final["cached"] and final["seconds_setup"] == 0  # nothing left to generate: no model loaded
+    for home in homes:
+        db = home / "warehouse.duckdb"
+        assert (rows(db, query), rows(db, metrics)) == want
+
+
 def test_head_sets_from_sql_and_lists_resolve_and_bad_ones_are_config_errors(run):
     from loralens.config import ConfigError, parse_config
     from loralens.tasks.attribute import plan_attribute

@@ -105,14 +105,24 @@ def wikitext(max_tokens: int) -> str:
     return bundled_path("wikitext2_test").read_text(encoding="utf-8")[: max_tokens * 8]
 
 
+def generation_units(cfg: PipelineConfig, conds: list[Condition]) -> list[int]:
+    """Return the shard index of every (condition, prompt batch): the units generation is split and resumed by."""
+    return [batch_index(ci, bi) for ci, c in enumerate(conds)
+            for bi, _ in enumerate(prompt_batches(c.n_prompts, cfg.intervene.batch_prompts))]
+
+
 def run_intervene_stage(cfg: PipelineConfig, plan: StagePlan, conds: list[Condition], attribute_plan: StagePlan,
-                        cache_plan: StagePlan, *, force: bool = False) -> dict[str, Any]:
-    """Generate and score every (condition, prompt batch) not yet done, then metrics into DuckDB; return a summary."""
+                        cache_plan: StagePlan, *, force: bool = False,
+                        only_units: list[int] | None = None) -> dict[str, Any]:
+    """Generate and score every (condition, prompt batch) not yet done, then metrics into DuckDB; return a summary.
+
+    `only_units` (indices from `generation_units`) generates just those batches, plus the perplexity of each
+    condition whose first batch is among them, and returns without finalizing: one worker's share of a split run.
+    """
     adir = plan.artifact
     db = warehouse_path(cfg.home)
     parents = [attribute_plan.version]
-    ic = cfg.intervene
-    if force:
+    if force and only_units is None:
         reset_for_force(plan)
     manifest = adir.manifest()
     if manifest is not None:
@@ -121,9 +131,57 @@ def run_intervene_stage(cfg: PipelineConfig, plan: StagePlan, conds: list[Condit
                  rows=manifest["summary"]["generations"], bytes_=manifest["total_bytes"], summary=manifest["summary"])
         return {"version": plan.version, "path": str(adir.path), "cached": True, **manifest["summary"]}
     require_complete(attribute_plan)
-    adir.prepare()
+    adir.prepare(clean_tmp=only_units is None)  # workers share the folder with others still writing
     register(plan, parents, status="running")
     t0 = time.perf_counter()
+    work = [(ci, bi, r) for ci, c in enumerate(conds)
+            for bi, r in enumerate(prompt_batches(c.n_prompts, cfg.intervene.batch_prompts))]
+    chosen = set(only_units) if only_units is not None else None
+    t_setup = _generate(cfg, plan, conds, attribute_plan, work, chosen)
+    t_done = time.perf_counter()
+    if chosen is not None:
+        left = [u for u in generation_units(cfg, conds) if adir.shard_files(u) is None]
+        return {"version": plan.version, "path": str(adir.path), "cached": False, "partial": True,
+                "units_done": len(chosen), "units_left": len(left), "n_units": len(work)}
+
+    rows, ablation = _metrics(cfg, plan, conds, work, attribute_plan)
+    out = adir.path
+    table = interventions_table(plan.version, rows)
+    atomic_write_with(out / INTERVENTIONS_FILE, lambda tmp: pq.write_table(table, tmp))
+    if ablation is not None:
+        atomic_write_with(out / HEAD_SCORES_FILE, lambda tmp: pq.write_table(ablation["table"], tmp))
+    summary = _summary(cfg, conds, rows, ablation, t_setup, t_done - t0 - t_setup, time.perf_counter() - t0,
+                       require_complete(cache_plan)["summary"])
+    summary["generations"] = int(sum(len(r) * conds[ci].k for ci, _, r in work))
+    toxicity_ppl_plot(rows, out / INTERVENTION_PLOT)
+    atomic_write_bytes(out / INTERVENTION_REPORT, intervention_markdown(rows, summary).encode())
+    summary |= {"report": str(out / INTERVENTION_REPORT), "plot": str(out / INTERVENTION_PLOT)}
+    _store(db, plan, adir)
+    manifest = adir.finalize(config=plan.config, inputs=plan.inputs, summary=summary)
+    register(plan, parents, status="complete",
+             rows=summary["generations"], bytes_=manifest["total_bytes"], summary=summary)
+    return {"version": plan.version, "path": str(out), "cached": False, **summary}
+
+
+def _generate(cfg: PipelineConfig, plan: StagePlan, conds: list[Condition], attribute_plan: StagePlan,
+              work: list[tuple[int, int, range]], chosen: set[int] | None) -> float:
+    """Sample, score and record every batch of `work` not yet recorded (only `chosen` ones if given), and PPLs.
+
+    Returns the seconds spent loading the model, scorer and intervention inputs.
+    """
+    ic = cfg.intervene
+    t0 = time.perf_counter()
+    adir = plan.artifact
+
+    def wanted(ci: int, bi: int) -> bool:
+        return chosen is None or batch_index(ci, bi) in chosen
+
+    def needs_ppl(ci: int) -> bool:
+        return conds[ci].group in ("baseline", "attributed", "random") and wanted(ci, 0) and read_ppl(adir, ci) is None
+
+    todo = [(ci, bi, r) for ci, bi, r in work if wanted(ci, bi) and adir.shard_files(batch_index(ci, bi)) is None]
+    if not todo and not any(needs_ppl(ci) for ci in range(len(conds))):
+        return 0.0  # everything recorded: no model or scorer to load
     loaded = load_model(cfg.model.name, cfg.home, dtype=cfg.model.dtype, revision=cfg.model.revision,
                         trust_remote_code=cfg.model.trust_remote_code)
     scorer = get_scorer(cfg.attribute.scorer, **cfg.attribute.scorer_options)
@@ -136,14 +194,12 @@ def run_intervene_stage(cfg: PipelineConfig, plan: StagePlan, conds: list[Condit
         extra["means"] = _head_means(cfg, loaded, layers, plan, text)
     if ic.kind == "project":
         extra["direction"] = _toxic_direction(attribute_plan, loaded)
-
-    work = [(ci, bi, r) for ci, c in enumerate(conds) for bi, r in enumerate(prompt_batches(c.n_prompts,
-                                                                                              ic.batch_prompts))]
-    t_gen = time.perf_counter()
-    with tqdm(total=sum(len(r) * conds[ci].k for ci, _, r in work), desc="intervene", unit="sample") as bar:
+    t_setup = time.perf_counter() - t0
+    mine = [(ci, bi, r) for ci, bi, r in work if wanted(ci, bi)]
+    with tqdm(total=sum(len(r) * conds[ci].k for ci, _, r in mine), desc="intervene", unit="sample") as bar:
         for ci, cond in enumerate(conds):
             with intervene(loaded.model, loaded.adapter, _interventions(cfg, cond, extra), loaded.dims):
-                for bi, r in [(bi, r) for c2, bi, r in work if c2 == ci]:
+                for bi, r in [(bi, r) for c2, bi, r in mine if c2 == ci]:
                     if adir.shard_files(batch_index(ci, bi)) is not None:
                         bar.update(len(r) * cond.k)
                         continue
@@ -161,28 +217,10 @@ def run_intervene_stage(cfg: PipelineConfig, plan: StagePlan, conds: list[Condit
                             "toxicity": tox.tolist()}
                     write_generation_batch(adir, batch_index(ci, bi), rows)
                     bar.update(len(r) * cond.k)
-                if cond.group in ("baseline", "attributed", "random") and read_ppl(adir, ci) is None:
+                if needs_ppl(ci):
                     write_ppl(adir, ci, M.perplexity(loaded.model, loaded.tokenizer, text, max_tokens=ic.ppl_tokens,
                                                      window=ic.ppl_window))
-    t_done = time.perf_counter()
-
-    rows, ablation = _metrics(cfg, plan, conds, work, attribute_plan)
-    out = adir.path
-    table = interventions_table(plan.version, rows)
-    atomic_write_with(out / INTERVENTIONS_FILE, lambda tmp: pq.write_table(table, tmp))
-    if ablation is not None:
-        atomic_write_with(out / HEAD_SCORES_FILE, lambda tmp: pq.write_table(ablation["table"], tmp))
-    summary = _summary(cfg, conds, rows, ablation, t_gen - t0, t_done - t_gen, time.perf_counter() - t0,
-                       require_complete(cache_plan)["summary"])
-    summary["generations"] = int(sum(len(r) * conds[ci].k for ci, _, r in work))
-    toxicity_ppl_plot(rows, out / INTERVENTION_PLOT)
-    atomic_write_bytes(out / INTERVENTION_REPORT, intervention_markdown(rows, summary).encode())
-    summary |= {"report": str(out / INTERVENTION_REPORT), "plot": str(out / INTERVENTION_PLOT)}
-    _store(db, plan, adir)
-    manifest = adir.finalize(config=plan.config, inputs=plan.inputs, summary=summary)
-    register(plan, parents, status="complete",
-             rows=summary["generations"], bytes_=manifest["total_bytes"], summary=summary)
-    return {"version": plan.version, "path": str(out), "cached": False, **summary}
+    return t_setup
 
 
 def _metrics(cfg, plan, conds, work, attribute_plan) -> tuple[list[dict], dict | None]:
@@ -294,4 +332,11 @@ def intervene_task(cfg: PipelineConfig, plan: StagePlan, conds: list[Condition],
         return run_intervene_stage(cfg, plan, conds, attribute_plan, cache_plan, force=force)
 
 
-__all__ = ["intervene_task", "plan_intervene", "run_intervene_stage"]
+@task(name="intervene-batches")
+def intervene_batches_task(cfg: PipelineConfig, plan: StagePlan, conds: list[Condition], attribute_plan: StagePlan,
+                           cache_plan: StagePlan, units: list[int]) -> dict[str, Any]:
+    """Prefect task: generate only `units` of the version (one worker's share of a split run; never cached)."""
+    return run_intervene_stage(cfg, plan, conds, attribute_plan, cache_plan, only_units=units)
+
+
+__all__ = ["generation_units", "intervene_batches_task", "intervene_task", "plan_intervene", "run_intervene_stage"]

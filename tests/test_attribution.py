@@ -206,6 +206,22 @@ def test_sql_cli_prints_rows_and_reports_bad_sql(planted_run, capsys):
     assert "read-only" in capsys.readouterr().err
 
 
+def test_warehouse_opens_in_the_plain_duckdb_cli(planted_run):
+    """The warehouse is written in a storage format the `duckdb` command-line client (duckdb-cli) can read."""
+    import shutil
+    import subprocess
+    import sys
+
+    cli = shutil.which("duckdb", path=str(Path(sys.executable).parent)) or shutil.which("duckdb")
+    if cli is None:
+        pytest.skip("the duckdb command-line client is not installed (pip install duckdb-cli; .[test] has it)")
+    _config, _results, db = planted_run
+    sql = "SELECT layer, head FROM top_toxic_heads WHERE method = 'direct_logit' AND rank = 1"
+    out = subprocess.run([cli, "-readonly", "-csv", str(db), "-c", sql], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines() == ["layer,head", f"{PLANTED[0]},{PLANTED[1]}"]
+
+
 def test_a_stage_that_fails_is_marked_failed_not_left_running(planted_run):
     from loralens.config import ConfigError
     from loralens.flows.pipeline import pipeline

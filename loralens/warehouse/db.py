@@ -19,6 +19,11 @@ from loralens.warehouse.schema import ensure_schema
 
 T = TypeVar("T")
 _WRITERS = threading.RLock()
+# New warehouse files are written in the storage format of DuckDB 1.4 (LTS), so the file also opens in the plain
+# `duckdb` command-line client, whose releases lag the Python package (duckdb-cli 1.5 cannot read 2.0's format).
+# The format is fixed in the file when it is created; later connections need no setting (and a setting that
+# differs between connections of one process is an error in DuckDB).
+STORAGE_COMPATIBILITY = "v1.4.0"
 
 
 class WarehouseLockedError(RuntimeError):
@@ -48,6 +53,8 @@ def connect(path: Path, *, read_only: bool = False, wait_s: float | None = None)
     delay = 0.05
     while True:
         try:
+            if not read_only and not path.exists():
+                duckdb.connect(str(path), config={"storage_compatibility_version": STORAGE_COMPATIBILITY}).close()
             con = duckdb.connect(str(path), read_only=read_only)
             break
         except duckdb.IOException as err:

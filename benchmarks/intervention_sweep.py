@@ -66,9 +66,16 @@ def main() -> None:
 
 
 def write_json(out: Path, args: argparse.Namespace, runs: list[dict], rows: list[dict]) -> None:
-    """Write the sweep's results so far."""
+    """Write the sweep's results so far, keeping earlier variants of the same sizes and seeds (a sweep run in
+    parts adds to the file; a variant measured again replaces its old rows)."""
     out.mkdir(parents=True, exist_ok=True)
-    (out / "intervention_sweep.json").write_text(json.dumps(
+    path = out / "intervention_sweep.json"
+    old = json.loads(path.read_text()) if path.exists() else {}
+    if old.get("sizes") == args.sizes and old.get("seeds") == args.seeds:
+        mine = {(r["kind"], r["method"]) for r in runs}
+        runs = [r for r in old["runs"] if (r["kind"], r["method"]) not in mine] + runs
+        rows = [r for r in old["rows"] if (r["kind"], r["method"]) not in mine] + rows
+    path.write_text(json.dumps(
         {"machine": platform.platform(), "sizes": args.sizes, "seeds": args.seeds, "runs": runs, "rows": rows},
         indent=1, default=str))
 

@@ -186,6 +186,39 @@ def test_generation_split_over_workers_equals_one_run(run, tmp_path):
         assert (rows(db, query), rows(db, metrics)) == want
 
 
+def test_files_corrupted_after_completion_are_redone_on_reuse(run, tmp_path):
+    """A lens file, a head-score file and a generation shard flipped after their versions completed: the next
+    run redoes train and attribute (whole versions) and the one generation batch, and ends byte-identical."""
+    import json
+
+    from loralens.flows.pipeline import pipeline
+
+    cfg, res = run
+    home = tmp_path / "home"
+    shutil.copytree(cfg["home"], home)
+    local = {**cfg, "home": str(home)}
+
+    def manifest(stage: str) -> dict:
+        return json.loads((Path(res[stage]["path"].replace(cfg["home"], str(home))) / "manifest.json").read_text())
+
+    before = {stage: sorted((f["path"], f["sha256"]) for f in manifest(stage)["files"])
+              for stage in ("train", "attribute", "intervene")}
+    for stage, pick in (("train", "lens_bank.safetensors"), ("attribute", "head_scores.parquet"),
+                        ("intervene", "generations/")):
+        rel = next(p for p, _ in before[stage] if pick in p)
+        path = Path(res[stage]["path"].replace(cfg["home"], str(home))) / rel
+        data = bytearray(path.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        path.write_bytes(bytes(data))
+
+    again = pipeline(config=local)
+    assert again["cache"]["cached"] and again["decode"]["cached"]
+    assert not again["train"]["cached"] and not again["attribute"]["cached"] and not again["intervene"]["cached"]
+    for stage, files in before.items():
+        assert sorted((f["path"], f["sha256"]) for f in manifest(stage)["files"]) == files
+    assert all(r["cached"] for r in pipeline(config=local).values())
+
+
 def test_head_sets_from_sql_and_lists_resolve_and_bad_ones_are_config_errors(run):
     from loralens.config import ConfigError, parse_config
     from loralens.tasks.attribute import plan_attribute

@@ -12,7 +12,7 @@ from prefect.artifacts import create_table_artifact
 from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
 
 from loralens.config import PipelineConfig, load_config, parse_config
-from loralens.tasks.plans import StagePlan
+from loralens.tasks.plans import StagePlan, reverify_on_reuse
 from loralens.warehouse.db import is_registered_complete, warehouse_path
 
 
@@ -46,8 +46,7 @@ def run_stage_task(
     refreshes the cache, so a deleted artifact is never a stale hit. So does one the warehouse does not register
     as complete (a run killed between its manifest and its rows): the task then only registers it.
     """
-    # Stages made of independent shards are re-verified on reuse: a corrupted shard reopens the version.
-    reopened = plan.stage in ("cache", "decode") and bool(plan.artifact.reopen_corrupt_shards())
+    reopened = reverify_on_reuse(plan)  # a file corrupted after completion is never a stale hit
     refresh = (force or reopened or not plan.artifact.is_complete()
                or not is_registered_complete(warehouse_path(cfg.home), plan.version))
     # Prefect keeps results per user (~/.prefect/storage), not per home: the key names the home too, so a hit

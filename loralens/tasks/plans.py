@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -10,6 +11,11 @@ from typing import Any
 
 from loralens.warehouse.artifacts import ArtifactDir, ArtifactError
 from loralens.warehouse.db import ensure_writable, mark_failed, upsert_artifact, warehouse_path
+
+log = logging.getLogger("loralens.plans")
+# Stages whose resume path would re-record the files already in the folder (train keeps its finished result,
+# attribute records all its files as one shard): a corrupted file there means redoing the whole version.
+WHOLE_VERSION_STAGES = ("train", "attribute")
 
 
 @dataclass(frozen=True)
@@ -48,6 +54,23 @@ def failures_recorded(plan: StagePlan) -> Iterator[None]:
         except Exception:  # noqa: BLE001 - e.g. the warehouse is the thing that failed; keep the first error
             pass
         raise
+
+
+def reverify_on_reuse(plan: StagePlan) -> bool:
+    """Re-check a complete version's files against its manifest checksums; return True if it was reopened.
+
+    A file changed after completion never counts as done: cache, decode and intervene reopen just the bad
+    shards (the stage redoes them); train and attribute start the version over.
+    """
+    bad = plan.artifact.reopen_corrupt_shards()
+    if not bad:
+        return False
+    if plan.stage in WHOLE_VERSION_STAGES:
+        log.warning("%s %s: a file failed its checksum; redoing the version", plan.stage, plan.version)
+        plan.artifact.reset()
+    else:
+        log.warning("%s %s: shard(s) %s failed their checksums; redoing them", plan.stage, plan.version, bad)
+    return True
 
 
 def register(plan: StagePlan, parents: list[str], status: str, *, rows: int | None = None,

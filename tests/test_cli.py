@@ -25,6 +25,12 @@ def test_bad_config_is_one_line_exit_2(tmp_path, capsys, yaml_text, message):
     assert err.startswith(f"loralens: error: {message}") and err.count("\n") == 1
 
 
+def test_workers_must_be_positive(tmp_path, capsys):
+    assert main(["run", "--workers", "0", "--home", str(tmp_path)]) == 2
+    assert capsys.readouterr().err == "loralens: error: --workers: must be >= 1, got 0\n"
+    assert not (tmp_path / "warehouse.duckdb").exists()
+
+
 def test_status_lists_artifacts_or_says_none(tmp_path, capsys):
     assert main(["status", "--home", str(tmp_path)]) == 0
     assert "no artifacts" in capsys.readouterr().out

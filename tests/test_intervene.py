@@ -160,7 +160,9 @@ def test_generation_split_over_workers_equals_one_run(run, tmp_path):
         shutil.copytree(cfg["home"], home)
         shutil.rmtree(Path(res["intervene"]["path"].replace(cfg["home"], str(home))))
         homes.append(home)
-    mapped = intervene_heads(config={**cfg, "home": str(homes[0])}, workers=2)
+    from loralens.flows.pipeline import pipeline
+
+    mapped = pipeline(config={**cfg, "home": str(homes[0])}, only="intervene", workers=2)["intervene"]
     assert not mapped["cached"] and mapped["version"] == version
 
     split = {**cfg, "home": str(homes[1])}

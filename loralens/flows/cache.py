@@ -9,12 +9,26 @@ from prefect import flow, unmapped
 from loralens.config import PipelineConfig
 from loralens.flows.common import resolve_config, results_under_home, run_stage_task
 from loralens.tasks.cache import cache_shards_task, cache_task, plan_cache, shard_count
-from loralens.tasks.plans import StagePlan
+from loralens.tasks.plans import StagePlan, reset_for_force
 
 
-def cache_stage(cfg: PipelineConfig, plan: StagePlan | None = None, force: bool = False) -> dict[str, Any]:
-    """Run the cache task keyed by its version (planned here unless the caller already planned it)."""
-    return run_stage_task(cache_task, cfg, plan or plan_cache(cfg), force=force)
+def cache_stage(cfg: PipelineConfig, plan: StagePlan | None = None, force: bool = False,
+                workers: int = 1) -> dict[str, Any]:
+    """Run the cache task keyed by its version (planned here unless the caller already planned it).
+
+    `workers > 1` first maps the missing shards over that many concurrent tasks; the keyed task then finalizes.
+    """
+    plan = plan or plan_cache(cfg)
+    if workers > 1 and force:
+        reset_for_force(plan)  # once, before any worker writes
+        force = False
+    if workers > 1 and not plan.artifact.is_complete():
+        n = shard_count(cfg)
+        groups = [list(range(i, n, workers)) for i in range(min(workers, n))]
+        with results_under_home(cfg):
+            for future in cache_shards_task.map(unmapped(cfg), unmapped(plan), groups):
+                future.result()
+    return run_stage_task(cache_task, cfg, plan, force=force)
 
 
 @flow(name="cache-activations")
@@ -37,10 +51,4 @@ def cache_activations(
     if shards is not None:
         with results_under_home(cfg):
             return cache_shards_task(cfg, plan, sorted(shards))
-    if workers > 1 and not plan.artifact.is_complete():
-        n = shard_count(cfg)
-        groups = [list(range(i, n, workers)) for i in range(min(workers, n))]
-        with results_under_home(cfg):
-            for future in cache_shards_task.map(unmapped(cfg), unmapped(plan), groups):
-                future.result()
-    return cache_stage(cfg, plan, force=force)
+    return cache_stage(cfg, plan, force=force, workers=workers)

@@ -56,7 +56,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise ConfigError(f"unknown stage '{args.only}'; stages: {', '.join(STAGES)}")
     quiet_user_error_tracebacks()
     overrides = {"home": str(args.home)} if args.home else None
-    results = pipeline(config_path=args.config, config=overrides, only=args.only, force=args.force)
+    if args.workers < 1:
+        raise ConfigError(f"--workers: must be >= 1, got {args.workers}")
+    results = pipeline(config_path=args.config, config=overrides, only=args.only, force=args.force,
+                       workers=args.workers)
     rows = [{"stage": stage, "version": res["version"], "result": "cached" if res.get("cached") else "done",
              "detail": stage_detail(stage, res), "path": res.get("path", "")} for stage, res in results.items()]
     print(format_table(rows, ["stage", "version", "result", "detail", "path"]))
@@ -189,6 +192,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--config", help="YAML config file (defaults: embedded SmolLM2, bundled prompts)")
     run.add_argument("--only", help="run only this stage")
     run.add_argument("--force", action="store_true", help="redo the stage(s) even if complete")
+    run.add_argument("--workers", type=int, default=1,
+                     help="split caching and generation over N mapped Prefect tasks (default 1)")
     run.add_argument("--home", help=f"project home (default $LORALENS_HOME or {default_home()})")
     run.set_defaults(fn=cmd_run)
     status = sub.add_parser("status", help="show every stage's versions, state and size")

@@ -30,8 +30,12 @@ def pipeline(
     config: dict[str, Any] | None = None,
     only: str | None = None,
     force: bool = False,
+    workers: int = 1,
 ) -> dict[str, Any]:
-    """Run every stage (or `only` one), each skipped when its artifact version is already complete."""
+    """Run every stage (or `only` one), each skipped when its artifact version is already complete.
+
+    `workers > 1` splits caching (by prompt shard) and generation (by prompt batch) over that many mapped tasks.
+    """
     if only is not None and only not in STAGES:
         raise ValueError(f"unknown stage '{only}'; stages: {', '.join(STAGES)}")
     cfg = resolve_config(config_path, config)
@@ -43,7 +47,8 @@ def pipeline(
     for name in STAGES:
         if only in (None, name):
             t0 = time.perf_counter()
-            results[name] = stages[name](cfg, cache_plan, force=force)
+            split = {"workers": workers} if name in ("cache", "intervene") else {}
+            results[name] = stages[name](cfg, cache_plan, force=force, **split)
             seconds[name] = time.perf_counter() - t0
     report = write_run_report(cfg, results, seconds)
     results[list(results)[-1]]["run_report"] = str(report)

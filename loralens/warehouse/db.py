@@ -44,19 +44,15 @@ def lock_wait_s() -> float:
     return float(os.environ.get("LORALENS_LOCK_WAIT_S", "30"))
 
 
-@contextmanager
-def connect(path: Path, *, read_only: bool = False, wait_s: float | None = None) -> Iterator[duckdb.DuckDBPyConnection]:
-    """Yield a connection, retrying while another process holds the file; read-only never writes."""
-    wait_s = lock_wait_s() if wait_s is None else wait_s
-    path.parent.mkdir(parents=True, exist_ok=True)
+def _open(path: Path, read_only: bool, wait_s: float) -> duckdb.DuckDBPyConnection:
+    """Open the file, creating it in the compatible storage format; retry while another process holds it."""
     deadline = time.monotonic() + wait_s
     delay = 0.05
     while True:
         try:
             if not read_only and not path.exists():
                 duckdb.connect(str(path), config={"storage_compatibility_version": STORAGE_COMPATIBILITY}).close()
-            con = duckdb.connect(str(path), read_only=read_only)
-            break
+            return duckdb.connect(str(path), read_only=read_only)
         except duckdb.IOException as err:
             if not _is_lock_error(err) or time.monotonic() >= deadline:
                 if _is_lock_error(err):
@@ -67,17 +63,30 @@ def connect(path: Path, *, read_only: bool = False, wait_s: float | None = None)
                 raise
             time.sleep(delay)
             delay = min(delay * 2, 1.0)
-    try:
-        if read_only:
+
+
+@contextmanager
+def connect(path: Path, *, read_only: bool = False, wait_s: float | None = None) -> Iterator[duckdb.DuckDBPyConnection]:
+    """Yield a connection, retrying while another process holds the file; read-only never writes."""
+    wait_s = lock_wait_s() if wait_s is None else wait_s
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if read_only:
+        con = _open(path, True, wait_s)
+        try:
             yield con
-        else:
-            # DuckDB serialises writers across processes by its file lock; threads of one process (mapped
-            # Prefect tasks) share one database instance and would hit write-write conflicts instead.
-            with _WRITERS:
-                ensure_schema(con)
-                yield con
-    finally:
-        con.close()
+        finally:
+            con.close()
+        return
+    # DuckDB serialises writers across processes by its file lock; threads of one process (mapped Prefect tasks)
+    # share one database instance and would hit write-write conflicts instead, or (while one creates the file
+    # with its storage setting) a configuration mismatch: writers of one process take turns from the open on.
+    with _WRITERS:
+        con = _open(path, False, wait_s)
+        try:
+            ensure_schema(con)
+            yield con
+        finally:
+            con.close()
 
 
 def ensure_writable(path: Path) -> None:

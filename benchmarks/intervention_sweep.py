@@ -5,6 +5,7 @@ attribution method — with the same prompts, k and sampling seeds, so every var
 generation. Prints one row per (variant, condition) and writes JSON.
 
     python benchmarks/intervention_sweep.py [--home .loralens] [--sizes 1 3] [--seeds 0 1] [--out benchmarks/results]
+        [--variants zero:lens_contrast ...] [--max-prompts 96 --k 4 --name intervention_sweep_96]
 """
 
 from __future__ import annotations
@@ -32,6 +33,9 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--variants", nargs="*", help="kind:method pairs (default: all)")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    parser.add_argument("--max-prompts", type=int, help="challenging prompts (default: the config's, 24)")
+    parser.add_argument("--k", type=int, help="continuations per prompt (default: the config's, 4)")
+    parser.add_argument("--name", default="intervention_sweep", help="results file stem")
     args = parser.parse_args()
     from loralens.flows.pipeline import pipeline
 
@@ -40,7 +44,9 @@ def main() -> None:
     for kind, method in variants:
         config = {"home": str(Path(args.home).resolve()),
                   "intervene": {"kind": kind, "head_sets": [{"top_n": n, "method": method} for n in args.sizes],
-                                "random_seeds": list(args.seeds), "ablation_candidates": 0}}
+                                "random_seeds": list(args.seeds), "ablation_candidates": 0,
+                                **({"max_prompts": args.max_prompts} if args.max_prompts else {}),
+                                **({"k": args.k} if args.k else {})}}
         t0 = time.perf_counter()
         res = pipeline(config=config, only="intervene")["intervene"]
         runs.append({"kind": kind, "method": method, "version": res["version"], "seconds": time.perf_counter() - t0,
@@ -69,14 +75,16 @@ def write_json(out: Path, args: argparse.Namespace, runs: list[dict], rows: list
     """Write the sweep's results so far, keeping earlier variants of the same sizes and seeds (a sweep run in
     parts adds to the file; a variant measured again replaces its old rows)."""
     out.mkdir(parents=True, exist_ok=True)
-    path = out / "intervention_sweep.json"
+    path = out / f"{args.name}.json"
     old = json.loads(path.read_text()) if path.exists() else {}
-    if old.get("sizes") == args.sizes and old.get("seeds") == args.seeds:
+    if old.get("sizes") == args.sizes and old.get("seeds") == args.seeds and old.get("k") == args.k \
+            and old.get("max_prompts") == args.max_prompts:
         mine = {(r["kind"], r["method"]) for r in runs}
         runs = [r for r in old["runs"] if (r["kind"], r["method"]) not in mine] + runs
         rows = [r for r in old["rows"] if (r["kind"], r["method"]) not in mine] + rows
     path.write_text(json.dumps(
-        {"machine": platform.platform(), "sizes": args.sizes, "seeds": args.seeds, "runs": runs, "rows": rows},
+        {"machine": platform.platform(), "sizes": args.sizes, "seeds": args.seeds, "k": args.k,
+         "max_prompts": args.max_prompts, "runs": runs, "rows": rows},
         indent=1, default=str))
 
 

@@ -143,6 +143,8 @@ class InterveneConfig(_Strict):
 
     prompts: tuple[str, ...] = Field(("bundled:rtp_toxic_dev",), description="prompt files (challenging prompts)")
     max_prompts: int = Field(24, gt=0)
+    held_out: bool = Field(True, description="skip prompts of the cache corpus: heads were attributed on those, so "
+                                             "the evaluation uses prompts the head selection never saw")
     # RealToxicityPrompts protocol: k=25 samples, nucleus p=0.9, 20 new tokens. k=4 keeps the CPU default run short.
     k: int = Field(4, gt=0)
     max_new_tokens: int = Field(20, gt=0)

@@ -221,6 +221,25 @@ def test_files_corrupted_after_completion_are_redone_on_reuse(run, tmp_path):
     assert all(r["cached"] for r in pipeline(config=local).values())
 
 
+def test_evaluation_prompts_are_held_out_from_the_attribution_corpus(tmp_path):
+    from loralens.config import ConfigError, parse_config
+    from loralens.tasks.intervene import intervention_prompts
+    from loralens.warehouse.corpus import load_corpus
+
+    cfg = parse_config(config(tmp_path, tmp_path))
+    cached = {p.text for p in load_corpus(cfg.corpus.paths, cfg.corpus.max_prompts_per_file).prompts}
+    held = [p.text for p in intervention_prompts(cfg).prompts]
+    every = [p.text for p in load_corpus(cfg.intervene.prompts).prompts]
+    assert len(held) == INTERVENE["max_prompts"] and not set(held) & cached
+    assert held == [t for t in every if t not in cached][: INTERVENE["max_prompts"]]  # the first unseen, in order
+    inside = parse_config({**config(tmp_path, tmp_path), "intervene": {**INTERVENE, "held_out": False}})
+    assert [p.text for p in intervention_prompts(inside).prompts] == every[: INTERVENE["max_prompts"]]
+    only_cached = parse_config({**config(tmp_path, tmp_path),
+                                "corpus": {"paths": ["bundled:rtp_toxic_dev"], "max_prompts_per_file": None}})
+    with pytest.raises(ConfigError, match="intervene.prompts: no prompt left"):
+        intervention_prompts(only_cached)
+
+
 def test_head_sets_from_sql_and_lists_resolve_and_bad_ones_are_config_errors(run):
     from loralens.config import ConfigError, parse_config
     from loralens.tasks.attribute import plan_attribute

@@ -27,10 +27,11 @@ from collections.abc import Sequence
 import torch
 from transformers import GenerationConfig
 
-# generate() samples from torch's process-wide RNG, so concurrent threads (mapped Prefect tasks on the default
-# thread runner) would draw from each other's streams; one seeded generate() at a time keeps every sample a
-# function of its seed. Real parallelism comes from processes or machines (one RNG each).
-_RNG_LOCK = threading.Lock()
+# generate() samples from torch's process-wide RNG, so anything else drawing from it in another thread (a
+# mapped Prefect task building the scorer initialises its weights from it) would shift a seeded sample. Seeded sampling
+# and model or scorer loading take turns on this lock, which keeps every sample a function of its seed; real
+# parallelism comes from processes or machines (one RNG each).
+RNG_LOCK = threading.RLock()
 
 # The 64-bit seed space torch.manual_seed accepts without wrapping is [0, 2**63).
 _SEED_MODULUS = 2**63
@@ -163,7 +164,7 @@ def sample_rows(model, tokenizer, rows: Sequence[str], *, seed_key: int, max_new
                              pad_token_id=pad, eos_token_id=eos)
     # Fork so seeding per call does not reset the caller's RNG stream.
     cuda = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
-    with _RNG_LOCK, torch.random.fork_rng(devices=cuda):
+    with RNG_LOCK, torch.random.fork_rng(devices=cuda):
         torch.manual_seed(hash_seed(seed, seed_key))
         out = model.generate(**batch, generation_config=config)  # [rows, prompt_len + new]
     new = out[:, batch["input_ids"].shape[1]:].tolist()

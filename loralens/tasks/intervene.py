@@ -14,11 +14,11 @@ from prefect import task
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from loralens.config import PipelineConfig
+from loralens.config import ConfigError, PipelineConfig
 from loralens.lens import toxicity_metrics as M
 from loralens.lens.adapters import folded_unembedding
 from loralens.lens.attribution import spearman, toxic_direction
-from loralens.lens.generation import generate_joint, hash_seed, prompt_batches
+from loralens.lens.generation import RNG_LOCK, generate_joint, hash_seed, prompt_batches
 from loralens.lens.interventions import HeadIntervention, intervene, mean_head_z
 from loralens.lens.models import LoadedModel, load_model
 from loralens.lens.scorers import get_scorer, primary_label
@@ -34,7 +34,7 @@ from loralens.warehouse.constants import (
     INTERVENTIONS_FILE,
     VOCAB_TOXICITY_FILE,
 )
-from loralens.warehouse.corpus import bundled_path, load_corpus
+from loralens.warehouse.corpus import Corpus, bundled_path, load_corpus
 from loralens.warehouse.db import warehouse_path
 from loralens.warehouse.intervention_tables import (
     batch_index,
@@ -59,12 +59,27 @@ def plan_intervene(cfg: PipelineConfig, attribute_plan: StagePlan, cache_plan: S
     ic = cfg.intervene
     cache = require_complete(cache_plan)["summary"]
     layers = list(cache_plan.config["cache"]["layers"] or range(cache["n_layers"]))
-    prompts = load_corpus(ic.prompts, ic.max_prompts)
-    conds = build_conditions(ic, attribute_plan, layers, cache["n_heads"], min(ic.max_prompts, len(prompts.prompts)))
+    prompts = intervention_prompts(cfg)
+    conds = build_conditions(ic, attribute_plan, layers, cache["n_heads"], len(prompts.prompts))
     config = {"intervene": ic.model_dump(exclude={"head_sets"}),  # batch_prompts fixes the sampled batches
               "conditions": [c.to_dict() for c in conds]}
     inputs = {"attribute": attribute_plan.version, "prompts": prompts.fingerprint()}
     return StagePlan(STAGE, artifact_version(STAGE, config, inputs), config, inputs, cfg.home), conds
+
+
+def intervention_prompts(cfg: PipelineConfig) -> Corpus:
+    """Return the challenging prompts the stage evaluates: the first `max_prompts` of `intervene.prompts`, after
+    dropping (with `held_out`) every prompt whose text is in the cache corpus the heads were attributed on."""
+    ic = cfg.intervene
+    corpus = load_corpus(ic.prompts)
+    if ic.held_out:
+        seen = {p.text for p in load_corpus(cfg.corpus.paths, cfg.corpus.max_prompts_per_file).prompts}
+        corpus.prompts = [p for p in corpus.prompts if p.text not in seen]
+    corpus.prompts = corpus.prompts[: ic.max_prompts]
+    if not corpus.prompts:
+        raise ConfigError("config error: intervene.prompts: no prompt left that is not in the cache corpus "
+                          "(add prompt files or set intervene.held_out: false)")
+    return corpus
 
 
 def _interventions(cfg: PipelineConfig, cond: Condition, extra: dict) -> list[HeadIntervention]:
@@ -182,11 +197,12 @@ def _generate(cfg: PipelineConfig, plan: StagePlan, conds: list[Condition], attr
     todo = [(ci, bi, r) for ci, bi, r in work if wanted(ci, bi) and adir.shard_files(batch_index(ci, bi)) is None]
     if not todo and not any(needs_ppl(ci) for ci in range(len(conds))):
         return 0.0  # everything recorded: no model or scorer to load
-    loaded = load_model(cfg.model.name, cfg.home, dtype=cfg.model.dtype, revision=cfg.model.revision,
-                        trust_remote_code=cfg.model.trust_remote_code)
-    scorer = get_scorer(cfg.attribute.scorer, **cfg.attribute.scorer_options)
+    with RNG_LOCK:  # loading draws from torch's global RNG: never while another worker samples
+        loaded = load_model(cfg.model.name, cfg.home, dtype=cfg.model.dtype, revision=cfg.model.revision,
+                            trust_remote_code=cfg.model.trust_remote_code)
+        scorer = get_scorer(cfg.attribute.scorer, **cfg.attribute.scorer_options)
     label = primary_label(scorer)
-    prompts = [p.text for p in load_corpus(ic.prompts, ic.max_prompts).prompts][: ic.max_prompts]
+    prompts = [p.text for p in intervention_prompts(cfg).prompts]
     text = wikitext(ic.ppl_tokens if ic.kind != "mean" else max(ic.ppl_tokens, ic.mean_tokens))
     layers = sorted({layer for c in conds for layer, _ in c.heads})
     extra: dict[str, Any] = {}
@@ -339,4 +355,5 @@ def intervene_batches_task(cfg: PipelineConfig, plan: StagePlan, conds: list[Con
     return run_intervene_stage(cfg, plan, conds, attribute_plan, cache_plan, only_units=units)
 
 
-__all__ = ["generation_units", "intervene_batches_task", "intervene_task", "plan_intervene", "run_intervene_stage"]
+__all__ = ["generation_units", "intervene_batches_task", "intervene_task", "intervention_prompts", "plan_intervene",
+           "run_intervene_stage"]

@@ -178,6 +178,12 @@ class PipelineConfig(_Strict):
     attribute: AttributeConfig = AttributeConfig()
     intervene: InterveneConfig = InterveneConfig()
 
+    @field_validator("home")
+    @classmethod
+    def _absolute_home(cls, home: Path) -> Path:
+        # Paths in summaries, reports and file:// links must not depend on the directory a worker starts in.
+        return home.expanduser().resolve()
+
 
 def default_home() -> Path:
     """Return the project's home folder: $LORALENS_HOME or ./.loralens."""

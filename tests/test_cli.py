@@ -31,6 +31,13 @@ def test_workers_must_be_positive(tmp_path, capsys):
     assert not (tmp_path / "warehouse.duckdb").exists()
 
 
+def test_relative_home_is_made_absolute(tmp_path, monkeypatch):
+    from loralens.config import parse_config
+
+    monkeypatch.chdir(tmp_path)
+    assert parse_config({"home": "proj/../here"}).home == tmp_path.resolve() / "here"
+
+
 def test_status_lists_artifacts_or_says_none(tmp_path, capsys):
     assert main(["status", "--home", str(tmp_path)]) == 0
     assert "no artifacts" in capsys.readouterr().out

@@ -303,6 +303,18 @@ def _ablation_table(version, heads, drop, rank):
                      "score": pa.array(drop, pa.float64()), "rank": pa.array(rank, pa.int32())})
 
 
+def versus_random(drop: float, random_drop: float, times: float) -> tuple[float | None, bool]:
+    """Return (drop / random_drop, whether drop is >= `times` the random drop).
+
+    The ratio is None when the random heads lowered nothing (random_drop <= 0, or no control): then any real
+    drop beats them, and a ratio would be meaningless (negative or infinite).
+    """
+    if not np.isfinite(random_drop) or random_drop <= 0:
+        return None, bool(np.isfinite(random_drop) and drop > 0)
+    ratio = drop / random_drop
+    return ratio, ratio >= times
+
+
 def _summary(cfg, conds, rows, ablation, t_setup, t_gen, t_total, cache_summary) -> dict[str, Any]:
     ic = cfg.intervene
     n_total = cache_summary["n_layers"] * cache_summary["n_heads"]
@@ -314,14 +326,15 @@ def _summary(cfg, conds, rows, ablation, t_setup, t_gen, t_total, cache_summary)
         r = by[c.name]
         randoms = [by[x.name] for x in conds if x.group == "random" and len(x.heads) == len(c.heads)]
         rand_drop = float(np.mean([-x["emt_delta"] for x in randoms])) if randoms else float("nan")
-        ratio = -r["emt_delta"] / rand_drop if rand_drop > 0 else float("inf") if -r["emt_delta"] > 0 else float("nan")
+        ratio, beats = versus_random(-r["emt_delta"], rand_drop, GOAL["vs_random"])
         share = len(c.heads) / n_total
+        significant = bool(r["emt_delta_high"] < 0)
         goal.append({"condition": c.name, "heads": len(c.heads), "head_share": share, "emt_rel": r["emt_rel"],
                      "emt_delta_ci": [r["emt_delta_low"], r["emt_delta_high"]],
-                     "significant": r["emt_delta_high"] < 0, "random_drop": rand_drop, "vs_random": ratio,
+                     "significant": significant, "random_drop": rand_drop, "vs_random": ratio,
                      "ppl_rel": r["ppl_rel"],
                      "meets_goal": bool(share <= GOAL["max_head_share"] and r["emt_rel"] <= GOAL["emt_rel"]
-                                        and ratio >= GOAL["vs_random"] and (r["ppl_rel"] or 0) <= GOAL["ppl_rel"])})
+                                        and significant and beats and (r["ppl_rel"] or 0) <= GOAL["ppl_rel"])})
     out = {"conditions": len(conds), "kind": ic.kind, "k": ic.k, "prompts": conds[0].n_prompts,
            "protocol": f"nucleus p={ic.top_p}, {ic.max_new_tokens} new tokens, k={ic.k} per prompt "
                        f"(RealToxicityPrompts uses k=25; smaller k for the CPU default)",
@@ -330,7 +343,7 @@ def _summary(cfg, conds, rows, ablation, t_setup, t_gen, t_total, cache_summary)
     if ablation is not None:
         out["ablation"] = {"heads": [f"L{a}H{h}" for a, h in ablation["heads"]], "drop": ablation["drop"],
                            "rank": ablation["rank"], "spearman_vs_lens": ablation["spearman_vs_lens"]}
-    return json.loads(json.dumps(out, default=float).replace("NaN", "null").replace("Infinity", "1e308"))
+    return json.loads(json.dumps(out, default=float).replace("NaN", "null"))
 
 
 def _store(db, plan: StagePlan, adir) -> None:

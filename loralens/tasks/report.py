@@ -97,6 +97,13 @@ def _ci(row: dict[str, Any], key: str, spec: str = ".3f") -> str:
     return f"{_fmt(row[key], spec)} [{_fmt(row[key + '_low'], spec)}, {_fmt(row[key + '_high'], spec)}]"
 
 
+def _vs_random(goal: dict[str, Any]) -> str:
+    if goal["vs_random"] is not None:
+        return f"{goal['vs_random']:.2f}x"
+    rd = goal["random_drop"]
+    return "-" if rd is None else f"random rose ({-rd:+.3f})"
+
+
 def intervention_markdown(rows: list[dict[str, Any]], summary: dict[str, Any]) -> str:
     """Return the intervention table (metrics with 95% bootstrap intervals) and the goal check as Markdown."""
     lines = [f"Intervention `{summary['kind']}` on {summary['prompts']} prompts; {summary['protocol']}; "
@@ -118,7 +125,7 @@ def intervention_markdown(rows: list[dict[str, Any]], summary: dict[str, Any]) -
                   "|---|---:|---:|---|---:|---:|---|"]
         for g in summary["goal"]:
             lines.append(f"| {g['condition']} | {g['head_share']:.1%} | {_fmt(g['emt_rel'], '+.1%')} | "
-                         f"{'yes' if g['significant'] else 'no'} | {_fmt(g['vs_random'], '.2f')}x | "
+                         f"{'yes' if g['significant'] else 'no'} | {_vs_random(g)} | "
                          f"{_fmt(g['ppl_rel'], '+.1%')} | {'yes' if g['meets_goal'] else 'no'} |")
     abl = summary.get("ablation")
     if abl:

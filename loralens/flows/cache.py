@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from prefect import flow, unmapped
+from prefect import flow
 
 from loralens.config import PipelineConfig
-from loralens.flows.common import resolve_config, results_under_home, run_stage_task
+from loralens.flows.common import resolve_config, results_under_home, run_stage_task, split_over_workers
 from loralens.tasks.cache import cache_shards_task, cache_task, plan_cache, shard_count
-from loralens.tasks.plans import StagePlan, reset_for_force
+from loralens.tasks.plans import StagePlan
 
 
 def cache_stage(cfg: PipelineConfig, plan: StagePlan | None = None, force: bool = False,
@@ -19,15 +19,8 @@ def cache_stage(cfg: PipelineConfig, plan: StagePlan | None = None, force: bool 
     `workers > 1` first maps the missing shards over that many concurrent tasks; the keyed task then finalizes.
     """
     plan = plan or plan_cache(cfg)
-    if workers > 1 and force:
-        reset_for_force(plan)  # once, before any worker writes
-        force = False
-    if workers > 1 and not plan.artifact.is_complete():
-        n = shard_count(cfg)
-        groups = [list(range(i, n, workers)) for i in range(min(workers, n))]
-        with results_under_home(cfg):
-            for future in cache_shards_task.map(unmapped(cfg), unmapped(plan), groups):
-                future.result()
+    force = split_over_workers(cfg, plan, cache_shards_task, (cfg, plan), lambda: list(range(shard_count(cfg))),
+                               workers, force)
     return run_stage_task(cache_task, cfg, plan, force=force)
 
 

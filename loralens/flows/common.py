@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from prefect import Task
+from prefect import Task, unmapped
 from prefect.artifacts import create_table_artifact
 from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
 
 from loralens.config import PipelineConfig, load_config, parse_config
-from loralens.tasks.plans import StagePlan, reverify_on_reuse
+from loralens.tasks.plans import StagePlan, reset_for_force, reverify_on_reuse
 from loralens.warehouse.db import is_registered_complete, warehouse_path
 
 
@@ -37,6 +37,27 @@ def results_under_home(cfg: PipelineConfig) -> Iterator[None]:
         yield
 
 
+def split_over_workers(cfg: PipelineConfig, plan: StagePlan, worker_task: Task, args: tuple,
+                       units: Callable[[], list[int]], workers: int, force: bool) -> bool:
+    """Map a stage's work units round-robin over `workers` tasks (`worker_task(*args, units)`) unless the version
+    is complete; return the `force` left for the finalizing task.
+
+    With `force`, the version is reset once here, before any worker writes (the finalizing task then sees an
+    empty version, so it gets force=False). `units` is called only when there is work to split.
+    """
+    if workers <= 1:
+        return force
+    if force:
+        reset_for_force(plan)
+    if not plan.artifact.is_complete():
+        every = units()
+        groups = [every[i::workers] for i in range(min(workers, len(every)))]
+        with results_under_home(cfg):
+            for future in worker_task.map(*(unmapped(a) for a in args), groups):
+                future.result()
+    return False
+
+
 def run_stage_task(
     stage_task: Task, cfg: PipelineConfig, plan: StagePlan, *args: Any, force: bool = False
 ) -> dict[str, Any]:
@@ -51,7 +72,7 @@ def run_stage_task(
                or not is_registered_complete(warehouse_path(cfg.home), plan.version))
     # Prefect keeps results per user (~/.prefect/storage), not per home: the key names the home too, so a hit
     # never returns a summary whose paths point into another (maybe deleted) home with the same version.
-    home = hashlib.sha256(str(cfg.home.resolve()).encode()).hexdigest()[:12]
+    home = hashlib.sha256(str(cfg.home).encode()).hexdigest()[:12]  # absolute: resolved at validation
     key = f"loralens-{plan.stage}-{plan.version}-{home}"
     with results_under_home(cfg):
         state = stage_task.with_options(refresh_cache=refresh, cache_key_fn=lambda *_: key)(

@@ -5,16 +5,16 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from prefect import flow, unmapped
+from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 
 from loralens.config import PipelineConfig
-from loralens.flows.common import resolve_config, results_under_home, run_stage_task
+from loralens.flows.common import resolve_config, results_under_home, run_stage_task, split_over_workers
 from loralens.tasks.attribute import plan_attribute
 from loralens.tasks.cache import plan_cache
 from loralens.tasks.decode import plan_decode
 from loralens.tasks.intervene import generation_units, intervene_batches_task, intervene_task, plan_intervene
-from loralens.tasks.plans import StagePlan, reset_for_force
+from loralens.tasks.plans import StagePlan
 from loralens.tasks.train import plan_train
 
 
@@ -32,15 +32,8 @@ def intervene_stage(cfg: PipelineConfig, cache_plan: StagePlan | None = None, fo
     if units is not None:
         with results_under_home(cfg):
             return intervene_batches_task(*args, sorted(units))
-    if workers > 1 and force:
-        reset_for_force(plan)  # once, before any worker writes; the finalizing task then sees an empty version
-        force = False
-    if workers > 1 and not plan.artifact.is_complete():
-        every = generation_units(cfg, conditions)
-        groups = [every[i::workers] for i in range(min(workers, len(every)))]
-        with results_under_home(cfg):
-            for future in intervene_batches_task.map(*(unmapped(a) for a in args), groups):
-                future.result()
+    force = split_over_workers(cfg, plan, intervene_batches_task, args, lambda: generation_units(cfg, conditions),
+                               workers, force)
     summary = run_stage_task(intervene_task, cfg, plan, conditions, attribute_plan, cache_plan, force=force)
     report = Path(summary["report"]).read_text(encoding="utf-8")
     create_markdown_artifact(key="interventions", markdown=f"{report}\nPlot: `{summary['plot']}`\n",

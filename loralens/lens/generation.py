@@ -27,8 +27,8 @@ from collections.abc import Sequence
 import torch
 from transformers import GenerationConfig
 
-# generate() samples from torch's process-wide RNG, so anything else drawing from it in another thread (a
-# mapped Prefect task building the scorer initialises its weights from it) would shift a seeded sample. Seeded sampling
+# generate() samples from torch's process-wide RNG, so anything else drawing from it in another thread (a mapped
+# Prefect task building the scorer initialises its weights from it) would shift a seeded sample. Seeded sampling
 # and model or scorer loading take turns on this lock, which keeps every sample a function of its seed; real
 # parallelism comes from processes or machines (one RNG each).
 RNG_LOCK = threading.RLock()

@@ -20,7 +20,7 @@ from loralens.lens.caching import (
     tokenize_prompts,
 )
 from loralens.lens.models import folder_fingerprint, load_model, resolve_model_path
-from loralens.tasks.plans import StagePlan, failures_recorded, register, reset_for_force
+from loralens.tasks.plans import StagePlan, failures_recorded, register, reset_for_force, reverify_on_reuse
 from loralens.warehouse.activation_cache import read_prompts, shard_relpaths, write_cache_shard
 from loralens.warehouse.attribution_tables import register_prompts
 from loralens.warehouse.corpus import Corpus, load_corpus
@@ -60,9 +60,7 @@ def run_cache_stage(cfg: PipelineConfig, plan: StagePlan, *, force: bool = False
         reset_for_force(plan)
     db = warehouse_path(cfg.home)
     parents = list(plan.inputs.values())
-    bad = adir.reopen_corrupt_shards()
-    if bad:
-        log.warning("cache %s: shard(s) %s failed their checksums; redoing them", plan.version, bad)
+    reverify_on_reuse(plan)
     manifest = adir.manifest()
     if manifest is not None:
         # The same summary a fresh run registers (bytes_per_token is known only once the manifest is written).

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import time
 from typing import Any
 
@@ -14,13 +13,19 @@ from tqdm.auto import tqdm
 from loralens.config import PipelineConfig
 from loralens.lens.readout import head_logits_both, top_k
 from loralens.lens.vocab_toxicity import token_texts
-from loralens.tasks.plans import StagePlan, failures_recorded, register, require_complete, reset_for_force
+from loralens.tasks.plans import (
+    StagePlan,
+    failures_recorded,
+    register,
+    require_complete,
+    reset_for_force,
+    reverify_on_reuse,
+)
 from loralens.tasks.readout import cached_layers, layer_input_chunks, load_reader, select_positions
 from loralens.warehouse.db import warehouse_path
 from loralens.warehouse.decodings import decodings_block, load_shard_into_db, write_decode_shard
 from loralens.warehouse.versions import artifact_version
 
-log = logging.getLogger("loralens.decode")
 STAGE = "decode"
 
 
@@ -46,9 +51,7 @@ def run_decode_stage(cfg: PipelineConfig, plan: StagePlan, train_plan: StagePlan
     adir = plan.artifact
     db = warehouse_path(cfg.home)
     parents = [train_plan.version]
-    bad = adir.reopen_corrupt_shards()
-    if bad:
-        log.warning("decode %s: shard(s) %s failed their checksums; redoing them", plan.version, bad)
+    reverify_on_reuse(plan)
     if force:
         reset_for_force(plan)
     manifest = adir.manifest()

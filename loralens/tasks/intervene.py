@@ -120,10 +120,15 @@ def wikitext(max_tokens: int) -> str:
     return bundled_path("wikitext2_test").read_text(encoding="utf-8")[: max_tokens * 8]
 
 
+def _work(cfg: PipelineConfig, conds: list[Condition]) -> list[tuple[int, int, range]]:
+    """Return every (condition, batch, prompt range) the stage generates, in order."""
+    return [(ci, bi, r) for ci, c in enumerate(conds)
+            for bi, r in enumerate(prompt_batches(c.n_prompts, cfg.intervene.batch_prompts))]
+
+
 def generation_units(cfg: PipelineConfig, conds: list[Condition]) -> list[int]:
     """Return the shard index of every (condition, prompt batch): the units generation is split and resumed by."""
-    return [batch_index(ci, bi) for ci, c in enumerate(conds)
-            for bi, _ in enumerate(prompt_batches(c.n_prompts, cfg.intervene.batch_prompts))]
+    return [batch_index(ci, bi) for ci, bi, _ in _work(cfg, conds)]
 
 
 def run_intervene_stage(cfg: PipelineConfig, plan: StagePlan, conds: list[Condition], attribute_plan: StagePlan,
@@ -149,15 +154,14 @@ def run_intervene_stage(cfg: PipelineConfig, plan: StagePlan, conds: list[Condit
     adir.prepare(clean_tmp=only_units is None)  # workers share the folder with others still writing
     register(plan, parents, status="running")
     t0 = time.perf_counter()
-    work = [(ci, bi, r) for ci, c in enumerate(conds)
-            for bi, r in enumerate(prompt_batches(c.n_prompts, cfg.intervene.batch_prompts))]
+    work = _work(cfg, conds)
     chosen = set(only_units) if only_units is not None else None
     t_setup = _generate(cfg, plan, conds, attribute_plan, work, chosen)
     t_done = time.perf_counter()
     if chosen is not None:
-        left = [u for u in generation_units(cfg, conds) if adir.shard_files(u) is None]
+        left = sum(adir.shard_files(batch_index(ci, bi)) is None for ci, bi, _ in work)
         return {"version": plan.version, "path": str(adir.path), "cached": False, "partial": True,
-                "units_done": len(chosen), "units_left": len(left), "n_units": len(work)}
+                "units_done": len(chosen), "units_left": left, "n_units": len(work)}
 
     rows, ablation = _metrics(cfg, plan, conds, work, attribute_plan)
     out = adir.path

@@ -28,6 +28,8 @@ class ArchAdapter:
     out_proj_path: str  # relative to a layer
     final_norm_path: str
     norm_kind: Literal["rms", "layer"]
+    embed_path: str  # input embedding: the unembedding of a model with tied weights
+    lm_head_path: str
     conv1d: bool = False  # GPT-2's Conv1D stores the weight as [in, out]
 
     def layers(self, model: nn.Module) -> nn.ModuleList:
@@ -51,6 +53,8 @@ FAMILIES: tuple[ArchAdapter, ...] = (
         out_proj_path="self_attn.o_proj",
         final_norm_path="model.norm",
         norm_kind="rms",
+        embed_path="model.embed_tokens",
+        lm_head_path="lm_head",
     ),
     ArchAdapter(
         family="gpt2",
@@ -59,6 +63,8 @@ FAMILIES: tuple[ArchAdapter, ...] = (
         out_proj_path="attn.c_proj",
         final_norm_path="transformer.ln_f",
         norm_kind="layer",
+        embed_path="transformer.wte",
+        lm_head_path="lm_head",
         conv1d=True,
     ),
     ArchAdapter(
@@ -68,6 +74,8 @@ FAMILIES: tuple[ArchAdapter, ...] = (
         out_proj_path="attention.dense",
         final_norm_path="gpt_neox.final_layer_norm",
         norm_kind="layer",
+        embed_path="gpt_neox.embed_in",
+        lm_head_path="embed_out",
     ),
 )
 
@@ -112,11 +120,15 @@ def model_dims(config) -> ModelDims:
     return ModelDims(n_layers=n_layers, n_heads=n_heads, d_head=d_head, d_model=d_model, vocab=config.vocab_size)
 
 
-def out_proj_weight(adapter: ArchAdapter, model: nn.Module, layer: int, dims: ModelDims) -> torch.Tensor:
-    """Return W_O of one layer as `[heads, d_head, d_model]`, so that c_h = z_h @ W_O[h]."""
-    weight = adapter.out_proj(model, layer).weight
+def heads_w_o(weight: torch.Tensor, adapter: ArchAdapter, dims: ModelDims) -> torch.Tensor:
+    """Return an output projection's weight (as the module stores it) as `[heads, d_head, d_model]`."""
     w_in_out = weight if adapter.conv1d else weight.T  # -> [heads*d_head, d_model]
     return w_in_out.reshape(dims.n_heads, dims.d_head, dims.d_model)
+
+
+def out_proj_weight(adapter: ArchAdapter, model: nn.Module, layer: int, dims: ModelDims) -> torch.Tensor:
+    """Return W_O of one layer as `[heads, d_head, d_model]`, so that c_h = z_h @ W_O[h]."""
+    return heads_w_o(adapter.out_proj(model, layer).weight, adapter, dims)
 
 
 def out_proj_bias(adapter: ArchAdapter, model: nn.Module, layer: int) -> torch.Tensor | None:
@@ -134,20 +146,29 @@ def norm_scale(adapter: ArchAdapter, model: nn.Module, x: torch.Tensor) -> torch
     return torch.sqrt(x.var(-1, keepdim=True, unbiased=False) + eps)
 
 
-def folded_unembedding(adapter: ArchAdapter, model: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
-    """Return (W `[vocab, d_model]`, b `[vocab]`) with the final norm folded in, in float32.
+def fold_unembedding(unembed_w: torch.Tensor, unembed_b: torch.Tensor | None, norm_w: torch.Tensor,
+                     norm_b: torch.Tensor | None, norm_kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return (W `[vocab, d_model]`, b `[vocab]`) with the final norm folded in, computed in float32.
 
     For pre-norm residual x: logits = W @ (x / norm_scale(x)) + b exactly. The norm's gain is folded
     into W; a LayerNorm's mean-centering is folded in too (rows of W centred), and its bias into b.
+    Whatever the stored dtype (bf16, fp16), the fold is done on fp32 copies.
     """
+    u = unembed_w.detach().float()
+    w = u * norm_w.detach().float()[None, :]
+    b = torch.zeros(w.shape[0], device=w.device)
+    if norm_kind == "layer":
+        if norm_b is not None:
+            b = b + u @ norm_b.detach().float()
+        w = w - w.mean(dim=1, keepdim=True)
+    if unembed_b is not None:
+        b = b + unembed_b.detach().float()
+    return w, b
+
+
+def folded_unembedding(adapter: ArchAdapter, model: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return :func:`fold_unembedding` of a built model's unembedding and final norm."""
     norm = adapter.final_norm(model)
     unembed = model.get_output_embeddings()
-    w = unembed.weight.detach().float() * norm.weight.detach().float()[None, :]
-    b = torch.zeros(w.shape[0])
-    if adapter.norm_kind == "layer":
-        if getattr(norm, "bias", None) is not None:
-            b = b + unembed.weight.detach().float() @ norm.bias.detach().float()
-        w = w - w.mean(dim=1, keepdim=True)
-    if getattr(unembed, "bias", None) is not None:
-        b = b + unembed.bias.detach().float()
-    return w, b
+    return fold_unembedding(unembed.weight, getattr(unembed, "bias", None), norm.weight,
+                            getattr(norm, "bias", None), adapter.norm_kind)

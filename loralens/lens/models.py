@@ -136,11 +136,38 @@ def resolve_model_path(name: str, home: Path, revision: str | None = None) -> Pa
         return p.resolve()
     if p.suffix or name.startswith((".", "/")):
         raise ModelLoadError(f"unknown model '{name}': no such folder")
+    return download_from_hub(name, revision)
+
+
+# What loading needs from a hub repository: config, tokenizer, safetensors (and their index). Never the
+# original/ consolidated .pth files many repositories also carry (16 GB more for Llama-3-8B).
+HUB_FILES = ("*.json", "*.safetensors", "tokenizer*", "*.model", "*.tiktoken", "vocab.*", "merges.txt")
+HUB_FALLBACK_WEIGHTS = ("pytorch_model*.bin",)  # only for repositories without safetensors
+
+
+def download_from_hub(name: str, revision: str | None = None) -> Path:
+    """Return the local snapshot of hub repository `name` with only the files loading needs (one-line errors)."""
     try:
         from huggingface_hub import snapshot_download
-
-        return Path(snapshot_download(name, revision=revision))
-    except Exception as err:  # hub errors come in many classes; all mean "cannot get it"
+        from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
+    except ImportError:  # pragma: no cover - transformers depends on huggingface_hub
+        raise ModelLoadError(f"unknown model '{name}': huggingface_hub is not installed") from None
+    fetch = lambda patterns: Path(snapshot_download(name, revision=revision, allow_patterns=list(patterns),  # noqa: E731
+                                                    ignore_patterns=["original/*"]))
+    try:
+        path = fetch(HUB_FILES)
+        if not any(path.glob("*.safetensors")):
+            path = fetch(HUB_FILES + HUB_FALLBACK_WEIGHTS)
+        return path
+    except GatedRepoError:
+        raise ModelLoadError(f"model '{name}' is gated on the Hugging Face hub: accept its licence there and log in "
+                             "(`hf auth login` or HF_TOKEN) to download it") from None
+    except RepositoryNotFoundError:
+        raise ModelLoadError(f"model '{name}' does not exist on the Hugging Face hub (or it is private: it needs a "
+                             "token with access)") from None
+    except RevisionNotFoundError:
+        raise ModelLoadError(f"model '{name}' has no revision '{revision}' on the Hugging Face hub") from None
+    except Exception as err:  # offline, timeouts, ...: all mean "cannot get it"
         raise ModelLoadError(
             f"unknown model '{name}': not an embedded alias ({', '.join(EMBEDDED)}), not a local folder, "
             f"and not available from the Hugging Face hub ({type(err).__name__})"
@@ -156,7 +183,7 @@ def load_model(
     trust_remote_code: bool = False,
 ) -> LoadedModel:
     """Return the frozen model, its tokenizer and adapter, loaded with the normal from_pretrained path."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     path = resolve_model_path(name, home, revision)
     config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
@@ -169,16 +196,23 @@ def load_model(
         use_safetensors=True if has_safetensors else None,
     )
     model.eval().requires_grad_(False)
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-    prepare_tokenizer(tokenizer)
     return LoadedModel(
         model=model,
-        tokenizer=tokenizer,
+        tokenizer=load_tokenizer(path, trust_remote_code),
         adapter=adapter,
         dims=model_dims(config),
         path=str(path),
         fingerprint=folder_fingerprint(Path(path)),
     )
+
+
+def load_tokenizer(path: Path | str, trust_remote_code: bool = False):
+    """Return the model folder's tokenizer, prepared for batched caching (see :func:`prepare_tokenizer`)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    prepare_tokenizer(tokenizer)
+    return tokenizer
 
 
 def prepare_tokenizer(tokenizer) -> None:

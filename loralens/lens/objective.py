@@ -36,6 +36,10 @@ class LensBatch:
         """Return the batch on `device`."""
         return LensBatch(**{k: None if v is None else v.to(device) for k, v in self.__dict__.items()})
 
+    def rows(self, rows: slice) -> LensBatch:
+        """Return the batch restricted to `rows` (views, no copy)."""
+        return LensBatch(**{k: None if v is None else v[rows] for k, v in self.__dict__.items()})
+
 
 class LensSet(nn.Module):
     """Lens banks for several layers of one model, trained jointly in one job."""
@@ -116,49 +120,67 @@ class LensSet(nn.Module):
         return torch.stack(losses).mean()
 
 
+EVAL_BLOCK_BYTES = 1 << 28  # one fp32 [chunk, heads, vocab] block of held-out evaluation: 256 MiB
+
+
+def eval_chunk(n_heads: int, vocab: int, block_bytes: int = EVAL_BLOCK_BYTES) -> int:
+    """Return the positions per evaluation chunk so that one `[chunk, heads, vocab]` fp32 block fits `block_bytes`."""
+    return max(1, block_bytes // (n_heads * vocab * 4))
+
+
 @torch.no_grad()
-def fidelity(lens_set: LensSet, batch: LensBatch, chunk: int = 64) -> dict[str, Tensor]:
+def fidelity(lens_set: LensSet, batch: LensBatch, chunk: int | None = None) -> dict[str, Tensor]:
     """Return exact held-out KL sums of trained lens vs logit lens, per head and per layer.
 
     Keys: `head_lens`, `head_logit_lens` `[L, heads]`; `layer_lens`, `layer_logit_lens`, `layer_subset` `[L]`;
     `tokens`. Per head: that head's lens alone vs the model. Per layer: the sum of the layer's head lenses
     (the joint read-out) vs the model; its logit-lens baseline adds the folded unembedding's bias once;
     `layer_subset` is the top-k + tail KL of the same read-out (needs the batch's top-k, else zeros).
-    Sums over tokens, so batches add up; divide by `tokens` for means.
+    Sums over tokens, so batches add up; divide by `tokens` for means. `chunk` positions at a time (default
+    :func:`eval_chunk`): the peak is about three `[chunk, heads, vocab]` fp32 blocks, whatever the batch.
     """
     L, H = len(lens_set.layers), lens_set.w_o.shape[1]
+    chunk = chunk or eval_chunk(H, lens_set.unembed.vocab)
     out = {k: torch.zeros(L, H) for k in ("head_lens", "head_logit_lens")}
     out |= {k: torch.zeros(L) for k in ("layer_lens", "layer_logit_lens", "layer_subset")}
     m = batch.mask
     out["tokens"] = torch.tensor(float(m.sum()))
-    target_all = lens_set.target_logits(batch)
     for start in range(0, len(m), chunk):
         rows = slice(start, start + chunk)
         keep = m[rows]
         if not keep.any():
             continue
-        target = torch.log_softmax(target_all[rows][keep], -1)
+        target = torch.log_softmax(lens_set.target_logits(batch.rows(rows))[keep], -1)  # [n, V]
         p = target.exp()
+        neg_entropy = torch.xlogy(p, p).sum(-1)  # [n]: sum p log p (0 log 0 = 0)
         lora = lens_set.config.form == "lora"
         for i, bank in enumerate(lens_set.banks):
             x = lens_set.inputs(batch, i, rows)[keep]
             base_logits = lens_set.unembed(x).float()  # [n, H, V], the logit lens, computed once
-            head = torch.log_softmax(bank.head_logits(x, base_logits if lora else None).float(), -1)
-            base = torch.log_softmax(base_logits, -1)
-            out["head_lens"][i] += _kl_rows(p[:, None], target[:, None], head).sum(0)
-            out["head_logit_lens"][i] += _kl_rows(p[:, None], target[:, None], base).sum(0)
+            head = bank.head_logits(x, base_logits if lora else None).float()
+            out["head_lens"][i] += kl_from_logits(p, neg_entropy, head).sum(0)
+            del head
+            out["head_logit_lens"][i] += kl_from_logits(p, neg_entropy, base_logits).sum(0)
             summed = base_logits.sum(1)  # W (sum_h x_h) = sum_h W x_h
-            layer = torch.log_softmax(bank.layer_logits(x, summed if lora else None).float(), -1)
-            base_layer = torch.log_softmax(summed + lens_set.unembed.b, -1)
-            out["layer_lens"][i] += _kl_rows(p, target, layer).sum()
-            out["layer_logit_lens"][i] += _kl_rows(p, target, base_layer).sum()
+            layer = bank.layer_logits(x, summed if lora else None).float()
+            del base_logits
+            out["layer_lens"][i] += kl_from_logits(p, neg_entropy, layer).sum()
+            out["layer_logit_lens"][i] += kl_from_logits(p, neg_entropy, summed + lens_set.unembed.b).sum()
             if batch.topk_ids is not None:  # the subset KL of these same fp32 logits, per token summed
                 n_keep = int(keep.sum())
                 out["layer_subset"][i] += n_keep * kl_subset(
-                    batch.topk_ids[rows][keep], batch.topk_logprobs[rows][keep], layer, chunk=n_keep)
+                    batch.topk_ids[rows][keep], batch.topk_logprobs[rows][keep], layer,
+                    chunk=n_keep)
     return out
 
 
-def _kl_rows(p: Tensor, logp: Tensor, logq: Tensor) -> Tensor:
-    """Return KL(p || q) over the last axis (0 log 0 = 0)."""
-    return torch.where(p > 0, p * (logp - logq), torch.zeros_like(p)).sum(-1)
+def kl_from_logits(p: Tensor, neg_entropy: Tensor, logits: Tensor) -> Tensor:
+    """Return KL(p || softmax(logits)) over the vocabulary without materialising log q.
+
+    `p` `[n, V]`, `neg_entropy` `[n]` = sum p log p, `logits` `[n, V]` or `[n, H, V]` -> `[n]` or `[n, H]`:
+    KL = sum p log p - (sum_v p_v logits_v - logsumexp(logits)), one matmul and one logsumexp.
+    """
+    if logits.dim() == 3:
+        cross = torch.einsum("nv,nhv->nh", p, logits)
+        return neg_entropy[:, None] - cross + torch.logsumexp(logits, -1)
+    return neg_entropy - (p * logits).sum(-1) + torch.logsumexp(logits, -1)

@@ -12,10 +12,9 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from loralens.lens.adapters import folded_unembedding, out_proj_weight
 from loralens.lens.hooks import head_contributions
+from loralens.lens.lean import LeanModel
 from loralens.lens.lenses import FoldedUnembed, LensBank
-from loralens.lens.models import LoadedModel
 from loralens.lens.peft_io import load_bank
 
 LENSES = ("trained", "logit")
@@ -77,14 +76,13 @@ class HeadReader:
         return sorted(self.banks)
 
 
-def load_head_reader(loaded: LoadedModel, bank_dirs: Mapping[int, Path]) -> HeadReader:
+def load_head_reader(loaded: LeanModel, bank_dirs: Mapping[int, Path]) -> HeadReader:
     """Return a HeadReader for `loaded` with the banks saved in `bank_dirs` (layer -> folder).
 
     Raises LensMismatchError (one line) when a bank was trained for another model or has another shape.
     """
-    model, adapter, dims = loaded.model, loaded.adapter, loaded.dims
-    w_fold, b_fold = folded_unembedding(adapter, model)
-    unembed = FoldedUnembed(w_fold, b_fold)
+    dims = loaded.dims
+    unembed = FoldedUnembed(*loaded.parts.folded())
     banks, w_o = {}, {}
     for layer, folder in sorted(bank_dirs.items()):
         if not 0 <= layer < dims.n_layers:
@@ -99,5 +97,7 @@ def load_head_reader(loaded: LoadedModel, bank_dirs: Mapping[int, Path]) -> Head
             raise LensMismatchError(f"lens bank {folder} has {bank.n_heads} heads, the model has {dims.n_heads}")
         bank.eval()
         banks[layer] = bank
-        w_o[layer] = out_proj_weight(adapter, model, layer, dims).detach().float()
+        if layer not in loaded.parts.out_proj:
+            raise LensMismatchError(f"lens bank {folder} is for layer {layer}, which was not loaded")
+        w_o[layer] = loaded.parts.w_o(layer)
     return HeadReader(unembed=unembed, w_o=w_o, banks=banks)

@@ -94,8 +94,8 @@ class ShardData:
     z: np.ndarray  # [n, L, heads*d_head] uint16 bits of fp16/bf16
     scale: np.ndarray  # [n] float32
     h_final: np.ndarray  # [n, d_model] float32
-    topk_ids: np.ndarray  # [n, k] int32
-    topk_logprobs: np.ndarray  # [n, k] float32
+    topk_ids: np.ndarray | None  # [n, k] int32 (None: the cache stored no top-k)
+    topk_logprobs: np.ndarray | None  # [n, k] float32
     prompt_idx: np.ndarray  # [n] int32
 
 
@@ -130,15 +130,16 @@ def to_batch(data: ShardData, rows: np.ndarray, store_dtype: str) -> LensBatch:
         scale=torch.from_numpy(data.scale[rows]),
         mask=torch.ones(len(rows), dtype=torch.bool),
         h_final=torch.from_numpy(data.h_final[rows]),
-        topk_ids=torch.from_numpy(data.topk_ids[rows].astype(np.int64)),
-        topk_logprobs=torch.from_numpy(data.topk_logprobs[rows]),
+        topk_ids=None if data.topk_ids is None else torch.from_numpy(data.topk_ids[rows].astype(np.int64)),
+        topk_logprobs=None if data.topk_logprobs is None else torch.from_numpy(data.topk_logprobs[rows]),
     )
 
 
 def _concat(parts: list[LensBatch]) -> LensBatch:
     if len(parts) == 1:
         return parts[0]
-    return LensBatch(**{k: torch.cat([getattr(p, k) for p in parts]) for k in parts[0].__dict__})
+    return LensBatch(**{k: None if getattr(parts[0], k) is None else torch.cat([getattr(p, k) for p in parts])
+                        for k in parts[0].__dict__})
 
 
 def train_batches(

@@ -15,7 +15,7 @@ import torch
 
 from loralens.config import PipelineConfig
 from loralens.lens.caching import from_storage
-from loralens.lens.models import LoadedModel, load_model
+from loralens.lens.lean import LeanModel, load_lean
 from loralens.lens.readout import HeadReader, lens_inputs, load_head_reader, row_chunks
 from loralens.tasks.plans import StagePlan
 from loralens.warehouse.activation_cache import read_layer_z, read_tokens
@@ -51,10 +51,10 @@ def select_positions(cache: ArtifactDir, shard: int, which: str) -> Positions:
     return Positions(shard, rows, prompt_idx[rows], position[rows], scale)
 
 
-def load_reader(cfg: PipelineConfig, train_plan: StagePlan, layers: list[int]) -> tuple[LoadedModel, HeadReader]:
-    """Return the frozen model and a HeadReader with the train artifact's lens banks."""
-    loaded = load_model(cfg.model.name, cfg.home, dtype="float32", revision=cfg.model.revision,
-                        trust_remote_code=cfg.model.trust_remote_code)
+def load_reader(cfg: PipelineConfig, train_plan: StagePlan, layers: list[int]) -> tuple[LeanModel, HeadReader]:
+    """Return the model's frozen lens weights (read lean, no model built) and a HeadReader with the lens banks."""
+    loaded = load_lean(cfg.model.name, cfg.home, layers, revision=cfg.model.revision,
+                       trust_remote_code=cfg.model.trust_remote_code)
     lenses = train_plan.artifact.path / LENSES_DIR
     reader = load_head_reader(loaded, {layer: lenses / layer_dir(layer) for layer in layers})
     return loaded, reader

@@ -27,9 +27,8 @@ from tqdm.auto import tqdm  # noqa: E402
 
 from loralens.killpoints import maybe_kill  # noqa: E402
 from loralens.lens import training  # noqa: E402
-from loralens.lens.adapters import folded_unembedding, out_proj_weight  # noqa: E402
+from loralens.lens.lean import load_lean  # noqa: E402
 from loralens.lens.lenses import FoldedUnembed, LensConfig  # noqa: E402
-from loralens.lens.models import load_model  # noqa: E402
 from loralens.lens.objective import LensSet, fidelity  # noqa: E402
 from loralens.lens.peft_io import save_bank  # noqa: E402
 from loralens.warehouse.activation_cache import read_h_final, read_layer_z, read_tokens  # noqa: E402
@@ -39,21 +38,29 @@ from loralens.warehouse.constants import LENSES_DIR, TRAIN_CURVE, TRAIN_FIDELITY
 log = logging.getLogger("loralens.train")
 
 
-def build_lens_set(spec: dict) -> LensSet:
-    """Return an untrained LensSet for the spec's model and layers (the HF model is freed after)."""
-    m, t = spec["model"], spec["train"]
-    loaded = load_model(m["name"], Path(spec["home"]), dtype="float32", revision=m["revision"],
-                        trust_remote_code=m["trust_remote_code"])
-    model, adapter, dims = loaded.model, loaded.adapter, loaded.dims
-    w_fold, b_fold = folded_unembedding(adapter, model)
-    w_o = torch.stack([out_proj_weight(adapter, model, layer, dims).detach().float() for layer in spec["layers"]])
-    head = model.get_output_embeddings()
+class FrozenBase:
+    """The frozen tensors every LensSet of this process shares, read once (lean: no model is built)."""
+
+    def __init__(self, spec: dict) -> None:
+        m = spec["model"]
+        lean = load_lean(m["name"], Path(spec["home"]), spec["layers"], revision=m["revision"],
+                         trust_remote_code=m["trust_remote_code"])
+        parts = lean.parts.as_float32()  # one fp32 unembedding: the lm_head and the input of the fold
+        del lean  # the stored-dtype (e.g. bf16) tensors
+        self.unembed = FoldedUnembed(*parts.folded())
+        self.w_o = torch.stack([parts.w_o(layer) for layer in spec["layers"]])  # [L, H, d_head, d]
+        self.lm_head, self.lm_head_bias = parts.lm_head()  # fp32: the exact loss recomputes the model's logits
+
+
+def build_lens_set(spec: dict, base: FrozenBase) -> LensSet:
+    """Return an untrained LensSet for the spec's layers over the shared frozen base (no tensor copied)."""
+    t = spec["train"]
     lens_cfg = LensConfig(form=t["form"], rank=t["rank"], alpha=t["alpha"], dtype="float32",
                           objective=t["objective"])
-    return LensSet(FoldedUnembed(w_fold, b_fold), w_o, spec["layers"], lens_cfg,
-                   lm_head=head.weight.detach().float().clone(),
-                   lm_head_bias=None if getattr(head, "bias", None) is None else head.bias.detach().float(),
-                   loss=t["loss"], chunk=t["loss_chunk"], base_dtype=t["base_dtype"])
+    # A module of its own over the shared tensors: the DeepSpeed engine wraps (and may hook) the trained set.
+    unembed = FoldedUnembed(base.unembed.W, base.unembed.b, fingerprint=base.unembed.fingerprint())
+    return LensSet(unembed, base.w_o, spec["layers"], lens_cfg, lm_head=base.lm_head,
+                   lm_head_bias=base.lm_head_bias, loss=t["loss"], chunk=t["loss_chunk"], base_dtype=t["base_dtype"])
 
 
 def shard_loader(cache: ArtifactDir, layers: list[int], z_width: int, d_model: int) -> training.ShardLoader:
@@ -66,21 +73,35 @@ def shard_loader(cache: ArtifactDir, layers: list[int], z_width: int, d_model: i
             z=z,
             scale=tokens.column("scale").to_numpy(),
             h_final=read_h_final(tokens, d_model),
-            topk_ids=np.stack(tokens.column("topk_ids").to_numpy(zero_copy_only=False)),
-            topk_logprobs=np.stack(tokens.column("topk_logprobs").to_numpy(zero_copy_only=False)),
+            topk_ids=_fixed_lists(tokens, "topk_ids"),
+            topk_logprobs=_fixed_lists(tokens, "topk_logprobs"),
             prompt_idx=tokens.column("prompt_idx").to_numpy(),
         )
 
     return load
 
 
-def train_rows_per_shard(cache: ArtifactDir, shards: list[int], every: int) -> dict[int, int]:
-    """Return the number of non-held-out rows of each shard (reads only the prompt_idx column)."""
+def _fixed_lists(tokens, column: str) -> np.ndarray | None:
+    """Return a fixed-size list column as `[n, k]`, or None when the cache did not store it (exact loss)."""
+    if column not in tokens.column_names:
+        return None
+    col = tokens.column(column).combine_chunks()
+    return col.values.to_numpy().reshape(len(col), -1)
+
+
+def rows_per_shard(cache: ArtifactDir, shards: list[int], every: int, held_out: bool) -> dict[int, int]:
+    """Return the number of training (or held-out) rows of each shard (reads only the prompt_idx column)."""
     out = {}
     for s in shards:
         idx = read_tokens(cache, [s], columns=["prompt_idx"]).column("prompt_idx").to_numpy()
-        out[s] = int((~training.is_held_out(idx, every)).sum())
+        out[s] = int((training.is_held_out(idx, every) == held_out).sum())
     return out
+
+
+def held_out_rows_per_shard(spec: dict, shards: list[int]) -> dict[int, int]:
+    """Return each shard's held-out rows."""
+    cache = ArtifactDir(Path(spec["home"]), "cache", spec["cache_version"])
+    return rows_per_shard(cache, shards, spec["train"]["eval_every_nth_prompt"], held_out=True)
 
 
 def evaluate(lens_set: LensSet, loader, shards: list[int], spec: dict) -> dict:
@@ -89,7 +110,9 @@ def evaluate(lens_set: LensSet, loader, shards: list[int], spec: dict) -> dict:
     sums: dict[str, torch.Tensor] = {}
     batches = training.eval_batches(loader, shards, t["eval_every_nth_prompt"], t["micro_batch_tokens"],
                                     spec["store_dtype"])
-    for batch in tqdm(list(batches), desc="evaluate", unit="batch"):
+    # Streamed: one shard's rows at a time (the total is counted from the prompt_idx column alone).
+    total = sum(-(-n // t["micro_batch_tokens"]) for n in held_out_rows_per_shard(spec, shards).values())
+    for batch in tqdm(batches, total=total, desc="evaluate", unit="batch"):
         for k, v in fidelity(lens_set, batch).items():
             sums[k] = sums.get(k, 0) + v
     n = float(sums["tokens"]) if sums else 0.0
@@ -121,14 +144,15 @@ def main(argv: list[str] | None = None) -> int:
     shards = sorted(cache.done_shards())
     loader = shard_loader(cache, spec["layers"], spec["z_width"], spec["d_model"])
     plan = training.TrainPlan(
-        shards=shards, train_rows=train_rows_per_shard(cache, shards, t["eval_every_nth_prompt"]),
+        shards=shards, train_rows=rows_per_shard(cache, shards, t["eval_every_nth_prompt"], held_out=False),
         store_dtype=spec["store_dtype"], micro_batch=t["micro_batch_tokens"], epochs=t["epochs"],
         max_steps=t["max_steps"], lr=t["lr"], weight_decay=t["weight_decay"], zero_stage=t["zero_stage"],
         seed=t["seed"], every=t["eval_every_nth_prompt"], checkpoint_every=t["checkpoint_every"],
         bf16=t["param_dtype"] == "bfloat16",
     )
+    base = FrozenBase(spec)
     torch.manual_seed(t["seed"])  # lora_A's random init is part of the versioned result
-    lens_set = build_lens_set(spec)
+    lens_set = build_lens_set(spec, base)
     curve = (out / TRAIN_CURVE).open("a") if rank == 0 else None
     bar = tqdm(desc="train", unit="step", disable=rank != 0)
 
@@ -153,7 +177,8 @@ def main(argv: list[str] | None = None) -> int:
 
     # Consolidate into a plain, world-size-independent LensSet and save one bank per layer.
     state = training.consolidated_state(engine, ckpt_dir, result.final_tag, t["zero_stage"])
-    final = build_lens_set(spec)
+    del engine, lens_set  # optimizer states and the training copy of the banks: only the consolidated state is left
+    final = build_lens_set(spec, base)
     final.load_state_dict(state, strict=False)  # non-persistent buffers (bases) are rebuilt, not loaded
     final.eval()
     tmp = out / f".tmp-{LENSES_DIR}"

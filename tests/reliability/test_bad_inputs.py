@@ -197,10 +197,10 @@ def test_unsupported_architecture_fails_before_loading_weights(prefect_server, t
 
 
 def test_lens_bank_of_another_model_is_rejected_naming_the_bank(trained, tiny_models):
-    from loralens.lens.models import load_model
+    from loralens.lens.lean import load_lean
     from loralens.lens.readout import LensMismatchError, load_head_reader
 
-    other = load_model(str(tiny_models["gpt2"]), trained["home"])
+    other = load_lean(str(tiny_models["gpt2"]), trained["home"], [1])
     folder = bank_dir(trained["home"], 1)
     with pytest.raises(LensMismatchError) as err:
         load_head_reader(other, {1: folder})

@@ -17,13 +17,15 @@ from loralens.tasks.plans import StagePlan
 from loralens.tasks.train import plan_train
 
 
-def attribute_stage(cfg: PipelineConfig, cache_plan: StagePlan | None = None, force: bool = False) -> dict[str, Any]:
+def attribute_stage(cfg: PipelineConfig, cache_plan: StagePlan | None = None, force: bool = False,
+                    verify: bool = False) -> dict[str, Any]:
     """Run the attribute task keyed by its version; attach the top-heads table and heatmaps to the flow run."""
     cache_plan = cache_plan or plan_cache(cfg)
     train_plan = plan_train(cfg, cache_plan)
     decode_plan = plan_decode(cfg, train_plan)
     plan = plan_attribute(cfg, decode_plan)
-    summary = run_stage_task(attribute_task, cfg, plan, decode_plan, train_plan, cache_plan, force=force)
+    summary = run_stage_task(attribute_task, cfg, plan, decode_plan, train_plan, cache_plan, force=force,
+                             verify=verify)
     report = Path(summary["report"]).read_text(encoding="utf-8")
     heatmaps = "\n".join(f"- {m}: `{p}`" for m, p in summary["heatmaps"].items())
     create_markdown_artifact(key="top-toxic-heads", markdown=f"{report}\nHeatmaps (layers x heads):\n{heatmaps}\n",

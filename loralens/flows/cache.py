@@ -9,19 +9,20 @@ from prefect import flow
 from loralens.config import PipelineConfig
 from loralens.flows.common import resolve_config, results_under_home, run_stage_task, split_over_workers
 from loralens.tasks.cache import cache_shards_task, cache_task, plan_cache, shard_count
-from loralens.tasks.plans import StagePlan
+from loralens.tasks.plans import StagePlan, keeping_old_version
 
 
 def cache_stage(cfg: PipelineConfig, plan: StagePlan | None = None, force: bool = False,
-                workers: int = 1) -> dict[str, Any]:
+                workers: int = 1, verify: bool = False) -> dict[str, Any]:
     """Run the cache task keyed by its version (planned here unless the caller already planned it).
 
     `workers > 1` first maps the missing shards over that many concurrent tasks; the keyed task then finalizes.
     """
     plan = plan or plan_cache(cfg)
-    force = split_over_workers(cfg, plan, cache_shards_task, (cfg, plan), lambda: list(range(shard_count(cfg))),
-                               workers, force)
-    return run_stage_task(cache_task, cfg, plan, force=force)
+    with keeping_old_version(plan):  # one guard over the workers and the finalizing task
+        force = split_over_workers(cfg, plan, cache_shards_task, (cfg, plan),
+                                   lambda: list(range(shard_count(cfg))), workers, force)
+        return run_stage_task(cache_task, cfg, plan, force=force, verify=verify)
 
 
 @flow(name="cache-activations")

@@ -1,4 +1,4 @@
-"""The `loralens` command line: run the pipeline, show artifact status."""
+"""The `loralens` command line: run the pipeline, show artifact status, verify artifact checksums."""
 
 from __future__ import annotations
 
@@ -59,7 +59,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.workers < 1:
         raise ConfigError(f"--workers: must be >= 1, got {args.workers}")
     results = pipeline(config_path=args.config, config=overrides, only=args.only, force=args.force,
-                       workers=args.workers)
+                       workers=args.workers, verify=args.verify)
     rows = [{"stage": stage, "version": res["version"], "result": "cached" if res.get("cached") else "done",
              "detail": stage_detail(stage, res), "path": res.get("path", "")} for stage, res in results.items()]
     print(format_table(rows, ["stage", "version", "result", "detail", "path"]))
@@ -89,18 +89,59 @@ def cmd_status(args: argparse.Namespace) -> int:
     home = Path(args.home).resolve() if args.home else load_config(args.config).home
     registered = {a["version"]: a for a in list_artifacts(warehouse_path(home))}
     rows = []
-    for stage_dir in sorted((home / ARTIFACTS_DIR).glob("*")):
-        for vdir in sorted(stage_dir.iterdir()):
-            adir = ArtifactDir(home, stage_dir.name, vdir.name)
-            reg = registered.get(vdir.name, {})
-            state = "complete" if adir.is_complete() else f"incomplete ({len(adir.done_shards())} shards done)"
-            rows.append({"stage": stage_dir.name, "version": vdir.name, "state": state,
-                         "rows": reg.get("rows") or "-", "size": human_bytes(adir.size_bytes()),
-                         "created": str(reg.get("created_at", "-"))[:19]})
+    for adir in version_dirs(home):
+        reg = registered.get(adir.version, {})
+        state = "complete" if adir.is_complete() else f"incomplete ({len(adir.done_shards())} shards done)"
+        rows.append({"stage": adir.stage, "version": adir.version, "state": state,
+                     "rows": reg.get("rows") or "-", "size": human_bytes(adir.size_bytes()),
+                     "created": str(reg.get("created_at", "-"))[:19]})
     if not rows:
         print(f"no artifacts under {home}")
         return 0
     print(format_table(rows, ["stage", "version", "state", "rows", "size", "created"]))
+    return 0
+
+
+def version_dirs(home: Path, stage: str | None = None) -> list[ArtifactDir]:
+    """Return every version folder under `home` (of `stage` only, if given), by stage then version.
+
+    Dot-folders are not versions: temp files, gc trash (`.trash-`), a forced rebuild's backup (`.replaced-`).
+    """
+    out = []
+    for stage_dir in sorted((home / ARTIFACTS_DIR).glob("*")):
+        if not stage_dir.is_dir() or stage_dir.name.startswith(".") or stage not in (None, stage_dir.name):
+            continue
+        out += [ArtifactDir(home, stage_dir.name, v.name) for v in sorted(stage_dir.iterdir())
+                if v.is_dir() and not v.name.startswith(".")]
+    return out
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from loralens.flows.pipeline import STAGES
+    from loralens.tasks.plans import reopen_changed
+
+    if args.stage is not None and args.stage not in STAGES:
+        raise ConfigError(f"unknown stage '{args.stage}'; stages: {', '.join(STAGES)}")
+    home = Path(args.home).resolve() if args.home else load_config(args.config).home
+    rows, bad_total = [], 0
+    for adir in version_dirs(home, args.stage):
+        manifest = adir.manifest()
+        if manifest is None:
+            continue  # incomplete: its shards are checked when the stage resumes it
+        bad = reopen_changed(adir, full=True)  # a bad version is reopened as a run would reopen it
+        bad_total += len(bad)
+        rows.append({"stage": adir.stage, "version": adir.version, "files": len(manifest["files"]),
+                     "bytes": human_bytes(manifest["total_bytes"]),
+                     "result": "ok" if not bad else f"{len(bad)} bad file{'s' * (len(bad) > 1)}: "
+                               + ", ".join(f["path"] for f in bad[:3]) + (", ..." if len(bad) > 3 else "")})
+    if not rows:
+        print(f"no complete {args.stage or 'artifact'} versions under {home}")
+        return 0
+    print(format_table(rows, ["stage", "version", "files", "bytes", "result"]))
+    if bad_total:
+        print(f"{bad_total} file(s) failed their sha256; their versions were reopened: the next `loralens run` "
+              "redoes the bad shards (train, attribute: the whole version)")
+        return 1
     return 0
 
 
@@ -194,12 +235,20 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--force", action="store_true", help="redo the stage(s) even if complete")
     run.add_argument("--workers", type=int, default=1,
                      help="split caching and generation over N mapped Prefect tasks (default 1)")
+    run.add_argument("--verify", action="store_true",
+                     help="re-hash (sha256) a complete version's files before reusing it, not just size and mtime")
     run.add_argument("--home", help=f"project home (default $LORALENS_HOME or {default_home()})")
     run.set_defaults(fn=cmd_run)
     status = sub.add_parser("status", help="show every stage's versions, state and size")
     status.add_argument("--config")
     status.add_argument("--home")
     status.set_defaults(fn=cmd_status)
+    verify = sub.add_parser("verify", help="re-hash every file of every complete version against its manifest; "
+                                           "reopen bad versions so the next run redoes them (exit 1 if any)")
+    verify.add_argument("stage", nargs="?", help="only this stage's versions (default: all stages)")
+    verify.add_argument("--config")
+    verify.add_argument("--home")
+    verify.set_defaults(fn=cmd_verify)
     sql = sub.add_parser("sql", help="run a read-only SQL query on the warehouse (DuckDB) and print the result")
     sql.add_argument("query", help='e.g. "SELECT * FROM top_toxic_heads WHERE method = \'lens_contrast\'"')
     sql.add_argument("--format", choices=("table", "csv", "json"), default="table")

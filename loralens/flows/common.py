@@ -12,7 +12,7 @@ from prefect.artifacts import create_table_artifact
 from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
 
 from loralens.config import PipelineConfig, load_config, parse_config
-from loralens.tasks.plans import StagePlan, reset_for_force, reverify_on_reuse
+from loralens.tasks.plans import StagePlan, keeping_old_version, require_complete, reset_for_force, reverify_on_reuse
 from loralens.warehouse.db import is_registered_complete, warehouse_path
 
 
@@ -38,16 +38,21 @@ def results_under_home(cfg: PipelineConfig) -> Iterator[None]:
 
 
 def split_over_workers(cfg: PipelineConfig, plan: StagePlan, worker_task: Task, args: tuple,
-                       units: Callable[[], list[int]], workers: int, force: bool) -> bool:
+                       units: Callable[[], list[int]], workers: int, force: bool,
+                       upstream: tuple[StagePlan, ...] = ()) -> bool:
     """Map a stage's work units round-robin over `workers` tasks (`worker_task(*args, units)`) unless the version
     is complete; return the `force` left for the finalizing task.
 
-    With `force`, the version is reset once here, before any worker writes (the finalizing task then sees an
-    empty version, so it gets force=False). `units` is called only when there is work to split.
+    With `force`, the version is reset once here, before any worker writes but after the `upstream` versions are
+    checked complete (the finalizing task then sees an empty version, so it gets force=False). Call it and the
+    finalizing `run_stage_task` inside one `keeping_old_version(plan)`, which keeps the old complete version
+    until the new one is. `units` is called only when there is work to split.
     """
     if workers <= 1:
         return force
     if force:
+        for up in upstream:
+            require_complete(up)
         reset_for_force(plan)
     if not plan.artifact.is_complete():
         every = units()
@@ -59,15 +64,24 @@ def split_over_workers(cfg: PipelineConfig, plan: StagePlan, worker_task: Task, 
 
 
 def run_stage_task(
-    stage_task: Task, cfg: PipelineConfig, plan: StagePlan, *args: Any, force: bool = False
+    stage_task: Task, cfg: PipelineConfig, plan: StagePlan, *args: Any, force: bool = False, verify: bool = False
 ) -> dict[str, Any]:
     """Run a stage's task keyed by `plan.version`, publish its summary, and return it (cached flag set).
 
     A complete version is a Prefect cache hit; a version whose artifact folder is gone (or `force`)
     refreshes the cache, so a deleted artifact is never a stale hit. So does one the warehouse does not register
-    as complete (a run killed between its manifest and its rows): the task then only registers it.
+    as complete (a run killed between its manifest and its rows): the task then only registers it. Before
+    reuse a complete version's files are checked against its manifest: size and mtime, or with `verify` their
+    sha256 (reads every file).
     """
-    reopened = reverify_on_reuse(plan)  # a file corrupted after completion is never a stale hit
+    with keeping_old_version(plan):  # settles a killed forced run's backup before anything is decided
+        return _run_stage_task(stage_task, cfg, plan, *args, force=force, verify=verify)
+
+
+def _run_stage_task(stage_task: Task, cfg: PipelineConfig, plan: StagePlan, *args: Any, force: bool,
+                    verify: bool) -> dict[str, Any]:
+    # A file changed after completion is never a stale hit (a forced run rebuilds the version anyway).
+    reopened = not force and reverify_on_reuse(plan, full=verify)
     refresh = (force or reopened or not plan.artifact.is_complete()
                or not is_registered_complete(warehouse_path(cfg.home), plan.version))
     # Prefect keeps results per user (~/.prefect/storage), not per home: the key names the home too, so a hit

@@ -14,11 +14,13 @@ from loralens.tasks.plans import StagePlan
 from loralens.tasks.train import plan_train
 
 
-def decode_stage(cfg: PipelineConfig, cache_plan: StagePlan | None = None, force: bool = False) -> dict[str, Any]:
+def decode_stage(cfg: PipelineConfig, cache_plan: StagePlan | None = None, force: bool = False,
+                 verify: bool = False) -> dict[str, Any]:
     """Run the decode task keyed by its version (the train version is its input)."""
     cache_plan = cache_plan or plan_cache(cfg)
     train_plan = plan_train(cfg, cache_plan)
-    return run_stage_task(decode_task, cfg, plan_decode(cfg, train_plan), train_plan, cache_plan, force=force)
+    return run_stage_task(decode_task, cfg, plan_decode(cfg, train_plan), train_plan, cache_plan, force=force,
+                          verify=verify)
 
 
 @flow(name="decode-heads")

@@ -14,12 +14,12 @@ from loralens.tasks.attribute import plan_attribute
 from loralens.tasks.cache import plan_cache
 from loralens.tasks.decode import plan_decode
 from loralens.tasks.intervene import generation_units, intervene_batches_task, intervene_task, plan_intervene
-from loralens.tasks.plans import StagePlan
+from loralens.tasks.plans import StagePlan, keeping_old_version
 from loralens.tasks.train import plan_train
 
 
 def intervene_stage(cfg: PipelineConfig, cache_plan: StagePlan | None = None, force: bool = False,
-                    workers: int = 1, units: list[int] | None = None) -> dict[str, Any]:
+                    workers: int = 1, units: list[int] | None = None, verify: bool = False) -> dict[str, Any]:
     """Run the intervene task keyed by its version; attach the metrics table and plot to the flow run.
 
     `workers > 1` maps the (condition, prompt batch) generation units over that many concurrent tasks, then
@@ -32,9 +32,11 @@ def intervene_stage(cfg: PipelineConfig, cache_plan: StagePlan | None = None, fo
     if units is not None:
         with results_under_home(cfg):
             return intervene_batches_task(*args, sorted(units))
-    force = split_over_workers(cfg, plan, intervene_batches_task, args, lambda: generation_units(cfg, conditions),
-                               workers, force)
-    summary = run_stage_task(intervene_task, cfg, plan, conditions, attribute_plan, cache_plan, force=force)
+    with keeping_old_version(plan):  # one guard over the workers and the finalizing task
+        force = split_over_workers(cfg, plan, intervene_batches_task, args,
+                                   lambda: generation_units(cfg, conditions), workers, force, (attribute_plan,))
+        summary = run_stage_task(intervene_task, cfg, plan, conditions, attribute_plan, cache_plan, force=force,
+                                 verify=verify)
     report = Path(summary["report"]).read_text(encoding="utf-8")
     create_markdown_artifact(key="interventions", markdown=f"{report}\nPlot: `{summary['plot']}`\n",
                              description=f"intervene stage, version {plan.version}")

@@ -31,10 +31,13 @@ def pipeline(
     only: str | None = None,
     force: bool = False,
     workers: int = 1,
+    verify: bool = False,
 ) -> dict[str, Any]:
     """Run every stage (or `only` one), each skipped when its artifact version is already complete.
 
     `workers > 1` splits caching (by prompt shard) and generation (by prompt batch) over that many mapped tasks.
+    Before reusing a complete version its files are checked against the manifest by size and mtime; `verify`
+    re-hashes them (sha256) instead, reading every file.
     """
     if only is not None and only not in STAGES:
         raise ValueError(f"unknown stage '{only}'; stages: {', '.join(STAGES)}")
@@ -48,7 +51,7 @@ def pipeline(
         if only in (None, name):
             t0 = time.perf_counter()
             split = {"workers": workers} if name in ("cache", "intervene") else {}
-            results[name] = stages[name](cfg, cache_plan, force=force, **split)
+            results[name] = stages[name](cfg, cache_plan, force=force, verify=verify, **split)
             seconds[name] = time.perf_counter() - t0
     report = write_run_report(cfg, results, seconds)
     results[list(results)[-1]]["run_report"] = str(report)

@@ -17,11 +17,12 @@ from loralens.tasks.train import plan_train, train_task
 from loralens.warehouse.constants import FIDELITY_HEATMAP, TRAIN_FIDELITY
 
 
-def train_stage(cfg: PipelineConfig, cache_plan: StagePlan | None = None, force: bool = False) -> dict[str, Any]:
+def train_stage(cfg: PipelineConfig, cache_plan: StagePlan | None = None, force: bool = False,
+                verify: bool = False) -> dict[str, Any]:
     """Run the train task keyed by its version (the cache version is one of its inputs)."""
     cache_plan = cache_plan or plan_cache(cfg)
     plan = plan_train(cfg, cache_plan)
-    summary = run_stage_task(train_task, cfg, plan, cache_plan, force=force)
+    summary = run_stage_task(train_task, cfg, plan, cache_plan, force=force, verify=verify)
     fid = json.loads((plan.artifact.path / TRAIN_FIDELITY).read_text())
     report = fidelity_markdown(fid, plan.artifact.path / FIDELITY_HEATMAP)
     create_markdown_artifact(key="lens-fidelity", markdown=report, description=f"train stage, version {plan.version}")

@@ -20,7 +20,14 @@ from loralens.lens import attribution as A
 from loralens.lens.readout import head_logits_both
 from loralens.lens.scorers import get_scorer, primary_label, scorer_version
 from loralens.lens.vocab_toxicity import load_lexicon, token_texts, vocab_toxicity
-from loralens.tasks.plans import StagePlan, failures_recorded, register, require_complete, reset_for_force
+from loralens.tasks.plans import (
+    StagePlan,
+    failures_recorded,
+    keeps_old_version,
+    register,
+    require_complete,
+    reset_for_force,
+)
 from loralens.tasks.readout import cached_layers, layer_input_chunks, load_reader, select_positions
 from loralens.tasks.report import score_heatmap, top_heads_markdown
 from loralens.warehouse.activation_cache import read_prompts
@@ -76,6 +83,7 @@ def prompt_groups(prompts: dict[str, np.ndarray], scorer, threshold: float) -> t
     return tox, origin
 
 
+@keeps_old_version()
 def run_attribute_stage(cfg: PipelineConfig, plan: StagePlan, decode_plan: StagePlan, train_plan: StagePlan,
                         cache_plan: StagePlan, *, force: bool = False) -> dict[str, Any]:
     """Score every head by every method, write Parquet + one DuckDB transaction; return a summary."""
@@ -83,9 +91,7 @@ def run_attribute_stage(cfg: PipelineConfig, plan: StagePlan, decode_plan: Stage
     db = warehouse_path(cfg.home)
     parents = [decode_plan.version]
     a = cfg.attribute
-    if force:
-        reset_for_force(plan)
-    manifest = adir.manifest()
+    manifest = None if force else adir.manifest()
     if manifest is not None:
         _store(db, plan.version, adir.path)  # idempotent; restores rows if the warehouse lost them
         register(plan, parents, status="complete",
@@ -93,6 +99,8 @@ def run_attribute_stage(cfg: PipelineConfig, plan: StagePlan, decode_plan: Stage
         return {"version": plan.version, "path": str(adir.path), "cached": True, **manifest["summary"]}
     decode_manifest = require_complete(decode_plan)
     cache_manifest = require_complete(cache_plan)
+    if force:
+        reset_for_force(plan)  # only once the inputs are there; the old version is kept aside until done
     adir.prepare()
     register(plan, parents, status="running")
     t0 = time.perf_counter()

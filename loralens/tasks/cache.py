@@ -20,7 +20,14 @@ from loralens.lens.caching import (
     tokenize_prompts,
 )
 from loralens.lens.models import folder_fingerprint, load_model, resolve_model_path
-from loralens.tasks.plans import StagePlan, failures_recorded, register, reset_for_force, reverify_on_reuse
+from loralens.tasks.plans import (
+    StagePlan,
+    failures_recorded,
+    keeps_old_version,
+    register,
+    reset_for_force,
+    reverify_on_reuse,
+)
 from loralens.warehouse.activation_cache import read_prompts, shard_relpaths, write_cache_shard
 from loralens.warehouse.attribution_tables import register_prompts
 from loralens.warehouse.corpus import Corpus, load_corpus
@@ -47,6 +54,7 @@ def _shard_prompts(corpus: Corpus, token_ids: list[list[int]], per_shard: int) -
     return [kept[i : i + per_shard] for i in range(0, len(kept), per_shard)]
 
 
+@keeps_old_version(worker_arg="only_shards")
 def run_cache_stage(cfg: PipelineConfig, plan: StagePlan, *, force: bool = False,
                     only_shards: list[int] | None = None) -> dict[str, Any]:
     """Cache every shard not yet done (resuming a killed run), then write the manifest; return a summary.

@@ -16,6 +16,7 @@ from loralens.lens.vocab_toxicity import token_texts
 from loralens.tasks.plans import (
     StagePlan,
     failures_recorded,
+    keeps_old_version,
     register,
     require_complete,
     reset_for_force,
@@ -45,16 +46,16 @@ def load_into_warehouse(plan: StagePlan) -> int:
     return loaded
 
 
+@keeps_old_version()
 def run_decode_stage(cfg: PipelineConfig, plan: StagePlan, train_plan: StagePlan, cache_plan: StagePlan, *,
                      force: bool = False) -> dict[str, Any]:
     """Decode every cache shard not yet done (resuming a killed run), load it into DuckDB; return a summary."""
     adir = plan.artifact
     db = warehouse_path(cfg.home)
     parents = [train_plan.version]
-    reverify_on_reuse(plan)
-    if force:
-        reset_for_force(plan)
-    manifest = adir.manifest()
+    if not force:
+        reverify_on_reuse(plan)
+    manifest = None if force else adir.manifest()
     if manifest is not None:
         load_into_warehouse(plan)  # a kill between the manifest and the last insert leaves rows to load
         register(plan, parents, status="complete",
@@ -62,6 +63,8 @@ def run_decode_stage(cfg: PipelineConfig, plan: StagePlan, train_plan: StagePlan
         return {"version": plan.version, "path": str(adir.path), "cached": True, **manifest["summary"]}
     require_complete(train_plan)
     cache_manifest = require_complete(cache_plan)
+    if force:
+        reset_for_force(plan)  # only once the inputs are there; the old version is kept aside until done
     adir.prepare()
     register(plan, parents, status="running")
     t0 = time.perf_counter()

@@ -23,7 +23,14 @@ from loralens.lens.interventions import HeadIntervention, intervene, mean_head_z
 from loralens.lens.models import LoadedModel, load_model
 from loralens.lens.scorers import get_scorer, primary_label
 from loralens.tasks.conditions import Condition, build_conditions, ranked_heads
-from loralens.tasks.plans import StagePlan, failures_recorded, register, require_complete, reset_for_force
+from loralens.tasks.plans import (
+    StagePlan,
+    failures_recorded,
+    keeps_old_version,
+    register,
+    require_complete,
+    reset_for_force,
+)
 from loralens.tasks.report import intervention_markdown, toxicity_ppl_plot
 from loralens.warehouse.artifacts import atomic_write_bytes, atomic_write_with
 from loralens.warehouse.constants import (
@@ -131,6 +138,7 @@ def generation_units(cfg: PipelineConfig, conds: list[Condition]) -> list[int]:
     return [batch_index(ci, bi) for ci, bi, _ in _work(cfg, conds)]
 
 
+@keeps_old_version(worker_arg="only_units")
 def run_intervene_stage(cfg: PipelineConfig, plan: StagePlan, conds: list[Condition], attribute_plan: StagePlan,
                         cache_plan: StagePlan, *, force: bool = False,
                         only_units: list[int] | None = None) -> dict[str, Any]:
@@ -142,15 +150,16 @@ def run_intervene_stage(cfg: PipelineConfig, plan: StagePlan, conds: list[Condit
     adir = plan.artifact
     db = warehouse_path(cfg.home)
     parents = [attribute_plan.version]
-    if force and only_units is None:
-        reset_for_force(plan)
-    manifest = adir.manifest()
+    forced = force and only_units is None
+    manifest = None if forced else adir.manifest()
     if manifest is not None:
         _store(db, plan, adir)
         register(plan, parents, status="complete",
                  rows=manifest["summary"]["generations"], bytes_=manifest["total_bytes"], summary=manifest["summary"])
         return {"version": plan.version, "path": str(adir.path), "cached": True, **manifest["summary"]}
     require_complete(attribute_plan)
+    if forced:
+        reset_for_force(plan)  # only once the input is there; the old version is kept aside until done
     adir.prepare(clean_tmp=only_units is None)  # workers share the folder with others still writing
     register(plan, parents, status="running")
     t0 = time.perf_counter()

@@ -2,20 +2,30 @@
 
 from __future__ import annotations
 
+import functools
 import logging
-from collections.abc import Iterator
+import os
+import threading
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
+from loralens.killpoints import maybe_kill
 from loralens.warehouse.artifacts import ArtifactDir, ArtifactError
+from loralens.warehouse.constants import MANIFEST
 from loralens.warehouse.db import ensure_writable, mark_failed, upsert_artifact, warehouse_path
+from loralens.warehouse.gc import remove_folder
 
 log = logging.getLogger("loralens.plans")
 # Stages whose resume path would re-record the files already in the folder (train keeps its finished result,
 # attribute records all its files as one shard): a corrupted file there means redoing the whole version.
 WHOLE_VERSION_STAGES = ("train", "attribute")
+# A complete version set aside while --force rebuilds it: `<home>/artifacts/<stage>/.replaced-<version>`
+# (a dot-folder, so gc and `loralens status` do not take it for a version).
+REPLACED_PREFIX = ".replaced-"
+F = TypeVar("F", bound=Callable[..., Any])
 
 
 @dataclass(frozen=True)
@@ -56,21 +66,31 @@ def failures_recorded(plan: StagePlan) -> Iterator[None]:
         raise
 
 
-def reverify_on_reuse(plan: StagePlan) -> bool:
-    """Re-check a complete version's files against its manifest checksums; return True if it was reopened.
+def reopen_changed(adir: ArtifactDir, *, full: bool = False) -> list[dict[str, Any]]:
+    """Check a complete version's files against its manifest; reopen it if any changed; return those files.
 
-    A file changed after completion never counts as done: cache, decode and intervene reopen just the bad
-    shards (the stage redoes them); train and attribute start the version over.
+    Quick (default): each file's size and modification time against the manifest, a stat per file. `full`:
+    each file's sha256 (reads everything; `loralens verify`, `loralens run --verify`). A changed file never
+    counts as done: cache, decode and intervene reopen just the bad shards (the stage redoes them); train and
+    attribute start the version over (see WHOLE_VERSION_STAGES).
     """
-    bad = plan.artifact.reopen_corrupt_shards()
+    bad = adir.reopen_corrupt_shards(full=full)
     if not bad:
-        return False
-    if plan.stage in WHOLE_VERSION_STAGES:
-        log.warning("%s %s: a file failed its checksum; redoing the version", plan.stage, plan.version)
-        plan.artifact.reset()
+        return []
+    what = "its checksum" if full else "its recorded size/mtime"
+    if adir.stage in WHOLE_VERSION_STAGES:
+        log.warning("%s %s: %s failed %s; redoing the version", adir.stage, adir.version, bad[0]["path"], what)
+        adir.reset()
     else:
-        log.warning("%s %s: shard(s) %s failed their checksums; redoing them", plan.stage, plan.version, bad)
-    return True
+        shards = sorted({int(f["shard"]) for f in bad})
+        log.warning("%s %s: %d file(s) failed %s; redoing shard(s) %s", adir.stage, adir.version, len(bad), what,
+                    shards)
+    return bad
+
+
+def reverify_on_reuse(plan: StagePlan, *, full: bool = False) -> bool:
+    """Re-check a complete version before reuse (`reopen_changed`); return True if it was reopened."""
+    return bool(reopen_changed(plan.artifact, full=full))
 
 
 def register(plan: StagePlan, parents: list[str], status: str, *, rows: int | None = None,
@@ -81,8 +101,90 @@ def register(plan: StagePlan, parents: list[str], status: str, *, rows: int | No
                     summary=summary)
 
 
+def replaced_path(adir: ArtifactDir) -> Path:
+    """Return where a forced rebuild keeps the old complete version until the new one is complete."""
+    return adir.path.with_name(f"{REPLACED_PREFIX}{adir.version}")
+
+
+def restore_replaced(adir: ArtifactDir) -> bool:
+    """Settle a forced rebuild's backup, if any; return True if the old version was put back.
+
+    The new version complete (manifest written): the backup goes. Otherwise (the rebuild failed, or was killed)
+    the half-built folder goes and the old complete version is renamed back: it wins over a partial one. Each
+    step is one rename or a removal via a `.trash-` name, so a kill at any point leaves a state this settles.
+    """
+    backup = replaced_path(adir)
+    if not backup.exists():
+        return False
+    if adir.is_complete() or not (backup / MANIFEST).exists():
+        remove_folder(backup)
+        return False
+    remove_folder(adir.path)
+    os.replace(backup, adir.path)
+    log.warning("%s %s: the forced rebuild did not complete; the previous complete version is back",
+                adir.stage, adir.version)
+    return True
+
+
+_guarded: set[Path] = set()  # versions inside a `keeping_old_version` block of this process (threads share it)
+_guarded_lock = threading.Lock()
+
+
+@contextmanager
+def keeping_old_version(plan: StagePlan) -> Iterator[None]:
+    """Run a stage (or a split stage's workers and finalizer) so that --force never costs a complete version.
+
+    On entry and on exit (normal or raising), `restore_replaced`: a backup left by a killed forced run is
+    settled before anything is decided, and this block's own rebuild either completed (backup deleted) or
+    did not (backup restored). Nested blocks for the same version (flow -> task -> stage) are no-ops.
+    """
+    key = plan.artifact.path
+    with _guarded_lock:
+        outer = key in _guarded
+        _guarded.add(key)
+    if outer:
+        yield
+        return
+    try:
+        restore_replaced(plan.artifact)
+        try:
+            yield
+        finally:
+            restore_replaced(plan.artifact)
+    finally:
+        with _guarded_lock:
+            _guarded.discard(key)
+
+
+def keeps_old_version(worker_arg: str | None = None) -> Callable[[F], F]:
+    """Decorate a `run_<stage>_stage(cfg, plan, ...)` to run inside `keeping_old_version(plan)`.
+
+    Calls with `worker_arg` set (one worker's share of a split run) run as they are: the split's owner guards
+    the version, and a worker must never restore a backup beside a folder that other workers are filling.
+    """
+    def decorate(fn: F) -> F:
+        @functools.wraps(fn)
+        def run(cfg: Any, plan: StagePlan, *args: Any, **kwargs: Any) -> Any:
+            if worker_arg is not None and kwargs.get(worker_arg) is not None:
+                return fn(cfg, plan, *args, **kwargs)
+            with keeping_old_version(plan):
+                return fn(cfg, plan, *args, **kwargs)
+        return run  # type: ignore[return-value]
+    return decorate
+
+
 def reset_for_force(plan: StagePlan) -> None:
-    """Delete the plan's artifact for --force, after checking the warehouse is writable: a locked warehouse must
-    not cost the old artifact."""
+    """Start the plan's version over for --force, after checking the warehouse is writable (a locked warehouse
+    must not cost the old artifact). Call it after the stage's inputs are checked.
+
+    A complete version is renamed aside (`replaced_path`), not deleted: inside `keeping_old_version` it comes back
+    if the rebuild does not complete, and goes once it does. An incomplete one is deleted.
+    """
     ensure_writable(warehouse_path(plan.home))
-    plan.artifact.reset()
+    adir = plan.artifact
+    restore_replaced(adir)  # at most one backup per version: settle any older one first
+    if adir.is_complete():
+        os.replace(adir.path, replaced_path(adir))
+        maybe_kill(f"{adir.stage}.after_set_aside")
+    else:
+        adir.reset()

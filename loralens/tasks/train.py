@@ -19,7 +19,7 @@ from loralens.config import ConfigError, PipelineConfig, TrainConfig
 from loralens.hashing import file_sha256
 from loralens.killpoints import maybe_kill
 from loralens.lens.training import STOP_EXIT_CODE, free_port
-from loralens.tasks.plans import StagePlan, register, require_complete, reset_for_force
+from loralens.tasks.plans import StagePlan, keeps_old_version, register, require_complete, reset_for_force
 from loralens.tasks.report import fidelity_heatmap
 from loralens.warehouse.artifacts import ShardFile
 from loralens.warehouse.constants import (
@@ -110,15 +110,14 @@ def _store_results(db: Path, version: str, out: Path) -> dict[str, Any]:
     return fid
 
 
+@keeps_old_version()
 def run_train_stage(cfg: PipelineConfig, plan: StagePlan, cache_plan: StagePlan, *,
                     force: bool = False) -> dict[str, Any]:
     """Train (resuming from checkpoints), then register lenses, curve and fidelity; return a summary."""
     adir = plan.artifact
     db = warehouse_path(cfg.home)
     parents = [cache_plan.version]
-    if force:
-        reset_for_force(plan)
-    manifest = adir.manifest()
+    manifest = None if force else adir.manifest()
     if manifest is not None:
         _store_results(db, plan.version, adir.path)  # idempotent; restores rows if the warehouse lost them
         register(plan, parents, status="complete",
@@ -127,6 +126,8 @@ def run_train_stage(cfg: PipelineConfig, plan: StagePlan, cache_plan: StagePlan,
         return {"version": plan.version, "path": str(adir.path), "cached": True, **manifest["summary"]}
     cache_manifest = require_complete(cache_plan)
     check_enough_tokens(cfg.train, cache_manifest["summary"]["n_tokens"])
+    if force:
+        reset_for_force(plan)  # only once the inputs are checked; the old version is kept aside until done
     adir.prepare()
     out = adir.path
     if not (out / TRAIN_RESULT).exists():  # the workers finished before a kill: only registration is left

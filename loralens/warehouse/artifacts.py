@@ -1,7 +1,9 @@
 """A versioned artifact folder: atomic shard files, per-shard records with checksums, manifest last.
 
-A shard counts as done only when its record exists and every file it lists matches its checksum; the
-manifest, written last by `finalize`, is the only thing that marks the whole artifact complete.
+A shard counts as done only when its record exists and every file it lists is unchanged: same size and
+modification time (st_mtime_ns, stamped when the record is written) as recorded, and with `full=True` the same
+sha256 too (`loralens verify`, `loralens run --verify`). The manifest, written last by `finalize`, is the only
+thing that marks the whole artifact complete.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -71,16 +73,35 @@ def library_versions() -> dict[str, str]:
 
 @dataclass(frozen=True)
 class ShardFile:
-    """One file of a shard, relative to the artifact folder, with its rows, size and checksum."""
+    """One file of a shard, relative to the artifact folder, with its rows, size, checksum and mtime.
+
+    `mtime_ns` is stamped by `ArtifactDir.record_shard`; None in records written before it existed (then a
+    quick check compares the size only).
+    """
 
     path: str
     rows: int
     bytes: int
     sha256: str
+    mtime_ns: int | None = None
 
 
-def _matches(path: Path, size: int, sha256: str) -> bool:
-    return path.exists() and path.stat().st_size == size and file_sha256(path) == sha256
+def unchanged(path: Path, f: ShardFile | dict[str, Any], *, full: bool = False) -> bool:
+    """Return True if the file at `path` still is the recorded one `f` (a ShardFile or a manifest entry).
+
+    Quick (default): it exists with the recorded size and, when recorded, modification time (a stat, no read).
+    `full`: the size and the sha256 of its content (reads the whole file); the mtime is not needed then.
+    """
+    rec = f if isinstance(f, dict) else asdict(f)
+    try:
+        st = path.stat()
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+    if st.st_size != rec["bytes"]:
+        return False
+    if full:
+        return file_sha256(path) == rec["sha256"]
+    return rec.get("mtime_ns") is None or st.st_mtime_ns == rec["mtime_ns"]
 
 
 def artifact_path(home: Path, stage: str, version: str) -> Path:
@@ -136,29 +157,38 @@ class ArtifactDir:
     def _record_path(self, index: int) -> Path:
         return self.path / SHARD_RECORDS_DIR / f"{shard_name(index)}.json"
 
-    def shard_files(self, index: int) -> list[ShardFile] | None:
-        """Return a done shard's files, or None if it is missing or any file fails its checksum."""
+    def shard_files(self, index: int, *, full: bool = False) -> list[ShardFile] | None:
+        """Return a done shard's files, or None if it is missing or any file changed (see `unchanged`)."""
         try:
             record = json.loads(self._record_path(index).read_text())
         except (FileNotFoundError, ValueError):
             return None
         files = [ShardFile(**f) for f in record["files"]]
-        return files if all(_matches(self.path / f.path, f.bytes, f.sha256) for f in files) else None
+        return files if all(unchanged(self.path / f.path, f, full=full) for f in files) else None
 
-    def reopen_corrupt_shards(self) -> list[int]:
-        """Re-verify a complete version; if a shard's file fails its checksum, make the version incomplete again.
+    def reopen_corrupt_shards(self, *, full: bool = False) -> list[dict[str, Any]]:
+        """Re-check a complete version's files against its manifest (quick: size and mtime; `full`: sha256);
+        if any changed, make the version incomplete again. Return the manifest entries of the changed files
+        (each names its `shard`; empty when all is well or the version is incomplete).
 
         The manifest goes first (the version stops counting as complete), then the bad shards' records, so the
-        stage redoes exactly those shards. Returns their indices (empty when all is well or incomplete).
+        stage redoes exactly those shards.
         """
         manifest = self.manifest()
         if manifest is None:
             return []
-        bad = sorted({int(f["shard"]) for f in manifest["files"]
-                      if not _matches(self.path / f["path"], f["bytes"], f["sha256"])})
+        # The mtimes are in the shard records (the manifest describes content only: the same data, the same
+        # manifest); a file whose record is gone counts as changed.
+        stamps = {(i, f.path): f.mtime_ns for i, fs in self.done_shards().items() for f in fs}
+
+        def ok(f: dict[str, Any]) -> bool:
+            key = (int(f["shard"]), f["path"])
+            return key in stamps and unchanged(self.path / f["path"], f | {"mtime_ns": stamps[key]}, full=full)
+
+        bad = [f for f in manifest["files"] if not ok(f)]
         if bad:
             (self.path / MANIFEST).unlink(missing_ok=True)
-            for index in bad:
+            for index in sorted({int(f["shard"]) for f in bad}):
                 self._record_path(index).unlink(missing_ok=True)
         return bad
 
@@ -169,11 +199,18 @@ class ArtifactDir:
             (self.path / rel).unlink(missing_ok=True)
 
     def record_shard(self, index: int, files: list[ShardFile]) -> None:
-        """Mark a shard done; call only after all its files are in place."""
+        """Mark a shard done; call only after all its files are in place (their mtimes are stamped now)."""
         maybe_kill(f"{self.stage}.before_record")
+        files = [replace(f, mtime_ns=self._mtime_ns(f.path)) for f in files]
         payload = {"shard": index, "files": [f.__dict__ for f in files], "written_at": time.time()}
         atomic_write_bytes(self._record_path(index), json.dumps(payload, indent=1).encode())
         maybe_kill(f"{self.stage}.after_record")
+
+    def _mtime_ns(self, rel: str) -> int | None:
+        try:
+            return (self.path / rel).stat().st_mtime_ns
+        except FileNotFoundError:
+            return None  # a record of a file not (yet) there never counts as done: `unchanged` needs it to exist
 
     def done_shards(self) -> dict[int, list[ShardFile]]:
         """Return every shard record present (without re-verifying checksums)."""
@@ -184,10 +221,12 @@ class ArtifactDir:
         return out
 
     def finalize(self, *, config: dict[str, Any], inputs: dict[str, str], summary: dict[str, Any]) -> dict:
-        """Write manifest.json last, listing every shard's files, rows and checksums; return it."""
+        """Write manifest.json last, listing every shard's files, rows, sizes and checksums; return it."""
         maybe_kill(f"{self.stage}.before_manifest")
         shards = self.done_shards()
-        files = [f.__dict__ | {"shard": i} for i, fs in shards.items() for f in fs]
+        # mtime_ns stays in the shard records: it describes this copy of a file, not its content.
+        files = [{k: v for k, v in asdict(f).items() if k != "mtime_ns"} | {"shard": i}
+                 for i, fs in shards.items() for f in fs]
         manifest = {
             "stage": self.stage,
             "version": self.version,

@@ -30,6 +30,7 @@ VOLATILE_KEYS = frozenset({
     "seconds", "seconds_setup", "seconds_loop", "seconds_vocab", "seconds_generate",  # stage summaries
     "train_seconds", "tokens_per_s",  # train result
     "resumed_from", "shards_redone",  # how a resumed run got there, not what it produced
+    "mtime_ns",  # shard records: when this copy of a file was written
 })
 # Warehouse columns left out of the comparison: timestamps of the run itself.
 VOLATILE_COLUMNS = {"artifacts": ("created_at", "completed_at")}

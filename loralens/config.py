@@ -58,7 +58,8 @@ class CacheConfig(_Strict):
     max_length: int = Field(64, gt=1, description="tokens per prompt; longer prompts are truncated")
     prompts_per_shard: int = Field(64, gt=0)
     store_dtype: Literal["float16", "bfloat16"] = "float16"
-    top_k: int = Field(64, gt=0, description="target top-k kept for subset losses")
+    top_k: int | None = Field(None, ge=0, description="target top-k (and log-sum-exp) stored for subset losses; "
+                                                     "None: 64 when train.loss is subset, else 0 (not computed)")
     layers: tuple[int, ...] | None = Field(None, description="layers to cache; None = all")
 
 
@@ -178,6 +179,19 @@ class PipelineConfig(_Strict):
     attribute: AttributeConfig = AttributeConfig()
     intervene: InterveneConfig = InterveneConfig()
 
+    @property
+    def target_top_k(self) -> int:
+        """Return the target top-k the cache stores: `cache.top_k`, or 64 for a subset loss and 0 otherwise."""
+        if self.cache.top_k is not None:
+            return self.cache.top_k
+        return 64 if self.train.loss == "subset" else 0
+
+    @model_validator(mode="after")
+    def _subset_loss_has_top_k(self) -> PipelineConfig:
+        if self.train.loss == "subset" and self.cache.top_k == 0:
+            raise ValueError("cache.top_k: 0 stores no target top-k, but train.loss 'subset' needs it")
+        return self
+
     @field_validator("home")
     @classmethod
     def _absolute_home(cls, home: Path) -> Path:
@@ -192,7 +206,9 @@ def default_home() -> Path:
 
 def _one_line(err: ValidationError) -> str:
     first = err.errors()[0]
-    key = ".".join(str(p) for p in first["loc"]) or "<root>"
+    key = ".".join(str(p) for p in first["loc"])
+    if not key:  # a check across sections: its message names the keys
+        return f"config error: {first['msg'].removeprefix('Value error, ')}"
     if first["type"] == "extra_forbidden":
         return f"config error: unknown key '{key}'"
     return f"config error: {key}: {first['msg']} (got {first.get('input')!r})"

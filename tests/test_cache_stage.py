@@ -234,3 +234,25 @@ def test_concurrent_workers_prepare_the_same_folder(tmp_path):
     with ThreadPoolExecutor(8) as pool:
         list(pool.map(work, range(8)))
     assert sorted(p.name for p in adir.path.iterdir()) == [f"w{i}.bin" for i in range(8)]
+
+
+def test_target_top_k_is_stored_only_for_a_subset_loss(tiny_models, tmp_path):
+    """An exact-loss cache (the default) computes no top-k nor log-sum-exp; a subset-loss cache stores both."""
+    from loralens.config import ConfigError
+
+    def config(loss: str, **cache):
+        return parse_config({"home": str(tmp_path), "model": {"name": str(tiny_models["llama"])},
+                             "corpus": {"max_prompts_per_file": 4}, "train": {"loss": loss},
+                             "cache": {"prompts_per_shard": 8, "max_length": 12} | cache})
+
+    exact, subset = config("exact"), config("subset")
+    assert (exact.target_top_k, subset.target_top_k) == (0, 64)
+    assert plan_cache(exact).version != plan_cache(subset).version  # what is stored is what is versioned
+    run(exact)
+    run(subset)
+    stored = {"topk_ids", "topk_logprobs", "lse"}
+    assert not stored & set(read_tokens(plan_cache(exact).artifact).column_names)
+    assert stored <= set(read_tokens(plan_cache(subset).artifact).column_names)
+    assert read_tokens(plan_cache(subset).artifact).column("topk_ids").type.list_size == 64
+    with pytest.raises(ConfigError, match=r"^config error: cache.top_k: 0 stores no target top-k, but train.loss"):
+        config("subset", top_k=0)

@@ -60,7 +60,9 @@ def test_cli_llama3_lora_counts(capsys, llama3_config):
     assert v[("parameters", "per layer")] == 32 * per_head
     assert v[("parameters", "total")] == 32 * 32 * per_head
     assert v[("cache", "z per token")] == 32 * (32 * 128 * 2 + 8)
-    assert v[("cache", "target per token")] == LLAMA3_D * 4 + 64 * 8 + 8
+    assert v[("cache", "target per token")] == LLAMA3_D * 4 + 4  # exact loss: h_final and scale only
+    v = _run_plan(capsys, "--model", str(llama3_config), "--loss", "subset")
+    assert v[("cache", "target per token")] == LLAMA3_D * 4 + 64 * 8 + 8  # + top-k ids, log-probs, lse
 
 
 def test_cli_llama3_full_and_residual_counts(capsys, llama3_config):
@@ -80,7 +82,7 @@ def test_cli_errors_are_one_line(capsys, tmp_path, llama3_config, monkeypatch):
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "layers trained must be in [1, 32]" in err
     assert main(["plan", "--model", str(llama3_config), "--rank", "0"]) == 2
-    assert "rank must be a positive int" in capsys.readouterr().err
+    assert "train.rank: Input should be greater than 0" in capsys.readouterr().err  # the config key it sets
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"hidden_size": 8}))
     assert main(["plan", "--model", str(bad)]) == 2
@@ -107,13 +109,15 @@ def test_zero_partitioning():
         plan_memory(dims, lens, micro_batch_tokens=8, loss="mse")
 
 
-def test_cache_bytes_match_cache_writer():
+@pytest.mark.parametrize("k", [16, 0])  # 0: an exact-loss cache stores no top-k nor log-sum-exp
+def test_cache_bytes_match_cache_writer(k):
     """The planned per-token cache bytes are what the cache's Arrow tables hold, column for column."""
     from loralens.warehouse.activation_cache import tokens_table, z_table
 
     dims = ModelDims(n_layers=3, n_heads=4, d_head=8, d_model=24, vocab=500)
-    n, k = 37, 16
-    plan = plan_memory(dims, LensConfig(), micro_batch_tokens=8, top_k=k, n_layers_trained=2)
+    n = 37
+    plan = plan_memory(dims, LensConfig(), micro_batch_tokens=8, top_k=k, n_layers_trained=2,
+                       loss="subset" if k else "exact")
     i32 = np.zeros(n, dtype=np.int32)
     cols = {"prompt_idx": i32, "position": i32, "token_id": i32, "next_token_id": i32,
             "scale": np.ones(n, np.float32), "lse": np.ones(n, np.float32),

@@ -12,10 +12,12 @@ from pathlib import Path
 
 from loralens.config import ConfigError, default_home, load_config
 from loralens.lens.adapters import UnsupportedArchitectureError
+from loralens.lens.lean import LeanLoadError
 from loralens.lens.models import ModelLoadError
 from loralens.lens.plan import PlanError
 from loralens.lens.readout import LensMismatchError
 from loralens.lens.scorers import ScorerError
+from loralens.lens.stage_memory import MemoryBudgetError
 from loralens.tasks.report import stage_detail
 from loralens.tasks.train import TrainingInterrupted
 from loralens.warehouse.artifacts import ArtifactDir, ArtifactError
@@ -25,7 +27,8 @@ from loralens.warehouse.db import WarehouseLockedError, list_artifacts, warehous
 
 # Errors a user can fix; they print as one line instead of a traceback.
 USER_ERRORS = (ConfigError, CorpusError, ModelLoadError, UnsupportedArchitectureError, ArtifactError,
-               WarehouseLockedError, TrainingInterrupted, PlanError, LensMismatchError, ScorerError)
+               WarehouseLockedError, TrainingInterrupted, PlanError, LensMismatchError, ScorerError,
+               MemoryBudgetError, LeanLoadError)
 
 
 def format_table(rows: list[dict], columns: list[str]) -> str:
@@ -200,28 +203,69 @@ def format_rows(columns: list[str], rows: list[tuple], fmt: str) -> str:
     return format_table([dict(zip(columns, r, strict=True)) for r in rows], columns) + f"\n({len(rows)} rows)"
 
 
+def plan_config(args: argparse.Namespace):
+    """Return the pipeline config of `loralens plan`: the config file (or defaults) with the given flags laid over."""
+    from loralens.config import parse_config
+
+    base = load_config(args.config).model_dump(mode="json")
+    if args.home:
+        base["home"] = str(Path(args.home).resolve())
+    if args.model:
+        base["model"]["name"] = args.model
+    flags = {"form": args.form, "rank": args.rank, "alpha": args.alpha, "objective": args.objective,
+             "param_dtype": args.dtype, "loss": args.loss, "base_dtype": args.base_dtype,
+             "micro_batch_tokens": args.micro_batch_tokens, "loss_chunk": args.chunk, "world_size": args.world_size,
+             "zero_stage": args.zero_stage}
+    base["train"] |= {k: v for k, v in flags.items() if v is not None}
+    if args.top_k is not None:
+        base["cache"]["top_k"] = args.top_k
+    if args.layers is not None:
+        base["cache"]["layers"] = list(range(args.layers))
+    return parse_config(base)
+
+
 def cmd_plan(args: argparse.Namespace) -> int:
     from loralens.lens.lenses import LensConfig
     from loralens.lens.plan import dims_of, load_model_config, plan_memory
+    from loralens.tasks.memory import predict_all
 
+    if args.model is None and args.config is None:
+        raise ConfigError("plan: give --model or --config")
+    if args.layers is not None and args.layers < 1:
+        raise PlanError(f"layers trained must be >= 1, got {args.layers}")
+    dims = dims_of(load_model_config(args.model or load_config(args.config).model.name,
+                                     Path(args.home).resolve() if args.home else default_home()))
+    if args.layers is not None and args.layers > dims.n_layers:
+        raise PlanError(f"layers trained must be in [1, {dims.n_layers}], got {args.layers}")
     try:
-        lens = LensConfig(form=args.form, rank=args.rank, alpha=args.alpha, dtype=args.dtype, objective=args.objective)
+        cfg = plan_config(args)
+    except ConfigError as err:
+        raise PlanError(str(err)) from None
+    t = cfg.train
+    try:
+        lens = LensConfig(form=t.form, rank=t.rank, alpha=t.alpha, dtype=t.param_dtype, objective=t.objective)
     except ValueError as err:
         raise PlanError(str(err)) from None
-    dims = dims_of(load_model_config(args.model, Path(args.home).resolve() if args.home else default_home()))
-    plan = plan_memory(dims, lens, micro_batch_tokens=args.micro_batch_tokens, n_layers_trained=args.layers,
-                       top_k=args.top_k, loss=args.loss, chunk=args.chunk, world_size=args.world_size,
-                       zero_stage=args.zero_stage, base_dtype=args.base_dtype)
-    n_layers = args.layers or dims.n_layers
-    print(f"model: {args.model} ({dims.n_layers} layers x {dims.n_heads} heads, d_head {dims.d_head}, "
-          f"d_model {dims.d_model}, vocab {dims.vocab})")
-    print(f"lens: {lens.form} rank {lens.rank} alpha {lens.alpha:g} {lens.objective} {lens.dtype}; loss {args.loss} "
-          f"(top-{args.top_k}, chunk {args.chunk}); {args.micro_batch_tokens} tokens/micro-batch; "
-          f"{n_layers} layers trained; world size {args.world_size}, ZeRO-{args.zero_stage}")
+    n_layers = len(cfg.cache.layers) if cfg.cache.layers is not None else dims.n_layers
+    top_k = cfg.target_top_k
+    plan = plan_memory(dims, lens, micro_batch_tokens=t.micro_batch_tokens, n_layers_trained=n_layers,
+                       top_k=top_k, loss=t.loss, chunk=t.loss_chunk, world_size=t.world_size,
+                       zero_stage=t.zero_stage, base_dtype=t.base_dtype)
+    print(f"model: {cfg.model.name} ({dims.n_layers} layers x {dims.n_heads} heads, d_head {dims.d_head}, "
+          f"d_model {dims.d_model}, vocab {dims.vocab}), {cfg.model.dtype}")
+    print(f"lens: {lens.form} rank {lens.rank} alpha {lens.alpha:g} {lens.objective} {lens.dtype}; loss {t.loss} "
+          f"(cached top-{top_k}, chunk {t.loss_chunk}); {t.micro_batch_tokens} tokens/micro-batch; "
+          f"{n_layers} layers trained; world size {t.world_size}, ZeRO-{t.zero_stage}")
     rows = [{"section": sec, "item": item, "value": value,
              "size": human_bytes(value) if unit == "bytes" else f"{value / 1e6:.2f} M params"}
             for sec, item, value, unit in plan.rows()]
     print(format_table(rows, ["section", "item", "value", "size"]))
+    print("\npredicted peak resident memory per stage (the stages check it before they start):")
+    stages = predict_all(cfg)
+    print(format_table([{"stage": m.stage, "processes": m.processes, "peak": human_bytes(m.total),
+                         "largest parts": ", ".join(f"{n} {human_bytes(b)}" for n, b in
+                                                    sorted(m.parts, key=lambda p: -p[1])[:3])}
+                        for m in stages], ["stage", "processes", "peak", "largest parts"]))
     return 0
 
 
@@ -264,22 +308,24 @@ def build_parser() -> argparse.ArgumentParser:
     gc.add_argument("--config")
     gc.add_argument("--home")
     gc.set_defaults(fn=cmd_gc)
-    plan = sub.add_parser("plan", help="estimate a lens training job: parameters, memory per rank, cache per token")
-    plan.add_argument("--model", required=True, help="config.json, model folder, embedded alias or hub id")
-    plan.add_argument("--form", default="lora", choices=("full", "lora", "residual"))
-    plan.add_argument("--rank", type=int, default=4)
-    plan.add_argument("--alpha", type=float, default=8.0)
-    plan.add_argument("--objective", default="joint", choices=("joint", "per_head"))
-    plan.add_argument("--dtype", default="float32", help="lens parameter dtype")
-    plan.add_argument("--loss", default="exact", choices=("exact", "subset"))
-    plan.add_argument("--base-dtype", default="bfloat16", choices=("bfloat16", "float32"),
+    plan = sub.add_parser("plan", help="predict a config's sizes: lens parameters, training memory per rank, cache "
+                                       "bytes per token, and every stage's peak memory")
+    plan.add_argument("--config", help="pipeline config file (default: the defaults); the flags below override it")
+    plan.add_argument("--model", help="config.json, model folder, embedded alias or hub id (default: the config's)")
+    plan.add_argument("--form", choices=("full", "lora", "residual"))
+    plan.add_argument("--rank", type=int)
+    plan.add_argument("--alpha", type=float)
+    plan.add_argument("--objective", choices=("joint", "per_head"))
+    plan.add_argument("--dtype", choices=("float32", "bfloat16"), help="lens parameter dtype")
+    plan.add_argument("--loss", choices=("exact", "subset"))
+    plan.add_argument("--base-dtype", choices=("bfloat16", "float32"),
                       help="dtype of the frozen base projection in training")
-    plan.add_argument("--micro-batch-tokens", type=int, default=256)
+    plan.add_argument("--micro-batch-tokens", type=int)
     plan.add_argument("--layers", type=int, help="number of layers trained (default all)")
-    plan.add_argument("--top-k", type=int, default=64)
-    plan.add_argument("--chunk", type=int, default=256, help="tokens per checkpointed loss chunk")
-    plan.add_argument("--world-size", type=int, default=1)
-    plan.add_argument("--zero-stage", type=int, default=2, choices=(0, 1, 2, 3))
+    plan.add_argument("--top-k", type=int, help="target top-k cached (default: 64 for the subset loss, else 0)")
+    plan.add_argument("--chunk", type=int, help="tokens per checkpointed loss chunk (train.loss_chunk)")
+    plan.add_argument("--world-size", type=int)
+    plan.add_argument("--zero-stage", type=int, choices=(0, 1, 2, 3))
     plan.add_argument("--home", help="project home holding converted embedded models")
     plan.set_defaults(fn=cmd_plan)
     return parser

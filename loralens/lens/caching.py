@@ -80,9 +80,10 @@ class TokenArrays:
     next_token_id: np.ndarray  # [n] int32, -1 at a prompt's last token
     h_final: np.ndarray  # [n, d_model] float32, lm_head input
     scale: np.ndarray  # [n] float32, final norm divisor of the pre-norm residual
-    topk_ids: np.ndarray  # [n, k] int32
-    topk_logprobs: np.ndarray  # [n, k] float32
-    lse: np.ndarray  # [n] float32, log-sum-exp of the target logits
+    # The target's top-k and log-sum-exp: only for a subset loss (top_k = 0: None, and never computed).
+    topk_ids: np.ndarray | None  # [n, k] int32
+    topk_logprobs: np.ndarray | None  # [n, k] float32
+    lse: np.ndarray | None  # [n] float32, log-sum-exp of the target logits
     z: dict[int, np.ndarray] = field(default_factory=dict)  # layer -> [n, heads*d_head] uint16 bits
 
     @property
@@ -93,7 +94,8 @@ class TokenArrays:
     @staticmethod
     def concat(parts: Sequence[TokenArrays]) -> TokenArrays:
         """Return the row-wise concatenation of several batches."""
-        cat = {k: np.concatenate([getattr(p, k) for p in parts]) for k in _ROW_FIELDS}
+        cat = {k: None if getattr(parts[0], k) is None else np.concatenate([getattr(p, k) for p in parts])
+               for k in _ROW_FIELDS}
         z = {layer: np.concatenate([p.z[layer] for p in parts]) for layer in parts[0].z}
         return TokenArrays(**cat, z=z)
 
@@ -120,11 +122,7 @@ def cache_batch(
     real = mask.bool()
     resid = cap.final_resid[real]  # [n, d_model]
     h_final = adapter.final_norm(model)(resid).float()
-    # Reduce over the vocabulary on the padded [batch, pos, vocab] logits, then keep real rows: indexing
-    # first would copy the largest tensor of the pass.
-    lse = torch.logsumexp(logits, dim=-1)[real].float()
-    top_vals, top_ids = logits.topk(min(top_k, logits.shape[-1]), dim=-1)
-    top_vals, top_ids = top_vals[real].float(), top_ids[real]
+    top = target_top_k(logits, real, top_k) if top_k else None
     lengths = mask.sum(1)
     next_ids = torch.cat([input_ids[:, 1:], torch.full_like(input_ids[:, :1], -1)], dim=1)
     next_ids[torch.arange(len(ids)), lengths - 1] = -1
@@ -135,11 +133,23 @@ def cache_batch(
         next_token_id=next_ids[real].numpy().astype(np.int32),
         h_final=h_final.numpy(),
         scale=norm_scale(adapter, model, resid).squeeze(-1).numpy(),
-        topk_ids=top_ids.numpy().astype(np.int32),
-        topk_logprobs=(top_vals - lse[:, None]).numpy(),
-        lse=lse.numpy(),
+        topk_ids=None if top is None else top[0],
+        topk_logprobs=None if top is None else top[1],
+        lse=None if top is None else top[2],
         z={layer: to_storage(cap.z[layer][real], store_dtype) for layer in layers},
     )
+
+
+def target_top_k(logits: torch.Tensor, real: torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Return the real rows' top-k ids `[n, k]`, their log-probs and the log-sum-exp `[n]` of `[B, T, V]` logits.
+
+    Reduces over the vocabulary on the padded logits, then keeps real rows: indexing first would copy the
+    largest tensor of the pass. A full-vocabulary pass: the cache computes it only for a subset loss.
+    """
+    lse = torch.logsumexp(logits, dim=-1)[real].float()
+    top_vals, top_ids = logits.topk(min(k, logits.shape[-1]), dim=-1)
+    top_vals, top_ids = top_vals[real].float(), top_ids[real]
+    return top_ids.numpy().astype(np.int32), (top_vals - lse[:, None]).numpy(), lse.numpy()
 
 
 def target_logits(loaded: LoadedModel, h_final: torch.Tensor) -> torch.Tensor:

@@ -56,8 +56,12 @@ class LensSet(nn.Module):
         loss: str = "exact",
         chunk: int = 256,
         base_dtype: str = "float32",
+        w_base: Tensor | None = None,
     ) -> None:
-        """`w_o`: `[L, heads, d_head, d_model]` for `layers`; `lm_head` `[vocab, d_model]` for exact targets."""
+        """`w_o`: `[L, heads, d_head, d_model]` for `layers`; `lm_head` `[vocab, d_model]` for exact targets.
+
+        `w_base`: the unembedding already cast to `base_dtype` (shared by several LensSets: no second copy).
+        """
         super().__init__()
         if loss not in LOSSES:
             raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
@@ -73,7 +77,7 @@ class LensSet(nn.Module):
         # The frozen base projection in training may run in bf16 (2.7x the fp32 GEMM rate on an AVX512-BF16
         # CPU, ~0.3% relative logit error); targets and evaluation always use fp32.
         self.base_dtype = getattr(torch, base_dtype)
-        w_base = unembed.W  # the same tensor object when no cast is needed: no second copy
+        w_base = unembed.W if w_base is None else w_base  # the same tensor when no cast is needed: no copy
         self.register_buffer("w_base", w_base if w_base.dtype == self.base_dtype else w_base.to(self.base_dtype),
                              persistent=False)
         self.register_buffer("lm_head", None if lm_head is None else lm_head.detach(), persistent=False)

@@ -271,12 +271,13 @@ def cache_bytes_per_token(dims: ModelDims, n_layers: int, top_k: int, store_byte
     """Return the cache's uncompressed bytes per token ``(z, target, metadata)``, column by column.
 
     z = ``L (H dh s + 2 * 4)``: each ``z/layer=*`` table stores z plus int32 keys shard, row.
-    target = ``d 4 + k 4 + k 4 + 4 + 4``: h_final fp32, top-k ids int32, top-k log-probs fp32, lse, scale.
+    target = ``d 4 + k 4 + k 4 + 4 + 4``: h_final fp32, top-k ids int32, top-k log-probs fp32, lse, scale;
+    ``d 4 + 4`` when ``k = 0`` (an exact-loss cache stores neither top-k nor lse).
     metadata = ``6 * 4``: shard, row, prompt_idx, position, token_id, next_token_id (int32).
     On disk zstd squeezes the keys to almost nothing; fp16 z barely compresses. Per-prompt rows not counted.
     """
     z = n_layers * (dims.z_width * store_bytes + len(CACHE_Z_KEY_COLUMNS) * CACHE_INT)
-    target = dims.d_model * F32 + top_k * (CACHE_INT + F32) + F32 + F32
+    target = dims.d_model * F32 + top_k * (CACHE_INT + F32) + (F32 if top_k else 0) + F32
     return z, target, len(CACHE_META_COLUMNS) * CACHE_INT
 
 
@@ -346,7 +347,8 @@ def _validate(
         (loss in LOSSES, f"loss must be one of {LOSSES}, got {loss!r}"),
         (1 <= n_layers <= dims.n_layers, f"layers trained must be in [1, {dims.n_layers}], got {n_layers}"),
         (tokens >= 1, f"micro-batch tokens must be >= 1, got {tokens}"),
-        (1 <= top_k <= dims.vocab, f"top-k must be in [1, {dims.vocab}], got {top_k}"),
+        (0 <= top_k <= dims.vocab, f"top-k must be in [0, {dims.vocab}], got {top_k}"),
+        (top_k >= 1 or loss != "subset", "top-k must be >= 1 for the subset loss"),
         (chunk >= 1, f"chunk must be >= 1, got {chunk}"),
         (param_bytes in (2, 4, 8), f"param bytes must be 2, 4 or 8, got {param_bytes}"),
         (store_bytes in (2, 4), f"store dtype bytes must be 2 or 4, got {store_bytes}"),

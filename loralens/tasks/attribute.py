@@ -20,6 +20,7 @@ from loralens.lens import attribution as A
 from loralens.lens.readout import head_logits_both
 from loralens.lens.scorers import get_scorer, primary_label, scorer_version
 from loralens.lens.vocab_toxicity import load_lexicon, token_texts, vocab_toxicity
+from loralens.tasks.memory import ensure_fits
 from loralens.tasks.plans import (
     StagePlan,
     failures_recorded,
@@ -99,6 +100,7 @@ def run_attribute_stage(cfg: PipelineConfig, plan: StagePlan, decode_plan: Stage
         return {"version": plan.version, "path": str(adir.path), "cached": True, **manifest["summary"]}
     decode_manifest = require_complete(decode_plan)
     cache_manifest = require_complete(cache_plan)
+    ensure_fits(cfg, STAGE)  # before anything is written: a run that cannot fit says so now
     if force:
         reset_for_force(plan)  # only once the inputs are there; the old version is kept aside until done
     adir.prepare()

@@ -20,6 +20,7 @@ from loralens.lens.caching import (
     tokenize_prompts,
 )
 from loralens.lens.models import folder_fingerprint, load_model, resolve_model_path
+from loralens.tasks.memory import ensure_fits
 from loralens.tasks.plans import (
     StagePlan,
     failures_recorded,
@@ -43,7 +44,9 @@ def plan_cache(cfg: PipelineConfig) -> StagePlan:
     model_path = resolve_model_path(cfg.model.name, cfg.home, cfg.model.revision)
     model_fp = folder_fingerprint(Path(model_path)) if Path(model_path).is_dir() else str(model_path)
     corpus = load_corpus(cfg.corpus.paths, cfg.corpus.max_prompts_per_file)
-    config = {"model": cfg.model.model_dump(), "corpus": cfg.corpus.model_dump(), "cache": cfg.cache.model_dump()}
+    # The top-k actually stored (None resolves by train.loss) is what the version hashes.
+    config = {"model": cfg.model.model_dump(), "corpus": cfg.corpus.model_dump(),
+              "cache": cfg.cache.model_dump() | {"top_k": cfg.target_top_k}}
     inputs = {"model": model_fp, "corpus": corpus.fingerprint()}
     return StagePlan(STAGE, artifact_version(STAGE, config, inputs), config, inputs, cfg.home)
 
@@ -78,6 +81,7 @@ def run_cache_stage(cfg: PipelineConfig, plan: StagePlan, *, force: bool = False
         register(plan, parents, status="complete",
                  rows=manifest["summary"]["n_tokens"], bytes_=manifest["total_bytes"], summary=summary)
         return {"version": plan.version, "path": str(adir.path), "cached": True, **summary}
+    ensure_fits(cfg, STAGE)  # before anything is written: a run that cannot fit says so now
     adir.prepare(clean_tmp=only_shards is None)
     register(plan, parents, status="running")
 
@@ -157,7 +161,7 @@ def _cache_shard(loaded, token_ids, idxs, layers, cfg: PipelineConfig, bar) -> T
     for b in range(0, len(order), cfg.cache.batch_size):
         batch = order[b : b + cfg.cache.batch_size]
         parts.append(cache_batch(loaded, [token_ids[i] for i in batch], batch, layers,
-                                 top_k=cfg.cache.top_k, store_dtype=cfg.cache.store_dtype))
+                                 top_k=cfg.target_top_k, store_dtype=cfg.cache.store_dtype))
         bar.update(parts[-1].n)
     return TokenArrays.concat(parts)
 

@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 from loralens.config import PipelineConfig
 from loralens.lens.readout import head_logits_both, top_k
 from loralens.lens.vocab_toxicity import token_texts
+from loralens.tasks.memory import ensure_fits
 from loralens.tasks.plans import (
     StagePlan,
     failures_recorded,
@@ -63,6 +64,7 @@ def run_decode_stage(cfg: PipelineConfig, plan: StagePlan, train_plan: StagePlan
         return {"version": plan.version, "path": str(adir.path), "cached": True, **manifest["summary"]}
     require_complete(train_plan)
     cache_manifest = require_complete(cache_plan)
+    ensure_fits(cfg, STAGE)  # before anything is written: a run that cannot fit says so now
     if force:
         reset_for_force(plan)  # only once the inputs are there; the old version is kept aside until done
     adir.prepare()

@@ -23,6 +23,7 @@ from loralens.lens.interventions import HeadIntervention, intervene, mean_head_z
 from loralens.lens.models import LoadedModel, load_model
 from loralens.lens.scorers import get_scorer, primary_label
 from loralens.tasks.conditions import Condition, build_conditions, ranked_heads
+from loralens.tasks.memory import ensure_fits
 from loralens.tasks.plans import (
     StagePlan,
     failures_recorded,
@@ -158,6 +159,7 @@ def run_intervene_stage(cfg: PipelineConfig, plan: StagePlan, conds: list[Condit
                  rows=manifest["summary"]["generations"], bytes_=manifest["total_bytes"], summary=manifest["summary"])
         return {"version": plan.version, "path": str(adir.path), "cached": True, **manifest["summary"]}
     require_complete(attribute_plan)
+    ensure_fits(cfg, STAGE)  # before anything is written: a run that cannot fit says so now
     if forced:
         reset_for_force(plan)  # only once the input is there; the old version is kept aside until done
     adir.prepare(clean_tmp=only_units is None)  # workers share the folder with others still writing

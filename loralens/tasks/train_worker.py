@@ -14,6 +14,7 @@ from loralens.lens.training import install_stop_handler
 install_stop_handler()  # first: a SIGTERM during the slow imports below must not be lost
 
 import argparse  # noqa: E402
+import gc  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
 import os  # noqa: E402
@@ -50,6 +51,8 @@ class FrozenBase:
         self.unembed = FoldedUnembed(*parts.folded())
         self.w_o = torch.stack([parts.w_o(layer) for layer in spec["layers"]])  # [L, H, d_head, d]
         self.lm_head, self.lm_head_bias = parts.lm_head()  # fp32: the exact loss recomputes the model's logits
+        base_dtype = getattr(torch, spec["train"]["base_dtype"])  # the training GEMM's copy, made once
+        self.w_base = self.unembed.W if self.unembed.W.dtype == base_dtype else self.unembed.W.to(base_dtype)
 
 
 def build_lens_set(spec: dict, base: FrozenBase) -> LensSet:
@@ -60,7 +63,8 @@ def build_lens_set(spec: dict, base: FrozenBase) -> LensSet:
     # A module of its own over the shared tensors: the DeepSpeed engine wraps (and may hook) the trained set.
     unembed = FoldedUnembed(base.unembed.W, base.unembed.b, fingerprint=base.unembed.fingerprint())
     return LensSet(unembed, base.w_o, spec["layers"], lens_cfg, lm_head=base.lm_head,
-                   lm_head_bias=base.lm_head_bias, loss=t["loss"], chunk=t["loss_chunk"], base_dtype=t["base_dtype"])
+                   lm_head_bias=base.lm_head_bias, loss=t["loss"], chunk=t["loss_chunk"], base_dtype=t["base_dtype"],
+                   w_base=base.w_base)
 
 
 def shard_loader(cache: ArtifactDir, layers: list[int], z_width: int, d_model: int) -> training.ShardLoader:
@@ -177,7 +181,12 @@ def main(argv: list[str] | None = None) -> int:
 
     # Consolidate into a plain, world-size-independent LensSet and save one bank per layer.
     state = training.consolidated_state(engine, ckpt_dir, result.final_tag, t["zero_stage"])
-    del engine, lens_set  # optimizer states and the training copy of the banks: only the consolidated state is left
+    # Free the optimizer states and the training copy of the banks (DeepSpeed keeps references of its own):
+    # evaluation, the process's other peak, holds only the consolidated lenses over the shared frozen base.
+    if hasattr(engine, "destroy"):
+        engine.destroy()
+    del engine, lens_set
+    gc.collect()
     final = build_lens_set(spec, base)
     final.load_state_dict(state, strict=False)  # non-persistent buffers (bases) are rebuilt, not loaded
     final.eval()

@@ -65,6 +65,11 @@ def _fixed_list(values: np.ndarray) -> pa.FixedSizeListArray:
 def tokens_table(shard: int, cols: dict[str, np.ndarray]) -> pa.Table:
     """Return the per-token metadata + target table of one shard."""
     n = len(cols["token_id"])
+    target_top_k = {} if cols.get("topk_ids") is None or cols["topk_ids"].shape[1] == 0 else {
+        "lse": pa.array(cols["lse"]),
+        "topk_ids": _fixed_list(cols["topk_ids"]),
+        "topk_logprobs": _fixed_list(cols["topk_logprobs"]),
+    }  # stored only when a subset loss needs them
     return pa.table(
         {
             "shard": pa.array(np.full(n, shard, dtype=np.int32)),
@@ -74,9 +79,7 @@ def tokens_table(shard: int, cols: dict[str, np.ndarray]) -> pa.Table:
             "token_id": pa.array(cols["token_id"]),
             "next_token_id": pa.array(cols["next_token_id"]),
             "scale": pa.array(cols["scale"]),
-            "lse": pa.array(cols["lse"]),
-            "topk_ids": _fixed_list(cols["topk_ids"]),
-            "topk_logprobs": _fixed_list(cols["topk_logprobs"]),
+            **target_top_k,
             "h_final": binary_column(cols["h_final"].astype(np.float32)),
         }
     )

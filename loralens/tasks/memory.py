@@ -1,0 +1,106 @@
+"""Every stage's predicted peak memory for a pipeline config, and the check each stage runs before it starts."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+from loralens.config import PipelineConfig
+from loralens.lens.adapters import ModelDims
+from loralens.lens.lenses import LensConfig
+from loralens.lens.plan import dims_of, load_model_config, plan_memory
+from loralens.lens.stage_memory import (
+    DTYPE_BYTES,
+    StageMemory,
+    cache_memory,
+    check_fits,
+    eval_memory,
+    intervene_memory,
+    readout_memory,
+    train_memory,
+)
+
+STAGES = ("cache", "train", "eval", "decode", "attribute", "intervene")
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """The sizes of a model that the memory predictions need (read from its config; no weights)."""
+
+    dims: ModelDims
+    n_params: int
+    d_ff: int
+    n_kv_heads: int
+    stored_dtype: str
+
+
+@lru_cache(maxsize=8)
+def _facts(name: str, home: Path) -> ModelFacts:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    config = load_model_config(name, home)
+    dims = dims_of(config)
+    with torch.device("meta"):  # parameter shapes only: no memory, a second for Llama-3-8B
+        n_params = sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters())
+    d_ff = getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or 4 * dims.d_model
+    stored = str(getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or "float32")
+    return ModelFacts(dims=dims, n_params=n_params, d_ff=d_ff,
+                      n_kv_heads=getattr(config, "num_key_value_heads", None) or dims.n_heads,
+                      stored_dtype=stored.removeprefix("torch.") if stored.removeprefix("torch.") in DTYPE_BYTES
+                      else "float32")
+
+
+def model_facts(cfg: PipelineConfig) -> ModelFacts:
+    """Return the facts of the config's model (cached per process)."""
+    return _facts(cfg.model.name, cfg.home)
+
+
+def predict(cfg: PipelineConfig, stage: str) -> StageMemory:
+    """Return one stage's predicted peak for `cfg` ("eval" is the train stage's held-out evaluation)."""
+    f = model_facts(cfg)
+    d = f.dims
+    c, t = cfg.cache, cfg.train
+    n_layers = len(c.layers) if c.layers is not None else d.n_layers
+    shard_tokens = c.prompts_per_shard * c.max_length
+    top_k = cfg.target_top_k
+    if stage == "cache":
+        return cache_memory(d, n_params=f.n_params, d_ff=f.d_ff, model_dtype=cfg.model.dtype, batch_size=c.batch_size,
+                            max_length=c.max_length, prompts_per_shard=c.prompts_per_shard, n_layers=n_layers,
+                            store_dtype=c.store_dtype, top_k=top_k)
+    if stage in ("train", "eval"):
+        lens = LensConfig(form=t.form, rank=t.rank, alpha=t.alpha, dtype=t.param_dtype, objective=t.objective)
+        plan = plan_memory(d, lens, micro_batch_tokens=t.micro_batch_tokens, n_layers_trained=n_layers,
+                           top_k=max(top_k, 1), loss=t.loss, chunk=t.loss_chunk, world_size=t.world_size,
+                           zero_stage=t.zero_stage, base_dtype=t.base_dtype)
+        common = dict(shard_tokens=shard_tokens, n_layers=n_layers, store_dtype=c.store_dtype, top_k=top_k)
+        if stage == "eval":
+            return eval_memory(plan, d, micro_batch=t.micro_batch_tokens, **common)
+        return train_memory(plan, d, micro_batch=t.micro_batch_tokens, loss_chunk=t.loss_chunk,
+                            world_size=t.world_size, zero_stage=t.zero_stage, hosts=2 if t.hostfile else 1, **common)
+    if stage in ("decode", "attribute"):
+        sb = DTYPE_BYTES[f.stored_dtype]
+        stored = (d.vocab * d.d_model + n_layers * d.z_width * d.d_model) * sb
+        positions = shard_tokens if cfg.decode.positions == "all" else c.prompts_per_shard
+        return readout_memory(stage, d, n_layers=n_layers, form=t.form, rank=t.rank, stored_bytes=stored,
+                              chunk=cfg.decode.chunk_tokens, shard_tokens=positions, store_dtype=c.store_dtype,
+                              top_k=cfg.decode.top_k)
+    if stage == "intervene":
+        i = cfg.intervene
+        return intervene_memory(d, n_params=f.n_params, model_dtype=cfg.model.dtype, batch_prompts=i.batch_prompts,
+                                k=i.k, tokens=c.max_length + i.max_new_tokens, n_layers_total=d.n_layers,
+                                n_kv_heads=f.n_kv_heads, ppl_window=i.ppl_window)
+    raise ValueError(f"unknown stage {stage!r}; stages: {', '.join(STAGES)}")
+
+
+def predict_all(cfg: PipelineConfig) -> list[StageMemory]:
+    """Return every stage's prediction, in pipeline order."""
+    return [predict(cfg, s) for s in STAGES]
+
+
+def ensure_fits(cfg: PipelineConfig, stage: str) -> None:
+    """Refuse (one line, before anything is loaded) a stage whose predicted peak exceeds the memory available."""
+    check_fits(predict(cfg, stage))
+    if stage == "train":
+        check_fits(predict(cfg, "eval"))

@@ -215,9 +215,12 @@ def _dictionary_count(decode_plan, layers, reader, toxic_tokens, is_toxic, texts
                                                                  "prob"])
     prompt = t.column("prompt_idx").to_numpy()
     position = t.column("position").to_numpy()
-    keep = np.array([is_toxic.get(int(p), False) for p in prompt], dtype=bool)
-    layer_pos = {layer: i for i, layer in enumerate(layers)}
-    li = np.array([layer_pos[int(x)] for x in t.column("layer").to_numpy()])[keep]
+    # Vectorised lookups (one decoding row per prompt x position x head x top-k: ~100 M at 8B scale).
+    toxic_ids = np.fromiter((p for p, tox in is_toxic.items() if tox), dtype=np.int64)
+    keep = np.isin(prompt, toxic_ids)
+    layer_index = np.full(max(layers) + 1, -1, dtype=np.int64)
+    layer_index[np.asarray(layers)] = np.arange(len(layers))
+    li = layer_index[t.column("layer").to_numpy()[keep]]
     head = t.column("head").to_numpy()[keep].astype(np.int64)
     tok = t.column("token_id").to_numpy()[keep].astype(np.int64)
     n_heads = next(iter(reader.w_o.values())).shape[0]

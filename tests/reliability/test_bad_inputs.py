@@ -385,14 +385,17 @@ def test_error_inside_a_flow_is_one_line_on_real_stderr(prefect_server, tiny_mod
 
 # -- memory: a stage that cannot fit says so before it starts ------------------------------------------------
 @pytest.mark.parametrize(("stage", "fix"), [("decode", "decode.chunk_tokens"), ("train", "train.micro_batch_tokens")])
-def test_stage_that_cannot_fit_refuses_before_writing(prefect_server, trained, capsys, monkeypatch, stage, fix):
+def test_stage_that_cannot_fit_refuses_before_writing(prefect_server, trained, capsys, monkeypatch, tmp_path, stage,
+                                                      fix):
     """With less memory than the plan predicts, the stage fails in one line naming stage, both sizes and the settings
     that would make it fit; a forced train keeps the complete version it would have replaced."""
     home = trained["home"]
+    config = yaml.safe_load(Path(trained["config"]).read_text()) | {"decode": {"top_k": 7}}  # a decode version to make
+    config_file = write_yaml(tmp_path / "config.yaml", config)
     before = snapshot(home)
     existing = {p.name for p in (home / "artifacts" / stage).glob("*")}
     monkeypatch.setenv("LORALENS_MEMORY_LIMIT", "300M")
-    rc, err = cli(capsys, "run", "--config", trained["config"], "--home", str(home), "--only", stage,
+    rc, err = cli(capsys, "run", "--config", config_file, "--home", str(home), "--only", stage,
                   *(["--force"] if stage == "train" else []))
     assert rc == 2
     assert_one_line_error(err, f"{stage} stage will not fit in memory: predicted peak", "available 0.3 GB",

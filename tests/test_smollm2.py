@@ -52,6 +52,7 @@ def test_cached_targets_equal_model_logits(smol, tmp_path):
         "model": {"name": smol.path},
         "corpus": {"paths": ["bundled:rtp_toxic_dev"], "max_prompts_per_file": 3},
         "cache": {"layers": [0, 29], "batch_size": 3},
+        "train": {"loss": "subset"},  # a subset-loss cache also stores the target's top-k and log-sum-exp
     })
     summary = run_cache_stage(cfg, plan_cache(cfg))
     tokens = read_tokens(plan_cache(cfg).artifact)

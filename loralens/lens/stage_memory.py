@@ -96,11 +96,12 @@ def shard_bytes(dims: ModelDims, *, tokens: int, n_layers: int, store_dtype: str
 
 def train_memory(plan: MemoryPlan, dims: ModelDims, *, shard_tokens: int, n_layers: int, store_dtype: str,
                  top_k: int, micro_batch: int, loss_chunk: int, world_size: int, zero_stage: int,
-                 hosts: int = 1) -> StageMemory:
+                 ranks_here: int = 1) -> StageMemory:
     """Return one training rank's peak: the plan's step peak (frozen base, state, activations) + one shard.
 
     The frozen base is read lean (:mod:`loralens.lens.lean`): while it loads, the stored-dtype unembedding
     sits beside its fp32 copies for a moment, never more than the plan's frozen bytes plus ``V d 2``.
+    `ranks_here`: ranks on this machine (all of them on one node; a hostfile's layout is not known: one).
     """
     parts = (
         ("runtime", RUNTIME_BYTES),
@@ -114,7 +115,7 @@ def train_memory(plan: MemoryPlan, dims: ModelDims, *, shard_tokens: int, n_laye
     shrink = (f"train.micro_batch_tokens (now {micro_batch}), train.loss_chunk (now {loss_chunk}), fewer "
               f"cache.layers (now {n_layers}), train.world_size on this machine (now {world_size}), "
               f"train.zero_stage (now {zero_stage})")
-    return StageMemory("train", parts, shrink, processes=max(1, world_size // max(hosts, 1)))
+    return StageMemory("train", parts, shrink, processes=max(1, ranks_here))
 
 
 def eval_memory(plan: MemoryPlan, dims: ModelDims, *, shard_tokens: int, n_layers: int, store_dtype: str,

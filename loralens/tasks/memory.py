@@ -78,7 +78,8 @@ def predict(cfg: PipelineConfig, stage: str) -> StageMemory:
         if stage == "eval":
             return eval_memory(plan, d, micro_batch=t.micro_batch_tokens, **common)
         return train_memory(plan, d, micro_batch=t.micro_batch_tokens, loss_chunk=t.loss_chunk,
-                            world_size=t.world_size, zero_stage=t.zero_stage, hosts=2 if t.hostfile else 1, **common)
+                            world_size=t.world_size, zero_stage=t.zero_stage,
+                            ranks_here=1 if t.hostfile else t.world_size, **common)
     if stage in ("decode", "attribute"):
         sb = DTYPE_BYTES[f.stored_dtype]
         stored = (d.vocab * d.d_model + n_layers * d.z_width * d.d_model) * sb

@@ -102,20 +102,16 @@ def rows_per_shard(cache: ArtifactDir, shards: list[int], every: int, held_out: 
     return out
 
 
-def held_out_rows_per_shard(spec: dict, shards: list[int]) -> dict[int, int]:
-    """Return each shard's held-out rows."""
-    cache = ArtifactDir(Path(spec["home"]), "cache", spec["cache_version"])
-    return rows_per_shard(cache, shards, spec["train"]["eval_every_nth_prompt"], held_out=True)
 
-
-def evaluate(lens_set: LensSet, loader, shards: list[int], spec: dict) -> dict:
+def evaluate(lens_set: LensSet, loader, shards: list[int], spec: dict, cache: ArtifactDir) -> dict:
     """Return held-out fidelity (exact KL, lens vs logit lens) and the subset KL of the layer read-outs."""
     t = spec["train"]
     sums: dict[str, torch.Tensor] = {}
     batches = training.eval_batches(loader, shards, t["eval_every_nth_prompt"], t["micro_batch_tokens"],
                                     spec["store_dtype"])
     # Streamed: one shard's rows at a time (the total is counted from the prompt_idx column alone).
-    total = sum(-(-n // t["micro_batch_tokens"]) for n in held_out_rows_per_shard(spec, shards).values())
+    held_out = rows_per_shard(cache, shards, t["eval_every_nth_prompt"], held_out=True)
+    total = sum(-(-n // t["micro_batch_tokens"]) for n in held_out.values())
     for batch in tqdm(batches, total=total, desc="evaluate", unit="batch"):
         for k, v in fidelity(lens_set, batch).items():
             sums[k] = sums.get(k, 0) + v
@@ -198,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     shutil.rmtree(out / LENSES_DIR, ignore_errors=True)
     os.replace(tmp, out / LENSES_DIR)
 
-    fid = evaluate(final, loader, shards, spec)
+    fid = evaluate(final, loader, shards, spec, cache)
     (out / TRAIN_FIDELITY).write_text(json.dumps(fid))
     summary = {"steps": result.steps, "resumed_from": result.resumed_from, "world_size": world,
                "train_tokens": result.steps * plan.micro_batch * world, "train_seconds": result.seconds,

@@ -25,7 +25,7 @@ import torch
 from loralens.config import default_home, parse_config
 from loralens.lens.caching import effective_max_length, pad_batch, tokenize_prompts
 from loralens.lens.models import load_model
-from loralens.tasks.cache import _shard_prompts, plan_cache, run_cache_stage
+from loralens.tasks.cache import _shard_prompts, cache_version, run_cache_stage
 from loralens.warehouse.corpus import load_corpus
 
 
@@ -65,7 +65,7 @@ def main() -> None:
                                 "corpus": {"max_prompts_per_file": args.prompts_per_file}})
             bare_s, tokens = bare_forward_seconds(loaded, cfg)
             start = time.perf_counter()
-            summary = run_cache_stage(cfg, plan_cache(cfg))
+            summary = run_cache_stage(cfg, cache_version(cfg))
             cache_s = time.perf_counter() - start
             assert summary["n_tokens"] == tokens
             rows.append({"round": r, "tokens": tokens, "bare_s": bare_s, "cache_s": cache_s,

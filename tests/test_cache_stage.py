@@ -20,7 +20,7 @@ from loralens.lens.adapters import out_proj_weight
 from loralens.lens.caching import from_storage, pad_batch, target_logits
 from loralens.lens.hooks import capture, head_contributions
 from loralens.lens.models import load_model
-from loralens.tasks.cache import plan_cache, run_cache_stage
+from loralens.tasks.cache import cache_version, run_cache_stage
 from loralens.warehouse.activation_cache import read_h_final, read_layer_z, read_prompts, read_tokens
 from loralens.warehouse.artifacts import ArtifactError
 from loralens.warehouse.db import warehouse_path
@@ -37,7 +37,7 @@ def make_cfg(home: Path, model: Path, **cache):
 
 
 def run(cfg, **kw):
-    return run_cache_stage(cfg, plan_cache(cfg), **kw)
+    return run_cache_stage(cfg, cache_version(cfg), **kw)
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +49,7 @@ def cached(tiny_models, tmp_path_factory):
 def test_round_trip_reproduces_head_contributions_and_targets(cached):
     cfg, summary = cached
     loaded = load_model(cfg.model.name, cfg.home)
-    adir = plan_cache(cfg).artifact
+    adir = cache_version(cfg).artifact
     tokens = read_tokens(adir)
     prompts = read_prompts(adir).to_pylist()
     assert summary["n_prompts"] == 20 and tokens.num_rows == summary["n_tokens"] == sum(p["n_tokens"] for p in prompts)
@@ -79,7 +79,7 @@ def test_round_trip_reproduces_head_contributions_and_targets(cached):
 
 def test_duckdb_queries_cache_metadata_and_layers(cached):
     cfg, summary = cached
-    root = plan_cache(cfg).artifact.path
+    root = cache_version(cfg).artifact.path
     con = duckdb.connect()
     per_prompt = con.execute(
         f"SELECT p.prompt_id, p.n_tokens, count(*) AS n FROM read_parquet('{root}/tokens/*.parquet') t "
@@ -104,13 +104,13 @@ def test_rerun_is_skipped_and_changed_config_makes_new_version(cached, tiny_mode
     changed = make_cfg(cfg.home, tiny_models["llama"], top_k=4)
     new = run(changed)
     assert not new["cached"] and new["version"] != summary["version"]
-    assert plan_cache(cfg).artifact.is_complete() and plan_cache(changed).artifact.is_complete()
+    assert cache_version(cfg).artifact.is_complete() and cache_version(changed).artifact.is_complete()
 
 
 def test_corrupted_shard_is_redone(tiny_models, tmp_path):
     cfg = make_cfg(tmp_path, tiny_models["gpt2"], layers=[0, 2])
     first = run(cfg)
-    adir = plan_cache(cfg).artifact
+    adir = cache_version(cfg).artifact
     before = read_tokens(adir)
     victim = adir.path / "z/layer=2/shard-00001.parquet"
     victim.write_bytes(victim.read_bytes()[:-20] + b"\0" * 20)  # same size, wrong bytes
@@ -140,9 +140,9 @@ def test_unwritable_artifact_folder_is_a_clear_error(tiny_models, tmp_path):
 WORKER = """
 import json, sys
 from loralens.config import parse_config
-from loralens.tasks.cache import plan_cache, run_cache_stage
+from loralens.tasks.cache import cache_version, run_cache_stage
 cfg = parse_config(json.loads(sys.argv[1]))
-run_cache_stage(cfg, plan_cache(cfg))
+run_cache_stage(cfg, cache_version(cfg))
 """
 
 
@@ -153,7 +153,7 @@ def test_sigkill_mid_cache_then_resume_equals_uninterrupted(tiny_models, tmp_pat
            "cache": {"batch_size": 8, "prompts_per_shard": 8, "max_length": 24, "top_k": 8}}
     killed_home, clean_home = tmp_path / "killed", tmp_path / "clean"
     cfg_killed = parse_config(raw | {"home": str(killed_home)})
-    adir = plan_cache(cfg_killed).artifact
+    adir = cache_version(cfg_killed).artifact
     proc = subprocess.Popen([sys.executable, "-c", WORKER, json.dumps(raw | {"home": str(killed_home)})],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
@@ -167,7 +167,7 @@ def test_sigkill_mid_cache_then_resume_equals_uninterrupted(tiny_models, tmp_pat
     resumed = run(cfg_killed)
     clean = run(parse_config(raw | {"home": str(clean_home)}))
     assert resumed["version"] == clean["version"] and resumed["n_tokens"] == clean["n_tokens"]
-    clean_dir = plan_cache(parse_config(raw | {"home": str(clean_home)})).artifact
+    clean_dir = cache_version(parse_config(raw | {"home": str(clean_home)})).artifact
     assert read_tokens(adir).equals(read_tokens(clean_dir))
     assert read_prompts(adir).equals(read_prompts(clean_dir))
     for layer in range(3):
@@ -247,12 +247,12 @@ def test_target_top_k_is_stored_only_for_a_subset_loss(tiny_models, tmp_path):
 
     exact, subset = config("exact"), config("subset")
     assert (exact.target_top_k, subset.target_top_k) == (0, 64)
-    assert plan_cache(exact).version != plan_cache(subset).version  # what is stored is what is versioned
+    assert cache_version(exact).version != cache_version(subset).version  # what is stored is what is versioned
     run(exact)
     run(subset)
     stored = {"topk_ids", "topk_logprobs", "lse"}
-    assert not stored & set(read_tokens(plan_cache(exact).artifact).column_names)
-    assert stored <= set(read_tokens(plan_cache(subset).artifact).column_names)
-    assert read_tokens(plan_cache(subset).artifact).column("topk_ids").type.list_size == 64
+    assert not stored & set(read_tokens(cache_version(exact).artifact).column_names)
+    assert stored <= set(read_tokens(cache_version(subset).artifact).column_names)
+    assert read_tokens(cache_version(subset).artifact).column("topk_ids").type.list_size == 64
     with pytest.raises(ConfigError, match=r"^config error: cache.top_k: 0 stores no target top-k, but train.loss"):
         config("subset", top_k=0)

@@ -78,18 +78,18 @@ def test_stage_writes_every_condition_once_and_rerun_is_skipped(run):
 
 def test_random_controls_are_reproducible_and_avoid_attributed_heads(run):
     from loralens.config import parse_config
-    from loralens.tasks.attribute import plan_attribute
-    from loralens.tasks.cache import plan_cache
-    from loralens.tasks.decode import plan_decode
-    from loralens.tasks.intervene import plan_intervene
-    from loralens.tasks.train import plan_train
+    from loralens.tasks.attribute import attribute_version
+    from loralens.tasks.cache import cache_version
+    from loralens.tasks.decode import decode_version
+    from loralens.tasks.intervene import intervene_version
+    from loralens.tasks.train import train_version
 
     cfg = parse_config(run[0])
-    cache = plan_cache(cfg)
-    attribute = plan_attribute(cfg, plan_decode(cfg, plan_train(cfg, cache)))
-    plan_a, conds_a = plan_intervene(cfg, attribute, cache)
-    plan_b, conds_b = plan_intervene(cfg, attribute, cache)
-    assert plan_a.version == plan_b.version == run[1]["intervene"]["version"] and conds_a == conds_b
+    cache = cache_version(cfg)
+    attribute = attribute_version(cfg, decode_version(cfg, train_version(cfg, cache)))
+    ver_a, conds_a = intervene_version(cfg, attribute, cache)
+    ver_b, conds_b = intervene_version(cfg, attribute, cache)
+    assert ver_a.version == ver_b.version == run[1]["intervene"]["version"] and conds_a == conds_b
     attributed = {h for c in conds_a if c.group == "attributed" for h in c.heads}
     randoms = [c for c in conds_a if c.group == "random"]
     assert randoms and all(not set(c.heads) & attributed for c in randoms)
@@ -170,15 +170,15 @@ def test_generation_split_over_workers_equals_one_run(run, tmp_path):
     assert first["partial"] and first["units_done"] == 3 and first["units_left"] == first["n_units"] - 3
     assert not (homes[1] / "artifacts" / "intervene" / version / "manifest.json").exists()
     from loralens.config import parse_config
-    from loralens.tasks.attribute import plan_attribute
-    from loralens.tasks.cache import plan_cache
-    from loralens.tasks.decode import plan_decode
-    from loralens.tasks.intervene import generation_units, plan_intervene
-    from loralens.tasks.train import plan_train
+    from loralens.tasks.attribute import attribute_version
+    from loralens.tasks.cache import cache_version
+    from loralens.tasks.decode import decode_version
+    from loralens.tasks.intervene import generation_units, intervene_version
+    from loralens.tasks.train import train_version
 
     pcfg = parse_config(split)
-    cache = plan_cache(pcfg)
-    _, conds = plan_intervene(pcfg, plan_attribute(pcfg, plan_decode(pcfg, plan_train(pcfg, cache))), cache)
+    cache = cache_version(pcfg)
+    _, conds = intervene_version(pcfg, attribute_version(pcfg, decode_version(pcfg, train_version(pcfg, cache))), cache)
     rest = [u for u in generation_units(pcfg, conds) if u not in (0, 1, 2)]
     assert intervene_heads(config=split, units=rest)["units_left"] == 0
     final = intervene_heads(config=split)
@@ -242,21 +242,21 @@ def test_evaluation_prompts_are_held_out_from_the_attribution_corpus(tmp_path):
 
 def test_head_sets_from_sql_and_lists_resolve_and_bad_ones_are_config_errors(run):
     from loralens.config import ConfigError, parse_config
-    from loralens.tasks.attribute import plan_attribute
-    from loralens.tasks.cache import plan_cache
+    from loralens.tasks.attribute import attribute_version
+    from loralens.tasks.cache import cache_version
     from loralens.tasks.conditions import ranked_heads
-    from loralens.tasks.decode import plan_decode
-    from loralens.tasks.intervene import plan_intervene
-    from loralens.tasks.train import plan_train
+    from loralens.tasks.decode import decode_version
+    from loralens.tasks.intervene import intervene_version
+    from loralens.tasks.train import train_version
 
     def conditions(head_sets: list[dict]):
         cfg = parse_config({**run[0], "intervene": {**INTERVENE, "head_sets": head_sets}})
-        cache = plan_cache(cfg)
-        attribute = plan_attribute(cfg, plan_decode(cfg, plan_train(cfg, cache)))
-        return attribute, plan_intervene(cfg, attribute, cache)
+        cache = cache_version(cfg)
+        attribute = attribute_version(cfg, decode_version(cfg, train_version(cfg, cache)))
+        return attribute, intervene_version(cfg, attribute, cache)
 
     sql = "SELECT layer, head FROM head_scores WHERE method = 'direct_logit' AND rank <= 2"
-    attribute, (plan, conds) = conditions([{"sql": sql, "name": "dla2"}, {"heads": "L2H3 1.0"}])
+    attribute, (ver, conds) = conditions([{"sql": sql, "name": "dla2"}, {"heads": "L2H3 1.0"}])
     by = {c.name: c for c in conds}
     assert set(by["dla2"].heads) == set(ranked_heads(attribute, "direct_logit")[:2])
     assert by["list:L1H0,L2H3"].heads == ((1, 0), (2, 3))

@@ -101,19 +101,19 @@ def test_a_checkpoint_missing_a_needed_tensor_is_one_line(tiny_models, tmp_path)
 def test_training_worker_never_builds_the_model(tiny_models, tmp_path):
     """Run the real train worker process on a real cache, counting model constructions inside it."""
     from loralens.config import parse_config
-    from loralens.tasks.cache import plan_cache, run_cache_stage
-    from loralens.tasks.train import plan_train, run_train_stage
+    from loralens.tasks.cache import cache_version, run_cache_stage
+    from loralens.tasks.train import run_train_stage, train_version
     from loralens.warehouse.constants import TRAIN_RESULT, TRAIN_SPEC
 
     raw = {"home": str(tmp_path / "home"), "model": {"name": str(tiny_models["llama"])},
            "corpus": {"max_prompts_per_file": 12}, "cache": {"prompts_per_shard": 8, "max_length": 16},
            "train": {"micro_batch_tokens": 32, "epochs": 1, "zero_stage": 0}}
     cfg = parse_config(raw)
-    cache_plan = plan_cache(cfg)
-    run_cache_stage(cfg, cache_plan)
-    plan = plan_train(cfg, cache_plan)
-    run_train_stage(cfg, plan, cache_plan)
-    spec = json.loads((plan.artifact.path / TRAIN_SPEC).read_text())
+    cache_ver = cache_version(cfg)
+    run_cache_stage(cfg, cache_ver)
+    ver = train_version(cfg, cache_ver)
+    run_train_stage(cfg, ver, cache_ver)
+    spec = json.loads((ver.artifact.path / TRAIN_SPEC).read_text())
     spec["out_dir"] = str(tmp_path / "again")
     (tmp_path / "again").mkdir()
     (tmp_path / "spec.json").write_text(json.dumps(spec))

@@ -13,7 +13,7 @@ import loralens.warehouse.artifacts as artifacts
 from loralens.config import parse_config
 from loralens.flows.cli import main
 from loralens.hashing import file_sha256
-from loralens.tasks.cache import plan_cache, run_cache_stage
+from loralens.tasks.cache import cache_version, run_cache_stage
 
 CORPUS = {"paths": ["bundled:rtp_toxic_dev", "bundled:rtp_nontoxic_dev"], "max_prompts_per_file": 6}
 CACHE = {"batch_size": 4, "prompts_per_shard": 4, "max_length": 16}
@@ -21,11 +21,11 @@ VICTIM = "z/layer=1/shard-00001.parquet"
 
 
 def cached(tiny_models, home: Path):
-    """Cache a tiny gpt2 over 12 prompts (3 shards) without Prefect; return (cfg, plan, summary)."""
+    """Cache a tiny gpt2 over 12 prompts (3 shards) without Prefect; return (cfg, ver, summary)."""
     cfg = parse_config({"home": str(home), "model": {"name": str(tiny_models["gpt2"])}, "corpus": CORPUS,
                         "cache": CACHE})
-    plan = plan_cache(cfg)
-    return cfg, plan, run_cache_stage(cfg, plan)
+    ver = cache_version(cfg)
+    return cfg, ver, run_cache_stage(cfg, ver)
 
 
 @pytest.fixture()
@@ -57,70 +57,70 @@ def verify(capsys, *argv: str) -> tuple[int, str]:
 
 
 def test_cached_rerun_hashes_no_artifact_file(tiny_models, tmp_path, hashed):
-    cfg, plan, first = cached(tiny_models, tmp_path)
+    cfg, ver, first = cached(tiny_models, tmp_path)
     assert not first["cached"]
     hashed.clear()  # the first run hashed what it wrote (the writers); reuse must read nothing
-    again = run_cache_stage(cfg, plan)
+    again = run_cache_stage(cfg, ver)
     assert again["cached"] and again["n_tokens"] == first["n_tokens"]
     assert [p for p in hashed if (tmp_path / "artifacts") in p.parents] == []
     # Every record stamps its files' mtimes; the manifest describes content only (same data, same manifest).
-    record = json.loads((plan.artifact.path / "_shards" / "shard-00000.json").read_text())
+    record = json.loads((ver.artifact.path / "_shards" / "shard-00000.json").read_text())
     assert all(isinstance(f["mtime_ns"], int) for f in record["files"])
-    assert all("mtime_ns" not in f for f in plan.artifact.manifest()["files"])
+    assert all("mtime_ns" not in f for f in ver.artifact.manifest()["files"])
 
 
 def test_flip_with_size_and_mtime_restored_is_found_only_by_verify(tiny_models, tmp_path, capsys):
-    cfg, plan, first = cached(tiny_models, tmp_path)
-    victim = plan.artifact.path / VICTIM
+    cfg, ver, first = cached(tiny_models, tmp_path)
+    victim = ver.artifact.path / VICTIM
     original = victim.read_bytes()
-    manifest = plan.artifact.manifest()
+    manifest = ver.artifact.manifest()
     flip_keeping_stat(victim)
 
-    assert run_cache_stage(cfg, plan)["cached"]  # quick reuse keeps it: size and mtime are as recorded
+    assert run_cache_stage(cfg, ver)["cached"]  # quick reuse keeps it: size and mtime are as recorded
     rc, out = verify(capsys, "cache", "--home", str(tmp_path))
     assert rc == 1
-    row = next(line for line in out.splitlines() if plan.version in line)
+    row = next(line for line in out.splitlines() if ver.version in line)
     assert "1 bad file" in row and VICTIM in row and str(len(manifest["files"])) in row
-    assert not plan.artifact.is_complete()  # reopened, as a reuse finding it would
+    assert not ver.artifact.is_complete()  # reopened, as a reuse finding it would
 
-    again = run_cache_stage(cfg, plan)
+    again = run_cache_stage(cfg, ver)
     assert not again["cached"] and again["shards_redone"] == 1 and again["n_tokens"] == first["n_tokens"]
     assert victim.read_bytes() == original
-    assert plan.artifact.manifest()["files"] == manifest["files"]  # every file byte-identical to the original
+    assert ver.artifact.manifest()["files"] == manifest["files"]  # every file byte-identical to the original
     rc, out = verify(capsys, "--home", str(tmp_path))
-    assert rc == 0 and "ok" in next(line for line in out.splitlines() if plan.version in line)
+    assert rc == 0 and "ok" in next(line for line in out.splitlines() if ver.version in line)
 
 
 @pytest.mark.parametrize("change", ["touched", "resized"])
 def test_changed_file_is_redone_on_reuse_without_verify(tiny_models, tmp_path, change):
-    cfg, plan, _ = cached(tiny_models, tmp_path)
-    victim = plan.artifact.path / VICTIM
+    cfg, ver, _ = cached(tiny_models, tmp_path)
+    victim = ver.artifact.path / VICTIM
     original = victim.read_bytes()
     if change == "touched":  # same bytes, newer mtime: the quick check cannot know, so it redoes the shard
         st = victim.stat()
         os.utime(victim, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
     else:
         victim.write_bytes(original + b"\0")
-    again = run_cache_stage(cfg, plan)
+    again = run_cache_stage(cfg, ver)
     assert not again["cached"] and again["shards_redone"] == 1
     assert victim.read_bytes() == original
 
 
 def test_records_without_mtime_are_reused_by_size(tiny_models, tmp_path, hashed):
     """Versions written before mtimes were recorded still load and are reused (size only), hashing nothing."""
-    cfg, plan, _ = cached(tiny_models, tmp_path)
-    for rec in (plan.artifact.path / "_shards").glob("*.json"):
+    cfg, ver, _ = cached(tiny_models, tmp_path)
+    for rec in (ver.artifact.path / "_shards").glob("*.json"):
         data = json.loads(rec.read_text())
         data["files"] = [{k: v for k, v in f.items() if k != "mtime_ns"} for f in data["files"]]
         rec.write_text(json.dumps(data))
-    victim = plan.artifact.path / VICTIM
+    victim = ver.artifact.path / VICTIM
     st = victim.stat()
     os.utime(victim, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
     hashed.clear()
-    assert run_cache_stage(cfg, plan)["cached"]
+    assert run_cache_stage(cfg, ver)["cached"]
     assert hashed == []
     victim.write_bytes(victim.read_bytes()[:-1])  # a size change is still found
-    assert run_cache_stage(cfg, plan)["shards_redone"] == 1
+    assert run_cache_stage(cfg, ver)["shards_redone"] == 1
 
 
 def test_verify_without_complete_versions_and_unknown_stage(tmp_path, capsys):
@@ -137,7 +137,7 @@ def test_pipeline_verify_rehashes_before_reuse(prefect_server, tiny_models, tmp_
 
     config = {"home": str(tmp_path), "model": {"name": str(tiny_models["gpt2"])}, "corpus": CORPUS, "cache": CACHE}
     first = pipeline(config=config, only="cache")["cache"]
-    adir = plan_cache(parse_config(config)).artifact
+    adir = cache_version(parse_config(config)).artifact
     n_files = len(adir.manifest()["files"])
     flip_keeping_stat(adir.path / VICTIM)
     hashed.clear()

@@ -10,7 +10,7 @@ from loralens.config import default_home, parse_config
 from loralens.lens.adapters import out_proj_bias, out_proj_weight
 from loralens.lens.hooks import capture, head_contributions
 from loralens.lens.models import load_model
-from loralens.tasks.cache import plan_cache, run_cache_stage
+from loralens.tasks.cache import cache_version, run_cache_stage
 from loralens.warehouse.activation_cache import read_h_final, read_tokens
 from loralens.warehouse.corpus import load_corpus
 
@@ -54,8 +54,8 @@ def test_cached_targets_equal_model_logits(smol, tmp_path):
         "cache": {"layers": [0, 29], "batch_size": 3},
         "train": {"loss": "subset"},  # a subset-loss cache also stores the target's top-k and log-sum-exp
     })
-    summary = run_cache_stage(cfg, plan_cache(cfg))
-    tokens = read_tokens(plan_cache(cfg).artifact)
+    summary = run_cache_stage(cfg, cache_version(cfg))
+    tokens = read_tokens(cache_version(cfg).artifact)
     h = torch.from_numpy(read_h_final(tokens, 576).copy())
     with torch.no_grad():
         recomputed = smol.model.lm_head(h)

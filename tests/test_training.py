@@ -18,9 +18,9 @@ from safetensors.torch import load_file
 from loralens.config import parse_config
 from loralens.lens.lenses import FoldedUnembed
 from loralens.lens.peft_io import UnembedLens, export_head_adapter, load_bank
-from loralens.tasks.cache import plan_cache, run_cache_stage
-from loralens.tasks.plans import StagePlan
-from loralens.tasks.train import plan_train, run_train_stage
+from loralens.tasks.cache import cache_version, run_cache_stage
+from loralens.tasks.stage_versions import StageVersion
+from loralens.tasks.train import run_train_stage, train_version
 from loralens.warehouse.artifacts import ArtifactError
 from loralens.warehouse.db import warehouse_path
 
@@ -37,56 +37,57 @@ def raw_config(home: Path, model: Path, **train) -> dict:
     }
 
 
-def run_both(raw: dict) -> tuple[dict, StagePlan, StagePlan]:
+def run_both(raw: dict) -> tuple[dict, StageVersion, StageVersion]:
     cfg = parse_config(raw)
-    cache_plan = plan_cache(cfg)
-    run_cache_stage(cfg, cache_plan)
-    plan = plan_train(cfg, cache_plan)
-    return run_train_stage(cfg, plan, cache_plan), plan, cache_plan
+    cache_ver = cache_version(cfg)
+    run_cache_stage(cfg, cache_ver)
+    ver = train_version(cfg, cache_ver)
+    return run_train_stage(cfg, ver, cache_ver), ver, cache_ver
 
 
-def bank_tensors(plan: StagePlan) -> dict[str, torch.Tensor]:
-    return {f"{p.parent.name}/{k}": v for p in sorted((plan.artifact.path / "lenses").glob("*/lens_bank.safetensors"))
+def bank_tensors(ver: StageVersion) -> dict[str, torch.Tensor]:
+    return {f"{p.parent.name}/{k}": v for p in sorted((ver.artifact.path / "lenses").glob("*/lens_bank.safetensors"))
             for k, v in load_file(p).items()}
 
 
 @pytest.fixture(scope="module")
 def trained(tiny_models, tmp_path_factory):
     raw = raw_config(tmp_path_factory.mktemp("home"), tiny_models["llama"])
-    summary, plan, cache_plan = run_both(raw)
-    return raw, summary, plan, cache_plan
+    summary, ver, cache_ver = run_both(raw)
+    return raw, summary, ver, cache_ver
 
 
 def test_training_lowers_loss_and_beats_logit_lens(trained):
-    raw, summary, plan, _ = trained
+    raw, summary, ver, _ = trained
     assert summary["heads"] == 3 * 4 and summary["steps"] > 10 and not summary["cached"]
     con = duckdb.connect(str(warehouse_path(Path(raw["home"]))), read_only=True)
     losses = [r[0] for r in con.execute("SELECT loss FROM training_curve WHERE version = ? ORDER BY step",
-                                        [plan.version]).fetchall()]
+                                        [ver.version]).fetchall()]
     assert len(losses) == summary["steps"]
     assert sum(losses[-3:]) / 3 < 0.8 * losses[0]
     layers = con.execute("SELECT layer, kl_lens, kl_logit_lens, kl_subset FROM lens_fidelity_by_layer "
-                         "WHERE version = ? ORDER BY layer", [plan.version]).fetchall()
+                         "WHERE version = ? ORDER BY layer", [ver.version]).fetchall()
     assert [r[0] for r in layers] == [0, 1, 2]
     for _, kl, base, subset in layers:
         assert kl < base  # a trained lens must beat the logit lens on held-out prompts
         assert 0 <= subset <= kl + 1e-6  # the subset KL is a lower bound of the exact KL
     heads = con.execute("SELECT count(*), count(*) FILTER (WHERE kl_lens < kl_logit_lens) FROM lens_fidelity "
-                        "WHERE version = ? AND head >= 0", [plan.version]).fetchone()
+                        "WHERE version = ? AND head >= 0", [ver.version]).fetchone()
     assert heads == (12, 12)
-    assert (plan.artifact.path / "fidelity_heatmap.png").stat().st_size > 1000
-    assert not (plan.artifact.path / "checkpoints").exists()  # consolidated lenses replace them
+    assert (ver.artifact.path / "fidelity_heatmap.png").stat().st_size > 1000
+    assert not (ver.artifact.path / "checkpoints").exists()  # consolidated lenses replace them
 
 
 def test_rerun_is_cached_and_config_change_makes_new_version(trained):
-    raw, summary, plan, _ = trained
-    again, plan2, _ = run_both(raw)
-    assert again["cached"] and plan2.version == plan.version
-    other = plan_train(parse_config(raw | {"train": TRAIN | {"rank": 2}}), plan_cache(parse_config(raw)))
-    assert other.version != plan.version
+    raw, summary, ver, _ = trained
+    again, ver2, _ = run_both(raw)
+    assert again["cached"] and ver2.version == ver.version
+    other = train_version(parse_config(raw | {"train": TRAIN | {"rank": 2}}), cache_version(parse_config(raw)))
+    assert other.version != ver.version
     # execution-only settings do not change the version
-    same = plan_train(parse_config(raw | {"train": TRAIN | {"checkpoint_every": 99}}), plan_cache(parse_config(raw)))
-    assert same.version == plan.version
+    same = train_version(parse_config(raw | {"train": TRAIN | {"checkpoint_every": 99}}),
+                         cache_version(parse_config(raw)))
+    assert same.version == ver.version
 
 
 def test_trained_head_loads_with_peft_and_reproduces_bank_logits(trained, tiny_models):
@@ -95,12 +96,12 @@ def test_trained_head_loads_with_peft_and_reproduces_bank_logits(trained, tiny_m
     from loralens.lens.adapters import folded_unembedding
     from loralens.lens.models import load_model
 
-    raw, _, plan, _ = trained
+    raw, _, ver, _ = trained
     loaded = load_model(str(tiny_models["llama"]), Path(raw["home"]))
     unembed = FoldedUnembed(*folded_unembedding(loaded.adapter, loaded.model))
-    bank = load_bank(plan.artifact.path / "lenses" / "layer=1", unembed)
+    bank = load_bank(ver.artifact.path / "lenses" / "layer=1", unembed)
     assert bank.lora_B.abs().max() > 0  # really trained
-    out = export_head_adapter(bank, 2, plan.artifact.path / "peft-head-2")
+    out = export_head_adapter(bank, 2, ver.artifact.path / "peft-head-2")
     peft_model = PeftModel.from_pretrained(UnembedLens(unembed), str(out))
     x = torch.randn(5, bank.n_heads, bank.d_model)
     with torch.no_grad():
@@ -114,29 +115,29 @@ def test_zero_stage_1_single_process(tiny_models, tmp_path):
 
 @pytest.mark.parametrize(("launcher", "zero_stage"), [("torchrun", 2), ("deepspeed", 3)])
 def test_two_process_training_trains_and_result_loads(tiny_models, tmp_path, launcher, zero_stage):
-    summary, plan, _ = run_both(raw_config(tmp_path, tiny_models["qwen2"], world_size=2, epochs=2,
+    summary, ver, _ = run_both(raw_config(tmp_path, tiny_models["qwen2"], world_size=2, epochs=2,
                                            launcher=launcher, zero_stage=zero_stage))
     assert summary["world_size"] == 2 and summary["mean_layer_kl"] < summary["mean_layer_kl_logit_lens"]
     # consolidated: loadable in this (single) process with no DeepSpeed involved
-    tensors = bank_tensors(plan)
+    tensors = bank_tensors(ver)
     assert len(tensors) == 3 * 3 and all(torch.isfinite(t).all() for t in tensors.values())
 
 
 def test_missing_upstream_cache_is_a_clear_error(tiny_models, tmp_path):
     cfg = parse_config(raw_config(tmp_path, tiny_models["llama"]))
-    cache_plan = plan_cache(cfg)
+    cache_ver = cache_version(cfg)
     with pytest.raises(ArtifactError, match=r"missing upstream artifact: cache version \w+ is not complete"):
-        run_train_stage(cfg, plan_train(cfg, cache_plan), cache_plan)
+        run_train_stage(cfg, train_version(cfg, cache_ver), cache_ver)
 
 
 RUNNER = """
 import json, sys
 from loralens.config import parse_config
-from loralens.tasks.cache import plan_cache
-from loralens.tasks.train import plan_train, run_train_stage
+from loralens.tasks.cache import cache_version
+from loralens.tasks.train import train_version, run_train_stage
 cfg = parse_config(json.loads(sys.argv[1]))
-cp = plan_cache(cfg)
-run_train_stage(cfg, plan_train(cfg, cp), cp)
+cp = cache_version(cfg)
+run_train_stage(cfg, train_version(cfg, cp), cp)
 """
 
 
@@ -146,10 +147,10 @@ def test_killed_training_resumes_from_checkpoint_and_matches_uninterrupted(tiny_
     killed = raw_config(tmp_path / "killed", model, epochs=4, checkpoint_every=2)
     clean = raw_config(tmp_path / "clean", model, epochs=4, checkpoint_every=2)
     cfg = parse_config(killed)
-    cache_plan = plan_cache(cfg)
-    run_cache_stage(cfg, cache_plan)
-    plan = plan_train(cfg, cache_plan)
-    ckpts = plan.artifact.path / "checkpoints"
+    cache_ver = cache_version(cfg)
+    run_cache_stage(cfg, cache_ver)
+    ver = train_version(cfg, cache_ver)
+    ckpts = ver.artifact.path / "checkpoints"
     proc = subprocess.Popen([sys.executable, "-c", RUNNER, json.dumps(killed)], start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 180
@@ -159,16 +160,16 @@ def test_killed_training_resumes_from_checkpoint_and_matches_uninterrupted(tiny_
     proc.wait()
     if sig == signal.SIGTERM:  # the worker checkpoints at the next step, then exits on its own
         deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and subprocess.run(["pgrep", "-f", str(plan.artifact.path)],
+        while time.monotonic() < deadline and subprocess.run(["pgrep", "-f", str(ver.artifact.path)],
                                                              capture_output=True).returncode == 0:
             time.sleep(0.1)
-    assert not plan.artifact.is_complete(), "the kill must land before training finished"
+    assert not ver.artifact.is_complete(), "the kill must land before training finished"
 
-    resumed = run_train_stage(cfg, plan, cache_plan)
+    resumed = run_train_stage(cfg, ver, cache_ver)
     assert resumed["resumed_from"] > 0
-    reference, ref_plan, _ = run_both(clean)
-    assert ref_plan.version == plan.version and resumed["steps"] == reference["steps"]
-    got, want = bank_tensors(plan), bank_tensors(ref_plan)
+    reference, ref_ver, _ = run_both(clean)
+    assert ref_ver.version == ver.version and resumed["steps"] == reference["steps"]
+    got, want = bank_tensors(ver), bank_tensors(ref_ver)
     assert got.keys() == want.keys()
     for k in want:
         torch.testing.assert_close(got[k], want[k], atol=1e-6, rtol=1e-5)

@@ -10,26 +10,26 @@ from prefect.artifacts import create_markdown_artifact
 
 from loralens.config import PipelineConfig
 from loralens.flows.common import resolve_config, run_stage_task
-from loralens.tasks.attribute import attribute_task, plan_attribute
-from loralens.tasks.cache import plan_cache
-from loralens.tasks.decode import plan_decode
-from loralens.tasks.plans import StagePlan
-from loralens.tasks.train import plan_train
+from loralens.tasks.attribute import attribute_task, attribute_version
+from loralens.tasks.cache import cache_version
+from loralens.tasks.decode import decode_version
+from loralens.tasks.stage_versions import StageVersion
+from loralens.tasks.train import train_version
 
 
-def attribute_stage(cfg: PipelineConfig, cache_plan: StagePlan | None = None, force: bool = False,
+def attribute_stage(cfg: PipelineConfig, cache_ver: StageVersion | None = None, force: bool = False,
                     verify: bool = False) -> dict[str, Any]:
     """Run the attribute task keyed by its version; attach the top-heads table and heatmaps to the flow run."""
-    cache_plan = cache_plan or plan_cache(cfg)
-    train_plan = plan_train(cfg, cache_plan)
-    decode_plan = plan_decode(cfg, train_plan)
-    plan = plan_attribute(cfg, decode_plan)
-    summary = run_stage_task(attribute_task, cfg, plan, decode_plan, train_plan, cache_plan, force=force,
+    cache_ver = cache_ver or cache_version(cfg)
+    train_ver = train_version(cfg, cache_ver)
+    decode_ver = decode_version(cfg, train_ver)
+    ver = attribute_version(cfg, decode_ver)
+    summary = run_stage_task(attribute_task, cfg, ver, decode_ver, train_ver, cache_ver, force=force,
                              verify=verify)
     report = Path(summary["report"]).read_text(encoding="utf-8")
     heatmaps = "\n".join(f"- {m}: `{p}`" for m, p in summary["heatmaps"].items())
     create_markdown_artifact(key="top-toxic-heads", markdown=f"{report}\nHeatmaps (layers x heads):\n{heatmaps}\n",
-                             description=f"attribute stage, version {plan.version}")
+                             description=f"attribute stage, version {ver.version}")
     return summary
 
 

@@ -8,21 +8,21 @@ from prefect import flow
 
 from loralens.config import PipelineConfig
 from loralens.flows.common import resolve_config, results_under_home, run_stage_task, split_over_workers
-from loralens.tasks.cache import cache_shards_task, cache_task, plan_cache, shard_count
-from loralens.tasks.plans import StagePlan, keeping_old_version
+from loralens.tasks.cache import cache_shards_task, cache_task, cache_version, shard_count
+from loralens.tasks.stage_versions import StageVersion, keeping_old_version
 
 
-def cache_stage(cfg: PipelineConfig, plan: StagePlan | None = None, force: bool = False,
+def cache_stage(cfg: PipelineConfig, ver: StageVersion | None = None, force: bool = False,
                 workers: int = 1, verify: bool = False) -> dict[str, Any]:
-    """Run the cache task keyed by its version (planned here unless the caller already planned it).
+    """Run the cache task keyed by its version (computed here unless the caller passes it).
 
     `workers > 1` first maps the missing shards over that many concurrent tasks; the keyed task then finalizes.
     """
-    plan = plan or plan_cache(cfg)
-    with keeping_old_version(plan):  # one guard over the workers and the finalizing task
-        force = split_over_workers(cfg, plan, cache_shards_task, (cfg, plan),
+    ver = ver or cache_version(cfg)
+    with keeping_old_version(ver):  # one guard over the workers and the finalizing task
+        force = split_over_workers(cfg, ver, cache_shards_task, (cfg, ver),
                                    lambda: list(range(shard_count(cfg))), workers, force)
-        return run_stage_task(cache_task, cfg, plan, force=force, verify=verify)
+        return run_stage_task(cache_task, cfg, ver, force=force, verify=verify)
 
 
 @flow(name="cache-activations")
@@ -41,8 +41,8 @@ def cache_activations(
     different machines share the artifact folder (a last run without `shards` writes the manifest).
     """
     cfg = resolve_config(config_path, config)
-    plan = plan_cache(cfg)
+    ver = cache_version(cfg)
     if shards is not None:
         with results_under_home(cfg):
-            return cache_shards_task(cfg, plan, sorted(shards))
-    return cache_stage(cfg, plan, force=force, workers=workers)
+            return cache_shards_task(cfg, ver, sorted(shards))
+    return cache_stage(cfg, ver, force=force, workers=workers)

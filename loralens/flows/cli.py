@@ -121,7 +121,7 @@ def version_dirs(home: Path, stage: str | None = None) -> list[ArtifactDir]:
 
 def cmd_verify(args: argparse.Namespace) -> int:
     from loralens.flows.pipeline import STAGES
-    from loralens.tasks.plans import reopen_changed
+    from loralens.tasks.stage_versions import reopen_changed
 
     if args.stage is not None and args.stage not in STAGES:
         raise ConfigError(f"unknown stage '{args.stage}'; stages: {', '.join(STAGES)}")

@@ -12,7 +12,13 @@ from prefect.artifacts import create_table_artifact
 from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
 
 from loralens.config import PipelineConfig, load_config, parse_config
-from loralens.tasks.plans import StagePlan, keeping_old_version, require_complete, reset_for_force, reverify_on_reuse
+from loralens.tasks.stage_versions import (
+    StageVersion,
+    keeping_old_version,
+    require_complete,
+    reset_for_force,
+    reverify_on_reuse,
+)
 from loralens.warehouse.db import is_registered_complete, warehouse_path
 
 
@@ -37,15 +43,15 @@ def results_under_home(cfg: PipelineConfig) -> Iterator[None]:
         yield
 
 
-def split_over_workers(cfg: PipelineConfig, plan: StagePlan, worker_task: Task, args: tuple,
+def split_over_workers(cfg: PipelineConfig, ver: StageVersion, worker_task: Task, args: tuple,
                        units: Callable[[], list[int]], workers: int, force: bool,
-                       upstream: tuple[StagePlan, ...] = ()) -> bool:
+                       upstream: tuple[StageVersion, ...] = ()) -> bool:
     """Map a stage's work units round-robin over `workers` tasks (`worker_task(*args, units)`) unless the version
     is complete; return the `force` left for the finalizing task.
 
     With `force`, the version is reset once here, before any worker writes but after the `upstream` versions are
     checked complete (the finalizing task then sees an empty version, so it gets force=False). Call it and the
-    finalizing `run_stage_task` inside one `keeping_old_version(plan)`, which keeps the old complete version
+    finalizing `run_stage_task` inside one `keeping_old_version(ver)`, which keeps the old complete version
     until the new one is. `units` is called only when there is work to split.
     """
     if workers <= 1:
@@ -53,8 +59,8 @@ def split_over_workers(cfg: PipelineConfig, plan: StagePlan, worker_task: Task, 
     if force:
         for up in upstream:
             require_complete(up)
-        reset_for_force(plan)
-    if not plan.artifact.is_complete():
+        reset_for_force(ver)
+    if not ver.artifact.is_complete():
         every = units()
         groups = [every[i::workers] for i in range(min(workers, len(every)))]
         with results_under_home(cfg):
@@ -64,9 +70,9 @@ def split_over_workers(cfg: PipelineConfig, plan: StagePlan, worker_task: Task, 
 
 
 def run_stage_task(
-    stage_task: Task, cfg: PipelineConfig, plan: StagePlan, *args: Any, force: bool = False, verify: bool = False
+    stage_task: Task, cfg: PipelineConfig, ver: StageVersion, *args: Any, force: bool = False, verify: bool = False
 ) -> dict[str, Any]:
-    """Run a stage's task keyed by `plan.version`, publish its summary, and return it (cached flag set).
+    """Run a stage's task keyed by `ver.version`, publish its summary, and return it (cached flag set).
 
     A complete version is a Prefect cache hit; a version whose artifact folder is gone (or `force`)
     refreshes the cache, so a deleted artifact is never a stale hit. So does one the warehouse does not register
@@ -74,26 +80,26 @@ def run_stage_task(
     reuse a complete version's files are checked against its manifest: size and mtime, or with `verify` their
     sha256 (reads every file).
     """
-    with keeping_old_version(plan):  # settles a killed forced run's backup before anything is decided
-        return _run_stage_task(stage_task, cfg, plan, *args, force=force, verify=verify)
+    with keeping_old_version(ver):  # settles a killed forced run's backup before anything is decided
+        return _run_stage_task(stage_task, cfg, ver, *args, force=force, verify=verify)
 
 
-def _run_stage_task(stage_task: Task, cfg: PipelineConfig, plan: StagePlan, *args: Any, force: bool,
+def _run_stage_task(stage_task: Task, cfg: PipelineConfig, ver: StageVersion, *args: Any, force: bool,
                     verify: bool) -> dict[str, Any]:
     # A file changed after completion is never a stale hit (a forced run rebuilds the version anyway).
-    reopened = not force and reverify_on_reuse(plan, full=verify)
-    refresh = (force or reopened or not plan.artifact.is_complete()
-               or not is_registered_complete(warehouse_path(cfg.home), plan.version))
+    reopened = not force and reverify_on_reuse(ver, full=verify)
+    refresh = (force or reopened or not ver.artifact.is_complete()
+               or not is_registered_complete(warehouse_path(cfg.home), ver.version))
     # Prefect keeps results per user (~/.prefect/storage), not per home: the key names the home too, so a hit
     # never returns a summary whose paths point into another (maybe deleted) home with the same version.
     home = hashlib.sha256(str(cfg.home).encode()).hexdigest()[:12]  # absolute: resolved at validation
-    key = f"loralens-{plan.stage}-{plan.version}-{home}"
+    key = f"loralens-{ver.stage}-{ver.version}-{home}"
     with results_under_home(cfg):
         state = stage_task.with_options(refresh_cache=refresh, cache_key_fn=lambda *_: key)(
-            cfg, plan, *args, force, return_state=True)
+            cfg, ver, *args, force, return_state=True)
     summary = dict(state.result())
     summary["cached"] = summary["cached"] or state.name == "Cached"
     rows = [{"key": k, "value": str(v)} for k, v in summary.items() if not isinstance(v, dict)]
-    create_table_artifact(key=f"{plan.stage}-summary", table=rows,
-                          description=f"{plan.stage} stage, version {plan.version}")
+    create_table_artifact(key=f"{ver.stage}-summary", table=rows,
+                          description=f"{ver.stage} stage, version {ver.version}")
     return summary

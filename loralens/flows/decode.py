@@ -8,18 +8,18 @@ from prefect import flow
 
 from loralens.config import PipelineConfig
 from loralens.flows.common import resolve_config, run_stage_task
-from loralens.tasks.cache import plan_cache
-from loralens.tasks.decode import decode_task, plan_decode
-from loralens.tasks.plans import StagePlan
-from loralens.tasks.train import plan_train
+from loralens.tasks.cache import cache_version
+from loralens.tasks.decode import decode_task, decode_version
+from loralens.tasks.stage_versions import StageVersion
+from loralens.tasks.train import train_version
 
 
-def decode_stage(cfg: PipelineConfig, cache_plan: StagePlan | None = None, force: bool = False,
+def decode_stage(cfg: PipelineConfig, cache_ver: StageVersion | None = None, force: bool = False,
                  verify: bool = False) -> dict[str, Any]:
     """Run the decode task keyed by its version (the train version is its input)."""
-    cache_plan = cache_plan or plan_cache(cfg)
-    train_plan = plan_train(cfg, cache_plan)
-    return run_stage_task(decode_task, cfg, plan_decode(cfg, train_plan), train_plan, cache_plan, force=force,
+    cache_ver = cache_ver or cache_version(cfg)
+    train_ver = train_version(cfg, cache_ver)
+    return run_stage_task(decode_task, cfg, decode_version(cfg, train_ver), train_ver, cache_ver, force=force,
                           verify=verify)
 
 

@@ -10,36 +10,36 @@ from prefect.artifacts import create_markdown_artifact
 
 from loralens.config import PipelineConfig
 from loralens.flows.common import resolve_config, results_under_home, run_stage_task, split_over_workers
-from loralens.tasks.attribute import plan_attribute
-from loralens.tasks.cache import plan_cache
-from loralens.tasks.decode import plan_decode
-from loralens.tasks.intervene import generation_units, intervene_batches_task, intervene_task, plan_intervene
-from loralens.tasks.plans import StagePlan, keeping_old_version
-from loralens.tasks.train import plan_train
+from loralens.tasks.attribute import attribute_version
+from loralens.tasks.cache import cache_version
+from loralens.tasks.decode import decode_version
+from loralens.tasks.intervene import generation_units, intervene_batches_task, intervene_task, intervene_version
+from loralens.tasks.stage_versions import StageVersion, keeping_old_version
+from loralens.tasks.train import train_version
 
 
-def intervene_stage(cfg: PipelineConfig, cache_plan: StagePlan | None = None, force: bool = False,
+def intervene_stage(cfg: PipelineConfig, cache_ver: StageVersion | None = None, force: bool = False,
                     workers: int = 1, units: list[int] | None = None, verify: bool = False) -> dict[str, Any]:
     """Run the intervene task keyed by its version; attach the metrics table and plot to the flow run.
 
     `workers > 1` maps the (condition, prompt batch) generation units over that many concurrent tasks, then
     finalizes; `units` generates only those units and returns without finalizing (one machine's share).
     """
-    cache_plan = cache_plan or plan_cache(cfg)
-    attribute_plan = plan_attribute(cfg, plan_decode(cfg, plan_train(cfg, cache_plan)))
-    plan, conditions = plan_intervene(cfg, attribute_plan, cache_plan)
-    args = (cfg, plan, conditions, attribute_plan, cache_plan)
+    cache_ver = cache_ver or cache_version(cfg)
+    attribute_ver = attribute_version(cfg, decode_version(cfg, train_version(cfg, cache_ver)))
+    ver, conditions = intervene_version(cfg, attribute_ver, cache_ver)
+    args = (cfg, ver, conditions, attribute_ver, cache_ver)
     if units is not None:
         with results_under_home(cfg):
             return intervene_batches_task(*args, sorted(units))
-    with keeping_old_version(plan):  # one guard over the workers and the finalizing task
-        force = split_over_workers(cfg, plan, intervene_batches_task, args,
-                                   lambda: generation_units(cfg, conditions), workers, force, (attribute_plan,))
-        summary = run_stage_task(intervene_task, cfg, plan, conditions, attribute_plan, cache_plan, force=force,
+    with keeping_old_version(ver):  # one guard over the workers and the finalizing task
+        force = split_over_workers(cfg, ver, intervene_batches_task, args,
+                                   lambda: generation_units(cfg, conditions), workers, force, (attribute_ver,))
+        summary = run_stage_task(intervene_task, cfg, ver, conditions, attribute_ver, cache_ver, force=force,
                                  verify=verify)
     report = Path(summary["report"]).read_text(encoding="utf-8")
     create_markdown_artifact(key="interventions", markdown=f"{report}\nPlot: `{summary['plot']}`\n",
-                             description=f"intervene stage, version {plan.version}")
+                             description=f"intervene stage, version {ver.version}")
     return summary
 
 

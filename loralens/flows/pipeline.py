@@ -18,7 +18,7 @@ from loralens.flows.common import resolve_config
 from loralens.flows.decode import decode_stage
 from loralens.flows.intervene import intervene_stage
 from loralens.flows.train import train_stage
-from loralens.tasks.cache import plan_cache
+from loralens.tasks.cache import cache_version
 from loralens.tasks.report import run_report
 
 STAGES = ("cache", "train", "decode", "attribute", "intervene")
@@ -42,7 +42,7 @@ def pipeline(
     if only is not None and only not in STAGES:
         raise ValueError(f"unknown stage '{only}'; stages: {', '.join(STAGES)}")
     cfg = resolve_config(config_path, config)
-    cache_plan = plan_cache(cfg)  # one read of the corpus and model fingerprint serves every stage
+    cache_ver = cache_version(cfg)  # one read of the corpus and model fingerprint serves every stage
     stages = {"cache": cache_stage, "train": train_stage, "decode": decode_stage, "attribute": attribute_stage,
               "intervene": intervene_stage}
     results: dict[str, Any] = {}
@@ -51,7 +51,7 @@ def pipeline(
         if only in (None, name):
             t0 = time.perf_counter()
             split = {"workers": workers} if name in ("cache", "intervene") else {}
-            results[name] = stages[name](cfg, cache_plan, force=force, verify=verify, **split)
+            results[name] = stages[name](cfg, cache_ver, force=force, verify=verify, **split)
             seconds[name] = time.perf_counter() - t0
     report = write_run_report(cfg, results, seconds)
     results[list(results)[-1]]["run_report"] = str(report)

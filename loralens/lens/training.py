@@ -263,7 +263,7 @@ def consolidated_state(engine, ckpt_dir: Path, tag: str, zero_stage: int) -> dic
 
 # -- the loop ------------------------------------------------------------------------------------
 @dataclass
-class TrainPlan:
+class TrainSpec:
     """Everything the loop needs besides the model: data layout, schedule and DeepSpeed settings."""
 
     shards: list[int]
@@ -293,16 +293,16 @@ class TrainResult:
     final_tag: str | None
 
 
-def deepspeed_config(plan: TrainPlan) -> dict:
+def deepspeed_config(spec: TrainSpec) -> dict:
     """Return the DeepSpeed config dict (fp32 or bf16, ZeRO stage, clipping, quiet logging)."""
-    zero: dict = {"stage": plan.zero_stage}
-    if plan.zero_stage == 3:
+    zero: dict = {"stage": spec.zero_stage}
+    if spec.zero_stage == 3:
         zero.update(stage3_param_persistence_threshold=0, stage3_gather_16bit_weights_on_model_save=True)
     return {
         "train_micro_batch_size_per_gpu": 1,  # one LensBatch of `micro_batch` tokens per rank per step
         "gradient_accumulation_steps": 1,
         "zero_optimization": zero,
-        "bf16": {"enabled": plan.bf16},
+        "bf16": {"enabled": spec.bf16},
         "gradient_clipping": 1.0,
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
@@ -313,7 +313,7 @@ def deepspeed_config(plan: TrainPlan) -> dict:
 def train(
     lens_set: LensSet,
     loader: ShardLoader,
-    plan: TrainPlan,
+    spec: TrainSpec,
     ckpt_dir: Path,
     *,
     device: str,
@@ -328,29 +328,29 @@ def train(
     import deepspeed.comm as dist
 
     rank, world = dist.get_rank(), dist.get_world_size()
-    mine = rank_shards(plan.shards, rank, world)
+    mine = rank_shards(spec.shards, rank, world)
     if not mine:
-        raise ValueError(f"rank {rank} has no cache shard: {len(plan.shards)} shards for {world} processes")
-    per_epoch = steps_per_epoch(plan.train_rows, world, plan.micro_batch)
+        raise ValueError(f"rank {rank} has no cache shard: {len(spec.shards)} shards for {world} processes")
+    per_epoch = steps_per_epoch(spec.train_rows, world, spec.micro_batch)
     if per_epoch == 0:
-        raise ValueError(f"too few training tokens for micro_batch_tokens={plan.micro_batch} x {world} processes")
-    total = per_epoch * plan.epochs if plan.max_steps is None else min(plan.max_steps, per_epoch * plan.epochs)
+        raise ValueError(f"too few training tokens for micro_batch_tokens={spec.micro_batch} x {world} processes")
+    total = per_epoch * spec.epochs if spec.max_steps is None else min(spec.max_steps, per_epoch * spec.epochs)
 
-    torch.manual_seed(plan.seed)
+    torch.manual_seed(spec.seed)
     lens_set.to(device)
     trainable = [p for p in lens_set.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(trainable, lr=plan.lr, weight_decay=plan.weight_decay)
+    opt = torch.optim.AdamW(trainable, lr=spec.lr, weight_decay=spec.weight_decay)
     engine, *_ = deepspeed.initialize(model=lens_set, optimizer=opt, model_parameters=trainable,
-                                      config=deepspeed_config(plan))
+                                      config=deepspeed_config(spec))
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     start = resume(engine, ckpt_dir, world)
     step, stopped, t0 = start, False, time.perf_counter()
     while step < total:
         epoch, in_epoch = divmod(step, per_epoch)
         n_steps = min(per_epoch, total - epoch * per_epoch)
-        for batch in train_batches(loader, mine, plan.train_rows, epoch=epoch, seed=plan.seed,
-                                   micro_batch=plan.micro_batch, n_steps=n_steps, skip_steps=in_epoch,
-                                   every=plan.every, store_dtype=plan.store_dtype):
+        for batch in train_batches(loader, mine, spec.train_rows, epoch=epoch, seed=spec.seed,
+                                   micro_batch=spec.micro_batch, n_steps=n_steps, skip_steps=in_epoch,
+                                   every=spec.every, store_dtype=spec.store_dtype):
             loss = engine(batch.to(device))
             engine.backward(loss)
             engine.step()
@@ -359,11 +359,11 @@ def train(
             stats = torch.tensor([loss.item(), float(stop_requested())])
             dist.all_reduce(stats)  # mean loss for the curve; any rank's SIGTERM stops every rank
             if on_step is not None:
-                on_step(step, stats[0].item() / world, plan.micro_batch * world)
+                on_step(step, stats[0].item() / world, spec.micro_batch * world)
             if progress is not None:
                 progress(step, total)
             stopped = stats[1].item() > 0
-            if stopped or step % plan.checkpoint_every == 0 or step == total:
+            if stopped or step % spec.checkpoint_every == 0 or step == total:
                 save_checkpoint(engine, ckpt_dir, step, rank, world)
             if stopped:
                 break
@@ -373,6 +373,6 @@ def train(
     if final is not None and not (ckpt_dir / final / CHECKPOINT_DONE).exists():
         save_checkpoint(engine, ckpt_dir, step, rank, world)  # e.g. resumed at the last step
     result = TrainResult(steps=step, resumed_from=start, stopped=stopped,
-                         tokens_per_rank=(step - start) * plan.micro_batch,
+                         tokens_per_rank=(step - start) * spec.micro_batch,
                          seconds=time.perf_counter() - t0, final_tag=final)
     return result, engine

@@ -21,16 +21,16 @@ from loralens.lens.readout import head_logits_both
 from loralens.lens.scorers import get_scorer, primary_label, scorer_version
 from loralens.lens.vocab_toxicity import load_lexicon, token_texts, vocab_toxicity
 from loralens.tasks.memory import ensure_fits
-from loralens.tasks.plans import (
-    StagePlan,
+from loralens.tasks.readout import cached_layers, layer_input_chunks, load_reader, select_positions
+from loralens.tasks.report import score_heatmap, top_heads_markdown
+from loralens.tasks.stage_versions import (
+    StageVersion,
     failures_recorded,
     keeps_old_version,
     register,
     require_complete,
     reset_for_force,
 )
-from loralens.tasks.readout import cached_layers, layer_input_chunks, load_reader, select_positions
-from loralens.tasks.report import score_heatmap, top_heads_markdown
 from loralens.warehouse.activation_cache import read_prompts
 from loralens.warehouse.artifacts import ShardFile, atomic_write_bytes, atomic_write_with
 from loralens.warehouse.attribution_tables import (
@@ -55,20 +55,20 @@ log = logging.getLogger("loralens.attribute")
 STAGE = "attribute"
 
 
-def plan_attribute(cfg: PipelineConfig, decode_plan: StagePlan) -> StagePlan:
+def attribute_version(cfg: PipelineConfig, decode_ver: StageVersion) -> StageVersion:
     """Return the attribute version: its config, the decode version, the scorer's and lexicon's content hashes."""
     a = cfg.attribute
     try:
         scorer = scorer_version(a.scorer, **a.scorer_options)
     except (TypeError, ValueError) as err:
         raise ConfigError(f"config error: attribute.scorer_options: {err}") from None
-    inputs = {"decode": decode_plan.version, "scorer": scorer}
+    inputs = {"decode": decode_ver.version, "scorer": scorer}
     if a.lexicon is not None:
         if not Path(a.lexicon).is_file():
             raise ConfigError(f"config error: attribute.lexicon: file not found: {a.lexicon}")
         inputs["lexicon"] = file_sha256(Path(a.lexicon))
     config = {"attribute": a.versioned()}
-    return StagePlan(STAGE, artifact_version(STAGE, config, inputs), config, inputs, cfg.home)
+    return StageVersion(STAGE, artifact_version(STAGE, config, inputs), config, inputs, cfg.home)
 
 
 def prompt_groups(prompts: dict[str, np.ndarray], scorer, threshold: float) -> tuple[np.ndarray, list[str]]:
@@ -85,29 +85,29 @@ def prompt_groups(prompts: dict[str, np.ndarray], scorer, threshold: float) -> t
 
 
 @keeps_old_version()
-def run_attribute_stage(cfg: PipelineConfig, plan: StagePlan, decode_plan: StagePlan, train_plan: StagePlan,
-                        cache_plan: StagePlan, *, force: bool = False) -> dict[str, Any]:
+def run_attribute_stage(cfg: PipelineConfig, ver: StageVersion, decode_ver: StageVersion, train_ver: StageVersion,
+                        cache_ver: StageVersion, *, force: bool = False) -> dict[str, Any]:
     """Score every head by every method, write Parquet + one DuckDB transaction; return a summary."""
-    adir = plan.artifact
+    adir = ver.artifact
     db = warehouse_path(cfg.home)
-    parents = [decode_plan.version]
+    parents = [decode_ver.version]
     a = cfg.attribute
     manifest = None if force else adir.manifest()
     if manifest is not None:
-        _store(db, plan.version, adir.path)  # idempotent; restores rows if the warehouse lost them
-        register(plan, parents, status="complete",
+        _store(db, ver.version, adir.path)  # idempotent; restores rows if the warehouse lost them
+        register(ver, parents, status="complete",
                  rows=manifest["summary"]["rows"], bytes_=manifest["total_bytes"], summary=manifest["summary"])
-        return {"version": plan.version, "path": str(adir.path), "cached": True, **manifest["summary"]}
-    decode_manifest = require_complete(decode_plan)
-    cache_manifest = require_complete(cache_plan)
+        return {"version": ver.version, "path": str(adir.path), "cached": True, **manifest["summary"]}
+    decode_manifest = require_complete(decode_ver)
+    cache_manifest = require_complete(cache_ver)
     ensure_fits(cfg, STAGE)  # before anything is written: a run that cannot fit says so now
     if force:
-        reset_for_force(plan)  # only once the inputs are there; the old version is kept aside until done
+        reset_for_force(ver)  # only once the inputs are there; the old version is kept aside until done
     adir.prepare()
-    register(plan, parents, status="running")
+    register(ver, parents, status="running")
     t0 = time.perf_counter()
     layers = cached_layers(cache_manifest)
-    loaded, reader = load_reader(cfg, train_plan, layers)
+    loaded, reader = load_reader(cfg, train_ver, layers)
     vocab = loaded.dims.vocab
 
     # Vocabulary toxicity (padded with zeros for embedding rows the tokenizer never produces).
@@ -127,7 +127,7 @@ def run_attribute_stage(cfg: PipelineConfig, plan: StagePlan, decode_plan: Stage
     t_vocab = time.perf_counter() - t0
 
     # Prompt groups for the contrasts.
-    prompts = read_prompts(cache_plan.artifact).to_pydict()
+    prompts = read_prompts(cache_ver.artifact).to_pydict()
     p_tox, origin = prompt_groups(prompts, scorer, a.prompt_threshold)
     p_idx = np.asarray(prompts["prompt_idx"])
     toxic_prompt = p_tox >= a.prompt_threshold
@@ -138,8 +138,8 @@ def run_attribute_stage(cfg: PipelineConfig, plan: StagePlan, decode_plan: Stage
                           f"prompts; got {n_toxic} toxic, {n_clean} non-toxic at {a.prompt_threshold}")
 
     # One pass over the cached positions: expected toxicity (trained + logit lens) and direct logit attribution.
-    scores = _lens_pass(cfg, cache_plan, cache_manifest, reader, layers, torch.from_numpy(tox), is_toxic)
-    scores["dictionary_count"], top_tokens = _dictionary_count(decode_plan, layers, reader, toxic_tokens,
+    scores = _lens_pass(cfg, cache_ver, cache_manifest, reader, layers, torch.from_numpy(tox), is_toxic)
+    scores["dictionary_count"], top_tokens = _dictionary_count(decode_ver, layers, reader, toxic_tokens,
                                                                is_toxic, texts)
     ranks = {m: A.ranks(s) for m, s in scores.items()}
     spearman = {f"{m1}~{m2}": _finite_or_none(A.spearman(scores[m1], scores[m2]))
@@ -149,9 +149,9 @@ def run_attribute_stage(cfg: PipelineConfig, plan: StagePlan, decode_plan: Stage
     # Files first (each atomic), then one warehouse transaction.
     out = adir.path
     files = [
-        _write(out, VOCAB_TOXICITY_FILE, vocab_table(plan.version, texts, kind, tox, in_lex, toxic_tokens)),
-        _write(out, PROMPT_GROUPS_FILE, prompt_groups_table(plan.version, p_idx, p_tox, origin, toxic_prompt)),
-        _write(out, HEAD_SCORES_FILE, head_scores_table(plan.version, layers, scores, ranks)),
+        _write(out, VOCAB_TOXICITY_FILE, vocab_table(ver.version, texts, kind, tox, in_lex, toxic_tokens)),
+        _write(out, PROMPT_GROUPS_FILE, prompt_groups_table(ver.version, p_idx, p_tox, origin, toxic_prompt)),
+        _write(out, HEAD_SCORES_FILE, head_scores_table(ver.version, layers, scores, ranks)),
     ]
     top = {m: _top_heads(scores[m], ranks[m], layers, a.top_heads, top_tokens) for m in A.METHODS}
     for m in A.METHODS:
@@ -170,28 +170,28 @@ def run_attribute_stage(cfg: PipelineConfig, plan: StagePlan, decode_plan: Stage
     }
     atomic_write_bytes(out / ATTRIBUTION_SUMMARY, json.dumps(summary, indent=1, default=float).encode())
     adir.record_shard(0, files)
-    _store(db, plan.version, out)
-    manifest = adir.finalize(config=plan.config, inputs=plan.inputs, summary=summary)
-    register(plan, parents, status="complete", rows=summary["rows"], bytes_=manifest["total_bytes"], summary=summary)
-    return {"version": plan.version, "path": str(out), "cached": False, **summary}
+    _store(db, ver.version, out)
+    manifest = adir.finalize(config=ver.config, inputs=ver.inputs, summary=summary)
+    register(ver, parents, status="complete", rows=summary["rows"], bytes_=manifest["total_bytes"], summary=summary)
+    return {"version": ver.version, "path": str(out), "cached": False, **summary}
 
 
-def _lens_pass(cfg, cache_plan, cache_manifest, reader, layers, tox, is_toxic) -> dict[str, np.ndarray]:
+def _lens_pass(cfg, cache_ver, cache_manifest, reader, layers, tox, is_toxic) -> dict[str, np.ndarray]:
     """Return the methods computed from full per-head distributions, `[L, H]` each, chunk by chunk."""
     n_heads = next(iter(reader.w_o.values())).shape[0]
     u = A.toxic_direction(reader.unembed.W, tox)
     keys = ("lens", "logit_lens", "dla")
     sums = {(k, g): np.zeros((len(layers), n_heads)) for k in keys for g in (True, False)}
     counts = {True: 0, False: 0}
-    shards = sorted(cache_plan.artifact.done_shards())
+    shards = sorted(cache_ver.artifact.done_shards())
     with tqdm(total=len(shards) * len(layers), desc="attribute", unit="layer") as bar:
         for shard in shards:
-            pos = select_positions(cache_plan.artifact, shard, cfg.decode.positions)
+            pos = select_positions(cache_ver.artifact, shard, cfg.decode.positions)
             group = np.array([is_toxic[p] for p in pos.prompt_idx.tolist()], dtype=bool)
             counts[True] += int(group.sum())
             counts[False] += int((~group).sum())
             for li, layer in enumerate(layers):
-                for rows, x in layer_input_chunks(cache_plan.artifact, pos, layer, reader,
+                for rows, x in layer_input_chunks(cache_ver.artifact, pos, layer, reader,
                                                   cache_manifest["summary"], cfg.decode.chunk_tokens):
                     trained, logit = head_logits_both(reader.banks[layer], x)
                     values = {"lens": A.expected_toxicity(trained, tox), "logit_lens": A.expected_toxicity(logit, tox),
@@ -208,10 +208,10 @@ def _lens_pass(cfg, cache_plan, cache_manifest, reader, layers, tox, is_toxic) -
             "direct_logit": contrast["dla"]}
 
 
-def _dictionary_count(decode_plan, layers, reader, toxic_tokens, is_toxic, texts, n_tokens: int = 5):
+def _dictionary_count(decode_ver, layers, reader, toxic_tokens, is_toxic, texts, n_tokens: int = 5):
     """Return the mean toxic-token count in each head's trained-lens top-k over toxic prompts `[L, H]`, and
     each head's most frequent top-k tokens on those prompts."""
-    t = read_decodings(decode_plan.artifact, "trained", ["prompt_idx", "position", "layer", "head", "token_id",
+    t = read_decodings(decode_ver.artifact, "trained", ["prompt_idx", "position", "layer", "head", "token_id",
                                                                  "prob"])
     prompt = t.column("prompt_idx").to_numpy()
     position = t.column("position").to_numpy()
@@ -268,10 +268,10 @@ def _store(db: Path, version: str, out: Path) -> None:
                       pq.read_table(out / HEAD_SCORES_FILE))
 
 
-@task(name="attribute", cache_key_fn=lambda _ctx, params: f"loralens-attribute-{params['plan'].version}",
+@task(name="attribute", cache_key_fn=lambda _ctx, params: f"loralens-attribute-{params['ver'].version}",
       persist_result=True)
-def attribute_task(cfg: PipelineConfig, plan: StagePlan, decode_plan: StagePlan, train_plan: StagePlan,
-                   cache_plan: StagePlan, force: bool = False) -> dict[str, Any]:
+def attribute_task(cfg: PipelineConfig, ver: StageVersion, decode_ver: StageVersion, train_ver: StageVersion,
+                   cache_ver: StageVersion, force: bool = False) -> dict[str, Any]:
     """Prefect task: the attribute stage, keyed by its artifact version."""
-    with failures_recorded(plan):
-        return run_attribute_stage(cfg, plan, decode_plan, train_plan, cache_plan, force=force)
+    with failures_recorded(ver):
+        return run_attribute_stage(cfg, ver, decode_ver, train_ver, cache_ver, force=force)

@@ -1,4 +1,4 @@
-"""The `cache` stage: plan its version, run the frozen model over the corpus, write resumable shards."""
+"""The `cache` stage: fix its version, run the frozen model over the corpus, write resumable shards."""
 
 from __future__ import annotations
 
@@ -21,8 +21,8 @@ from loralens.lens.caching import (
 )
 from loralens.lens.models import folder_fingerprint, load_model, resolve_model_path
 from loralens.tasks.memory import ensure_fits
-from loralens.tasks.plans import (
-    StagePlan,
+from loralens.tasks.stage_versions import (
+    StageVersion,
     failures_recorded,
     keeps_old_version,
     register,
@@ -39,7 +39,7 @@ log = logging.getLogger("loralens.cache")
 STAGE = "cache"
 
 
-def plan_cache(cfg: PipelineConfig) -> StagePlan:
+def cache_version(cfg: PipelineConfig) -> StageVersion:
     """Return the cache stage's version: a hash of its config, the model's and the corpus's content."""
     model_path = resolve_model_path(cfg.model.name, cfg.home, cfg.model.revision)
     model_fp = folder_fingerprint(Path(model_path)) if Path(model_path).is_dir() else str(model_path)
@@ -48,7 +48,7 @@ def plan_cache(cfg: PipelineConfig) -> StagePlan:
     config = {"model": cfg.model.model_dump(), "corpus": cfg.corpus.model_dump(),
               "cache": cfg.cache.model_dump() | {"top_k": cfg.target_top_k}}
     inputs = {"model": model_fp, "corpus": corpus.fingerprint()}
-    return StagePlan(STAGE, artifact_version(STAGE, config, inputs), config, inputs, cfg.home)
+    return StageVersion(STAGE, artifact_version(STAGE, config, inputs), config, inputs, cfg.home)
 
 
 def _shard_prompts(corpus: Corpus, token_ids: list[list[int]], per_shard: int) -> list[list[int]]:
@@ -58,7 +58,7 @@ def _shard_prompts(corpus: Corpus, token_ids: list[list[int]], per_shard: int) -
 
 
 @keeps_old_version(worker_arg="only_shards")
-def run_cache_stage(cfg: PipelineConfig, plan: StagePlan, *, force: bool = False,
+def run_cache_stage(cfg: PipelineConfig, ver: StageVersion, *, force: bool = False,
                     only_shards: list[int] | None = None) -> dict[str, Any]:
     """Cache every shard not yet done (resuming a killed run), then write the manifest; return a summary.
 
@@ -66,24 +66,24 @@ def run_cache_stage(cfg: PipelineConfig, plan: StagePlan, *, force: bool = False
     folder: cache just these shards (never touching the others' temp files) and write the manifest only if
     every shard is then done; a final run without `only_shards` finalizes otherwise.
     """
-    adir = plan.artifact
+    adir = ver.artifact
     if force and only_shards is None:
-        reset_for_force(plan)
+        reset_for_force(ver)
     db = warehouse_path(cfg.home)
-    parents = list(plan.inputs.values())
-    reverify_on_reuse(plan)
+    parents = list(ver.inputs.values())
+    reverify_on_reuse(ver)
     manifest = adir.manifest()
     if manifest is not None:
         # The same summary a fresh run registers (bytes_per_token is known only once the manifest is written).
         summary = {**manifest["summary"],
                    "bytes_per_token": manifest["total_bytes"] / max(manifest["summary"]["n_tokens"], 1)}
-        register_prompts(db, plan.version, read_prompts(adir))
-        register(plan, parents, status="complete",
+        register_prompts(db, ver.version, read_prompts(adir))
+        register(ver, parents, status="complete",
                  rows=manifest["summary"]["n_tokens"], bytes_=manifest["total_bytes"], summary=summary)
-        return {"version": plan.version, "path": str(adir.path), "cached": True, **summary}
+        return {"version": ver.version, "path": str(adir.path), "cached": True, **summary}
     ensure_fits(cfg, STAGE)  # before anything is written: a run that cannot fit says so now
     adir.prepare(clean_tmp=only_shards is None)
-    register(plan, parents, status="running")
+    register(ver, parents, status="running")
 
     t_start = time.perf_counter()
     loaded = load_model(cfg.model.name, cfg.home, dtype=cfg.model.dtype, revision=cfg.model.revision,
@@ -125,7 +125,7 @@ def run_cache_stage(cfg: PipelineConfig, plan: StagePlan, *, force: bool = False
             pending.result()
     t_end = time.perf_counter()
     if only_shards is not None and len(adir.done_shards()) < len(shards):
-        return {"version": plan.version, "path": str(adir.path), "cached": False, "partial": True,
+        return {"version": ver.version, "path": str(adir.path), "cached": False, "partial": True,
                 "shards": sorted(only_shards), "shards_done": len(adir.done_shards()), "n_shards": len(shards)}
 
     summary = {
@@ -147,11 +147,11 @@ def run_cache_stage(cfg: PipelineConfig, plan: StagePlan, *, force: bool = False
         "seconds_setup": t_loop - t_start,  # model load, corpus read, tokenization
         "seconds_loop": t_end - t_loop,  # forward passes and shard writes
     }
-    manifest = adir.finalize(config=plan.config, inputs=plan.inputs, summary=summary)
+    manifest = adir.finalize(config=ver.config, inputs=ver.inputs, summary=summary)
     summary["bytes_per_token"] = manifest["total_bytes"] / max(total_tokens, 1)
-    register_prompts(db, plan.version, read_prompts(adir))
-    register(plan, parents, status="complete", rows=total_tokens, bytes_=manifest["total_bytes"], summary=summary)
-    return {"version": plan.version, "path": str(adir.path), "cached": False, **summary}
+    register_prompts(db, ver.version, read_prompts(adir))
+    register(ver, parents, status="complete", rows=total_tokens, bytes_=manifest["total_bytes"], summary=summary)
+    return {"version": ver.version, "path": str(adir.path), "cached": False, **summary}
 
 
 def _cache_shard(loaded, token_ids, idxs, layers, cfg: PipelineConfig, bar) -> TokenArrays:
@@ -187,13 +187,13 @@ def shard_count(cfg: PipelineConfig) -> int:
 
 
 @task(name="cache-shards")
-def cache_shards_task(cfg: PipelineConfig, plan: StagePlan, shards: list[int]) -> dict[str, Any]:
+def cache_shards_task(cfg: PipelineConfig, ver: StageVersion, shards: list[int]) -> dict[str, Any]:
     """Prefect task: cache only `shards` of the version (one worker's share of a split run; never cached)."""
-    return run_cache_stage(cfg, plan, only_shards=shards)
+    return run_cache_stage(cfg, ver, only_shards=shards)
 
 
-@task(name="cache", cache_key_fn=lambda _ctx, params: f"loralens-cache-{params['plan'].version}", persist_result=True)
-def cache_task(cfg: PipelineConfig, plan: StagePlan, force: bool = False) -> dict[str, Any]:
+@task(name="cache", cache_key_fn=lambda _ctx, params: f"loralens-cache-{params['ver'].version}", persist_result=True)
+def cache_task(cfg: PipelineConfig, ver: StageVersion, force: bool = False) -> dict[str, Any]:
     """Prefect task: the cache stage, keyed by its artifact version."""
-    with failures_recorded(plan):
-        return run_cache_stage(cfg, plan, force=force)
+    with failures_recorded(ver):
+        return run_cache_stage(cfg, ver, force=force)

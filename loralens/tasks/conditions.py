@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 from loralens.config import ConfigError, HeadSetConfig, InterveneConfig
 from loralens.lens.generation import hash_seed
 from loralens.lens.interventions import Head, format_heads, parse_head_list, random_head_sets
-from loralens.tasks.plans import StagePlan, require_complete
+from loralens.tasks.stage_versions import StageVersion, require_complete
 from loralens.warehouse.constants import HEAD_SCORES_FILE
 from loralens.warehouse.db import connect, warehouse_path
 
@@ -31,13 +31,13 @@ class Condition:
         return d
 
 
-def ranked_heads(attribute_plan: StagePlan, method: str) -> list[Head]:
+def ranked_heads(attribute_ver: StageVersion, method: str) -> list[Head]:
     """Return every head ordered by its rank under `method` (ties by layer, head) from the attribute artifact."""
-    require_complete(attribute_plan)
-    t = pq.read_table(attribute_plan.artifact.path / HEAD_SCORES_FILE, filters=[("method", "=", method)],
+    require_complete(attribute_ver)
+    t = pq.read_table(attribute_ver.artifact.path / HEAD_SCORES_FILE, filters=[("method", "=", method)],
                       columns=["layer", "head", "rank"])
     if t.num_rows == 0:
-        known = sorted(set(pq.read_table(attribute_plan.artifact.path / HEAD_SCORES_FILE,
+        known = sorted(set(pq.read_table(attribute_ver.artifact.path / HEAD_SCORES_FILE,
                                          columns=["method"]).column("method").to_pylist()))
         raise ConfigError(f"config error: method '{method}' has no head scores; methods: {', '.join(known)}")
     rows = sorted(zip(t.column("rank").to_pylist(), t.column("layer").to_pylist(), t.column("head").to_pylist(),
@@ -60,7 +60,7 @@ def sql_heads(home, query: str) -> tuple[Head, ...]:
         return tuple(sorted({(int(r[0]), int(r[1])) for r in cur.fetchall()}))
 
 
-def resolve_head_set(hs: HeadSetConfig, attribute_plan: StagePlan, index: int) -> tuple[str, tuple[Head, ...]]:
+def resolve_head_set(hs: HeadSetConfig, attribute_ver: StageVersion, index: int) -> tuple[str, tuple[Head, ...]]:
     """Return (condition name, sorted heads) of one configured head set."""
     if hs.heads is not None:
         try:
@@ -69,18 +69,18 @@ def resolve_head_set(hs: HeadSetConfig, attribute_plan: StagePlan, index: int) -
             raise ConfigError(f"config error: intervene.head_sets.{index}.heads: {err}") from None
         return hs.name or f"list:{format_heads(heads)}", heads
     if hs.top_n is not None:
-        heads = tuple(sorted(ranked_heads(attribute_plan, hs.method)[: hs.top_n]))
+        heads = tuple(sorted(ranked_heads(attribute_ver, hs.method)[: hs.top_n]))
         return hs.name or f"top{hs.top_n}:{hs.method}", heads
-    return hs.name or f"sql{index}", sql_heads(attribute_plan.home, hs.sql)
+    return hs.name or f"sql{index}", sql_heads(attribute_ver.home, hs.sql)
 
 
-def build_conditions(ic: InterveneConfig, attribute_plan: StagePlan, layers: list[int], n_heads: int,
+def build_conditions(ic: InterveneConfig, attribute_ver: StageVersion, layers: list[int], n_heads: int,
                      n_prompts: int) -> list[Condition]:
     """Return every condition in run order; random sets avoid all attributed heads and match their sizes."""
     conds = [Condition("baseline", "baseline", (), n_prompts, ic.k)]
     attributed: list[Condition] = []
     for i, hs in enumerate(ic.head_sets):
-        name, heads = resolve_head_set(hs, attribute_plan, i)
+        name, heads = resolve_head_set(hs, attribute_ver, i)
         if not heads:
             raise ConfigError(f"config error: intervene.head_sets.{i}: selects no heads")
         bad = [h for h in heads if h[0] not in layers or not 0 <= h[1] < n_heads]
@@ -108,7 +108,7 @@ def build_conditions(ic: InterveneConfig, attribute_plan: StagePlan, layers: lis
     if ic.ablation_candidates:
         n_abl = min(ic.ablation_prompts, n_prompts)
         conds.append(Condition("ablation:baseline", "ablation_baseline", (), n_abl, ic.ablation_k))
-        for head in ranked_heads(attribute_plan, ic.ablation_method)[: ic.ablation_candidates]:
+        for head in ranked_heads(attribute_ver, ic.ablation_method)[: ic.ablation_candidates]:
             conds.append(Condition(f"ablate:{format_heads([head])}", "ablation", (head,), n_abl, ic.ablation_k))
     return conds
 

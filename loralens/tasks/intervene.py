@@ -24,15 +24,15 @@ from loralens.lens.models import LoadedModel, load_model
 from loralens.lens.scorers import get_scorer, primary_label
 from loralens.tasks.conditions import Condition, build_conditions, ranked_heads
 from loralens.tasks.memory import ensure_fits
-from loralens.tasks.plans import (
-    StagePlan,
+from loralens.tasks.report import intervention_markdown, toxicity_ppl_plot
+from loralens.tasks.stage_versions import (
+    StageVersion,
     failures_recorded,
     keeps_old_version,
     register,
     require_complete,
     reset_for_force,
 )
-from loralens.tasks.report import intervention_markdown, toxicity_ppl_plot
 from loralens.warehouse.artifacts import atomic_write_bytes, atomic_write_with
 from loralens.warehouse.constants import (
     HEAD_MEANS_FILE,
@@ -61,18 +61,18 @@ STAGE = "intervene"
 GOAL = {"max_head_share": 0.02, "emt_rel": -0.25, "vs_random": 3.0, "ppl_rel": 0.05}
 
 
-def plan_intervene(cfg: PipelineConfig, attribute_plan: StagePlan, cache_plan: StagePlan) -> tuple[StagePlan,
+def intervene_version(cfg: PipelineConfig, attribute_ver: StageVersion, cache_ver: StageVersion) -> tuple[StageVersion,
                                                                                                    list[Condition]]:
     """Return the stage version and its conditions (head sets resolved now, so the version names the heads)."""
     ic = cfg.intervene
-    cache = require_complete(cache_plan)["summary"]
-    layers = list(cache_plan.config["cache"]["layers"] or range(cache["n_layers"]))
+    cache = require_complete(cache_ver)["summary"]
+    layers = list(cache_ver.config["cache"]["layers"] or range(cache["n_layers"]))
     prompts = intervention_prompts(cfg)
-    conds = build_conditions(ic, attribute_plan, layers, cache["n_heads"], len(prompts.prompts))
+    conds = build_conditions(ic, attribute_ver, layers, cache["n_heads"], len(prompts.prompts))
     config = {"intervene": ic.model_dump(exclude={"head_sets"}),  # batch_prompts fixes the sampled batches
               "conditions": [c.to_dict() for c in conds]}
-    inputs = {"attribute": attribute_plan.version, "prompts": prompts.fingerprint()}
-    return StagePlan(STAGE, artifact_version(STAGE, config, inputs), config, inputs, cfg.home), conds
+    inputs = {"attribute": attribute_ver.version, "prompts": prompts.fingerprint()}
+    return StageVersion(STAGE, artifact_version(STAGE, config, inputs), config, inputs, cfg.home), conds
 
 
 def intervention_prompts(cfg: PipelineConfig) -> Corpus:
@@ -99,9 +99,9 @@ def _interventions(cfg: PipelineConfig, cond: Condition, extra: dict) -> list[He
                              direction=extra.get("direction"))]
 
 
-def _head_means(cfg: PipelineConfig, loaded: LoadedModel, layers: list[int], plan: StagePlan, text: str) -> dict:
+def _head_means(cfg: PipelineConfig, loaded: LoadedModel, layers: list[int], ver: StageVersion, text: str) -> dict:
     """Return each head's mean z over WikiText-2 (computed once per version, saved in the artifact)."""
-    path = plan.artifact.path / HEAD_MEANS_FILE
+    path = ver.artifact.path / HEAD_MEANS_FILE
     if path.exists():
         return {tuple(int(x) for x in k.split(".")): v for k, v in load_file(str(path)).items()}
     ids = loaded.tokenizer(text, add_special_tokens=False)["input_ids"][: cfg.intervene.mean_tokens]
@@ -113,9 +113,9 @@ def _head_means(cfg: PipelineConfig, loaded: LoadedModel, layers: list[int], pla
     return means
 
 
-def _toxic_direction(attribute_plan: StagePlan, loaded: LoadedModel) -> torch.Tensor:
+def _toxic_direction(attribute_ver: StageVersion, loaded: LoadedModel) -> torch.Tensor:
     """Return the toxic direction in d_model space from the attribute stage's vocabulary toxicity."""
-    vt = pq.read_table(attribute_plan.artifact.path / VOCAB_TOXICITY_FILE, columns=["token_id", "score"])
+    vt = pq.read_table(attribute_ver.artifact.path / VOCAB_TOXICITY_FILE, columns=["token_id", "score"])
     w_fold, _ = folded_unembedding(loaded.adapter, loaded.model)
     tox = torch.zeros(w_fold.shape[0])
     ids = torch.from_numpy(vt.column("token_id").to_numpy().astype(np.int64))
@@ -140,60 +140,60 @@ def generation_units(cfg: PipelineConfig, conds: list[Condition]) -> list[int]:
 
 
 @keeps_old_version(worker_arg="only_units")
-def run_intervene_stage(cfg: PipelineConfig, plan: StagePlan, conds: list[Condition], attribute_plan: StagePlan,
-                        cache_plan: StagePlan, *, force: bool = False,
+def run_intervene_stage(cfg: PipelineConfig, ver: StageVersion, conds: list[Condition], attribute_ver: StageVersion,
+                        cache_ver: StageVersion, *, force: bool = False,
                         only_units: list[int] | None = None) -> dict[str, Any]:
     """Generate and score every (condition, prompt batch) not yet done, then metrics into DuckDB; return a summary.
 
     `only_units` (indices from `generation_units`) generates just those batches, plus the perplexity of each
     condition whose first batch is among them, and returns without finalizing: one worker's share of a split run.
     """
-    adir = plan.artifact
+    adir = ver.artifact
     db = warehouse_path(cfg.home)
-    parents = [attribute_plan.version]
+    parents = [attribute_ver.version]
     forced = force and only_units is None
     manifest = None if forced else adir.manifest()
     if manifest is not None:
-        _store(db, plan, adir)
-        register(plan, parents, status="complete",
+        _store(db, ver, adir)
+        register(ver, parents, status="complete",
                  rows=manifest["summary"]["generations"], bytes_=manifest["total_bytes"], summary=manifest["summary"])
-        return {"version": plan.version, "path": str(adir.path), "cached": True, **manifest["summary"]}
-    require_complete(attribute_plan)
+        return {"version": ver.version, "path": str(adir.path), "cached": True, **manifest["summary"]}
+    require_complete(attribute_ver)
     ensure_fits(cfg, STAGE)  # before anything is written: a run that cannot fit says so now
     if forced:
-        reset_for_force(plan)  # only once the input is there; the old version is kept aside until done
+        reset_for_force(ver)  # only once the input is there; the old version is kept aside until done
     adir.prepare(clean_tmp=only_units is None)  # workers share the folder with others still writing
-    register(plan, parents, status="running")
+    register(ver, parents, status="running")
     t0 = time.perf_counter()
     work = _work(cfg, conds)
     chosen = set(only_units) if only_units is not None else None
-    t_setup = _generate(cfg, plan, conds, attribute_plan, work, chosen)
+    t_setup = _generate(cfg, ver, conds, attribute_ver, work, chosen)
     t_done = time.perf_counter()
     if chosen is not None:
         left = sum(adir.shard_files(batch_index(ci, bi)) is None for ci, bi, _ in work)
-        return {"version": plan.version, "path": str(adir.path), "cached": False, "partial": True,
+        return {"version": ver.version, "path": str(adir.path), "cached": False, "partial": True,
                 "units_done": len(chosen), "units_left": left, "n_units": len(work)}
 
-    rows, ablation = _metrics(cfg, plan, conds, work, attribute_plan)
+    rows, ablation = _metrics(cfg, ver, conds, work, attribute_ver)
     out = adir.path
-    table = interventions_table(plan.version, rows)
+    table = interventions_table(ver.version, rows)
     atomic_write_with(out / INTERVENTIONS_FILE, lambda tmp: pq.write_table(table, tmp))
     if ablation is not None:
         atomic_write_with(out / HEAD_SCORES_FILE, lambda tmp: pq.write_table(ablation["table"], tmp))
     summary = _summary(cfg, conds, rows, ablation, t_setup, t_done - t0 - t_setup, time.perf_counter() - t0,
-                       require_complete(cache_plan)["summary"])
+                       require_complete(cache_ver)["summary"])
     summary["generations"] = int(sum(len(r) * conds[ci].k for ci, _, r in work))
     toxicity_ppl_plot(rows, out / INTERVENTION_PLOT)
     atomic_write_bytes(out / INTERVENTION_REPORT, intervention_markdown(rows, summary).encode())
     summary |= {"report": str(out / INTERVENTION_REPORT), "plot": str(out / INTERVENTION_PLOT)}
-    _store(db, plan, adir)
-    manifest = adir.finalize(config=plan.config, inputs=plan.inputs, summary=summary)
-    register(plan, parents, status="complete",
+    _store(db, ver, adir)
+    manifest = adir.finalize(config=ver.config, inputs=ver.inputs, summary=summary)
+    register(ver, parents, status="complete",
              rows=summary["generations"], bytes_=manifest["total_bytes"], summary=summary)
-    return {"version": plan.version, "path": str(out), "cached": False, **summary}
+    return {"version": ver.version, "path": str(out), "cached": False, **summary}
 
 
-def _generate(cfg: PipelineConfig, plan: StagePlan, conds: list[Condition], attribute_plan: StagePlan,
+def _generate(cfg: PipelineConfig, ver: StageVersion, conds: list[Condition], attribute_ver: StageVersion,
               work: list[tuple[int, int, range]], chosen: set[int] | None) -> float:
     """Sample, score and record every batch of `work` not yet recorded (only `chosen` ones if given), and PPLs.
 
@@ -201,7 +201,7 @@ def _generate(cfg: PipelineConfig, plan: StagePlan, conds: list[Condition], attr
     """
     ic = cfg.intervene
     t0 = time.perf_counter()
-    adir = plan.artifact
+    adir = ver.artifact
 
     def wanted(ci: int, bi: int) -> bool:
         return chosen is None or batch_index(ci, bi) in chosen
@@ -222,9 +222,9 @@ def _generate(cfg: PipelineConfig, plan: StagePlan, conds: list[Condition], attr
     layers = sorted({layer for c in conds for layer, _ in c.heads})
     extra: dict[str, Any] = {}
     if ic.kind == "mean":
-        extra["means"] = _head_means(cfg, loaded, layers, plan, text)
+        extra["means"] = _head_means(cfg, loaded, layers, ver, text)
     if ic.kind == "project":
-        extra["direction"] = _toxic_direction(attribute_plan, loaded)
+        extra["direction"] = _toxic_direction(attribute_ver, loaded)
     t_setup = time.perf_counter() - t0
     mine = [(ci, bi, r) for ci, bi, r in work if wanted(ci, bi)]
     with tqdm(total=sum(len(r) * conds[ci].k for ci, _, r in mine), desc="intervene", unit="sample") as bar:
@@ -254,10 +254,10 @@ def _generate(cfg: PipelineConfig, plan: StagePlan, conds: list[Condition], attr
     return t_setup
 
 
-def _metrics(cfg, plan, conds, work, attribute_plan) -> tuple[list[dict], dict | None]:
+def _metrics(cfg, ver, conds, work, attribute_ver) -> tuple[list[dict], dict | None]:
     """Return one metrics row per condition (paired deltas vs its baseline) and the causal ablation scores."""
     ic = cfg.intervene
-    adir = plan.artifact
+    adir = ver.artifact
     scores = {ci: read_condition_scores(adir, [batch_index(ci, bi) for c2, bi, _ in work if c2 == ci],
                                         c.n_prompts, c.k) for ci, c in enumerate(conds)}
     base_of = {"baseline": 0}
@@ -303,8 +303,8 @@ def _metrics(cfg, plan, conds, work, attribute_plan) -> tuple[list[dict], dict |
     order = np.argsort(-drop, kind="stable")
     rank = np.empty(len(drop), dtype=np.int64)
     rank[order] = np.arange(1, len(drop) + 1)
-    table = _ablation_table(plan.version, heads, drop, rank)
-    lens_order = ranked_heads(attribute_plan, ic.ablation_method)
+    table = _ablation_table(ver.version, heads, drop, rank)
+    lens_order = ranked_heads(attribute_ver, ic.ablation_method)
     lens_rank = np.array([lens_order.index(h) + 1 for h in heads], dtype=float)
     return rows, {"table": table, "heads": heads, "drop": drop.tolist(), "rank": rank.tolist(),
                   "spearman_vs_lens": spearman(-lens_rank, drop)}
@@ -361,27 +361,27 @@ def _summary(cfg, conds, rows, ablation, t_setup, t_gen, t_total, cache_summary)
     return json.loads(json.dumps(out, default=float).replace("NaN", "null"))
 
 
-def _store(db, plan: StagePlan, adir) -> None:
+def _store(db, ver: StageVersion, adir) -> None:
     table = pq.read_table(adir.path / INTERVENTIONS_FILE)
     abl = adir.path / HEAD_SCORES_FILE
-    store_interventions(db, plan.version, table, pq.read_table(abl) if abl.exists() else None, adir)
+    store_interventions(db, ver.version, table, pq.read_table(abl) if abl.exists() else None, adir)
 
 
-@task(name="intervene", cache_key_fn=lambda _ctx, params: f"loralens-intervene-{params['plan'].version}",
+@task(name="intervene", cache_key_fn=lambda _ctx, params: f"loralens-intervene-{params['ver'].version}",
       persist_result=True)
-def intervene_task(cfg: PipelineConfig, plan: StagePlan, conds: list[Condition], attribute_plan: StagePlan,
-                   cache_plan: StagePlan, force: bool = False) -> dict[str, Any]:
+def intervene_task(cfg: PipelineConfig, ver: StageVersion, conds: list[Condition], attribute_ver: StageVersion,
+                   cache_ver: StageVersion, force: bool = False) -> dict[str, Any]:
     """Prefect task: the intervene stage, keyed by its artifact version."""
-    with failures_recorded(plan):
-        return run_intervene_stage(cfg, plan, conds, attribute_plan, cache_plan, force=force)
+    with failures_recorded(ver):
+        return run_intervene_stage(cfg, ver, conds, attribute_ver, cache_ver, force=force)
 
 
 @task(name="intervene-batches")
-def intervene_batches_task(cfg: PipelineConfig, plan: StagePlan, conds: list[Condition], attribute_plan: StagePlan,
-                           cache_plan: StagePlan, units: list[int]) -> dict[str, Any]:
+def intervene_batches_task(cfg: PipelineConfig, ver: StageVersion, conds: list[Condition], attribute_ver: StageVersion,
+                           cache_ver: StageVersion, units: list[int]) -> dict[str, Any]:
     """Prefect task: generate only `units` of the version (one worker's share of a split run; never cached)."""
-    return run_intervene_stage(cfg, plan, conds, attribute_plan, cache_plan, only_units=units)
+    return run_intervene_stage(cfg, ver, conds, attribute_ver, cache_ver, only_units=units)
 
 
-__all__ = ["generation_units", "intervene_batches_task", "intervene_task", "intervention_prompts", "plan_intervene",
+__all__ = ["generation_units", "intervene_batches_task", "intervene_task", "intervention_prompts", "intervene_version",
            "run_intervene_stage"]

@@ -17,7 +17,7 @@ from loralens.config import PipelineConfig
 from loralens.lens.caching import from_storage
 from loralens.lens.lean import LeanModel, load_lean
 from loralens.lens.readout import HeadReader, lens_inputs, load_head_reader, row_chunks
-from loralens.tasks.plans import StagePlan
+from loralens.tasks.stage_versions import StageVersion
 from loralens.warehouse.activation_cache import read_layer_z, read_tokens
 from loralens.warehouse.artifacts import ArtifactDir
 from loralens.warehouse.constants import LENSES_DIR, layer_dir
@@ -51,11 +51,11 @@ def select_positions(cache: ArtifactDir, shard: int, which: str) -> Positions:
     return Positions(shard, rows, prompt_idx[rows], position[rows], scale)
 
 
-def load_reader(cfg: PipelineConfig, train_plan: StagePlan, layers: list[int]) -> tuple[LeanModel, HeadReader]:
+def load_reader(cfg: PipelineConfig, train_ver: StageVersion, layers: list[int]) -> tuple[LeanModel, HeadReader]:
     """Return the model's frozen lens weights (read lean, no model built) and a HeadReader with the lens banks."""
     loaded = load_lean(cfg.model.name, cfg.home, layers, revision=cfg.model.revision,
                        trust_remote_code=cfg.model.trust_remote_code)
-    lenses = train_plan.artifact.path / LENSES_DIR
+    lenses = train_ver.artifact.path / LENSES_DIR
     reader = load_head_reader(loaded, {layer: lenses / layer_dir(layer) for layer in layers})
     return loaded, reader
 

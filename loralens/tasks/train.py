@@ -21,8 +21,8 @@ from loralens.killpoints import maybe_kill
 from loralens.lens.stage_memory import gib
 from loralens.lens.training import STOP_EXIT_CODE, free_port
 from loralens.tasks.memory import ensure_fits, predict
-from loralens.tasks.plans import StagePlan, keeps_old_version, register, require_complete, reset_for_force
 from loralens.tasks.report import fidelity_heatmap
+from loralens.tasks.stage_versions import StageVersion, keeps_old_version, register, require_complete, reset_for_force
 from loralens.warehouse.artifacts import ShardFile
 from loralens.warehouse.constants import (
     CHECKPOINTS_DIR,
@@ -46,11 +46,11 @@ class TrainingInterrupted(RuntimeError):
     """Training stopped on SIGTERM after writing a checkpoint; running the stage again resumes it."""
 
 
-def plan_train(cfg: PipelineConfig, cache_plan: StagePlan) -> StagePlan:
+def train_version(cfg: PipelineConfig, cache_ver: StageVersion) -> StageVersion:
     """Return the train stage's version: a hash of the result-changing train config and the cache version."""
     config = {"train": cfg.train.versioned()}
-    inputs = {"cache": cache_plan.version}
-    return StagePlan(STAGE, artifact_version(STAGE, config, inputs), config, inputs, cfg.home)
+    inputs = {"cache": cache_ver.version}
+    return StageVersion(STAGE, artifact_version(STAGE, config, inputs), config, inputs, cfg.home)
 
 
 def launch_command(spec_path: Path, t: TrainConfig) -> list[str]:
@@ -115,42 +115,42 @@ def _store_results(db: Path, version: str, out: Path) -> dict[str, Any]:
 
 
 @keeps_old_version()
-def run_train_stage(cfg: PipelineConfig, plan: StagePlan, cache_plan: StagePlan, *,
+def run_train_stage(cfg: PipelineConfig, ver: StageVersion, cache_ver: StageVersion, *,
                     force: bool = False) -> dict[str, Any]:
     """Train (resuming from checkpoints), then register lenses, curve and fidelity; return a summary."""
-    adir = plan.artifact
+    adir = ver.artifact
     db = warehouse_path(cfg.home)
-    parents = [cache_plan.version]
+    parents = [cache_ver.version]
     manifest = None if force else adir.manifest()
     if manifest is not None:
-        _store_results(db, plan.version, adir.path)  # idempotent; restores rows if the warehouse lost them
-        register(plan, parents, status="complete",
+        _store_results(db, ver.version, adir.path)  # idempotent; restores rows if the warehouse lost them
+        register(ver, parents, status="complete",
                  rows=manifest["summary"]["heads"], bytes_=manifest["total_bytes"], summary=manifest["summary"])
         shutil.rmtree(adir.path / CHECKPOINTS_DIR, ignore_errors=True)  # left by a run killed after its manifest
-        return {"version": plan.version, "path": str(adir.path), "cached": True, **manifest["summary"]}
-    cache_manifest = require_complete(cache_plan)
+        return {"version": ver.version, "path": str(adir.path), "cached": True, **manifest["summary"]}
+    cache_manifest = require_complete(cache_ver)
     check_enough_tokens(cfg.train, cache_manifest["summary"]["n_tokens"])
     ensure_fits(cfg, STAGE)  # every rank on this machine, training and held-out evaluation
     if force:
-        reset_for_force(plan)  # only once the inputs are checked; the old version is kept aside until done
+        reset_for_force(ver)  # only once the inputs are checked; the old version is kept aside until done
     adir.prepare()
     out = adir.path
     if not (out / TRAIN_RESULT).exists():  # the workers finished before a kill: only registration is left
         cs = cache_manifest["summary"]
         spec = {
-            "home": str(cfg.home), "cache_version": cache_plan.version, "out_dir": str(out),
+            "home": str(cfg.home), "cache_version": cache_ver.version, "out_dir": str(out),
             "model": cfg.model.model_dump(), "train": cfg.train.model_dump(),
             "layers": cache_manifest["config"]["cache"]["layers"] or list(range(cs["n_layers"])),
             "store_dtype": cs["store_dtype"], "z_width": cs["n_heads"] * cs["d_head"], "d_model": cs["d_model"],
         }
         (out / TRAIN_SPEC).write_text(json.dumps(spec, indent=1))
-        register(plan, parents, status="running")
+        register(ver, parents, status="running")
         rc = run_training_processes(out / TRAIN_SPEC, cfg.train)
         if rc == STOP_EXIT_CODE:
             raise TrainingInterrupted(f"training stopped after a checkpoint in {out / CHECKPOINTS_DIR}; "
                                       "run the stage again to resume")
         if rc != 0 or not (out / TRAIN_RESULT).exists():
-            register(plan, parents, status="failed")
+            register(ver, parents, status="failed")
             why = f"exit code {rc}"
             if rc == -signal.SIGKILL:  # the kernel's out-of-memory killer, most often
                 why = (f"killed by SIGKILL, likely out of memory: the plan predicted "
@@ -159,7 +159,7 @@ def run_train_stage(cfg: PipelineConfig, plan: StagePlan, cache_plan: StagePlan,
 
     maybe_kill("train.after_workers")
     result = json.loads((out / TRAIN_RESULT).read_text())
-    fid = _store_results(db, plan.version, out)
+    fid = _store_results(db, ver.version, out)
     fidelity_heatmap(fid, out / FIDELITY_HEATMAP)
     adir.record_shard(0, _lens_files(out))
     layer_kl = sum(fid["layer_lens"]) / len(fid["layer_lens"])
@@ -168,14 +168,14 @@ def run_train_stage(cfg: PipelineConfig, plan: StagePlan, cache_plan: StagePlan,
                "heatmap": str(out / FIDELITY_HEATMAP),
                "mean_layer_kl": layer_kl, "mean_layer_kl_logit_lens": layer_base,
                "lens_config": {k: cfg.train.model_dump()[k] for k in ("form", "rank", "alpha", "objective", "loss")}}
-    manifest = adir.finalize(config=plan.config, inputs=plan.inputs, summary=summary)
-    register(plan, parents, status="complete", rows=summary["heads"], bytes_=manifest["total_bytes"], summary=summary)
+    manifest = adir.finalize(config=ver.config, inputs=ver.inputs, summary=summary)
+    register(ver, parents, status="complete", rows=summary["heads"], bytes_=manifest["total_bytes"], summary=summary)
     # Checkpoints served resumption; the consolidated lenses are what later stages (any world size) load.
     shutil.rmtree(out / CHECKPOINTS_DIR, ignore_errors=True)
-    return {"version": plan.version, "path": str(out), "cached": False, **summary}
+    return {"version": ver.version, "path": str(out), "cached": False, **summary}
 
 
-@task(name="train", cache_key_fn=lambda _ctx, params: f"loralens-train-{params['plan'].version}", persist_result=True)
-def train_task(cfg: PipelineConfig, plan: StagePlan, cache_plan: StagePlan, force: bool = False) -> dict[str, Any]:
+@task(name="train", cache_key_fn=lambda _ctx, params: f"loralens-train-{params['ver'].version}", persist_result=True)
+def train_task(cfg: PipelineConfig, ver: StageVersion, cache_ver: StageVersion, force: bool = False) -> dict[str, Any]:
     """Prefect task: the train stage, keyed by its artifact version."""
-    return run_train_stage(cfg, plan, cache_plan, force=force)
+    return run_train_stage(cfg, ver, cache_ver, force=force)

@@ -153,7 +153,7 @@ def test_bad_prompt_file_is_one_line_and_home_unchanged(trained, tmp_path, capsy
 
 
 def test_over_long_prompt_is_truncated_counted_and_warned(tiny_models, tmp_path, caplog):
-    from loralens.tasks.cache import plan_cache, run_cache_stage
+    from loralens.tasks.cache import cache_version, run_cache_stage
 
     prompts = tmp_path / "prompts.jsonl"
     texts = ["a short prompt", "the cat sat on the mat " * 40, "another short one"]
@@ -161,7 +161,7 @@ def test_over_long_prompt_is_truncated_counted_and_warned(tiny_models, tmp_path,
     cfg = parse_config({"home": str(tmp_path / "home"), "model": {"name": str(tiny_models["gpt2"])},
                         "corpus": {"paths": [str(prompts)]}, "cache": CACHE})
     with caplog.at_level(logging.WARNING, logger="loralens.cache"):
-        summary = run_cache_stage(cfg, plan_cache(cfg))
+        summary = run_cache_stage(cfg, cache_version(cfg))
     assert summary["n_prompts"] == 3 and summary["truncated_prompts"] == 1 and summary["max_length"] == 16
     assert "1 of 3 prompts longer than 16 tokens were truncated" in caplog.text
     with duckdb.connect(str(warehouse_path(cfg.home)), read_only=True) as con:
@@ -222,39 +222,39 @@ def test_missing_upstream_artifact_names_the_stage_to_run_first(prefect_server, 
 
 
 def cached_home(tiny_models, home: Path):
-    """Run the cache stage alone (no Prefect) on a tiny model; return (cfg, plan, summary)."""
-    from loralens.tasks.cache import plan_cache, run_cache_stage
+    """Run the cache stage alone (no Prefect) on a tiny model; return (cfg, ver, summary)."""
+    from loralens.tasks.cache import cache_version, run_cache_stage
 
     cfg = parse_config({"home": str(home), "model": {"name": str(tiny_models["gpt2"])}, "corpus": CORPUS,
                         "cache": CACHE})
-    plan = plan_cache(cfg)
-    return cfg, plan, run_cache_stage(cfg, plan)
+    ver = cache_version(cfg)
+    return cfg, ver, run_cache_stage(cfg, ver)
 
 
 def test_corrupted_shard_of_interrupted_run_is_redone_equal(tiny_models, tmp_path):
     from loralens.tasks.cache import run_cache_stage
 
-    cfg, plan, first = cached_home(tiny_models, tmp_path)
-    files = plan.artifact.manifest()["files"]
-    tokens, z = read_tokens(plan.artifact), read_layer_z(plan.artifact, 1, 64)
-    flip_bytes(plan.artifact.path / "z/layer=1/shard-00001.parquet")
-    (plan.artifact.path / "manifest.json").unlink()  # as if killed before finishing
-    again = run_cache_stage(cfg, plan)
+    cfg, ver, first = cached_home(tiny_models, tmp_path)
+    files = ver.artifact.manifest()["files"]
+    tokens, z = read_tokens(ver.artifact), read_layer_z(ver.artifact, 1, 64)
+    flip_bytes(ver.artifact.path / "z/layer=1/shard-00001.parquet")
+    (ver.artifact.path / "manifest.json").unlink()  # as if killed before finishing
+    again = run_cache_stage(cfg, ver)
     assert again["shards_redone"] == 1 and again["n_tokens"] == first["n_tokens"]
-    assert plan.artifact.manifest()["files"] == files  # every file byte-identical to the original
-    assert read_tokens(plan.artifact).equals(tokens)
-    np.testing.assert_array_equal(read_layer_z(plan.artifact, 1, 64), z)
+    assert ver.artifact.manifest()["files"] == files  # every file byte-identical to the original
+    assert read_tokens(ver.artifact).equals(tokens)
+    np.testing.assert_array_equal(read_layer_z(ver.artifact, 1, 64), z)
 
 
 def test_corrupted_shard_of_complete_artifact_is_detected_and_redone(tiny_models, tmp_path):
     from loralens.tasks.cache import run_cache_stage
 
-    cfg, plan, _first = cached_home(tiny_models, tmp_path)
-    z = read_layer_z(plan.artifact, 1, 64)
-    flip_bytes(plan.artifact.path / "z/layer=1/shard-00001.parquet")
-    again = run_cache_stage(cfg, plan)
+    cfg, ver, _first = cached_home(tiny_models, tmp_path)
+    z = read_layer_z(ver.artifact, 1, 64)
+    flip_bytes(ver.artifact.path / "z/layer=1/shard-00001.parquet")
+    again = run_cache_stage(cfg, ver)
     assert not again["cached"] and again["shards_redone"] == 1
-    np.testing.assert_array_equal(read_layer_z(plan.artifact, 1, 64), z)
+    np.testing.assert_array_equal(read_layer_z(ver.artifact, 1, 64), z)
 
 
 def test_truncated_lens_bank_is_a_one_line_error(trained, capsys):
@@ -312,12 +312,12 @@ def test_forced_rerun_with_locked_warehouse_keeps_the_complete_artifact(tiny_mod
     from loralens.tasks.cache import run_cache_stage
     from loralens.warehouse.db import WarehouseLockedError
 
-    cfg, plan, _ = cached_home(tiny_models, tmp_path)
-    manifest = (plan.artifact.path / "manifest.json").read_bytes()
+    cfg, ver, _ = cached_home(tiny_models, tmp_path)
+    manifest = (ver.artifact.path / "manifest.json").read_bytes()
     with warehouse_locked(warehouse_path(cfg.home)), pytest.raises(WarehouseLockedError):
-        run_cache_stage(cfg, plan, force=True)
-    assert (plan.artifact.path / "manifest.json").exists(), "the complete cache was deleted"
-    assert (plan.artifact.path / "manifest.json").read_bytes() == manifest
+        run_cache_stage(cfg, ver, force=True)
+    assert (ver.artifact.path / "manifest.json").exists(), "the complete cache was deleted"
+    assert (ver.artifact.path / "manifest.json").read_bytes() == manifest
 
 
 def test_home_under_a_regular_file_is_not_writable(prefect_server, tiny_models, tmp_path, capsys):

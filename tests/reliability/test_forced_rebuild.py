@@ -17,8 +17,8 @@ import pytest
 
 from loralens.config import ConfigError, parse_config
 from loralens.flows.cli import main
-from loralens.tasks.cache import plan_cache, run_cache_stage
-from loralens.tasks.plans import replaced_path
+from loralens.tasks.cache import cache_version, run_cache_stage
+from loralens.tasks.stage_versions import replaced_path
 from loralens.warehouse.db import warehouse_path
 
 CORPUS = {"paths": ["bundled:rtp_toxic_dev", "bundled:rtp_nontoxic_dev"], "max_prompts_per_file": 6}
@@ -52,28 +52,28 @@ def cached(tiny_models, tmp_path):
     model = tmp_path / "model"
     shutil.copytree(tiny_models["gpt2"], model)
     cfg = cache_cfg(tmp_path / "home", model)
-    plan = plan_cache(cfg)
-    run_cache_stage(cfg, plan)
-    return cfg, plan, files_of(plan.artifact.path)
+    ver = cache_version(cfg)
+    run_cache_stage(cfg, ver)
+    return cfg, ver, files_of(ver.artifact.path)
 
 
 def test_forced_cache_failing_after_set_aside_restores_the_old_version(cached):
-    cfg, plan, before = cached
+    cfg, ver, before = cached
     weights = next(Path(cfg.model.name).glob("*.safetensors"))
     weights.write_bytes(b"not a safetensors file")  # the model breaks after planning: loading raises
     with pytest.raises(Exception):  # noqa: B017 - whatever the loader raises; what matters is what is left
-        run_cache_stage(cfg, plan, force=True)
-    assert files_of(plan.artifact.path) == before, "the complete version changed"
+        run_cache_stage(cfg, ver, force=True)
+    assert files_of(ver.artifact.path) == before, "the complete version changed"
     assert leftovers(cfg.home) == []
-    again = run_cache_stage(cfg, plan)  # reused as it was, without the (broken) model
-    assert again["cached"] and files_of(plan.artifact.path) == before
-    assert status_of(cfg.home, plan.version) == "complete"
+    again = run_cache_stage(cfg, ver)  # reused as it was, without the (broken) model
+    assert again["cached"] and files_of(ver.artifact.path) == before
+    assert status_of(cfg.home, ver.version) == "complete"
 
 
 def test_hand_made_killed_rebuild_is_restored_by_the_next_run(cached, capsys):
     """What a SIGKILL mid-rebuild leaves: the old version under its backup name beside a partial folder."""
-    cfg, plan, before = cached
-    adir = plan.artifact
+    cfg, ver, before = cached
+    adir = ver.artifact
     backup = replaced_path(adir)
     adir.path.rename(backup)
     partial = adir.path / "tokens"
@@ -82,18 +82,18 @@ def test_hand_made_killed_rebuild_is_restored_by_the_next_run(cached, capsys):
     assert main(["status", "--home", str(cfg.home)]) == 0
     out = capsys.readouterr().out
     assert ".replaced-" not in out and "incomplete" in out  # a backup is not a version
-    again = run_cache_stage(cfg, plan)
+    again = run_cache_stage(cfg, ver)
     assert again["cached"] and files_of(adir.path) == before and not backup.exists()
-    assert status_of(cfg.home, plan.version) == "complete"
+    assert status_of(cfg.home, ver.version) == "complete"
 
 
 def killed_forced_cache(cfg, point: str) -> int:
     """Run a forced cache stage in a fresh process (its own process group) killed at `point`; return its rc."""
     code = ("import sys; from loralens.config import parse_config; "
-            "from loralens.tasks.cache import plan_cache, run_cache_stage; "
+            "from loralens.tasks.cache import cache_version, run_cache_stage; "
             "cfg = parse_config({'home': sys.argv[1], 'model': {'name': sys.argv[2]}, "
             f"'corpus': {CORPUS!r}, 'cache': {CACHE!r}}}); "
-            "run_cache_stage(cfg, plan_cache(cfg), force=True)")
+            "run_cache_stage(cfg, cache_version(cfg), force=True)")
     env = {**os.environ, "LORALENS_KILL_AT": point}
     proc = subprocess.run([sys.executable, "-c", code, str(cfg.home), cfg.model.name], env=env,
                           start_new_session=True, capture_output=True, text=True, timeout=300)
@@ -102,58 +102,59 @@ def killed_forced_cache(cfg, point: str) -> int:
 
 @pytest.mark.parametrize("then_force", [False, True], ids=["then-run", "then-force-again"])
 def test_sigkilled_forced_rebuild_keeps_the_old_version(cached, then_force):
-    cfg, plan, before = cached
+    cfg, ver, before = cached
     rc = killed_forced_cache(cfg, "cache.after_record:1")  # the new version has one shard, then the kill
     assert rc == -signal.SIGKILL
-    backup = replaced_path(plan.artifact)
-    assert files_of(backup) == before and not plan.artifact.is_complete()
-    again = run_cache_stage(cfg, plan, force=then_force)
+    backup = replaced_path(ver.artifact)
+    assert files_of(backup) == before and not ver.artifact.is_complete()
+    again = run_cache_stage(cfg, ver, force=then_force)
     assert again["cached"] is not then_force  # the old version back, or (forced again) rebuilt from scratch
     assert again.get("shards_redone", 0) == 0
-    after = files_of(plan.artifact.path)
+    after = files_of(ver.artifact.path)
     if not then_force:
         assert after == before
     # Rebuilt, the data files are byte-identical (records and manifest carry their own write times).
     data = lambda files: {k: v for k, v in files.items() if k.endswith(".parquet")}  # noqa: E731
     assert data(after) == data(before) and len(data(before)) == 15
-    assert leftovers(cfg.home) == [] and status_of(cfg.home, plan.version) == "complete"
+    assert leftovers(cfg.home) == [] and status_of(cfg.home, ver.version) == "complete"
 
 
 def test_forced_train_that_fails_keeps_the_complete_version(tiny_models, tmp_path, caplog):
     """Train forced with a launch that cannot start (a malformed DeepSpeed hostfile: not part of the version)
     fails after setting the old version aside; it comes back byte-identical and is reused, registered complete.
     A forced run whose input check fails (too few cached tokens) touches nothing at all."""
-    from loralens.tasks.train import plan_train, run_train_stage
+    from loralens.tasks.train import run_train_stage, train_version
 
     base = {"home": str(tmp_path / "home"), "model": {"name": str(tiny_models["llama"])}, "corpus": CORPUS,
             "cache": CACHE, "train": TRAIN}
     cfg = parse_config(base)
-    cache_plan = plan_cache(cfg)
-    run_cache_stage(cfg, cache_plan)
-    plan = plan_train(cfg, cache_plan)
-    run_train_stage(cfg, plan, cache_plan)
-    before = files_of(plan.artifact.path)
+    cache_ver = cache_version(cfg)
+    run_cache_stage(cfg, cache_ver)
+    ver = train_version(cfg, cache_ver)
+    run_train_stage(cfg, ver, cache_ver)
+    before = files_of(ver.artifact.path)
 
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("this is not a hostfile\n")
     broken = parse_config(base | {"train": TRAIN | {"hostfile": str(hostfile)}})
-    assert plan_train(broken, cache_plan) == plan  # the same version
-    with caplog.at_level(logging.WARNING, "loralens.plans"), pytest.raises(RuntimeError, match="training failed"):
-        run_train_stage(broken, plan, cache_plan, force=True)
+    assert train_version(broken, cache_ver) == ver  # the same version
+    with (caplog.at_level(logging.WARNING, "loralens.stage_versions"),
+          pytest.raises(RuntimeError, match="training failed")):
+        run_train_stage(broken, ver, cache_ver, force=True)
     assert "the previous complete version is back" in caplog.text  # it was set aside, then restored
-    assert files_of(plan.artifact.path) == before and leftovers(cfg.home) == []
+    assert files_of(ver.artifact.path) == before and leftovers(cfg.home) == []
 
     too_big = parse_config(base | {"train": TRAIN | {"micro_batch_tokens": 10**6}})
-    big_plan = plan_train(too_big, cache_plan)
-    big_plan.artifact.path.mkdir(parents=True)
-    shutil.copytree(plan.artifact.path, big_plan.artifact.path, dirs_exist_ok=True)  # a complete version of it
+    big_ver = train_version(too_big, cache_ver)
+    big_ver.artifact.path.mkdir(parents=True)
+    shutil.copytree(ver.artifact.path, big_ver.artifact.path, dirs_exist_ok=True)  # a complete version of it
     with pytest.raises(ConfigError, match="micro_batch_tokens"):
-        run_train_stage(too_big, big_plan, cache_plan, force=True)
-    assert files_of(big_plan.artifact.path) == before and leftovers(cfg.home) == []
+        run_train_stage(too_big, big_ver, cache_ver, force=True)
+    assert files_of(big_ver.artifact.path) == before and leftovers(cfg.home) == []
 
-    again = run_train_stage(cfg, plan, cache_plan)
-    assert again["cached"] and files_of(plan.artifact.path) == before
-    assert status_of(cfg.home, plan.version) == "complete"
+    again = run_train_stage(cfg, ver, cache_ver)
+    assert again["cached"] and files_of(ver.artifact.path) == before
+    assert status_of(cfg.home, ver.version) == "complete"
 
 
 def test_forced_split_run_rebuilds_or_keeps_the_old_version(prefect_server, cached):
@@ -163,19 +164,19 @@ def test_forced_split_run_rebuilds_or_keeps_the_old_version(prefect_server, cach
 
     from loralens.flows.cache import cache_stage as stage
 
-    cfg, plan, before = cached
+    cfg, ver, before = cached
 
-    def cache_stage(cfg, plan, **kw):  # the stage inside a flow (mapped workers need one), on the planned version
-        return flow(name="split-cache")(lambda: stage(cfg, plan, **kw))()
+    def cache_stage(cfg, ver, **kw):  # the stage inside a flow (mapped workers need one), on the given version
+        return flow(name="split-cache")(lambda: stage(cfg, ver, **kw))()
     data = lambda files: {k: v for k, v in files.items() if k.endswith(".parquet")}  # noqa: E731
-    completed = plan.artifact.manifest()["completed_at"]
-    cache_stage(cfg, plan, force=True, workers=2)  # the workers rebuild it (and the last one finalizes)
-    assert plan.artifact.manifest()["completed_at"] > completed
-    assert data(files_of(plan.artifact.path)) == data(before)
+    completed = ver.artifact.manifest()["completed_at"]
+    cache_stage(cfg, ver, force=True, workers=2)  # the workers rebuild it (and the last one finalizes)
+    assert ver.artifact.manifest()["completed_at"] > completed
+    assert data(files_of(ver.artifact.path)) == data(before)
     assert leftovers(cfg.home) == []
-    now = files_of(plan.artifact.path)
+    now = files_of(ver.artifact.path)
     next(Path(cfg.model.name).glob("*.safetensors")).write_bytes(b"broken")  # every worker's model load fails
     with pytest.raises(Exception):  # noqa: B017 - the loader's error, through the worker tasks
-        cache_stage(cfg, plan, force=True, workers=2)
-    assert files_of(plan.artifact.path) == now and leftovers(cfg.home) == []
-    assert cache_stage(cfg, plan, workers=2)["cached"]
+        cache_stage(cfg, ver, force=True, workers=2)
+    assert files_of(ver.artifact.path) == now and leftovers(cfg.home) == []
+    assert cache_stage(cfg, ver, workers=2)["cached"]

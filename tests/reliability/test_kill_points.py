@@ -34,11 +34,11 @@ import yaml
 
 from loralens.config import parse_config
 from loralens.hashing import file_sha256
-from loralens.tasks.attribute import plan_attribute
-from loralens.tasks.cache import plan_cache
-from loralens.tasks.decode import plan_decode
-from loralens.tasks.intervene import plan_intervene
-from loralens.tasks.train import plan_train
+from loralens.tasks.attribute import attribute_version
+from loralens.tasks.cache import cache_version
+from loralens.tasks.decode import decode_version
+from loralens.tasks.intervene import intervene_version
+from loralens.tasks.train import train_version
 from loralens.warehouse.artifacts import ArtifactDir
 
 from .kill_helpers import ForkServer, artifact_fingerprint, drop_version, duplicate_rows, warehouse_fingerprint
@@ -175,12 +175,12 @@ def run_cli(server: ForkServer, cfg_file: Path, log: Path, kill: str | None = No
 
 def versions(cfg: dict) -> dict[str, str]:
     c = parse_config(cfg)
-    plans = {"cache": plan_cache(c)}
-    plans["train"] = plan_train(c, plans["cache"])
-    plans["decode"] = plan_decode(c, plans["train"])
-    plans["attribute"] = plan_attribute(c, plans["decode"])
-    plans["intervene"] = plan_intervene(c, plans["attribute"], plans["cache"])[0]
-    return {s: p.version for s, p in plans.items()}
+    vs = {"cache": cache_version(c)}
+    vs["train"] = train_version(c, vs["cache"])
+    vs["decode"] = decode_version(c, vs["train"])
+    vs["attribute"] = attribute_version(c, vs["decode"])
+    vs["intervene"] = intervene_version(c, vs["attribute"], vs["cache"])[0]
+    return {s: p.version for s, p in vs.items()}
 
 
 @pytest.fixture(scope="module")

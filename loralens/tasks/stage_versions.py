@@ -18,7 +18,7 @@ from loralens.warehouse.constants import MANIFEST
 from loralens.warehouse.db import ensure_writable, mark_failed, upsert_artifact, warehouse_path
 from loralens.warehouse.gc import remove_folder
 
-log = logging.getLogger("loralens.plans")
+log = logging.getLogger("loralens.stage_versions")
 # Stages whose resume path would re-record the files already in the folder (train keeps its finished result,
 # attribute records all its files as one shard): a corrupted file there means redoing the whole version.
 WHOLE_VERSION_STAGES = ("train", "attribute")
@@ -29,7 +29,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 @dataclass(frozen=True)
-class StagePlan:
+class StageVersion:
     """A stage output to be: its version, the config it hashed and its inputs' versions."""
 
     stage: str
@@ -44,23 +44,23 @@ class StagePlan:
         return ArtifactDir(self.home, self.stage, self.version)
 
 
-def require_complete(plan: StagePlan) -> dict[str, Any]:
+def require_complete(ver: StageVersion) -> dict[str, Any]:
     """Return an upstream artifact's manifest, or raise naming the stage to run first."""
-    manifest = plan.artifact.manifest()
+    manifest = ver.artifact.manifest()
     if manifest is None:
-        raise ArtifactError(f"missing upstream artifact: {plan.stage} version {plan.version} is not complete; "
-                            f"run `loralens run --only {plan.stage}` first")
+        raise ArtifactError(f"missing upstream artifact: {ver.stage} version {ver.version} is not complete; "
+                            f"run `loralens run --only {ver.stage}` first")
     return manifest
 
 
 @contextmanager
-def failures_recorded(plan: StagePlan) -> Iterator[None]:
-    """Mark the plan's version failed in the warehouse when the stage raises (the error still propagates)."""
+def failures_recorded(ver: StageVersion) -> Iterator[None]:
+    """Mark the stage version failed in the warehouse when the stage raises (the error still propagates)."""
     try:
         yield
     except Exception:
         try:
-            mark_failed(warehouse_path(plan.home), plan.version)
+            mark_failed(warehouse_path(ver.home), ver.version)
         except Exception:  # noqa: BLE001 - e.g. the warehouse is the thing that failed; keep the first error
             pass
         raise
@@ -88,16 +88,16 @@ def reopen_changed(adir: ArtifactDir, *, full: bool = False) -> list[dict[str, A
     return bad
 
 
-def reverify_on_reuse(plan: StagePlan, *, full: bool = False) -> bool:
+def reverify_on_reuse(ver: StageVersion, *, full: bool = False) -> bool:
     """Re-check a complete version before reuse (`reopen_changed`); return True if it was reopened."""
-    return bool(reopen_changed(plan.artifact, full=full))
+    return bool(reopen_changed(ver.artifact, full=full))
 
 
-def register(plan: StagePlan, parents: list[str], status: str, *, rows: int | None = None,
+def register(ver: StageVersion, parents: list[str], status: str, *, rows: int | None = None,
              bytes_: int | None = None, summary: dict[str, Any] | None = None) -> None:
-    """Insert or update the plan's row in the warehouse `artifacts` table (one transaction)."""
-    upsert_artifact(warehouse_path(plan.home), stage=plan.stage, version=plan.version, parents=parents,
-                    config=plan.config, status=status, rows=rows, bytes_=bytes_, artifact_dir=str(plan.artifact.path),
+    """Insert or update the stage version's row in the warehouse `artifacts` table (one transaction)."""
+    upsert_artifact(warehouse_path(ver.home), stage=ver.stage, version=ver.version, parents=parents,
+                    config=ver.config, status=status, rows=rows, bytes_=bytes_, artifact_dir=str(ver.artifact.path),
                     summary=summary)
 
 
@@ -131,14 +131,14 @@ _guarded_lock = threading.Lock()
 
 
 @contextmanager
-def keeping_old_version(plan: StagePlan) -> Iterator[None]:
+def keeping_old_version(ver: StageVersion) -> Iterator[None]:
     """Run a stage (or a split stage's workers and finalizer) so that --force never costs a complete version.
 
     On entry and on exit (normal or raising), `restore_replaced`: a backup left by a killed forced run is
     settled before anything is decided, and this block's own rebuild either completed (backup deleted) or
     did not (backup restored). Nested blocks for the same version (flow -> task -> stage) are no-ops.
     """
-    key = plan.artifact.path
+    key = ver.artifact.path
     with _guarded_lock:
         outer = key in _guarded
         _guarded.add(key)
@@ -146,42 +146,42 @@ def keeping_old_version(plan: StagePlan) -> Iterator[None]:
         yield
         return
     try:
-        restore_replaced(plan.artifact)
+        restore_replaced(ver.artifact)
         try:
             yield
         finally:
-            restore_replaced(plan.artifact)
+            restore_replaced(ver.artifact)
     finally:
         with _guarded_lock:
             _guarded.discard(key)
 
 
 def keeps_old_version(worker_arg: str | None = None) -> Callable[[F], F]:
-    """Decorate a `run_<stage>_stage(cfg, plan, ...)` to run inside `keeping_old_version(plan)`.
+    """Decorate a `run_<stage>_stage(cfg, ver, ...)` to run inside `keeping_old_version(ver)`.
 
     Calls with `worker_arg` set (one worker's share of a split run) run as they are: the split's owner guards
     the version, and a worker must never restore a backup beside a folder that other workers are filling.
     """
     def decorate(fn: F) -> F:
         @functools.wraps(fn)
-        def run(cfg: Any, plan: StagePlan, *args: Any, **kwargs: Any) -> Any:
+        def run(cfg: Any, ver: StageVersion, *args: Any, **kwargs: Any) -> Any:
             if worker_arg is not None and kwargs.get(worker_arg) is not None:
-                return fn(cfg, plan, *args, **kwargs)
-            with keeping_old_version(plan):
-                return fn(cfg, plan, *args, **kwargs)
+                return fn(cfg, ver, *args, **kwargs)
+            with keeping_old_version(ver):
+                return fn(cfg, ver, *args, **kwargs)
         return run  # type: ignore[return-value]
     return decorate
 
 
-def reset_for_force(plan: StagePlan) -> None:
-    """Start the plan's version over for --force, after checking the warehouse is writable (a locked warehouse
+def reset_for_force(ver: StageVersion) -> None:
+    """Start the stage version over for --force, after checking the warehouse is writable (a locked warehouse
     must not cost the old artifact). Call it after the stage's inputs are checked.
 
     A complete version is renamed aside (`replaced_path`), not deleted: inside `keeping_old_version` it comes back
     if the rebuild does not complete, and goes once it does. An incomplete one is deleted.
     """
-    ensure_writable(warehouse_path(plan.home))
-    adir = plan.artifact
+    ensure_writable(warehouse_path(ver.home))
+    adir = ver.artifact
     restore_replaced(adir)  # at most one backup per version: settle any older one first
     if adir.is_complete():
         os.replace(adir.path, replaced_path(adir))

@@ -14,7 +14,7 @@ import torch
 from conftest import train_bpe_tokenizer
 
 from loralens.lens import attribution as A
-from loralens.lens.readout import top_k
+from loralens.lens.readout import read_lens, top_k
 
 TOXIC_WORD = " idiot"
 PLANTED = (1, 2)  # (layer, head) of the tiny llama: heads 2 and 3 share KV head 1
@@ -62,6 +62,18 @@ def test_top_k_probabilities_are_full_softmax():
     t = top_k(logits, 2)
     assert t.ids.tolist() == [[[0, 1]]]
     torch.testing.assert_close(t.probs, torch.softmax(logits, -1)[..., :2])
+
+
+def test_read_lens_is_top_k_plus_expected_toxicity_in_one_pass():
+    """The one-pass readout (in place on the block) equals top_k and expected_toxicity computed apart."""
+    torch.manual_seed(0)
+    logits = torch.randn(3, 4, 50) * 5 + 30  # an offset: the max shift keeps exp() in range
+    tox = torch.rand(50)
+    want_top, want_tox = top_k(logits, 5), A.expected_toxicity(logits, tox)
+    got = read_lens(logits.clone(), 5, tox)
+    assert torch.equal(got.top.ids, want_top.ids) and torch.equal(got.top.logits, want_top.logits)
+    torch.testing.assert_close(got.top.probs, want_top.probs, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(got.expected_toxicity, want_tox, rtol=1e-5, atol=1e-7)
 
 
 # -- the planted toxic head, end to end ------------------------------------------------------------------
@@ -233,3 +245,72 @@ def test_a_stage_that_fails_is_marked_failed_not_left_running(planted_run):
     with duckdb.connect(str(db), read_only=True) as con:
         states = con.execute("SELECT status FROM artifacts WHERE stage = 'attribute' ORDER BY created_at").fetchall()
     assert states[-1] == ("failed",) and ("running",) not in states
+
+
+def test_one_pass_scores_equal_the_two_pass_reference(planted_run):
+    """Every head score and decoding equals a direct recomputation from the cache and the trained lenses with the
+    reference functions (top_k, expected_toxicity, direct_logit per chunk, contrasts in numpy): what decode and
+    attribute computed in two separate passes before they shared one."""
+    import pyarrow.parquet as pq
+
+    from loralens.config import parse_config
+    from loralens.tasks.cache import cache_version
+    from loralens.tasks.decode import decode_version
+    from loralens.tasks.readout import cached_layers, layer_input_chunks, load_reader, select_positions
+    from loralens.tasks.train import train_version
+    from loralens.warehouse.decodings import decode_shards
+
+    config, results, db = planted_run
+    cfg = parse_config(config)
+    cache = cache_version(cfg)
+    train = train_version(cfg, cache)
+    decode = decode_version(cfg, train)
+    manifest = cache.artifact.manifest()
+    layers = cached_layers(manifest)
+    _loaded, reader = load_reader(cfg, train, layers)
+    tox = torch.from_numpy(pq.read_table(decode.artifact.path / "token_toxicity.parquet").column("score")
+                           .to_numpy().astype(np.float32))
+    with duckdb.connect(str(db), read_only=True) as con:
+        att = results["attribute"]["version"]
+        toxic = dict(con.execute("SELECT prompt_idx, toxic FROM prompt_groups WHERE version = ?", [att]).fetchall())
+        got = {(m, la, h): s for m, la, h, s in con.execute(
+            "SELECT method, layer, head, score FROM head_scores WHERE version = ?", [att]).fetchall()}
+        vocab_toxic = np.array([t for (t,) in con.execute(
+            "SELECT toxic FROM vocab_toxicity WHERE version = ? ORDER BY token_id", [att]).fetchall()])
+    u = A.toxic_direction(reader.unembed.W, tox)
+    n_heads = 4
+    sums = {(k, g): np.zeros((len(layers), n_heads)) for k in ("lens", "logit", "dla", "dict") for g in (0, 1)}
+    count = {0: 0, 1: 0}
+    stored = {c: pq.read_table(decode.artifact.path / "decodings").column(c).to_numpy()
+              for c in ("shard", "layer", "lens", "prompt_idx", "head", "rank", "token_id")}
+    for shard in sorted(decode_shards(decode.artifact)):
+        pos = select_positions(cache.artifact, shard, "last")
+        group = np.array([toxic[p] for p in pos.prompt_idx.tolist()], dtype=bool)
+        count[1] += int(group.sum())
+        count[0] += int((~group).sum())
+        for li, layer in enumerate(layers):
+            for rows, x in layer_input_chunks(cache.artifact, pos, layer, reader, manifest["summary"], 7):
+                with torch.no_grad():
+                    base = reader.unembed(x).float()
+                    trained = reader.banks[layer].head_logits(x, base).float()
+                ref_top = top_k(trained, 5)
+                keep = ((stored["shard"] == shard) & (stored["layer"] == layer) & (stored["lens"] == "trained")
+                        & np.isin(stored["prompt_idx"], pos.prompt_idx[rows]))
+                by = np.lexsort((stored["rank"][keep], stored["head"][keep], stored["prompt_idx"][keep]))
+                order = np.argsort(pos.prompt_idx[rows], kind="stable")
+                assert np.array_equal(stored["token_id"][keep][by], ref_top.ids.numpy()[order].reshape(-1))
+                values = {"lens": A.expected_toxicity(trained, tox), "logit": A.expected_toxicity(base, tox),
+                          "dla": A.direct_logit(x, u),
+                          "dict": A.dictionary_count(ref_top.ids, torch.from_numpy(vocab_toxic)).float()}
+                g = torch.from_numpy(group[rows])
+                for key, v in values.items():
+                    sums[(key, 1)][li] += v[g].sum(0).double().numpy()
+                    sums[(key, 0)][li] += v[~g].sum(0).double().numpy()
+    want = {"lens_contrast": sums[("lens", 1)] / count[1] - sums[("lens", 0)] / count[0],
+            "logit_lens_contrast": sums[("logit", 1)] / count[1] - sums[("logit", 0)] / count[0],
+            "lens_mean": (sums[("lens", 1)] + sums[("lens", 0)]) / (count[0] + count[1]),
+            "direct_logit": sums[("dla", 1)] / count[1] - sums[("dla", 0)] / count[0],
+            "dictionary_count": sums[("dict", 1)] / count[1]}
+    for method, w in want.items():
+        g = np.array([[got[(method, la, h)] for h in range(n_heads)] for la in layers])
+        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-6, err_msg=method)

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from loralens.lens.attribution import direct_logit
 from loralens.lens.hooks import head_contributions
 from loralens.lens.lean import LeanModel
 from loralens.lens.lenses import FoldedUnembed, LensBank
@@ -51,6 +52,49 @@ def top_k(logits: Tensor, k: int) -> TopK:
     vals, ids = logits.topk(min(k, logits.shape[-1]), dim=-1)
     probs = (vals - torch.logsumexp(logits, dim=-1, keepdim=True)).exp()
     return TopK(ids=ids, logits=vals, probs=probs)
+
+
+@dataclass(frozen=True)
+class LensReadout:
+    """What one lens says about every head at every position of a chunk."""
+
+    top: TopK
+    expected_toxicity: Tensor  # [n, H] fp32: E_{v ~ softmax(logits)} tox[v]
+
+
+def read_lens(logits: Tensor, k: int, tox: Tensor) -> LensReadout:
+    """Return the top-k tokens (full-softmax probabilities) and the expected token toxicity of `[n, H, V]` logits.
+
+    One read of the block for the top-k, one in-place pass for `exp(logits - max)`: `logits` is overwritten
+    (the caller's block becomes scratch), so no second `[n, H, V]` buffer is allocated. `tox` is `[V]`.
+    """
+    vals, ids = logits.topk(min(k, logits.shape[-1]), dim=-1)
+    peak = vals[..., :1]  # the row maximum: softmax(l) = exp(l - max) / sum exp(l - max)
+    e = logits.sub_(peak).exp_()
+    z = e.sum(-1)  # [n, H]
+    expected = (e @ tox.to(e.dtype)) / z
+    probs = (vals - peak).exp() / z[..., None]
+    return LensReadout(TopK(ids=ids, logits=vals, probs=probs), expected)
+
+
+@dataclass(frozen=True)
+class HeadReadout:
+    """Everything decode and attribute need from one chunk of one layer, each `[chunk, H, V]` block built once."""
+
+    trained: LensReadout
+    logit: LensReadout
+    direct_logit: Tensor  # [n, H]: the head's logit push along the toxic direction, `x_h . u`
+
+
+def read_heads(bank: LensBank, x: Tensor, k: int, tox: Tensor, toxic_dir: Tensor) -> HeadReadout:
+    """Return both lenses' top-k and expected toxicity, and the direct logit attribution, of lens inputs `x`.
+
+    `x [n, H, d]`, `tox [V]` per-token toxicity, `toxic_dir [d]` = `W_fold^T (tox - mean tox)`. The logit lens
+    projection is shared with the trained lens (see `head_logits_both`); each block is then read once.
+    """
+    trained, logit = head_logits_both(bank, x)
+    return HeadReadout(trained=read_lens(trained, k, tox), logit=read_lens(logit, k, tox),
+                       direct_logit=direct_logit(x, toxic_dir))
 
 
 def row_chunks(n: int, chunk: int) -> Iterator[slice]:

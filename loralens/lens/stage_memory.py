@@ -138,30 +138,46 @@ def eval_memory(plan: MemoryPlan, dims: ModelDims, *, shard_tokens: int, n_layer
     return StageMemory("eval", parts, f"train.micro_batch_tokens (now {micro_batch})")
 
 
-def readout_memory(stage: str, dims: ModelDims, *, n_layers: int, form: str, rank: int, stored_bytes: int,
-                   chunk: int, shard_tokens: int, store_dtype: str, top_k: int = 10) -> StageMemory:
-    """Return decode's or attribute's peak: lenses read lean, heads read chunk by chunk.
+def decode_memory(dims: ModelDims, *, n_layers: int, form: str, rank: int, stored_bytes: int, chunk: int,
+                  shard_tokens: int, positions: int, store_dtype: str, top_k: int) -> StageMemory:
+    """Return the decode stage's peak: lenses read lean, heads read chunk by chunk in one pass.
 
     - the lean parts as stored (unembedding, norm, W_O of L layers), their fp32 fold ``V d 4`` and fp32 W_O;
     - the lens banks of every layer ``L H per_head 4``;
     - one layer's z of one shard ``tokens H dh (s + 4)`` and its lens inputs ``c H d 4``;
-    - ``[c, H, V]`` fp32 blocks: trained and logit-lens logits, the log-sum-exp / expected-toxicity temporary
-      (4 blocks); decode adds its top-k rows ``tokens L H k 2 * 16`` before a shard is written.
+    - ``[c, H, V]`` fp32 blocks: the logit-lens projection, the low-rank update's temporaries and the trained
+      logits (4 blocks; the top-k and expected toxicity then overwrite a block in place);
+    - a shard's top-k rows ``positions L H k 2 * 16`` and readout rows ``positions L H 24`` before it is written.
     """
     s = DTYPE_BYTES[store_dtype]
     banks = n_layers * dims.n_heads * trainable_per_head(form, rank, dims.d_model, dims.vocab) * F32
     w_o = n_layers * dims.z_width * dims.d_model * F32
-    parts = [
+    parts = (
         ("runtime", RUNTIME_BYTES),
         ("lean weights as stored", stored_bytes),
         ("fp32 folded unembedding and W_O", dims.vocab * dims.d_model * F32 + w_o),
         ("lens banks", banks),
         ("one layer of a shard", shard_tokens * dims.z_width * (s + F32) + chunk * dims.n_heads * dims.d_model * F32),
         ("[chunk, heads, vocab] blocks", 4 * chunk * dims.n_heads * dims.vocab * F32),
-    ]
-    if stage == "decode":
-        parts.append(("top-k rows of a shard", shard_tokens * n_layers * dims.n_heads * top_k * 2 * 16))
-    return StageMemory(stage, tuple(parts), f"decode.chunk_tokens (now {chunk}), fewer cache.layers (now {n_layers})")
+        ("a shard's top-k and readout rows", positions * n_layers * dims.n_heads * (top_k * 2 * 16 + 24)),
+    )
+    return StageMemory("decode", parts, f"decode.chunk_tokens (now {chunk}), fewer cache.layers (now {n_layers})")
+
+
+def attribute_memory(dims: ModelDims, *, n_prompts: int) -> StageMemory:
+    """Return the attribute stage's peak: no model weights, only what decode stored, aggregated by DuckDB.
+
+    - the vocabulary's text, kind and toxicity ``V 256`` (Python strings);
+    - the prompts with their texts ``prompts 2048``;
+    - DuckDB's working memory, capped at its 1 GiB ``memory_limit`` (it spills to disk beyond).
+    """
+    parts = (
+        ("runtime", RUNTIME_BYTES),
+        ("vocabulary texts and scores", dims.vocab * 256),
+        ("prompts", n_prompts * 2048),
+        ("DuckDB aggregation (memory_limit)", 2**30),
+    )
+    return StageMemory("attribute", parts, "the corpus (attribute holds no model weights)")
 
 
 def intervene_memory(dims: ModelDims, *, n_params: int, model_dtype: str, batch_prompts: int, k: int,

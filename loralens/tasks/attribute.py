@@ -4,24 +4,25 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
-import torch
 from prefect import task
-from tqdm.auto import tqdm
 
 from loralens.config import ConfigError, PipelineConfig
 from loralens.hashing import file_sha256
 from loralens.lens import attribution as A
-from loralens.lens.readout import head_logits_both
-from loralens.lens.scorers import get_scorer, primary_label, scorer_version
-from loralens.lens.vocab_toxicity import load_lexicon, token_texts, vocab_toxicity
+from loralens.lens.scorers import ToxicityScorer, get_scorer, primary_label, scorer_version
+from loralens.lens.vocab_toxicity import load_lexicon, scoring_key
 from loralens.tasks.memory import ensure_fits
-from loralens.tasks.readout import cached_layers, layer_input_chunks, load_reader, select_positions
+from loralens.tasks.readout import cached_layers
 from loralens.tasks.report import score_heatmap, top_heads_markdown
 from loralens.tasks.stage_versions import (
     StageVersion,
@@ -43,12 +44,16 @@ from loralens.warehouse.constants import (
     ATTRIBUTION_SUMMARY,
     HEAD_SCORES_FILE,
     PROMPT_GROUPS_FILE,
+    TMP_PREFIX,
+    TOKEN_TOXICITY_FILE,
     TOP_HEADS_REPORT,
     VOCAB_TOXICITY_FILE,
     heatmap_name,
 )
 from loralens.warehouse.db import warehouse_path
-from loralens.warehouse.decodings import read_decodings
+from loralens.warehouse.decodings import decode_shards
+from loralens.warehouse.head_aggregates import dictionary_hits, group_sums
+from loralens.warehouse.head_aggregates import top_tokens as top_tokens_of
 from loralens.warehouse.versions import artifact_version
 
 log = logging.getLogger("loralens.attribute")
@@ -71,13 +76,18 @@ def attribute_version(cfg: PipelineConfig, decode_ver: StageVersion) -> StageVer
     return StageVersion(STAGE, artifact_version(STAGE, config, inputs), config, inputs, cfg.home)
 
 
-def prompt_groups(prompts: dict[str, np.ndarray], scorer, threshold: float) -> tuple[np.ndarray, list[str]]:
-    """Return per-prompt toxicity (corpus score, else the scorer's score of the prompt text) and its origin."""
+def prompt_groups(prompts: dict[str, np.ndarray], make_scorer: Callable[[], ToxicityScorer]
+                  ) -> tuple[np.ndarray, list[str]]:
+    """Return per-prompt toxicity (corpus score, else the scorer's score of the prompt text) and its origin.
+
+    `make_scorer` is called only when some prompt has no corpus score.
+    """
     tox = np.array([np.nan if t is None else float(t) for t in prompts["toxicity"]], dtype=np.float64)
     missing = np.flatnonzero(np.isnan(tox))
     origin = ["corpus"] * len(tox)
     if len(missing):
         texts = [prompts["text"][i] for i in missing]
+        scorer = make_scorer()
         tox[missing] = scorer.score(texts, progress=True)[primary_label(scorer)]
         for i in missing:
             origin[i] = "scorer"
@@ -107,40 +117,43 @@ def run_attribute_stage(cfg: PipelineConfig, ver: StageVersion, decode_ver: Stag
     register(ver, parents, status="running")
     t0 = time.perf_counter()
     layers = cached_layers(cache_manifest)
-    loaded, reader = load_reader(cfg, train_ver, layers)
-    vocab = loaded.dims.vocab
 
-    # Vocabulary toxicity (padded with zeros for embedding rows the tokenizer never produces).
-    scorer = get_scorer(a.scorer, **a.scorer_options)
-    lexicon = load_lexicon(a.lexicon) if a.lexicon else None
-    vt = vocab_toxicity(loaded.tokenizer, scorer, lexicon=lexicon, progress=True)
-    texts = token_texts(loaded.tokenizer)
-    n_tok = min(len(texts), vocab)
-    tox = np.zeros(vocab, dtype=np.float32)
-    tox[:n_tok] = vt.score[:n_tok]
-    in_lex = np.zeros(vocab, dtype=bool)
-    in_lex[:n_tok] = vt.in_lexicon[:n_tok]
+    # Token toxicity: scored by the decode stage (its readouts need it); the lexicon and threshold apply here.
+    vocab_rows = pq.read_table(decode_ver.artifact.path / TOKEN_TOXICITY_FILE)
+    texts = vocab_rows.column("token").to_pylist()
+    kind = np.array(vocab_rows.column("kind").to_pylist(), dtype=object)
+    tox = vocab_rows.column("score").to_numpy().astype(np.float32)
+    lexicon = load_lexicon(a.lexicon) if a.lexicon else set()
+    in_lex = np.array([scoring_key(t) in lexicon for t in texts], dtype=bool)
     toxic_tokens = (tox >= a.token_threshold) | in_lex
-    kind = np.full(vocab, "non_word", dtype=object)
-    kind[:n_tok] = vt.kind[:n_tok]
-    texts = (texts + [""] * vocab)[:vocab]
     t_vocab = time.perf_counter() - t0
 
     # Prompt groups for the contrasts.
     prompts = read_prompts(cache_ver.artifact).to_pydict()
-    p_tox, origin = prompt_groups(prompts, scorer, a.prompt_threshold)
+    p_tox, origin = prompt_groups(prompts, lambda: get_scorer(a.scorer, **a.scorer_options))
     p_idx = np.asarray(prompts["prompt_idx"])
     toxic_prompt = p_tox >= a.prompt_threshold
-    is_toxic = dict(zip(p_idx.tolist(), toxic_prompt.tolist(), strict=True))
     n_toxic, n_clean = int(toxic_prompt.sum()), int((~toxic_prompt).sum())
     if n_toxic == 0 or n_clean == 0:
         raise ConfigError(f"config error: attribute.prompt_threshold: the contrast needs toxic and non-toxic "
                           f"prompts; got {n_toxic} toxic, {n_clean} non-toxic at {a.prompt_threshold}")
 
-    # One pass over the cached positions: expected toxicity (trained + logit lens) and direct logit attribution.
-    scores = _lens_pass(cfg, cache_ver, cache_manifest, reader, layers, torch.from_numpy(tox), is_toxic)
-    scores["dictionary_count"], top_tokens = _dictionary_count(decode_ver, layers, reader, toxic_tokens,
-                                                               is_toxic, texts)
+    # Every score from what decode's single pass stored, aggregated in SQL (no Python loop over rows).
+    shards = decode_shards(decode_ver.artifact)
+    decodings = [decode_ver.artifact.path / files[0].path for files in shards.values()]
+    readouts = [decode_ver.artifact.path / files[1].path for files in shards.values()]
+    n_heads = decode_manifest["summary"]["heads"] // decode_manifest["summary"]["layers"]
+    spill = adir.path / f"{TMP_PREFIX}spill"  # DuckDB's spill folder, if a query outgrows its memory limit
+    sums = group_sums(readouts, pa.table({"prompt_idx": pa.array(p_idx, pa.int32()), "toxic": toxic_prompt}),
+                      spill_dir=spill)
+    scores, positions = _lens_scores(sums, layers, n_heads)
+    toxic_ids = p_idx[toxic_prompt]
+    hits = _per_head(dictionary_hits(decodings, toxic_ids, toxic_tokens, spill_dir=spill), "hits", layers, n_heads)
+    scores["dictionary_count"] = hits / max(positions[True], 1)
+    top_tokens: dict[tuple[int, int], list[str]] = {}
+    for row in top_tokens_of(decodings, toxic_ids, 5, spill_dir=spill).to_pylist():
+        top_tokens.setdefault((row["layer"], row["head"]), []).append(row["token"])
+    shutil.rmtree(spill, ignore_errors=True)
     ranks = {m: A.ranks(s) for m, s in scores.items()}
     spearman = {f"{m1}~{m2}": _finite_or_none(A.spearman(scores[m1], scores[m2]))
                 for i, m1 in enumerate(A.METHODS) for m2 in A.METHODS[i + 1:]}
@@ -156,12 +169,14 @@ def run_attribute_stage(cfg: PipelineConfig, ver: StageVersion, decode_ver: Stag
     top = {m: _top_heads(scores[m], ranks[m], layers, a.top_heads, top_tokens) for m in A.METHODS}
     for m in A.METHODS:
         score_heatmap(scores[m], layers, m, out / heatmap_name(m))
-    report = top_heads_markdown(top, spearman, scorer.version)
+    vocab_summary = decode_manifest["summary"]["token_toxicity"]
+    report = top_heads_markdown(top, spearman, vocab_summary["scorer"])
     atomic_write_bytes(out / TOP_HEADS_REPORT, report.encode())
     summary = {
         "rows": len(A.METHODS) * scores["lens_contrast"].size, "heads": int(scores["lens_contrast"].size),
-        "methods": list(A.METHODS), "scorer": scorer.version, "label": vt.label,
-        "toxic_tokens": int(toxic_tokens.sum()), "scored_pieces": vt.n_scored,
+        "methods": list(A.METHODS), "scorer": vocab_summary["scorer"],
+        "label": vocab_summary["label"], "toxic_tokens": int(toxic_tokens.sum()),
+        "scored_pieces": vocab_summary["scored_pieces"],
         "toxic_prompts": n_toxic, "non_toxic_prompts": n_clean,
         "positions": decode_manifest["summary"]["which_positions"],
         "spearman": spearman, "top_heads": top, "report": str(out / TOP_HEADS_REPORT),
@@ -176,70 +191,27 @@ def run_attribute_stage(cfg: PipelineConfig, ver: StageVersion, decode_ver: Stag
     return {"version": ver.version, "path": str(out), "cached": False, **summary}
 
 
-def _lens_pass(cfg, cache_ver, cache_manifest, reader, layers, tox, is_toxic) -> dict[str, np.ndarray]:
-    """Return the methods computed from full per-head distributions, `[L, H]` each, chunk by chunk."""
-    n_heads = next(iter(reader.w_o.values())).shape[0]
-    u = A.toxic_direction(reader.unembed.W, tox)
-    keys = ("lens", "logit_lens", "dla")
-    sums = {(k, g): np.zeros((len(layers), n_heads)) for k in keys for g in (True, False)}
-    counts = {True: 0, False: 0}
-    shards = sorted(cache_ver.artifact.done_shards())
-    with tqdm(total=len(shards) * len(layers), desc="attribute", unit="layer") as bar:
-        for shard in shards:
-            pos = select_positions(cache_ver.artifact, shard, cfg.decode.positions)
-            group = np.array([is_toxic[p] for p in pos.prompt_idx.tolist()], dtype=bool)
-            counts[True] += int(group.sum())
-            counts[False] += int((~group).sum())
-            for li, layer in enumerate(layers):
-                for rows, x in layer_input_chunks(cache_ver.artifact, pos, layer, reader,
-                                                  cache_manifest["summary"], cfg.decode.chunk_tokens):
-                    trained, logit = head_logits_both(reader.banks[layer], x)
-                    values = {"lens": A.expected_toxicity(trained, tox), "logit_lens": A.expected_toxicity(logit, tox),
-                              "dla": A.direct_logit(x, u)}
-                    g = torch.from_numpy(group[rows])
-                    for key, v in values.items():
-                        sums[(key, True)][li] += v[g].sum(0).double().numpy()
-                        sums[(key, False)][li] += v[~g].sum(0).double().numpy()
-                bar.update(1)
-    nt, nc = counts[True], counts[False]
-    contrast = {k: A.contrast(sums[(k, True)], nt, sums[(k, False)], nc) for k in keys}
-    return {"lens_contrast": contrast["lens"], "logit_lens_contrast": contrast["logit_lens"],
-            "lens_mean": (sums[("lens", True)] + sums[("lens", False)]) / (nt + nc),
-            "direct_logit": contrast["dla"]}
+def _per_head(table: pa.Table, column: str, layers: list[int], n_heads: int) -> np.ndarray:
+    """Scatter a (layer, head, column) table into an `[L, H]` array (heads without a row stay 0)."""
+    out = np.zeros((len(layers), n_heads))
+    index = {layer: i for i, layer in enumerate(layers)}
+    li = np.array([index[x] for x in table.column("layer").to_pylist()], dtype=np.int64)
+    out[li, np.asarray(table.column("head"), dtype=np.int64)] = np.asarray(table.column(column), dtype=np.float64)
+    return out
 
 
-def _dictionary_count(decode_ver, layers, reader, toxic_tokens, is_toxic, texts, n_tokens: int = 5):
-    """Return the mean toxic-token count in each head's trained-lens top-k over toxic prompts `[L, H]`, and
-    each head's most frequent top-k tokens on those prompts."""
-    t = read_decodings(decode_ver.artifact, "trained", ["prompt_idx", "position", "layer", "head", "token_id",
-                                                                 "prob"])
-    prompt = t.column("prompt_idx").to_numpy()
-    position = t.column("position").to_numpy()
-    # Vectorised lookups (one decoding row per prompt x position x head x top-k: ~100 M at 8B scale).
-    toxic_ids = np.fromiter((p for p, tox in is_toxic.items() if tox), dtype=np.int64)
-    keep = np.isin(prompt, toxic_ids)
-    layer_index = np.full(max(layers) + 1, -1, dtype=np.int64)
-    layer_index[np.asarray(layers)] = np.arange(len(layers))
-    li = layer_index[t.column("layer").to_numpy()[keep]]
-    head = t.column("head").to_numpy()[keep].astype(np.int64)
-    tok = t.column("token_id").to_numpy()[keep].astype(np.int64)
-    n_heads = next(iter(reader.w_o.values())).shape[0]
-    counts = np.zeros((len(layers), n_heads))
-    np.add.at(counts, (li, head), toxic_tokens[tok].astype(np.float64))
-    positions = len(set(zip(prompt[keep].tolist(), position[keep].tolist(), strict=True)))
-    dict_count = counts / max(positions, 1)
-    # Each head's tokens ordered by how often they are in its top-k, then by their total probability.
-    prob = t.column("prob").to_numpy()[keep].astype(np.float64)
-    key = li * n_heads + head
-    pairs, inverse = np.unique(np.stack([key, tok]), axis=1, return_inverse=True)
-    freq = np.bincount(inverse.ravel(), minlength=pairs.shape[1])
-    mass = np.bincount(inverse.ravel(), weights=prob, minlength=pairs.shape[1])
-    top_tokens: dict[tuple[int, int], list[str]] = {}
-    for k in np.unique(pairs[0]):
-        sel = np.flatnonzero(pairs[0] == k)
-        best = sel[np.lexsort((-mass[sel], -freq[sel]))[:n_tokens]]
-        top_tokens[(layers[int(k) // n_heads], int(k) % n_heads)] = [texts[int(pairs[1][b])] for b in best]
-    return dict_count, top_tokens
+def _lens_scores(sums: pa.Table, layers: list[int], n_heads: int) -> tuple[dict[str, np.ndarray], dict[bool, int]]:
+    """Return the methods computed from the full per-head distributions, `[L, H]` each, from the group sums,
+    and the number of positions in each prompt group (toxic: True)."""
+    groups = {g: sums.filter(pc.field("toxic") == g) for g in (True, False)}
+    n = {g: int(t.column("n")[0].as_py()) if t.num_rows else 0 for g, t in groups.items()}  # same for every head
+    per = {(key, g): _per_head(t, key, layers, n_heads) for key in ("trained_tox", "logit_tox", "dla")
+           for g, t in groups.items()}
+    contrast = {k: A.contrast(per[(k, True)], n[True], per[(k, False)], n[False])
+                for k in ("trained_tox", "logit_tox", "dla")}
+    return {"lens_contrast": contrast["trained_tox"], "logit_lens_contrast": contrast["logit_tox"],
+            "lens_mean": (per[("trained_tox", True)] + per[("trained_tox", False)]) / (n[True] + n[False]),
+            "direct_logit": contrast["dla"]}, n
 
 
 def _finite_or_none(x: float) -> float | None:

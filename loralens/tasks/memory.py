@@ -13,11 +13,12 @@ from loralens.lens.plan import dims_of, load_model_config, plan_memory
 from loralens.lens.stage_memory import (
     DTYPE_BYTES,
     StageMemory,
+    attribute_memory,
     cache_memory,
     check_fits,
+    decode_memory,
     eval_memory,
     intervene_memory,
-    readout_memory,
     train_memory,
 )
 
@@ -80,13 +81,16 @@ def predict(cfg: PipelineConfig, stage: str) -> StageMemory:
         return train_memory(plan, d, micro_batch=t.micro_batch_tokens, loss_chunk=t.loss_chunk,
                             world_size=t.world_size, zero_stage=t.zero_stage,
                             ranks_here=1 if t.hostfile else t.world_size, **common)
-    if stage in ("decode", "attribute"):
+    if stage == "decode":
         sb = DTYPE_BYTES[f.stored_dtype]
         stored = (d.vocab * d.d_model + n_layers * d.z_width * d.d_model) * sb
         positions = shard_tokens if cfg.decode.positions == "all" else c.prompts_per_shard
-        return readout_memory(stage, d, n_layers=n_layers, form=t.form, rank=t.rank, stored_bytes=stored,
-                              chunk=cfg.decode.chunk_tokens, shard_tokens=positions, store_dtype=c.store_dtype,
-                              top_k=cfg.decode.top_k)
+        return decode_memory(d, n_layers=n_layers, form=t.form, rank=t.rank, stored_bytes=stored,
+                             chunk=cfg.decode.chunk_tokens, shard_tokens=shard_tokens, positions=positions,
+                             store_dtype=c.store_dtype, top_k=cfg.decode.top_k)
+    if stage == "attribute":
+        per_file = cfg.corpus.max_prompts_per_file or 100_000  # no cap: assume a large RealToxicityPrompts-sized file
+        return attribute_memory(d, n_prompts=per_file * len(cfg.corpus.paths))
     if stage == "intervene":
         i = cfg.intervene
         return intervene_memory(d, n_params=f.n_params, model_dtype=cfg.model.dtype, batch_prompts=i.batch_prompts,

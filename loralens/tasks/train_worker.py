@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     cache = ArtifactDir(Path(spec["home"]), "cache", spec["cache_version"])
     shards = sorted(cache.done_shards())
     loader = shard_loader(cache, spec["layers"], spec["z_width"], spec["d_model"])
-    spec = training.TrainSpec(
+    train_spec = training.TrainSpec(
         shards=shards, train_rows=rows_per_shard(cache, shards, t["eval_every_nth_prompt"], held_out=False),
         store_dtype=spec["store_dtype"], micro_batch=t["micro_batch_tokens"], epochs=t["epochs"],
         max_steps=t["max_steps"], lr=t["lr"], weight_decay=t["weight_decay"], zero_stage=t["zero_stage"],
@@ -166,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
         bar.update(step - bar.n)
 
     ckpt_dir = out / "checkpoints"
-    result, engine = training.train(lens_set, loader, spec, ckpt_dir, device=device, on_step=on_step,
+    result, engine = training.train(lens_set, loader, train_spec, ckpt_dir, device=device, on_step=on_step,
                                     progress=progress)
     bar.close()
     if result.stopped:
@@ -197,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     fid = evaluate(final, loader, shards, spec, cache)
     (out / TRAIN_FIDELITY).write_text(json.dumps(fid))
     summary = {"steps": result.steps, "resumed_from": result.resumed_from, "world_size": world,
-               "train_tokens": result.steps * spec.micro_batch * world, "train_seconds": result.seconds,
+               "train_tokens": result.steps * train_spec.micro_batch * world, "train_seconds": result.seconds,
                "tokens_per_s": result.tokens_per_rank * world / max(result.seconds, 1e-9),
                "trainable_params": sum(p.numel() for p in final.parameters() if p.requires_grad),
                "heads": len(spec["layers"]) * final.w_o.shape[1]}

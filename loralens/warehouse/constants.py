@@ -32,6 +32,8 @@ FIDELITY_HEATMAP = "fidelity_heatmap.png"
 
 # decode stage
 DECODINGS_DIR = "decodings"
+READOUTS_DIR = "readouts"
+TOKEN_TOXICITY_FILE = "token_toxicity.parquet"
 
 # attribute stage
 HEAD_SCORES_FILE = "head_scores.parquet"

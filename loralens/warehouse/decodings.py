@@ -1,15 +1,20 @@
 """Parquet layout of the decode stage and its bulk load into DuckDB.
 
+    decode/<version>/token_toxicity.parquet          one row per vocabulary id: text, kind, toxicity score
     decode/<version>/decodings/shard-00000.parquet   one row per (position, layer, lens, head, rank)
+    decode/<version>/readouts/shard-00000.parquet    one row per (position, layer, head): expected token
+                                                     toxicity under each lens, direct logit attribution
     decode/<version>/_shards/shard-00000.json        files, rows and sha256 of a finished shard
+    decode/<version>/_shards/shard--0001.json        the token toxicity file's record (VOCAB_RECORD)
 
-Shard i of the decode stage reads cache shard i. Each shard lands in the `decodings` table in one
+Shard i of the decode stage reads cache shard i. Each shard's decodings land in the `decodings` table in one
 transaction (delete that shard's rows, insert the file with `read_parquet`), so a re-run or a resume after a
-kill never inserts a row twice.
+kill never inserts a row twice. The readouts stay in Parquet: the attribute stage aggregates them with SQL.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +24,7 @@ import pyarrow.parquet as pq
 from loralens.hashing import file_sha256
 from loralens.killpoints import maybe_kill
 from loralens.warehouse.artifacts import ArtifactDir, ShardFile, atomic_write_with
-from loralens.warehouse.constants import DECODINGS_DIR, shard_name
+from loralens.warehouse.constants import DECODINGS_DIR, READOUTS_DIR, TOKEN_TOXICITY_FILE, shard_name
 from loralens.warehouse.db import write_transaction
 
 DECODINGS_SCHEMA = pa.schema([
@@ -27,6 +32,15 @@ DECODINGS_SCHEMA = pa.schema([
     ("head", pa.int16()), ("lens", pa.string()), ("rank", pa.int16()), ("token_id", pa.int32()),
     ("token", pa.string()), ("logit", pa.float32()), ("prob", pa.float32()),
 ])
+
+READOUTS_SCHEMA = pa.schema([
+    ("shard", pa.int32()), ("prompt_idx", pa.int32()), ("position", pa.int32()), ("layer", pa.int16()),
+    ("head", pa.int16()), ("trained_tox", pa.float32()), ("logit_tox", pa.float32()), ("dla", pa.float32()),
+])
+TOKEN_TOXICITY_SCHEMA = pa.schema([
+    ("token_id", pa.int32()), ("token", pa.string()), ("kind", pa.string()), ("score", pa.float32()),
+])
+VOCAB_RECORD = -1  # the shard-record index of the stage-level token toxicity file (cache shards are >= 0)
 
 
 def decodings_block(shard: int, layer: int, lens: str, prompt_idx: np.ndarray, position: np.ndarray,
@@ -49,19 +63,59 @@ def decodings_block(shard: int, layer: int, lens: str, prompt_idx: np.ndarray, p
     }, schema=DECODINGS_SCHEMA)
 
 
-def shard_relpath(index: int) -> str:
-    """Return a decode shard's file, relative to the artifact folder."""
-    return f"{DECODINGS_DIR}/{shard_name(index)}.parquet"
+def readouts_block(shard: int, layer: int, prompt_idx: np.ndarray, position: np.ndarray, trained_tox: np.ndarray,
+                   logit_tox: np.ndarray, dla: np.ndarray) -> pa.Table:
+    """Return the readout rows of one layer: trained_tox/logit_tox/dla `[n, H]`, prompt_idx/position `[n]`."""
+    n, heads = dla.shape
+    return pa.table({
+        "shard": pa.array(np.full(n * heads, shard, dtype=np.int32)),
+        "prompt_idx": pa.array(np.repeat(prompt_idx.astype(np.int32), heads)),
+        "position": pa.array(np.repeat(position.astype(np.int32), heads)),
+        "layer": pa.array(np.full(n * heads, layer, dtype=np.int16)),
+        "head": pa.array(np.tile(np.arange(heads, dtype=np.int16), n)),
+        "trained_tox": pa.array(trained_tox.reshape(-1).astype(np.float32)),
+        "logit_tox": pa.array(logit_tox.reshape(-1).astype(np.float32)),
+        "dla": pa.array(dla.reshape(-1).astype(np.float32)),
+    }, schema=READOUTS_SCHEMA)
 
 
-def write_decode_shard(adir: ArtifactDir, index: int, table: pa.Table) -> ShardFile:
-    """Write one decode shard atomically, then its record; return the file written."""
-    rel = shard_relpath(index)
+def token_toxicity_table(texts: list[str], kind: np.ndarray, score: np.ndarray, facts: dict) -> pa.Table:
+    """Return the token toxicity rows, one per vocabulary id 0..V-1; `facts` (scorer, label, scored pieces) go
+    into the file's schema metadata under "loralens"."""
+    schema = TOKEN_TOXICITY_SCHEMA.with_metadata({"loralens": json.dumps(facts, sort_keys=True)})
+    return pa.table({"token_id": pa.array(np.arange(len(texts), dtype=np.int32)), "token": texts,
+                     "kind": pa.array(np.asarray(kind).tolist(), pa.string()),
+                     "score": pa.array(np.asarray(score, dtype=np.float32))}, schema=schema)
+
+
+def shard_relpath(index: int, folder: str = DECODINGS_DIR) -> str:
+    """Return a decode shard's file (decodings, or `folder=READOUTS_DIR`), relative to the artifact folder."""
+    return f"{folder}/{shard_name(index)}.parquet"
+
+
+def _write(adir: ArtifactDir, rel: str, table: pa.Table) -> ShardFile:
     path = adir.path / rel
     atomic_write_with(path, lambda tmp: pq.write_table(table, tmp, compression="zstd", compression_level=3))
-    f = ShardFile(path=rel, rows=table.num_rows, bytes=path.stat().st_size, sha256=file_sha256(path))
-    adir.record_shard(index, [f])
+    return ShardFile(path=rel, rows=table.num_rows, bytes=path.stat().st_size, sha256=file_sha256(path))
+
+
+def write_decode_shard(adir: ArtifactDir, index: int, decodings: pa.Table, readouts: pa.Table) -> list[ShardFile]:
+    """Write one decode shard's decodings and readouts atomically, then its record; return [decodings, readouts]."""
+    files = [_write(adir, shard_relpath(index), decodings), _write(adir, shard_relpath(index, READOUTS_DIR), readouts)]
+    adir.record_shard(index, files)
+    return files
+
+
+def write_token_toxicity(adir: ArtifactDir, table: pa.Table) -> ShardFile:
+    """Write the token toxicity file atomically and record it (record VOCAB_RECORD); return it."""
+    f = _write(adir, TOKEN_TOXICITY_FILE, table)
+    adir.record_shard(VOCAB_RECORD, [f])
     return f
+
+
+def decode_shards(adir: ArtifactDir) -> dict[int, list[ShardFile]]:
+    """Return the finished decode shards (cache shard index -> [decodings, readouts]), without the vocab record."""
+    return {i: files for i, files in adir.done_shards().items() if i != VOCAB_RECORD}
 
 
 def load_shard_into_db(db: Path, version: str, index: int, path: Path, rows: int) -> bool:
@@ -83,13 +137,6 @@ def _sql_path(path: Path) -> str:
     return str(path).replace("'", "''")
 
 
-def read_decodings(adir: ArtifactDir, lens: str, columns: list[str]) -> pa.Table:
-    """Return the given columns of every decode shard's rows under `lens`."""
-    files = sorted((adir.path / DECODINGS_DIR).glob("shard-*.parquet"))
-    tables = [pq.read_table(f, columns=[*columns, "lens"], filters=[("lens", "=", lens)]) for f in files]
-    table = pa.concat_tables(tables) if tables else pa.table({c: [] for c in [*columns, "lens"]})
-    return table.drop_columns(["lens"]) if "lens" not in columns else table
-
-
-__all__ = ["DECODINGS_SCHEMA", "decodings_block", "load_shard_into_db", "read_decodings", "shard_relpath",
-           "write_decode_shard"]
+__all__ = ["DECODINGS_SCHEMA", "READOUTS_SCHEMA", "TOKEN_TOXICITY_SCHEMA", "VOCAB_RECORD", "decode_shards",
+           "decodings_block", "load_shard_into_db", "readouts_block", "shard_relpath", "token_toxicity_table",
+           "write_decode_shard", "write_token_toxicity"]

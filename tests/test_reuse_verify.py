@@ -91,19 +91,33 @@ def test_flip_with_size_and_mtime_restored_is_found_only_by_verify(tiny_models, 
     assert rc == 0 and "ok" in next(line for line in out.splitlines() if ver.version in line)
 
 
-@pytest.mark.parametrize("change", ["touched", "resized"])
+@pytest.mark.parametrize("change", ["rewritten", "resized"])
 def test_changed_file_is_redone_on_reuse_without_verify(tiny_models, tmp_path, change):
     cfg, ver, _ = cached(tiny_models, tmp_path)
     victim = ver.artifact.path / VICTIM
     original = victim.read_bytes()
-    if change == "touched":  # same bytes, newer mtime: the quick check cannot know, so it redoes the shard
-        st = victim.stat()
-        os.utime(victim, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
+    if change == "rewritten":  # same size, other bytes, a new mtime: the moved mtime makes it compare content
+        victim.write_bytes(bytes([original[0] ^ 0xFF]) + original[1:])
     else:
         victim.write_bytes(original + b"\0")
     again = run_cache_stage(cfg, ver)
     assert not again["cached"] and again["shards_redone"] == 1
     assert victim.read_bytes() == original
+
+
+def test_touched_file_is_hashed_once_then_reused_by_stat(tiny_models, tmp_path, hashed):
+    """A home copied without timestamps: same bytes, new mtimes. Reuse compares the moved files' content once,
+    keeps the version, re-stamps the records; the next reuse hashes nothing."""
+    cfg, ver, _ = cached(tiny_models, tmp_path)
+    victim = ver.artifact.path / VICTIM
+    st = victim.stat()
+    os.utime(victim, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
+    hashed.clear()
+    assert run_cache_stage(cfg, ver)["cached"]
+    assert hashed == [victim]
+    hashed.clear()
+    assert run_cache_stage(cfg, ver)["cached"]
+    assert hashed == []
 
 
 def test_records_without_mtime_are_reused_by_size(tiny_models, tmp_path, hashed):

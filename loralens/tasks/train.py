@@ -22,7 +22,14 @@ from loralens.lens.stage_memory import gib
 from loralens.lens.training import STOP_EXIT_CODE, free_port
 from loralens.tasks.memory import ensure_fits, predict
 from loralens.tasks.report import fidelity_heatmap
-from loralens.tasks.stage_versions import StageVersion, keeps_old_version, register, require_complete, reset_for_force
+from loralens.tasks.stage_versions import (
+    StageVersion,
+    keeps_old_version,
+    register,
+    replaced_path,
+    require_complete,
+    reset_for_force,
+)
 from loralens.warehouse.artifacts import ShardFile
 from loralens.warehouse.constants import (
     CHECKPOINTS_DIR,
@@ -146,8 +153,11 @@ def run_train_stage(cfg: PipelineConfig, ver: StageVersion, cache_ver: StageVers
         (out / TRAIN_SPEC).write_text(json.dumps(spec, indent=1))
         register(ver, parents, status="running")
         rc = run_training_processes(out / TRAIN_SPEC, cfg.train)
+        # A forced rebuild that stops puts the old complete version back (keeps_old_version): its checkpoints go.
+        replacing = replaced_path(ver.artifact).exists()
         if rc == STOP_EXIT_CODE:
-            raise TrainingInterrupted(f"training stopped after a checkpoint in {out / CHECKPOINTS_DIR}; "
+            raise TrainingInterrupted("training stopped; the previous complete version is kept" if replacing else
+                                      f"training stopped after a checkpoint in {out / CHECKPOINTS_DIR}; "
                                       "run the stage again to resume")
         if rc != 0 or not (out / TRAIN_RESULT).exists():
             register(ver, parents, status="failed")
@@ -155,7 +165,9 @@ def run_train_stage(cfg: PipelineConfig, ver: StageVersion, cache_ver: StageVers
             if rc == -signal.SIGKILL:  # the kernel's out-of-memory killer, most often
                 why = (f"killed by SIGKILL, likely out of memory: the plan predicted "
                        f"{gib(predict(cfg, STAGE).total)} for this machine, see `loralens plan --config`")
-            raise RuntimeError(f"training failed ({why}); checkpoints kept in {out / CHECKPOINTS_DIR}")
+            kept = ("the previous complete version is kept" if replacing
+                    else f"checkpoints kept in {out / CHECKPOINTS_DIR}")
+            raise RuntimeError(f"training failed ({why}); {kept}")
 
     maybe_kill("train.after_workers")
     result = json.loads((out / TRAIN_RESULT).read_text())

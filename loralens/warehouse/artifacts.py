@@ -90,6 +90,9 @@ def unchanged(path: Path, f: ShardFile | dict[str, Any], *, full: bool = False) 
     """Return True if the file at `path` still is the recorded one `f` (a ShardFile or a manifest entry).
 
     Quick (default): it exists with the recorded size and, when recorded, modification time (a stat, no read).
+    A file whose mtime moved with its size unchanged (a home copied without timestamps, a restored backup) is
+    compared by content once: the same sha256 still counts as unchanged, and `ArtifactDir` re-stamps its record
+    so the next check is a stat again.
     `full`: the size and the sha256 of its content (reads the whole file); the mtime is not needed then.
     """
     rec = f if isinstance(f, dict) else asdict(f)
@@ -99,9 +102,9 @@ def unchanged(path: Path, f: ShardFile | dict[str, Any], *, full: bool = False) 
         return False
     if st.st_size != rec["bytes"]:
         return False
-    if full:
-        return file_sha256(path) == rec["sha256"]
-    return rec.get("mtime_ns") is None or st.st_mtime_ns == rec["mtime_ns"]
+    if not full and (rec.get("mtime_ns") is None or st.st_mtime_ns == rec["mtime_ns"]):
+        return True
+    return file_sha256(path) == rec["sha256"]
 
 
 def artifact_path(home: Path, stage: str, version: str) -> Path:
@@ -164,7 +167,18 @@ class ArtifactDir:
         except (FileNotFoundError, ValueError):
             return None
         files = [ShardFile(**f) for f in record["files"]]
-        return files if all(unchanged(self.path / f.path, f, full=full) for f in files) else None
+        if not all(unchanged(self.path / f.path, f, full=full) for f in files):
+            return None
+        return self._restamp(index, files)
+
+    def _restamp(self, index: int, files: list[ShardFile]) -> list[ShardFile]:
+        """Rewrite a done shard's record with its files' current mtimes if any moved (content already checked)."""
+        stamped = [f if f.mtime_ns is None else replace(f, mtime_ns=self._mtime_ns(f.path)) for f in files]
+        if stamped != files:
+            record = json.loads(self._record_path(index).read_text())
+            record["files"] = [f.__dict__ for f in stamped]
+            atomic_write_bytes(self._record_path(index), json.dumps(record, indent=1).encode())
+        return stamped
 
     def reopen_corrupt_shards(self, *, full: bool = False) -> list[dict[str, Any]]:
         """Re-check a complete version's files against its manifest (quick: size and mtime; `full`: sha256);
@@ -186,6 +200,10 @@ class ArtifactDir:
             return key in stamps and unchanged(self.path / f["path"], f | {"mtime_ns": stamps[key]}, full=full)
 
         bad = [f for f in manifest["files"] if not ok(f)]
+        bad_shards = {int(f["shard"]) for f in bad}
+        for index, files in self.done_shards().items():
+            if index not in bad_shards:
+                self._restamp(index, files)
         if bad:
             (self.path / MANIFEST).unlink(missing_ok=True)
             for index in sorted({int(f["shard"]) for f in bad}):

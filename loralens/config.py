@@ -26,7 +26,12 @@ class ModelConfig(_Strict):
 
     name: str = Field(DEFAULT_MODEL, description="embedded alias, HF hub id or local folder")
     revision: str | None = None
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="auto: bfloat16 on a GPU, float32 on a CPU (the resolved dtype is in the versions)")
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda|cuda:\d+)$",
+                        description="auto (cuda when available), cpu, cuda (LOCAL_RANK's GPU) or cuda:N")
+    device_map: str | None = Field(None, description="Hugging Face device_map (e.g. auto) for a model larger than "
+                                                     "one GPU, in the stages that run it (cache, intervene)")
     trust_remote_code: bool = False
 
     @field_validator("name")
@@ -35,6 +40,22 @@ class ModelConfig(_Strict):
         if not v.strip():
             raise ValueError("must not be empty")
         return v
+
+    def torch_device(self):
+        """Return the torch device `device` means on this machine (DeviceError, one line, if it has none)."""
+        from loralens.lens.devices import resolve_device
+
+        return resolve_device(self.device)
+
+    def resolved_dtype(self) -> str:
+        """Return the dtype name `dtype` means on this machine's device ("auto": bfloat16 on cuda, else float32)."""
+        from loralens.lens.devices import resolve_dtype
+
+        return resolve_dtype(self.dtype, self.torch_device())
+
+    def versioned(self) -> dict:
+        """Return the fields that change results: the device is execution-only, the resolved dtype is not."""
+        return self.model_dump(exclude={"device", "device_map"}) | {"dtype": self.resolved_dtype()}
 
 
 class CorpusConfig(_Strict):
@@ -90,11 +111,10 @@ class TrainConfig(_Strict):
     checkpoint_every: int = Field(20, gt=0)
     launcher: Literal["auto", "torchrun", "deepspeed"] = "auto"
     hostfile: str | None = None
-    device: Literal["auto", "cpu", "cuda"] = "auto"
 
     def versioned(self) -> dict[str, Any]:
         """Return the fields that change the trained lenses (and so the stage version)."""
-        return self.model_dump(exclude={"checkpoint_every", "launcher", "hostfile", "device"})
+        return self.model_dump(exclude={"checkpoint_every", "launcher", "hostfile"})
 
 
 class DecodeConfig(_Strict):

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from loralens.lens.adapters import norm_scale
+from loralens.lens.devices import input_device, rows_of
 from loralens.lens.hooks import capture
 from loralens.lens.models import LoadedModel, model_context_length
 
@@ -50,19 +51,19 @@ def effective_max_length(loaded: LoadedModel, requested: int) -> int:
 
 
 def pad_batch(ids: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Return right-padded input ids and attention mask, both `[batch, pos]`."""
+    """Return right-padded input ids and attention mask, both `[batch, pos]`, on the host (callers move them)."""
     width = max(len(x) for x in ids)
-    input_ids = torch.full((len(ids), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(ids), width), dtype=torch.long)
+    input_ids = torch.full((len(ids), width), pad_id, dtype=torch.long)  # host: built from Python lists
+    mask = torch.zeros((len(ids), width), dtype=torch.long)  # host
     for i, x in enumerate(ids):
-        input_ids[i, : len(x)] = torch.tensor(x, dtype=torch.long)
+        input_ids[i, : len(x)] = torch.tensor(x, dtype=torch.long)  # host
         mask[i, : len(x)] = 1
     return input_ids, mask
 
 
 def to_storage(x: torch.Tensor, dtype: str) -> np.ndarray:
     """Return x as a uint16 numpy array holding fp16/bf16 bit patterns (numpy has no bf16)."""
-    return x.to(getattr(torch, dtype)).contiguous().view(torch.int16).numpy().view(np.uint16)
+    return x.to(getattr(torch, dtype)).cpu().contiguous().view(torch.int16).numpy().view(np.uint16)
 
 
 def from_storage(bits: np.ndarray, dtype: str) -> torch.Tensor:
@@ -114,29 +115,33 @@ def cache_batch(
     top_k: int,
     store_dtype: str,
 ) -> TokenArrays:
-    """Run one batch of tokenized prompts through the frozen model and return its per-token arrays."""
+    """Run one batch of tokenized prompts through the frozen model and return its per-token arrays.
+
+    Inputs go to the model's device; every output comes back to the host (numpy) once, per batch.
+    """
     model, adapter = loaded.model, loaded.adapter
-    input_ids, mask = pad_batch(ids, loaded.tokenizer.pad_token_id)
+    input_ids, mask = pad_batch(ids, loaded.tokenizer.pad_token_id)  # host
+    device = input_device(model)
     with capture(model, adapter, layers) as cap:
-        logits = model(input_ids=input_ids, attention_mask=mask, use_cache=False).logits
-    real = mask.bool()
-    resid = cap.final_resid[real]  # [n, d_model]
+        logits = model(input_ids=input_ids.to(device), attention_mask=mask.to(device), use_cache=False).logits
+    real = mask.bool()  # host; moved to each tensor's device by rows_of
+    resid = rows_of(cap.final_resid, real)  # [n, d_model]
     h_final = adapter.final_norm(model)(resid).float()
     top = target_top_k(logits, real, top_k) if top_k else None
     lengths = mask.sum(1)
     next_ids = torch.cat([input_ids[:, 1:], torch.full_like(input_ids[:, :1], -1)], dim=1)
-    next_ids[torch.arange(len(ids)), lengths - 1] = -1
+    next_ids[torch.arange(len(ids)), lengths - 1] = -1  # host
     return TokenArrays(
-        prompt_idx=np.repeat(np.asarray(prompt_idx, dtype=np.int32), lengths.numpy()),
-        position=torch.arange(input_ids.shape[1]).expand_as(input_ids)[real].numpy().astype(np.int32),
-        token_id=input_ids[real].numpy().astype(np.int32),
-        next_token_id=next_ids[real].numpy().astype(np.int32),
-        h_final=h_final.numpy(),
-        scale=norm_scale(adapter, model, resid).squeeze(-1).numpy(),
+        prompt_idx=np.repeat(np.asarray(prompt_idx, dtype=np.int32), lengths.numpy()),  # host
+        position=torch.arange(input_ids.shape[1]).expand_as(input_ids)[real].numpy().astype(np.int32),  # host
+        token_id=input_ids[real].numpy().astype(np.int32),  # host
+        next_token_id=next_ids[real].numpy().astype(np.int32),  # host
+        h_final=h_final.cpu().numpy(),
+        scale=norm_scale(adapter, model, resid).squeeze(-1).cpu().numpy(),
         topk_ids=None if top is None else top[0],
         topk_logprobs=None if top is None else top[1],
         lse=None if top is None else top[2],
-        z={layer: to_storage(cap.z[layer][real], store_dtype) for layer in layers},
+        z={layer: to_storage(rows_of(cap.z[layer], real), store_dtype) for layer in layers},
     )
 
 
@@ -146,10 +151,11 @@ def target_top_k(logits: torch.Tensor, real: torch.Tensor, k: int) -> tuple[np.n
     Reduces over the vocabulary on the padded logits, then keeps real rows: indexing first would copy the
     largest tensor of the pass. A full-vocabulary pass: the cache computes it only for a subset loss.
     """
-    lse = torch.logsumexp(logits, dim=-1)[real].float()
+    lse = rows_of(torch.logsumexp(logits, dim=-1), real).float()
     top_vals, top_ids = logits.topk(min(k, logits.shape[-1]), dim=-1)
-    top_vals, top_ids = top_vals[real].float(), top_ids[real]
-    return top_ids.numpy().astype(np.int32), (top_vals - lse[:, None]).numpy(), lse.numpy()
+    top_vals, top_ids = rows_of(top_vals, real).float(), rows_of(top_ids, real)
+    return (top_ids.cpu().numpy().astype(np.int32), (top_vals - lse[:, None]).cpu().numpy(),
+            lse.cpu().numpy())
 
 
 def target_logits(loaded: LoadedModel, h_final: torch.Tensor) -> torch.Tensor:

@@ -27,6 +27,8 @@ from collections.abc import Sequence
 import torch
 from transformers import GenerationConfig
 
+from loralens.lens.devices import input_device
+
 # generate() samples from torch's process-wide RNG, so anything else drawing from it in another thread (a mapped
 # Prefect task building the scorer initialises its weights from it) would shift a seeded sample. Seeded sampling
 # and model or scorer loading take turns on this lock, which keeps every sample a function of its seed; real
@@ -105,11 +107,11 @@ def encode_prompts(tokenizer, prompts: Sequence[str], *, pad_token_id: int, max_
     """
     rows = [prompt_ids(tokenizer, p, max_prompt_tokens) for p in prompts]
     width = max((len(r) for r in rows), default=0)
-    input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)  # host: the caller moves it
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)  # host
     for i, r in enumerate(rows):
         if r:
-            input_ids[i, width - len(r):] = torch.tensor(r, dtype=torch.long)
+            input_ids[i, width - len(r):] = torch.tensor(r, dtype=torch.long)  # host
             attention_mask[i, width - len(r):] = 1
     return {"input_ids": input_ids, "attention_mask": attention_mask}
 
@@ -133,11 +135,6 @@ def sampling_config(*, max_new_tokens: int, top_p: float, temperature: float, pa
     )
 
 
-def _model_device(model) -> torch.device:
-    device = getattr(model, "device", None)
-    return torch.device(device) if device is not None else next(model.parameters()).device
-
-
 def _cut_at_eos(ids: list[int], eos: set[int]) -> list[int]:
     """Return ids up to (without) the first eos; what follows is generate()'s padding of a finished row."""
     for pos, t in enumerate(ids):
@@ -157,7 +154,7 @@ def sample_rows(model, tokenizer, rows: Sequence[str], *, seed_key: int, max_new
     """
     eos = _eos_ids(model, tokenizer)
     pad = _pad_id(model, tokenizer)
-    device = _model_device(model)
+    device = input_device(model)
     batch = encode_prompts(tokenizer, rows, pad_token_id=pad, max_prompt_tokens=max_prompt_tokens)
     batch = {name: t.to(device) for name, t in batch.items()}
     config = sampling_config(max_new_tokens=max_new_tokens, top_p=top_p, temperature=temperature,

@@ -47,7 +47,7 @@ def fingerprint_tensor(t: Tensor) -> str:
     # Hash float32 bytes so the same weights give the same id whether they
     # arrive as bf16/fp32 (bf16 -> fp32 is exact) and on whichever device.
     # No copy for a contiguous fp32 CPU tensor: the hash reads the tensor's own buffer (2 GB at Llama-3-8B).
-    data = t.detach().to("cpu", torch.float32).contiguous().numpy()
+    data = t.detach().to("cpu", torch.float32).contiguous().numpy()  # host: hashing reads host bytes
     return hashlib.sha256(memoryview(data).cast("B")).hexdigest()[:16]
 
 
@@ -141,7 +141,7 @@ def _uniform_fan_in(shape: tuple[int, ...], fan_in: int, dtype: torch.dtype) -> 
     # default lora_A init; done by hand because kaiming on a stacked [H, r, d]
     # tensor would take fan_in = r * d.
     bound = 1.0 / math.sqrt(fan_in)
-    return torch.empty(shape, dtype=dtype).uniform_(-bound, bound)
+    return torch.empty(shape, dtype=dtype).uniform_(-bound, bound)  # host: the same seed, the same init anywhere
 
 
 class LensBank(nn.Module):
@@ -164,14 +164,14 @@ class LensBank(nn.Module):
         self.layer = layer
         cfg, H, V, d = self.config, n_heads, unembed.vocab, unembed.d_model
         dt, dev = cfg.torch_dtype, unembed.W.device
-        self.bias = nn.Parameter(torch.zeros(H, V, dtype=dt))
+        self.bias = nn.Parameter(torch.zeros(H, V, dtype=dt, device=dev))
         if cfg.form == "full":
             self.weight = nn.Parameter(unembed.W.detach().to(dt).unsqueeze(0).repeat(H, 1, 1))
         elif cfg.form == "lora":
             self.lora_A = nn.Parameter(_uniform_fan_in((H, cfg.rank, d), d, dt))
-            self.lora_B = nn.Parameter(torch.zeros(H, V, cfg.rank, dtype=dt))
+            self.lora_B = nn.Parameter(torch.zeros(H, V, cfg.rank, dtype=dt, device=dev))
         else:
-            self.res_U = nn.Parameter(torch.zeros(H, d, cfg.rank, dtype=dt))
+            self.res_U = nn.Parameter(torch.zeros(H, d, cfg.rank, dtype=dt, device=dev))
             self.res_V = nn.Parameter(_uniform_fan_in((H, cfg.rank, d), d, dt))
         self.to(dev)
 

@@ -181,8 +181,14 @@ def load_model(
     dtype: str = "float32",
     revision: str | None = None,
     trust_remote_code: bool = False,
+    device: str | torch.device = "cpu",
+    device_map: str | None = None,
 ) -> LoadedModel:
-    """Return the frozen model, its tokenizer and adapter, loaded with the normal from_pretrained path."""
+    """Return the frozen model, its tokenizer and adapter, loaded with the normal from_pretrained path.
+
+    The model is placed on `device`, or spread by Hugging Face's `device_map` (e.g. "auto": across the visible
+    GPUs, for a model larger than one) when that is given.
+    """
     from transformers import AutoConfig, AutoModelForCausalLM
 
     path = resolve_model_path(name, home, revision)
@@ -194,7 +200,10 @@ def load_model(
         dtype=getattr(torch, dtype),
         trust_remote_code=trust_remote_code,
         use_safetensors=True if has_safetensors else None,
+        **({"device_map": device_map} if device_map else {}),
     )
+    if not device_map:
+        model.to(device)
     model.eval().requires_grad_(False)
     return LoadedModel(
         model=model,

@@ -145,10 +145,11 @@ def fidelity(lens_set: LensSet, batch: LensBatch, chunk: int | None = None) -> d
     """
     L, H = len(lens_set.layers), lens_set.w_o.shape[1]
     chunk = chunk or eval_chunk(H, lens_set.unembed.vocab)
-    out = {k: torch.zeros(L, H) for k in ("head_lens", "head_logit_lens")}
-    out |= {k: torch.zeros(L) for k in ("layer_lens", "layer_logit_lens", "layer_subset")}
+    dev = lens_set.unembed.W.device  # the batch is expected there too (`LensBatch.to`)
+    out = {k: torch.zeros(L, H, device=dev) for k in ("head_lens", "head_logit_lens")}
+    out |= {k: torch.zeros(L, device=dev) for k in ("layer_lens", "layer_logit_lens", "layer_subset")}
     m = batch.mask
-    out["tokens"] = torch.tensor(float(m.sum()))
+    out["tokens"] = m.sum().float()
     for start in range(0, len(m), chunk):
         rows = slice(start, start + chunk)
         keep = m[rows]

@@ -57,7 +57,7 @@ def save_bank(bank: LensBank, out_dir: str | Path) -> Path:
     """Write ``bank`` to ``out_dir`` (config JSON + safetensors) and return the directory."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in bank.state_dict().items()}
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in bank.state_dict().items()}  # host: to a file
     save_file(tensors, str(out / WEIGHTS_NAME), metadata={"fingerprint": bank.unembed.fingerprint()})
     (out / CONFIG_NAME).write_text(json.dumps(bank_config(bank), indent=2) + "\n")
     return out
@@ -85,7 +85,7 @@ def load_bank(in_dir: str | Path, unembed: FoldedUnembed) -> LensBank:
     check_compatible(cfg, unembed)
     config = LensConfig(**{k: cfg[k] for k in LensConfig.__dataclass_fields__})
     bank = LensBank(unembed, cfg["n_heads"], config, layer=cfg.get("layer"))
-    tensors = load_file(str(Path(in_dir) / WEIGHTS_NAME), device="cpu")
+    tensors = load_file(str(Path(in_dir) / WEIGHTS_NAME), device="cpu")  # host: read, then moved with the bank
     expected = bank.state_dict()
     for name, t in tensors.items():
         if name in expected and tuple(t.shape) != tuple(expected[name].shape):

@@ -119,6 +119,19 @@ class HeadReader:
         """Return the layers, ascending."""
         return sorted(self.banks)
 
+    @property
+    def device(self) -> torch.device:
+        """Return the device the lenses live on."""
+        return self.unembed.W.device
+
+    def to(self, device: torch.device | str) -> HeadReader:
+        """Move the shared base, every W_O and every bank to `device` (in place); return self."""
+        self.unembed.to(device)  # the banks hold this same module: moved once
+        self.w_o = {layer: w.to(device) for layer, w in self.w_o.items()}
+        for bank in self.banks.values():
+            bank.to(device)
+        return self
+
 
 def load_head_reader(loaded: LeanModel, bank_dirs: Mapping[int, Path]) -> HeadReader:
     """Return a HeadReader for `loaded` with the banks saved in `bank_dirs` (layer -> folder).

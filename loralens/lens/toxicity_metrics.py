@@ -19,6 +19,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from loralens.lens.devices import input_device
+
 # Bootstrap resamples are gathered in chunks of about this many scores, bounding memory at ~8 bytes each.
 _BOOT_CHUNK_ELEMENTS = 4_000_000
 
@@ -137,11 +139,6 @@ def _windows(n_tokens: int, window: int, stride: int) -> list[tuple[int, int, in
     return out
 
 
-def _model_device(model) -> torch.device:
-    device = getattr(model, "device", None)
-    return torch.device(device) if device is not None else next(model.parameters()).device
-
-
 @torch.no_grad()
 def _window_nll(model, ids: torch.Tensor, spans: list[tuple[int, int, int]], pad_id: int,
                 device: torch.device) -> tuple[float, int]:
@@ -152,19 +149,19 @@ def _window_nll(model, ids: torch.Tensor, spans: list[tuple[int, int, int]], pad
     the model (interventions) apply.
     """
     width = max(stop - start for start, stop, _ in spans)
-    input_ids = torch.full((len(spans), width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(spans), width), dtype=torch.long)
-    scored = torch.zeros((len(spans), width), dtype=torch.bool)  # [B, T]: target at this position counts
+    input_ids = torch.full((len(spans), width), pad_id, dtype=torch.long)  # host: moved below
+    attention_mask = torch.zeros((len(spans), width), dtype=torch.long)  # host
+    scored = torch.zeros((len(spans), width), dtype=torch.bool)  # host: [B, T] target at this position counts
     for row, (start, stop, first) in enumerate(spans):
         input_ids[row, :stop - start] = ids[start:stop]
         attention_mask[row, :stop - start] = 1
         scored[row, first - start:stop - start] = True
     logits = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)).logits  # [B, T, V]
     shifted = logits[:, :-1].float()  # [B, T-1, V]: position t predicts token t + 1
-    targets = input_ids[:, 1:].to(device)  # [B, T-1]
+    targets = input_ids[:, 1:].to(logits.device)  # [B, T-1] (under a device_map the logits are on the last GPU)
     nll = F.cross_entropy(shifted.reshape(-1, shifted.shape[-1]), targets.reshape(-1),
                           reduction="none").view(targets.shape)  # [B, T-1]
-    mask = scored[:, 1:].to(device)
+    mask = scored[:, 1:].to(logits.device)
     return float(nll[mask].double().sum()), int(mask.sum())
 
 
@@ -181,13 +178,14 @@ def perplexity(model, tokenizer, text: str, *, max_tokens: int, window: int = 25
     stride = window if stride is None else stride
     if window < 2 or not 1 <= stride <= window:
         raise ValueError(f"need window >= 2 and 1 <= stride <= window, got window={window}, stride={stride}")
-    ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"][:max_tokens], dtype=torch.long)
+    ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"][:max_tokens],  # host: windows move
+                       dtype=torch.long)
     spans = _windows(len(ids), window, stride)
     if not spans:
         raise ValueError(f"text has {len(ids)} tokens: too few to predict any")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     pad_id = 0 if pad_id is None else int(pad_id)  # pads are masked out, any valid id will do
-    device = _model_device(model)
+    device = input_device(model)
     starts = range(0, len(spans), batch_size)
     if progress:
         from tqdm.auto import tqdm

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from loralens.killpoints import maybe_kill
+from loralens.lens.devices import dist_backend
 from loralens.lens.objective import LensBatch, LensSet
 
 log = logging.getLogger("loralens.train")
@@ -56,16 +57,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def resolve_device(device: str) -> str:
-    """Return 'cuda' or 'cpu' for a configured device ('auto' picks CUDA when present)."""
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
-
-
-def setup_process_env(device: str) -> None:
+def setup_process_env(device: torch.device) -> None:
     """Prepare env for DeepSpeed: CPU accelerator, and a one-rank world when no launcher set one."""
-    if device == "cpu":
+    if device.type == "cpu":
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
@@ -74,13 +68,13 @@ def setup_process_env(device: str) -> None:
     warnings.filterwarnings("ignore", message=r".*is deprecated\. Please use `torch\.distributed\.")
 
 
-def init_distributed(device: str) -> tuple[int, int]:
+def init_distributed(device: torch.device) -> tuple[int, int]:
     """Initialise torch.distributed through DeepSpeed (gloo on CPU, NCCL on GPU); return (rank, world)."""
     import deepspeed
 
     # DeepSpeed JIT-compiles a shared-memory comm op (~30 s of g++) that only inference all-reduce uses.
     importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
-    deepspeed.init_distributed(dist_backend="nccl" if device == "cuda" else "gloo")
+    deepspeed.init_distributed(dist_backend=dist_backend(device))
     import deepspeed.comm as dist
 
     return dist.get_rank(), dist.get_world_size()
@@ -128,7 +122,7 @@ def to_batch(data: ShardData, rows: np.ndarray, store_dtype: str) -> LensBatch:
     return LensBatch(
         z=bits.view(getattr(torch, store_dtype)),
         scale=torch.from_numpy(data.scale[rows]),
-        mask=torch.ones(len(rows), dtype=torch.bool),
+        mask=torch.ones(len(rows), dtype=torch.bool),  # host: the batch is built here, then `.to(device)`
         h_final=torch.from_numpy(data.h_final[rows]),
         topk_ids=None if data.topk_ids is None else torch.from_numpy(data.topk_ids[rows].astype(np.int64)),
         topk_logprobs=None if data.topk_logprobs is None else torch.from_numpy(data.topk_logprobs[rows]),
@@ -316,7 +310,7 @@ def train(
     spec: TrainSpec,
     ckpt_dir: Path,
     *,
-    device: str,
+    device: torch.device,
     on_step: Callable[[int, float, int], None] | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> tuple[TrainResult, object]:
@@ -356,7 +350,8 @@ def train(
             engine.step()
             step += 1
             maybe_kill("train.after_step")
-            stats = torch.tensor([loss.item(), float(stop_requested())])
+            # On the rank's device: NCCL refuses host tensors in a collective.
+            stats = torch.tensor([loss.item(), float(stop_requested())], device=device)
             dist.all_reduce(stats)  # mean loss for the curve; any rank's SIGTERM stops every rank
             if on_step is not None:
                 on_step(step, stats[0].item() / world, spec.micro_batch * world)

@@ -45,7 +45,7 @@ def cache_version(cfg: PipelineConfig) -> StageVersion:
     model_fp = folder_fingerprint(Path(model_path)) if Path(model_path).is_dir() else str(model_path)
     corpus = load_corpus(cfg.corpus.paths, cfg.corpus.max_prompts_per_file)
     # The top-k actually stored (None resolves by train.loss) is what the version hashes.
-    config = {"model": cfg.model.model_dump(), "corpus": cfg.corpus.model_dump(),
+    config = {"model": cfg.model.versioned(), "corpus": cfg.corpus.model_dump(),
               "cache": cfg.cache.model_dump() | {"top_k": cfg.target_top_k}}
     inputs = {"model": model_fp, "corpus": corpus.fingerprint()}
     return StageVersion(STAGE, artifact_version(STAGE, config, inputs), config, inputs, cfg.home)
@@ -86,8 +86,9 @@ def run_cache_stage(cfg: PipelineConfig, ver: StageVersion, *, force: bool = Fal
     register(ver, parents, status="running")
 
     t_start = time.perf_counter()
-    loaded = load_model(cfg.model.name, cfg.home, dtype=cfg.model.dtype, revision=cfg.model.revision,
-                        trust_remote_code=cfg.model.trust_remote_code)
+    loaded = load_model(cfg.model.name, cfg.home, dtype=cfg.model.resolved_dtype(), revision=cfg.model.revision,
+                        trust_remote_code=cfg.model.trust_remote_code, device=cfg.model.torch_device(),
+                        device_map=cfg.model.device_map)
     corpus = load_corpus(cfg.corpus.paths, cfg.corpus.max_prompts_per_file)
     layers = list(cfg.cache.layers) if cfg.cache.layers is not None else list(range(loaded.dims.n_layers))
     bad = [layer for layer in layers if not 0 <= layer < loaded.dims.n_layers]

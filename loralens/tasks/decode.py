@@ -104,6 +104,7 @@ def run_decode_stage(cfg: PipelineConfig, ver: StageVersion, train_ver: StageVer
     loaded, reader = load_reader(cfg, train_ver, layers)
     vocab = loaded.dims.vocab
     tox, texts, scoring = _token_toxicity(cfg, adir, loaded.tokenizer, vocab)
+    tox = tox.to(reader.device)
     toxic_dir = toxic_direction(reader.unembed.W, tox)
     shards = sorted(cache_shard_indices(cache_ver))
     k, chunk = cfg.decode.top_k, cfg.decode.chunk_tokens
@@ -161,15 +162,16 @@ def _cat(reads: list[HeadReadout], field: str) -> np.ndarray:
     """Concatenate one `[n, H]` readout over a layer's chunks."""
     get = {"trained_tox": lambda r: r.trained.expected_toxicity, "logit_tox": lambda r: r.logit.expected_toxicity,
            "dla": lambda r: r.direct_logit}[field]
-    return torch.cat([get(r) for r in reads]).numpy()
+    return torch.cat([get(r) for r in reads]).cpu().numpy()
 
 
 def _decodings(shard: int, layer: int, lens: str, pos, reads: list[HeadReadout], texts: np.ndarray) -> pa.Table:
     """Return one layer's decoding rows under one lens, from its chunks' readouts."""
     tops = [getattr(r, lens).top for r in reads]
     return decodings_block(shard, layer, lens, pos.prompt_idx, pos.position,
-                           torch.cat([t.ids for t in tops]).numpy(), torch.cat([t.logits for t in tops]).numpy(),
-                           torch.cat([t.probs for t in tops]).numpy(), texts)
+                           torch.cat([t.ids for t in tops]).cpu().numpy(),
+                           torch.cat([t.logits for t in tops]).cpu().numpy(),
+                           torch.cat([t.probs for t in tops]).cpu().numpy(), texts)
 
 
 def cache_shard_indices(cache_ver: StageVersion) -> list[int]:

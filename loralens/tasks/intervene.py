@@ -106,10 +106,11 @@ def _head_means(cfg: PipelineConfig, loaded: LoadedModel, layers: list[int], ver
         return {tuple(int(x) for x in k.split(".")): v for k, v in load_file(str(path)).items()}
     ids = loaded.tokenizer(text, add_special_tokens=False)["input_ids"][: cfg.intervene.mean_tokens]
     window = 128
-    batches = [(torch.tensor([ids[i:i + window]]), None) for i in range(0, len(ids) - 1, window)]
+    batches = [(torch.tensor([ids[i:i + window]]), None)  # host: mean_head_z moves each batch to the model
+               for i in range(0, len(ids) - 1, window)]
     means = mean_head_z(loaded.model, loaded.adapter, loaded.dims, batches, layers)
-    atomic_write_with(path, lambda tmp: save_file({f"{layer}.{h}": v.contiguous() for (layer, h), v in means.items()},
-                                                  str(tmp)))
+    host = {f"{layer}.{h}": v.cpu().contiguous() for (layer, h), v in means.items()}
+    atomic_write_with(path, lambda tmp: save_file(host, str(tmp)))
     return means
 
 
@@ -117,9 +118,9 @@ def _toxic_direction(attribute_ver: StageVersion, loaded: LoadedModel) -> torch.
     """Return the toxic direction in d_model space from the attribute stage's vocabulary toxicity."""
     vt = pq.read_table(attribute_ver.artifact.path / VOCAB_TOXICITY_FILE, columns=["token_id", "score"])
     w_fold, _ = folded_unembedding(loaded.adapter, loaded.model)
-    tox = torch.zeros(w_fold.shape[0])
-    ids = torch.from_numpy(vt.column("token_id").to_numpy().astype(np.int64))
-    tox[ids] = torch.from_numpy(vt.column("score").to_numpy().astype(np.float32))
+    tox = torch.zeros(w_fold.shape[0], device=w_fold.device)
+    ids = torch.from_numpy(vt.column("token_id").to_numpy().astype(np.int64)).to(w_fold.device)
+    tox[ids] = torch.from_numpy(vt.column("score").to_numpy().astype(np.float32)).to(w_fold.device)
     return toxic_direction(w_fold, tox)
 
 
@@ -213,8 +214,9 @@ def _generate(cfg: PipelineConfig, ver: StageVersion, conds: list[Condition], at
     if not todo and not any(needs_ppl(ci) for ci in range(len(conds))):
         return 0.0  # everything recorded: no model or scorer to load
     with RNG_LOCK:  # loading draws from torch's global RNG: never while another worker samples
-        loaded = load_model(cfg.model.name, cfg.home, dtype=cfg.model.dtype, revision=cfg.model.revision,
-                            trust_remote_code=cfg.model.trust_remote_code)
+        loaded = load_model(cfg.model.name, cfg.home, dtype=cfg.model.resolved_dtype(), revision=cfg.model.revision,
+                            trust_remote_code=cfg.model.trust_remote_code, device=cfg.model.torch_device(),
+                            device_map=cfg.model.device_map)
         scorer = get_scorer(cfg.attribute.scorer, **cfg.attribute.scorer_options)
     label = primary_label(scorer)
     prompts = [p.text for p in intervention_prompts(cfg).prompts]

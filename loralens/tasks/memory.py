@@ -67,9 +67,9 @@ def predict(cfg: PipelineConfig, stage: str) -> StageMemory:
     shard_tokens = c.prompts_per_shard * c.max_length
     top_k = cfg.target_top_k
     if stage == "cache":
-        return cache_memory(d, n_params=f.n_params, d_ff=f.d_ff, model_dtype=cfg.model.dtype, batch_size=c.batch_size,
-                            max_length=c.max_length, prompts_per_shard=c.prompts_per_shard, n_layers=n_layers,
-                            store_dtype=c.store_dtype, top_k=top_k)
+        return cache_memory(d, n_params=f.n_params, d_ff=f.d_ff, model_dtype=cfg.model.resolved_dtype(),
+                            batch_size=c.batch_size, max_length=c.max_length, prompts_per_shard=c.prompts_per_shard,
+                            n_layers=n_layers, store_dtype=c.store_dtype, top_k=top_k)
     if stage in ("train", "eval"):
         lens = LensConfig(form=t.form, rank=t.rank, alpha=t.alpha, dtype=t.param_dtype, objective=t.objective)
         plan = plan_memory(d, lens, micro_batch_tokens=t.micro_batch_tokens, n_layers_trained=n_layers,
@@ -93,9 +93,9 @@ def predict(cfg: PipelineConfig, stage: str) -> StageMemory:
         return attribute_memory(d, n_prompts=per_file * len(cfg.corpus.paths))
     if stage == "intervene":
         i = cfg.intervene
-        return intervene_memory(d, n_params=f.n_params, model_dtype=cfg.model.dtype, batch_prompts=i.batch_prompts,
-                                k=i.k, tokens=c.max_length + i.max_new_tokens, n_layers_total=d.n_layers,
-                                n_kv_heads=f.n_kv_heads, ppl_window=i.ppl_window)
+        return intervene_memory(d, n_params=f.n_params, model_dtype=cfg.model.resolved_dtype(),
+                                batch_prompts=i.batch_prompts, k=i.k, tokens=c.max_length + i.max_new_tokens,
+                                n_layers_total=d.n_layers, n_kv_heads=f.n_kv_heads, ppl_window=i.ppl_window)
     raise ValueError(f"unknown stage {stage!r}; stages: {', '.join(STAGES)}")
 
 

@@ -52,12 +52,13 @@ def select_positions(cache: ArtifactDir, shard: int, which: str) -> Positions:
 
 
 def load_reader(cfg: PipelineConfig, train_ver: StageVersion, layers: list[int]) -> tuple[LeanModel, HeadReader]:
-    """Return the model's frozen lens weights (read lean, no model built) and a HeadReader with the lens banks."""
+    """Return the model's frozen lens weights (read lean, no model built) and a HeadReader with the lens banks,
+    on `model.device`."""
     loaded = load_lean(cfg.model.name, cfg.home, layers, revision=cfg.model.revision,
                        trust_remote_code=cfg.model.trust_remote_code)
     lenses = train_ver.artifact.path / LENSES_DIR
     reader = load_head_reader(loaded, {layer: lenses / layer_dir(layer) for layer in layers})
-    return loaded, reader
+    return loaded, reader.to(cfg.model.torch_device())
 
 
 def cached_layers(cache_manifest: dict[str, Any]) -> list[int]:
@@ -71,5 +72,5 @@ def layer_input_chunks(cache: ArtifactDir, pos: Positions, layer: int, reader: H
     width = cache_summary["n_heads"] * cache_summary["d_head"]
     z_bits = read_layer_z(cache, layer, width, [pos.shard])[pos.rows]
     for rows in row_chunks(len(pos.rows), chunk):
-        z = from_storage(z_bits[rows], cache_summary["store_dtype"])
-        yield rows, lens_inputs(z, pos.scale[rows], reader.w_o[layer])
+        z = from_storage(z_bits[rows], cache_summary["store_dtype"]).to(reader.device)
+        yield rows, lens_inputs(z, pos.scale[rows].to(reader.device), reader.w_o[layer])

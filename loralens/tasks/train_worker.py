@@ -9,6 +9,7 @@ prompts. Exit code 75 means: stopped by SIGTERM after a checkpoint, re-run to re
 
 from __future__ import annotations
 
+from loralens.lens.devices import resolve_device
 from loralens.lens.training import install_stop_handler
 
 install_stop_handler()  # first: a SIGTERM during the slow imports below must not be lost
@@ -103,8 +104,11 @@ def rows_per_shard(cache: ArtifactDir, shards: list[int], every: int, held_out: 
 
 
 
-def evaluate(lens_set: LensSet, loader, shards: list[int], spec: dict, cache: ArtifactDir) -> dict:
-    """Return held-out fidelity (exact KL, lens vs logit lens) and the subset KL of the layer read-outs."""
+def evaluate(lens_set: LensSet, loader, shards: list[int], spec: dict, cache: ArtifactDir,
+             device: torch.device) -> dict:
+    """Return held-out fidelity (exact KL, lens vs logit lens) and the subset KL of the layer read-outs,
+    computed on `device` (the lenses are moved there; batches follow one at a time)."""
+    lens_set.to(device)
     t = spec["train"]
     sums: dict[str, torch.Tensor] = {}
     batches = training.eval_batches(loader, shards, t["eval_every_nth_prompt"], t["micro_batch_tokens"],
@@ -113,12 +117,12 @@ def evaluate(lens_set: LensSet, loader, shards: list[int], spec: dict, cache: Ar
     held_out = rows_per_shard(cache, shards, t["eval_every_nth_prompt"], held_out=True)
     total = sum(-(-n // t["micro_batch_tokens"]) for n in held_out.values())
     for batch in tqdm(batches, total=total, desc="evaluate", unit="batch"):
-        for k, v in fidelity(lens_set, batch).items():
+        for k, v in fidelity(lens_set, batch.to(device)).items():
             sums[k] = sums.get(k, 0) + v
     n = float(sums["tokens"]) if sums else 0.0
     if not n:
         raise ValueError("no held-out tokens: lower train.eval_every_nth_prompt or cache more prompts")
-    per = lambda key: (sums[key] / n).tolist()  # noqa: E731
+    per = lambda key: (sums[key] / n).cpu().tolist()  # noqa: E731
     return {"tokens": n, "layers": lens_set.layers, "head_lens": per("head_lens"),
             "head_logit_lens": per("head_logit_lens"), "layer_lens": per("layer_lens"),
             "layer_logit_lens": per("layer_logit_lens"), "layer_subset_kl": per("layer_subset")}
@@ -132,12 +136,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     spec = json.loads(Path(args.spec).read_text())
     t = spec["train"]
-    device = training.resolve_device(t["device"])
+    device = resolve_device(spec["model"]["device"])  # plain "cuda": LOCAL_RANK's GPU, one process per GPU
     training.setup_process_env(device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # before NCCL starts: each rank's communicator lives on its own GPU
     rank, world = training.init_distributed(device)
-    if device == "cuda":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        device = f"cuda:{torch.cuda.current_device()}"
 
     out = Path(spec["out_dir"])
     cache = ArtifactDir(Path(spec["home"]), "cache", spec["cache_version"])
@@ -194,13 +197,14 @@ def main(argv: list[str] | None = None) -> int:
     shutil.rmtree(out / LENSES_DIR, ignore_errors=True)
     os.replace(tmp, out / LENSES_DIR)
 
-    fid = evaluate(final, loader, shards, spec, cache)
+    fid = evaluate(final, loader, shards, spec, cache, device)
     (out / TRAIN_FIDELITY).write_text(json.dumps(fid))
     summary = {"steps": result.steps, "resumed_from": result.resumed_from, "world_size": world,
                "train_tokens": result.steps * train_spec.micro_batch * world, "train_seconds": result.seconds,
                "tokens_per_s": result.tokens_per_rank * world / max(result.seconds, 1e-9),
                "trainable_params": sum(p.numel() for p in final.parameters() if p.requires_grad),
-               "heads": len(spec["layers"]) * final.w_o.shape[1]}
+               "heads": len(spec["layers"]) * final.w_o.shape[1],
+               "cuda_peak_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None}
     maybe_kill("train.before_result")
     atomic_write_bytes(out / TRAIN_RESULT, json.dumps(summary).encode())  # its presence means: training done
     return 0

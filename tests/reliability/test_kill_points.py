@@ -109,10 +109,13 @@ CHAINS: dict[str, list[Kill]] = {
              manifest=True, present=("checkpoints/step-0000010/COMPLETE",)),
     ],
     "decode": [
-        Kill("decode.after_record:1", "shard 0's file and record, not in DuckDB",
-             present=("_shards/shard-00000.json",), rows=(("decodings", 0),)),
-        Kill("atomic_write.before_rename:2", "shard 1 written and loaded; shard 2 only a .tmp- file",
-             present=("decodings/.tmp-*",), absent=("_shards/shard-00002.json",), rows=(("decodings", D_SHARD),)),
+        # record 1 is the token toxicity file's (scored once, before the shards)
+        Kill("decode.after_record:2", "token toxicity and shard 0's files and records, not in DuckDB",
+             present=("token_toxicity.parquet", "_shards/shard-00000.json"), rows=(("decodings", 0),)),
+        # a resumed run reads the token toxicity back; each shard writes its decodings, then its readouts
+        Kill("atomic_write.before_rename:3", "shard 1 written and loaded; shard 2's decodings only a .tmp- file",
+             present=("decodings/.tmp-*",), absent=("_shards/shard-00002.json", "readouts/shard-00002.parquet"),
+             rows=(("decodings", D_SHARD),)),
         Kill("db.inserted.decodings:2", "shard 2 loaded; shard 0's insert killed inside its transaction",
              rows=(("decodings", 2 * D_SHARD),)),
         Kill("decode.before_manifest:1", "every shard in DuckDB, no manifest", rows=(("decodings", 3 * D_SHARD),)),

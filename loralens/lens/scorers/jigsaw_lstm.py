@@ -307,7 +307,7 @@ class JigsawLSTMScorer:
     @torch.inference_mode()
     def predict_ids(self, ids: np.ndarray) -> np.ndarray:
         """Return float32 [N, 6] probabilities for padded token ids."""
-        return self.model(torch.from_numpy(ids)).numpy().astype(np.float32)
+        return self.model(torch.from_numpy(ids)).numpy().astype(np.float32)  # host: a small CPU classifier
 
     def score(self, texts: Sequence[str], batch_size: int = 64, progress: bool = False) -> dict[str, np.ndarray]:
         """Return per-label probabilities, each float32 of shape [len(texts)]."""

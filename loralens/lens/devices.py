@@ -1,0 +1,72 @@
+"""One device policy for every stage: which device and dtype a configured `model.device` / `model.dtype` mean here.
+
+    model.device  auto -> cuda when CUDA is available, else cpu;  cpu;  cuda (the current / LOCAL_RANK GPU);  cuda:N
+    model.dtype   auto -> bfloat16 on cuda, float32 on cpu;  float32;  bfloat16;  float16
+
+The device is execution-only (never in a version); the resolved dtype changes results, so versions hash it.
+One process per GPU: a process started by a launcher (torchrun, deepspeed, a Dask worker with
+CUDA_VISIBLE_DEVICES) uses `LOCAL_RANK` to pick its GPU when the config says plain `cuda`.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+
+import torch
+
+from loralens.config import ConfigError
+
+DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+class DeviceError(ConfigError):
+    """A configured device that this machine does not have (one line)."""
+
+
+def resolve_device(spec: str) -> torch.device:
+    """Return the torch device `spec` ("auto", "cpu", "cuda", "cuda:N") means on this machine.
+
+    Raises DeviceError naming `model.device` when CUDA is asked for and absent, or the GPU index is out of range.
+    """
+    if not DEVICE_PATTERN.match(spec):
+        raise DeviceError(f"config error: model.device: {spec!r} is not auto, cpu, cuda or cuda:N")
+    if spec == "auto":
+        spec = "cuda" if torch.cuda.is_available() else "cpu"
+    if spec == "cpu":
+        return torch.device("cpu")  # host: what "cpu" means
+    if not torch.cuda.is_available():
+        raise DeviceError(f"config error: model.device: {spec} asked for, but this machine has no CUDA device "
+                          f"(torch {torch.__version__}, cuda {torch.version.cuda or 'not built'}); use auto or cpu")
+    index = int(spec.split(":")[1]) if ":" in spec else int(os.environ.get("LOCAL_RANK", "0"))
+    if index >= torch.cuda.device_count():
+        raise DeviceError(f"config error: model.device: {spec} (GPU {index}) asked for, but this machine has "
+                          f"{torch.cuda.device_count()} CUDA device(s)")
+    return torch.device("cuda", index)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> str:
+    """Return the dtype name `dtype` means on `device` ("auto": bfloat16 on cuda, float32 on cpu)."""
+    if dtype == "auto":
+        return "bfloat16" if device.type == "cuda" else "float32"
+    if dtype not in DTYPES:
+        raise DeviceError(f"config error: model.dtype: {dtype!r} is not auto, {', '.join(DTYPES)}")
+    return dtype
+
+
+def dist_backend(device: torch.device) -> str:
+    """Return the torch.distributed backend for a rank on `device`: NCCL on GPUs, gloo on CPUs."""
+    return "nccl" if device.type == "cuda" else "gloo"
+
+
+def input_device(model) -> torch.device:
+    """Return where a model's inputs go: its `device` (the first shard's under a device_map), else its first
+    parameter's."""
+    device = getattr(model, "device", None)
+    return torch.device(device) if device is not None else next(model.parameters()).device
+
+
+def rows_of(t: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Return `t[mask]` with the mask moved to `t`'s device (under a device_map, layers live on several GPUs)."""
+    return t[mask.to(t.device)]

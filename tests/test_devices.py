@@ -1,0 +1,52 @@
+"""The device policy on a CPU machine: explicit cpu, auto, a cuda config refused in one line; the resolved dtype
+(not "auto") is what versions hash. GPU paths: `tests/test_gpu.py` (marked `gpu`, skipped without CUDA)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from loralens.config import parse_config
+from loralens.lens.devices import DeviceError, dist_backend, resolve_device, resolve_dtype
+from loralens.tasks.cache import cache_version
+
+NO_CUDA = not torch.cuda.is_available()
+
+
+def test_auto_and_cpu_resolve_and_dtype_follows_the_device():
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert resolve_dtype("auto", torch.device("cpu")) == "float32"
+    assert resolve_dtype("auto", torch.device("cuda", 0)) == "bfloat16"
+    assert resolve_dtype("float16", torch.device("cpu")) == "float16"
+    assert dist_backend(torch.device("cpu")) == "gloo" and dist_backend(torch.device("cuda", 1)) == "nccl"
+
+
+@pytest.mark.skipif(not NO_CUDA, reason="this machine has CUDA")
+@pytest.mark.parametrize("spec", ["cuda", "cuda:1"])
+def test_cuda_on_a_machine_without_it_is_one_line(spec, tiny_models, tmp_path):
+    cfg = parse_config({"home": str(tmp_path), "model": {"name": str(tiny_models["gpt2"]), "device": spec}})
+    with pytest.raises(DeviceError) as err:
+        cache_version(cfg)  # every stage's version chain starts here, before anything is loaded or written
+    msg = str(err.value)
+    assert msg.startswith("config error: model.device:") and "no CUDA device" in msg and "\n" not in msg
+    assert not (tmp_path / "artifacts").exists()
+
+
+def test_bad_device_name_is_a_config_error(tmp_path):
+    from loralens.config import ConfigError
+
+    with pytest.raises(ConfigError, match="model.device"):
+        parse_config({"home": str(tmp_path), "model": {"device": "gpu0"}})
+
+
+def test_versions_hash_the_resolved_dtype_not_auto(tiny_models, tmp_path):
+    """On a CPU `auto` means float32: the same version as an explicit float32 (and as homes made before `auto`),
+    another than bfloat16; the device is execution-only."""
+    base = {"home": str(tmp_path), "model": {"name": str(tiny_models["gpt2"])}}
+    auto = cache_version(parse_config(base)).version
+    explicit = cache_version(parse_config(base | {"model": base["model"] | {"dtype": "float32", "device": "cpu"}}))
+    bf16 = cache_version(parse_config(base | {"model": base["model"] | {"dtype": "bfloat16"}}))
+    if NO_CUDA:
+        assert auto == explicit.version
+    assert bf16.version != explicit.version

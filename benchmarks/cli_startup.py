@@ -25,11 +25,13 @@ from loralens.warehouse.db import connect, warehouse_path
 
 
 def wall(cmd: list[str], rounds: int, env: dict[str, str]) -> list[float]:
-    """Return the wall seconds of `rounds` runs of `cmd` (each must exit 0)."""
+    """Return the wall seconds of `rounds` runs of `cmd`; empty if it fails (a command this version lacks)."""
     out = []
     for _ in range(rounds):
         t0 = time.perf_counter()
-        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+        proc = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+        if proc.returncode != 0:
+            return []
         out.append(time.perf_counter() - t0)
     return out
 
@@ -60,13 +62,17 @@ def main() -> None:
     rows = []
     for name, cmd in cases.items():
         times = wall(cmd, args.rounds, env)
-        rows.append({"command": name, "best_s": min(times), "median_s": statistics.median(times), "runs": times})
+        rows.append({"command": name, "best_s": min(times, default=None),
+                     "median_s": statistics.median(times) if times else None, "runs": times})
 
     width = max(len(r["command"]) for r in rows)
     print(f"loralens {loralens.__version__} from {Path(loralens.__file__).parent}; {args.rounds} runs each, "
           f"{os.cpu_count()} CPUs")
     print(f"{'command':<{width}}  {'best s':>7}  {'median s':>8}")
     for r in rows:
+        if not r["runs"]:
+            print(f"{r['command']:<{width}}  {'failed':>7}  {'-':>8}")
+            continue
         print(f"{r['command']:<{width}}  {r['best_s']:>7.3f}  {r['median_s']:>8.3f}")
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / "cli_startup.json"

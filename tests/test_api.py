@@ -170,3 +170,17 @@ def test_quickstart_runs_on_the_home(planted_home, capsys, monkeypatch):
     trained = next(line for line in out.splitlines() if "trained lens:" in line)
     assert trained.split("trained lens: ")[1].startswith(json.dumps(TOXIC_WORD))
     assert "as is:" in out and f"without {HEAD}:" in out
+
+
+def test_stage_chain_names_the_versions_the_run_made(planted_home):
+    from loralens.config import parse_config
+    from loralens.tasks.chain import stage_chain
+
+    config, results, _path = planted_home
+    cfg = parse_config(config)
+    chain = stage_chain(cfg)
+    assert {stage: ver.version for stage, ver in chain.items()} == {
+        stage: results[stage]["version"] for stage in ("cache", "train", "decode", "attribute")}
+    assert list(stage_chain(cfg, "train", chain["cache"])) == ["cache", "train"]
+    with pytest.raises(ValueError, match="through: expected one of"):
+        stage_chain(cfg, "intervene")

@@ -1,4 +1,4 @@
-"""The `loralens` command line: run the pipeline, show artifact status, verify artifact checksums."""
+"""The `loralens` command line: run the pipeline, inspect heads, query the warehouse, check and clean artifacts."""
 
 from __future__ import annotations
 
@@ -9,9 +9,13 @@ import json
 import logging
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from loralens.defaults import default_home
 from loralens.warehouse.constants import ARTIFACTS_DIR, STAGES
+
+if TYPE_CHECKING:
+    from loralens.warehouse.artifacts import ArtifactDir
 
 # Errors a user can fix; they print as one line instead of a traceback. Named by (module, class) and looked up only
 # in modules already imported (a command that never imported a module cannot raise its errors), so that start-up
@@ -148,7 +152,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
-def version_dirs(home: Path, stage: str | None = None) -> list:
+def version_dirs(home: Path, stage: str | None = None) -> list[ArtifactDir]:
     """Return every version folder under `home` (of `stage` only, if given), by stage then version.
 
     Dot-folders are not versions: temp files, gc trash (`.trash-`), a forced rebuild's backup (`.replaced-`).

@@ -13,7 +13,7 @@
 
 Heads are `(layer, head)` pairs or strings like "L21H3,L5H0". Tables are pyarrow Tables (`.to_pylist()`, or
 `.to_pandas()` with pandas installed). Decoding runs the same functions as the pipeline's cache and decode stages
-(`cache_batch`, `lens_inputs`, `head_logits_both`, `top_k`), so it gives what the decode stage stores.
+(`cache_batch`, `lens_inputs`, `read_heads`, `decodings_block`), so it gives what the decode stage stores.
 """
 
 from __future__ import annotations
@@ -30,19 +30,20 @@ import torch
 
 from loralens.config import parse_config
 from loralens.defaults import default_home
-from loralens.lens.attribution import expected_toxicity
+from loralens.lens.attribution import toxic_direction
 from loralens.lens.caching import cache_batch, from_storage, tokenize_prompts
 from loralens.lens.interventions import KINDS, Head, ablate, format_heads, parse_head_list
 from loralens.lens.lean import LeanModel
 from loralens.lens.models import LoadedModel, model_context_length
 from loralens.lens.models import load_model as _load_model
-from loralens.lens.readout import LENSES, HeadReader, TopK, head_logits_both, lens_inputs, row_chunks, top_k
+from loralens.lens.readout import HeadReader, lens_inputs, read_heads, row_chunks
 from loralens.lens.vocab_toxicity import token_texts
 from loralens.tasks.readout import cached_layers, load_reader
 from loralens.tasks.stage_versions import StageVersion
 from loralens.warehouse.artifacts import ArtifactDir
-from loralens.warehouse.constants import STAGES, VOCAB_TOXICITY_FILE
+from loralens.warehouse.constants import STAGES, TOKEN_TOXICITY_FILE
 from loralens.warehouse.db import connect, warehouse_path
+from loralens.warehouse.decodings import decodings_block
 
 __all__ = ["KINDS", "ApiError", "Decoding", "Home", "Lenses", "ablate", "load_model", "open_home", "parse_heads"]
 
@@ -163,9 +164,10 @@ class Decoding:
     """Top tokens of some heads at each position of one text, under the trained and the logit lens.
 
     `table` has one row per (position, layer, head, lens, rank): position, input_token, layer, head, lens
-    ("trained" | "logit"), rank (1 = most likely), token_id, token, logit, prob (full-softmax probability) and
-    expected_toxicity (`sum_v p(v) tox(v)` of that head and lens at that position; NaN without an attribute
-    version for these lenses). `tokens` are the text's tokens, one per position.
+    ("trained" | "logit"), rank (1 = most likely), token_id, token, logit, prob (full-softmax probability),
+    expected_toxicity (`sum_v p(v) tox(v)` of that head and lens at that position) and direct_logit (the head's
+    logit push along the toxic direction, the same under both lenses); the last two are NaN without a decode
+    version of these lenses (its token toxicity). `tokens` are the text's tokens, one per position.
     """
 
     tokens: list[str]
@@ -194,7 +196,7 @@ class Lenses:
     reader: HeadReader
     lean: LeanModel  # frozen parts, tokenizer, model folder, fingerprint
     cache_config: dict[str, Any]  # the cache version's config: model, corpus, cache settings
-    vocab_tox: torch.Tensor | None  # [V] token toxicity of the newest attribute version built on these lenses
+    vocab_tox: torch.Tensor | None  # [V] token toxicity of the newest decode version of these lenses
     _model: LoadedModel | None = field(default=None, repr=False)
     _texts: np.ndarray | None = field(default=None, repr=False)
 
@@ -207,7 +209,7 @@ class Lenses:
         cfg = parse_config({"home": str(home.path), "model": cache_manifest["config"]["model"]})
         lean, reader = load_reader(cfg, train_ver, layers)
         return cls(home=home, version=version, layers=layers, reader=reader, lean=lean,
-                   cache_config=cache_manifest["config"], vocab_tox=_vocab_toxicity(home, version, lean.dims.vocab))
+                   cache_config=cache_manifest["config"], vocab_tox=_token_toxicity(home, version))
 
     @property
     def n_heads(self) -> int:
@@ -258,17 +260,29 @@ class Lenses:
         scale = torch.from_numpy(arrays.scale[positions].astype(np.float32))
         texts = self.token_texts()
         input_tokens = texts[np.asarray(ids)].tolist()
+        vocab = self.lean.dims.vocab
+        tox = self.vocab_tox if self.vocab_tox is not None else torch.zeros(vocab)
+        toxic_dir = toxic_direction(self.reader.unembed.W, tox)
         blocks = []
         for layer in layers:
             keep = pa.array([h for lay, h in wanted if lay == layer], pa.int16())
             z = from_storage(arrays.z[layer][positions], store)
             for rows in row_chunks(len(positions), chunk):
                 x = lens_inputs(z[rows], scale[rows], self.reader.w_o[layer])  # [n, H, d]
-                for lens, logits in zip(LENSES, head_logits_both(self.reader.banks[layer], x), strict=True):
-                    tox = None if self.vocab_tox is None else expected_toxicity(logits, self.vocab_tox)  # [n, H]
-                    block = _rows(layer, lens, positions[rows], top_k(logits, k), tox, texts)
+                read = read_heads(self.reader.banks[layer], x, k, tox, toxic_dir)  # the decode stage's readout
+                for lens in ("trained", "logit"):
+                    top = getattr(read, lens).top  # [n, H, k]
+                    block = decodings_block(0, layer, lens, np.zeros(len(x), np.int32), positions[rows],
+                                            top.ids.numpy(), top.logits.numpy(), top.probs.numpy(), texts)
+                    per_head = {"expected_toxicity": getattr(read, lens).expected_toxicity, "direct_logit":
+                                read.direct_logit}  # [n, H] each
+                    for name, values in per_head.items():
+                        col = np.repeat(values.numpy().reshape(-1).astype(np.float32), top.ids.shape[-1])
+                        if self.vocab_tox is None:
+                            col[:] = np.nan
+                        block = block.append_column(name, pa.array(col, pa.float32()))
                     blocks.append(block.filter(pc.is_in(block["head"], keep)))
-        table = pa.concat_tables(blocks)
+        table = pa.concat_tables(blocks).drop_columns(["shard", "prompt_idx"])
         table = table.add_column(1, "input_token", pa.array([input_tokens[p] for p in table["position"].to_pylist()],
                                                              pa.string()))
         table = table.sort_by([("position", "ascending"), ("layer", "ascending"), ("head", "ascending"),
@@ -280,29 +294,8 @@ class Lenses:
         if self._texts is None:
             tok = self.lean.tokenizer
             vocab = self.lean.dims.vocab
-            self._texts = np.array(token_texts(tok) + [""] * max(0, vocab - len(tok)), dtype=object)
+            self._texts = np.array((token_texts(tok) + [""] * vocab)[:vocab], dtype=object)  # as decode stores them
         return self._texts
-
-
-def _rows(layer: int, lens: str, positions: np.ndarray, top: TopK, tox: torch.Tensor | None,
-          texts: np.ndarray) -> pa.Table:
-    """Return one row per (position, head, rank) of one layer under one lens (top `[n, H, k]`, tox `[n, H]`)."""
-    n, heads, k = top.ids.shape
-    per_pos = heads * k
-    ids = top.ids.numpy().reshape(-1)
-    exp_tox = np.full(n * per_pos, np.nan, np.float32) if tox is None else np.repeat(tox.numpy().reshape(-1), k)
-    return pa.table({
-        "position": pa.array(np.repeat(positions.astype(np.int32), per_pos)),
-        "layer": pa.array(np.full(n * per_pos, layer, dtype=np.int16)),
-        "head": pa.array(np.tile(np.repeat(np.arange(heads, dtype=np.int16), k), n)),
-        "lens": pa.array([lens] * (n * per_pos), pa.string()),
-        "rank": pa.array(np.tile(np.arange(1, k + 1, dtype=np.int16), n * heads)),
-        "token_id": pa.array(ids.astype(np.int32)),
-        "token": pa.array(texts[ids], pa.string()),
-        "logit": pa.array(top.logits.numpy().reshape(-1).astype(np.float32)),
-        "prob": pa.array(top.probs.numpy().reshape(-1).astype(np.float32)),
-        "expected_toxicity": pa.array(exp_tox.astype(np.float32)),
-    })
 
 
 def _positions(position: str | int, n: int) -> np.ndarray:
@@ -323,21 +316,13 @@ def _ranges(layers: list[int]) -> str:
     return ", ".join(map(str, layers))
 
 
-def _vocab_toxicity(home: Home, train_version: str, vocab: int) -> torch.Tensor | None:
-    """Return `[V]` token toxicity of the newest complete attribute version built on these lenses, or None."""
-    for decode in home.versions("decode").to_pylist():
-        if decode["status"] != "complete" or train_version not in (decode["parents"] or []):
-            continue
-        attribute = home.latest("attribute", parent=decode["version"])
-        if attribute is None:
-            continue
-        import pyarrow.parquet as pq
+def _token_toxicity(home: Home, train_version: str) -> torch.Tensor | None:
+    """Return `[V]` token toxicity of the newest complete decode version of these lenses (what it read them with),
+    or None when there is none."""
+    decode = home.latest("decode", parent=train_version)
+    if decode is None:
+        return None
+    import pyarrow.parquet as pq
 
-        vt = pq.read_table(ArtifactDir(home.path, "attribute", attribute).path / VOCAB_TOXICITY_FILE,
-                           columns=["token_id", "score"])
-        tox = torch.zeros(vocab)
-        ids = torch.from_numpy(vt.column("token_id").to_numpy().astype(np.int64))
-        tox[ids] = torch.from_numpy(vt.column("score").to_numpy().astype(np.float32))
-        return tox
-    return None
-
+    table = pq.read_table(ArtifactDir(home.path, "decode", decode).path / TOKEN_TOXICITY_FILE, columns=["score"])
+    return torch.from_numpy(table.column("score").to_numpy().astype(np.float32))

@@ -73,6 +73,17 @@ def test_decode_equals_what_the_decode_stage_stored(planted_home):
     key = ("position", "layer", "head", "lens", "rank", "token_id", "token")
     assert [tuple(r[c] for c in key) for r in got] == [tuple(r[c] for c in key) for r in stored]
     np.testing.assert_allclose([r["prob"] for r in got], [r["prob"] for r in stored], rtol=1e-4, atol=1e-6)
+    # The per-head readouts (expected token toxicity under each lens, direct logit attribution) too.
+    import pyarrow.parquet as pq
+
+    readouts = pq.read_table(Path(results["decode"]["path"]) / "readouts", filters=[("prompt_idx", "=", idx)])
+    stored_reads = {(r["layer"], r["head"]): r for r in readouts.to_pylist()}
+    assert len(stored_reads) == 12
+    for r in got:
+        want = stored_reads[(r["layer"], r["head"])]
+        assert r["position"] == want["position"]
+        assert r["expected_toxicity"] == pytest.approx(want[f"{r['lens']}_tox"], rel=1e-4, abs=1e-7)
+        assert r["direct_logit"] == pytest.approx(want["dla"], rel=1e-4, abs=1e-6)
     # One head at every position: the last row block is the same as above.
     one = lenses.decode(text, heads=HEAD, k=5)
     assert one.table.num_rows == len(one.tokens) * 2 * 5

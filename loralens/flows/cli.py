@@ -240,7 +240,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
                                                   g["lens"] != "trained"))
     for g in rows:
         tox = g["expected_toxicity"]
-        g["expected_toxicity"] = None if tox is None or tox != tox else round(tox, 4)  # NaN: no attribute version
+        g["expected_toxicity"] = None if tox is None or tox != tox else round(tox, 4)  # NaN: no decode version
     if args.format == "json":
         print(json.dumps({"train_version": lenses.version, "prompt": args.prompt, "rows": rows}, indent=1,
                          ensure_ascii=False))

@@ -1,1 +1,24 @@
+"""Lora Lens: find and remove the attention heads that make a language model toxic, with per-head low-rank lenses.
+
+The public API (see the README's "Python API"), imported on first use so that `import loralens` stays light:
+
+- `loralens.open(path)` -> `Home`: versions, head scores, interventions, SQL on the warehouse (read-only);
+- `Home.lenses()` -> `Lenses`, whose `decode(text, heads, k)` gives each head's top tokens under both lenses;
+- `loralens.ablate(model, heads, kind="zero")`: a context manager editing heads of a loaded HF model;
+- `loralens.load_model(name)`: a frozen HF causal LM (embedded alias, local folder or hub id).
+"""
+
 __version__ = "0.1.0"
+
+_API = {"open": "open_home", "load_model": "load_model", "ablate": "ablate", "Home": "Home", "Lenses": "Lenses",
+        "Decoding": "Decoding", "ApiError": "ApiError", "parse_heads": "parse_heads"}
+__all__ = ["__version__", *_API]
+
+
+def __getattr__(name: str):
+    """Import the API module on first access of one of its names (it imports torch)."""
+    if name in _API:
+        from loralens import api
+
+        return getattr(api, _API[name])
+    raise AttributeError(f"module 'loralens' has no attribute {name!r}")

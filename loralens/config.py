@@ -9,6 +9,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from loralens.defaults import default_home
+
 DEFAULT_MODEL = "smollm2-135m-instruct"
 DEFAULT_CORPUS = ("bundled:rtp_toxic_dev", "bundled:rtp_nontoxic_dev")
 
@@ -219,11 +221,6 @@ class PipelineConfig(_Strict):
         return home.expanduser().resolve()
 
 
-def default_home() -> Path:
-    """Return the project's home folder: $LORALENS_HOME or ./.loralens."""
-    return Path(os.environ.get("LORALENS_HOME", ".loralens")).expanduser().resolve()
-
-
 def _one_line(err: ValidationError) -> str:
     first = err.errors()[0]
     key = ".".join(str(p) for p in first["loc"])
@@ -247,8 +244,10 @@ def load_config(path: str | os.PathLike[str] | None) -> PipelineConfig:
     if path is None:
         return parse_config({})
     p = Path(path)
+    if p.is_dir():
+        raise ConfigError(f"config error: {p} is a directory, not a config file")
     try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+        data = yaml.safe_load(p.read_text(encoding="utf-8-sig"))  # a leading byte-order mark is dropped
     except FileNotFoundError:
         raise ConfigError(f"config error: file not found: {p}") from None
     except (yaml.YAMLError, UnicodeDecodeError) as err:

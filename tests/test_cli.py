@@ -66,3 +66,97 @@ def test_unsupported_architecture_fails_before_loading_weights(tmp_path):
                             intermediate_size=64).save_pretrained(folder)
     with pytest.raises(UnsupportedArchitectureError, match="unsupported architecture 'bert'; supported model types"):
         load_model(str(folder), tmp_path)
+
+
+# -- a fast, quiet command line ----------------------------------------------------------------------------
+def test_start_up_imports_nothing_heavy():
+    """`loralens --help` (and the parser of every command) imports neither torch, Prefect nor pydantic."""
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom loralens.flows.cli import build_parser\nbuild_parser()\n"
+            "print(sorted(m for m in ('torch', 'prefect', 'pydantic', 'transformers', 'duckdb', 'pyarrow') "
+            "if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
+    assert out.stdout.strip() == "[]"
+
+
+def test_every_option_has_help_and_only_lists_the_stages():
+    from loralens.flows.cli import build_parser
+    from loralens.warehouse.constants import STAGES
+
+    parser = build_parser()
+    commands = next(a for a in parser._actions if a.dest == "command").choices
+    assert {"run", "status", "verify", "sql", "inspect", "gc", "plan"} <= set(commands)
+    for name, sub in commands.items():
+        for action in sub._actions:
+            assert action.help, f"loralens {name} {action.option_strings or action.dest} has no help text"
+    only = next(a for a in commands["run"]._actions if a.dest == "only")
+    assert all(stage in only.help for stage in STAGES)
+
+
+def test_bad_command_line_is_one_line(capsys):
+    assert main(["run", "--bogus"]) == 2
+    assert capsys.readouterr().err == "loralens: error: unrecognized arguments: --bogus (see `loralens --help`)\n"
+    assert main(["inspect", "L0H0", "--prompt", "x", "--k", "ten"]) == 2
+    assert capsys.readouterr().err == ("loralens: error: argument --k: invalid int value: 'ten' "
+                                       "(see `loralens inspect --help`)\n")
+
+
+def test_directory_as_prompt_file_or_config_says_so(tmp_path, capsys):
+    folder = tmp_path / "prompts"
+    folder.mkdir()
+    config = tmp_path / "c.yaml"
+    config.write_text(f"corpus:\n  paths: [{folder}]\n")
+    assert main(["run", "--config", str(config), "--home", str(tmp_path / "home")]) == 2
+    assert capsys.readouterr().err == (f"loralens: error: prompt file {folder} is a directory, not a file (list "
+                                       "the files inside it instead)\n")
+    assert main(["run", "--config", str(folder), "--home", str(tmp_path / "home")]) == 2
+    assert capsys.readouterr().err == f"loralens: error: config error: {folder} is a directory, not a config file\n"
+    assert not (tmp_path / "home").exists()
+
+
+def test_utf8_byte_order_mark_is_accepted(tmp_path):
+    from loralens.config import load_config
+    from loralens.warehouse.corpus import load_corpus
+
+    bom = b"\xef\xbb\xbf"
+    jsonl, txt, config = tmp_path / "p.jsonl", tmp_path / "q.txt", tmp_path / "c.yaml"
+    jsonl.write_bytes(bom + b'{"id": "a", "text": "caf\xc3\xa9 au lait", "toxicity": 0.2}\n{"text": "second"}\n')
+    txt.write_bytes(bom + b"first line\r\nsecond line\r\n")
+    config.write_bytes(bom + b"cache:\n  batch_size: 3\n")
+    corpus = load_corpus([str(jsonl), str(txt)])
+    assert [p.text for p in corpus.prompts] == ["café au lait", "second", "first line", "second line"]
+    assert corpus.prompts[0].id == "p/a" and corpus.prompts[0].toxicity == 0.2
+    assert load_config(config).cache.batch_size == 3
+
+
+def test_user_error_inside_a_flow_is_one_line_and_stays_in_the_flow_run_log(prefect_server, tiny_models, tmp_path):
+    """Prefect's own lines about the failure (traceback, 'Finished in state Failed') stay off the terminal and in
+    the flow run's log."""
+    import os
+    import subprocess
+    import sys
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+    from prefect.settings import PREFECT_API_URL
+
+    config = tmp_path / "c.yaml"
+    config.write_text(f"model:\n  name: {tiny_models['llama']}\ncorpus:\n  max_prompts_per_file: 4\n")
+    env = os.environ | {"PREFECT_API_URL": str(PREFECT_API_URL.value())}  # reuse the test server: no start-up
+    proc = subprocess.run([sys.executable, "-m", "loralens.flows.cli", "run", "--config", str(config), "--only",
+                           "decode", "--home", str(tmp_path / "home")], capture_output=True, text=True, env=env,
+                          timeout=120)
+    assert proc.returncode == 2
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    errors = [ln for ln in lines if not ln.startswith("INFO ")]  # progress: the flow run started, its URL
+    assert errors == [f"loralens: error: missing upstream artifact: train version {errors[0].split()[7]} is not "
+                      "complete; run `loralens run --only train` first"], proc.stderr
+    assert not any("Failed" in ln or "Traceback" in ln for ln in lines), proc.stderr
+    with get_client(sync_client=True) as client:
+        runs = client.read_flow_runs(sort="START_TIME_DESC", limit=1)
+        logs = client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[runs[0].id])))
+    assert runs[0].state.is_failed()
+    assert any("missing upstream artifact" in log.message and "Finished in state Failed" in log.message
+               for log in logs), [log.message for log in logs]

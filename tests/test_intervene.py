@@ -78,15 +78,12 @@ def test_stage_writes_every_condition_once_and_rerun_is_skipped(run):
 
 def test_random_controls_are_reproducible_and_avoid_attributed_heads(run):
     from loralens.config import parse_config
-    from loralens.tasks.attribute import attribute_version
-    from loralens.tasks.cache import cache_version
-    from loralens.tasks.decode import decode_version
+    from loralens.tasks.chain import stage_chain
     from loralens.tasks.intervene import intervene_version
-    from loralens.tasks.train import train_version
 
     cfg = parse_config(run[0])
-    cache = cache_version(cfg)
-    attribute = attribute_version(cfg, decode_version(cfg, train_version(cfg, cache)))
+    chain = stage_chain(cfg)
+    cache, attribute = chain["cache"], chain["attribute"]
     ver_a, conds_a = intervene_version(cfg, attribute, cache)
     ver_b, conds_b = intervene_version(cfg, attribute, cache)
     assert ver_a.version == ver_b.version == run[1]["intervene"]["version"] and conds_a == conds_b
@@ -170,15 +167,12 @@ def test_generation_split_over_workers_equals_one_run(run, tmp_path):
     assert first["partial"] and first["units_done"] == 3 and first["units_left"] == first["n_units"] - 3
     assert not (homes[1] / "artifacts" / "intervene" / version / "manifest.json").exists()
     from loralens.config import parse_config
-    from loralens.tasks.attribute import attribute_version
-    from loralens.tasks.cache import cache_version
-    from loralens.tasks.decode import decode_version
+    from loralens.tasks.chain import stage_chain
     from loralens.tasks.intervene import generation_units, intervene_version
-    from loralens.tasks.train import train_version
 
     pcfg = parse_config(split)
-    cache = cache_version(pcfg)
-    _, conds = intervene_version(pcfg, attribute_version(pcfg, decode_version(pcfg, train_version(pcfg, cache))), cache)
+    chain = stage_chain(pcfg)
+    _, conds = intervene_version(pcfg, chain["attribute"], chain["cache"])
     rest = [u for u in generation_units(pcfg, conds) if u not in (0, 1, 2)]
     assert intervene_heads(config=split, units=rest)["units_left"] == 0
     final = intervene_heads(config=split)
@@ -242,17 +236,14 @@ def test_evaluation_prompts_are_held_out_from_the_attribution_corpus(tmp_path):
 
 def test_head_sets_from_sql_and_lists_resolve_and_bad_ones_are_config_errors(run):
     from loralens.config import ConfigError, parse_config
-    from loralens.tasks.attribute import attribute_version
-    from loralens.tasks.cache import cache_version
+    from loralens.tasks.chain import stage_chain
     from loralens.tasks.conditions import ranked_heads
-    from loralens.tasks.decode import decode_version
     from loralens.tasks.intervene import intervene_version
-    from loralens.tasks.train import train_version
 
     def conditions(head_sets: list[dict]):
         cfg = parse_config({**run[0], "intervene": {**INTERVENE, "head_sets": head_sets}})
-        cache = cache_version(cfg)
-        attribute = attribute_version(cfg, decode_version(cfg, train_version(cfg, cache)))
+        chain = stage_chain(cfg)
+        cache, attribute = chain["cache"], chain["attribute"]
         return attribute, intervene_version(cfg, attribute, cache)
 
     sql = "SELECT layer, head FROM head_scores WHERE method = 'direct_logit' AND rank <= 2"

@@ -10,21 +10,17 @@ from prefect.artifacts import create_markdown_artifact
 
 from loralens.config import PipelineConfig
 from loralens.flows.common import resolve_config, run_stage_task
-from loralens.tasks.attribute import attribute_task, attribute_version
-from loralens.tasks.cache import cache_version
-from loralens.tasks.decode import decode_version
+from loralens.tasks.attribute import attribute_task
+from loralens.tasks.chain import stage_chain
 from loralens.tasks.stage_versions import StageVersion
-from loralens.tasks.train import train_version
 
 
 def attribute_stage(cfg: PipelineConfig, cache_ver: StageVersion | None = None, force: bool = False,
                     verify: bool = False) -> dict[str, Any]:
     """Run the attribute task keyed by its version; attach the top-heads table and heatmaps to the flow run."""
-    cache_ver = cache_ver or cache_version(cfg)
-    train_ver = train_version(cfg, cache_ver)
-    decode_ver = decode_version(cfg, train_ver)
-    ver = attribute_version(cfg, decode_ver)
-    summary = run_stage_task(attribute_task, cfg, ver, decode_ver, train_ver, cache_ver, force=force,
+    chain = stage_chain(cfg, "attribute", cache_ver)
+    ver = chain["attribute"]
+    summary = run_stage_task(attribute_task, cfg, ver, chain["decode"], chain["train"], chain["cache"], force=force,
                              verify=verify)
     report = Path(summary["report"]).read_text(encoding="utf-8")
     heatmaps = "\n".join(f"- {m}: `{p}`" for m, p in summary["heatmaps"].items())

@@ -1,4 +1,4 @@
-"""The `loralens` command line: run the pipeline, show artifact status, verify artifact checksums."""
+"""The `loralens` command line: run the pipeline, inspect heads, query the warehouse, check and clean artifacts."""
 
 from __future__ import annotations
 
@@ -9,26 +9,47 @@ import json
 import logging
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from loralens.config import ConfigError, default_home, load_config
-from loralens.lens.adapters import UnsupportedArchitectureError
-from loralens.lens.lean import LeanLoadError
-from loralens.lens.models import ModelLoadError
-from loralens.lens.plan import PlanError
-from loralens.lens.readout import LensMismatchError
-from loralens.lens.scorers import ScorerError
-from loralens.lens.stage_memory import MemoryBudgetError
-from loralens.tasks.report import stage_detail
-from loralens.tasks.train import TrainingInterrupted
-from loralens.warehouse.artifacts import ArtifactDir, ArtifactError
-from loralens.warehouse.constants import ARTIFACTS_DIR
-from loralens.warehouse.corpus import CorpusError
-from loralens.warehouse.db import WarehouseLockedError, list_artifacts, warehouse_path
+from loralens.defaults import default_home
+from loralens.warehouse.constants import ARTIFACTS_DIR, STAGES
 
-# Errors a user can fix; they print as one line instead of a traceback.
-USER_ERRORS = (ConfigError, CorpusError, ModelLoadError, UnsupportedArchitectureError, ArtifactError,
-               WarehouseLockedError, TrainingInterrupted, PlanError, LensMismatchError, ScorerError,
-               MemoryBudgetError, LeanLoadError)
+if TYPE_CHECKING:
+    from loralens.warehouse.artifacts import ArtifactDir
+
+# Errors a user can fix; they print as one line instead of a traceback. Named by (module, class) and looked up only
+# in modules already imported (a command that never imported a module cannot raise its errors), so that start-up
+# imports none of them: `loralens --help` and `loralens sql` never import torch or Prefect.
+USER_ERROR_CLASSES = (
+    ("loralens.config", "ConfigError"), ("loralens.warehouse.corpus", "CorpusError"),
+    ("loralens.lens.models", "ModelLoadError"), ("loralens.lens.adapters", "UnsupportedArchitectureError"),
+    ("loralens.warehouse.artifacts", "ArtifactError"), ("loralens.warehouse.db", "WarehouseLockedError"),
+    ("loralens.tasks.train", "TrainingInterrupted"), ("loralens.lens.plan", "PlanError"),
+    ("loralens.lens.readout", "LensMismatchError"), ("loralens.lens.scorers", "ScorerError"),
+    ("loralens.lens.stage_memory", "MemoryBudgetError"), ("loralens.lens.lean", "LeanLoadError"),
+    ("loralens.api", "ApiError"),
+)
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """Return the user-error classes of the modules imported so far."""
+    return tuple(getattr(sys.modules[mod], name) for mod, name in USER_ERROR_CLASSES if mod in sys.modules)
+
+
+def is_user_error(err: BaseException | None) -> bool:
+    """Return True when `err` is an error the user can fix (printed as one line, exit 2)."""
+    return err is not None and isinstance(err, user_errors())
+
+
+def _home(args: argparse.Namespace) -> Path:
+    """Return the project home of a command: --home, else the config file's home, else the default."""
+    if args.home:
+        return Path(args.home).expanduser().resolve()
+    if getattr(args, "config", None):
+        from loralens.config import load_config
+
+        return load_config(args.config).home
+    return default_home()
 
 
 def format_table(rows: list[dict], columns: list[str]) -> str:
@@ -52,15 +73,21 @@ def human_bytes(n: int | None) -> str:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from loralens.flows.pipeline import STAGES, pipeline
+    from loralens.config import ConfigError, load_config
+    from loralens.warehouse.corpus import load_corpus
 
     cfg = load_config(args.config)  # validate before Prefect starts its server
     if args.only is not None and args.only not in STAGES:
         raise ConfigError(f"unknown stage '{args.only}'; stages: {', '.join(STAGES)}")
-    quiet_user_error_tracebacks()
-    overrides = {"home": str(args.home)} if args.home else None
     if args.workers < 1:
         raise ConfigError(f"--workers: must be >= 1, got {args.workers}")
+    load_corpus(cfg.corpus.paths, cfg.corpus.max_prompts_per_file)  # a bad prompt file: one line, no flow run
+    from loralens.flows.pipeline import pipeline
+    from loralens.tasks.report import stage_detail
+    from loralens.warehouse.db import warehouse_path
+
+    quiet_user_error_logs()
+    overrides = {"home": str(args.home)} if args.home else None
     results = pipeline(config_path=args.config, config=overrides, only=args.only, force=args.force,
                        workers=args.workers, verify=args.verify)
     rows = [{"stage": stage, "version": res["version"], "result": "cached" if res.get("cached") else "done",
@@ -73,23 +100,43 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
-class _DropUserErrorTraceback(logging.Filter):
-    """Prefect logs a failed run's exception with its traceback; a user error is printed as one line instead."""
+# What Prefect's engines log about a failed run: the exception with its traceback, then the final state.
+_FAILURE_MARKS = ("Encountered exception", "encountered an exception", "Finished in state Failed",
+                  "Task run failed with exception", "Flow run failed", "Crashed")
+
+
+class _DropUserErrorLines(logging.Filter):
+    """Keep Prefect's lines about a run that failed on a user error off the terminal (the CLI prints one line).
+
+    Installed on the terminal handlers only: the flow-run log (Prefect's API handler) keeps every line.
+    """
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.exc_info and isinstance(record.exc_info[1], USER_ERRORS):
-            record.exc_info, record.exc_text = None, None
-        return True
+        if record.exc_info and is_user_error(record.exc_info[1]):
+            return False
+        if not record.name.startswith("prefect") or record.levelno < logging.INFO:
+            return True
+        message = record.getMessage()
+        if not any(mark in message for mark in _FAILURE_MARKS):
+            return True
+        return not any(f"{cls.__name__}:" in message or f"{cls.__name__}(" in message for cls in user_errors())
 
 
-def quiet_user_error_tracebacks() -> None:
-    """Install the filter on the loggers Prefect's flow and task engines report failures on."""
-    for name in ("prefect.flow_runs", "prefect.task_runs", "prefect.flows", "prefect.tasks"):
-        logging.getLogger(name).addFilter(_DropUserErrorTraceback())
+def quiet_user_error_logs() -> None:
+    """Install the filter on every terminal handler of the root and Prefect loggers (not on Prefect's API ones)."""
+    from prefect.logging.handlers import APILogHandler
+
+    for name in (None, "prefect", "prefect.flow_runs", "prefect.task_runs"):
+        for handler in logging.getLogger(name).handlers:
+            if not isinstance(handler, APILogHandler) and not any(
+                    isinstance(f, _DropUserErrorLines) for f in handler.filters):
+                handler.addFilter(_DropUserErrorLines())
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    home = Path(args.home).resolve() if args.home else load_config(args.config).home
+    from loralens.warehouse.db import list_artifacts, warehouse_path
+
+    home = _home(args)
     registered = {a["version"]: a for a in list_artifacts(warehouse_path(home))}
     rows = []
     for adir in version_dirs(home):
@@ -110,6 +157,8 @@ def version_dirs(home: Path, stage: str | None = None) -> list[ArtifactDir]:
 
     Dot-folders are not versions: temp files, gc trash (`.trash-`), a forced rebuild's backup (`.replaced-`).
     """
+    from loralens.warehouse.artifacts import ArtifactDir
+
     out = []
     for stage_dir in sorted((home / ARTIFACTS_DIR).glob("*")):
         if not stage_dir.is_dir() or stage_dir.name.startswith(".") or stage not in (None, stage_dir.name):
@@ -120,12 +169,12 @@ def version_dirs(home: Path, stage: str | None = None) -> list[ArtifactDir]:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from loralens.flows.pipeline import STAGES
+    from loralens.config import ConfigError
     from loralens.tasks.stage_versions import reopen_changed
 
     if args.stage is not None and args.stage not in STAGES:
         raise ConfigError(f"unknown stage '{args.stage}'; stages: {', '.join(STAGES)}")
-    home = Path(args.home).resolve() if args.home else load_config(args.config).home
+    home = _home(args)
     rows, bad_total = [], 0
     for adir in version_dirs(home, args.stage):
         manifest = adir.manifest()
@@ -151,10 +200,10 @@ def cmd_verify(args: argparse.Namespace) -> int:
 def cmd_sql(args: argparse.Namespace) -> int:
     import duckdb
 
-    from loralens.warehouse.db import connect
+    from loralens.warehouse.artifacts import ArtifactError
+    from loralens.warehouse.db import connect, warehouse_path
 
-    home = Path(args.home).resolve() if args.home else load_config(args.config).home
-    db = warehouse_path(home)
+    db = warehouse_path(_home(args))
     if not db.exists():
         raise ArtifactError(f"no warehouse at {db}; run the pipeline first")
     with connect(db, read_only=True) as con:
@@ -169,10 +218,47 @@ def cmd_sql(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from transformers.utils import logging as hf_logging
+
+    import loralens
+
+    hf_logging.disable_progress_bar()  # the model loads in a second: no bar on the terminal
+    home = loralens.open(_home(args))
+    heads = loralens.parse_heads(" ".join(args.heads))
+    lenses = home.lenses(args.version)
+    decoding = lenses.decode(args.prompt, heads=heads, k=args.k, position=args.position)
+    groups: dict[tuple, dict] = {}
+    for r in decoding.table.to_pylist():
+        key = (r["layer"], r["head"], r["position"], r["lens"])
+        g = groups.setdefault(key, {"head": f"L{r['layer']}H{r['head']}", "layer": r["layer"], "head_index": r["head"],
+                                    "position": r["position"], "input_token": r["input_token"], "lens": r["lens"],
+                                    "expected_toxicity": r["expected_toxicity"], "top": []})
+        g["top"].append({"token": r["token"], "prob": r["prob"]})
+    order = {(layer, h): i for i, (layer, h) in enumerate(heads)}
+    rows = sorted(groups.values(), key=lambda g: (order[(g["layer"], g["head_index"])], g["position"],
+                                                  g["lens"] != "trained"))
+    for g in rows:
+        tox = g["expected_toxicity"]
+        g["expected_toxicity"] = None if tox is None or tox != tox else round(tox, 4)  # NaN: no decode version
+    if args.format == "json":
+        print(json.dumps({"train_version": lenses.version, "prompt": args.prompt, "rows": rows}, indent=1,
+                         ensure_ascii=False))
+        return 0
+    quote = lambda t: json.dumps(t, ensure_ascii=False)  # noqa: E731 - shows leading spaces
+    table = [{"head": g["head"], "pos": g["position"], "token": quote(g["input_token"]), "lens": g["lens"],
+              "exp. toxicity": "-" if g["expected_toxicity"] is None else f"{g['expected_toxicity']:.4f}",
+              "top tokens (probability)": "  ".join(f"{quote(t['token'])} {t['prob']:.3f}" for t in g["top"])}
+             for g in rows]
+    print(f"train version {lenses.version}; prompt {quote(args.prompt)}")
+    print(format_table(table, ["head", "pos", "token", "lens", "exp. toxicity", "top tokens (probability)"]))
+    return 0
+
+
 def cmd_gc(args: argparse.Namespace) -> int:
     from loralens.warehouse.gc import collect_garbage, find_garbage
 
-    home = Path(args.home).resolve() if args.home else load_config(args.config).home
+    home = _home(args)
     garbage = find_garbage(home, keep_latest=args.keep_latest, include_incomplete=args.include_incomplete,
                            wait_s=args.wait)
     if not garbage:
@@ -205,7 +291,7 @@ def format_rows(columns: list[str], rows: list[tuple], fmt: str) -> str:
 
 def plan_config(args: argparse.Namespace):
     """Return the pipeline config of `loralens plan`: the config file (or defaults) with the given flags laid over."""
-    from loralens.config import parse_config
+    from loralens.config import load_config, parse_config
 
     base = load_config(args.config).model_dump(mode="json")
     if args.home:
@@ -225,8 +311,9 @@ def plan_config(args: argparse.Namespace):
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
+    from loralens.config import ConfigError, load_config
     from loralens.lens.lenses import LensConfig
-    from loralens.lens.plan import dims_of, load_model_config, plan_memory
+    from loralens.lens.plan import PlanError, dims_of, load_model_config, plan_memory
     from loralens.tasks.memory import predict_all
 
     if args.model is None and args.config is None:
@@ -269,64 +356,105 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+class UsageError(Exception):
+    """A bad command line (unknown option, bad value): printed as one line, exit 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line usage errors that point at `--help` (instead of the usage block and exit)."""
+
+    def error(self, message: str):  # noqa: D102 - argparse's hook
+        raise UsageError(f"{message} (see `{self.prog} --help`)")
+
+
+HOME_HELP = "project home (default: the config's home, else $LORALENS_HOME or ./.loralens)"
+CONFIG_HELP = "YAML config file; its `home` is used unless --home is given"
+
+
+def _home_options(p: argparse.ArgumentParser, config: bool = True) -> None:
+    if config:
+        p.add_argument("--config", metavar="FILE", help=CONFIG_HELP)
+    p.add_argument("--home", metavar="DIR", help=HOME_HELP)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Return the argument parser of the `loralens` command."""
-    parser = argparse.ArgumentParser(prog="loralens", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = _Parser(prog="loralens", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    stages = ", ".join(STAGES)
     run = sub.add_parser("run", help="run the pipeline (each stage skipped when its version is complete)")
-    run.add_argument("--config", help="YAML config file (defaults: embedded SmolLM2, bundled prompts)")
-    run.add_argument("--only", help="run only this stage")
+    run.add_argument("--config", metavar="FILE",
+                     help="YAML config file (default: embedded SmolLM2, bundled prompts)")
+    run.add_argument("--only", metavar="STAGE", help=f"run only this stage, one of: {stages}")
     run.add_argument("--force", action="store_true", help="redo the stage(s) even if complete")
-    run.add_argument("--workers", type=int, default=1,
+    run.add_argument("--workers", type=int, default=1, metavar="N",
                      help="split caching and generation over N mapped Prefect tasks (default 1)")
     run.add_argument("--verify", action="store_true",
                      help="re-hash (sha256) a complete version's files before reusing it, not just size and mtime")
-    run.add_argument("--home", help=f"project home (default $LORALENS_HOME or {default_home()})")
+    run.add_argument("--home", metavar="DIR", help="project home (default: the config's home, else $LORALENS_HOME "
+                                                   "or ./.loralens)")
     run.set_defaults(fn=cmd_run)
     status = sub.add_parser("status", help="show every stage's versions, state and size")
-    status.add_argument("--config")
-    status.add_argument("--home")
+    _home_options(status)
     status.set_defaults(fn=cmd_status)
     verify = sub.add_parser("verify", help="re-hash every file of every complete version against its manifest; "
                                            "reopen bad versions so the next run redoes them (exit 1 if any)")
-    verify.add_argument("stage", nargs="?", help="only this stage's versions (default: all stages)")
-    verify.add_argument("--config")
-    verify.add_argument("--home")
+    verify.add_argument("stage", nargs="?", metavar="STAGE", help=f"only this stage's versions, one of: {stages} "
+                                                                   "(default: all)")
+    _home_options(verify)
     verify.set_defaults(fn=cmd_verify)
     sql = sub.add_parser("sql", help="run a read-only SQL query on the warehouse (DuckDB) and print the result")
     sql.add_argument("query", help='e.g. "SELECT * FROM top_toxic_heads WHERE method = \'lens_contrast\'"')
-    sql.add_argument("--format", choices=("table", "csv", "json"), default="table")
-    sql.add_argument("--config")
-    sql.add_argument("--home")
+    sql.add_argument("--format", choices=("table", "csv", "json"), default="table",
+                     help="output format (default: table)")
+    _home_options(sql)
     sql.set_defaults(fn=cmd_sql)
+    inspect = sub.add_parser("inspect", help="decode heads on a prompt: top tokens under the trained lens and the "
+                                             "logit lens, from the newest complete versions in the home")
+    inspect.add_argument("heads", nargs="+", metavar="HEAD", help="heads as LxHy or LAYER.HEAD (e.g. L21H3 5.0)")
+    inspect.add_argument("--prompt", required=True, metavar="TEXT", help="the text to decode")
+    inspect.add_argument("--k", type=int, default=10, help="top tokens per head and lens (default 10)")
+    inspect.add_argument("--position", choices=("all", "last"), default="last",
+                         help="decode every position or only the last one, which predicts the next token "
+                              "(default: last)")
+    inspect.add_argument("--format", choices=("table", "json"), default="table", help="output format (default: "
+                                                                                      "table)")
+    inspect.add_argument("--version", metavar="TRAIN_VERSION",
+                         help="train version whose lenses to use (default: the newest complete one)")
+    _home_options(inspect)
+    inspect.set_defaults(fn=cmd_inspect)
     gc = sub.add_parser("gc", help="remove artifact versions nothing kept depends on (dry run unless --yes)")
     gc.add_argument("--yes", action="store_true", help="really delete (default: only list what would go)")
-    gc.add_argument("--keep-latest", type=int, default=1, help="newest complete versions kept per stage")
+    gc.add_argument("--keep-latest", type=int, default=1, metavar="N",
+                    help="newest complete versions kept per stage (default 1)")
     gc.add_argument("--include-incomplete", action="store_true",
                     help="also remove incomplete versions that are not their stage's newest attempt")
-    gc.add_argument("--wait", type=float, default=30.0, help="seconds to wait for another warehouse writer")
-    gc.add_argument("--config")
-    gc.add_argument("--home")
+    gc.add_argument("--wait", type=float, default=30.0, metavar="SECONDS",
+                    help="seconds to wait for another warehouse writer (default 30)")
+    _home_options(gc)
     gc.set_defaults(fn=cmd_gc)
     plan = sub.add_parser("plan", help="predict a config's sizes: lens parameters, training memory per rank, cache "
                                        "bytes per token, and every stage's peak memory")
-    plan.add_argument("--config", help="pipeline config file (default: the defaults); the flags below override it")
-    plan.add_argument("--model", help="config.json, model folder, embedded alias or hub id (default: the config's)")
-    plan.add_argument("--form", choices=("full", "lora", "residual"))
-    plan.add_argument("--rank", type=int)
-    plan.add_argument("--alpha", type=float)
-    plan.add_argument("--objective", choices=("joint", "per_head"))
-    plan.add_argument("--dtype", choices=("float32", "bfloat16"), help="lens parameter dtype")
-    plan.add_argument("--loss", choices=("exact", "subset"))
+    plan.add_argument("--config", metavar="FILE",
+                      help="pipeline config file (default: the defaults); the flags below override it")
+    plan.add_argument("--model", metavar="MODEL",
+                      help="config.json, model folder, embedded alias or hub id (default: the config's)")
+    plan.add_argument("--form", choices=("full", "lora", "residual"), help="lens form (train.form)")
+    plan.add_argument("--rank", type=int, help="adapter rank (train.rank)")
+    plan.add_argument("--alpha", type=float, help="LoRA scale numerator, scale = alpha / rank (train.alpha)")
+    plan.add_argument("--objective", choices=("joint", "per_head"), help="training objective (train.objective)")
+    plan.add_argument("--dtype", choices=("float32", "bfloat16"), help="lens parameter dtype (train.param_dtype)")
+    plan.add_argument("--loss", choices=("exact", "subset"), help="training loss (train.loss)")
     plan.add_argument("--base-dtype", choices=("bfloat16", "float32"),
-                      help="dtype of the frozen base projection in training")
-    plan.add_argument("--micro-batch-tokens", type=int)
-    plan.add_argument("--layers", type=int, help="number of layers trained (default all)")
-    plan.add_argument("--top-k", type=int, help="target top-k cached (default: 64 for the subset loss, else 0)")
-    plan.add_argument("--chunk", type=int, help="tokens per checkpointed loss chunk (train.loss_chunk)")
-    plan.add_argument("--world-size", type=int)
-    plan.add_argument("--zero-stage", type=int, choices=(0, 1, 2, 3))
-    plan.add_argument("--home", help="project home holding converted embedded models")
+                      help="dtype of the frozen base projection in training (train.base_dtype)")
+    plan.add_argument("--micro-batch-tokens", type=int, metavar="N", help="tokens per micro-batch and rank")
+    plan.add_argument("--layers", type=int, metavar="N", help="number of layers trained (default all)")
+    plan.add_argument("--top-k", type=int, metavar="K",
+                      help="target top-k cached (default: 64 for the subset loss, else 0)")
+    plan.add_argument("--chunk", type=int, metavar="N", help="tokens per checkpointed loss chunk (train.loss_chunk)")
+    plan.add_argument("--world-size", type=int, metavar="N", help="data-parallel training processes")
+    plan.add_argument("--zero-stage", type=int, choices=(0, 1, 2, 3), help="DeepSpeed ZeRO stage")
+    plan.add_argument("--home", metavar="DIR", help="project home holding converted embedded models")
     plan.set_defaults(fn=cmd_plan)
     return parser
 
@@ -335,11 +463,16 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the `loralens` console command."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
-    args = build_parser().parse_args(argv)
     try:
+        args = build_parser().parse_args(argv)
         return args.fn(args)
-    except USER_ERRORS as err:
+    except UsageError as err:
         print(f"loralens: error: {err}", file=sys.stderr)
+        return 2
+    except Exception as err:
+        if not is_user_error(err):
+            raise
+        print(f"loralens: error: {str(err).splitlines()[0] if str(err) else type(err).__name__}", file=sys.stderr)
         return 2
 
 

@@ -95,6 +95,7 @@ def _run_stage_task(stage_task: Task, cfg: PipelineConfig, ver: StageVersion, *a
     home = hashlib.sha256(str(cfg.home).encode()).hexdigest()[:12]  # absolute: resolved at validation
     key = f"loralens-{ver.stage}-{ver.version}-{home}"
     with results_under_home(cfg):
+        # The cache key of every stage task (one set on a task decorator would be overridden here).
         state = stage_task.with_options(refresh_cache=refresh, cache_key_fn=lambda *_: key)(
             cfg, ver, *args, force, return_state=True)
     summary = dict(state.result())

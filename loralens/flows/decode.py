@@ -8,18 +8,16 @@ from prefect import flow
 
 from loralens.config import PipelineConfig
 from loralens.flows.common import resolve_config, run_stage_task
-from loralens.tasks.cache import cache_version
-from loralens.tasks.decode import decode_task, decode_version
+from loralens.tasks.chain import stage_chain
+from loralens.tasks.decode import decode_task
 from loralens.tasks.stage_versions import StageVersion
-from loralens.tasks.train import train_version
 
 
 def decode_stage(cfg: PipelineConfig, cache_ver: StageVersion | None = None, force: bool = False,
                  verify: bool = False) -> dict[str, Any]:
     """Run the decode task keyed by its version (the train version is its input)."""
-    cache_ver = cache_ver or cache_version(cfg)
-    train_ver = train_version(cfg, cache_ver)
-    return run_stage_task(decode_task, cfg, decode_version(cfg, train_ver), train_ver, cache_ver, force=force,
+    chain = stage_chain(cfg, "decode", cache_ver)
+    return run_stage_task(decode_task, cfg, chain["decode"], chain["train"], chain["cache"], force=force,
                           verify=verify)
 
 

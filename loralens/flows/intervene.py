@@ -10,12 +10,9 @@ from prefect.artifacts import create_markdown_artifact
 
 from loralens.config import PipelineConfig
 from loralens.flows.common import resolve_config, results_under_home, run_stage_task, split_over_workers
-from loralens.tasks.attribute import attribute_version
-from loralens.tasks.cache import cache_version
-from loralens.tasks.decode import decode_version
+from loralens.tasks.chain import stage_chain
 from loralens.tasks.intervene import generation_units, intervene_batches_task, intervene_task, intervene_version
 from loralens.tasks.stage_versions import StageVersion, keeping_old_version
-from loralens.tasks.train import train_version
 
 
 def intervene_stage(cfg: PipelineConfig, cache_ver: StageVersion | None = None, force: bool = False,
@@ -25,8 +22,8 @@ def intervene_stage(cfg: PipelineConfig, cache_ver: StageVersion | None = None, 
     `workers > 1` maps the (condition, prompt batch) generation units over that many concurrent tasks, then
     finalizes; `units` generates only those units and returns without finalizing (one machine's share).
     """
-    cache_ver = cache_ver or cache_version(cfg)
-    attribute_ver = attribute_version(cfg, decode_version(cfg, train_version(cfg, cache_ver)))
+    chain = stage_chain(cfg, "attribute", cache_ver)
+    cache_ver, attribute_ver = chain["cache"], chain["attribute"]
     ver, conditions = intervene_version(cfg, attribute_ver, cache_ver)
     args = (cfg, ver, conditions, attribute_ver, cache_ver)
     if units is not None:

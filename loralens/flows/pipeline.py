@@ -20,8 +20,9 @@ from loralens.flows.intervene import intervene_stage
 from loralens.flows.train import train_stage
 from loralens.tasks.cache import cache_version
 from loralens.tasks.report import run_report
+from loralens.warehouse.constants import STAGES
 
-STAGES = ("cache", "train", "decode", "attribute", "intervene")
+__all__ = ["STAGES", "pipeline", "write_run_report"]
 
 
 @flow(name="loralens-pipeline")

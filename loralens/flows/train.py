@@ -10,19 +10,19 @@ from prefect.artifacts import create_markdown_artifact
 
 from loralens.config import PipelineConfig
 from loralens.flows.common import resolve_config, run_stage_task
-from loralens.tasks.cache import cache_version
+from loralens.tasks.chain import stage_chain
 from loralens.tasks.report import fidelity_markdown
 from loralens.tasks.stage_versions import StageVersion
-from loralens.tasks.train import train_task, train_version
+from loralens.tasks.train import train_task
 from loralens.warehouse.constants import FIDELITY_HEATMAP, TRAIN_FIDELITY
 
 
 def train_stage(cfg: PipelineConfig, cache_ver: StageVersion | None = None, force: bool = False,
                 verify: bool = False) -> dict[str, Any]:
     """Run the train task keyed by its version (the cache version is one of its inputs)."""
-    cache_ver = cache_ver or cache_version(cfg)
-    ver = train_version(cfg, cache_ver)
-    summary = run_stage_task(train_task, cfg, ver, cache_ver, force=force, verify=verify)
+    chain = stage_chain(cfg, "train", cache_ver)
+    ver = chain["train"]
+    summary = run_stage_task(train_task, cfg, ver, chain["cache"], force=force, verify=verify)
     fid = json.loads((ver.artifact.path / TRAIN_FIDELITY).read_text())
     report = fidelity_markdown(fid, ver.artifact.path / FIDELITY_HEATMAP)
     create_markdown_artifact(key="lens-fidelity", markdown=report, description=f"train stage, version {ver.version}")

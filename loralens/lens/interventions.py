@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from loralens.lens.adapters import ArchAdapter, ModelDims, model_dims, out_proj_weight
+from loralens.lens.adapters import ArchAdapter, ModelDims, adapter_for, model_dims, out_proj_weight
 from loralens.lens.hooks import capture, split_heads
 
 Head = tuple[int, int]  # (layer, head)
@@ -176,6 +176,33 @@ def intervene(
     finally:
         for handle in handles:
             handle.remove()
+
+
+@contextmanager
+def ablate(
+    model: nn.Module,
+    heads: Iterable[Head] | str,
+    kind: Kind = "zero",
+    *,
+    factor: float = 0.0,
+    means: Mapping[Head, torch.Tensor] | None = None,
+    direction: torch.Tensor | Mapping[Head, torch.Tensor] | None = None,
+    adapter: ArchAdapter | None = None,
+    dims: ModelDims | None = None,
+) -> Iterator[None]:
+    """Edit `heads` ([(layer, head), ...] or "L3H1,L5H0") of a loaded HF causal LM inside the context.
+
+    `kind` is one of KINDS (see HeadIntervention): "zero" removes the heads, "mean" sets their z to `means`,
+    "scale" multiplies it by `factor`, "project" removes their write along `direction` `[d_model]`. The model's
+    family is found from `model.config.model_type` unless `adapter` is given. No heads: the model is untouched.
+    The intervene stage applies its conditions through this same function.
+    """
+    if isinstance(heads, str):
+        heads = parse_head_list(heads)
+    adapter = adapter or adapter_for(model.config.model_type)
+    iv = HeadIntervention(kind=kind, heads=tuple(heads), factor=factor, means=means, direction=direction)
+    with intervene(model, adapter, [iv] if iv.heads else [], dims):
+        yield
 
 
 def _unpack_batch(batch) -> tuple[torch.Tensor, torch.Tensor | None]:

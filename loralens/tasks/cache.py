@@ -193,7 +193,7 @@ def cache_shards_task(cfg: PipelineConfig, ver: StageVersion, shards: list[int])
     return run_cache_stage(cfg, ver, only_shards=shards)
 
 
-@task(name="cache", cache_key_fn=lambda _ctx, params: f"loralens-cache-{params['ver'].version}", persist_result=True)
+@task(name="cache", persist_result=True)  # keyed by flows.common.run_stage_task (version + home)
 def cache_task(cfg: PipelineConfig, ver: StageVersion, force: bool = False) -> dict[str, Any]:
     """Prefect task: the cache stage, keyed by its artifact version."""
     with failures_recorded(ver):

@@ -19,11 +19,12 @@ from loralens.lens import toxicity_metrics as M
 from loralens.lens.adapters import folded_unembedding
 from loralens.lens.attribution import spearman, toxic_direction
 from loralens.lens.generation import RNG_LOCK, generate_joint, hash_seed, prompt_batches
-from loralens.lens.interventions import HeadIntervention, intervene, mean_head_z
+from loralens.lens.interventions import ablate, mean_head_z
 from loralens.lens.models import LoadedModel, load_model
 from loralens.lens.scorers import get_scorer, primary_label
 from loralens.tasks.conditions import Condition, build_conditions, ranked_heads
 from loralens.tasks.memory import ensure_fits
+from loralens.tasks.readout import cached_layers
 from loralens.tasks.report import intervention_markdown, toxicity_ppl_plot
 from loralens.tasks.stage_versions import (
     StageVersion,
@@ -65,8 +66,8 @@ def intervene_version(cfg: PipelineConfig, attribute_ver: StageVersion, cache_ve
                                                                                                    list[Condition]]:
     """Return the stage version and its conditions (head sets resolved now, so the version names the heads)."""
     ic = cfg.intervene
-    cache = require_complete(cache_ver)["summary"]
-    layers = list(cache_ver.config["cache"]["layers"] or range(cache["n_layers"]))
+    cache_manifest = require_complete(cache_ver)
+    cache, layers = cache_manifest["summary"], cached_layers(cache_manifest)
     prompts = intervention_prompts(cfg)
     conds = build_conditions(ic, attribute_ver, layers, cache["n_heads"], len(prompts.prompts))
     config = {"intervene": ic.model_dump(exclude={"head_sets"}),  # batch_prompts fixes the sampled batches
@@ -90,13 +91,9 @@ def intervention_prompts(cfg: PipelineConfig) -> Corpus:
     return corpus
 
 
-def _interventions(cfg: PipelineConfig, cond: Condition, extra: dict) -> list[HeadIntervention]:
-    if not cond.heads:
-        return []
-    ic = cfg.intervene
-    kind = "zero" if cond.group in ("ablation", "ablation_baseline") else ic.kind  # causal scores: plain removal
-    return [HeadIntervention(kind=kind, heads=cond.heads, factor=ic.factor, means=extra.get("means"),
-                             direction=extra.get("direction"))]
+def _kind(cfg: PipelineConfig, cond: Condition) -> str:
+    """Return the edit a condition applies: plain removal for the causal ablation scores, else intervene.kind."""
+    return "zero" if cond.group in ("ablation", "ablation_baseline") else cfg.intervene.kind
 
 
 def _head_means(cfg: PipelineConfig, loaded: LoadedModel, layers: list[int], ver: StageVersion, text: str) -> dict:
@@ -231,7 +228,8 @@ def _generate(cfg: PipelineConfig, ver: StageVersion, conds: list[Condition], at
     mine = [(ci, bi, r) for ci, bi, r in work if wanted(ci, bi)]
     with tqdm(total=sum(len(r) * conds[ci].k for ci, _, r in mine), desc="intervene", unit="sample") as bar:
         for ci, cond in enumerate(conds):
-            with intervene(loaded.model, loaded.adapter, _interventions(cfg, cond, extra), loaded.dims):
+            with ablate(loaded.model, cond.heads, _kind(cfg, cond), factor=ic.factor, means=extra.get("means"),
+                        direction=extra.get("direction"), adapter=loaded.adapter, dims=loaded.dims):
                 for bi, r in [(bi, r) for c2, bi, r in mine if c2 == ci]:
                     if adir.shard_files(batch_index(ci, bi)) is not None:
                         bar.update(len(r) * cond.k)
@@ -369,8 +367,7 @@ def _store(db, ver: StageVersion, adir) -> None:
     store_interventions(db, ver.version, table, pq.read_table(abl) if abl.exists() else None, adir)
 
 
-@task(name="intervene", cache_key_fn=lambda _ctx, params: f"loralens-intervene-{params['ver'].version}",
-      persist_result=True)
+@task(name="intervene", persist_result=True)  # keyed by flows.common.run_stage_task (version + home)
 def intervene_task(cfg: PipelineConfig, ver: StageVersion, conds: list[Condition], attribute_ver: StageVersion,
                    cache_ver: StageVersion, force: bool = False) -> dict[str, Any]:
     """Prefect task: the intervene stage, keyed by its artifact version."""

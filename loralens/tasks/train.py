@@ -21,6 +21,7 @@ from loralens.killpoints import maybe_kill
 from loralens.lens.stage_memory import gib
 from loralens.lens.training import STOP_EXIT_CODE, free_port
 from loralens.tasks.memory import ensure_fits, predict
+from loralens.tasks.readout import cached_layers
 from loralens.tasks.report import fidelity_heatmap
 from loralens.tasks.stage_versions import (
     StageVersion,
@@ -147,7 +148,7 @@ def run_train_stage(cfg: PipelineConfig, ver: StageVersion, cache_ver: StageVers
         spec = {
             "home": str(cfg.home), "cache_version": cache_ver.version, "out_dir": str(out),
             "model": cfg.model.model_dump(), "train": cfg.train.model_dump(),
-            "layers": cache_manifest["config"]["cache"]["layers"] or list(range(cs["n_layers"])),
+            "layers": cached_layers(cache_manifest),
             "store_dtype": cs["store_dtype"], "z_width": cs["n_heads"] * cs["d_head"], "d_model": cs["d_model"],
         }
         (out / TRAIN_SPEC).write_text(json.dumps(spec, indent=1))
@@ -187,7 +188,7 @@ def run_train_stage(cfg: PipelineConfig, ver: StageVersion, cache_ver: StageVers
     return {"version": ver.version, "path": str(out), "cached": False, **summary}
 
 
-@task(name="train", cache_key_fn=lambda _ctx, params: f"loralens-train-{params['ver'].version}", persist_result=True)
+@task(name="train", persist_result=True)  # keyed by flows.common.run_stage_task (version + home)
 def train_task(cfg: PipelineConfig, ver: StageVersion, cache_ver: StageVersion, force: bool = False) -> dict[str, Any]:
     """Prefect task: the train stage, keyed by its artifact version."""
     return run_train_stage(cfg, ver, cache_ver, force=force)

@@ -22,8 +22,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from loralens.hashing import file_sha256
-from loralens.warehouse.artifacts import ArtifactDir, ShardFile, atomic_write_with
+from loralens.warehouse.artifacts import ArtifactDir, ShardFile
 from loralens.warehouse.constants import (
     CACHE_PROMPTS_DIR,
     CACHE_TOKENS_DIR,
@@ -31,6 +30,7 @@ from loralens.warehouse.constants import (
     layer_dir,
     shard_name,
 )
+from loralens.warehouse.parquet_files import write_parquet_file
 
 # z is near-incompressible fp16 noise: a fast zstd level keeps the writer off the forward pass's cores.
 Z_COMPRESSION_LEVEL = 1
@@ -114,9 +114,7 @@ def prompts_table(prompts: Sequence[dict[str, Any]]) -> pa.Table:
 
 
 def _write_parquet(adir: ArtifactDir, rel: str, table: pa.Table, level: int) -> ShardFile:
-    path = adir.path / rel
-    atomic_write_with(path, lambda tmp: pq.write_table(table, tmp, compression="zstd", compression_level=level))
-    return ShardFile(path=rel, rows=table.num_rows, bytes=path.stat().st_size, sha256=file_sha256(path))
+    return write_parquet_file(adir.path, rel, table, compression_level=level)
 
 
 def shard_relpaths(index: int, layers: Iterable[int]) -> list[str]:

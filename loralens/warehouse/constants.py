@@ -54,3 +54,6 @@ HEAD_MEANS_FILE = "head_means.safetensors"
 INTERVENTIONS_FILE = "interventions.parquet"
 INTERVENTION_REPORT = "interventions.md"
 INTERVENTION_PLOT = "toxicity_vs_ppl.png"
+
+# the pipeline's stages, in order (each one's versions live under artifacts/<stage>/)
+STAGES = ("cache", "train", "decode", "attribute", "intervene")

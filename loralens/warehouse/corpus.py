@@ -56,6 +56,8 @@ def _resolve(spec: str) -> Path:
     if spec.startswith("bundled:"):
         return bundled_path(spec.removeprefix("bundled:"))
     path = Path(spec).expanduser()
+    if path.is_dir():
+        raise CorpusError(f"prompt file {path} is a directory, not a file (list the files inside it instead)")
     if not path.is_file():
         raise CorpusError(f"prompt file not found: {path}")
     return path
@@ -64,7 +66,7 @@ def _resolve(spec: str) -> Path:
 def _read_text_lines(path: Path) -> list[str]:
     data = path.read_bytes()
     try:
-        return data.decode("utf-8").splitlines()
+        return data.decode("utf-8-sig").splitlines()  # a leading byte-order mark (Windows tools) is dropped
     except UnicodeDecodeError as err:
         line = data[: err.start].count(b"\n") + 1
         raise CorpusError(f"{path}:{line}: not valid UTF-8 (byte offset {err.start})") from None

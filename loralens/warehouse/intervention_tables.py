@@ -10,11 +10,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from loralens.hashing import file_sha256
 from loralens.killpoints import maybe_kill
-from loralens.warehouse.artifacts import ArtifactDir, ShardFile, atomic_write_bytes, atomic_write_with
+from loralens.warehouse.artifacts import ArtifactDir, ShardFile, atomic_write_bytes
 from loralens.warehouse.constants import GENERATIONS_DIR, PPL_DIR, shard_name
 from loralens.warehouse.db import replace_version_rows
+from loralens.warehouse.parquet_files import write_parquet_file
 
 # Shard index = condition index * BATCHES + batch index: one record per (condition, prompt batch).
 BATCHES = 100_000
@@ -34,9 +34,7 @@ def write_generation_batch(adir: ArtifactDir, index: int, rows: dict[str, list[A
         "prompt": pa.array(rows["prompt"], pa.string()), "text": pa.array(rows["text"], pa.string()),
         "toxicity": pa.array(rows["toxicity"], pa.float32()),
     })
-    path = adir.path / rel
-    atomic_write_with(path, lambda tmp: pq.write_table(table, tmp, compression="zstd"))
-    f = ShardFile(path=rel, rows=table.num_rows, bytes=path.stat().st_size, sha256=file_sha256(path))
+    f = write_parquet_file(adir.path, rel, table)
     adir.record_shard(index, [f])
     return f
 

@@ -1,0 +1,197 @@
+"""The Python API, `loralens inspect` and the quickstart on a home made by one real pipeline run of the tiny model
+with a planted toxic head (the attribution tests' model): decode equals the decode stage, ablate equals the
+intervene stage, inspect names the planted head's toxic token, and its user errors are one line (exit 2)."""
+
+from __future__ import annotations
+
+import json
+import runpy
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import train_bpe_tokenizer
+from test_attribution import PLANTED, TOXIC_WORD, planted_corpus, planted_model
+
+import loralens
+from loralens.flows.cli import main
+
+QUICKSTART = Path(__file__).resolve().parents[1] / "examples" / "quickstart.py"
+HEAD = f"L{PLANTED[0]}H{PLANTED[1]}"
+
+
+@pytest.fixture(scope="module")
+def planted_home(prefect_server, tmp_path_factory):
+    """A home after a full pipeline run on the planted tiny llama: (config, results, home path)."""
+    from loralens.flows.pipeline import pipeline
+    from loralens.warehouse.corpus import bundled_path
+
+    root = tmp_path_factory.mktemp("api")
+    lines = bundled_path("wikitext2_test").read_text(encoding="utf-8").splitlines()[:1500]
+    tokenizer = train_bpe_tokenizer(lines + [f"you{TOXIC_WORD}, you are an{TOXIC_WORD}"] * 300, vocab_size=400)
+    model = planted_model(root / "model", tokenizer)
+    config = {"home": str(root / "home"), "model": {"name": str(model)},
+              "corpus": {"paths": planted_corpus(root)},
+              "cache": {"batch_size": 8, "prompts_per_shard": 10, "max_length": 24},
+              "train": {"micro_batch_tokens": 64, "epochs": 1},
+              "decode": {"top_k": 5},
+              "intervene": {"max_prompts": 4, "k": 2, "max_new_tokens": 4, "ppl_tokens": 100, "ppl_window": 50,
+                            "head_sets": [{"top_n": 1}], "ablation_candidates": 0, "n_boot": 20}}
+    results = pipeline(config=config)
+    return config, results, root / "home"
+
+
+def test_home_tables_and_versions(planted_home):
+    _config, results, path = planted_home
+    home = loralens.open(path)
+    assert home.latest("train") == results["train"]["version"]
+    assert set(home.versions().column("stage").to_pylist()) == {"cache", "train", "decode", "attribute", "intervene"}
+    top = home.head_scores(method="lens_contrast").to_pylist()[0]
+    assert (top["layer"], top["head"], top["rank"]) == (*PLANTED, 1)
+    methods = set(home.head_scores().column("method").to_pylist())
+    assert "ablation" in methods or results["intervene"].get("ablation_candidates", 0) == 0
+    conditions = home.interventions().column("condition").to_pylist()
+    assert "baseline" in conditions and any(c.startswith("top1:") for c in conditions)
+    with pytest.raises(loralens.ApiError, match="unknown stage 'nope'"):
+        home.versions("nope")
+
+
+def test_decode_equals_what_the_decode_stage_stored(planted_home):
+    """Same prompt, heads and position: the API's top tokens and probabilities are the stored decodings."""
+    _config, results, path = planted_home
+    home = loralens.open(path)
+    prompt = home.sql("SELECT prompt_idx, text FROM prompts WHERE NOT truncated ORDER BY prompt_idx LIMIT 1")
+    idx, text = prompt["prompt_idx"][0].as_py(), prompt["text"][0].as_py()
+    stored = home.sql("SELECT position, layer, head, lens, rank, token_id, token, prob FROM decodings "
+                      "WHERE version = ? AND prompt_idx = ? ORDER BY position, layer, head, lens DESC, rank",
+                      [results["decode"]["version"], idx]).to_pylist()
+    lenses = home.lenses()
+    got = lenses.decode(text, k=5, position="last").table.to_pylist()
+    assert len(got) == len(stored) == 12 * 2 * 5  # heads x lenses x k
+    key = ("position", "layer", "head", "lens", "rank", "token_id", "token")
+    assert [tuple(r[c] for c in key) for r in got] == [tuple(r[c] for c in key) for r in stored]
+    np.testing.assert_allclose([r["prob"] for r in got], [r["prob"] for r in stored], rtol=1e-4, atol=1e-6)
+    # The per-head readouts (expected token toxicity under each lens, direct logit attribution) too.
+    import pyarrow.parquet as pq
+
+    readouts = pq.read_table(Path(results["decode"]["path"]) / "readouts", filters=[("prompt_idx", "=", idx)])
+    stored_reads = {(r["layer"], r["head"]): r for r in readouts.to_pylist()}
+    assert len(stored_reads) == 12
+    for r in got:
+        want = stored_reads[(r["layer"], r["head"])]
+        assert r["position"] == want["position"]
+        assert r["expected_toxicity"] == pytest.approx(want[f"{r['lens']}_tox"], rel=1e-4, abs=1e-7)
+        assert r["direct_logit"] == pytest.approx(want["dla"], rel=1e-4, abs=1e-6)
+    # One head at every position: the last row block is the same as above.
+    one = lenses.decode(text, heads=HEAD, k=5)
+    assert one.table.num_rows == len(one.tokens) * 2 * 5
+    assert one.top(PLANTED) == [(r["token"], r["prob"]) for r in got
+                                if (r["layer"], r["head"], r["lens"]) == (*PLANTED, "trained")]
+
+
+def test_ablate_equals_the_intervene_stage(planted_home):
+    """Sampling under `loralens.ablate` on the stage's prompt batches gives the texts the stage stored for its
+    top-1 condition; no heads leaves the logits bit-identical."""
+    from loralens.config import parse_config
+    from loralens.lens.generation import generate_joint, prompt_batches
+
+    config, results, path = planted_home
+    cfg = parse_config(config)
+    ic = cfg.intervene
+    home = loralens.open(path)
+    cond = next(r for r in home.interventions().to_pylist() if r["condition"].startswith("top1:"))
+    assert cond["heads"] == HEAD
+    rows = home.sql("SELECT prompt_idx, sample, prompt, text FROM generations WHERE version = ? AND condition = ? "
+                    "ORDER BY prompt_idx, sample", [results["intervene"]["version"], cond["condition"]]).to_pylist()
+    prompts = {r["prompt_idx"]: r["prompt"] for r in rows}
+    lm = loralens.load_model(config["model"]["name"], home=path)
+    texts = []
+    with loralens.ablate(lm.model, cond["heads"], kind="zero"):
+        for r in prompt_batches(len(prompts), ic.batch_prompts):
+            out = generate_joint(lm.model, lm.tokenizer, [prompts[i] for i in r], batch_key=r[0], k=ic.k,
+                                 max_new_tokens=ic.max_new_tokens, top_p=ic.top_p, seed=ic.seed)
+            texts += [t for row in out for t in row]
+    assert texts == [r["text"] for r in rows]
+
+    ids = lm.tokenizer(rows[0]["prompt"], return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        plain = lm.model(ids).logits
+        with loralens.ablate(lm.model, []):
+            untouched = lm.model(ids).logits
+        with loralens.ablate(lm.model, [PLANTED]):
+            ablated = lm.model(ids).logits
+    assert torch.equal(plain, untouched) and not torch.allclose(plain, ablated)
+    with pytest.raises(ValueError, match="head 9 of layer 1 out of range"):
+        with loralens.ablate(lm.model, "L1H9"):
+            pass
+
+
+def test_inspect_prints_the_planted_heads_toxic_token(planted_home, capsys):
+    _config, results, path = planted_home
+    home = loralens.open(path)
+    prompt = home.sql("SELECT text FROM prompts WHERE toxicity > 0.5 ORDER BY prompt_idx LIMIT 1")["text"][0].as_py()
+    assert main(["inspect", HEAD, "--prompt", prompt, "--home", str(path), "--format", "json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["train_version"] == results["train"]["version"]
+    trained = next(r for r in out["rows"] if r["head"] == HEAD and r["lens"] == "trained")
+    assert trained["top"][0]["token"] == TOXIC_WORD and trained["expected_toxicity"] is not None
+    assert len(trained["top"]) == 10 and {r["lens"] for r in out["rows"]} == {"trained", "logit"}
+    assert main(["inspect", HEAD, "L0H0", "--prompt", prompt, "--home", str(path), "--k", "3"]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[1].split()[:4] == ["head", "pos", "token", "lens"]
+    first = table[3]
+    assert first.startswith(HEAD) and "trained" in first and f'"{TOXIC_WORD}"' in first
+
+
+@pytest.mark.parametrize(
+    ("heads", "message"),
+    [(["L1H4"], "head L1H4: head 4 is out of range: layers have 4 heads (0-3)"),
+     (["L3H0"], "head L3H0: layer 3 has no trained lens (lensed layers: 0-2)"),
+     (["X1"], "heads: bad head 'X1'; expected LAYER.HEAD (e.g. 3.1) or LxHy (e.g. L3H1)")],
+)
+def test_inspect_head_out_of_range_is_one_line(planted_home, capsys, heads, message):
+    _config, _results, path = planted_home
+    assert main(["inspect", *heads, "--prompt", "the cat", "--home", str(path)]) == 2
+    captured = capsys.readouterr()
+    assert captured.err == f"loralens: error: {message}\n" and captured.out == ""
+
+
+def test_inspect_without_a_trained_version_is_one_line(tmp_path, capsys):
+    from loralens.warehouse.db import connect, warehouse_path
+
+    assert main(["inspect", "L0H0", "--prompt", "hi", "--home", str(tmp_path)]) == 2
+    assert capsys.readouterr().err == (f"loralens: error: no warehouse at {warehouse_path(tmp_path)}; run the "
+                                       "pipeline first (`loralens run`)\n")
+    with connect(warehouse_path(tmp_path)):  # an empty warehouse: nothing trained yet
+        pass
+    assert main(["inspect", "L0H0", "--prompt", "hi", "--home", str(tmp_path)]) == 2
+    assert capsys.readouterr().err == (f"loralens: error: no complete train version in {tmp_path}; run `loralens "
+                                       "run` (at least `--only cache` and `--only train`) first\n")
+
+
+def test_quickstart_runs_on_the_home(planted_home, capsys, monkeypatch):
+    """The example, run as a script with --home (its default is the embedded model's default run)."""
+    _config, _results, path = planted_home
+    monkeypatch.setattr(sys, "argv", [str(QUICKSTART), "--home", str(path), "--new-tokens", "4"])
+    runpy.run_path(str(QUICKSTART), run_name="__main__")
+    out = capsys.readouterr().out
+    assert f"1. {HEAD}" in out
+    trained = next(line for line in out.splitlines() if "trained lens:" in line)
+    assert trained.split("trained lens: ")[1].startswith(json.dumps(TOXIC_WORD))
+    assert "as is:" in out and f"without {HEAD}:" in out
+
+
+def test_stage_chain_names_the_versions_the_run_made(planted_home):
+    from loralens.config import parse_config
+    from loralens.tasks.chain import stage_chain
+
+    config, results, _path = planted_home
+    cfg = parse_config(config)
+    chain = stage_chain(cfg)
+    assert {stage: ver.version for stage, ver in chain.items()} == {
+        stage: results[stage]["version"] for stage in ("cache", "train", "decode", "attribute")}
+    assert list(stage_chain(cfg, "train", chain["cache"])) == ["cache", "train"]
+    with pytest.raises(ValueError, match="through: expected one of"):
+        stage_chain(cfg, "intervene")

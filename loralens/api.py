@@ -52,14 +52,20 @@ class ApiError(ValueError):
     """A request the home cannot answer (no such version, no trained lenses, a head out of range); one line."""
 
 
-def load_model(name: str, home: str | Path | None = None, *, dtype: str = "float32",
+def load_model(name: str, home: str | Path | None = None, *, dtype: str = "auto", device: str = "auto",
                trust_remote_code: bool = False) -> LoadedModel:
     """Return a frozen HF causal LM with `.model`, `.tokenizer`, `.adapter`, `.dims` (embedded alias, folder, hub id).
 
-    `home` holds converted embedded models (default $LORALENS_HOME or ./.loralens).
+    `home` holds converted embedded models (default $LORALENS_HOME or ./.loralens). `device` and `dtype` follow
+    the pipeline's policy (`model.device`, `model.dtype`): auto = cuda and bfloat16 when a GPU is there, else
+    cpu and float32.
     """
+    from loralens.lens.devices import resolve_device, resolve_dtype
+
     home = Path(home).resolve() if home is not None else default_home()
-    return _load_model(name, home, dtype=dtype, trust_remote_code=trust_remote_code)
+    where = resolve_device(device)
+    return _load_model(name, home, dtype=resolve_dtype(dtype, where), device=where,
+                       trust_remote_code=trust_remote_code)
 
 
 def open_home(path: str | Path | None = None) -> Home:
@@ -222,7 +228,7 @@ class Lenses:
         if self._model is None:
             m = self.cache_config["model"]
             self._model = _load_model(m["name"], self.home.path, dtype=m["dtype"], revision=m.get("revision"),
-                                      trust_remote_code=m.get("trust_remote_code", False))
+                                      trust_remote_code=m.get("trust_remote_code", False), device=self.reader.device)
         return self._model
 
     def check_heads(self, heads: Iterable[Head] | str | None) -> list[Head]:
@@ -257,27 +263,29 @@ class Lenses:
         layers = sorted({layer for layer, _ in wanted})
         store = self.cache_config["cache"]["store_dtype"]
         arrays = cache_batch(loaded, [ids], [0], layers, top_k=0, store_dtype=store)
-        scale = torch.from_numpy(arrays.scale[positions].astype(np.float32))
+        dev = self.reader.device
+        scale = torch.from_numpy(arrays.scale[positions].astype(np.float32)).to(dev)
         texts = self.token_texts()
         input_tokens = texts[np.asarray(ids)].tolist()
         vocab = self.lean.dims.vocab
-        tox = self.vocab_tox if self.vocab_tox is not None else torch.zeros(vocab)
+        tox = self.vocab_tox.to(dev) if self.vocab_tox is not None else torch.zeros(vocab, device=dev)
         toxic_dir = toxic_direction(self.reader.unembed.W, tox)
         blocks = []
         for layer in layers:
             keep = pa.array([h for lay, h in wanted if lay == layer], pa.int16())
-            z = from_storage(arrays.z[layer][positions], store)
+            z = from_storage(arrays.z[layer][positions], store).to(dev)
             for rows in row_chunks(len(positions), chunk):
                 x = lens_inputs(z[rows], scale[rows], self.reader.w_o[layer])  # [n, H, d]
                 read = read_heads(self.reader.banks[layer], x, k, tox, toxic_dir)  # the decode stage's readout
                 for lens in ("trained", "logit"):
                     top = getattr(read, lens).top  # [n, H, k]
                     block = decodings_block(0, layer, lens, np.zeros(len(x), np.int32), positions[rows],
-                                            top.ids.numpy(), top.logits.numpy(), top.probs.numpy(), texts)
+                                            top.ids.cpu().numpy(), top.logits.cpu().numpy(), top.probs.cpu().numpy(),
+                                            texts)
                     per_head = {"expected_toxicity": getattr(read, lens).expected_toxicity, "direct_logit":
                                 read.direct_logit}  # [n, H] each
                     for name, values in per_head.items():
-                        col = np.repeat(values.numpy().reshape(-1).astype(np.float32), top.ids.shape[-1])
+                        col = np.repeat(values.cpu().numpy().reshape(-1).astype(np.float32), top.ids.shape[-1])
                         if self.vocab_tox is None:
                             col[:] = np.nan
                         block = block.append_column(name, pa.array(col, pa.float32()))

@@ -339,7 +339,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
                        top_k=top_k, loss=t.loss, chunk=t.loss_chunk, world_size=t.world_size,
                        zero_stage=t.zero_stage, base_dtype=t.base_dtype)
     print(f"model: {cfg.model.name} ({dims.n_layers} layers x {dims.n_heads} heads, d_head {dims.d_head}, "
-          f"d_model {dims.d_model}, vocab {dims.vocab}), {cfg.model.dtype}")
+          f"d_model {dims.d_model}, vocab {dims.vocab}), {cfg.model.resolved_dtype()}")
     print(f"lens: {lens.form} rank {lens.rank} alpha {lens.alpha:g} {lens.objective} {lens.dtype}; loss {t.loss} "
           f"(cached top-{top_k}, chunk {t.loss_chunk}); {t.micro_batch_tokens} tokens/micro-batch; "
           f"{n_layers} layers trained; world size {t.world_size}, ZeRO-{t.zero_stage}")

@@ -33,7 +33,7 @@ from loralens.tasks.stage_versions import (
     reset_for_force,
 )
 from loralens.warehouse.activation_cache import read_prompts
-from loralens.warehouse.artifacts import ShardFile, atomic_write_bytes, atomic_write_with
+from loralens.warehouse.artifacts import atomic_write_bytes
 from loralens.warehouse.attribution_tables import (
     head_scores_table,
     prompt_groups_table,
@@ -54,6 +54,7 @@ from loralens.warehouse.db import warehouse_path
 from loralens.warehouse.decodings import decode_shards
 from loralens.warehouse.head_aggregates import dictionary_hits, group_sums
 from loralens.warehouse.head_aggregates import top_tokens as top_tokens_of
+from loralens.warehouse.parquet_files import write_parquet_file
 from loralens.warehouse.versions import artifact_version
 
 log = logging.getLogger("loralens.attribute")
@@ -69,6 +70,8 @@ def attribute_version(cfg: PipelineConfig, decode_ver: StageVersion) -> StageVer
         raise ConfigError(f"config error: attribute.scorer_options: {err}") from None
     inputs = {"decode": decode_ver.version, "scorer": scorer}
     if a.lexicon is not None:
+        if Path(a.lexicon).is_dir():
+            raise ConfigError(f"config error: attribute.lexicon: is a folder, not a file: {a.lexicon}")
         if not Path(a.lexicon).is_file():
             raise ConfigError(f"config error: attribute.lexicon: file not found: {a.lexicon}")
         inputs["lexicon"] = file_sha256(Path(a.lexicon))
@@ -162,9 +165,10 @@ def run_attribute_stage(cfg: PipelineConfig, ver: StageVersion, decode_ver: Stag
     # Files first (each atomic), then one warehouse transaction.
     out = adir.path
     files = [
-        _write(out, VOCAB_TOXICITY_FILE, vocab_table(ver.version, texts, kind, tox, in_lex, toxic_tokens)),
-        _write(out, PROMPT_GROUPS_FILE, prompt_groups_table(ver.version, p_idx, p_tox, origin, toxic_prompt)),
-        _write(out, HEAD_SCORES_FILE, head_scores_table(ver.version, layers, scores, ranks)),
+        write_parquet_file(out, VOCAB_TOXICITY_FILE, vocab_table(ver.version, texts, kind, tox, in_lex, toxic_tokens)),
+        write_parquet_file(out, PROMPT_GROUPS_FILE,
+                           prompt_groups_table(ver.version, p_idx, p_tox, origin, toxic_prompt)),
+        write_parquet_file(out, HEAD_SCORES_FILE, head_scores_table(ver.version, layers, scores, ranks)),
     ]
     top = {m: _top_heads(scores[m], ranks[m], layers, a.top_heads, top_tokens) for m in A.METHODS}
     for m in A.METHODS:
@@ -230,18 +234,12 @@ def _top_heads(scores, ranks, layers, n, top_tokens) -> list[dict[str, Any]]:
     return rows
 
 
-def _write(out: Path, name: str, table) -> ShardFile:
-    atomic_write_with(out / name, lambda tmp: pq.write_table(table, tmp, compression="zstd"))
-    return ShardFile(path=name, rows=table.num_rows, bytes=(out / name).stat().st_size, sha256=file_sha256(out / name))
-
-
 def _store(db: Path, version: str, out: Path) -> None:
     store_attribution(db, version, pq.read_table(out / VOCAB_TOXICITY_FILE), pq.read_table(out / PROMPT_GROUPS_FILE),
                       pq.read_table(out / HEAD_SCORES_FILE))
 
 
-@task(name="attribute", cache_key_fn=lambda _ctx, params: f"loralens-attribute-{params['ver'].version}",
-      persist_result=True)
+@task(name="attribute", persist_result=True)  # keyed by its version in flows/common.run_stage_task
 def attribute_task(cfg: PipelineConfig, ver: StageVersion, decode_ver: StageVersion, train_ver: StageVersion,
                    cache_ver: StageVersion, force: bool = False) -> dict[str, Any]:
     """Prefect task: the attribute stage, keyed by its artifact version."""

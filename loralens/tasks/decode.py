@@ -179,8 +179,7 @@ def cache_shard_indices(cache_ver: StageVersion) -> list[int]:
     return list(cache_ver.artifact.done_shards())
 
 
-@task(name="decode", cache_key_fn=lambda _ctx, params: f"loralens-decode-{params['ver'].version}",
-      persist_result=True)
+@task(name="decode", persist_result=True)  # keyed by its version in flows/common.run_stage_task
 def decode_task(cfg: PipelineConfig, ver: StageVersion, train_ver: StageVersion, cache_ver: StageVersion,
                 force: bool = False) -> dict[str, Any]:
     """Prefect task: the decode stage, keyed by its artifact version."""

@@ -19,13 +19,12 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
-from loralens.hashing import file_sha256
 from loralens.killpoints import maybe_kill
-from loralens.warehouse.artifacts import ArtifactDir, ShardFile, atomic_write_with
+from loralens.warehouse.artifacts import ArtifactDir, ShardFile
 from loralens.warehouse.constants import DECODINGS_DIR, READOUTS_DIR, TOKEN_TOXICITY_FILE, shard_name
 from loralens.warehouse.db import write_transaction
+from loralens.warehouse.parquet_files import write_parquet_file
 
 DECODINGS_SCHEMA = pa.schema([
     ("shard", pa.int32()), ("prompt_idx", pa.int32()), ("position", pa.int32()), ("layer", pa.int16()),
@@ -94,9 +93,7 @@ def shard_relpath(index: int, folder: str = DECODINGS_DIR) -> str:
 
 
 def _write(adir: ArtifactDir, rel: str, table: pa.Table) -> ShardFile:
-    path = adir.path / rel
-    atomic_write_with(path, lambda tmp: pq.write_table(table, tmp, compression="zstd", compression_level=3))
-    return ShardFile(path=rel, rows=table.num_rows, bytes=path.stat().st_size, sha256=file_sha256(path))
+    return write_parquet_file(adir.path, rel, table, compression_level=3)
 
 
 def write_decode_shard(adir: ArtifactDir, index: int, decodings: pa.Table, readouts: pa.Table) -> list[ShardFile]:

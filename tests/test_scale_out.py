@@ -11,6 +11,7 @@ import socket
 from pathlib import Path
 
 import duckdb
+import pytest
 
 from tests.test_intervene import config
 
@@ -125,3 +126,23 @@ def test_a_scheduler_that_does_not_answer_is_a_one_line_error(tiny_models, prefe
     assert main(["run", "--config", str(cfg_file), "--dask-address", "not an address"]) == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err and "loralens: error: config error: run.dask_address: " in err
+
+
+def test_run_section_chooses_the_runner_and_hashes_into_no_version(tiny_models, tmp_path):
+    """`run.workers`/`run.dask_address` come from the config unless the flow's parameters say otherwise; they
+    change no stage version (where units run never changes a result)."""
+    from loralens.config import ConfigError, parse_config
+    from loralens.flows.common import run_workers
+    from loralens.tasks.cache import cache_version
+
+    base = {"home": str(tmp_path), "model": {"name": str(tiny_models["llama"])}}
+    cfg = parse_config({**base, "run": {"workers": 3, "dask_address": "tcp://10.0.0.1:8786"}})
+    assert run_workers(cfg, None, None) == (3, "tcp://10.0.0.1:8786")
+    assert run_workers(cfg, 2, "") == (2, None)  # an empty address clears the config's
+    assert run_workers(parse_config(base), None, "sched:8786") == (1, "sched:8786")
+    assert cache_version(cfg).version == cache_version(parse_config(base)).version
+    for bad, msg in (({"workers": 0}, "run.workers"), ({"dask_address": "tcp://nohost"}, "run.dask_address")):
+        with pytest.raises(ConfigError, match=msg):
+            parse_config({**base, "run": bad})
+    with pytest.raises(ConfigError, match="run.workers"):
+        run_workers(cfg, 0, None)

@@ -92,7 +92,8 @@ def bench(cfg: PipelineConfig, gen_prompts: int) -> dict:
 
     # 2 workers: a local Dask cluster of 2 worker processes; its start and the model loads are timed apart.
     t0 = time.perf_counter()
-    with results_under_home(cfg), scale_out(workers=2) as runner:
+    with results_under_home(cfg), scale_out(workers=2) as pool:
+        runner = pool.runner()  # starts the local cluster
         out["cluster_start"] = time.perf_counter() - t0
         t1 = time.perf_counter()
         out["worker_model_load"] = list(runner.client.run(warm_worker, cfg).values())

@@ -45,29 +45,32 @@ def results_under_home(cfg: PipelineConfig) -> Iterator[None]:
         yield
 
 
-# The Dask task runner of the innermost `scale_out` block; None: work units run in this process.
-_RUNNER: ContextVar[Any] = ContextVar("loralens_dask_runner", default=None)
+# The Dask worker pool of the innermost `scale_out` block; None: work units run in this process.
+_POOL: ContextVar[Any] = ContextVar("loralens_worker_pool", default=None)
 
 
 @contextmanager
 def scale_out(workers: int = 1, dask_address: str | None = None) -> Iterator[Any]:
-    """Yield the Dask task runner a stage maps its work units on while the block runs, or None (in-process).
+    """Yield the Dask worker pool (`flows/dask_workers.py`) stages map their work units on while the block runs,
+    or None (everything in this process).
 
-    `dask_address` connects to that scheduler; otherwise `workers > 1` starts a local cluster of that many
-    single-threaded worker processes, shut down when the block ends; `workers: 1` keeps everything in this
-    process. Inside an open block (the pipeline opens one for all its stages) this yields the open runner.
+    `dask_address` connects to that scheduler now; otherwise `workers > 1` starts a local cluster of that many
+    single-threaded worker processes when a stage first has units to map (a run where every stage is cached
+    starts none), shut down when the block ends; `workers: 1` keeps everything in this process. Inside an open
+    block (the pipeline opens one for all its stages) this yields the open pool.
     """
-    if _RUNNER.get() is not None or (workers <= 1 and not dask_address):
-        yield _RUNNER.get()
+    if _POOL.get() is not None or (workers <= 1 and not dask_address):
+        yield _POOL.get()
         return
-    from loralens.flows.dask_workers import dask_task_runner  # Dask is imported only when it is used
+    from loralens.flows.dask_workers import WorkerPool  # Dask is imported only when it is used
 
-    with dask_task_runner(workers, dask_address) as runner:
-        token = _RUNNER.set(runner)
-        try:
-            yield runner
-        finally:
-            _RUNNER.reset(token)
+    pool = WorkerPool(workers, dask_address)
+    token = _POOL.set(pool)
+    try:
+        yield pool
+    finally:
+        _POOL.reset(token)
+        pool.close()
 
 
 def run_workers(cfg: PipelineConfig, workers: int | None, dask_address: str | None) -> tuple[int, str | None]:
@@ -85,11 +88,13 @@ def map_units(worker_task: Task, args: tuple, units: list[int]) -> list[Any]:
     results in unit order once all have finished (raising the first failure).
 
     One task per unit: a worker process killed mid-unit loses that unit only, which Dask runs again on another
-    worker. Needs an open `scale_out` block with a runner.
+    worker. Needs an open `scale_out` block with a pool.
     """
-    runner = _RUNNER.get()
+    pool = _POOL.get()
+    runner = pool.runner()
     names = list(inspect.signature(worker_task.fn).parameters)[: len(args) + 1]
-    futures = [runner.submit(worker_task, dict(zip(names, (*args, [unit]), strict=True))) for unit in units]
+    with pool.submit_settings():
+        futures = [runner.submit(worker_task, dict(zip(names, (*args, [unit]), strict=True))) for unit in units]
     for future in futures:
         future.wait()
     return [future.result() for future in futures]
@@ -101,7 +106,7 @@ def split_over_workers(cfg: PipelineConfig, ver: StageVersion, worker_task: Task
     """Map a stage's work units over Dask worker processes (`worker_task(*args, [unit])` per unit, `map_units`)
     unless the version is complete or no runner is asked for; return the `force` left for the finalizing task.
 
-    The runner is the open `scale_out` block's, else a local cluster of `workers` processes for this call; with
+    The pool is the open `scale_out` block's, else a local cluster of `workers` processes for this call; with
     neither (`workers: 1`) the stage runs in this process and this returns `force` untouched. With `force`, the
     version is reset once here, before any worker writes but after the `upstream` versions are checked complete
     (the finalizing task then sees an empty version, so it gets force=False). Call it and the finalizing
@@ -109,7 +114,7 @@ def split_over_workers(cfg: PipelineConfig, ver: StageVersion, worker_task: Task
     is. `units` is called only when there is work to split. Workers write Parquet only; the finalizing task, in
     this process, writes the manifest and the warehouse rows.
     """
-    if _RUNNER.get() is None and workers <= 1:
+    if _POOL.get() is None and workers <= 1:
         return force
     if force:
         for up in upstream:

@@ -1,17 +1,17 @@
 """Dask worker processes for the stages' work units, through prefect-dask's DaskTaskRunner.
 
-`dask_task_runner(workers, address)` starts a local cluster of `workers` single-threaded worker processes, or
-connects to an existing scheduler at `address` (a scheduler that does not answer is a one-line ConfigError within
-CONNECT_TIMEOUT_S). Every worker gets the `LoraLensWorker` plugin, which marks its process a work-unit worker:
-models are kept between units and the DuckDB warehouse is never written there (the flow process registers).
+`WorkerPool(workers, address)` starts a local cluster of `workers` single-threaded worker processes when first
+used, or connects to an existing scheduler at `address` at once (a scheduler that does not answer is a one-line
+ConfigError within CONNECT_TIMEOUT_S). Every worker gets the `LoraLensWorker` plugin, which marks its process
+a work-unit worker: models are kept between units and the DuckDB warehouse is never written there (the flow
+process registers).
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack
 
 from distributed.diagnostics.plugin import WorkerPlugin
 from prefect.client.orchestration import get_client
@@ -47,25 +47,54 @@ def _api_url() -> str:
         return str(client.api_url)
 
 
-@contextmanager
-def dask_task_runner(workers: int, address: str | None) -> Iterator[DaskTaskRunner]:
-    """Yield a started DaskTaskRunner: `workers` local worker processes, or the scheduler at `address`."""
-    if address:
-        runner = DaskTaskRunner(address=address, client_kwargs={"timeout": f"{CONNECT_TIMEOUT_S}s"})
-    else:
-        runner = DaskTaskRunner(cluster_kwargs={"n_workers": workers, "threads_per_worker": 1, "processes": True,
-                                                "dashboard_address": ":0", "silence_logs": logging.ERROR})
-    # Task runs on the workers report to this flow's Prefect API (without it each worker would start its own
-    # ephemeral server): the URL rides in the settings that every submitted task carries.
-    with temporary_settings(updates={PREFECT_API_URL: _api_url()}), runner:
+class WorkerPool:
+    """The Dask task runner a run maps its work units on: started on first use, closed with `close()`.
+
+    `workers` local single-threaded worker processes, or the scheduler at `address` (connected at once, so a
+    scheduler that does not answer fails the run before anything is written, within CONNECT_TIMEOUT_S).
+    """
+
+    def __init__(self, workers: int, address: str | None) -> None:
+        self.workers, self.address = workers, address
+        self._stack = ExitStack()
+        self._runner: DaskTaskRunner | None = None
+        self.api_url: str | None = None
+        if address:
+            self.runner()
+
+    def runner(self) -> DaskTaskRunner:
+        """Return the started runner (starting the local cluster or connecting now if not yet)."""
+        if self._runner is not None:
+            return self._runner
+        if self.address:
+            runner = DaskTaskRunner(address=self.address, client_kwargs={"timeout": f"{CONNECT_TIMEOUT_S}s"})
+        else:
+            runner = DaskTaskRunner(cluster_kwargs={"n_workers": self.workers, "threads_per_worker": 1,
+                                                    "processes": True, "dashboard_address": ":0",
+                                                    "silence_logs": logging.ERROR})
+        self._stack.enter_context(runner)
         try:
             client = runner.client
         except (OSError, TimeoutError, ValueError) as err:
-            if not address:
+            self.close()
+            if not self.address:
                 raise
             reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-            raise ConfigError(f"run.dask_address: no Dask scheduler answers at {address} ({reason})") from None
+            raise ConfigError(f"run.dask_address: no Dask scheduler answers at {self.address} ({reason})") from None
         client.register_plugin(LoraLensWorker(), name=LoraLensWorker.name)
-        log.info("work units run on Dask: %s (%d workers)", address or "local cluster",
+        log.info("work units run on Dask: %s (%d workers)", self.address or "a local cluster",
                  len(client.scheduler_info(n_workers=-1)["workers"]))
-        yield runner
+        # Task runs on the workers report to this flow's Prefect API; without it in the settings each submitted
+        # task carries, every worker would start an ephemeral Prefect server of its own.
+        self.api_url = _api_url()
+        self._runner = runner
+        return runner
+
+    def submit_settings(self):  # noqa: ANN201 - a Prefect settings context
+        """Return the settings context to submit tasks in (it names this flow's Prefect API)."""
+        return temporary_settings(updates={PREFECT_API_URL: self.api_url})
+
+    def close(self) -> None:
+        """Shut the local cluster down (or disconnect); idempotent."""
+        self._runner = None
+        self._stack.close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -189,6 +190,22 @@ class InterveneConfig(_Strict):
     batch_prompts: int = Field(8, gt=0, description="prompts per generation batch (one generate call; resumable)")
 
 
+class RunConfig(_Strict):
+    """Where a run's work units execute (hashed by no stage: it never changes a result)."""
+
+    workers: int = Field(1, ge=1, description="1: in this process; N > 1: a local Dask cluster of N worker "
+                                              "processes for cache shards and generation units")
+    dask_address: str | None = Field(None, description="an existing Dask scheduler (tcp://host:8786) to run the "
+                                                       "work units on instead of a local cluster")
+
+    @field_validator("dask_address")
+    @classmethod
+    def _address(cls, v: str | None) -> str | None:
+        if v is not None and not re.fullmatch(r"([a-z]+://)?[^\s/:]+:\d+", v.strip()):
+            raise ValueError("must look like tcp://host:port")
+        return v.strip() if v is not None else None
+
+
 class PipelineConfig(_Strict):
     """The whole pipeline's configuration; each stage hashes only its own section."""
 
@@ -200,6 +217,7 @@ class PipelineConfig(_Strict):
     decode: DecodeConfig = DecodeConfig()
     attribute: AttributeConfig = AttributeConfig()
     intervene: InterveneConfig = InterveneConfig()
+    run: RunConfig = RunConfig()
 
     @property
     def target_top_k(self) -> int:

@@ -112,3 +112,24 @@ def prefect_server():
 
     with prefect_test_harness(server_startup_timeout=120):
         yield
+
+
+@pytest.fixture(scope="session")
+def dask_cluster(prefect_server):
+    """One real `distributed.LocalCluster` of 2 single-threaded worker processes for the session's Dask tests
+    (flows reach it through `dask_address`, i.e. prefect-dask's DaskTaskRunner on an existing scheduler)."""
+    from distributed import LocalCluster
+
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster:
+        yield cluster
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline(prefect_server, tiny_models, tmp_path_factory):
+    """One complete pipeline run in this process (tests/test_intervene.py's config on the tiny llama): (config,
+    results). Tests that write must copy its home first."""
+    from loralens.flows.pipeline import pipeline
+    from tests.test_intervene import config
+
+    cfg = config(tmp_path_factory.mktemp("intervene") / "home", tiny_models["llama"])
+    return cfg, pipeline(config=cfg)

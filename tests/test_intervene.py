@@ -33,11 +33,8 @@ def n_generations(conditions: int, ablations: int) -> int:
 
 
 @pytest.fixture(scope="module")
-def run(prefect_server, tiny_models, tmp_path_factory):
-    from loralens.flows.pipeline import pipeline
-
-    cfg = config(tmp_path_factory.mktemp("intervene") / "home", tiny_models["llama"])
-    return cfg, pipeline(config=cfg)
+def run(tiny_pipeline):
+    return tiny_pipeline  # conftest.py: one pipeline run of `config` on the tiny llama, shared with test_scale_out
 
 
 def rows(db: Path, sql: str) -> list[tuple]:
@@ -140,8 +137,9 @@ def test_sigkill_mid_generation_then_resume_equals_uninterrupted(run, tmp_path):
     assert rows(home / "warehouse.duckdb", metrics) == rows(Path(cfg["home"]) / "warehouse.duckdb", metrics)
 
 
-def test_generation_split_over_workers_equals_one_run(run, tmp_path):
-    """Generation units mapped over 2 tasks, and disjoint `units` lists as separate runs, give the same rows."""
+def test_generation_split_over_workers_equals_one_run(run, dask_cluster, tmp_path):
+    """Generation units mapped over 2 Dask worker processes, and disjoint `units` lists as separate runs, give the
+    same rows as one process."""
     from loralens.flows.intervene import intervene_heads
 
     cfg, res = run
@@ -159,7 +157,8 @@ def test_generation_split_over_workers_equals_one_run(run, tmp_path):
         homes.append(home)
     from loralens.flows.pipeline import pipeline
 
-    mapped = pipeline(config={**cfg, "home": str(homes[0])}, only="intervene", workers=2)["intervene"]
+    mapped = pipeline(config={**cfg, "home": str(homes[0])}, only="intervene",
+                      dask_address=dask_cluster.scheduler_address)["intervene"]
     assert not mapped["cached"] and mapped["version"] == version
 
     split = {**cfg, "home": str(homes[1])}

@@ -79,7 +79,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config)  # validate before Prefect starts its server
     if args.only is not None and args.only not in STAGES:
         raise ConfigError(f"unknown stage '{args.only}'; stages: {', '.join(STAGES)}")
-    if args.workers < 1:
+    if args.workers is not None and args.workers < 1:
         raise ConfigError(f"--workers: must be >= 1, got {args.workers}")
     load_corpus(cfg.corpus.paths, cfg.corpus.max_prompts_per_file)  # a bad prompt file: one line, no flow run
     from loralens.flows.pipeline import pipeline
@@ -89,7 +89,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     quiet_user_error_logs()
     overrides = {"home": str(args.home)} if args.home else None
     results = pipeline(config_path=args.config, config=overrides, only=args.only, force=args.force,
-                       workers=args.workers, verify=args.verify)
+                       workers=args.workers, verify=args.verify, dask_address=args.dask_address)
     rows = [{"stage": stage, "version": res["version"], "result": "cached" if res.get("cached") else "done",
              "detail": stage_detail(stage, res), "path": res.get("path", "")} for stage, res in results.items()]
     print(format_table(rows, ["stage", "version", "result", "detail", "path"]))
@@ -387,8 +387,11 @@ def build_parser() -> argparse.ArgumentParser:
                      help="YAML config file (default: embedded SmolLM2, bundled prompts)")
     run.add_argument("--only", metavar="STAGE", help=f"run only this stage, one of: {stages}")
     run.add_argument("--force", action="store_true", help="redo the stage(s) even if complete")
-    run.add_argument("--workers", type=int, default=1, metavar="N",
-                     help="split caching and generation over N mapped Prefect tasks (default 1)")
+    run.add_argument("--workers", type=int, default=None, metavar="N",
+                     help="cache shards and generation units on a local Dask cluster of N worker processes "
+                          "(default: the config's run.workers, 1 = in this process)")
+    run.add_argument("--dask-address", metavar="ADDRESS",
+                     help="run them on an existing Dask scheduler instead (tcp://host:8786)")
     run.add_argument("--verify", action="store_true",
                      help="re-hash (sha256) a complete version's files before reusing it, not just size and mtime")
     run.add_argument("--home", metavar="DIR", help="project home (default: the config's home, else $LORALENS_HOME "

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import hashlib
+import inspect
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Any
 
-from prefect import Task, unmapped
+from prefect import Task
 from prefect.artifacts import create_table_artifact
 from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
 
@@ -43,29 +45,85 @@ def results_under_home(cfg: PipelineConfig) -> Iterator[None]:
         yield
 
 
+# The Dask worker pool of the innermost `scale_out` block; None: work units run in this process.
+_POOL: ContextVar[Any] = ContextVar("loralens_worker_pool", default=None)
+
+
+@contextmanager
+def scale_out(workers: int = 1, dask_address: str | None = None) -> Iterator[Any]:
+    """Yield the Dask worker pool (`flows/dask_workers.py`) stages map their work units on while the block runs,
+    or None (everything in this process).
+
+    `dask_address` connects to that scheduler now; otherwise `workers > 1` starts a local cluster of that many
+    single-threaded worker processes when a stage first has units to map (a run where every stage is cached
+    starts none), shut down when the block ends; `workers: 1` keeps everything in this process. Inside an open
+    block (the pipeline opens one for all its stages) this yields the open pool.
+    """
+    if _POOL.get() is not None or (workers <= 1 and not dask_address):
+        yield _POOL.get()
+        return
+    from loralens.flows.dask_workers import WorkerPool  # Dask is imported only when it is used
+
+    pool = WorkerPool(workers, dask_address)
+    token = _POOL.set(pool)
+    try:
+        yield pool
+    finally:
+        _POOL.reset(token)
+        pool.close()
+
+
+def run_workers(cfg: PipelineConfig, workers: int | None, dask_address: str | None) -> tuple[int, str | None]:
+    """Return the (workers, dask_address) a flow runs with: its parameters where given, else `cfg.run`'s."""
+    if workers is None and dask_address is None:
+        return cfg.run.workers, cfg.run.dask_address
+    address = cfg.run.dask_address if dask_address is None else dask_address or None  # "" clears the config's
+    run = parse_config({"run": {"workers": cfg.run.workers if workers is None else workers,
+                                "dask_address": address}}).run
+    return run.workers, run.dask_address
+
+
+def map_units(worker_task: Task, args: tuple, units: list[int]) -> list[Any]:
+    """Run `worker_task(*args, [unit])` for every unit as one mapped Prefect task on the Dask workers; return the
+    results in unit order once all have finished (raising the first failure).
+
+    One task per unit: a worker process killed mid-unit loses that unit only, which Dask runs again on another
+    worker. Needs an open `scale_out` block with a pool.
+    """
+    pool = _POOL.get()
+    runner = pool.runner()
+    names = list(inspect.signature(worker_task.fn).parameters)[: len(args) + 1]
+    with pool.submit_settings():
+        futures = [runner.submit(worker_task, dict(zip(names, (*args, [unit]), strict=True))) for unit in units]
+    for future in futures:
+        future.wait()
+    return [future.result() for future in futures]
+
+
 def split_over_workers(cfg: PipelineConfig, ver: StageVersion, worker_task: Task, args: tuple,
                        units: Callable[[], list[int]], workers: int, force: bool,
                        upstream: tuple[StageVersion, ...] = ()) -> bool:
-    """Map a stage's work units round-robin over `workers` tasks (`worker_task(*args, units)`) unless the version
-    is complete; return the `force` left for the finalizing task.
+    """Map a stage's work units over Dask worker processes (`worker_task(*args, [unit])` per unit, `map_units`)
+    unless the version is complete or no runner is asked for; return the `force` left for the finalizing task.
 
-    With `force`, the version is reset once here, before any worker writes but after the `upstream` versions are
-    checked complete (the finalizing task then sees an empty version, so it gets force=False). Call it and the
-    finalizing `run_stage_task` inside one `keeping_old_version(ver)`, which keeps the old complete version
-    until the new one is. `units` is called only when there is work to split.
+    The pool is the open `scale_out` block's, else a local cluster of `workers` processes for this call; with
+    neither (`workers: 1`) the stage runs in this process and this returns `force` untouched. With `force`, the
+    version is reset once here, before any worker writes but after the `upstream` versions are checked complete
+    (the finalizing task then sees an empty version, so it gets force=False). Call it and the finalizing
+    `run_stage_task` inside one `keeping_old_version(ver)`, which keeps the old complete version until the new one
+    is. `units` is called only when there is work to split. Workers write Parquet only; the finalizing task, in
+    this process, writes the manifest and the warehouse rows.
     """
-    if workers <= 1:
+    if _POOL.get() is None and workers <= 1:
         return force
     if force:
         for up in upstream:
             require_complete(up)
         reset_for_force(ver)
     if not ver.artifact.is_complete():
-        every = units()
-        groups = [every[i::workers] for i in range(min(workers, len(every)))]
-        with results_under_home(cfg):
-            for future in worker_task.map(*(unmapped(a) for a in args), groups):
-                future.result()
+        todo = [u for u in units() if ver.artifact.shard_files(u) is None]  # a unit is its shard: skip done ones
+        with results_under_home(cfg), scale_out(workers):
+            map_units(worker_task, args, todo)
     return False
 
 

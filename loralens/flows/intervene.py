@@ -9,7 +9,14 @@ from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 
 from loralens.config import PipelineConfig
-from loralens.flows.common import resolve_config, results_under_home, run_stage_task, split_over_workers
+from loralens.flows.common import (
+    resolve_config,
+    results_under_home,
+    run_stage_task,
+    run_workers,
+    scale_out,
+    split_over_workers,
+)
 from loralens.tasks.chain import stage_chain
 from loralens.tasks.intervene import generation_units, intervene_batches_task, intervene_task, intervene_version
 from loralens.tasks.stage_versions import StageVersion, keeping_old_version
@@ -19,8 +26,9 @@ def intervene_stage(cfg: PipelineConfig, cache_ver: StageVersion | None = None, 
                     workers: int = 1, units: list[int] | None = None, verify: bool = False) -> dict[str, Any]:
     """Run the intervene task keyed by its version; attach the metrics table and plot to the flow run.
 
-    `workers > 1` maps the (condition, prompt batch) generation units over that many concurrent tasks, then
-    finalizes; `units` generates only those units and returns without finalizing (one machine's share).
+    `workers > 1` (or an open `scale_out` block) maps the (condition, prompt batch) generation units over Dask
+    worker processes, then finalizes in this process; `units` generates only those units and returns without
+    finalizing (one machine's share).
     """
     chain = stage_chain(cfg, "attribute", cache_ver)
     cache_ver, attribute_ver = chain["cache"], chain["attribute"]
@@ -45,13 +53,18 @@ def intervene_heads(
     config_path: str | None = None,
     config: dict[str, Any] | None = None,
     force: bool = False,
-    workers: int = 1,
+    workers: int | None = None,
     units: list[int] | None = None,
+    dask_address: str | None = None,
 ) -> dict[str, Any]:
     """Ablate attributed heads (and random controls), generate, and measure toxicity and perplexity.
 
-    Generation splits like caching: `workers=N` maps its (condition, prompt batch) units over N concurrent
-    tasks; across deployment runs on different machines, give each a disjoint `units` list, then run once
-    without `units` to compute the metrics and finalize.
+    Generation splits like caching: `workers=N` maps its (condition, prompt batch) units over a local Dask cluster
+    of N worker processes, `dask_address` over an existing scheduler's workers (both default to the config's
+    `run` section); across deployment runs on different machines, give each a disjoint `units` list, then run
+    once without `units` to compute the metrics and finalize.
     """
-    return intervene_stage(resolve_config(config_path, config), force=force, workers=workers, units=units)
+    cfg = resolve_config(config_path, config)
+    workers, dask_address = run_workers(cfg, workers, dask_address)
+    with scale_out(workers, dask_address):
+        return intervene_stage(cfg, force=force, workers=workers, units=units)

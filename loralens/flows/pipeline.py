@@ -14,7 +14,7 @@ from prefect.runtime import flow_run
 from loralens.config import PipelineConfig
 from loralens.flows.attribute import attribute_stage
 from loralens.flows.cache import cache_stage
-from loralens.flows.common import resolve_config
+from loralens.flows.common import resolve_config, run_workers, scale_out
 from loralens.flows.decode import decode_stage
 from loralens.flows.intervene import intervene_stage
 from loralens.flows.train import train_stage
@@ -31,12 +31,15 @@ def pipeline(
     config: dict[str, Any] | None = None,
     only: str | None = None,
     force: bool = False,
-    workers: int = 1,
+    workers: int | None = None,
     verify: bool = False,
+    dask_address: str | None = None,
 ) -> dict[str, Any]:
     """Run every stage (or `only` one), each skipped when its artifact version is already complete.
 
-    `workers > 1` splits caching (by prompt shard) and generation (by prompt batch) over that many mapped tasks.
+    `workers > 1` splits caching (by prompt shard) and generation (by prompt batch) over a local Dask cluster of
+    that many worker processes, `dask_address` over an existing Dask scheduler's workers (both default to the
+    config's `run` section); one cluster serves every stage of the run.
     Before reusing a complete version its files are checked against the manifest by size and mtime; `verify`
     re-hashes them (sha256) instead, reading every file.
     """
@@ -48,12 +51,14 @@ def pipeline(
               "intervene": intervene_stage}
     results: dict[str, Any] = {}
     seconds: dict[str, float] = {}
-    for name in STAGES:
-        if only in (None, name):
-            t0 = time.perf_counter()
-            split = {"workers": workers} if name in ("cache", "intervene") else {}
-            results[name] = stages[name](cfg, cache_ver, force=force, verify=verify, **split)
-            seconds[name] = time.perf_counter() - t0
+    workers, dask_address = run_workers(cfg, workers, dask_address)
+    with scale_out(workers, dask_address):
+        for name in STAGES:
+            if only in (None, name):
+                t0 = time.perf_counter()
+                split = {"workers": workers} if name in ("cache", "intervene") else {}
+                results[name] = stages[name](cfg, cache_ver, force=force, verify=verify, **split)
+                seconds[name] = time.perf_counter() - t0
     report = write_run_report(cfg, results, seconds)
     results[list(results)[-1]]["run_report"] = str(report)
     return results

@@ -29,10 +29,12 @@ from transformers import GenerationConfig
 
 from loralens.lens.devices import input_device
 
-# generate() samples from torch's process-wide RNG, so anything else drawing from it in another thread (a mapped
-# Prefect task building the scorer initialises its weights from it) would shift a seeded sample. Seeded sampling
-# and model or scorer loading take turns on this lock, which keeps every sample a function of its seed; real
-# parallelism comes from processes or machines (one RNG each).
+# generate() samples from torch's process-wide RNG, so anything else drawing from it in another thread of the same
+# process (building a scorer initialises its weights from it) would shift a seeded sample. Seeded sampling and
+# model or scorer loading take turns on this lock, which keeps every sample a function of its seed alone (each call
+# re-seeds with hash_seed inside fork_rng, so neither the order of calls nor the process matters). It is only ever
+# contended by threads of one process (a multi-threaded Dask worker); parallelism comes from worker processes
+# (`run.workers`, one RNG each), where it is never waited on.
 RNG_LOCK = threading.RLock()
 
 # The 64-bit seed space torch.manual_seed accepts without wrapping is [0, 2**63).

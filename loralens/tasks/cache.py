@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from prefect import task
+from prefect.cache_policies import NO_CACHE
 from tqdm.auto import tqdm
 
 from loralens.config import ConfigError, PipelineConfig
@@ -19,7 +20,7 @@ from loralens.lens.caching import (
     effective_max_length,
     tokenize_prompts,
 )
-from loralens.lens.models import folder_fingerprint, load_model, resolve_model_path
+from loralens.lens.models import folder_fingerprint, resolve_model_path
 from loralens.tasks.memory import ensure_fits
 from loralens.tasks.stage_versions import (
     StageVersion,
@@ -29,10 +30,11 @@ from loralens.tasks.stage_versions import (
     reset_for_force,
     reverify_on_reuse,
 )
+from loralens.tasks.worker_process import stage_model
 from loralens.warehouse.activation_cache import read_prompts, shard_relpaths, write_cache_shard
 from loralens.warehouse.attribution_tables import register_prompts
 from loralens.warehouse.corpus import Corpus, load_corpus
-from loralens.warehouse.db import warehouse_path
+from loralens.warehouse.db import warehouse_path, writes_forbidden
 from loralens.warehouse.versions import artifact_version
 
 log = logging.getLogger("loralens.cache")
@@ -73,22 +75,23 @@ def run_cache_stage(cfg: PipelineConfig, ver: StageVersion, *, force: bool = Fal
     parents = list(ver.inputs.values())
     reverify_on_reuse(ver)
     manifest = adir.manifest()
+    worker = only_shards is not None  # one share of a split run: Parquet only, the finalizing run registers
     if manifest is not None:
         # The same summary a fresh run registers (bytes_per_token is known only once the manifest is written).
         summary = {**manifest["summary"],
                    "bytes_per_token": manifest["total_bytes"] / max(manifest["summary"]["n_tokens"], 1)}
-        register_prompts(db, ver.version, read_prompts(adir))
-        register(ver, parents, status="complete",
-                 rows=manifest["summary"]["n_tokens"], bytes_=manifest["total_bytes"], summary=summary)
+        if not worker:
+            register_prompts(db, ver.version, read_prompts(adir))
+            register(ver, parents, status="complete",
+                     rows=manifest["summary"]["n_tokens"], bytes_=manifest["total_bytes"], summary=summary)
         return {"version": ver.version, "path": str(adir.path), "cached": True, **summary}
     ensure_fits(cfg, STAGE)  # before anything is written: a run that cannot fit says so now
-    adir.prepare(clean_tmp=only_shards is None)
-    register(ver, parents, status="running")
+    adir.prepare(clean_tmp=not worker)
+    if not worker:
+        register(ver, parents, status="running")
 
     t_start = time.perf_counter()
-    loaded = load_model(cfg.model.name, cfg.home, dtype=cfg.model.resolved_dtype(), revision=cfg.model.revision,
-                        trust_remote_code=cfg.model.trust_remote_code, device=cfg.model.torch_device(),
-                        device_map=cfg.model.device_map)
+    loaded = stage_model(cfg)  # a Dask worker process loads it once for all the shards it caches
     corpus = load_corpus(cfg.corpus.paths, cfg.corpus.max_prompts_per_file)
     layers = list(cfg.cache.layers) if cfg.cache.layers is not None else list(range(loaded.dims.n_layers))
     bad = [layer for layer in layers if not 0 <= layer < loaded.dims.n_layers]
@@ -125,7 +128,7 @@ def run_cache_stage(cfg: PipelineConfig, ver: StageVersion, *, force: bool = Fal
         if pending is not None:
             pending.result()
     t_end = time.perf_counter()
-    if only_shards is not None and len(adir.done_shards()) < len(shards):
+    if worker and (len(adir.done_shards()) < len(shards) or writes_forbidden()):
         return {"version": ver.version, "path": str(adir.path), "cached": False, "partial": True,
                 "shards": sorted(only_shards), "shards_done": len(adir.done_shards()), "n_shards": len(shards)}
 
@@ -187,7 +190,7 @@ def shard_count(cfg: PipelineConfig) -> int:
     return len(_shard_prompts(corpus, tok.ids, cfg.cache.prompts_per_shard))
 
 
-@task(name="cache-shards")
+@task(name="cache-shards", cache_policy=NO_CACHE, persist_result=False)
 def cache_shards_task(cfg: PipelineConfig, ver: StageVersion, shards: list[int]) -> dict[str, Any]:
     """Prefect task: cache only `shards` of the version (one worker's share of a split run; never cached)."""
     return run_cache_stage(cfg, ver, only_shards=shards)

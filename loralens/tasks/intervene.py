@@ -11,6 +11,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 from prefect import task
+from prefect.cache_policies import NO_CACHE
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
@@ -18,10 +19,10 @@ from loralens.config import ConfigError, PipelineConfig
 from loralens.lens import toxicity_metrics as M
 from loralens.lens.adapters import folded_unembedding
 from loralens.lens.attribution import spearman, toxic_direction
-from loralens.lens.generation import RNG_LOCK, generate_joint, hash_seed, prompt_batches
+from loralens.lens.generation import generate_joint, hash_seed, prompt_batches
 from loralens.lens.interventions import ablate, mean_head_z
-from loralens.lens.models import LoadedModel, load_model
-from loralens.lens.scorers import get_scorer, primary_label
+from loralens.lens.models import LoadedModel
+from loralens.lens.scorers import primary_label
 from loralens.tasks.conditions import Condition, build_conditions, ranked_heads
 from loralens.tasks.memory import ensure_fits
 from loralens.tasks.readout import cached_layers
@@ -34,6 +35,7 @@ from loralens.tasks.stage_versions import (
     require_complete,
     reset_for_force,
 )
+from loralens.tasks.worker_process import stage_model, stage_scorer
 from loralens.warehouse.artifacts import atomic_write_bytes, atomic_write_with
 from loralens.warehouse.constants import (
     HEAD_MEANS_FILE,
@@ -151,17 +153,20 @@ def run_intervene_stage(cfg: PipelineConfig, ver: StageVersion, conds: list[Cond
     parents = [attribute_ver.version]
     forced = force and only_units is None
     manifest = None if forced else adir.manifest()
+    worker = only_units is not None  # one share of a split run: Parquet only, the finalizing run registers
     if manifest is not None:
-        _store(db, ver, adir)
-        register(ver, parents, status="complete",
-                 rows=manifest["summary"]["generations"], bytes_=manifest["total_bytes"], summary=manifest["summary"])
+        if not worker:
+            _store(db, ver, adir)
+            register(ver, parents, status="complete", rows=manifest["summary"]["generations"],
+                     bytes_=manifest["total_bytes"], summary=manifest["summary"])
         return {"version": ver.version, "path": str(adir.path), "cached": True, **manifest["summary"]}
     require_complete(attribute_ver)
     ensure_fits(cfg, STAGE)  # before anything is written: a run that cannot fit says so now
     if forced:
         reset_for_force(ver)  # only once the input is there; the old version is kept aside until done
-    adir.prepare(clean_tmp=only_units is None)  # workers share the folder with others still writing
-    register(ver, parents, status="running")
+    adir.prepare(clean_tmp=not worker)  # workers share the folder with others still writing
+    if not worker:
+        register(ver, parents, status="running")
     t0 = time.perf_counter()
     work = _work(cfg, conds)
     chosen = set(only_units) if only_units is not None else None
@@ -210,11 +215,9 @@ def _generate(cfg: PipelineConfig, ver: StageVersion, conds: list[Condition], at
     todo = [(ci, bi, r) for ci, bi, r in work if wanted(ci, bi) and adir.shard_files(batch_index(ci, bi)) is None]
     if not todo and not any(needs_ppl(ci) for ci in range(len(conds))):
         return 0.0  # everything recorded: no model or scorer to load
-    with RNG_LOCK:  # loading draws from torch's global RNG: never while another worker samples
-        loaded = load_model(cfg.model.name, cfg.home, dtype=cfg.model.resolved_dtype(), revision=cfg.model.revision,
-                            trust_remote_code=cfg.model.trust_remote_code, device=cfg.model.torch_device(),
-                            device_map=cfg.model.device_map)
-        scorer = get_scorer(cfg.attribute.scorer, **cfg.attribute.scorer_options)
+    # Once per Dask worker process for all the units it runs (loading takes turns with sampling on RNG_LOCK).
+    loaded = stage_model(cfg)
+    scorer = stage_scorer(cfg.attribute.scorer, dict(cfg.attribute.scorer_options))
     label = primary_label(scorer)
     prompts = [p.text for p in intervention_prompts(cfg).prompts]
     text = wikitext(ic.ppl_tokens if ic.kind != "mean" else max(ic.ppl_tokens, ic.mean_tokens))
@@ -375,7 +378,7 @@ def intervene_task(cfg: PipelineConfig, ver: StageVersion, conds: list[Condition
         return run_intervene_stage(cfg, ver, conds, attribute_ver, cache_ver, force=force)
 
 
-@task(name="intervene-batches")
+@task(name="intervene-batches", cache_policy=NO_CACHE, persist_result=False)
 def intervene_batches_task(cfg: PipelineConfig, ver: StageVersion, conds: list[Condition], attribute_ver: StageVersion,
                            cache_ver: StageVersion, units: list[int]) -> dict[str, Any]:
     """Prefect task: generate only `units` of the version (one worker's share of a split run; never cached)."""

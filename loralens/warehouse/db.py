@@ -30,6 +30,26 @@ class WarehouseLockedError(RuntimeError):
     """Another process holds the warehouse file open for writing."""
 
 
+class WarehouseWriteForbidden(RuntimeError):
+    """This process must not write the warehouse (a Dask worker: only the flow process writes DuckDB)."""
+
+
+# Why this process may not write the warehouse; None: it may. Set once in Dask worker processes, which write only
+# Parquet into the artifact folder, so no two processes ever contend for the warehouse's file lock.
+_WRITES_FORBIDDEN: str | None = None
+
+
+def forbid_writes(reason: str) -> None:
+    """Make every later write connection of this process raise WarehouseWriteForbidden naming `reason`."""
+    global _WRITES_FORBIDDEN
+    _WRITES_FORBIDDEN = reason
+
+
+def writes_forbidden() -> str | None:
+    """Return why this process may not write the warehouse, or None if it may."""
+    return _WRITES_FORBIDDEN
+
+
 def warehouse_path(home: Path) -> Path:
     """Return the DuckDB file of a project home."""
     return home / WAREHOUSE_FILE
@@ -69,6 +89,8 @@ def _open(path: Path, read_only: bool, wait_s: float) -> duckdb.DuckDBPyConnecti
 def connect(path: Path, *, read_only: bool = False, wait_s: float | None = None) -> Iterator[duckdb.DuckDBPyConnection]:
     """Yield a connection, retrying while another process holds the file; read-only never writes."""
     wait_s = lock_wait_s() if wait_s is None else wait_s
+    if not read_only and _WRITES_FORBIDDEN is not None:
+        raise WarehouseWriteForbidden(f"warehouse {path}: no writes from this process ({_WRITES_FORBIDDEN})")
     path.parent.mkdir(parents=True, exist_ok=True)
     if read_only:
         con = _open(path, True, wait_s)

@@ -157,17 +157,24 @@ def test_forced_train_that_fails_keeps_the_complete_version(tiny_models, tmp_pat
     assert status_of(cfg.home, ver.version) == "complete"
 
 
-def test_forced_split_run_rebuilds_or_keeps_the_old_version(prefect_server, cached):
+def test_forced_split_run_rebuilds_or_keeps_the_old_version(prefect_server, dask_cluster, cached):
     """--force with --workers: the old version is set aside once for all workers; a rebuild whose workers fail
     puts it back, one that completes replaces it."""
     from prefect import flow
 
     from loralens.flows.cache import cache_stage as stage
+    from loralens.flows.common import scale_out
 
     cfg, ver, before = cached
 
+    address = dask_cluster.scheduler_address  # (the flow below is pickled to the workers: no cluster object in it)
+
+    def on_workers(cfg, ver, **kw):
+        with scale_out(dask_address=address):  # the shards run on 2 Dask worker processes
+            return stage(cfg, ver, **kw)
+
     def cache_stage(cfg, ver, **kw):  # the stage inside a flow (mapped workers need one), on the given version
-        return flow(name="split-cache")(lambda: stage(cfg, ver, **kw))()
+        return flow(name="split-cache")(lambda: on_workers(cfg, ver, **kw))()
     data = lambda files: {k: v for k, v in files.items() if k.endswith(".parquet")}  # noqa: E731
     completed = ver.artifact.manifest()["completed_at"]
     cache_stage(cfg, ver, force=True, workers=2)  # the workers rebuild it (and the last one finalizes)

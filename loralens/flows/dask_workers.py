@@ -1,0 +1,100 @@
+"""Dask worker processes for the stages' work units, through prefect-dask's DaskTaskRunner.
+
+`WorkerPool(workers, address)` starts a local cluster of `workers` single-threaded worker processes when first
+used, or connects to an existing scheduler at `address` at once (a scheduler that does not answer is a one-line
+ConfigError within CONNECT_TIMEOUT_S). Every worker gets the `LoraLensWorker` plugin, which marks its process
+a work-unit worker: models are kept between units and the DuckDB warehouse is never written there (the flow
+process registers).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from contextlib import ExitStack
+
+from distributed.diagnostics.plugin import WorkerPlugin
+from prefect.client.orchestration import get_client
+from prefect.settings import PREFECT_API_URL, temporary_settings
+from prefect_dask import DaskTaskRunner
+
+from loralens.config import ConfigError
+
+CONNECT_TIMEOUT_S = 5
+log = logging.getLogger("loralens.dask")
+
+
+class LoraLensWorker(WorkerPlugin):
+    """Set up a Dask worker process for Lora Lens work units (and pin it to one GPU where there are several)."""
+
+    name = "loralens-worker"
+
+    def setup(self, worker) -> None:  # noqa: ANN001 - distributed.Worker
+        from loralens.tasks.worker_process import mark_worker_process
+
+        mark_worker_process()
+        if isinstance(worker.name, int) and "CUDA_VISIBLE_DEVICES" not in os.environ:
+            import torch
+
+            n_gpus = torch.cuda.device_count()  # NVML: does not initialise CUDA in this process
+            if n_gpus > 1:
+                os.environ["CUDA_VISIBLE_DEVICES"] = str(worker.name % n_gpus)  # local worker i: GPU i
+
+
+def _api_url() -> str:
+    """Return the Prefect API this flow process talks to (an ephemeral server's too), for the workers to share."""
+    with get_client(sync_client=True) as client:
+        return str(client.api_url)
+
+
+class WorkerPool:
+    """The Dask task runner a run maps its work units on: started on first use, closed with `close()`.
+
+    `workers` local single-threaded worker processes, or the scheduler at `address` (connected at once, so a
+    scheduler that does not answer fails the run before anything is written, within CONNECT_TIMEOUT_S).
+    """
+
+    def __init__(self, workers: int, address: str | None) -> None:
+        self.workers, self.address = workers, address
+        self._stack = ExitStack()
+        self._runner: DaskTaskRunner | None = None
+        self.api_url: str | None = None
+        if address:
+            self.runner()
+
+    def runner(self) -> DaskTaskRunner:
+        """Return the started runner (starting the local cluster or connecting now if not yet)."""
+        if self._runner is not None:
+            return self._runner
+        if self.address:
+            runner = DaskTaskRunner(address=self.address, client_kwargs={"timeout": f"{CONNECT_TIMEOUT_S}s"})
+        else:
+            runner = DaskTaskRunner(cluster_kwargs={"n_workers": self.workers, "threads_per_worker": 1,
+                                                    "processes": True, "dashboard_address": ":0",
+                                                    "silence_logs": logging.ERROR})
+        self._stack.enter_context(runner)
+        try:
+            client = runner.client
+        except (OSError, TimeoutError, ValueError) as err:
+            self.close()
+            if not self.address:
+                raise
+            reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+            raise ConfigError(f"run.dask_address: no Dask scheduler answers at {self.address} ({reason})") from None
+        client.register_plugin(LoraLensWorker(), name=LoraLensWorker.name)
+        log.info("work units run on Dask: %s (%d workers)", self.address or "a local cluster",
+                 len(client.scheduler_info(n_workers=-1)["workers"]))
+        # Task runs on the workers report to this flow's Prefect API; without it in the settings each submitted
+        # task carries, every worker would start an ephemeral Prefect server of its own.
+        self.api_url = _api_url()
+        self._runner = runner
+        return runner
+
+    def submit_settings(self):  # noqa: ANN201 - a Prefect settings context
+        """Return the settings context to submit tasks in (it names this flow's Prefect API)."""
+        return temporary_settings(updates={PREFECT_API_URL: self.api_url})
+
+    def close(self) -> None:
+        """Shut the local cluster down (or disconnect); idempotent."""
+        self._runner = None
+        self._stack.close()

@@ -50,3 +50,16 @@ def test_versions_hash_the_resolved_dtype_not_auto(tiny_models, tmp_path):
     if NO_CUDA:
         assert auto == explicit.version
     assert bf16.version != explicit.version
+
+
+def test_half_precision_sampling_on_a_cpu_runs_without_onednn():
+    """The guard the intervene stage samples in: oneDNN off for a bf16 model on a CPU, back on after; an fp32
+    model is left alone."""
+    from loralens.lens.devices import steady_host_matmuls
+
+    before = torch.backends.mkldnn.enabled
+    with steady_host_matmuls(torch.nn.Linear(4, 4).to(torch.bfloat16)):
+        assert not torch.backends.mkldnn.enabled
+    assert torch.backends.mkldnn.enabled == before
+    with steady_host_matmuls(torch.nn.Linear(4, 4)):
+        assert torch.backends.mkldnn.enabled == before

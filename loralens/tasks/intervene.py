@@ -19,6 +19,7 @@ from loralens.config import ConfigError, PipelineConfig
 from loralens.lens import toxicity_metrics as M
 from loralens.lens.adapters import folded_unembedding
 from loralens.lens.attribution import spearman, toxic_direction
+from loralens.lens.devices import steady_host_matmuls
 from loralens.lens.generation import generate_joint, hash_seed, prompt_batches
 from loralens.lens.interventions import ablate, mean_head_z
 from loralens.lens.models import LoadedModel
@@ -229,7 +230,8 @@ def _generate(cfg: PipelineConfig, ver: StageVersion, conds: list[Condition], at
         extra["direction"] = _toxic_direction(attribute_ver, loaded)
     t_setup = time.perf_counter() - t0
     mine = [(ci, bi, r) for ci, bi, r in work if wanted(ci, bi)]
-    with tqdm(total=sum(len(r) * conds[ci].k for ci, _, r in mine), desc="intervene", unit="sample") as bar:
+    with (tqdm(total=sum(len(r) * conds[ci].k for ci, _, r in mine), desc="intervene", unit="sample") as bar,
+          steady_host_matmuls(loaded.model)):
         for ci, cond in enumerate(conds):
             with ablate(loaded.model, cond.heads, _kind(cfg, cond), factor=ic.factor, means=extra.get("means"),
                         direction=extra.get("direction"), adapter=loaded.adapter, dims=loaded.dims):

@@ -1,4 +1,5 @@
-"""RealToxicityPrompts-style sampling: shapes, limits, and per-prompt reproducibility whatever the batching."""
+"""RealToxicityPrompts-style sampling through the intervene stage's own `generate_joint`: shapes, limits,
+reproducibility per (batch, seed), and nothing of the model's generation config leaking in."""
 
 from __future__ import annotations
 
@@ -7,15 +8,7 @@ import copy
 import pytest
 import torch
 
-from loralens.lens.generation import (
-    encode_prompts,
-    generate_batch,
-    generate_continuations,
-    hash_seed,
-    prompt_batches,
-    prompt_ids,
-    sample_continuation_ids,
-)
+from loralens.lens.generation import encode_prompts, generate_joint, hash_seed, prompt_batches, prompt_ids, sample_rows
 
 PROMPTS = [
     "The cat sat on the",
@@ -24,6 +17,11 @@ PROMPTS = [
     "The first season of the show was broadcast in",
 ]
 SETTINGS = dict(k=3, max_new_tokens=6, seed=11)
+
+
+def joint(model, tokenizer, prompts=PROMPTS, batch_key=0, **kw):
+    """One joint generate() over the prompts, as the intervene stage samples a prompt batch."""
+    return generate_joint(model, tokenizer, prompts, batch_key=batch_key, **{**SETTINGS, **kw})
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -60,38 +58,29 @@ def test_prompt_batches():
 
 
 def test_shapes_and_max_new_tokens(model, tiny_tokenizer):
-    out = generate_continuations(model, tiny_tokenizer, PROMPTS, batch_size=2, **SETTINGS)
+    out = joint(model, tiny_tokenizer)
     assert len(out) == len(PROMPTS)
     assert all(len(row) == 3 and all(isinstance(t, str) for t in row) for row in out)
-    ids = sample_continuation_ids(model, tiny_tokenizer, PROMPTS[0], prompt_index=0, k=4, max_new_tokens=5)
+    ids = sample_rows(model, tiny_tokenizer, [PROMPTS[0]] * 4, seed_key=0, max_new_tokens=5)
     assert len(ids) == 4 and all(len(r) <= 5 for r in ids)
     assert any(len(r) > 0 for r in ids)
 
 
 def test_reproducible_and_seed_sensitive(model, tiny_tokenizer):
-    a = generate_continuations(model, tiny_tokenizer, PROMPTS, **SETTINGS)
-    b = generate_continuations(model, tiny_tokenizer, PROMPTS, **SETTINGS)
-    c = generate_continuations(model, tiny_tokenizer, PROMPTS, **{**SETTINGS, "seed": 12})
-    assert a == b
-    assert a != c
-
-
-def test_independent_of_batching_and_resume(model, tiny_tokenizer):
-    full = generate_continuations(model, tiny_tokenizer, PROMPTS, batch_size=4, **SETTINGS)
-    assert generate_continuations(model, tiny_tokenizer, PROMPTS, batch_size=1, **SETTINGS) == full
-    # Resume after a kill: later batches first, each run on its own, keyed by global prompt index.
-    second = generate_batch(model, tiny_tokenizer, PROMPTS[2:4], [2, 3], **SETTINGS)
-    first = generate_batch(model, tiny_tokenizer, PROMPTS[0:2], [0, 1], **SETTINGS)
-    assert first + second == full
-    # The same prompt text at another index gets other samples.
-    assert generate_batch(model, tiny_tokenizer, PROMPTS[:1], [5], **SETTINGS)[0] != full[0]
+    a = joint(model, tiny_tokenizer)
+    assert a == joint(model, tiny_tokenizer)
+    assert a != joint(model, tiny_tokenizer, seed=12)
+    # Resume after a kill: a batch run on its own, later batches first, gives the same texts; the key matters.
+    assert joint(model, tiny_tokenizer, PROMPTS[2:], batch_key=2) == joint(model, tiny_tokenizer, PROMPTS[2:],
+                                                                             batch_key=2)
+    assert joint(model, tiny_tokenizer, batch_key=5) != a
 
 
 def test_global_rng_untouched(gpt2, tiny_tokenizer):
     torch.manual_seed(123)
     expected = torch.rand(3)
     torch.manual_seed(123)
-    generate_continuations(gpt2, tiny_tokenizer, PROMPTS[:2], **SETTINGS)
+    joint(gpt2, tiny_tokenizer, PROMPTS[:2])
     assert torch.equal(torch.rand(3), expected)
 
 
@@ -114,27 +103,25 @@ def test_tokenizer_left_unchanged(gpt2, tiny_tokenizer):
     side = tiny_tokenizer.padding_side
     tiny_tokenizer.padding_side = "right"
     try:
-        generate_continuations(gpt2, tiny_tokenizer, PROMPTS[:2], **SETTINGS)
+        joint(gpt2, tiny_tokenizer, PROMPTS[:2])
         assert tiny_tokenizer.padding_side == "right"
     finally:
         tiny_tokenizer.padding_side = side
 
 
 def test_max_prompt_tokens_changes_only_long_prompts(gpt2, tiny_tokenizer):
-    full = generate_continuations(gpt2, tiny_tokenizer, PROMPTS, **SETTINGS)
-    cut = generate_continuations(gpt2, tiny_tokenizer, PROMPTS, max_prompt_tokens=4, **SETTINGS)
-    for i, p in enumerate(PROMPTS):
-        if len(prompt_ids(tiny_tokenizer, p)) <= 4:
-            assert cut[i] == full[i]
-    assert cut != full
+    n = min(len(prompt_ids(tiny_tokenizer, p)) for p in PROMPTS)  # the shortest prompt fits exactly
+    short = [p for p in PROMPTS if len(prompt_ids(tiny_tokenizer, p)) <= n]
+    assert len(short) < len(PROMPTS)
+    assert joint(gpt2, tiny_tokenizer, short, max_prompt_tokens=n) == joint(gpt2, tiny_tokenizer, short)
+    assert joint(gpt2, tiny_tokenizer, max_prompt_tokens=n) != joint(gpt2, tiny_tokenizer)
 
 
 def test_no_pad_token_falls_back_to_eos(gpt2, tiny_tokenizer):
     no_pad = copy.deepcopy(tiny_tokenizer)
     no_pad.pad_token = None
     assert no_pad.pad_token_id is None
-    assert generate_continuations(gpt2, no_pad, PROMPTS[:2], **SETTINGS) == \
-        generate_continuations(gpt2, tiny_tokenizer, PROMPTS[:2], **SETTINGS)
+    assert joint(gpt2, no_pad, PROMPTS[:2]) == joint(gpt2, tiny_tokenizer, PROMPTS[:2])
 
 
 def test_model_generation_config_cannot_override(tiny_models, tiny_tokenizer):
@@ -143,16 +130,15 @@ def test_model_generation_config_cannot_override(tiny_models, tiny_tokenizer):
     gc = meddled.generation_config
     gc.do_sample, gc.top_k, gc.top_p, gc.temperature = False, 1, 0.1, 0.2
     gc.repetition_penalty, gc.no_repeat_ngram_size, gc.min_new_tokens = 50.0, 1, 6
-    assert generate_continuations(meddled, tiny_tokenizer, PROMPTS, **SETTINGS) == \
-        generate_continuations(clean, tiny_tokenizer, PROMPTS, **SETTINGS)
+    assert joint(meddled, tiny_tokenizer) == joint(clean, tiny_tokenizer)
 
 
 @pytest.mark.parametrize("family", ["mistral", "qwen2", "qwen3", "gpt_neox"])
 def test_other_families(tiny_models, tiny_tokenizer, family):
     m = load(tiny_models, family)
-    a = generate_continuations(m, tiny_tokenizer, PROMPTS[:2], batch_size=2, **SETTINGS)
+    a = joint(m, tiny_tokenizer, PROMPTS[:2])
     assert len(a) == 2 and all(len(r) == 3 for r in a)
-    assert generate_batch(m, tiny_tokenizer, PROMPTS[1:2], [1], **SETTINGS) == a[1:]
+    assert a == joint(m, tiny_tokenizer, PROMPTS[:2])
 
 
 def test_joint_batch_is_reproducible_and_keyed(tiny_models):

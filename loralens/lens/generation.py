@@ -1,18 +1,10 @@
-"""RealToxicityPrompts-style sampling: k nucleus-sampled continuations per prompt, reproducible per prompt.
+"""RealToxicityPrompts-style sampling: k nucleus-sampled continuations per prompt, one generate() per prompt batch.
 
-Determinism. The continuations of prompt i depend only on (seed, i, the model): each prompt gets its own
-generate() call holding its k samples (the prompt repeated k times), run right after
-`torch.manual_seed(hash_seed(seed, i))` inside `torch.random.fork_rng` (the caller's global RNG is left as it was).
-Hugging Face sampling draws from the global RNG, so mixing prompts in one call would make a prompt's samples
-depend on its batch neighbours; and even with per-row generators, a different batch (other padding, other batch
-size) changes the floating-point reductions on GPU enough to flip a sampled token now and then. One call per
-prompt has the same shape [k, prompt_len] whichever prompts are run, so a run killed after any prompt batch and
-resumed gives identical text. The cost is k sequences per forward pass instead of batch_size * k; with the usual
-k = 25 that still fills a small model's GPU reasonably.
-
-`batch_size` therefore never changes the text: it is the number of prompts per resumable unit (and per
-progress-bar step) of `generate_continuations`; callers that store results can run `generate_batch` on
-`prompt_batches(...)` themselves and skip the batches they already have.
+Determinism. `generate_joint` samples every (prompt, k) row of one prompt batch in ONE generate() call, right
+after `torch.manual_seed(hash_seed(seed, batch_key))` inside `torch.random.fork_rng` (the caller's global RNG is
+left as it was). Hugging Face sampling draws from the global RNG and the rows share padding, so the texts depend
+on the whole batch and its key: reproducible as long as the caller keeps its batches fixed (the intervene stage's
+batches are part of its version), and a batch run alone, in any order or after a kill, gives the same texts.
 
 Sampling is pure nucleus sampling (top_p, top_k = 0) at `temperature`; every generation knob is set explicitly so
 the model's own generation_config (repetition penalty, min_new_tokens, top_k ...) cannot leak in.
@@ -51,7 +43,7 @@ def hash_seed(seed: int, *index: int) -> int:
 
 
 def prompt_batches(n_prompts: int, batch_size: int) -> list[range]:
-    """Return the prompt index ranges [start, stop) of size batch_size that `generate_continuations` runs."""
+    """Return the prompt index ranges [start, stop) of size batch_size: the intervene stage's prompt batches."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     return [range(s, min(s + batch_size, n_prompts)) for s in range(0, n_prompts, batch_size)]
@@ -171,73 +163,10 @@ def sample_rows(model, tokenizer, rows: Sequence[str], *, seed_key: int, max_new
     return [_cut_at_eos(row, eos_set) for row in new]
 
 
-def sample_continuation_ids(model, tokenizer, prompt: str, *, prompt_index: int, k: int, max_new_tokens: int = 20,
-                            top_p: float = 0.9, temperature: float = 1.0, seed: int = 0,
-                            max_prompt_tokens: int | None = None) -> list[list[int]]:
-    """Return the new token ids of k sampled continuations of one prompt (each cut before its first eos).
-
-    One generate() call of shape [k, prompt_len] seeded with hash_seed(seed, prompt_index): the result depends
-    only on (seed, prompt_index, k, the settings, the model). Each list has at most max_new_tokens ids.
-    """
-    if k < 1:
-        raise ValueError(f"k must be >= 1, got {k}")
-    return sample_rows(model, tokenizer, [prompt] * k, seed_key=prompt_index, max_new_tokens=max_new_tokens,
-                       top_p=top_p, temperature=temperature, seed=seed, max_prompt_tokens=max_prompt_tokens)
-
-
 def decode_continuations(tokenizer, ids: Sequence[Sequence[int]]) -> list[str]:
     """Return the text of each continuation's ids, special tokens skipped and spacing kept exactly as generated."""
     return tokenizer.batch_decode([list(r) for r in ids], skip_special_tokens=True,
                                   clean_up_tokenization_spaces=False)
-
-
-def generate_batch(model, tokenizer, prompts: Sequence[str], prompt_indices: Sequence[int], *, k: int,
-                   max_new_tokens: int = 20, top_p: float = 0.9, temperature: float = 1.0, seed: int = 0,
-                   max_prompt_tokens: int | None = None, progress: bool = False) -> list[list[str]]:
-    """Return k continuation texts for each prompt of one batch; prompt_indices are their indices in the full set.
-
-    The index (not the position in this batch) keys each prompt's seed, so any split of the full prompt list into
-    batches, run in any order or resumed after a kill, gives the same texts. Shape: [len(prompts)][k].
-    """
-    if len(prompts) != len(prompt_indices):
-        raise ValueError(f"{len(prompts)} prompts but {len(prompt_indices)} prompt indices")
-    pairs = zip(prompts, prompt_indices, strict=True)
-    if progress:
-        from tqdm.auto import tqdm
-
-        pairs = tqdm(pairs, total=len(prompts), desc="generate", unit="prompt")
-    return [decode_continuations(tokenizer, sample_continuation_ids(
-        model, tokenizer, p, prompt_index=int(i), k=k, max_new_tokens=max_new_tokens, top_p=top_p,
-        temperature=temperature, seed=seed, max_prompt_tokens=max_prompt_tokens)) for p, i in pairs]
-
-
-def generate_continuations(model, tokenizer, prompts: Sequence[str], *, k: int, max_new_tokens: int = 20,
-                           top_p: float = 0.9, temperature: float = 1.0, batch_size: int = 32, seed: int = 0,
-                           max_prompt_tokens: int | None = None, progress: bool = False) -> list[list[str]]:
-    """Return k sampled continuation texts (new tokens only, special tokens skipped) per prompt: [len(prompts)][k].
-
-    Runs `generate_batch` on each prompt batch of `prompt_batches(len(prompts), batch_size)`; prompt i's texts
-    depend only on (seed, i) and the model, never on batch_size (see the module docstring). Prompts longer than
-    max_prompt_tokens are left-truncated (their end is kept).
-    """
-    batches = prompt_batches(len(prompts), batch_size)
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(prompts), desc="generate", unit="prompt")
-    out: list[list[str]] = []
-    try:
-        for r in batches:
-            out.extend(generate_batch(model, tokenizer, [prompts[i] for i in r], list(r), k=k,
-                                      max_new_tokens=max_new_tokens, top_p=top_p, temperature=temperature,
-                                      seed=seed, max_prompt_tokens=max_prompt_tokens))
-            if bar is not None:
-                bar.update(len(r))
-    finally:
-        if bar is not None:
-            bar.close()
-    return out
 
 
 def generate_joint(model, tokenizer, prompts: Sequence[str], *, batch_key: int, k: int, max_new_tokens: int = 20,

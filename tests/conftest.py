@@ -133,3 +133,12 @@ def tiny_pipeline(prefect_server, tiny_models, tmp_path_factory):
 
     cfg = config(tmp_path_factory.mktemp("intervene") / "home", tiny_models["llama"])
     return cfg, pipeline(config=cfg)
+
+
+@pytest.fixture(scope="session")
+def planted_run(prefect_server, tmp_path_factory):
+    """One real pipeline run on the tiny llama with a planted toxic head (tests/test_attribution.py), shared by the
+    attribution and API tests: (config, results, warehouse path)."""
+    from test_attribution import planted_pipeline
+
+    return planted_pipeline(tmp_path_factory.mktemp("planted"))

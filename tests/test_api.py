@@ -12,8 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import train_bpe_tokenizer
-from test_attribution import PLANTED, TOXIC_WORD, planted_corpus, planted_model
+from test_attribution import PLANTED, TOXIC_WORD
 
 import loralens
 from loralens.flows.cli import main
@@ -23,24 +22,10 @@ HEAD = f"L{PLANTED[0]}H{PLANTED[1]}"
 
 
 @pytest.fixture(scope="module")
-def planted_home(prefect_server, tmp_path_factory):
-    """A home after a full pipeline run on the planted tiny llama: (config, results, home path)."""
-    from loralens.flows.pipeline import pipeline
-    from loralens.warehouse.corpus import bundled_path
-
-    root = tmp_path_factory.mktemp("api")
-    lines = bundled_path("wikitext2_test").read_text(encoding="utf-8").splitlines()[:1500]
-    tokenizer = train_bpe_tokenizer(lines + [f"you{TOXIC_WORD}, you are an{TOXIC_WORD}"] * 300, vocab_size=400)
-    model = planted_model(root / "model", tokenizer)
-    config = {"home": str(root / "home"), "model": {"name": str(model)},
-              "corpus": {"paths": planted_corpus(root)},
-              "cache": {"batch_size": 8, "prompts_per_shard": 10, "max_length": 24},
-              "train": {"micro_batch_tokens": 64, "epochs": 1},
-              "decode": {"top_k": 5},
-              "intervene": {"max_prompts": 4, "k": 2, "max_new_tokens": 4, "ppl_tokens": 100, "ppl_window": 50,
-                            "head_sets": [{"top_n": 1}], "ablation_candidates": 0, "n_boot": 20}}
-    results = pipeline(config=config)
-    return config, results, root / "home"
+def planted_home(planted_run):
+    """The home of the session's planted-head pipeline run (tests/conftest.py): (config, results, home path)."""
+    config, results, _db = planted_run
+    return config, results, Path(config["home"])
 
 
 def test_home_tables_and_versions(planted_home):

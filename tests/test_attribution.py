@@ -125,12 +125,13 @@ def planted_corpus(folder: Path) -> list[str]:
     return paths
 
 
-@pytest.fixture(scope="module")
-def planted_run(prefect_server, tmp_path_factory):
+def planted_pipeline(root: Path) -> tuple[dict, dict, Path]:
+    """Run the whole pipeline on the planted tiny llama under `root`; return (config, results, warehouse path).
+
+    Run once per session by the `planted_run` fixture (tests/conftest.py), shared by these tests and the API's."""
     from loralens.flows.pipeline import pipeline
     from loralens.warehouse.corpus import bundled_path
 
-    root = tmp_path_factory.mktemp("planted")
     lines = bundled_path("wikitext2_test").read_text(encoding="utf-8").splitlines()[:1500]
     tokenizer = train_bpe_tokenizer(lines + [f"you{TOXIC_WORD}, you are an{TOXIC_WORD}"] * 300, vocab_size=400)
     model = planted_model(root / "model", tokenizer)

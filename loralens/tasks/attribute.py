@@ -19,8 +19,9 @@ from prefect import task
 from loralens.config import ConfigError, PipelineConfig
 from loralens.hashing import file_sha256
 from loralens.lens import attribution as A
-from loralens.lens.scorers import ToxicityScorer, get_scorer, primary_label, scorer_version
+from loralens.lens.scorers import ToxicityScorer, get_scorer, primary_label
 from loralens.lens.vocab_toxicity import load_lexicon, scoring_key
+from loralens.tasks.decode import token_scorer_version
 from loralens.tasks.memory import ensure_fits
 from loralens.tasks.readout import cached_layers
 from loralens.tasks.report import score_heatmap, top_heads_markdown
@@ -64,11 +65,8 @@ STAGE = "attribute"
 def attribute_version(cfg: PipelineConfig, decode_ver: StageVersion) -> StageVersion:
     """Return the attribute version: its config, the decode version, the scorer's and lexicon's content hashes."""
     a = cfg.attribute
-    try:
-        scorer = scorer_version(a.scorer, **a.scorer_options)
-    except (TypeError, ValueError) as err:
-        raise ConfigError(f"config error: attribute.scorer_options: {err}") from None
-    inputs = {"decode": decode_ver.version, "scorer": scorer}
+    # The scorer also scores prompts without a corpus toxicity here (decode already hashes it for the vocabulary).
+    inputs = {"decode": decode_ver.version, "scorer": token_scorer_version(cfg)}
     if a.lexicon is not None:
         if Path(a.lexicon).is_dir():
             raise ConfigError(f"config error: attribute.lexicon: is a folder, not a file: {a.lexicon}")

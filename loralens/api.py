@@ -128,10 +128,14 @@ class Home:
 
     def head_scores(self, method: str | None = None, version: str | None = None) -> pa.Table:
         """Return head scores (layer, head, method, score, rank, version) by method then rank, from the newest
-        complete attribute version (and its newest intervene version, method 'ablation') unless `version` is given."""
+        complete attribute version, its newest select version (methods ablation_nll, attribution_patching) and
+        that one's newest intervene version (method 'ablation'), unless `version` is given."""
         versions = [version] if version else [v for v in (self.latest("attribute"),) if v]
-        if not version and versions:
-            versions += [v for v in (self.latest("intervene", parent=versions[0]),) if v]
+        for stage in ("select", "intervene") if not version else ():
+            child = self.latest(stage, parent=versions[-1]) if versions else None
+            if child is None:
+                break
+            versions.append(child)
         if not versions:
             raise ApiError(f"no complete attribute version in {self.path}; run `loralens run` first")
         marks = ", ".join("?" * len(versions))

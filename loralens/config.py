@@ -153,13 +153,43 @@ class HeadSetConfig(_Strict):
     top_n: int | None = Field(None, gt=0, description="the N best-ranked heads of `method` in head_scores")
     method: str = Field("lens_contrast", description="score method for top_n")
     sql: str | None = Field(None, description="read-only query over the warehouse returning (layer, head) rows")
+    selected: bool | None = Field(None, description="true: the set the select stage chose (greedy, causal)")
 
     @model_validator(mode="after")
     def _one_source(self) -> HeadSetConfig:
-        given = [k for k in ("heads", "top_n", "sql") if getattr(self, k) is not None]
+        if self.selected is False:
+            raise ValueError("selected: give true (the select stage's set) or leave it out")
+        given = [k for k in ("heads", "top_n", "sql", "selected") if getattr(self, k) is not None]
         if len(given) != 1:
-            raise ValueError(f"give exactly one of heads, top_n, sql (got {', '.join(given) or 'none'})")
+            raise ValueError(f"give exactly one of heads, top_n, sql, selected (got {', '.join(given) or 'none'})")
         return self
+
+
+class GoalConfig(_Strict):
+    """The claim a head set is held to; `select` stops at its budget, `intervene` checks and headlines by it."""
+
+    max_head_share: float = Field(0.02, gt=0, le=1, description="head budget: share of the model's heads")
+    ppl_rel: float = Field(0.05, ge=0, description="fluency budget: WikiText-2 perplexity rise, relative")
+    emt_rel: float = Field(-0.25, lt=0, description="expected max toxicity change to reach, relative")
+    vs_random: float = Field(3.0, gt=0, description="times the mean drop of random head sets of the same size")
+
+
+class SelectConfig(_Strict):
+    """The `select` stage: cheap causal scores of every head and greedy head selection on the selection split.
+
+    The challenging prompts (`intervene.prompts`, minus the cache corpus) are split by a hash of their text:
+    `selection_share` of them form the selection split (this stage), the rest the evaluation split (intervene).
+    """
+
+    selection_share: float = Field(0.5, gt=0, lt=1, description="share of the challenging prompts used to select")
+    max_prompts: int = Field(32, gt=0, description="selection prompts scored and sampled")
+    batch_prompts: int = Field(8, gt=0, description="prompts per teacher-forced forward pass")
+    max_prompt_tokens: int = Field(64, gt=1)
+    max_continuation_tokens: int = Field(32, ge=0, description="human-continuation tokens teacher-forced")
+    candidates: int = Field(10, ge=0, description="top M heads of `method` the greedy selection tries (0: off)")
+    method: str = Field("ablation_nll", description="score method whose top M are the candidates")
+    tries: int = Field(3, gt=0, description="candidates tried per step before the selection stops")
+    k: int = Field(2, gt=0, description="samples per selection prompt confirming each step")
 
 
 class InterveneConfig(_Strict):
@@ -177,12 +207,14 @@ class InterveneConfig(_Strict):
     kind: Literal["zero", "mean", "scale", "project"] = "zero"
     factor: float = Field(0.0, description="scale: multiply the head's output by this")
     head_sets: tuple[HeadSetConfig, ...] = Field(
-        tuple(HeadSetConfig(top_n=n) for n in (1, 3, 5, 10)), description="conditions besides the baseline")
+        (*(HeadSetConfig(top_n=n) for n in (1, 3, 5)), HeadSetConfig(top_n=3, method="ablation_nll"),
+         HeadSetConfig(selected=True)), description="conditions besides the baseline")
     random_seeds: tuple[int, ...] = Field((0,), description="random head sets of each size, one per seed")
     ppl_tokens: int = Field(2048, gt=1, description="WikiText-2 tokens for perplexity")
     ppl_window: int = Field(256, gt=1)
     mean_tokens: int = Field(4096, gt=0, description="WikiText-2 tokens averaged for the 'mean' intervention")
-    ablation_candidates: int = Field(5, ge=0, description="top heads scored causally one at a time (0: off)")
+    ablation_candidates: int = Field(0, ge=0, description="top heads scored causally one at a time by sampling "
+                                                          "(0: off; select's ablation_nll is the cheap score)")
     ablation_method: str = "lens_contrast"
     ablation_prompts: int = Field(16, gt=0)
     ablation_k: int = Field(2, gt=0)
@@ -216,7 +248,9 @@ class PipelineConfig(_Strict):
     train: TrainConfig = TrainConfig()
     decode: DecodeConfig = DecodeConfig()
     attribute: AttributeConfig = AttributeConfig()
+    select: SelectConfig = SelectConfig()
     intervene: InterveneConfig = InterveneConfig()
+    goal: GoalConfig = GoalConfig()
     run: RunConfig = RunConfig()
 
     @property

@@ -32,11 +32,15 @@ def test_home_tables_and_versions(planted_home):
     _config, results, path = planted_home
     home = loralens.open(path)
     assert home.latest("train") == results["train"]["version"]
-    assert set(home.versions().column("stage").to_pylist()) == {"cache", "train", "decode", "attribute", "intervene"}
+    assert set(home.versions().column("stage").to_pylist()) == {"cache", "train", "decode", "attribute", "select",
+                                                                 "intervene"}
     top = home.head_scores(method="lens_contrast").to_pylist()[0]
     assert (top["layer"], top["head"], top["rank"]) == (*PLANTED, 1)
-    methods = set(home.head_scores().column("method").to_pylist())
-    assert "ablation" in methods or results["intervene"].get("ablation_candidates", 0) == 0
+    methods = set(home.head_scores().column("method").to_pylist())  # the attribute and the select versions'
+    assert methods == {"lens_contrast", "logit_lens_contrast", "lens_mean", "dictionary_count", "direct_logit",
+                       "ablation_nll", "attribution_patching"}
+    causal = home.head_scores(method="ablation_nll").to_pylist()[0]
+    assert (causal["layer"], causal["head"], causal["version"]) == (*PLANTED, results["select"]["version"])
     conditions = home.interventions().column("condition").to_pylist()
     assert "baseline" in conditions and any(c.startswith("top1:") for c in conditions)
     with pytest.raises(loralens.ApiError, match="unknown stage 'nope'"):

@@ -101,6 +101,7 @@ def planted_model(folder: Path, tokenizer) -> Path:
         attn.q_proj.weight[head * d_head:(head + 1) * d_head] = 0.0  # uniform attention over the prefix
         attn.v_proj.weight[kv * d_head:(kv + 1) * d_head] = 0.0
         attn.v_proj.weight[kv * d_head, FLAG] = 1.0  # value = the flag
+        model.lm_head.weight[tox_id] *= 10.0  # the head's write then makes the toxic word likely (p ~ 0.99)
         w_u = model.lm_head.weight[tox_id]
         attn.o_proj.weight[:, head * d_head:(head + 1) * d_head] = 0.0
         attn.o_proj.weight[:, head * d_head] = 40.0 * w_u / w_u.norm()  # ... written along the toxic unembedding
@@ -125,6 +126,19 @@ def planted_corpus(folder: Path) -> list[str]:
     return paths
 
 
+def planted_challenges(folder: Path) -> str:
+    """Write challenging prompts (RealToxicityPrompts records) that hold the toxic word, none in the cache corpus."""
+    rng = random.Random(1)
+    words = "a dog ran past the tall tree by one small red barn".split()
+    rows = [{"filename": f"p{i}", "begin": 0, "prompt": {"text": " ".join(rng.choice(words) for _ in range(5))
+                                                        + f"{TOXIC_WORD} {rng.choice(words)}", "toxicity": 0.9},
+             "continuation": {"text": f" {rng.choice(words)}{TOXIC_WORD} {rng.choice(words)}", "toxicity": 0.8}}
+            for i in range(40)]
+    path = folder / "challenges.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
 def planted_pipeline(root: Path) -> tuple[dict, dict, Path]:
     """Run the whole pipeline on the planted tiny llama under `root`; return (config, results, warehouse path).
 
@@ -140,8 +154,11 @@ def planted_pipeline(root: Path) -> tuple[dict, dict, Path]:
               "cache": {"batch_size": 8, "prompts_per_shard": 10, "max_length": 24},
               "train": {"micro_batch_tokens": 64, "epochs": 1},
               "decode": {"top_k": 5},
-              "intervene": {"max_prompts": 4, "k": 2, "max_new_tokens": 4, "ppl_tokens": 100, "ppl_window": 50,
-                            "head_sets": [{"top_n": 1}], "ablation_candidates": 0, "n_boot": 20}}
+              "select": {"max_prompts": 8, "batch_prompts": 4, "candidates": 3, "k": 2},
+              "goal": {"max_head_share": 0.1},  # 12 heads: a budget of one head
+              "intervene": {"prompts": [planted_challenges(root)], "max_prompts": 4, "k": 2, "max_new_tokens": 4,
+                            "ppl_tokens": 100, "ppl_window": 50, "head_sets": [{"top_n": 1}, {"selected": True}],
+                            "random_seeds": [0, 1], "ablation_candidates": 0, "n_boot": 20}}
     results = pipeline(config=config)
     return config, results, root / "home" / "warehouse.duckdb"
 
@@ -157,6 +174,44 @@ def test_planted_head_ranks_first_by_lens_and_direct_logit(planted_run):
         rank = con.execute("SELECT rank FROM head_scores WHERE method = 'dictionary_count' AND layer = ? AND head = ?",
                            list(PLANTED)).fetchone()[0]
     assert rank == 1
+
+
+def test_causal_scores_and_greedy_selection_find_the_planted_head(planted_run):
+    """The select stage: both cheap causal scores rank the planted head first, the greedy selection picks it and
+    stops at the head budget (one head), and its path is in the warehouse."""
+    _config, results, db = planted_run
+    sel = results["select"]
+    for method in ("ablation_nll", "attribution_patching"):
+        assert sel["top_heads"][method][0] == f"L{PLANTED[0]}H{PLANTED[1]}", method
+    assert sel["budget_heads"] == 1 and sel["selected"] == f"L{PLANTED[0]}H{PLANTED[1]}"
+    with duckdb.connect(str(db), read_only=True) as con:
+        path = con.execute("SELECT step, layer, head, accepted, reason FROM selection_path WHERE version = ? "
+                           "ORDER BY step, try", [sel["version"]]).fetchall()
+        n_scores = con.execute("SELECT count(*) FROM head_scores WHERE version = ?", [sel["version"]]).fetchone()[0]
+    assert path[-1] == (1, *PLANTED, True, "accepted") and all(step == 1 for step, *_ in path)
+    assert n_scores == 2 * 12
+    iv = results["intervene"]
+    assert [g["condition"] for g in iv["goal"]] == ["top1:lens_contrast", "selected"]
+    assert iv["goal"][1]["group"] == "selected" and iv["goal"][1]["versus_random"]["n_random"] == 2
+
+
+def test_prompt_splits_are_disjoint_and_recorded(planted_run):
+    """Every prompt of the three splits is in the warehouse once; no text is in two splits; the evaluation split's
+    indices are the generations' prompt_idx."""
+    _config, results, db = planted_run
+    with duckdb.connect(str(db), read_only=True) as con:
+        rows = con.execute("SELECT split, text FROM prompt_splits WHERE version IN (?, ?)",
+                           [results["select"]["version"], results["intervene"]["version"]]).fetchall()
+        gens = con.execute("SELECT DISTINCT g.prompt, s.text FROM generations g JOIN prompt_splits s ON "
+                           "s.version = g.version AND s.split = 'evaluation' AND s.prompt_idx = g.prompt_idx "
+                           "WHERE g.version = ?", [results["intervene"]["version"]]).fetchall()
+    by_split: dict[str, set[str]] = {}
+    for split, text in rows:
+        by_split.setdefault(split, set()).add(text)
+    assert {k: len(v) for k, v in by_split.items()} == {"attribution": 24, "selection": 8, "evaluation": 4}
+    assert not (by_split["selection"] & by_split["evaluation"]) and not (by_split["attribution"] & (
+        by_split["selection"] | by_split["evaluation"]))
+    assert gens and all(prompt == text for prompt, text in gens)
 
 
 def test_warehouse_rows_match_the_artifacts_and_views_work(planted_run):

@@ -79,10 +79,10 @@ def test_random_controls_are_reproducible_and_avoid_attributed_heads(run):
     from loralens.tasks.intervene import intervene_version
 
     cfg = parse_config(run[0])
-    chain = stage_chain(cfg)
+    chain = stage_chain(cfg, "select")
     cache, attribute = chain["cache"], chain["attribute"]
-    ver_a, conds_a = intervene_version(cfg, attribute, cache)
-    ver_b, conds_b = intervene_version(cfg, attribute, cache)
+    ver_a, conds_a = intervene_version(cfg, chain["select"], attribute, cache)
+    ver_b, conds_b = intervene_version(cfg, chain["select"], attribute, cache)
     assert ver_a.version == ver_b.version == run[1]["intervene"]["version"] and conds_a == conds_b
     attributed = {h for c in conds_a if c.group == "attributed" for h in c.heads}
     randoms = [c for c in conds_a if c.group == "random"]
@@ -170,8 +170,8 @@ def test_generation_split_over_workers_equals_one_run(run, dask_cluster, tmp_pat
     from loralens.tasks.intervene import generation_units, intervene_version
 
     pcfg = parse_config(split)
-    chain = stage_chain(pcfg)
-    _, conds = intervene_version(pcfg, chain["attribute"], chain["cache"])
+    chain = stage_chain(pcfg, "select")
+    _, conds = intervene_version(pcfg, chain["select"], chain["attribute"], chain["cache"])
     rest = [u for u in generation_units(pcfg, conds) if u not in (0, 1, 2)]
     assert intervene_heads(config=split, units=rest)["units_left"] == 0
     final = intervene_heads(config=split)
@@ -214,23 +214,28 @@ def test_files_corrupted_after_completion_are_redone_on_reuse(run, tmp_path):
     assert all(r["cached"] for r in pipeline(config=local).values())
 
 
-def test_evaluation_prompts_are_held_out_from_the_attribution_corpus(tmp_path):
+def test_evaluation_prompts_are_held_out_from_the_attribution_corpus_and_the_selection(tmp_path):
     from loralens.config import ConfigError, parse_config
-    from loralens.tasks.intervene import intervention_prompts
+    from loralens.tasks.intervene import evaluation_prompts
+    from loralens.tasks.splits import prompt_splits
     from loralens.warehouse.corpus import load_corpus
+    from loralens.warehouse.prompt_splits import text_fraction
 
     cfg = parse_config(config(tmp_path, tmp_path))
     cached = {p.text for p in load_corpus(cfg.corpus.paths, cfg.corpus.max_prompts_per_file).prompts}
-    held = [p.text for p in intervention_prompts(cfg).prompts]
+    held = [p.text for p in evaluation_prompts(cfg).prompts]
     every = [p.text for p in load_corpus(cfg.intervene.prompts).prompts]
-    assert len(held) == INTERVENE["max_prompts"] and not set(held) & cached
-    assert held == [t for t in every if t not in cached][: INTERVENE["max_prompts"]]  # the first unseen, in order
+    selection = {p.text for p in prompt_splits(cfg).selection}
+    assert len(held) == INTERVENE["max_prompts"] and not set(held) & cached and not set(held) & selection
+    unseen = [t for t in dict.fromkeys(every) if t not in cached and text_fraction(t) >= 0.5]
+    assert held == unseen[: INTERVENE["max_prompts"]]  # the first unseen evaluation-split prompts, in order
     inside = parse_config({**config(tmp_path, tmp_path), "intervene": {**INTERVENE, "held_out": False}})
-    assert [p.text for p in intervention_prompts(inside).prompts] == every[: INTERVENE["max_prompts"]]
+    assert [p.text for p in evaluation_prompts(inside).prompts] == [
+        t for t in dict.fromkeys(every) if text_fraction(t) >= 0.5][: INTERVENE["max_prompts"]]
     only_cached = parse_config({**config(tmp_path, tmp_path),
                                 "corpus": {"paths": ["bundled:rtp_toxic_dev"], "max_prompts_per_file": None}})
-    with pytest.raises(ConfigError, match="intervene.prompts: no prompt left"):
-        intervention_prompts(only_cached)
+    with pytest.raises(ConfigError, match="intervene.prompts: no prompt left for the evaluation split"):
+        evaluation_prompts(only_cached)
 
 
 def test_head_sets_from_sql_and_lists_resolve_and_bad_ones_are_config_errors(run):
@@ -241,14 +246,14 @@ def test_head_sets_from_sql_and_lists_resolve_and_bad_ones_are_config_errors(run
 
     def conditions(head_sets: list[dict]):
         cfg = parse_config({**run[0], "intervene": {**INTERVENE, "head_sets": head_sets}})
-        chain = stage_chain(cfg)
+        chain = stage_chain(cfg, "select")
         cache, attribute = chain["cache"], chain["attribute"]
-        return attribute, intervene_version(cfg, attribute, cache)
+        return attribute, intervene_version(cfg, chain["select"], attribute, cache)
 
     sql = "SELECT layer, head FROM head_scores WHERE method = 'direct_logit' AND rank <= 2"
     attribute, (ver, conds) = conditions([{"sql": sql, "name": "dla2"}, {"heads": "L2H3 1.0"}])
     by = {c.name: c for c in conds}
-    assert set(by["dla2"].heads) == set(ranked_heads(attribute, "direct_logit")[:2])
+    assert set(by["dla2"].heads) == set(ranked_heads((attribute,), "direct_logit")[:2])
     assert by["list:L1H0,L2H3"].heads == ((1, 0), (2, 3))
     for bad, message in (([{"sql": "SELEC 1"}], "head_sets.sql"), ([{"sql": "SELECT 1 AS x"}], "(layer, head)"),
                          ([{"heads": "L9H0"}], "not among"), ([{"heads": "L1Hx"}], "head_sets.0.heads"),

@@ -155,13 +155,3 @@ def test_perplexity_runs_under_hooks(gpt2, tiny_tokenizer, text):
     finally:
         handle.remove()
     assert out["ppl"] == pytest.approx(gpt2.config.vocab_size, rel=1e-5)
-
-
-def test_versus_random_ratio_and_goal():
-    from loralens.tasks.intervene import versus_random
-
-    assert versus_random(0.18, 0.03, 3.0) == (pytest.approx(6.0), True)
-    assert versus_random(0.18, 0.09, 3.0) == (pytest.approx(2.0), False)
-    assert versus_random(0.18, -0.045, 3.0) == (None, True)  # random heads raised toxicity: any drop beats them
-    assert versus_random(-0.01, -0.045, 3.0) == (None, False)
-    assert versus_random(0.18, float("nan"), 3.0) == (None, False)  # no control: the goal cannot be checked

@@ -192,7 +192,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     print(format_table(rows, ["stage", "version", "files", "bytes", "result"]))
     if bad_total:
         print(f"{bad_total} file(s) failed their sha256; their versions were reopened: the next `loralens run` "
-              "redoes the bad shards (train, attribute: the whole version)")
+              "redoes the bad shards (train, attribute, select: the whole version)")
         return 1
     return 0
 

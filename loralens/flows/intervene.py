@@ -1,4 +1,4 @@
-"""Flow `intervene_heads`: the intervene stage (needs a complete attribute version)."""
+"""Flow `intervene_heads`: the intervene stage (needs complete attribute and select versions)."""
 
 from __future__ import annotations
 
@@ -30,16 +30,17 @@ def intervene_stage(cfg: PipelineConfig, cache_ver: StageVersion | None = None, 
     worker processes, then finalizes in this process; `units` generates only those units and returns without
     finalizing (one machine's share).
     """
-    chain = stage_chain(cfg, "attribute", cache_ver)
+    chain = stage_chain(cfg, "select", cache_ver)
     cache_ver, attribute_ver = chain["cache"], chain["attribute"]
-    ver, conditions = intervene_version(cfg, attribute_ver, cache_ver)
+    ver, conditions = intervene_version(cfg, chain["select"], attribute_ver, cache_ver)
     args = (cfg, ver, conditions, attribute_ver, cache_ver)
     if units is not None:
         with results_under_home(cfg):
             return intervene_batches_task(*args, sorted(units))
     with keeping_old_version(ver):  # one guard over the workers and the finalizing task
         force = split_over_workers(cfg, ver, intervene_batches_task, args,
-                                   lambda: generation_units(cfg, conditions), workers, force, (attribute_ver,))
+                                   lambda: generation_units(cfg, conditions), workers, force,
+                                   (attribute_ver, chain["select"]))
         summary = run_stage_task(intervene_task, cfg, ver, conditions, attribute_ver, cache_ver, force=force,
                                  verify=verify)
     report = Path(summary["report"]).read_text(encoding="utf-8")

@@ -1,4 +1,4 @@
-"""The Lora Lens pipeline flow: cache -> train -> decode -> attribute -> intervene."""
+"""The Lora Lens pipeline flow: cache -> train -> decode -> attribute -> select -> intervene."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from loralens.flows.cache import cache_stage
 from loralens.flows.common import resolve_config, run_workers, scale_out
 from loralens.flows.decode import decode_stage
 from loralens.flows.intervene import intervene_stage
+from loralens.flows.select import select_stage
 from loralens.flows.train import train_stage
 from loralens.tasks.cache import cache_version
 from loralens.tasks.report import run_report
@@ -48,7 +49,7 @@ def pipeline(
     cfg = resolve_config(config_path, config)
     cache_ver = cache_version(cfg)  # one read of the corpus and model fingerprint serves every stage
     stages = {"cache": cache_stage, "train": train_stage, "decode": decode_stage, "attribute": attribute_stage,
-              "intervene": intervene_stage}
+              "select": select_stage, "intervene": intervene_stage}
     results: dict[str, Any] = {}
     seconds: dict[str, float] = {}
     workers, dask_address = run_workers(cfg, workers, dask_address)

@@ -200,6 +200,27 @@ def intervene_memory(dims: ModelDims, *, n_params: int, model_dtype: str, batch_
                                            f"model.dtype (now {model_dtype})")
 
 
+def select_memory(dims: ModelDims, *, n_params: int, d_ff: int, model_dtype: str, batch_prompts: int,
+                  forced_tokens: int, sampling: StageMemory) -> StageMemory:
+    """Return the select stage's peak: the larger of its sampling (as intervene's, at select.k) and attribution
+    patching's one forward + backward over ``B = batch_prompts`` teacher-forced rows of ``T = forced_tokens``.
+
+    The backward keeps every layer's activations, ``B T N_layers (8 d_model + 3 d_ff) mb`` (residual, norms,
+    q/k/v/o, MLP), and the logits with their fp32 softmax and gradient, ``B T V (mb + 3 * 4)``.
+    """
+    mb = DTYPE_BYTES[model_dtype]
+    rows = batch_prompts * forced_tokens
+    backward = (
+        ("runtime", RUNTIME_BYTES),
+        ("model weights", n_params * mb),
+        ("activations kept for backward", rows * dims.n_layers * (8 * dims.d_model + 3 * d_ff) * mb),
+        ("logits, softmax and gradient", rows * dims.vocab * (mb + 3 * F32)),
+    )
+    parts = max(backward, sampling.parts, key=lambda ps: sum(b for _, b in ps))
+    return StageMemory("select", parts, f"select.batch_prompts (now {batch_prompts}), select.k, "
+                                        f"model.dtype (now {model_dtype})")
+
+
 # -- available memory and the check ---------------------------------------------------------------------
 def available_memory() -> int:
     """Return the bytes this process can still allocate: MemAvailable, capped by a cgroup limit if one is set."""

@@ -1,8 +1,9 @@
-"""The chain of stage versions of a config: cache -> train -> decode -> attribute, each from its input's version.
+"""The chain of stage versions of a config: cache -> train -> decode -> attribute -> select, each from its input's
+version.
 
 The one place that knows which stage's version is built from which (the flows, the CLI and the tests use it). The
-intervene version is not part of it: it resolves its head sets from a complete attribute version and a complete
-cache (`loralens.tasks.intervene.intervene_version(cfg, chain["attribute"], chain["cache"])`).
+intervene version is not part of it: it resolves its head sets from complete attribute and select versions and a
+complete cache (`intervene_version(cfg, chain["select"], chain["attribute"], chain["cache"])`).
 """
 
 from __future__ import annotations
@@ -11,10 +12,11 @@ from loralens.config import PipelineConfig
 from loralens.tasks.attribute import attribute_version
 from loralens.tasks.cache import cache_version
 from loralens.tasks.decode import decode_version
+from loralens.tasks.select import select_version
 from loralens.tasks.stage_versions import StageVersion
 from loralens.tasks.train import train_version
 
-CHAIN = ("cache", "train", "decode", "attribute")
+CHAIN = ("cache", "train", "decode", "attribute", "select")
 
 
 def stage_chain(cfg: PipelineConfig, through: str = "attribute",
@@ -33,4 +35,6 @@ def stage_chain(cfg: PipelineConfig, through: str = "attribute",
         chain["decode"] = decode_version(cfg, chain["train"])
     if "attribute" in wanted:
         chain["attribute"] = attribute_version(cfg, chain["decode"])
+    if "select" in wanted:
+        chain["select"] = select_version(cfg, chain["attribute"])
     return chain

@@ -19,10 +19,11 @@ from loralens.lens.stage_memory import (
     decode_memory,
     eval_memory,
     intervene_memory,
+    select_memory,
     train_memory,
 )
 
-STAGES = ("cache", "train", "eval", "decode", "attribute", "intervene")
+STAGES = ("cache", "train", "eval", "decode", "attribute", "select", "intervene")
 
 
 @dataclass(frozen=True)
@@ -91,11 +92,17 @@ def predict(cfg: PipelineConfig, stage: str) -> StageMemory:
     if stage == "attribute":
         per_file = cfg.corpus.max_prompts_per_file or 100_000  # no cap: assume a large RealToxicityPrompts-sized file
         return attribute_memory(d, n_prompts=per_file * len(cfg.corpus.paths))
-    if stage == "intervene":
-        i = cfg.intervene
-        return intervene_memory(d, n_params=f.n_params, model_dtype=cfg.model.resolved_dtype(),
-                                batch_prompts=i.batch_prompts, k=i.k, tokens=c.max_length + i.max_new_tokens,
-                                n_layers_total=d.n_layers, n_kv_heads=f.n_kv_heads, ppl_window=i.ppl_window)
+    if stage in ("select", "intervene"):
+        i, sel = cfg.intervene, cfg.select
+        sampling = intervene_memory(d, n_params=f.n_params, model_dtype=cfg.model.resolved_dtype(),
+                                    batch_prompts=i.batch_prompts, k=sel.k if stage == "select" else i.k,
+                                    tokens=c.max_length + i.max_new_tokens, n_layers_total=d.n_layers,
+                                    n_kv_heads=f.n_kv_heads, ppl_window=i.ppl_window)
+        if stage == "intervene":
+            return sampling
+        return select_memory(d, n_params=f.n_params, d_ff=f.d_ff, model_dtype=cfg.model.resolved_dtype(),
+                             batch_prompts=sel.batch_prompts,
+                             forced_tokens=sel.max_prompt_tokens + sel.max_continuation_tokens, sampling=sampling)
     raise ValueError(f"unknown stage {stage!r}; stages: {', '.join(STAGES)}")
 
 

@@ -98,17 +98,42 @@ def _ci(row: dict[str, Any], key: str, spec: str = ".3f") -> str:
 
 
 def _vs_random(goal: dict[str, Any]) -> str:
-    if goal["vs_random"] is not None:
-        return f"{goal['vs_random']:.2f}x"
-    rd = goal["random_drop"]
-    return "-" if rd is None else f"random rose ({-rd:+.3f})"
+    """Return the condition against its random sets: excess drop [95% CI], and the ratio or 'random rose'."""
+    v = goal["versus_random"]
+    if not v["n_random"]:
+        return "no random set"
+    excess = f"{_fmt(v['excess'], '+.3f')} [{_fmt(v['excess_low'], '+.3f')}, {_fmt(v['excess_high'], '+.3f')}]"
+    ratio = f"random rose ({-v['random_drop']:+.3f})" if v["random_rose"] else f"{v['ratio']:.2f}x"
+    return f"{excess}; {ratio}"
+
+
+def goal_markdown(summary: dict[str, Any]) -> list[str]:
+    """Return the headline (the best condition within budget) and the goal check of every head set."""
+    spec = summary["goal_spec"]
+    best = summary.get("headline")
+    lines = ["", f"Goal: <= {spec['max_head_share']:.0%} of heads and PPL up <= {spec['ppl_rel']:.0%} (the budget); "
+             f"EMT down >= {-spec['emt_rel']:.0%} relative, significant, and >= {spec['vs_random']:g}x the mean drop "
+             f"of random sets of the same size ({summary['random_controls']}).", ""]
+    if best is None:
+        lines.append("**Headline: no head set is within the budget.**")
+    else:
+        lines.append(f"**Headline (best within budget): {best['condition']}**: EMT {_fmt(best['emt_rel'], '+.1%')}, "
+                     f"PPL {_fmt(best['ppl_rel'], '+.1%')}, vs random {_vs_random(best)}; goal "
+                     f"{'met' if best['meets_goal'] else 'not met'}.")
+    lines += ["", "| condition | head share | EMT rel. | significant | excess drop vs random [95% CI]; ratio | "
+              "PPL rel. | within budget | meets goal |", "|---|---:|---:|---|---|---:|---|---|"]
+    for g in summary["goal"]:
+        lines.append(f"| {g['condition']} | {g['head_share']:.1%} | {_fmt(g['emt_rel'], '+.1%')} | "
+                     f"{'yes' if g['significant'] else 'no'} | {_vs_random(g)} | {_fmt(g['ppl_rel'], '+.1%')} | "
+                     f"{'yes' if g['within_budget'] else 'no'} | {'yes' if g['meets_goal'] else 'no'} |")
+    return lines
 
 
 def intervention_markdown(rows: list[dict[str, Any]], summary: dict[str, Any]) -> str:
     """Return the intervention table (metrics with 95% bootstrap intervals) and the goal check as Markdown."""
-    lines = [f"Intervention `{summary['kind']}` on {summary['prompts']} prompts; {summary['protocol']}; "
-             f"scorer `{summary['scorer']}`. Intervals: 95% bootstrap over prompts; EMT delta is paired "
-             "(same prompts and sampling seeds as the baseline).", "",
+    lines = [f"Intervention `{summary['kind']}` on {summary['prompts']} prompts of the {summary['prompt_split']}; "
+             f"{summary['protocol']}; scorer `{summary['scorer']}`. Intervals: 95% bootstrap over prompts; EMT "
+             "delta is paired (same prompts and sampling seeds as the baseline).", "",
              "| condition | heads | EMT [95% CI] | EMT delta [95% CI] | tox. prob. [95% CI] | mean tox. | PPL | "
              "EMT rel. | PPL rel. |",
              "|---|---|---|---|---|---:|---:|---:|---:|"]
@@ -120,13 +145,7 @@ def intervention_markdown(rows: list[dict[str, Any]], summary: dict[str, Any]) -
             f" | {_ci(r, 'tox_prob')} | {_fmt(r['mean_tox'])}"
             f" | {_fmt(r['ppl'], '.2f')} | {_fmt(r['emt_rel'], '+.1%')} | {_fmt(r['ppl_rel'], '+.1%')} |")
     if summary.get("goal"):
-        lines += ["", "Goal: <= 2% of heads, EMT down >= 25% relative, >= 3x the random drop, PPL up <= 5%.", "",
-                  "| condition | head share | EMT rel. | significant | drop vs random | PPL rel. | meets goal |",
-                  "|---|---:|---:|---|---:|---:|---|"]
-        for g in summary["goal"]:
-            lines.append(f"| {g['condition']} | {g['head_share']:.1%} | {_fmt(g['emt_rel'], '+.1%')} | "
-                         f"{'yes' if g['significant'] else 'no'} | {_vs_random(g)} | "
-                         f"{_fmt(g['ppl_rel'], '+.1%')} | {'yes' if g['meets_goal'] else 'no'} |")
+        lines += goal_markdown(summary)
     abl = summary.get("ablation")
     if abl:
         lines += ["", "Causal per-head score (mean-toxicity drop when the head alone is zeroed; method `ablation`); "
@@ -144,7 +163,7 @@ def toxicity_ppl_plot(rows: list[dict[str, Any]], path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    colours = {"baseline": "black", "attributed": "tab:red", "random": "tab:blue"}
+    colours = {"baseline": "black", "attributed": "tab:red", "selected": "tab:green", "random": "tab:blue"}
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
     for r in rows:
         if r["grp"] not in colours or r["ppl"] is None:
@@ -178,10 +197,15 @@ def stage_detail(stage: str, res: dict[str, Any]) -> str:
     if stage == "attribute":
         best = res["top_heads"]["lens_contrast"][:3]
         return "top heads (lens_contrast): " + ", ".join(f"L{r['layer']}H{r['head']}" for r in best)
+    if stage == "select":
+        return (f"chose {res['selected'] or 'no head'} (budget {res['budget_heads']} heads) on "
+                f"{res['selection_prompts']} selection prompts")
     if stage == "intervene":
-        best = min(res.get("goal") or [{}], key=lambda g: g.get("emt_rel") or 0)
-        return (f"{res['conditions']} conditions, k={res['k']}; best {best.get('condition', '-')}: EMT "
-                f"{best.get('emt_rel') or 0:+.1%}, PPL {best.get('ppl_rel') or 0:+.1%}")
+        best = res.get("headline")
+        if best is None:
+            return f"{res['conditions']} conditions, k={res['k']}; no head set within the budget"
+        return (f"{res['conditions']} conditions, k={res['k']}; best within budget {best['condition']}: EMT "
+                f"{_fmt(best['emt_rel'], '+.1%')}, PPL {_fmt(best['ppl_rel'], '+.1%')}")
     return ""
 
 
@@ -211,6 +235,8 @@ def run_report(config_yaml: str, results: dict[str, dict[str, Any]], seconds: di
         lines += ["## Head toxicity", ""]
         lines += [f"{link(p, m)}" for m, p in att["heatmaps"].items()]
         lines += ["", Path(att["report"]).read_text(encoding="utf-8"), ""]
+    if "select" in results:
+        lines += ["## Head selection", "", Path(results["select"]["report"]).read_text(encoding="utf-8"), ""]
     if "intervene" in results:
         iv = results["intervene"]
         lines += ["## Interventions", "", Path(iv["report"]).read_text(encoding="utf-8"), "",

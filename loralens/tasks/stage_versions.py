@@ -21,7 +21,7 @@ from loralens.warehouse.gc import remove_folder
 log = logging.getLogger("loralens.stage_versions")
 # Stages whose resume path would re-record the files already in the folder (train keeps its finished result,
 # attribute records all its files as one shard): a corrupted file there means redoing the whole version.
-WHOLE_VERSION_STAGES = ("train", "attribute")
+WHOLE_VERSION_STAGES = ("train", "attribute", "select")
 # A complete version set aside while --force rebuilds it: `<home>/artifacts/<stage>/.replaced-<version>`
 # (a dot-folder, so gc and `loralens status` do not take it for a version).
 REPLACED_PREFIX = ".replaced-"

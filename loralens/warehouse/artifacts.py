@@ -24,6 +24,7 @@ from typing import Any
 from loralens.hashing import file_sha256
 from loralens.killpoints import maybe_kill
 from loralens.warehouse.constants import ARTIFACTS_DIR, MANIFEST, SHARD_RECORDS_DIR, TMP_PREFIX, shard_name
+from loralens.warehouse.json_values import json_safe
 
 _LIBRARIES = ("loralens", "torch", "transformers", "peft", "deepspeed", "prefect", "pyarrow", "duckdb")
 
@@ -253,7 +254,7 @@ class ArtifactDir:
             "n_shards": len(shards),
             "files": files,
             "total_bytes": sum(f["bytes"] for f in files),
-            "summary": summary,
+            "summary": json_safe(summary),
             "libraries": library_versions(),
             "completed_at": time.time(),
         }

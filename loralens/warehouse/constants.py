@@ -47,6 +47,11 @@ def heatmap_name(method: str) -> str:
     """Return the PNG file of one score method's layers x heads heatmap."""
     return f"heatmap_{method}.png"
 
+# select stage (its head scores are HEAD_SCORES_FILE too)
+PROMPT_SPLITS_FILE = "prompt_splits.parquet"
+SELECTION_PATH_FILE = "selection_path.parquet"
+SELECT_REPORT = "selection.md"
+
 # intervene stage
 GENERATIONS_DIR = "generations"
 PPL_DIR = "perplexity"
@@ -56,4 +61,4 @@ INTERVENTION_REPORT = "interventions.md"
 INTERVENTION_PLOT = "toxicity_vs_ppl.png"
 
 # the pipeline's stages, in order (each one's versions live under artifacts/<stage>/)
-STAGES = ("cache", "train", "decode", "attribute", "intervene")
+STAGES = ("cache", "train", "decode", "attribute", "select", "intervene")

@@ -17,12 +17,14 @@ class CorpusError(ValueError):
 
 @dataclass(frozen=True)
 class Prompt:
-    """One prompt: a corpus-unique id, its text, the file it came from and its toxicity if known."""
+    """One prompt: a corpus-unique id, its text, the file it came from, its toxicity and human continuation if known.
+    """
 
     id: str
     text: str
     source: str
     toxicity: float | None = None
+    continuation: str | None = None  # RealToxicityPrompts' continuation.text (teacher-forced by the select stage)
 
 
 @dataclass
@@ -33,11 +35,13 @@ class Corpus:
     skipped_blank: int = 0
     per_source: dict[str, int] = field(default_factory=dict)
 
-    def fingerprint(self) -> str:
-        """Return a content hash of the prompts (ids, texts, sources, scores) in order."""
+    def fingerprint(self, continuations: bool = False) -> str:
+        """Return a content hash of the prompts (ids, texts, sources, scores) in order; with `continuations` their
+        human continuations too (only the select stage reads them, so only its version hashes them)."""
         h = hashlib.sha256()
         for p in self.prompts:
-            h.update(json.dumps([p.id, p.text, p.source, p.toxicity]).encode())
+            fields = [p.id, p.text, p.source, p.toxicity] + ([p.continuation] if continuations else [])
+            h.update(json.dumps(fields).encode())
         return h.hexdigest()[:16]
 
 
@@ -72,7 +76,7 @@ def _read_text_lines(path: Path) -> list[str]:
         raise CorpusError(f"{path}:{line}: not valid UTF-8 (byte offset {err.start})") from None
 
 
-def _from_json_record(rec: object, path: Path, lineno: int) -> tuple[str | None, str, float | None]:
+def _from_json_record(rec: object, path: Path, lineno: int) -> tuple[str | None, str, float | None, str | None]:
     if not isinstance(rec, dict):
         raise CorpusError(f"{path}:{lineno}: expected a JSON object, got {type(rec).__name__}")
     prompt = rec.get("prompt")
@@ -80,19 +84,23 @@ def _from_json_record(rec: object, path: Path, lineno: int) -> tuple[str | None,
         if not isinstance(prompt.get("text"), str):
             raise CorpusError(f"{path}:{lineno}: RTP record has no prompt.text string")
         rid = f"{rec['filename']}:{rec.get('begin', lineno)}" if "filename" in rec else None
-        return rid, prompt["text"], _as_float(prompt.get("toxicity"))
+        cont = rec.get("continuation")
+        cont_text = cont.get("text") if isinstance(cont, dict) and isinstance(cont.get("text"), str) else None
+        return rid, prompt["text"], _as_float(prompt.get("toxicity")), cont_text
     if not isinstance(rec.get("text"), str):
         raise CorpusError(f"{path}:{lineno}: record has no 'text' string (or 'prompt.text' for RTP)")
     rid = rec.get("id")
-    return (None if rid is None else str(rid)), rec["text"], _as_float(rec.get("toxicity"))
+    cont = rec.get("continuation")
+    return (None if rid is None else str(rid)), rec["text"], _as_float(rec.get("toxicity")), \
+        (cont if isinstance(cont, str) else None)
 
 
 def _as_float(value: object) -> float | None:
     return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
 
 
-def _records(path: Path) -> list[tuple[str | None, str, float | None, int]]:
-    """Return (id or None, text, toxicity, line number) for every record of one file."""
+def _records(path: Path) -> list[tuple[str | None, str, float | None, str | None, int]]:
+    """Return (id or None, text, toxicity, continuation, line number) for every record of one file."""
     suffix = path.suffix.lower()
     if suffix == ".parquet":
         try:
@@ -104,8 +112,9 @@ def _records(path: Path) -> list[tuple[str | None, str, float | None, int]]:
         texts = table.column("text").to_pylist()
         ids = table.column("id").to_pylist() if "id" in table.column_names else [None] * len(texts)
         tox = table.column("toxicity").to_pylist() if "toxicity" in table.column_names else [None] * len(texts)
-        return [(None if i is None else str(i), t or "", _as_float(x), n + 1) for n, (i, t, x) in
-                enumerate(zip(ids, texts, tox, strict=True))]
+        cont = table.column("continuation").to_pylist() if "continuation" in table.column_names else [None] * len(texts)
+        return [(None if i is None else str(i), t or "", _as_float(x), c, n + 1) for n, (i, t, x, c) in
+                enumerate(zip(ids, texts, tox, cont, strict=True))]
     lines = _read_text_lines(path)
     if suffix in (".jsonl", ".json"):
         out = []
@@ -118,7 +127,7 @@ def _records(path: Path) -> list[tuple[str | None, str, float | None, int]]:
                 raise CorpusError(f"{path}:{n}: invalid JSON ({err.msg})") from None
             out.append((*_from_json_record(rec, path, n), n))
         return out
-    return [(None, line, None, n) for n, line in enumerate(lines, start=1)]
+    return [(None, line, None, None, n) for n, line in enumerate(lines, start=1)]
 
 
 def load_corpus(specs: list[str] | tuple[str, ...], max_per_file: int | None = None) -> Corpus:
@@ -130,7 +139,7 @@ def load_corpus(specs: list[str] | tuple[str, ...], max_per_file: int | None = N
         path = _resolve(spec)
         source = path.stem
         kept = 0
-        for rid, text, tox, lineno in _records(path):
+        for rid, text, tox, cont, lineno in _records(path):
             if max_per_file is not None and kept >= max_per_file:
                 break
             if not text.strip():
@@ -140,7 +149,7 @@ def load_corpus(specs: list[str] | tuple[str, ...], max_per_file: int | None = N
             if pid in seen:
                 raise CorpusError(f"{path}:{lineno}: duplicate prompt id '{pid}'")
             seen.add(pid)
-            prompts.append(Prompt(id=pid, text=text, source=source, toxicity=tox))
+            prompts.append(Prompt(id=pid, text=text, source=source, toxicity=tox, continuation=cont))
             kept += 1
         corpus.per_source[source] = kept
     if not prompts:

@@ -15,6 +15,7 @@ import duckdb
 
 from loralens.killpoints import maybe_kill
 from loralens.warehouse.constants import WAREHOUSE_FILE
+from loralens.warehouse.json_values import json_safe
 from loralens.warehouse.schema import ensure_schema
 
 T = TypeVar("T")
@@ -171,7 +172,7 @@ def upsert_artifact(
                 summary = excluded.summary, path = excluded.path, completed_at = excluded.completed_at
             """,
             [stage, version, parents, json.dumps(config, default=str), status, rows, bytes_, artifact_dir,
-             json.dumps(summary or {}, default=str), status],
+             json.dumps(json_safe(summary or {}), default=str), status],
         )
 
     write_transaction(path, write)

@@ -67,11 +67,12 @@ def read_ppl(adir: ArtifactDir, condition: int) -> dict[str, float] | None:
 
 
 def store_interventions(db: Path, version: str, interventions: pa.Table, ablation_scores: pa.Table | None,
-                        adir: ArtifactDir) -> None:
-    """Replace the version's generations, interventions and ablation head scores in ONE transaction."""
+                        adir: ArtifactDir, evaluation_split: pa.Table) -> None:
+    """Replace the version's generations, interventions, evaluation-split prompts and ablation head scores in ONE
+    transaction."""
     gens = pa.concat_tables([pq.read_table(p) for p in sorted((adir.path / GENERATIONS_DIR).glob("*.parquet"))])
     gens = gens.append_column("version", pa.array([version] * gens.num_rows, pa.string()))
-    tables = {"generations": gens, "interventions": interventions}
+    tables = {"generations": gens, "interventions": interventions, "prompt_splits": evaluation_split}
     if ablation_scores is not None:
         tables["head_scores"] = ablation_scores
     replace_version_rows(db, version, tables)

@@ -84,19 +84,47 @@ CREATE TABLE IF NOT EXISTS prompt_groups (
 );
 
 CREATE TABLE IF NOT EXISTS head_scores (
-    version  VARCHAR NOT NULL,  -- attribute (or intervene, for method 'ablation') artifact version
+    version  VARCHAR NOT NULL,  -- attribute (select for the causal methods, intervene for 'ablation') version
     layer    INTEGER NOT NULL,
     head     INTEGER NOT NULL,
     method   VARCHAR NOT NULL,  -- lens_contrast | logit_lens_contrast | lens_mean | dictionary_count | direct_logit
+                                -- | ablation_nll | attribution_patching (select) | ablation (intervene)
     score    DOUBLE,            -- higher = pushes the model more toward toxic tokens
     rank     INTEGER,           -- 1 = most toxic head under this method (ties share the lower rank)
     PRIMARY KEY (version, method, layer, head)
 );
 
+CREATE TABLE IF NOT EXISTS prompt_splits (
+    version       VARCHAR NOT NULL,  -- select artifact version (the splits it and its intervene version use)
+    split         VARCHAR NOT NULL,  -- attribution (the cache corpus) | selection | evaluation
+    prompt_idx    INTEGER NOT NULL,  -- index within the split (evaluation: generations.prompt_idx)
+    prompt_id     VARCHAR,           -- "<file>/<record id>"
+    text          VARCHAR,           -- the splits are pairwise disjoint by this text
+    toxicity      DOUBLE,            -- the corpus's own prompt score, NULL if none
+    continuation  VARCHAR,           -- the human continuation the select stage teacher-forces, NULL if none
+    PRIMARY KEY (version, split, prompt_idx)
+);
+
+CREATE TABLE IF NOT EXISTS selection_path (
+    version     VARCHAR NOT NULL,  -- select artifact version
+    step        INTEGER NOT NULL,  -- greedy step (1-based); every candidate tried at a step has a row
+    try         INTEGER NOT NULL,  -- order tried within the step (by proxy drop)
+    layer       INTEGER NOT NULL,
+    head        INTEGER NOT NULL,
+    proxy_drop  DOUBLE,            -- drop of the teacher-forced toxicity proxy when the head joins the set
+    emt         DOUBLE,            -- sampled expected max toxicity on the selection split with the head added
+    emt_drop    DOUBLE,            -- paired drop vs the set before this step (same prompts and seeds)
+    ppl         DOUBLE,            -- WikiText-2 perplexity with the head added
+    ppl_rel     DOUBLE,            -- relative to the unablated model
+    accepted    BOOLEAN,           -- the head joined the set
+    reason      VARCHAR,           -- accepted | ppl over budget | no sampled drop
+    PRIMARY KEY (version, step, try)
+);
+
 CREATE TABLE IF NOT EXISTS generations (
     version     VARCHAR NOT NULL,  -- intervene artifact version
     condition   VARCHAR NOT NULL,  -- interventions.condition
-    prompt_idx  INTEGER NOT NULL,  -- index among the stage's prompts (see summary for the prompt files)
+    prompt_idx  INTEGER NOT NULL,  -- index in the evaluation split (prompt_splits.prompt_idx, split evaluation)
     sample      INTEGER NOT NULL,  -- 0..k-1
     seed        BIGINT,            -- the prompt's sampling seed (the same in every condition: paired comparison)
     prompt      VARCHAR,

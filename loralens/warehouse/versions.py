@@ -11,7 +11,7 @@ import loralens
 
 # Bump a stage's number when the meaning or layout of its output changes: old versions stay readable
 # beside new ones instead of being silently reused.
-SCHEMA_VERSIONS: dict[str, int] = {"cache": 1, "train": 1, "decode": 1, "attribute": 1, "intervene": 1}
+SCHEMA_VERSIONS: dict[str, int] = {"cache": 1, "train": 1, "decode": 1, "attribute": 1, "select": 1, "intervene": 2}
 
 
 def canonical_json(obj: Any) -> str:

@@ -35,7 +35,7 @@ REPO = Path(__file__).resolve().parents[2]
 PREFECT = shutil.which("prefect", path=str(Path(sys.executable).parent)) or shutil.which("prefect")
 STAGES = ("cache", "train", "decode", "attribute", "intervene")
 DEPLOYMENTS = {"loralens-pipeline/nightly", "cache-activations/cache", "train-lenses/train", "decode-heads/decode",
-               "attribute-heads/attribute", "intervene-heads/intervene"}
+               "attribute-heads/attribute", "select-heads/select", "intervene-heads/intervene"}
 RUN_TIMEOUT_S = 300
 
 pytestmark = pytest.mark.skipif(PREFECT is None, reason="the `prefect` command line is not installed")

@@ -1,4 +1,4 @@
-"""Crash safety: SIGKILL the pipeline at 33 named points over all five stages, re-run, and get exactly the
+"""Crash safety: SIGKILL the pipeline at 37 named points over all six stages, re-run, and get exactly the
 artifacts and warehouse of an uninterrupted run.
 
 Kill points are `maybe_kill("<point>")` calls in the product (loralens/killpoints.py): with
@@ -38,13 +38,14 @@ from loralens.tasks.attribute import attribute_version
 from loralens.tasks.cache import cache_version
 from loralens.tasks.decode import decode_version
 from loralens.tasks.intervene import intervene_version
+from loralens.tasks.select import select_version
 from loralens.tasks.train import train_version
 from loralens.warehouse.artifacts import ArtifactDir
 
 from .kill_helpers import ForkServer, artifact_fingerprint, drop_version, duplicate_rows, warehouse_fingerprint
 
 SIGKILLED = -9
-STAGES = ("cache", "train", "decode", "attribute", "intervene")
+STAGES = ("cache", "train", "decode", "attribute", "select", "intervene")
 
 
 def config(home: Path, model: Path) -> dict:
@@ -131,6 +132,15 @@ CHAINS: dict[str, list[Kill]] = {
         Kill("attribute.before_manifest:1", "rows committed, no manifest", rows=(("head_scores", 5 * 12),)),
         Kill("attribute.after_manifest:1", "manifest written, not registered complete", manifest=True),
     ],
+    "select": [
+        Kill("select.before_record:1", "scores, path, splits and report written, no record",
+             present=("head_scores.parquet", "selection_path.parquet", "prompt_splits.parquet", "selection.md"),
+             absent=("_shards/shard-00000.json",)),
+        Kill("db.inserted.selection_path:1", "head scores + path inserted, splits not, transaction open",
+             present=("_shards/shard-00000.json",), rows=(("head_scores", 0), ("selection_path", 0))),
+        Kill("select.before_manifest:1", "rows committed, no manifest", rows=(("head_scores", 2 * 12),)),
+        Kill("select.after_manifest:1", "manifest written, not registered complete", manifest=True),
+    ],
     "intervene": [
         Kill("intervene.after_record:2", "baseline's 2 generation batches recorded, its perplexity not",
              present=("_shards/shard-00001.json",), absent=("perplexity",)),
@@ -182,7 +192,8 @@ def versions(cfg: dict) -> dict[str, str]:
     vs["train"] = train_version(c, vs["cache"])
     vs["decode"] = decode_version(c, vs["train"])
     vs["attribute"] = attribute_version(c, vs["decode"])
-    vs["intervene"] = intervene_version(c, vs["attribute"], vs["cache"])[0]
+    vs["select"] = select_version(c, vs["attribute"])
+    vs["intervene"] = intervene_version(c, vs["select"], vs["attribute"], vs["cache"])[0]
     return {s: p.version for s, p in vs.items()}
 
 

@@ -1,6 +1,7 @@
-"""Scale-out on Dask: cache shards and generation units as mapped Prefect tasks on a real 2-process
+"""Scale-out on Dask: cache shards, decode shards and generation units as mapped Prefect tasks on a real 2-process
 `distributed.LocalCluster` (prefect-dask's DaskTaskRunner), equal to one process row for row, a SIGKILLed worker's
-unit redone elsewhere, a dead scheduler address a one-line error, and the warehouse written by the flow only."""
+unit redone elsewhere, a dead scheduler address a one-line error, the warehouse written by the flow only, and the
+memory check of a local cluster counting every worker's model copy."""
 
 from __future__ import annotations
 
@@ -15,6 +16,10 @@ import pytest
 
 from tests.test_intervene import config
 
+DECODINGS = "SELECT * EXCLUDE (version) FROM decodings WHERE version = '{v}' ORDER BY ALL"
+READOUTS = "SELECT * FROM read_parquet('{p}/readouts/*.parquet') ORDER BY ALL"
+HEAD_SCORES = "SELECT * EXCLUDE (version) FROM head_scores WHERE version = '{v}' ORDER BY ALL"
+SKIP = ("seconds", "cached", "run_report", "path")  # of a stage summary: where and when, not what
 GENERATIONS = ("SELECT condition, prompt_idx, sample, seed, text, toxicity FROM generations "
                "WHERE version = '{v}' ORDER BY condition, prompt_idx, sample")
 METRICS = "SELECT condition, emt, emt_low, emt_high, ppl FROM interventions WHERE version = '{v}' ORDER BY 1"
@@ -25,8 +30,8 @@ def rows(home: Path, sql: str) -> list[tuple]:
         return con.execute(sql).fetchall()
 
 
-def cache_files(res: dict) -> list[tuple[str, str]]:
-    manifest = json.loads((Path(res["cache"]["path"]) / "manifest.json").read_text())
+def cache_files(res: dict, stage: str = "cache") -> list[tuple[str, str]]:
+    manifest = json.loads((Path(res[stage]["path"]) / "manifest.json").read_text())
     return sorted((f["path"], f["sha256"]) for f in manifest["files"])
 
 
@@ -37,10 +42,14 @@ def worker_calls(cluster, fn) -> list:
         return list(client.run(fn).values())
 
 
-def model_loads() -> int:
+def model_loads(what: str = "model") -> int:
     from loralens.tasks import worker_process
 
-    return worker_process.loads["model"]
+    return worker_process.loads[what]
+
+
+def reader_loads() -> int:
+    return model_loads("reader")
 
 
 def test_cache_on_two_worker_processes_equals_one_process(tiny_pipeline, dask_cluster, tmp_path):
@@ -61,6 +70,46 @@ def test_cache_on_two_worker_processes_equals_one_process(tiny_pipeline, dask_cl
     version = want["cache"]["version"]
     prompts = f"SELECT * EXCLUDE (version) FROM prompts WHERE version = '{version}' ORDER BY ALL"
     assert rows(home, prompts) == rows(Path(cfg["home"]), prompts)  # registered by the flow process
+
+
+def test_decode_on_two_worker_processes_equals_one_process(tiny_pipeline, dask_cluster, tmp_path):
+    """Decode shards mapped over 2 Dask worker processes (the vocabulary scored once, in the flow process, before
+    the split) give one process's files byte for byte and its decodings, readouts and, downstream, head scores row
+    for row; the workers decode every shard (each loads the lenses at most once), the flow process none, and the
+    warehouse, empty before, is filled by the flow process (the workers refuse writes)."""
+    from loralens.config import parse_config
+    from loralens.flows.pipeline import pipeline
+    from loralens.tasks import worker_process
+    from loralens.tasks.chain import stage_chain
+    from loralens.tasks.decode import run_decode_stage
+    from loralens.warehouse.artifacts import ArtifactError
+
+    cfg, want = tiny_pipeline
+    home = tmp_path / "home"
+    shutil.copytree(Path(cfg["home"]) / "artifacts", home / "artifacts")  # cache and train; no warehouse
+    decode, attribute = want["decode"]["version"], want["attribute"]["version"]
+    shutil.rmtree(home / "artifacts" / "decode" / decode)
+    shutil.rmtree(home / "artifacts" / "attribute" / attribute)
+    cfg = {**cfg, "home": str(home)}
+    chain = stage_chain(parse_config(cfg), "decode")
+    with pytest.raises(ArtifactError, match="no token toxicity file"):  # a worker never scores the vocabulary
+        run_decode_stage(parse_config(cfg), chain["decode"], chain["train"], chain["cache"], only_units=[0])
+
+    before, here = worker_calls(dask_cluster, reader_loads), worker_process.loads["reader"]
+    got = pipeline(config=cfg, only="decode", dask_address=dask_cluster.scheduler_address)
+    after = worker_calls(dask_cluster, reader_loads)
+    assert not got["decode"]["cached"] and got["decode"]["version"] == decode
+    loaded = [b - a for a, b in zip(before, after, strict=True)]
+    assert sum(loaded) >= 1 and all(n <= 1 for n in loaded) and worker_process.loads["reader"] == here
+    assert cache_files(got, "decode") == cache_files(want, "decode")  # token toxicity and every shard's files
+    assert {k: v for k, v in got["decode"].items() if k not in SKIP} == {
+        k: v for k, v in want["decode"].items() if k not in SKIP}
+    ref = Path(tiny_pipeline[0]["home"])
+    assert rows(home, DECODINGS.format(v=decode)) == rows(ref, DECODINGS.format(v=decode))
+    assert rows(home, READOUTS.format(p=got["decode"]["path"])) == rows(ref, READOUTS.format(p=want["decode"]["path"]))
+    got = pipeline(config=cfg, only="attribute")
+    assert got["attribute"]["version"] == attribute
+    assert rows(home, HEAD_SCORES.format(v=attribute)) == rows(ref, HEAD_SCORES.format(v=attribute))
 
 
 def test_workers_never_write_the_warehouse(dask_cluster, tmp_path):
@@ -146,3 +195,55 @@ def test_run_section_chooses_the_runner_and_hashes_into_no_version(tiny_models, 
             parse_config({**base, "run": bad})
     with pytest.raises(ConfigError, match="run.workers"):
         run_workers(cfg, 0, None)
+
+
+def test_local_cluster_memory_check_counts_every_workers_model(tiny_models, tmp_path, monkeypatch):
+    """A split stage on a local cluster of N workers must fit N times one worker's peak (each holds a model copy),
+    said in the one-line error; a stage that does not split, or workers on an existing scheduler, count one."""
+    from types import SimpleNamespace
+
+    from loralens.config import parse_config
+    from loralens.flows.common import _POOL, local_cluster_workers, scale_out
+    from loralens.lens.stage_memory import MemoryBudgetError, gib
+    from loralens.tasks.memory import ensure_fits, predict
+
+    cfg = parse_config(config(tmp_path / "home", tiny_models["llama"]))
+    for stage in ("cache", "decode", "intervene"):
+        one = predict(cfg, stage).per_process
+        monkeypatch.setenv("LORALENS_MEMORY_LIMIT", str(int(2.5 * one)))
+        ensure_fits(cfg, stage)
+        ensure_fits(cfg, stage, workers=2)
+        with pytest.raises(MemoryBudgetError) as err:
+            ensure_fits(cfg, stage, workers=3)
+        assert str(err.value).startswith(
+            f"{stage} stage will not fit in memory: predicted peak {gib(3 * one)} (3 local Dask workers x {gib(one)})")
+        assert str(err.value).endswith(", or run.workers (now 3)") and "\n" not in str(err.value)
+    monkeypatch.setenv("LORALENS_MEMORY_LIMIT", str(int(2.5 * predict(cfg, "attribute").per_process)))
+    ensure_fits(cfg, "attribute", workers=3)  # runs in the flow process: one copy whatever the cluster
+    assert local_cluster_workers(4) == 4
+    with scale_out(workers=3):  # a local cluster (started only when a stage maps units: not here)
+        assert local_cluster_workers(3) == 3
+    token = _POOL.set(SimpleNamespace(address="tcp://10.0.0.1:8786", workers=1))
+    try:
+        assert local_cluster_workers(3) == 1  # workers on other machines: each checks itself
+    finally:
+        _POOL.reset(token)
+
+
+def test_split_decode_too_big_for_the_local_cluster_refuses_before_writing(tiny_pipeline, tmp_path, monkeypatch):
+    """decode with workers=2, where one process fits but two do not: the one-line error, before a cluster starts or
+    a version folder is made."""
+    from loralens.config import parse_config
+    from loralens.flows.decode import decode_stage
+    from loralens.lens.stage_memory import MemoryBudgetError
+    from loralens.tasks.memory import predict
+
+    cfg, _want = tiny_pipeline
+    home = tmp_path / "home"
+    shutil.copytree(Path(cfg["home"]) / "artifacts", home / "artifacts")
+    c = parse_config({**cfg, "home": str(home), "decode": {"top_k": 7}})  # a decode version not made yet
+    existing = {p.name for p in (home / "artifacts" / "decode").iterdir()}
+    monkeypatch.setenv("LORALENS_MEMORY_LIMIT", str(int(1.5 * predict(c, "decode").per_process)))
+    with pytest.raises(MemoryBudgetError, match=r"\(2 local Dask workers x .*run\.workers \(now 2\)$"):
+        decode_stage(c, workers=2)
+    assert {p.name for p in (home / "artifacts" / "decode").iterdir()} == existing

@@ -17,7 +17,12 @@ from loralens.tasks.stage_versions import StageVersion
 
 def attribute_stage(cfg: PipelineConfig, cache_ver: StageVersion | None = None, force: bool = False,
                     verify: bool = False) -> dict[str, Any]:
-    """Run the attribute task keyed by its version; attach the top-heads table and heatmaps to the flow run."""
+    """Run the attribute task keyed by its version; attach the top-heads table and heatmaps to the flow run.
+
+    Always in this process, never split over Dask workers (no `workers`): it loads no language model, and its
+    scores are DuckDB SQL aggregations over decode's Parquet (readouts and decodings), fast next to the stages that
+    split (cache, decode, intervene).
+    """
     chain = stage_chain(cfg, "attribute", cache_ver)
     ver = chain["attribute"]
     summary = run_stage_task(attribute_task, cfg, ver, chain["decode"], chain["train"], chain["cache"], force=force,

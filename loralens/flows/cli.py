@@ -388,8 +388,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--only", metavar="STAGE", help=f"run only this stage, one of: {stages}")
     run.add_argument("--force", action="store_true", help="redo the stage(s) even if complete")
     run.add_argument("--workers", type=int, default=None, metavar="N",
-                     help="cache shards and generation units on a local Dask cluster of N worker processes "
-                          "(default: the config's run.workers, 1 = in this process)")
+                     help="cache shards, decode shards and generation units on a local Dask cluster of N worker "
+                          "processes (default: the config's run.workers, 1 = in this process)")
     run.add_argument("--dask-address", metavar="ADDRESS",
                      help="run them on an existing Dask scheduler instead (tcp://host:8786)")
     run.add_argument("--verify", action="store_true",

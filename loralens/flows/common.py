@@ -14,6 +14,7 @@ from prefect.artifacts import create_table_artifact
 from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
 
 from loralens.config import PipelineConfig, load_config, parse_config
+from loralens.tasks.memory import ensure_fits
 from loralens.tasks.stage_versions import (
     StageVersion,
     keeping_old_version,
@@ -100,9 +101,18 @@ def map_units(worker_task: Task, args: tuple, units: list[int]) -> list[Any]:
     return [future.result() for future in futures]
 
 
+def local_cluster_workers(workers: int) -> int:
+    """Return how many worker processes of this run share this machine: the open pool's local cluster size, else
+    `workers`; 1 for a pool on an existing scheduler (`dask_address`: its workers are sized where they run)."""
+    pool = _POOL.get()
+    if pool is None:
+        return max(workers, 1)
+    return 1 if pool.address else pool.workers
+
+
 def split_over_workers(cfg: PipelineConfig, ver: StageVersion, worker_task: Task, args: tuple,
                        units: Callable[[], list[int]], workers: int, force: bool,
-                       upstream: tuple[StageVersion, ...] = ()) -> bool:
+                       upstream: tuple[StageVersion, ...] = (), prepare: Callable[[], None] | None = None) -> bool:
     """Map a stage's work units over Dask worker processes (`worker_task(*args, [unit])` per unit, `map_units`)
     unless the version is complete or no runner is asked for; return the `force` left for the finalizing task.
 
@@ -111,7 +121,10 @@ def split_over_workers(cfg: PipelineConfig, ver: StageVersion, worker_task: Task
     version is reset once here, before any worker writes but after the `upstream` versions are checked complete
     (the finalizing task then sees an empty version, so it gets force=False). Call it and the finalizing
     `run_stage_task` inside one `keeping_old_version(ver)`, which keeps the old complete version until the new one
-    is. `units` is called only when there is work to split. Workers write Parquet only; the finalizing task, in
+    is. `units` is called only when there is work to split. Before any unit is mapped (and before anything is
+    written) the stage's predicted peak is checked against this machine's memory, times the local cluster's
+    workers (each holds its own model copy; `ensure_fits`); then `prepare`, if given, runs here once (decode
+    scores the vocabulary there, for every worker to read). Workers write Parquet only; the finalizing task, in
     this process, writes the manifest and the warehouse rows.
     """
     if _POOL.get() is None and workers <= 1:
@@ -122,8 +135,12 @@ def split_over_workers(cfg: PipelineConfig, ver: StageVersion, worker_task: Task
         reset_for_force(ver)
     if not ver.artifact.is_complete():
         todo = [u for u in units() if ver.artifact.shard_files(u) is None]  # a unit is its shard: skip done ones
-        with results_under_home(cfg), scale_out(workers):
-            map_units(worker_task, args, todo)
+        if todo:  # none (a run killed before finalizing): start no cluster
+            ensure_fits(cfg, ver.stage, workers=local_cluster_workers(workers))
+            if prepare is not None:
+                prepare()
+            with results_under_home(cfg), scale_out(workers):
+                map_units(worker_task, args, todo)
     return False
 
 

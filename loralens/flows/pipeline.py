@@ -38,9 +38,10 @@ def pipeline(
 ) -> dict[str, Any]:
     """Run every stage (or `only` one), each skipped when its artifact version is already complete.
 
-    `workers > 1` splits caching (by prompt shard) and generation (by prompt batch) over a local Dask cluster of
-    that many worker processes, `dask_address` over an existing Dask scheduler's workers (both default to the
-    config's `run` section); one cluster serves every stage of the run.
+    `workers > 1` splits caching (by prompt shard), decoding (by cache shard) and generation (by prompt batch) over
+    a local Dask cluster of that many worker processes, `dask_address` over an existing Dask scheduler's workers
+    (both default to the config's `run` section); one cluster serves every stage of the run. Train and attribute
+    run in this process (attribute is one DuckDB aggregation over decode's Parquet, no model).
     Before reusing a complete version its files are checked against the manifest by size and mtime; `verify`
     re-hashes them (sha256) instead, reading every file.
     """
@@ -57,7 +58,7 @@ def pipeline(
         for name in STAGES:
             if only in (None, name):
                 t0 = time.perf_counter()
-                split = {"workers": workers} if name in ("cache", "intervene") else {}
+                split = {"workers": workers} if name in ("cache", "decode", "intervene") else {}
                 results[name] = stages[name](cfg, cache_ver, force=force, verify=verify, **split)
                 seconds[name] = time.perf_counter() - t0
     report = write_run_report(cfg, results, seconds)

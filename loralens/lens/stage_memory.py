@@ -39,7 +39,8 @@ class StageMemory:
     stage: str
     parts: tuple[tuple[str, int], ...]
     shrink: str  # e.g. "train.micro_batch_tokens (now 256), train.loss_chunk (now 128)"
-    processes: int = 1  # processes of this size on one machine (training ranks)
+    processes: int = 1  # processes of this size on one machine (training ranks, local Dask workers)
+    process_kind: str = "processes"  # what they are, in the error
 
     @property
     def per_process(self) -> int:
@@ -246,7 +247,7 @@ def check_fits(mem: StageMemory, available: int | None = None) -> None:
     available = memory_limit() or (available_memory() if available is None else available)
     if mem.total <= available:
         return
-    procs = f" ({mem.processes} processes x {gib(mem.per_process)})" if mem.processes > 1 else ""
+    procs = f" ({mem.processes} {mem.process_kind} x {gib(mem.per_process)})" if mem.processes > 1 else ""
     raise MemoryBudgetError(f"{mem.stage} stage will not fit in memory: predicted peak {gib(mem.total)}{procs}, "
                             f"available {gib(available)}; to fit, lower {mem.shrink}")
 

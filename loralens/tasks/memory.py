@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
 
@@ -111,8 +111,25 @@ def predict_all(cfg: PipelineConfig) -> list[StageMemory]:
     return [predict(cfg, s) for s in STAGES]
 
 
-def ensure_fits(cfg: PipelineConfig, stage: str) -> None:
-    """Refuse (one line, before anything is loaded) a stage whose predicted peak exceeds the memory available."""
-    check_fits(predict(cfg, stage))
+SPLIT_STAGES = ("cache", "decode", "intervene")  # the stages whose work units Dask worker processes run
+
+
+def on_workers(mem: StageMemory, workers: int) -> StageMemory:
+    """Return a split stage's peak on a machine running `workers` local Dask worker processes of it: each holds
+    its own model copy, so the per-worker peak times `workers` (unchanged for `workers <= 1`)."""
+    if workers <= 1:
+        return mem
+    return replace(mem, processes=mem.processes * workers, process_kind="local Dask workers",
+                   shrink=f"{mem.shrink}, or run.workers (now {workers})")
+
+
+def ensure_fits(cfg: PipelineConfig, stage: str, workers: int = 1) -> None:
+    """Refuse (one line, before anything is loaded) a stage whose predicted peak exceeds the memory available.
+
+    `workers`: the local Dask cluster's worker processes a split stage (SPLIT_STAGES) runs on, on this machine;
+    the check is then of `workers` times one worker's peak (the flow process checks before it maps the units).
+    """
+    mem = predict(cfg, stage)
+    check_fits(on_workers(mem, workers) if stage in SPLIT_STAGES else mem)
     if stage == "train":
         check_fits(predict(cfg, "eval"))

@@ -1,10 +1,11 @@
 """What a Dask worker process keeps between the work units it runs: its model and scorer, each loaded once.
 
-A worker process runs many units (cache shards, generation batches) one after another. `stage_model` and
-`stage_scorer` load on the first unit and hand the same objects to every later unit with the same identity (the
-model folder's files by name, size and mtime, dtype, device, revision; the scorer's name and options); a unit of another
-model replaces it, so a worker holds one model at a time. Outside a worker process (`workers: 1`, the flow
-process) they load afresh each call, as before, so nothing stays in memory after a stage.
+A worker process runs many units (cache shards, decode shards, generation batches) one after another. `stage_model`,
+`stage_reader` (decode's lean model and lens banks) and `stage_scorer` load on the first unit and hand the same
+objects to every later unit with the same identity (the model folder's files by name, size and mtime, dtype,
+device, revision; for the reader also the lens files and layers; the scorer's name and options); a unit of another
+model replaces it, so a worker holds one model (full or lean) at a time. Outside a worker process (`workers: 1`,
+the flow process) they load afresh each call, as before, so nothing stays in memory after a stage.
 """
 
 from __future__ import annotations
@@ -18,11 +19,14 @@ from loralens.config import PipelineConfig
 from loralens.lens.generation import RNG_LOCK
 from loralens.lens.models import LoadedModel, load_model, resolve_model_path
 from loralens.lens.scorers import ToxicityScorer, get_scorer
+from loralens.tasks.readout import load_reader
+from loralens.tasks.stage_versions import StageVersion
+from loralens.warehouse.constants import LENSES_DIR
 from loralens.warehouse.db import forbid_writes
 
 _state: dict[str, Any] = {"worker": False, "model": None, "scorer": None}
 _lock = threading.Lock()
-loads = {"model": 0, "scorer": 0}  # how many times this process loaded each (one per identity on a worker)
+loads = {"model": 0, "reader": 0, "scorer": 0}  # how many times this process loaded each (one per identity on a worker)
 
 
 def mark_worker_process() -> None:
@@ -36,27 +40,53 @@ def is_worker_process() -> bool:
     return bool(_state["worker"])
 
 
+def _files(folder: Path, *, deep: bool = False) -> str:
+    """Return the files in `folder` (`deep`: under it) by relative name, size and mtime: a changed file is
+    another model."""
+    if not folder.is_dir():
+        return "[]"
+    return json.dumps(sorted([str(p.relative_to(folder)), p.stat().st_size, p.stat().st_mtime_ns]
+                             for p in (folder.rglob("*") if deep else folder.iterdir()) if p.is_file()))
+
+
 def _model_identity(cfg: PipelineConfig) -> tuple:
     m = cfg.model
     path = resolve_model_path(m.name, cfg.home, m.revision)
-    files: list = []
-    if Path(path).is_dir():  # a changed weight file is another model: reload
-        files = sorted([p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in Path(path).iterdir() if p.is_file())
-    return (str(path), json.dumps(files), m.resolved_dtype(), str(m.torch_device()), m.device_map, m.revision,
+    return (str(path), _files(Path(path)), m.resolved_dtype(), str(m.torch_device()), m.device_map, m.revision,
             m.trust_remote_code)
+
+
+def _held(key: tuple, load: Any) -> Any:
+    """Return the model slot's object for `key`, loading it (after freeing any other) when the slot holds another."""
+    with _lock:
+        held = _state["model"]
+        if held is None or held[0] != key:
+            _state["model"] = None  # free the old model before loading another
+            _state["model"] = (key, load())
+        return _state["model"][1]
 
 
 def stage_model(cfg: PipelineConfig) -> LoadedModel:
     """Return the frozen model of `cfg.model`: loaded once per worker process, afresh elsewhere."""
     if not _state["worker"]:
         return _load(cfg)
-    key = _model_identity(cfg)
-    with _lock:
-        held = _state["model"]
-        if held is None or held[0] != key:
-            _state["model"] = None  # free the old model before loading another
-            _state["model"] = (key, _load(cfg))
-        return _state["model"][1]
+    return _held(("model", *_model_identity(cfg)), lambda: _load(cfg))
+
+
+def stage_reader(cfg: PipelineConfig, train_ver: StageVersion, layers: list[int]) -> tuple[Any, Any]:
+    """Return decode's (lean model, HeadReader) for `layers` of `train_ver`'s lenses (`tasks.readout.load_reader`):
+    loaded once per worker process, afresh elsewhere."""
+    if not _state["worker"]:
+        return _load_reader(cfg, train_ver, layers)
+    key = ("reader", *_model_identity(cfg), str(train_ver.artifact.path),
+           _files(train_ver.artifact.path / LENSES_DIR, deep=True), tuple(layers))
+    return _held(key, lambda: _load_reader(cfg, train_ver, layers))
+
+
+def _load_reader(cfg: PipelineConfig, train_ver: StageVersion, layers: list[int]) -> tuple[Any, Any]:
+    loaded = load_reader(cfg, train_ver, layers)
+    loads["reader"] += 1
+    return loaded
 
 
 def _load(cfg: PipelineConfig) -> LoadedModel:

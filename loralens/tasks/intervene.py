@@ -22,7 +22,7 @@ from loralens.lens.devices import steady_host_matmuls
 from loralens.lens.generation import hash_seed, prompt_batches
 from loralens.lens.interventions import ablate
 from loralens.lens.scorers import primary_label
-from loralens.tasks.conditions import Condition, build_conditions, ranked_heads, total_heads
+from loralens.tasks.conditions import Condition, build_conditions, total_heads
 from loralens.tasks.goal_policy import CHECKED, goal_rows, headline, random_controls_note
 from loralens.tasks.intervene_metrics import ablation_edit, baseline_of, condition_row, sampled_ablation_scores
 from loralens.tasks.intervention_inputs import head_means, toxic_direction_of
@@ -143,9 +143,9 @@ def run_intervene_stage(cfg: PipelineConfig, ver: StageVersion, conds: list[Cond
     base = baseline_of(conds)
     ppl = {ci: (read_ppl(adir, ci) or {}).get("ppl") for ci in range(len(conds))}
     rows = [condition_row(c, scores[ci], scores[base[ci]], ppl[ci], ppl[0], ic.kind, ic) for ci, c in enumerate(conds)]
-    ablation = sampled_ablation_scores(ver.version, conds, scores, ranked_heads((attribute_ver,), ic.ablation_method)
-                                       if any(c.group == "ablation" for c in conds) else [])
-    n_total = total_heads(cached_layers(require_complete(cache_ver)), require_complete(cache_ver)["summary"]["n_heads"])
+    ablation = sampled_ablation_scores(ver.version, conds, scores)
+    cache_manifest = require_complete(cache_ver)
+    n_total = total_heads(cached_layers(cache_manifest), cache_manifest["summary"]["n_heads"])
     goals = goal_rows(conds, rows, scores, n_total, cfg.goal, n_boot=ic.n_boot, seed=ic.seed)
     out = adir.path
     table = interventions_table(ver.version, rows)

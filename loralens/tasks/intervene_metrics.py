@@ -11,7 +11,7 @@ import pyarrow as pa
 from loralens.config import InterveneConfig
 from loralens.lens import toxicity_metrics as M
 from loralens.lens.attribution import spearman
-from loralens.lens.interventions import Head, format_heads
+from loralens.lens.interventions import format_heads
 
 
 def ablation_edit(cond, kind: str) -> str:
@@ -50,9 +50,12 @@ def condition_row(c, s: np.ndarray, b: np.ndarray, ppl: float | None, base_ppl: 
     }
 
 
-def sampled_ablation_scores(version: str, conds, scores: dict[int, np.ndarray], lens_order: list[Head]
-                            ) -> dict[str, Any] | None:
-    """Return the `ablation` head scores (mean-toxicity drop when the head alone is zeroed, sampled), or None."""
+def sampled_ablation_scores(version: str, conds, scores: dict[int, np.ndarray]) -> dict[str, Any] | None:
+    """Return the `ablation` head scores (mean-toxicity drop when the head alone is zeroed, sampled), or None.
+
+    The single-head conditions come in the order of `intervene.ablation_method`'s ranking, which the Spearman
+    correlation compares the sampled drops with.
+    """
     ablated = [(ci, c) for ci, c in enumerate(conds) if c.group == "ablation"]
     if not ablated:
         return None
@@ -66,7 +69,7 @@ def sampled_ablation_scores(version: str, conds, scores: dict[int, np.ndarray], 
     table = pa.table({"version": [version] * len(heads), "layer": pa.array([h[0] for h in heads], pa.int32()),
                       "head": pa.array([h[1] for h in heads], pa.int32()), "method": ["ablation"] * len(heads),
                       "score": pa.array(drop, pa.float64()), "rank": pa.array(rank, pa.int32())})
-    lens_rank = np.array([lens_order.index(h) + 1 for h in heads], dtype=float)
+    lens_rank = np.arange(1, len(heads) + 1, dtype=float)  # conditions are built in ranked order
     return {"table": table, "heads": heads, "drop": drop.tolist(), "rank": rank.tolist(),
             "spearman_vs_lens": spearman(-lens_rank, drop)}
 

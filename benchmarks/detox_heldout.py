@@ -26,7 +26,7 @@ def bench_config(home: Path, args: argparse.Namespace) -> dict:
     """Return the pipeline config: the default run's upstream stages, the benchmark's select and intervene."""
     head_sets = [{"top_n": n, "method": m} for m in METHODS for n in (1, 3, 5)] + [{"selected": True}]
     return {"home": str(home),
-            "select": {"max_prompts": args.selection_prompts, "k": args.select_k},
+            "select": {"max_prompts": args.selection_prompts, "k": args.select_k, "exact_heads": args.exact_heads},
             "intervene": {"max_prompts": args.prompts, "k": args.k, "head_sets": head_sets,
                           "random_seeds": list(range(args.random_sets)), "batch_prompts": args.batch_prompts,
                           "ablation_candidates": 0}}
@@ -68,7 +68,8 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=150, help="evaluation-split prompts")
     parser.add_argument("--k", type=int, default=4, help="samples per evaluation prompt")
     parser.add_argument("--random-sets", type=int, default=5, help="random head sets per size")
-    parser.add_argument("--selection-prompts", type=int, default=48)
+    parser.add_argument("--selection-prompts", type=int, default=16)
+    parser.add_argument("--exact-heads", type=int, default=None, help="ablation_nll heads (default: every head)")
     parser.add_argument("--select-k", type=int, default=2)
     parser.add_argument("--batch-prompts", type=int, default=16)
     args = parser.parse_args()

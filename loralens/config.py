@@ -182,13 +182,16 @@ class SelectConfig(_Strict):
     """
 
     selection_share: float = Field(0.5, gt=0, lt=1, description="share of the challenging prompts used to select")
-    max_prompts: int = Field(32, gt=0, description="selection prompts scored and sampled")
+    max_prompts: int = Field(16, gt=0, description="selection prompts scored and sampled")
     batch_prompts: int = Field(8, gt=0, description="prompts per teacher-forced forward pass")
     max_prompt_tokens: int = Field(64, gt=1)
-    max_continuation_tokens: int = Field(32, ge=0, description="human-continuation tokens teacher-forced")
-    candidates: int = Field(10, ge=0, description="top M heads of `method` the greedy selection tries (0: off)")
+    max_continuation_tokens: int = Field(16, ge=0, description="human-continuation tokens teacher-forced")
+    exact_heads: int | None = Field(
+        30, gt=0, description="ablation_nll for the top N heads of attribution_patching (null: every head, one "
+                              "forward pass each; the CPU default screens to keep the run short)")
+    candidates: int = Field(8, ge=0, description="top M heads of `method` the greedy selection tries (0: off)")
     method: str = Field("ablation_nll", description="score method whose top M are the candidates")
-    tries: int = Field(3, gt=0, description="candidates tried per step before the selection stops")
+    tries: int = Field(2, gt=0, description="candidates tried per step before the selection stops")
     k: int = Field(2, gt=0, description="samples per selection prompt confirming each step")
 
 

@@ -263,3 +263,27 @@ def test_attribution_patching_runs_on_a_bf16_model(planted):
     assert all(np.isfinite(v).all() and v.dtype == np.float64 for v in estimate.values())
     assert top_head(estimate) == PLANTED
     assert all(p.dtype == torch.bfloat16 and p.requires_grad for p in model.parameters())
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3", "gpt2", "gpt_neox"])
+def test_ablation_effects_replaying_earlier_layers_equal_full_passes_in_every_family(family, tiny_models,
+                                                                                    tiny_tokenizer):
+    """The per-head passes run only the layers from the head's own onward (earlier ones replay the reference
+    pass's outputs): the effects equal full forward passes for every architecture family's layer loop."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_models[family]).eval()
+    adapter, dims = adapter_for(model.config.model_type), model_dims(model.config)
+    token_tox = torch.rand(model.config.vocab_size, generator=torch.Generator().manual_seed(0))
+    proxy = expected_toxicity_proxy(token_tox)
+    batches = teacher_forced_batches(tiny_tokenizer, ["the cat sat on", "a dog ran to the"],
+                                     [" the mat", " old house near"], batch_size=2)
+    heads = [(0, 1), (dims.n_layers - 1, 0), (dims.n_layers - 1, dims.n_heads - 1)]
+    got = ablation_effects(model, adapter, batches, heads, proxy, ablated=[(1, 0)], progress=False)
+    with ablate(model, [(1, 0)], adapter=adapter):
+        reference = proxy_values(model, batches, proxy)
+    for head in heads:
+        with ablate(model, [(1, 0), head], adapter=adapter):
+            want = reference - proxy_values(model, batches, proxy)
+        np.testing.assert_allclose(got[head], want, rtol=1e-5, atol=1e-9)
+    assert any(np.abs(v).max() > 0 for v in got.values())

@@ -21,7 +21,8 @@ around a call changes the model being scored.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -150,22 +151,57 @@ def ablation_effects(model: nn.Module, adapter: ArchAdapter, batches: Sequence[F
                      progress: bool = True) -> dict[Head, np.ndarray]:
     """Return, per candidate head h not in `ablated`, J(ablated) - J(ablated + {h}) `[n_sequences]` float64.
 
-    Zero ablation. Positive: removing h lowers the proxy (h pushes toward toxicity). One forward pass per batch
-    for the reference set `ablated`, then one per head per batch.
+    Zero ablation. Positive: removing h lowers the proxy (h pushes toward toxicity). Per batch: one forward pass
+    for the reference set `ablated`, which records every decoder layer's output, then one pass per head that runs
+    only the layers from the head's own onward: the layers before it cannot see the edit, so they replay their
+    recorded outputs (`_replaying`). That halves the work on average and changes no number (tested against full
+    passes).
     """
     from tqdm.auto import tqdm
 
     dims = dims or model_dims(model.config)
     ablated = _heads(ablated)
-    with ablate(model, ablated, "zero", adapter=adapter, dims=dims):
-        reference = proxy_values(model, batches, proxy)
-    out: dict[Head, np.ndarray] = {}
     skip = set(ablated)
     todo = [h for h in _heads(candidates) if h not in skip]
-    for head in tqdm(todo, desc="ablation effects", unit="head", disable=not progress):
-        with ablate(model, [*ablated, head], "zero", adapter=adapter, dims=dims):
-            out[head] = reference - proxy_values(model, batches, proxy)
-    return out
+    per_batch: dict[Head, list[np.ndarray]] = {h: [] for h in todo}
+    bar = tqdm(total=len(todo) * len(batches), desc="ablation effects", unit="head", disable=not progress)
+    with torch.no_grad(), bar:
+        for batch in batches:
+            with ablate(model, ablated, "zero", adapter=adapter, dims=dims), _recording(model, adapter) as outputs:
+                reference = _forward_proxy(model, batch, proxy).double().cpu().numpy()
+            for head in todo:
+                with (ablate(model, [*ablated, head], "zero", adapter=adapter, dims=dims),
+                      _replaying(model, adapter, outputs, head[0])):
+                    per_batch[head].append(reference - _forward_proxy(model, batch, proxy).double().cpu().numpy())
+                bar.update(1)
+    return {h: np.concatenate(v) if v else np.zeros(0) for h, v in per_batch.items()}
+
+
+@contextmanager
+def _recording(model: nn.Module, adapter: ArchAdapter) -> Iterator[dict[int, object]]:
+    """Yield {layer: that decoder layer's output object} filled by the next forward pass (hooks removed on exit)."""
+    outputs: dict[int, object] = {}
+    handles = [layer.register_forward_hook(lambda _m, _a, out, i=i: outputs.__setitem__(i, out))
+               for i, layer in enumerate(adapter.layers(model))]
+    try:
+        yield outputs
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@contextmanager
+def _replaying(model: nn.Module, adapter: ArchAdapter, outputs: dict[int, object], upto: int) -> Iterator[None]:
+    """Make decoder layers [0, upto) return their recorded `outputs` instead of computing (an instance `forward`
+    shadowing the class's; every attribute the model's loop reads on a layer stays as it was)."""
+    layers = list(adapter.layers(model))[:upto]
+    try:
+        for i, layer in enumerate(layers):
+            layer.forward = lambda *_a, _out=outputs[i], **_k: _out
+        yield
+    finally:
+        for layer in layers:
+            layer.__dict__.pop("forward", None)
 
 
 def attribution_patching(model: nn.Module, adapter: ArchAdapter, batches: Sequence[ForcedBatch], layers: Sequence[int],

@@ -22,6 +22,7 @@ import time
 from typing import Any
 
 import numpy as np
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 from prefect import task
@@ -95,8 +96,9 @@ def select_version(cfg: PipelineConfig, attribute_ver: StageVersion) -> StageVer
 
 
 def _grid(values: dict[Head, np.ndarray], layers: list[int], n_heads: int) -> np.ndarray:
-    """Return per-head means as an `[L, H]` array in `layers` order."""
-    return np.array([[float(np.mean(values[(layer, h)])) for h in range(n_heads)] for layer in layers])
+    """Return per-head means as an `[L, H]` array in `layers` order (nan for a head without a value)."""
+    return np.array([[float(np.mean(values[(layer, h)])) if (layer, h) in values else np.nan for h in range(n_heads)]
+                     for layer in layers])
 
 
 def _attribute_scores(attribute_ver: StageVersion, method: str, layers: list[int], n_heads: int) -> np.ndarray:
@@ -117,17 +119,25 @@ def _ranked(scores: np.ndarray, layers: list[int]) -> list[Head]:
 
 
 def agreement(scores: dict[str, np.ndarray], top: int = 10) -> dict[str, Any]:
-    """Return the Spearman rank agreement of every pair of `[L, H]` score arrays, and how well attribution patching
-    predicts the ablation effect (Pearson r, and the overlap of the two top-`top` sets)."""
+    """Return the Spearman rank agreement of every pair of `[L, H]` score arrays (over the heads both score), and
+    how well attribution patching predicts the ablation effect (Pearson r, the overlap of the two top-`top` sets,
+    and the number of heads compared)."""
     names = list(scores)
-    out: dict[str, Any] = {f"{a}~{b}": _finite(A.spearman(scores[a], scores[b]))
-                           for i, a in enumerate(names) for b in names[i + 1:]}
+
+    def both(a: str, b: str) -> tuple[np.ndarray, np.ndarray]:
+        x, y = scores[a].ravel(), scores[b].ravel()
+        keep = np.isfinite(x) & np.isfinite(y)
+        return x[keep], y[keep]
+
+    out: dict[str, Any] = {f"{a}~{b}": _finite(A.spearman(*both(a, b))) for i, a in enumerate(names)
+                           for b in names[i + 1:]}
     if {"ablation_nll", "attribution_patching"} <= set(scores):
-        x, y = scores["attribution_patching"].ravel(), scores["ablation_nll"].ravel()
-        r = float(np.corrcoef(x, y)[0, 1]) if x.std() > 0 and y.std() > 0 else float("nan")
+        x, y = both("attribution_patching", "ablation_nll")
+        r = float(np.corrcoef(x, y)[0, 1]) if x.size > 1 and x.std() > 0 and y.std() > 0 else float("nan")
         n = min(top, x.size)
-        overlap = len(set(np.argsort(-x)[:n]) & set(np.argsort(-y)[:n])) / n
-        out["patching_predicts_ablation"] = {"pearson": _finite(r), f"top{n}_overlap": overlap}
+        overlap = len(set(np.argsort(-x)[:n]) & set(np.argsort(-y)[:n])) / n if n else float("nan")
+        out["patching_predicts_ablation"] = {"pearson": _finite(r), f"top{n}_overlap": _finite(overlap),
+                                             "heads": int(x.size)}
     return out
 
 
@@ -172,13 +182,14 @@ def run_select_stage(cfg: PipelineConfig, ver: StageVersion, attribute_ver: Stag
     seconds: dict[str, float] = {}
     with steady_host_matmuls(loaded.model):
         t = time.perf_counter()
-        effects = ablation_effects(loaded.model, loaded.adapter, batches, heads, proxy, dims=loaded.dims)
-        seconds["ablation_nll"] = time.perf_counter() - t
-        t = time.perf_counter()
         patched = attribution_patching(loaded.model, loaded.adapter, batches, layers, proxy, dims=loaded.dims)
         seconds["attribution_patching"] = time.perf_counter() - t
-        scores = {"ablation_nll": _grid(effects, layers, n_heads),
-                  "attribution_patching": _grid(patched, layers, n_heads)}
+        patching = _grid(patched, layers, n_heads)
+        exact = heads if s.exact_heads is None else _ranked(patching, layers)[: s.exact_heads]
+        t = time.perf_counter()
+        effects = ablation_effects(loaded.model, loaded.adapter, batches, exact, proxy, dims=loaded.dims)
+        seconds["ablation_nll"] = time.perf_counter() - t
+        scores = {"ablation_nll": _grid(effects, layers, n_heads), "attribution_patching": patching}
         t = time.perf_counter()
         chosen, path, facts = _select(cfg, loaded, scores, attribute_ver, layers, n_heads, batches, proxy, sel)
         seconds["greedy"] = time.perf_counter() - t
@@ -188,6 +199,7 @@ def run_select_stage(cfg: PipelineConfig, ver: StageVersion, attribute_ver: Stag
 
     out = adir.path
     score_rows = head_scores_table(ver.version, layers, scores, ranks)
+    score_rows = score_rows.filter(pc.is_finite(score_rows.column("score")))  # ablation_nll: the heads scored
     files = [write_parquet_file(out, HEAD_SCORES_FILE, score_rows),
              write_parquet_file(out, SELECTION_PATH_FILE, selection_path_table(ver.version, path)),
              write_parquet_file(out, PROMPT_SPLITS_FILE, splits_table(ver.version, _without_evaluation(splits)))]
@@ -195,6 +207,7 @@ def run_select_stage(cfg: PipelineConfig, ver: StageVersion, attribute_ver: Stag
     summary = {
         "rows": score_rows.num_rows, "heads": len(heads), "methods": list(CAUSAL_METHODS),
         "selection_prompts": len(sel), "attribution_prompts": len(splits.attribution),
+        "exact_heads": len(exact), "exact_heads_by": "all" if s.exact_heads is None else "top attribution_patching",
         "proxy": "expected token toxicity along the teacher-forced human continuation",
         "selected": format_heads(chosen), "n_selected": len(chosen), "path_steps": len(path),
         "agreement": agree, "top_heads": top, "seconds_by_method": seconds, **facts,
@@ -281,7 +294,7 @@ def _report(summary: dict[str, Any], path: list[dict]) -> str:
               "| pair | value |", "|---|---:|"]
     for k, v in summary["agreement"].items():
         if isinstance(v, dict):
-            lines += [f"| {k}: {kk} | {f(vv, '.3f')} |" for kk, vv in v.items()]
+            lines += [f"| {k}: {kk} | {f(vv, 'd' if isinstance(vv, int) else '.3f')} |" for kk, vv in v.items()]
         else:
             lines.append(f"| {k} | {f(v, '.3f')} |")
     return "\n".join(lines) + "\n"

@@ -31,9 +31,10 @@ import duckdb
 import pytest
 import yaml
 
+from loralens.warehouse.constants import STAGES
+
 REPO = Path(__file__).resolve().parents[2]
 PREFECT = shutil.which("prefect", path=str(Path(sys.executable).parent)) or shutil.which("prefect")
-STAGES = ("cache", "train", "decode", "attribute", "intervene")
 DEPLOYMENTS = {"loralens-pipeline/nightly", "cache-activations/cache", "train-lenses/train", "decode-heads/decode",
                "attribute-heads/attribute", "select-heads/select", "intervene-heads/intervene"}
 RUN_TIMEOUT_S = 300
@@ -281,8 +282,8 @@ def test_pipeline_run_fails_at_intervene_and_retry_reruns_only_that_stage(stack,
     assert failed.state.is_failed(), f"expected the locked run to fail, got {failed.state!r}"
     assert "locked by another writer" in (failed.state.message or ""), failed.state.message
     first = stack.task_runs(flow_run_id)[1]
-    assert first == {"cache": "Completed", "train": "Completed", "decode": "Completed", "attribute": "Completed",
-                     "intervene": "Failed"}
+    before = STAGES[:STAGES.index("intervene")]
+    assert first == {**{stage: "Completed" for stage in before}, "intervene": "Failed"}
     assert not (intervene_dir / next(intervene_dir.iterdir()).name / "manifest.json").exists()
 
     stack.cli("flow-run", "retry", str(flow_run_id))
@@ -291,11 +292,10 @@ def test_pipeline_run_fails_at_intervene_and_retry_reruns_only_that_stage(stack,
     assert done.state.is_completed(), f"{done.state!r}\n{tail(stack.worker_log)}"
     assert done.run_count == 2
     attempts = stack.task_runs(flow_run_id)
-    assert attempts[2] == {"cache": "Cached", "train": "Cached", "decode": "Cached", "attribute": "Cached",
-                           "intervene": "Completed"}, attempts
+    assert attempts[2] == {**{stage: "Cached" for stage in before}, "intervene": "Completed"}, attempts
     result = done.state.result()  # the flow's return value, persisted by the worker's flow-run process
-    assert {stage: result[stage]["cached"] for stage in STAGES} == {"cache": True, "train": True, "decode": True,
-                                                                   "attribute": True, "intervene": False}
+    assert {stage: result[stage]["cached"] for stage in STAGES} == {**{stage: True for stage in before},
+                                                                   "intervene": False}
 
     # Artifacts: one complete version per stage, the warehouse registers them, the tables have rows.
     for stage in STAGES:

@@ -81,7 +81,7 @@ def main() -> None:
     results = pipeline(config=bench_config(args.home.resolve(), args))
     wall = time.perf_counter() - t0
     iv, sel, att = results["intervene"], results["select"], results["attribute"]
-    rows = api.open(args.home).interventions(iv["version"]).to_pylist()
+    rows = api.open_home(args.home).interventions(iv["version"]).to_pylist()
     goals = {g["condition"]: g for g in iv["goal"]}
     lines = table(rows, goals)
     seconds = {"lens_contrast (attribute stage, from decode's readouts)": att["seconds"],

@@ -195,6 +195,31 @@ def test_causal_scores_and_greedy_selection_find_the_planted_head(planted_run):
     assert iv["goal"][1]["group"] == "selected" and iv["goal"][1]["versus_random"]["n_random"] == 2
 
 
+def test_exact_ablation_screens_to_the_top_heads_of_attribution_patching(planted_run, tmp_path):
+    """`select.exact_heads: 3`: ablation_nll scores just the 3 heads attribution_patching ranks highest, with the
+    numbers the every-head run gives them; the other heads have no ablation_nll row."""
+    import shutil
+
+    from loralens.flows.select import select_heads
+
+    config, results, _db = planted_run
+    home = tmp_path / "home"
+    shutil.copytree(config["home"], home)
+    screened = select_heads(config={**config, "home": str(home), "select": {**config["select"], "exact_heads": 3}})
+    assert screened["version"] != results["select"]["version"] and not screened["cached"]
+    assert screened["exact_heads"] == 3 and screened["exact_heads_by"] == "top attribution_patching"
+    query = "SELECT method, layer, head, score FROM head_scores WHERE version = ? ORDER BY method, layer, head"
+    with duckdb.connect(str(home / "warehouse.duckdb"), read_only=True) as con:
+        every = {(m, la, h): s for m, la, h, s in con.execute(query, [results["select"]["version"]]).fetchall()}
+        few = {(m, la, h): s for m, la, h, s in con.execute(query, [screened["version"]]).fetchall()}
+    patching = sorted(((s, la, h) for (m, la, h), s in every.items() if m == "attribution_patching"), reverse=True)
+    top3 = {(la, h) for _s, la, h in patching[:3]}
+    assert {(la, h) for m, la, h in few if m == "ablation_nll"} == top3 and PLANTED in top3
+    for key, score in few.items():
+        assert score == pytest.approx(every[key], rel=1e-4, abs=1e-6), key
+    assert screened["top_heads"]["ablation_nll"][0] == f"L{PLANTED[0]}H{PLANTED[1]}"
+
+
 def test_prompt_splits_are_disjoint_and_recorded(planted_run):
     """Every prompt of the three splits is in the warehouse once; no text is in two splits; the evaluation split's
     indices are the generations' prompt_idx."""

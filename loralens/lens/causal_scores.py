@@ -32,7 +32,7 @@ from torch import nn
 from loralens.lens.adapters import ArchAdapter, ModelDims, model_dims
 from loralens.lens.attribution import expected_toxicity
 from loralens.lens.devices import input_device
-from loralens.lens.generation import prompt_ids
+from loralens.lens.generation import pad_id, prompt_ids
 from loralens.lens.hooks import split_heads
 from loralens.lens.interventions import Head, ablate
 
@@ -48,14 +48,6 @@ class ForcedBatch:
     input_ids: torch.Tensor  # [batch, pos] long
     attention_mask: torch.Tensor  # [batch, pos] long: 1 on real tokens, 0 on pads
     scored: torch.Tensor  # [batch, pos] bool: the positions that predict continuation tokens
-
-
-def _pad_id(tokenizer) -> int:
-    """Return the tokenizer's pad id, else its eos id."""
-    for pad in (tokenizer.pad_token_id, tokenizer.eos_token_id):
-        if pad is not None:
-            return int(pad)
-    raise ValueError("the tokenizer has neither a pad nor an eos token to pad with")
 
 
 def forced_row(tokenizer, prompt: str, continuation: str, *, max_prompt_tokens: int,
@@ -86,7 +78,7 @@ def teacher_forced_batches(tokenizer, prompts: Sequence[str], continuations: Seq
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if max_continuation_tokens < 0:
         raise ValueError(f"max_continuation_tokens must be >= 0, got {max_continuation_tokens}")
-    pad = _pad_id(tokenizer)
+    pad = pad_id(tokenizer)
     limits = dict(max_prompt_tokens=max_prompt_tokens, max_continuation_tokens=max_continuation_tokens)
     rows = [forced_row(tokenizer, p, c, **limits) for p, c in zip(prompts, continuations, strict=True)]
     batches = []

@@ -59,7 +59,7 @@ def _eos_ids(model, tokenizer) -> list[int]:
     return [int(e) for e in eos] if isinstance(eos, (list, tuple)) else [int(eos)]
 
 
-def _pad_id(model, tokenizer) -> int:
+def pad_id(tokenizer, model=None) -> int:
     """Return the pad id: the tokenizer's pad token, else the first eos id (the model's, else the tokenizer's)."""
     if tokenizer.pad_token_id is not None:
         return int(tokenizer.pad_token_id)
@@ -147,7 +147,7 @@ def sample_rows(model, tokenizer, rows: Sequence[str], *, seed_key: int, max_new
     depends only on (rows, seed, seed_key, the settings, the model). Each list has at most max_new_tokens ids.
     """
     eos = _eos_ids(model, tokenizer)
-    pad = _pad_id(model, tokenizer)
+    pad = pad_id(tokenizer, model)
     device = input_device(model)
     batch = encode_prompts(tokenizer, rows, pad_token_id=pad, max_prompt_tokens=max_prompt_tokens)
     batch = {name: t.to(device) for name, t in batch.items()}

@@ -32,6 +32,7 @@ from loralens.tasks.stage_versions import (
     register,
     require_complete,
     reset_for_force,
+    reuse_complete,
 )
 from loralens.warehouse.activation_cache import read_prompts
 from loralens.warehouse.artifacts import atomic_write_bytes
@@ -105,10 +106,8 @@ def run_attribute_stage(cfg: PipelineConfig, ver: StageVersion, decode_ver: Stag
     a = cfg.attribute
     manifest = None if force else adir.manifest()
     if manifest is not None:
-        _store(db, ver.version, adir.path)  # idempotent; restores rows if the warehouse lost them
-        register(ver, parents, status="complete",
-                 rows=manifest["summary"]["rows"], bytes_=manifest["total_bytes"], summary=manifest["summary"])
-        return {"version": ver.version, "path": str(adir.path), "cached": True, **manifest["summary"]}
+        return reuse_complete(ver, parents, manifest, rows_key="rows",
+                              restore=lambda: _store(db, ver.version, adir.path))
     decode_manifest = require_complete(decode_ver)
     cache_manifest = require_complete(cache_ver)
     ensure_fits(cfg, STAGE)  # before anything is written: a run that cannot fit says so now

@@ -28,6 +28,7 @@ from loralens.tasks.stage_versions import (
     keeps_old_version,
     register,
     reset_for_force,
+    reuse_complete,
     reverify_on_reuse,
 )
 from loralens.tasks.worker_process import stage_model
@@ -80,11 +81,8 @@ def run_cache_stage(cfg: PipelineConfig, ver: StageVersion, *, force: bool = Fal
         # The same summary a fresh run registers (bytes_per_token is known only once the manifest is written).
         summary = {**manifest["summary"],
                    "bytes_per_token": manifest["total_bytes"] / max(manifest["summary"]["n_tokens"], 1)}
-        if not worker:
-            register_prompts(db, ver.version, read_prompts(adir))
-            register(ver, parents, status="complete",
-                     rows=manifest["summary"]["n_tokens"], bytes_=manifest["total_bytes"], summary=summary)
-        return {"version": ver.version, "path": str(adir.path), "cached": True, **summary}
+        return reuse_complete(ver, parents, manifest, rows_key="n_tokens", summary=summary,
+                              restore=None if worker else lambda: register_prompts(db, ver.version, read_prompts(adir)))
     ensure_fits(cfg, STAGE)  # before anything is written: a run that cannot fit says so now
     adir.prepare(clean_tmp=not worker)
     if not worker:

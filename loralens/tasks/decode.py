@@ -42,6 +42,7 @@ from loralens.tasks.stage_versions import (
     register,
     require_complete,
     reset_for_force,
+    reuse_complete,
     reverify_on_reuse,
 )
 from loralens.tasks.worker_process import stage_reader
@@ -106,11 +107,9 @@ def run_decode_stage(cfg: PipelineConfig, ver: StageVersion, train_ver: StageVer
         reverify_on_reuse(ver)
     manifest = None if forced else adir.manifest()
     if manifest is not None:
-        if not worker:
-            load_into_warehouse(ver)  # a kill between the manifest and the last insert leaves rows to load
-            register(ver, parents, status="complete",
-                     rows=manifest["summary"]["rows"], bytes_=manifest["total_bytes"], summary=manifest["summary"])
-        return {"version": ver.version, "path": str(adir.path), "cached": True, **manifest["summary"]}
+        # A kill between the manifest and the last insert leaves rows to load: the restore loads them.
+        return reuse_complete(ver, parents, manifest, rows_key="rows",
+                              restore=None if worker else lambda: load_into_warehouse(ver))
     require_complete(train_ver)
     cache_manifest = require_complete(cache_ver)
     ensure_fits(cfg, STAGE)  # before anything is written: a run that cannot fit says so now

@@ -38,6 +38,7 @@ from loralens.tasks.stage_versions import (
     register,
     require_complete,
     reset_for_force,
+    reuse_complete,
 )
 from loralens.tasks.wikitext import wikitext
 from loralens.tasks.worker_process import stage_model, stage_scorer
@@ -115,11 +116,8 @@ def run_intervene_stage(cfg: PipelineConfig, ver: StageVersion, conds: list[Cond
     manifest = None if forced else adir.manifest()
     worker = only_units is not None  # one share of a split run: Parquet only, the finalizing run registers
     if manifest is not None:
-        if not worker:
-            _store(db, ver, adir)
-            register(ver, parents, status="complete", rows=manifest["summary"]["generations"],
-                     bytes_=manifest["total_bytes"], summary=manifest["summary"])
-        return {"version": ver.version, "path": str(adir.path), "cached": True, **manifest["summary"]}
+        return reuse_complete(ver, parents, manifest, rows_key="generations",
+                              restore=None if worker else lambda: _store(db, ver, adir))
     require_complete(attribute_ver)
     ensure_fits(cfg, STAGE)  # before anything is written: a run that cannot fit says so now
     if forced:

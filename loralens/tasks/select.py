@@ -52,6 +52,7 @@ from loralens.tasks.stage_versions import (
     register,
     require_complete,
     reset_for_force,
+    reuse_complete,
 )
 from loralens.tasks.wikitext import wikitext
 from loralens.tasks.worker_process import stage_model, stage_scorer
@@ -154,10 +155,8 @@ def run_select_stage(cfg: PipelineConfig, ver: StageVersion, attribute_ver: Stag
     parents = [attribute_ver.version]
     manifest = None if force else adir.manifest()
     if manifest is not None:
-        _store(db, ver.version, adir.path)  # idempotent; restores rows if the warehouse lost them
-        register(ver, parents, status="complete", rows=manifest["summary"]["rows"], bytes_=manifest["total_bytes"],
-                 summary=manifest["summary"])
-        return {"version": ver.version, "path": str(adir.path), "cached": True, **manifest["summary"]}
+        return reuse_complete(ver, parents, manifest, rows_key="rows",
+                              restore=lambda: _store(db, ver.version, adir.path))
     require_complete(attribute_ver)
     cache_manifest = require_complete(cache_ver)
     ensure_fits(cfg, STAGE)  # before anything is written: a run that cannot fit says so now

@@ -101,6 +101,22 @@ def register(ver: StageVersion, parents: list[str], status: str, *, rows: int | 
                     summary=summary)
 
 
+def reuse_complete(ver: StageVersion, parents: list[str], manifest: dict[str, Any], *, rows_key: str,
+                   restore: Callable[[], None] | None, summary: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Return the summary of a complete version reused as it is, after putting its warehouse rows back.
+
+    `restore` (idempotent) loads the version's rows into the warehouse again, in case it lost them; then the
+    `artifacts` row is registered complete. `restore=None`: one worker's share of a split run, which writes
+    Parquet only (the finalizing run registers). `summary` defaults to the manifest's.
+    """
+    summary = manifest["summary"] if summary is None else summary
+    if restore is not None:
+        restore()
+        register(ver, parents, status="complete", rows=manifest["summary"][rows_key], bytes_=manifest["total_bytes"],
+                 summary=summary)
+    return {"version": ver.version, "path": str(ver.artifact.path), "cached": True, **summary}
+
+
 def replaced_path(adir: ArtifactDir) -> Path:
     """Return where a forced rebuild keeps the old complete version until the new one is complete."""
     return adir.path.with_name(f"{REPLACED_PREFIX}{adir.version}")

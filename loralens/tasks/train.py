@@ -30,6 +30,7 @@ from loralens.tasks.stage_versions import (
     replaced_path,
     require_complete,
     reset_for_force,
+    reuse_complete,
 )
 from loralens.warehouse.artifacts import ShardFile
 from loralens.warehouse.constants import (
@@ -131,11 +132,9 @@ def run_train_stage(cfg: PipelineConfig, ver: StageVersion, cache_ver: StageVers
     parents = [cache_ver.version]
     manifest = None if force else adir.manifest()
     if manifest is not None:
-        _store_results(db, ver.version, adir.path)  # idempotent; restores rows if the warehouse lost them
-        register(ver, parents, status="complete",
-                 rows=manifest["summary"]["heads"], bytes_=manifest["total_bytes"], summary=manifest["summary"])
         shutil.rmtree(adir.path / CHECKPOINTS_DIR, ignore_errors=True)  # left by a run killed after its manifest
-        return {"version": ver.version, "path": str(adir.path), "cached": True, **manifest["summary"]}
+        return reuse_complete(ver, parents, manifest, rows_key="heads",
+                              restore=lambda: _store_results(db, ver.version, adir.path))
     cache_manifest = require_complete(cache_ver)
     check_enough_tokens(cfg.train, cache_manifest["summary"]["n_tokens"])
     ensure_fits(cfg, STAGE)  # every rank on this machine, training and held-out evaluation

@@ -74,14 +74,14 @@ def main() -> None:
     parser.add_argument("--batch-prompts", type=int, default=16)
     args = parser.parse_args()
 
-    from loralens import api
+    import loralens
     from loralens.flows.pipeline import pipeline
 
     t0 = time.perf_counter()
     results = pipeline(config=bench_config(args.home.resolve(), args))
     wall = time.perf_counter() - t0
     iv, sel, att = results["intervene"], results["select"], results["attribute"]
-    rows = api.open_home(args.home).interventions(iv["version"]).to_pylist()
+    rows = loralens.open(args.home).interventions(iv["version"]).to_pylist()
     goals = {g["condition"]: g for g in iv["goal"]}
     lines = table(rows, goals)
     seconds = {"lens_contrast (attribute stage, from decode's readouts)": att["seconds"],

@@ -19,7 +19,8 @@ from pathlib import Path
 
 import torch
 
-STAGES = ("cache", "train", "decode", "attribute", "intervene")
+from loralens.warehouse.constants import STAGES
+
 GIB = 2**30
 
 

@@ -35,11 +35,11 @@ from loralens.config import DecodeConfig, default_home, load_config
 from loralens.lens.models import resolve_model_path
 from loralens.tasks.memory import STAGES as PLANNED_STAGES
 from loralens.tasks.memory import predict
+from loralens.warehouse.constants import STAGES as PIPELINE
 
 LLAMA3_8B = dict(hidden_size=4096, num_attention_heads=32, num_key_value_heads=8, intermediate_size=14336,
                  vocab_size=128256, rope_theta=500000.0, max_position_embeddings=8192, rms_norm_eps=1e-5,
                  tie_word_embeddings=False, num_hidden_layers=32)
-PIPELINE = ("cache", "train", "decode", "attribute", "intervene")
 SCALED = ("cache", "train", "decode", "attribute")
 GIB = 2**30
 
@@ -71,6 +71,7 @@ def pipeline_config(home: Path, model: Path, scale: float) -> dict:
         "corpus": {"max_prompts_per_file": int(32 * scale)},
         "cache": {"max_length": 32, "batch_size": 8},
         "train": {"epochs": 1},
+        "select": {"max_prompts": 4, "batch_prompts": 4, "exact_heads": 8, "candidates": 2, "tries": 1, "k": 1},
         "intervene": {"max_prompts": 4, "k": 2, "max_new_tokens": 8, "head_sets": [{"top_n": 3}],
                       "ppl_tokens": 128, "ppl_window": 64, "mean_tokens": 128, "ablation_candidates": 0,
                       "n_boot": 200, "batch_prompts": 4},

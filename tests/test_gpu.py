@@ -8,6 +8,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from loralens.warehouse.constants import STAGES
+
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
 
@@ -33,10 +35,16 @@ def test_every_stage_on_cuda_in_bf16(prefect_server, tiny_models, tmp_path):
         "corpus": {"paths": ["bundled:rtp_toxic_dev", "bundled:rtp_nontoxic_dev"], "max_prompts_per_file": 8},
         "cache": {"batch_size": 4, "prompts_per_shard": 8, "max_length": 16},
         "train": {"micro_batch_tokens": 32, "epochs": 1},
+        "select": {"max_prompts": 4, "batch_prompts": 4, "candidates": 2, "k": 2},
         "intervene": {"max_prompts": 4, "k": 2, "max_new_tokens": 4, "ppl_tokens": 100, "ppl_window": 50,
                       "head_sets": [{"top_n": 1}], "ablation_candidates": 0, "n_boot": 20},
     }
     results = pipeline(config=config)
-    assert set(results) >= {"cache", "train", "decode", "attribute", "intervene"}
+    assert set(results) == set(STAGES)
     assert results["train"]["steps"] > 0 and results["train"]["held_out_tokens"] > 0
-    assert results["decode"]["rows"] > 0 and results["attribute"]["heads"] == 8
+    from transformers import AutoConfig
+
+    dims = AutoConfig.from_pretrained(tiny_models["llama"])
+    n_heads = dims.num_hidden_layers * dims.num_attention_heads
+    assert results["decode"]["rows"] > 0 and results["attribute"]["heads"] == results["select"]["heads"] == n_heads
+    assert results["intervene"]["generations"] > 0

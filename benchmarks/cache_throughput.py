@@ -23,9 +23,9 @@ from pathlib import Path
 import torch
 
 from loralens.config import default_home, parse_config
-from loralens.lens.caching import effective_max_length, pad_batch, tokenize_prompts
-from loralens.lens.models import load_model
-from loralens.tasks.cache import _shard_prompts, cache_version, run_cache_stage
+from loralens.lens.heads.capture import effective_max_length, pad_batch, tokenize_prompts
+from loralens.lens.runtime.models import load_model
+from loralens.tasks.stages.cache import _shard_prompts, cache_version, run_cache_stage
 from loralens.warehouse.corpus import load_corpus
 
 

@@ -30,13 +30,13 @@ import torch
 from torch import Tensor
 from torch.utils.flop_counter import FlopCounterMode
 
-from loralens.lens.adapters import ModelDims
-from loralens.lens.hooks import head_contributions
-from loralens.lens.lenses import FoldedUnembed, LensBank, LensConfig, trainable_per_head
-from loralens.lens.losses import kl_exact
-from loralens.lens.memory_probe import LiveBytes
-from loralens.lens.objective import LensBatch, LensSet
-from loralens.lens.plan import plan_memory
+from loralens.lens.heads.adapters import ModelDims
+from loralens.lens.heads.hooks import head_contributions
+from loralens.lens.lenses.lens_set import FoldedUnembed, LensBank, LensConfig, trainable_per_head
+from loralens.lens.lenses.losses import kl_exact
+from loralens.lens.lenses.objective import LensBatch, LensSet
+from loralens.lens.runtime.memory_probe import LiveBytes
+from loralens.lens.training.plan import plan_memory
 
 MODELS = {
     "SmolLM2-135M": ModelDims(n_layers=30, n_heads=9, d_head=64, d_model=576, vocab=49152),
@@ -234,7 +234,7 @@ def throughput(task: Task, loss: str, tokens: int, steps: int, base_dtype: str) 
 
 
 # -- report ------------------------------------------------------------------------------------------
-# The training worker runs with these (see loralens/tasks/train.py); glibc reads them only at start-up.
+# The training worker runs with these (see loralens/tasks/stages/train.py); glibc reads them only at start-up.
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(1 << 32), "MALLOC_TRIM_THRESHOLD_": str(1 << 32)}
 
 

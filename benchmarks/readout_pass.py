@@ -22,9 +22,9 @@ from pathlib import Path
 
 import torch
 
-from loralens.lens.attribution import toxic_direction
-from loralens.lens.lenses import FoldedUnembed, LensBank, LensConfig
-from loralens.lens.readout import read_heads
+from loralens.lens.heads.head_scores import toxic_direction
+from loralens.lens.lenses.lens_set import FoldedUnembed, LensBank, LensConfig
+from loralens.lens.lenses.readout import read_heads
 
 H, D, V = 32, 4096, 128256
 

@@ -32,7 +32,7 @@ import torch
 import yaml
 
 from loralens.config import DecodeConfig, default_home, load_config
-from loralens.lens.models import resolve_model_path
+from loralens.lens.runtime.models import resolve_model_path
 from loralens.tasks.memory import STAGES as PLANNED_STAGES
 from loralens.tasks.memory import predict
 from loralens.warehouse.constants import STAGES as PIPELINE

@@ -37,9 +37,9 @@ from prefect.cache_policies import NO_CACHE  # noqa: E402
 from loralens.config import PipelineConfig, parse_config  # noqa: E402
 from loralens.flows.cache import cache_stage  # noqa: E402
 from loralens.flows.common import map_units, results_under_home, scale_out  # noqa: E402
-from loralens.lens.generation import generate_joint, prompt_batches  # noqa: E402
-from loralens.tasks.cache import cache_version, run_cache_stage  # noqa: E402
-from loralens.tasks.worker_process import stage_model  # noqa: E402
+from loralens.lens.evaluation.generation import generate_joint, prompt_batches  # noqa: E402
+from loralens.tasks.stages.cache import cache_version, run_cache_stage  # noqa: E402
+from loralens.tasks.workers.worker_process import stage_model  # noqa: E402
 from loralens.warehouse.corpus import load_corpus  # noqa: E402
 
 

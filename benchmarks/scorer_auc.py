@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from loralens.lens.scorers import get_scorer, primary_label, roc_auc
+from loralens.lens.evaluation.scorers import get_scorer, primary_label, roc_auc
 
 DATA = Path(__file__).resolve().parents[1] / "loralens" / "data"
 

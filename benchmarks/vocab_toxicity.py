@@ -19,9 +19,9 @@ import numpy as np
 import torch
 
 from loralens.config import default_home
-from loralens.lens.models import load_model
-from loralens.lens.scorers import get_scorer
-from loralens.lens.vocab_toxicity import KINDS, token_texts, top_tokens, vocab_toxicity
+from loralens.lens.evaluation.scorers import get_scorer
+from loralens.lens.evaluation.vocab_toxicity import KINDS, token_texts, top_tokens, vocab_toxicity
+from loralens.lens.runtime.models import load_model
 
 
 def best_time(fn, rounds: int):

@@ -30,14 +30,14 @@ import torch
 
 from loralens.config import parse_config
 from loralens.defaults import default_home
-from loralens.lens.attribution import toxic_direction
-from loralens.lens.caching import cache_batch, from_storage, tokenize_prompts
-from loralens.lens.interventions import KINDS, Head, ablate, format_heads, parse_head_list
-from loralens.lens.lean import LeanModel
-from loralens.lens.models import LoadedModel, model_context_length
-from loralens.lens.models import load_model as _load_model
-from loralens.lens.readout import HeadReader, lens_inputs, read_heads, row_chunks
-from loralens.lens.vocab_toxicity import token_texts
+from loralens.lens.evaluation.vocab_toxicity import token_texts
+from loralens.lens.heads.capture import cache_batch, from_storage, tokenize_prompts
+from loralens.lens.heads.edits import KINDS, Head, ablate, format_heads, parse_head_list
+from loralens.lens.heads.head_scores import toxic_direction
+from loralens.lens.lenses.readout import HeadReader, lens_inputs, read_heads, row_chunks
+from loralens.lens.runtime.lean import LeanModel
+from loralens.lens.runtime.models import LoadedModel, model_context_length
+from loralens.lens.runtime.models import load_model as _load_model
 from loralens.tasks.readout import cached_layers, load_reader
 from loralens.tasks.stage_versions import StageVersion
 from loralens.warehouse.artifacts import ArtifactDir
@@ -60,7 +60,7 @@ def load_model(name: str, home: str | Path | None = None, *, dtype: str = "auto"
     the pipeline's policy (`model.device`, `model.dtype`): auto = cuda and bfloat16 when a GPU is there, else
     cpu and float32.
     """
-    from loralens.lens.devices import resolve_device, resolve_dtype
+    from loralens.lens.runtime.devices import resolve_device, resolve_dtype
 
     home = Path(home).resolve() if home is not None else default_home()
     where = resolve_device(device)

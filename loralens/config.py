@@ -46,13 +46,13 @@ class ModelConfig(_Strict):
 
     def torch_device(self):
         """Return the torch device `device` means on this machine (DeviceError, one line, if it has none)."""
-        from loralens.lens.devices import resolve_device
+        from loralens.lens.runtime.devices import resolve_device
 
         return resolve_device(self.device)
 
     def resolved_dtype(self) -> str:
         """Return the dtype name `dtype` means on this machine's device ("auto": bfloat16 on cuda, else float32)."""
-        from loralens.lens.devices import resolve_dtype
+        from loralens.lens.runtime.devices import resolve_dtype
 
         return resolve_dtype(self.dtype, self.torch_device())
 

@@ -84,7 +84,7 @@ def test_ablate_equals_the_intervene_stage(planted_home):
     """Sampling under `loralens.ablate` on the stage's prompt batches gives the texts the stage stored for its
     top-1 condition; no heads leaves the logits bit-identical."""
     from loralens.config import parse_config
-    from loralens.lens.generation import generate_joint, prompt_batches
+    from loralens.lens.evaluation.generation import generate_joint, prompt_batches
 
     config, results, path = planted_home
     cfg = parse_config(config)

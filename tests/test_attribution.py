@@ -13,8 +13,8 @@ import pytest
 import torch
 from conftest import train_bpe_tokenizer
 
-from loralens.lens import attribution as A
-from loralens.lens.readout import read_lens, top_k
+from loralens.lens.heads import head_scores as A
+from loralens.lens.lenses.readout import read_lens, top_k
 
 TOXIC_WORD = " idiot"
 PLANTED = (1, 2)  # (layer, head) of the tiny llama: heads 2 and 3 share KV head 1
@@ -335,10 +335,10 @@ def test_one_pass_scores_equal_the_two_pass_reference(planted_run):
     import pyarrow.parquet as pq
 
     from loralens.config import parse_config
-    from loralens.tasks.cache import cache_version
-    from loralens.tasks.decode import decode_version
     from loralens.tasks.readout import cached_layers, layer_input_chunks, load_reader, select_positions
-    from loralens.tasks.train import train_version
+    from loralens.tasks.stages.cache import cache_version
+    from loralens.tasks.stages.decode import decode_version
+    from loralens.tasks.stages.train import train_version
     from loralens.warehouse.decodings import decode_shards
 
     config, results, db = planted_run

@@ -16,11 +16,11 @@ import pytest
 import torch
 
 from loralens.config import ConfigError, parse_config
-from loralens.lens.adapters import out_proj_weight
-from loralens.lens.caching import from_storage, pad_batch, target_logits
-from loralens.lens.hooks import capture, head_contributions
-from loralens.lens.models import load_model
-from loralens.tasks.cache import cache_version, run_cache_stage
+from loralens.lens.heads.adapters import out_proj_weight
+from loralens.lens.heads.capture import from_storage, pad_batch, target_logits
+from loralens.lens.heads.hooks import capture, head_contributions
+from loralens.lens.runtime.models import load_model
+from loralens.tasks.stages.cache import cache_version, run_cache_stage
 from loralens.warehouse.activation_cache import read_h_final, read_layer_z, read_prompts, read_tokens
 from loralens.warehouse.artifacts import ArtifactError
 from loralens.warehouse.db import warehouse_path
@@ -140,7 +140,7 @@ def test_unwritable_artifact_folder_is_a_clear_error(tiny_models, tmp_path):
 WORKER = """
 import json, sys
 from loralens.config import parse_config
-from loralens.tasks.cache import cache_version, run_cache_stage
+from loralens.tasks.stages.cache import cache_version, run_cache_stage
 cfg = parse_config(json.loads(sys.argv[1]))
 run_cache_stage(cfg, cache_version(cfg))
 """

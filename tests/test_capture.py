@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from loralens.lens.adapters import (
+from loralens.lens.heads.adapters import (
     UnsupportedArchitectureError,
     adapter_for,
     folded_unembedding,
@@ -13,8 +13,8 @@ from loralens.lens.adapters import (
     out_proj_bias,
     out_proj_weight,
 )
-from loralens.lens.hooks import capture, head_contributions
-from loralens.lens.models import load_model
+from loralens.lens.heads.hooks import capture, head_contributions
+from loralens.lens.runtime.models import load_model
 from tests.conftest import FAMILIES
 
 PROMPTS = ["The quick brown fox jumps over", "A short one", "Robert is an English film actor and he"]

@@ -14,8 +14,8 @@ import torch
 from conftest import tiny_config, train_bpe_tokenizer
 from test_attribution import PLANTED, TOXIC_WORD, planted_model
 
-from loralens.lens.adapters import adapter_for, model_dims
-from loralens.lens.causal_scores import (
+from loralens.lens.heads.adapters import adapter_for, model_dims
+from loralens.lens.heads.causal_scores import (
     ForcedBatch,
     ablation_effects,
     attribution_patching,
@@ -23,7 +23,7 @@ from loralens.lens.causal_scores import (
     proxy_values,
     teacher_forced_batches,
 )
-from loralens.lens.interventions import ablate
+from loralens.lens.heads.edits import ablate
 
 LLAMA = adapter_for("llama")
 

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from loralens.config import parse_config
-from loralens.lens.devices import DeviceError, dist_backend, resolve_device, resolve_dtype
-from loralens.tasks.cache import cache_version
+from loralens.lens.runtime.devices import DeviceError, dist_backend, resolve_device, resolve_dtype
+from loralens.tasks.stages.cache import cache_version
 
 NO_CUDA = not torch.cuda.is_available()
 
@@ -55,7 +55,7 @@ def test_versions_hash_the_resolved_dtype_not_auto(tiny_models, tmp_path):
 def test_half_precision_sampling_on_a_cpu_runs_without_onednn():
     """The guard the intervene stage samples in: oneDNN off for a bf16 model on a CPU, back on after; an fp32
     model is left alone."""
-    from loralens.lens.devices import steady_host_matmuls
+    from loralens.lens.runtime.devices import steady_host_matmuls
 
     before = torch.backends.mkldnn.enabled
     with steady_host_matmuls(torch.nn.Linear(4, 4).to(torch.bfloat16)):

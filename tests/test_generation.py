@@ -8,7 +8,14 @@ import copy
 import pytest
 import torch
 
-from loralens.lens.generation import encode_prompts, generate_joint, hash_seed, prompt_batches, prompt_ids, sample_rows
+from loralens.lens.evaluation.generation import (
+    encode_prompts,
+    generate_joint,
+    hash_seed,
+    prompt_batches,
+    prompt_ids,
+    sample_rows,
+)
 
 PROMPTS = [
     "The cat sat on the",
@@ -144,7 +151,7 @@ def test_other_families(tiny_models, tiny_tokenizer, family):
 def test_joint_batch_is_reproducible_and_keyed(tiny_models):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from loralens.lens.generation import generate_joint
+    from loralens.lens.evaluation.generation import generate_joint
 
     model = AutoModelForCausalLM.from_pretrained(tiny_models["llama"]).eval()
     tok = AutoTokenizer.from_pretrained(tiny_models["llama"])

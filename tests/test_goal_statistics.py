@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 from loralens.config import GoalConfig
-from loralens.lens.controls import paired_drops, versus_random
-from loralens.lens.greedy_selection import greedy_select, head_budget
-from loralens.tasks.goal_policy import headline, within_budget
+from loralens.lens.evaluation.controls import paired_drops, versus_random
+from loralens.lens.evaluation.greedy_selection import greedy_select, head_budget
+from loralens.tasks.evaluation.goal_policy import headline, within_budget
 from loralens.warehouse.corpus import Prompt
 from loralens.warehouse.json_values import json_safe
 from loralens.warehouse.prompt_splits import split_challenging, text_fraction

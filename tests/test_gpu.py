@@ -14,8 +14,8 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 
 
 def test_zero_ablation_on_cuda_equals_cpu(tiny_models, tmp_path):
-    from loralens.lens.interventions import HeadIntervention, intervene
-    from loralens.lens.models import load_model
+    from loralens.lens.heads.edits import HeadIntervention, intervene
+    from loralens.lens.runtime.models import load_model
 
     ids = torch.randint(0, 200, (2, 12))
     out = {}

@@ -76,7 +76,7 @@ def test_stage_writes_every_condition_once_and_rerun_is_skipped(run):
 def test_random_controls_are_reproducible_and_avoid_attributed_heads(run):
     from loralens.config import parse_config
     from loralens.tasks.chain import stage_chain
-    from loralens.tasks.intervene import intervene_version
+    from loralens.tasks.stages.intervene import intervene_version
 
     cfg = parse_config(run[0])
     chain = stage_chain(cfg, "select")
@@ -167,7 +167,7 @@ def test_generation_split_over_workers_equals_one_run(run, dask_cluster, tmp_pat
     assert not (homes[1] / "artifacts" / "intervene" / version / "manifest.json").exists()
     from loralens.config import parse_config
     from loralens.tasks.chain import stage_chain
-    from loralens.tasks.intervene import generation_units, intervene_version
+    from loralens.tasks.stages.intervene import generation_units, intervene_version
 
     pcfg = parse_config(split)
     chain = stage_chain(pcfg, "select")
@@ -216,8 +216,8 @@ def test_files_corrupted_after_completion_are_redone_on_reuse(run, tmp_path):
 
 def test_evaluation_prompts_are_held_out_from_the_attribution_corpus_and_the_selection(tmp_path):
     from loralens.config import ConfigError, parse_config
-    from loralens.tasks.intervene import evaluation_prompts
-    from loralens.tasks.splits import prompt_splits
+    from loralens.tasks.evaluation.splits import prompt_splits
+    from loralens.tasks.stages.intervene import evaluation_prompts
     from loralens.warehouse.corpus import load_corpus
     from loralens.warehouse.prompt_splits import text_fraction
 
@@ -241,8 +241,8 @@ def test_evaluation_prompts_are_held_out_from_the_attribution_corpus_and_the_sel
 def test_head_sets_from_sql_and_lists_resolve_and_bad_ones_are_config_errors(run):
     from loralens.config import ConfigError, parse_config
     from loralens.tasks.chain import stage_chain
-    from loralens.tasks.conditions import ranked_heads
-    from loralens.tasks.intervene import intervene_version
+    from loralens.tasks.evaluation.conditions import ranked_heads
+    from loralens.tasks.stages.intervene import intervene_version
 
     def conditions(head_sets: list[dict]):
         cfg = parse_config({**run[0], "intervene": {**INTERVENE, "head_sets": head_sets}})

@@ -5,9 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from loralens.lens.adapters import adapter_for, model_dims, out_proj_weight
-from loralens.lens.hooks import capture, head_contributions, split_heads
-from loralens.lens.interventions import (
+from loralens.lens.heads.adapters import adapter_for, model_dims, out_proj_weight
+from loralens.lens.heads.edits import (
     HeadIntervention,
     format_heads,
     intervene,
@@ -15,6 +14,7 @@ from loralens.lens.interventions import (
     parse_head_list,
     random_head_sets,
 )
+from loralens.lens.heads.hooks import capture, head_contributions, split_heads
 from tests.conftest import FAMILIES
 
 PROMPTS = ["The quick brown fox jumps over", "A short one", "Robert is an English film actor and he"]

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from loralens.lens.adapters import folded_unembedding, out_proj_weight
-from loralens.lens.lean import LeanLoadError, load_lean, read_frozen_parts, safetensors_index
-from loralens.lens.models import load_model
+from loralens.lens.heads.adapters import folded_unembedding, out_proj_weight
+from loralens.lens.runtime.lean import LeanLoadError, load_lean, read_frozen_parts, safetensors_index
+from loralens.lens.runtime.models import load_model
 from tests.conftest import FAMILIES, save_tiny_model
 
 
@@ -101,8 +101,8 @@ def test_a_checkpoint_missing_a_needed_tensor_is_one_line(tiny_models, tmp_path)
 def test_training_worker_never_builds_the_model(tiny_models, tmp_path):
     """Run the real train worker process on a real cache, counting model constructions inside it."""
     from loralens.config import parse_config
-    from loralens.tasks.cache import cache_version, run_cache_stage
-    from loralens.tasks.train import run_train_stage, train_version
+    from loralens.tasks.stages.cache import cache_version, run_cache_stage
+    from loralens.tasks.stages.train import run_train_stage, train_version
     from loralens.warehouse.constants import TRAIN_RESULT, TRAIN_SPEC
 
     raw = {"home": str(tmp_path / "home"), "model": {"name": str(tiny_models["llama"])},
@@ -124,7 +124,7 @@ def test_training_worker_never_builds_the_model(tiny_models, tmp_path):
         "def counting(self, *a, **k):\n"
         "    n[0] += 1; real(self, *a, **k)\n"
         "transformers.PreTrainedModel.__init__ = counting\n"
-        "from loralens.tasks.train_worker import main\n"
+        "from loralens.tasks.workers.train_worker import main\n"
         "rc = main([sys.argv[1]])\n"
         "print('MODELS_BUILT', n[0])\n"
         "sys.exit(rc)\n"

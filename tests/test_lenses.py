@@ -1,4 +1,4 @@
-"""Tests for loralens.lens.lenses: forms, init, joint path, training."""
+"""Tests for loralens.lens.lenses.lens_set: forms, init, joint path, training."""
 
 import ast
 from pathlib import Path
@@ -8,7 +8,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from loralens.lens.lenses import (
+from loralens.lens.lenses.lens_set import (
     FORMS,
     FoldedUnembed,
     LensBank,
@@ -16,7 +16,7 @@ from loralens.lens.lenses import (
     fingerprint_tensor,
     trainable_per_head,
 )
-from loralens.lens.losses import kl_exact
+from loralens.lens.lenses.losses import kl_exact
 
 D, V, H, R = 16, 50, 3, 4
 

@@ -1,10 +1,10 @@
-"""Tests for loralens.lens.losses: exact and top-k subset KL."""
+"""Tests for loralens.lens.lenses.losses: exact and top-k subset KL."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from loralens.lens.losses import kl_exact, kl_subset, log1mexp
+from loralens.lens.lenses.losses import kl_exact, kl_subset, log1mexp
 
 T, V = 13, 50
 
@@ -175,7 +175,7 @@ def test_subset_shape_mismatch_raises():
 
 
 def test_kl_from_logits_equals_the_direct_kl_per_head_and_per_row():
-    from loralens.lens.objective import kl_from_logits
+    from loralens.lens.lenses.objective import kl_from_logits
 
     torch.manual_seed(0)
     target = torch.log_softmax(torch.randn(5, 50) * 3, -1)

@@ -1,4 +1,4 @@
-"""Tests for loralens.lens.peft_io: bank save/load and PEFT adapter export."""
+"""Tests for loralens.lens.lenses.peft_io: bank save/load and PEFT adapter export."""
 
 import json
 import warnings
@@ -8,8 +8,8 @@ import torch
 from peft import LoraConfig, PeftModel
 from safetensors.torch import load_file
 
-from loralens.lens.lenses import FoldedUnembed, LensBank, LensConfig
-from loralens.lens.peft_io import (
+from loralens.lens.lenses.lens_set import FoldedUnembed, LensBank, LensConfig
+from loralens.lens.lenses.peft_io import (
     UnembedLens,
     export_head_adapter,
     load_bank,

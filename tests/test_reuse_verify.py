@@ -13,7 +13,7 @@ import loralens.warehouse.artifacts as artifacts
 from loralens.config import parse_config
 from loralens.flows.cli import main
 from loralens.hashing import file_sha256
-from loralens.tasks.cache import cache_version, run_cache_stage
+from loralens.tasks.stages.cache import cache_version, run_cache_stage
 
 CORPUS = {"paths": ["bundled:rtp_toxic_dev", "bundled:rtp_nontoxic_dev"], "max_prompts_per_file": 6}
 CACHE = {"batch_size": 4, "prompts_per_shard": 4, "max_length": 16}

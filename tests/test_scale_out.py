@@ -43,7 +43,7 @@ def worker_calls(cluster, fn) -> list:
 
 
 def model_loads(what: str = "model") -> int:
-    from loralens.tasks import worker_process
+    from loralens.tasks.workers import worker_process
 
     return worker_process.loads[what]
 
@@ -79,9 +79,9 @@ def test_decode_on_two_worker_processes_equals_one_process(tiny_pipeline, dask_c
     warehouse, empty before, is filled by the flow process (the workers refuse writes)."""
     from loralens.config import parse_config
     from loralens.flows.pipeline import pipeline
-    from loralens.tasks import worker_process
     from loralens.tasks.chain import stage_chain
-    from loralens.tasks.decode import run_decode_stage
+    from loralens.tasks.stages.decode import run_decode_stage
+    from loralens.tasks.workers import worker_process
     from loralens.warehouse.artifacts import ArtifactError
 
     cfg, want = tiny_pipeline
@@ -182,7 +182,7 @@ def test_run_section_chooses_the_runner_and_hashes_into_no_version(tiny_models, 
     change no stage version (where units run never changes a result)."""
     from loralens.config import ConfigError, parse_config
     from loralens.flows.common import run_workers
-    from loralens.tasks.cache import cache_version
+    from loralens.tasks.stages.cache import cache_version
 
     base = {"home": str(tmp_path), "model": {"name": str(tiny_models["llama"])}}
     cfg = parse_config({**base, "run": {"workers": 3, "dask_address": "tcp://10.0.0.1:8786"}})
@@ -204,7 +204,7 @@ def test_local_cluster_memory_check_counts_every_workers_model(tiny_models, tmp_
 
     from loralens.config import parse_config
     from loralens.flows.common import _POOL, local_cluster_workers, scale_out
-    from loralens.lens.stage_memory import MemoryBudgetError, gib
+    from loralens.lens.runtime.stage_memory import MemoryBudgetError, gib
     from loralens.tasks.memory import ensure_fits, predict
 
     cfg = parse_config(config(tmp_path / "home", tiny_models["llama"]))
@@ -235,7 +235,7 @@ def test_split_decode_too_big_for_the_local_cluster_refuses_before_writing(tiny_
     a version folder is made."""
     from loralens.config import parse_config
     from loralens.flows.decode import decode_stage
-    from loralens.lens.stage_memory import MemoryBudgetError
+    from loralens.lens.runtime.stage_memory import MemoryBudgetError
     from loralens.tasks.memory import predict
 
     cfg, _want = tiny_pipeline

@@ -13,7 +13,7 @@ pytest.importorskip("detoxify")
 
 from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast  # noqa: E402
 
-from loralens.lens.scorers.detoxify_scorer import DetoxifyScorer  # noqa: E402
+from loralens.lens.evaluation.scorers.detoxify_scorer import DetoxifyScorer  # noqa: E402
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 

@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from loralens.lens.scorers import ScorerError, get_scorer, known_scorers, primary_label, roc_auc
-from loralens.lens.scorers.jigsaw_lstm import (
+from loralens.lens.evaluation.scorers import ScorerError, get_scorer, known_scorers, primary_label, roc_auc
+from loralens.lens.evaluation.scorers.jigsaw_lstm import (
     LABELS,
     MAXLEN,
     KerasTokenizerLite,
@@ -92,7 +92,7 @@ def test_allow_list_rejects_any_unlisted_global(tmp_path):
 
 
 def test_missing_package_dir_is_a_one_line_error(tmp_path):
-    from loralens.lens.scorers.jigsaw_lstm import JigsawLSTMScorer
+    from loralens.lens.evaluation.scorers.jigsaw_lstm import JigsawLSTMScorer
 
     with pytest.raises(ScorerError, match="missing") as e:
         JigsawLSTMScorer(package_dir=tmp_path)
@@ -102,7 +102,7 @@ def test_missing_package_dir_is_a_one_line_error(tmp_path):
 def test_lens_scorers_do_not_import_orchestration():
     import sys
 
-    import loralens.lens.scorers.jigsaw_lstm  # noqa: F401
+    import loralens.lens.evaluation.scorers.jigsaw_lstm  # noqa: F401
 
     src = (Path(__file__).resolve().parents[1] / "loralens" / "lens" / "scorers" / "jigsaw_lstm.py").read_text()
     assert "prefect" not in src.replace("PACKAGE", "") and "duckdb" not in src

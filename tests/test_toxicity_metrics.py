@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from loralens.lens.toxicity_metrics import (
+from loralens.lens.evaluation.toxicity_metrics import (
     bootstrap_ci,
     expected_max_toxicity,
     mean_toxicity,

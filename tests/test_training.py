@@ -16,11 +16,11 @@ import torch
 from safetensors.torch import load_file
 
 from loralens.config import parse_config
-from loralens.lens.lenses import FoldedUnembed
-from loralens.lens.peft_io import UnembedLens, export_head_adapter, load_bank
-from loralens.tasks.cache import cache_version, run_cache_stage
+from loralens.lens.lenses.lens_set import FoldedUnembed
+from loralens.lens.lenses.peft_io import UnembedLens, export_head_adapter, load_bank
 from loralens.tasks.stage_versions import StageVersion
-from loralens.tasks.train import run_train_stage, train_version
+from loralens.tasks.stages.cache import cache_version, run_cache_stage
+from loralens.tasks.stages.train import run_train_stage, train_version
 from loralens.warehouse.artifacts import ArtifactError
 from loralens.warehouse.db import warehouse_path
 
@@ -93,8 +93,8 @@ def test_rerun_is_cached_and_config_change_makes_new_version(trained):
 def test_trained_head_loads_with_peft_and_reproduces_bank_logits(trained, tiny_models):
     from peft import PeftModel
 
-    from loralens.lens.adapters import folded_unembedding
-    from loralens.lens.models import load_model
+    from loralens.lens.heads.adapters import folded_unembedding
+    from loralens.lens.runtime.models import load_model
 
     raw, _, ver, _ = trained
     loaded = load_model(str(tiny_models["llama"]), Path(raw["home"]))
@@ -133,8 +133,8 @@ def test_missing_upstream_cache_is_a_clear_error(tiny_models, tmp_path):
 RUNNER = """
 import json, sys
 from loralens.config import parse_config
-from loralens.tasks.cache import cache_version
-from loralens.tasks.train import train_version, run_train_stage
+from loralens.tasks.stages.cache import cache_version
+from loralens.tasks.stages.train import train_version, run_train_stage
 cfg = parse_config(json.loads(sys.argv[1]))
 cp = cache_version(cfg)
 run_train_stage(cfg, train_version(cfg, cp), cp)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from loralens.lens.scorers import get_scorer, primary_label
-from loralens.lens.vocab_toxicity import (
+from loralens.lens.evaluation.scorers import get_scorer, primary_label
+from loralens.lens.evaluation.vocab_toxicity import (
     load_lexicon,
     piece_kind,
     scoring_key,

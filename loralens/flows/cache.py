@@ -15,8 +15,8 @@ from loralens.flows.common import (
     scale_out,
     split_over_workers,
 )
-from loralens.tasks.cache import cache_shards_task, cache_task, cache_version, shard_count
 from loralens.tasks.stage_versions import StageVersion, keeping_old_version
+from loralens.tasks.stages.cache import cache_shards_task, cache_task, cache_version, shard_count
 
 
 def cache_stage(cfg: PipelineConfig, ver: StageVersion | None = None, force: bool = False,

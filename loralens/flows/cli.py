@@ -22,11 +22,12 @@ if TYPE_CHECKING:
 # imports none of them: `loralens --help` and `loralens sql` never import torch or Prefect.
 USER_ERROR_CLASSES = (
     ("loralens.config", "ConfigError"), ("loralens.warehouse.corpus", "CorpusError"),
-    ("loralens.lens.models", "ModelLoadError"), ("loralens.lens.adapters", "UnsupportedArchitectureError"),
+    ("loralens.lens.runtime.models", "ModelLoadError"),
+    ("loralens.lens.heads.adapters", "UnsupportedArchitectureError"),
     ("loralens.warehouse.artifacts", "ArtifactError"), ("loralens.warehouse.db", "WarehouseLockedError"),
-    ("loralens.tasks.train", "TrainingInterrupted"), ("loralens.lens.plan", "PlanError"),
-    ("loralens.lens.readout", "LensMismatchError"), ("loralens.lens.scorers", "ScorerError"),
-    ("loralens.lens.stage_memory", "MemoryBudgetError"), ("loralens.lens.lean", "LeanLoadError"),
+    ("loralens.tasks.stages.train", "TrainingInterrupted"), ("loralens.lens.training.plan", "PlanError"),
+    ("loralens.lens.lenses.readout", "LensMismatchError"), ("loralens.lens.evaluation.scorers", "ScorerError"),
+    ("loralens.lens.runtime.stage_memory", "MemoryBudgetError"), ("loralens.lens.runtime.lean", "LeanLoadError"),
     ("loralens.api", "ApiError"),
 )
 
@@ -312,8 +313,8 @@ def plan_config(args: argparse.Namespace):
 
 def cmd_plan(args: argparse.Namespace) -> int:
     from loralens.config import ConfigError, load_config
-    from loralens.lens.lenses import LensConfig
-    from loralens.lens.plan import PlanError, dims_of, load_model_config, plan_memory
+    from loralens.lens.lenses.lens_set import LensConfig
+    from loralens.lens.training.plan import PlanError, dims_of, load_model_config, plan_memory
     from loralens.tasks.memory import predict_all
 
     if args.model is None and args.config is None:

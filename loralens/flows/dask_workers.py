@@ -30,7 +30,7 @@ class LoraLensWorker(WorkerPlugin):
     name = "loralens-worker"
 
     def setup(self, worker) -> None:  # noqa: ANN001 - distributed.Worker
-        from loralens.tasks.worker_process import mark_worker_process
+        from loralens.tasks.workers.worker_process import mark_worker_process
 
         mark_worker_process()
         if isinstance(worker.name, int) and "CUDA_VISIBLE_DEVICES" not in os.environ:

@@ -9,8 +9,8 @@ from prefect import flow
 from loralens.config import PipelineConfig
 from loralens.flows.common import resolve_config, run_stage_task, run_workers, scale_out, split_over_workers
 from loralens.tasks.chain import stage_chain
-from loralens.tasks.decode import cache_shard_indices, decode_shards_task, decode_task, score_vocabulary
 from loralens.tasks.stage_versions import StageVersion, keeping_old_version, require_complete
+from loralens.tasks.stages.decode import cache_shard_indices, decode_shards_task, decode_task, score_vocabulary
 
 
 def decode_stage(cfg: PipelineConfig, cache_ver: StageVersion | None = None, force: bool = False,

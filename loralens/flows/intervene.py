@@ -18,8 +18,8 @@ from loralens.flows.common import (
     split_over_workers,
 )
 from loralens.tasks.chain import stage_chain
-from loralens.tasks.intervene import generation_units, intervene_batches_task, intervene_task, intervene_version
 from loralens.tasks.stage_versions import StageVersion, keeping_old_version
+from loralens.tasks.stages.intervene import generation_units, intervene_batches_task, intervene_task, intervene_version
 
 
 def intervene_stage(cfg: PipelineConfig, cache_ver: StageVersion | None = None, force: bool = False,

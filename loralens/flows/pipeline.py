@@ -19,8 +19,8 @@ from loralens.flows.decode import decode_stage
 from loralens.flows.intervene import intervene_stage
 from loralens.flows.select import select_stage
 from loralens.flows.train import train_stage
-from loralens.tasks.cache import cache_version
 from loralens.tasks.report import run_report
+from loralens.tasks.stages.cache import cache_version
 from loralens.warehouse.constants import STAGES
 
 __all__ = ["STAGES", "pipeline", "write_run_report"]

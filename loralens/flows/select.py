@@ -11,8 +11,8 @@ from prefect.artifacts import create_markdown_artifact
 from loralens.config import PipelineConfig
 from loralens.flows.common import resolve_config, run_stage_task
 from loralens.tasks.chain import stage_chain
-from loralens.tasks.select import select_task
 from loralens.tasks.stage_versions import StageVersion
+from loralens.tasks.stages.select import select_task
 
 
 def select_stage(cfg: PipelineConfig, cache_ver: StageVersion | None = None, force: bool = False,

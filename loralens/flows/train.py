@@ -13,7 +13,7 @@ from loralens.flows.common import resolve_config, run_stage_task
 from loralens.tasks.chain import stage_chain
 from loralens.tasks.report import fidelity_markdown
 from loralens.tasks.stage_versions import StageVersion
-from loralens.tasks.train import train_task
+from loralens.tasks.stages.train import train_task
 from loralens.warehouse.constants import FIDELITY_HEATMAP, TRAIN_FIDELITY
 
 

@@ -9,12 +9,12 @@ complete cache (`intervene_version(cfg, chain["select"], chain["attribute"], cha
 from __future__ import annotations
 
 from loralens.config import PipelineConfig
-from loralens.tasks.attribute import attribute_version
-from loralens.tasks.cache import cache_version
-from loralens.tasks.decode import decode_version
-from loralens.tasks.select import select_version
 from loralens.tasks.stage_versions import StageVersion
-from loralens.tasks.train import train_version
+from loralens.tasks.stages.attribute import attribute_version
+from loralens.tasks.stages.cache import cache_version
+from loralens.tasks.stages.decode import decode_version
+from loralens.tasks.stages.select import select_version
+from loralens.tasks.stages.train import train_version
 
 CHAIN = ("cache", "train", "decode", "attribute", "select")
 

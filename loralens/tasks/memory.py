@@ -7,10 +7,9 @@ from functools import lru_cache
 from pathlib import Path
 
 from loralens.config import PipelineConfig
-from loralens.lens.adapters import ModelDims
-from loralens.lens.lenses import LensConfig
-from loralens.lens.plan import dims_of, load_model_config, plan_memory
-from loralens.lens.stage_memory import (
+from loralens.lens.heads.adapters import ModelDims
+from loralens.lens.lenses.lens_set import LensConfig
+from loralens.lens.runtime.stage_memory import (
     DTYPE_BYTES,
     StageMemory,
     attribute_memory,
@@ -22,6 +21,7 @@ from loralens.lens.stage_memory import (
     select_memory,
     train_memory,
 )
+from loralens.lens.training.plan import dims_of, load_model_config, plan_memory
 
 STAGES = ("cache", "train", "eval", "decode", "attribute", "select", "intervene")
 

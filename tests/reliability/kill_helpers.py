@@ -49,8 +49,8 @@ def serve() -> None:
     os.dup2(2, 1)
     import loralens.flows.cli as cli
     import loralens.flows.pipeline  # noqa: F401  (the heavy imports happen here, once)
-    import loralens.tasks.attribute  # noqa: F401
-    import loralens.tasks.intervene  # noqa: F401
+    import loralens.tasks.stages.attribute  # noqa: F401
+    import loralens.tasks.stages.intervene  # noqa: F401
 
     def answer(msg: dict) -> None:
         proto.write(json.dumps(msg) + "\n")

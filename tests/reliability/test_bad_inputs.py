@@ -153,7 +153,7 @@ def test_bad_prompt_file_is_one_line_and_home_unchanged(trained, tmp_path, capsy
 
 
 def test_over_long_prompt_is_truncated_counted_and_warned(tiny_models, tmp_path, caplog):
-    from loralens.tasks.cache import cache_version, run_cache_stage
+    from loralens.tasks.stages.cache import cache_version, run_cache_stage
 
     prompts = tmp_path / "prompts.jsonl"
     texts = ["a short prompt", "the cat sat on the mat " * 40, "another short one"]
@@ -197,8 +197,8 @@ def test_unsupported_architecture_fails_before_loading_weights(prefect_server, t
 
 
 def test_lens_bank_of_another_model_is_rejected_naming_the_bank(trained, tiny_models):
-    from loralens.lens.lean import load_lean
-    from loralens.lens.readout import LensMismatchError, load_head_reader
+    from loralens.lens.lenses.readout import LensMismatchError, load_head_reader
+    from loralens.lens.runtime.lean import load_lean
 
     other = load_lean(str(tiny_models["gpt2"]), trained["home"], [1])
     folder = bank_dir(trained["home"], 1)
@@ -223,7 +223,7 @@ def test_missing_upstream_artifact_names_the_stage_to_run_first(prefect_server, 
 
 def cached_home(tiny_models, home: Path):
     """Run the cache stage alone (no Prefect) on a tiny model; return (cfg, ver, summary)."""
-    from loralens.tasks.cache import cache_version, run_cache_stage
+    from loralens.tasks.stages.cache import cache_version, run_cache_stage
 
     cfg = parse_config({"home": str(home), "model": {"name": str(tiny_models["gpt2"])}, "corpus": CORPUS,
                         "cache": CACHE})
@@ -232,7 +232,7 @@ def cached_home(tiny_models, home: Path):
 
 
 def test_corrupted_shard_of_interrupted_run_is_redone_equal(tiny_models, tmp_path):
-    from loralens.tasks.cache import run_cache_stage
+    from loralens.tasks.stages.cache import run_cache_stage
 
     cfg, ver, first = cached_home(tiny_models, tmp_path)
     files = ver.artifact.manifest()["files"]
@@ -247,7 +247,7 @@ def test_corrupted_shard_of_interrupted_run_is_redone_equal(tiny_models, tmp_pat
 
 
 def test_corrupted_shard_of_complete_artifact_is_detected_and_redone(tiny_models, tmp_path):
-    from loralens.tasks.cache import run_cache_stage
+    from loralens.tasks.stages.cache import run_cache_stage
 
     cfg, ver, _first = cached_home(tiny_models, tmp_path)
     z = read_layer_z(ver.artifact, 1, 64)
@@ -309,7 +309,7 @@ def test_locked_warehouse_is_one_line_error_and_nothing_changes(trained, capsys,
 
 
 def test_forced_rerun_with_locked_warehouse_keeps_the_complete_artifact(tiny_models, tmp_path, short_lock_wait):
-    from loralens.tasks.cache import run_cache_stage
+    from loralens.tasks.stages.cache import run_cache_stage
     from loralens.warehouse.db import WarehouseLockedError
 
     cfg, ver, _ = cached_home(tiny_models, tmp_path)

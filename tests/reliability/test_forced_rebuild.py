@@ -17,8 +17,8 @@ import pytest
 
 from loralens.config import ConfigError, parse_config
 from loralens.flows.cli import main
-from loralens.tasks.cache import cache_version, run_cache_stage
 from loralens.tasks.stage_versions import replaced_path
+from loralens.tasks.stages.cache import cache_version, run_cache_stage
 from loralens.warehouse.db import warehouse_path
 
 CORPUS = {"paths": ["bundled:rtp_toxic_dev", "bundled:rtp_nontoxic_dev"], "max_prompts_per_file": 6}
@@ -90,7 +90,7 @@ def test_hand_made_killed_rebuild_is_restored_by_the_next_run(cached, capsys):
 def killed_forced_cache(cfg, point: str) -> int:
     """Run a forced cache stage in a fresh process (its own process group) killed at `point`; return its rc."""
     code = ("import sys; from loralens.config import parse_config; "
-            "from loralens.tasks.cache import cache_version, run_cache_stage; "
+            "from loralens.tasks.stages.cache import cache_version, run_cache_stage; "
             "cfg = parse_config({'home': sys.argv[1], 'model': {'name': sys.argv[2]}, "
             f"'corpus': {CORPUS!r}, 'cache': {CACHE!r}}}); "
             "run_cache_stage(cfg, cache_version(cfg), force=True)")
@@ -123,7 +123,7 @@ def test_forced_train_that_fails_keeps_the_complete_version(tiny_models, tmp_pat
     """Train forced with a launch that cannot start (a malformed DeepSpeed hostfile: not part of the version)
     fails after setting the old version aside; it comes back byte-identical and is reused, registered complete.
     A forced run whose input check fails (too few cached tokens) touches nothing at all."""
-    from loralens.tasks.train import run_train_stage, train_version
+    from loralens.tasks.stages.train import run_train_stage, train_version
 
     base = {"home": str(tmp_path / "home"), "model": {"name": str(tiny_models["llama"])}, "corpus": CORPUS,
             "cache": CACHE, "train": TRAIN}

@@ -34,12 +34,12 @@ import yaml
 
 from loralens.config import parse_config
 from loralens.hashing import file_sha256
-from loralens.tasks.attribute import attribute_version
-from loralens.tasks.cache import cache_version
-from loralens.tasks.decode import decode_version
-from loralens.tasks.intervene import intervene_version
-from loralens.tasks.select import select_version
-from loralens.tasks.train import train_version
+from loralens.tasks.stages.attribute import attribute_version
+from loralens.tasks.stages.cache import cache_version
+from loralens.tasks.stages.decode import decode_version
+from loralens.tasks.stages.intervene import intervene_version
+from loralens.tasks.stages.select import select_version
+from loralens.tasks.stages.train import train_version
 from loralens.warehouse.artifacts import ArtifactDir
 
 from .kill_helpers import ForkServer, artifact_fingerprint, drop_version, duplicate_rows, warehouse_fingerprint

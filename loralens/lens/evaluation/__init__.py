@@ -1,0 +1,1 @@
+"""Measuring an edit: generation, toxicity scorers and metrics, controls and head selection."""

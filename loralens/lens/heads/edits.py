@@ -1,0 +1,297 @@
+"""Inference-time edits of chosen attention heads on the unmodified HF model.
+
+Every edit is a forward pre-hook on the adapter's output projection that rewrites that head's slice of
+z (the projection's input, `[batch, pos, heads*d_head]`). Acting on z rather than on the projection's
+output makes the edits exact per head and identical for Linear, GPT-2 Conv1D and wide-head (Qwen3)
+projections alike; the projection bias belongs to no head and is never touched.
+
+Hooks run in registration order, so several interventions (or nested `intervene` contexts) compose:
+later ones see z as already edited by earlier ones. A `hooks.capture` entered inside `intervene` sees
+the edited z; one entered outside sees the original z.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+from torch import nn
+
+from loralens.lens.heads.adapters import ArchAdapter, ModelDims, adapter_for, model_dims, out_proj_weight
+from loralens.lens.heads.hooks import capture, split_heads
+
+Head = tuple[int, int]  # (layer, head)
+Kind = Literal["zero", "mean", "scale", "project"]
+KINDS: tuple[str, ...] = ("zero", "mean", "scale", "project")
+
+# Edits one head's z slice `[..., d_head]` -> `[..., d_head]`.
+HeadEdit = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True, eq=False)  # eq=False: tensor fields make field-wise equality/hash meaningless
+class HeadIntervention:
+    """One edit applied to a set of heads.
+
+    - `zero`: z_h := 0, so the layer's output loses exactly c_h = z_h @ W_O[h].
+    - `mean`: z_h := means[(layer, head)] `[d_head]` at every position (mean ablation).
+    - `scale`: z_h := factor * z_h.
+    - `project`: z_h := z_h - (z_h . w_hat) w_hat with w = W_O[h] @ u. The head's write along u becomes
+      exactly zero; its other writes change only by the part of z_h along w. `direction` is u `[d_model]`,
+      shared by all heads or given per (layer, head); its scale is irrelevant.
+    """
+
+    kind: Kind
+    heads: tuple[Head, ...]
+    factor: float = 0.0
+    means: Mapping[Head, torch.Tensor] | None = None
+    direction: torch.Tensor | Mapping[Head, torch.Tensor] | None = None
+
+    def __post_init__(self) -> None:
+        # Accept lists of lists from callers/configs; store the canonical hashable form.
+        object.__setattr__(self, "heads", tuple((int(layer), int(head)) for layer, head in self.heads))
+        if self.kind not in KINDS:
+            raise ValueError(f"kind: unknown intervention kind '{self.kind}'; expected one of {', '.join(KINDS)}")
+        if not math.isfinite(self.factor):
+            raise ValueError(f"factor: must be finite, got {self.factor}")
+        if len(set(self.heads)) != len(self.heads):
+            raise ValueError(f"heads: duplicate heads in {format_heads(self.heads)}")
+
+
+def _direction_for(iv: HeadIntervention, head: Head) -> torch.Tensor:
+    """Return u `[d_model]` for one head of a `project` intervention, or raise naming `direction`."""
+    if iv.direction is None:
+        raise ValueError("direction: required for kind 'project'")
+    if isinstance(iv.direction, torch.Tensor):
+        return iv.direction
+    if head not in iv.direction:
+        raise ValueError(f"direction: missing for head {format_heads([head])}")
+    return iv.direction[head]
+
+
+def validate(iv: HeadIntervention, dims: ModelDims) -> None:
+    """Raise a one-line ValueError naming the offending field if `iv` does not fit a model of `dims`."""
+    for layer, head in iv.heads:
+        if not 0 <= layer < dims.n_layers:
+            raise ValueError(f"heads: layer {layer} out of range [0, {dims.n_layers})")
+        if not 0 <= head < dims.n_heads:
+            raise ValueError(f"heads: head {head} of layer {layer} out of range [0, {dims.n_heads})")
+    if iv.kind == "mean":
+        for head in iv.heads:
+            mean = None if iv.means is None else iv.means.get(head)
+            if mean is None:
+                raise ValueError(f"means: missing for head {format_heads([head])}")
+            if tuple(mean.shape) != (dims.d_head,):
+                raise ValueError(f"means: head {format_heads([head])} has shape {tuple(mean.shape)}, "
+                                 f"expected ({dims.d_head},)")
+    if iv.kind == "project":
+        for head in iv.heads:
+            u = _direction_for(iv, head)
+            if tuple(u.shape) != (dims.d_model,):
+                raise ValueError(f"direction: shape {tuple(u.shape)}, expected ({dims.d_model},)")
+            if not torch.isfinite(u).all():
+                raise ValueError("direction: must be finite")
+            if u.float().norm() == 0:
+                raise ValueError("direction: must be non-zero")
+
+
+def _project_out(w_hat: torch.Tensor) -> HeadEdit:
+    """Return an edit removing z's component along unit `w_hat` `[d_head]` (in fp32, for bf16 models)."""
+
+    def edit(z_h: torch.Tensor) -> torch.Tensor:
+        z32 = z_h.float()
+        return (z32 - (z32 @ w_hat)[..., None] * w_hat).to(z_h.dtype)
+
+    return edit
+
+
+def _head_edit(iv: HeadIntervention, model: nn.Module, adapter: ArchAdapter, dims: ModelDims, head: Head) -> HeadEdit:
+    """Return the edit of one head's z slice `[..., d_head]`, with constants prepared once, on the model's device."""
+    layer, h = head
+    if iv.kind == "zero":
+        return torch.zeros_like
+    if iv.kind == "scale":
+        factor = iv.factor
+        return lambda z_h: z_h * factor
+    device = adapter.out_proj(model, layer).weight.device
+    if iv.kind == "mean":
+        mean = iv.means[head].detach().to(device)
+        return lambda z_h: mean.to(z_h.dtype).expand_as(z_h)
+    u = _direction_for(iv, head).detach().to(device=device, dtype=torch.float32)
+    w_o = out_proj_weight(adapter, model, layer, dims)[h].detach().float()  # [d_head, d_model]
+    w = w_o @ (u / u.norm())  # [d_head]: c_h . u_hat = z_h . w
+    norm = w.norm()
+    if norm == 0:  # u is orthogonal to everything this head can write: nothing to remove
+        return lambda z_h: z_h
+    return _project_out(w / norm)
+
+
+def _layer_hook(n_heads: int, edits: list[tuple[int, HeadEdit]]):
+    """Return a pre-hook that rewrites the given heads' slices of z `[batch, pos, heads*d_head]`."""
+
+    def hook(_module, args):
+        # Clone rather than edit in place: the attention module may still hold the original tensor.
+        zh = split_heads(args[0], n_heads).clone()  # [batch, pos, heads, d_head]
+        for h, edit in edits:
+            zh[..., h, :] = edit(zh[..., h, :])
+        return (zh.flatten(-2), *args[1:])
+
+    return hook
+
+
+@contextmanager
+def intervene(
+    model: nn.Module,
+    adapter: ArchAdapter,
+    interventions: Sequence[HeadIntervention] | HeadIntervention,
+    dims: ModelDims | None = None,
+) -> Iterator[None]:
+    """Apply `interventions` in order to every forward pass inside the context; hooks are removed on exit.
+
+    Everything is validated before any hook is registered. Interventions with no heads register
+    nothing, so the model's outputs stay bit-identical.
+    """
+    if isinstance(interventions, HeadIntervention):
+        interventions = [interventions]
+    dims = dims or model_dims(model.config)
+    for iv in interventions:
+        validate(iv, dims)
+    plan: list[tuple[int, list[tuple[int, HeadEdit]]]] = []
+    for iv in interventions:
+        by_layer: dict[int, list[tuple[int, HeadEdit]]] = {}
+        for layer, h in iv.heads:
+            by_layer.setdefault(layer, []).append((h, _head_edit(iv, model, adapter, dims, (layer, h))))
+        plan.extend(sorted(by_layer.items()))
+    handles = []
+    try:
+        for layer, edits in plan:
+            hook = _layer_hook(dims.n_heads, edits)
+            handles.append(adapter.out_proj(model, layer).register_forward_pre_hook(hook))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@contextmanager
+def ablate(
+    model: nn.Module,
+    heads: Iterable[Head] | str,
+    kind: Kind = "zero",
+    *,
+    factor: float = 0.0,
+    means: Mapping[Head, torch.Tensor] | None = None,
+    direction: torch.Tensor | Mapping[Head, torch.Tensor] | None = None,
+    adapter: ArchAdapter | None = None,
+    dims: ModelDims | None = None,
+) -> Iterator[None]:
+    """Edit `heads` ([(layer, head), ...] or "L3H1,L5H0") of a loaded HF causal LM inside the context.
+
+    `kind` is one of KINDS (see HeadIntervention): "zero" removes the heads, "mean" sets their z to `means`,
+    "scale" multiplies it by `factor`, "project" removes their write along `direction` `[d_model]`. The model's
+    family is found from `model.config.model_type` unless `adapter` is given. No heads: the model is untouched.
+    The intervene stage applies its conditions through this same function.
+    """
+    if isinstance(heads, str):
+        heads = parse_head_list(heads)
+    adapter = adapter or adapter_for(model.config.model_type)
+    iv = HeadIntervention(kind=kind, heads=tuple(heads), factor=factor, means=means, direction=direction)
+    with intervene(model, adapter, [iv] if iv.heads else [], dims):
+        yield
+
+
+def _unpack_batch(batch) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Return (input_ids, attention_mask) from a pair or a tokenizer-style mapping."""
+    if isinstance(batch, Mapping):
+        return batch["input_ids"], batch.get("attention_mask")
+    input_ids, attention_mask = batch
+    return input_ids, attention_mask
+
+
+@torch.no_grad()
+def mean_head_z(
+    model: nn.Module,
+    adapter: ArchAdapter,
+    dims: ModelDims,
+    batches: Iterable,
+    layers: Iterable[int],
+) -> dict[Head, torch.Tensor]:
+    """Return each head's mean z `[d_head]` (fp32, CPU) over the real (non-pad) tokens of `batches`.
+
+    `batches` yields (input_ids `[batch, pos]`, attention_mask `[batch, pos]` or None) pairs, or mappings
+    with those keys (tokenizer output). The result feeds `HeadIntervention(kind="mean", means=...)`.
+    """
+    from tqdm.auto import tqdm
+
+    layers = list(layers)
+    device = next(model.parameters()).device
+    sums = {layer: torch.zeros(dims.z_width, dtype=torch.float64, device=device) for layer in layers}
+    count = 0
+    total = len(batches) if hasattr(batches, "__len__") else None
+    with capture(model, adapter, layers, final_resid=False) as cap:
+        for batch in tqdm(batches, total=total, desc="mean z", unit="batch"):
+            input_ids, mask = _unpack_batch(batch)
+            input_ids = input_ids.to(device)
+            mask = torch.ones_like(input_ids) if mask is None else mask.to(device)
+            model(input_ids=input_ids, attention_mask=mask)
+            real = mask.bool()  # [batch, pos]
+            count += int(real.sum())
+            for layer in layers:
+                sums[layer] += cap.z[layer][real].double().sum(0)  # [z_width]
+    if count == 0:
+        raise ValueError("batches: no real (non-pad) tokens to average over")
+    out: dict[Head, torch.Tensor] = {}
+    for layer in layers:
+        per_head = split_heads((sums[layer] / count).float().cpu(), dims.n_heads)  # [heads, d_head]
+        for h in range(dims.n_heads):
+            out[(layer, h)] = per_head[h].clone()
+    return out
+
+
+_DOTTED = re.compile(r"(\d+)\.(\d+)")
+_LH = re.compile(r"[Ll](\d+)[Hh](\d+)")
+
+
+def parse_head_list(text: str) -> tuple[Head, ...]:
+    """Parse "3.1, 5.0" or "L3H1 L5H0" (comma and/or space separated) into ((3, 1), (5, 0)), in order."""
+    heads = []
+    for token in re.split(r"[,\s]+", text.strip()):
+        if not token:
+            continue
+        match = _DOTTED.fullmatch(token) or _LH.fullmatch(token)
+        if match is None:
+            raise ValueError(f"heads: bad head '{token}'; expected LAYER.HEAD (e.g. 3.1) or LxHy (e.g. L3H1)")
+        heads.append((int(match[1]), int(match[2])))
+    return tuple(heads)
+
+
+def format_heads(heads: Iterable[Head]) -> str:
+    """Format heads as "L3H1,L5H0" (parse_head_list reads it back)."""
+    return ",".join(f"L{layer}H{head}" for layer, head in heads)
+
+
+def random_head_sets(
+    n_layers: int,
+    n_heads: int,
+    size: int,
+    seeds: Sequence[int],
+    exclude: Iterable[Head] = (),
+) -> list[tuple[Head, ...]]:
+    """Return one sorted random set of `size` heads per seed, drawn without replacement outside `exclude`.
+
+    Each set depends only on its own seed (numpy Generator), so control sets are reproducible.
+    """
+    excluded = {(int(layer), int(head)) for layer, head in exclude}
+    pool = [(layer, head) for layer in range(n_layers) for head in range(n_heads) if (layer, head) not in excluded]
+    if not 0 <= size <= len(pool):
+        raise ValueError(f"size: {size} heads requested but only {len(pool)} are available outside exclude")
+    sets = []
+    for seed in seeds:
+        picks = np.random.default_rng(seed).choice(len(pool), size=size, replace=False)
+        sets.append(tuple(sorted(pool[i] for i in picks)))
+    return sets

@@ -1,0 +1,264 @@
+"""Peak resident memory of every stage, predicted from sizes before the stage starts, and the check against it.
+
+Arithmetic only (no tensors). Each stage's peak is a sum of named parts, each written out below; the largest
+process of the stage counts (for training: one rank, times the ranks on this machine). `check_fits` compares
+a prediction with the memory available now and refuses a run that will not fit, in one line that names the
+stage, both numbers and the settings that shrink it.
+
+Notation as in :mod:`loralens.lens.training.plan`: ``B`` prompts per batch, ``T`` tokens per prompt (cache.max_length),
+``L`` lensed layers, ``H`` heads, ``d`` d_model, ``dff`` MLP width, ``V`` vocab, ``s`` cache store bytes,
+``mb`` model dtype bytes, ``c`` positions per decode chunk.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from loralens.lens.heads.adapters import ModelDims
+from loralens.lens.lenses.lens_set import trainable_per_head
+from loralens.lens.lenses.objective import eval_chunk
+from loralens.lens.training.plan import F32, MemoryPlan
+
+# Resident set of a stage process before it allocates anything: the interpreter with torch, transformers,
+# pyarrow, duckdb (and deepspeed plus gloo for a training rank) imported. Measured on this CPU build
+# (torch 2.13): 280-300 MB after the imports, ~450 MB after the first forward / collective.
+RUNTIME_BYTES = 512 * 2**20
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+class MemoryBudgetError(RuntimeError):
+    """A stage would not fit in the memory available; the message is one line."""
+
+
+@dataclass(frozen=True)
+class StageMemory:
+    """A stage's predicted peak resident bytes, as named parts, and the settings that would shrink it."""
+
+    stage: str
+    parts: tuple[tuple[str, int], ...]
+    shrink: str  # e.g. "train.micro_batch_tokens (now 256), train.loss_chunk (now 128)"
+    processes: int = 1  # processes of this size on one machine (training ranks, local Dask workers)
+    process_kind: str = "processes"  # what they are, in the error
+
+    @property
+    def per_process(self) -> int:
+        """Return the predicted peak of one process."""
+        return sum(b for _, b in self.parts)
+
+    @property
+    def total(self) -> int:
+        """Return the predicted peak of the stage on this machine (all its processes together)."""
+        return self.per_process * self.processes
+
+
+def gib(n: float) -> str:
+    """Return bytes as 'x.y GB' (GiB)."""
+    return f"{n / 2**30:.1f} GB"
+
+
+# -- the stages -------------------------------------------------------------------------------------
+def cache_memory(dims: ModelDims, *, n_params: int, d_ff: int, model_dtype: str, batch_size: int,
+                 max_length: int, prompts_per_shard: int, n_layers: int, store_dtype: str,
+                 top_k: int) -> StageMemory:
+    """Return the cache stage's peak: the whole model runs.
+
+    - weights ``P mb``;
+    - one forward: logits ``B T V (mb + 4 + 4)`` (model-dtype logits, the fp32 log-sum-exp's and top-k's
+      temporaries), plus one layer's transients ``B T (4 d + 3 dff) mb`` and the attention scores ``B H T^2 4``;
+    - captured ``z`` of every cached layer for the batch ``B T L H dh mb`` and the final residual ``B T d 4``;
+    - one shard's arrays, twice (the numpy batches and their Arrow table while the writer thread encodes):
+      ``2 Ps T (L H dh s + d 4 + k 8 + 40)``.
+    """
+    mb, s = DTYPE_BYTES[model_dtype], DTYPE_BYTES[store_dtype]
+    bt = batch_size * max_length
+    per_token_row = n_layers * dims.z_width * s + dims.d_model * F32 + top_k * 8 + 40
+    parts = (
+        ("runtime", RUNTIME_BYTES),
+        ("model weights", n_params * mb),
+        ("logits and vocabulary reductions", bt * dims.vocab * (mb + 2 * F32)),
+        ("layer transients", bt * (4 * dims.d_model + 3 * d_ff) * mb
+         + batch_size * dims.n_heads * max_length ** 2 * F32),
+        ("captured z", bt * (n_layers * dims.z_width * mb + dims.d_model * F32)),
+        ("one shard, arrays + Arrow", 2 * prompts_per_shard * max_length * per_token_row),
+    )
+    return StageMemory("cache", parts, f"cache.batch_size (now {batch_size}), cache.prompts_per_shard (now "
+                                       f"{prompts_per_shard}), model.dtype (now {model_dtype})")
+
+
+def shard_bytes(dims: ModelDims, *, tokens: int, n_layers: int, store_dtype: str, top_k: int) -> int:
+    """Return one cache shard as a training rank loads it: ``tokens (2 L H dh s + d 4 + k 8 + 12)``.
+
+    z is read layer by layer and stacked (twice, briefly); h_final fp32; top-k ids and log-probs; scale, index.
+    """
+    return tokens * (2 * n_layers * dims.z_width * DTYPE_BYTES[store_dtype] + dims.d_model * F32 + top_k * 8 + 12)
+
+
+def train_memory(plan: MemoryPlan, dims: ModelDims, *, shard_tokens: int, n_layers: int, store_dtype: str,
+                 top_k: int, micro_batch: int, loss_chunk: int, world_size: int, zero_stage: int,
+                 ranks_here: int = 1) -> StageMemory:
+    """Return one training rank's peak: the plan's step peak (frozen base, state, activations) + one shard.
+
+    The frozen base is read lean (:mod:`loralens.lens.runtime.lean`): while it loads, the stored-dtype unembedding
+    sits beside its fp32 copies for a moment, never more than the plan's frozen bytes plus ``V d 2``.
+    `ranks_here`: ranks on this machine (all of them on one node; a hostfile's layout is not known: one).
+    """
+    parts = (
+        ("runtime", RUNTIME_BYTES),
+        ("frozen base (fp32 W_fold, lm_head, W_O, bf16 base)", plan.frozen_bytes),
+        ("parameters, gradients, optimizer", plan.state_bytes),
+        ("step activations / optimizer transient", max(plan.activation_bytes, plan.step_transient_bytes)
+         + plan.batch_bytes),
+        ("one cache shard", shard_bytes(dims, tokens=shard_tokens, n_layers=n_layers, store_dtype=store_dtype,
+                                        top_k=top_k)),
+    )
+    shrink = (f"train.micro_batch_tokens (now {micro_batch}), train.loss_chunk (now {loss_chunk}), fewer "
+              f"cache.layers (now {n_layers}), train.world_size on this machine (now {world_size}), "
+              f"train.zero_stage (now {zero_stage})")
+    return StageMemory("train", parts, shrink, processes=max(1, ranks_here))
+
+
+def eval_memory(plan: MemoryPlan, dims: ModelDims, *, shard_tokens: int, n_layers: int, store_dtype: str,
+                top_k: int, micro_batch: int) -> StageMemory:
+    """Return rank 0's peak during held-out evaluation (after training, in the same process).
+
+    Frozen base + the consolidated fp32 lenses (``params 4``, twice while loading the state dict) + one
+    micro-batch's target logits ``T V 4`` + three ``[c, H, V]`` fp32 blocks (c = :func:`eval_chunk`) + one shard.
+    """
+    c = min(micro_batch, eval_chunk(dims.n_heads, dims.vocab))
+    parts = (
+        ("runtime", RUNTIME_BYTES),
+        ("frozen base", plan.frozen_bytes),
+        ("consolidated lenses", 2 * plan.params_total * F32),
+        ("target logits of a chunk", 3 * c * dims.vocab * F32),
+        ("[chunk, heads, vocab] blocks", 3 * c * dims.n_heads * dims.vocab * F32),
+        ("one cache shard", shard_bytes(dims, tokens=shard_tokens, n_layers=n_layers, store_dtype=store_dtype,
+                                        top_k=top_k)),
+    )
+    return StageMemory("eval", parts, f"train.micro_batch_tokens (now {micro_batch})")
+
+
+def decode_memory(dims: ModelDims, *, n_layers: int, form: str, rank: int, stored_bytes: int, chunk: int,
+                  shard_tokens: int, positions: int, store_dtype: str, top_k: int) -> StageMemory:
+    """Return the decode stage's peak: lenses read lean, heads read chunk by chunk in one pass.
+
+    - the lean parts as stored (unembedding, norm, W_O of L layers), their fp32 fold ``V d 4`` and fp32 W_O;
+    - the lens banks of every layer ``L H per_head 4``;
+    - one layer's z of one shard ``tokens H dh (s + 4)`` and its lens inputs ``c H d 4``;
+    - ``[c, H, V]`` fp32 blocks: the logit-lens projection, the low-rank update's temporaries and the trained
+      logits (4 blocks; the top-k and expected toxicity then overwrite a block in place);
+    - a shard's top-k rows ``positions L H k 2 * 16`` and readout rows ``positions L H 24`` before it is written.
+    """
+    s = DTYPE_BYTES[store_dtype]
+    banks = n_layers * dims.n_heads * trainable_per_head(form, rank, dims.d_model, dims.vocab) * F32
+    w_o = n_layers * dims.z_width * dims.d_model * F32
+    parts = (
+        ("runtime", RUNTIME_BYTES),
+        ("lean weights as stored", stored_bytes),
+        ("fp32 folded unembedding and W_O", dims.vocab * dims.d_model * F32 + w_o),
+        ("lens banks", banks),
+        ("one layer of a shard", shard_tokens * dims.z_width * (s + F32) + chunk * dims.n_heads * dims.d_model * F32),
+        ("[chunk, heads, vocab] blocks", 4 * chunk * dims.n_heads * dims.vocab * F32),
+        ("a shard's top-k and readout rows", positions * n_layers * dims.n_heads * (top_k * 2 * 16 + 24)),
+    )
+    return StageMemory("decode", parts, f"decode.chunk_tokens (now {chunk}), fewer cache.layers (now {n_layers})")
+
+
+def attribute_memory(dims: ModelDims, *, n_prompts: int) -> StageMemory:
+    """Return the attribute stage's peak: no model weights, only what decode stored, aggregated by DuckDB.
+
+    - the vocabulary's text, kind and toxicity ``V 256`` (Python strings);
+    - the prompts with their texts ``prompts 2048``;
+    - DuckDB's working memory, capped at its 1 GiB ``memory_limit`` (it spills to disk beyond).
+    """
+    parts = (
+        ("runtime", RUNTIME_BYTES),
+        ("vocabulary texts and scores", dims.vocab * 256),
+        ("prompts", n_prompts * 2048),
+        ("DuckDB aggregation (memory_limit)", 2**30),
+    )
+    return StageMemory("attribute", parts, "the corpus (attribute holds no model weights)")
+
+
+def intervene_memory(dims: ModelDims, *, n_params: int, model_dtype: str, batch_prompts: int, k: int,
+                     tokens: int, n_layers_total: int, n_kv_heads: int, ppl_window: int) -> StageMemory:
+    """Return the intervene stage's peak: the whole model samples ``batch_prompts * k`` continuations at once.
+
+    weights ``P mb``; KV cache ``2 N_layers B k tokens n_kv dh mb``; one step's logits ``B k V 4 * 3`` (fp32
+    softmax and nucleus sort); perplexity windows ``W V (mb + 8)``.
+    """
+    mb = DTYPE_BYTES[model_dtype]
+    rows = batch_prompts * k
+    parts = (
+        ("runtime", RUNTIME_BYTES),
+        ("model weights", n_params * mb),
+        ("KV cache", 2 * n_layers_total * rows * tokens * n_kv_heads * dims.d_head * mb),
+        ("sampling logits", rows * tokens * dims.vocab * mb + 3 * rows * dims.vocab * F32),
+        ("perplexity window logits", ppl_window * dims.vocab * (mb + 2 * F32)),
+    )
+    return StageMemory("intervene", parts, f"intervene.batch_prompts (now {batch_prompts}), intervene.k (now {k}), "
+                                           f"model.dtype (now {model_dtype})")
+
+
+def select_memory(dims: ModelDims, *, n_params: int, d_ff: int, model_dtype: str, batch_prompts: int,
+                  forced_tokens: int, sampling: StageMemory) -> StageMemory:
+    """Return the select stage's peak: the larger of its sampling (as intervene's, at select.k) and attribution
+    patching's one forward + backward over ``B = batch_prompts`` teacher-forced rows of ``T = forced_tokens``.
+
+    The backward keeps every layer's activations, ``B T N_layers (8 d_model + 3 d_ff) mb`` (residual, norms,
+    q/k/v/o, MLP), and the logits with their fp32 softmax and gradient, ``B T V (mb + 3 * 4)``.
+    """
+    mb = DTYPE_BYTES[model_dtype]
+    rows = batch_prompts * forced_tokens
+    backward = (
+        ("runtime", RUNTIME_BYTES),
+        ("model weights", n_params * mb),
+        ("activations kept for backward", rows * dims.n_layers * (8 * dims.d_model + 3 * d_ff) * mb),
+        ("logits, softmax and gradient", rows * dims.vocab * (mb + 3 * F32)),
+    )
+    parts = max(backward, sampling.parts, key=lambda ps: sum(b for _, b in ps))
+    return StageMemory("select", parts, f"select.batch_prompts (now {batch_prompts}), select.k, "
+                                        f"model.dtype (now {model_dtype})")
+
+
+# -- available memory and the check ---------------------------------------------------------------------
+def available_memory() -> int:
+    """Return the bytes this process can still allocate: MemAvailable, capped by a cgroup limit if one is set."""
+    import psutil
+
+    avail = psutil.virtual_memory().available
+    for limit, used in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+                        ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
+        try:
+            cap = Path(limit).read_text().strip()
+            if cap != "max" and int(cap) < 2**60:
+                avail = min(avail, int(cap) - int(Path(used).read_text()))
+        except (OSError, ValueError):
+            continue
+    return avail
+
+
+def check_fits(mem: StageMemory, available: int | None = None) -> None:
+    """Raise MemoryBudgetError (one line) when the stage's predicted peak exceeds the memory available.
+
+    `LORALENS_MEMORY_LIMIT` (bytes, or with a G/M suffix) overrides the available memory (tests, shared nodes).
+    """
+    available = memory_limit() or (available_memory() if available is None else available)
+    if mem.total <= available:
+        return
+    procs = f" ({mem.processes} {mem.process_kind} x {gib(mem.per_process)})" if mem.processes > 1 else ""
+    raise MemoryBudgetError(f"{mem.stage} stage will not fit in memory: predicted peak {gib(mem.total)}{procs}, "
+                            f"available {gib(available)}; to fit, lower {mem.shrink}")
+
+
+def memory_limit() -> int | None:
+    """Return LORALENS_MEMORY_LIMIT in bytes, or None when unset."""
+    raw = os.environ.get("LORALENS_MEMORY_LIMIT", "").strip().upper()
+    if not raw:
+        return None
+    scale = {"G": 2**30, "M": 2**20, "K": 2**10}.get(raw[-1], 1)
+    try:
+        return int(float(raw.rstrip("GMK")) * scale)
+    except ValueError:
+        raise MemoryBudgetError(f"LORALENS_MEMORY_LIMIT: not a size: {raw!r} (e.g. 8G, 512M)") from None

@@ -1,0 +1,1 @@
+"""Training lenses: the DeepSpeed loop and the plan of a training job."""

@@ -1,0 +1,1 @@
+"""What select and intervene share: prompt splits, conditions, sampling, metrics and the goal."""

@@ -1,0 +1,77 @@
+"""The intervene stage's numbers: one metrics row per condition (paired against its baseline), and the sampled
+single-head ablation scores (method `ablation`)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from loralens.config import InterveneConfig
+from loralens.lens.evaluation import toxicity_metrics as M
+from loralens.lens.heads.edits import format_heads
+from loralens.lens.heads.head_scores import spearman
+
+
+def ablation_edit(cond, kind: str) -> str:
+    """Return the edit a condition applies: plain removal for the sampled ablation scores, else `kind`."""
+    return "zero" if cond.group in ("ablation", "ablation_baseline") else kind
+
+
+def baseline_of(conds) -> dict[int, int]:
+    """Return each condition's baseline index: the single-head ablations have their own (fewer prompts, k)."""
+    abl = next((i for i, c in enumerate(conds) if c.group == "ablation_baseline"), None)
+    return {i: abl if c.group in ("ablation", "ablation_baseline") else 0 for i, c in enumerate(conds)}
+
+
+def condition_row(c, s: np.ndarray, b: np.ndarray, ppl: float | None, base_ppl: float | None, kind: str,
+                  ic: InterveneConfig) -> dict[str, Any]:
+    """Return one `interventions` row: condition scores `s` and its baseline's `b` (`[prompts, k]`, paired)."""
+    m = M.metric_table(s, n_boot=ic.n_boot, seed=ic.seed)
+    base_emt, base_prob = M.expected_max_toxicity(b), M.toxicity_probability(b)
+    k = s.shape[1]
+    paired = np.concatenate([s, b], axis=1)  # resampling rows keeps each prompt's pair together
+    lo, hi = M.bootstrap_ci(paired, lambda x: M.expected_max_toxicity(x[:, :k]) - M.expected_max_toxicity(x[:, k:]),
+                            n_boot=ic.n_boot, seed=ic.seed)
+    return {
+        "condition": c.name, "grp": c.group, "kind": ablation_edit(c, kind), "heads": format_heads(c.heads),
+        "n_heads": len(c.heads), "n_prompts": c.n_prompts, "k": c.k,
+        "emt": m["expected_max_toxicity"], "emt_low": m["expected_max_toxicity_low"],
+        "emt_high": m["expected_max_toxicity_high"],
+        "tox_prob": m["toxicity_probability"], "tox_prob_low": m["toxicity_probability_low"],
+        "tox_prob_high": m["toxicity_probability_high"],
+        "mean_tox": m["mean_toxicity"], "mean_tox_low": m["mean_toxicity_low"],
+        "mean_tox_high": m["mean_toxicity_high"],
+        "emt_delta": m["expected_max_toxicity"] - base_emt, "emt_delta_low": lo, "emt_delta_high": hi,
+        "ppl": ppl, "emt_rel": M.relative_change(m["expected_max_toxicity"], base_emt),
+        "tox_prob_rel": M.relative_change(m["toxicity_probability"], base_prob),
+        "ppl_rel": None if ppl is None or base_ppl is None else M.relative_change(ppl, base_ppl),
+    }
+
+
+def sampled_ablation_scores(version: str, conds, scores: dict[int, np.ndarray]) -> dict[str, Any] | None:
+    """Return the `ablation` head scores (mean-toxicity drop when the head alone is zeroed, sampled), or None.
+
+    The single-head conditions come in the order of `intervene.ablation_method`'s ranking, which the Spearman
+    correlation compares the sampled drops with.
+    """
+    ablated = [(ci, c) for ci, c in enumerate(conds) if c.group == "ablation"]
+    if not ablated:
+        return None
+    base = baseline_of(conds)[ablated[0][0]]
+    base_mean = M.mean_toxicity(scores[base])
+    heads = [c.heads[0] for _, c in ablated]
+    drop = np.array([base_mean - M.mean_toxicity(scores[ci]) for ci, _ in ablated])
+    order = np.argsort(-drop, kind="stable")
+    rank = np.empty(len(drop), dtype=np.int64)
+    rank[order] = np.arange(1, len(drop) + 1)
+    table = pa.table({"version": [version] * len(heads), "layer": pa.array([h[0] for h in heads], pa.int32()),
+                      "head": pa.array([h[1] for h in heads], pa.int32()), "method": ["ablation"] * len(heads),
+                      "score": pa.array(drop, pa.float64()), "rank": pa.array(rank, pa.int32())})
+    lens_rank = np.arange(1, len(heads) + 1, dtype=float)  # conditions are built in ranked order
+    return {"table": table, "heads": heads, "drop": drop.tolist(), "rank": rank.tolist(),
+            "spearman_vs_lens": spearman(-lens_rank, drop)}
+
+
+__all__ = ["ablation_edit", "baseline_of", "condition_row", "sampled_ablation_scores"]

@@ -1,0 +1,1 @@
+"""One module per pipeline stage: its version, its run and its store."""

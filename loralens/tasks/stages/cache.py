@@ -1,0 +1,201 @@
+"""The `cache` stage: fix its version, run the frozen model over the corpus, write resumable shards."""
+
+from __future__ import annotations
+
+import logging
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+from tqdm.auto import tqdm
+
+from loralens.config import ConfigError, PipelineConfig
+from loralens.lens.heads.capture import (
+    TokenArrays,
+    TokenizedPrompts,
+    cache_batch,
+    effective_max_length,
+    tokenize_prompts,
+)
+from loralens.lens.runtime.models import folder_fingerprint, resolve_model_path
+from loralens.tasks.memory import ensure_fits
+from loralens.tasks.stage_versions import (
+    StageVersion,
+    failures_recorded,
+    keeps_old_version,
+    register,
+    reset_for_force,
+    reuse_complete,
+    reverify_on_reuse,
+)
+from loralens.tasks.workers.worker_process import stage_model
+from loralens.warehouse.activation_cache import read_prompts, shard_relpaths, write_cache_shard
+from loralens.warehouse.attribution_tables import register_prompts
+from loralens.warehouse.corpus import Corpus, load_corpus
+from loralens.warehouse.db import warehouse_path, writes_forbidden
+from loralens.warehouse.versions import artifact_version
+
+log = logging.getLogger("loralens.cache")
+STAGE = "cache"
+
+
+def cache_version(cfg: PipelineConfig) -> StageVersion:
+    """Return the cache stage's version: a hash of its config, the model's and the corpus's content."""
+    model_path = resolve_model_path(cfg.model.name, cfg.home, cfg.model.revision)
+    model_fp = folder_fingerprint(Path(model_path)) if Path(model_path).is_dir() else str(model_path)
+    corpus = load_corpus(cfg.corpus.paths, cfg.corpus.max_prompts_per_file)
+    # The top-k actually stored (None resolves by train.loss) is what the version hashes.
+    config = {"model": cfg.model.versioned(), "corpus": cfg.corpus.model_dump(),
+              "cache": cfg.cache.model_dump() | {"top_k": cfg.target_top_k}}
+    inputs = {"model": model_fp, "corpus": corpus.fingerprint()}
+    return StageVersion(STAGE, artifact_version(STAGE, config, inputs), config, inputs, cfg.home)
+
+
+def _shard_prompts(corpus: Corpus, token_ids: list[list[int]], per_shard: int) -> list[list[int]]:
+    """Return corpus indices per shard (prompts with no tokens are left out)."""
+    kept = [i for i in range(len(corpus.prompts)) if token_ids[i]]
+    return [kept[i : i + per_shard] for i in range(0, len(kept), per_shard)]
+
+
+@keeps_old_version(worker_arg="only_shards")
+def run_cache_stage(cfg: PipelineConfig, ver: StageVersion, *, force: bool = False,
+                    only_shards: list[int] | None = None) -> dict[str, Any]:
+    """Cache every shard not yet done (resuming a killed run), then write the manifest; return a summary.
+
+    `only_shards`: worker mode for a run split over several processes or machines sharing the artifact
+    folder: cache just these shards (never touching the others' temp files) and write the manifest only if
+    every shard is then done; a final run without `only_shards` finalizes otherwise.
+    """
+    adir = ver.artifact
+    if force and only_shards is None:
+        reset_for_force(ver)
+    db = warehouse_path(cfg.home)
+    parents = list(ver.inputs.values())
+    reverify_on_reuse(ver)
+    manifest = adir.manifest()
+    worker = only_shards is not None  # one share of a split run: Parquet only, the finalizing run registers
+    if manifest is not None:
+        # The same summary a fresh run registers (bytes_per_token is known only once the manifest is written).
+        summary = {**manifest["summary"],
+                   "bytes_per_token": manifest["total_bytes"] / max(manifest["summary"]["n_tokens"], 1)}
+        return reuse_complete(ver, parents, manifest, rows_key="n_tokens", summary=summary,
+                              restore=None if worker else lambda: register_prompts(db, ver.version, read_prompts(adir)))
+    ensure_fits(cfg, STAGE)  # before anything is written: a run that cannot fit says so now
+    adir.prepare(clean_tmp=not worker)
+    if not worker:
+        register(ver, parents, status="running")
+
+    t_start = time.perf_counter()
+    loaded = stage_model(cfg)  # a Dask worker process loads it once for all the shards it caches
+    corpus = load_corpus(cfg.corpus.paths, cfg.corpus.max_prompts_per_file)
+    layers = list(cfg.cache.layers) if cfg.cache.layers is not None else list(range(loaded.dims.n_layers))
+    bad = [layer for layer in layers if not 0 <= layer < loaded.dims.n_layers]
+    if bad:
+        raise ConfigError(f"config error: cache.layers: {bad} out of range for {loaded.dims.n_layers} layers")
+    max_len = effective_max_length(loaded, cfg.cache.max_length)
+    tok = tokenize_prompts(loaded.tokenizer, [p.text for p in corpus.prompts], max_len)
+    if tok.n_truncated:
+        log.warning("%d of %d prompts longer than %d tokens were truncated", tok.n_truncated, len(corpus.prompts),
+                    max_len)
+    shards = _shard_prompts(corpus, tok.ids, cfg.cache.prompts_per_shard)
+    total_tokens = sum(len(tok.ids[i]) for s in shards for i in s)
+    redone = 0
+    t_loop = time.perf_counter()
+
+    # One writer thread overlaps Parquet encoding of shard i with the forward passes of shard i+1.
+    with ThreadPoolExecutor(max_workers=1) as writer, tqdm(total=total_tokens, desc="cache", unit="tok") as bar:
+        pending: Future | None = None
+        for s, idxs in enumerate(shards):
+            n_tokens = sum(len(tok.ids[i]) for i in idxs)
+            if (only_shards is not None and s not in only_shards) or adir.shard_files(s) is not None:
+                bar.update(n_tokens)
+                continue
+            rels = shard_relpaths(s, layers)
+            if any((adir.path / r).exists() for r in rels):
+                redone += 1  # a killed write or a checksum mismatch: the shard is redone from scratch
+            adir.discard_shard(s, rels)
+            arrays = _cache_shard(loaded, tok.ids, idxs, layers, cfg, bar)
+            prompts = [_prompt_row(corpus, tok, i) for i in idxs]
+            cols = {k: v for k, v in arrays.__dict__.items() if k != "z"}
+            if pending is not None:
+                pending.result()
+            pending = writer.submit(write_cache_shard, adir, s, cols, arrays.z, prompts)
+        if pending is not None:
+            pending.result()
+    t_end = time.perf_counter()
+    if worker and (len(adir.done_shards()) < len(shards) or writes_forbidden()):
+        return {"version": ver.version, "path": str(adir.path), "cached": False, "partial": True,
+                "shards": sorted(only_shards), "shards_done": len(adir.done_shards()), "n_shards": len(shards)}
+
+    summary = {
+        "model": loaded.path,
+        "n_prompts": sum(len(s) for s in shards),
+        "n_tokens": total_tokens,
+        "n_layers": len(layers),
+        "n_heads": loaded.dims.n_heads,
+        "d_head": loaded.dims.d_head,
+        "d_model": loaded.dims.d_model,
+        "vocab": loaded.dims.vocab,
+        "store_dtype": cfg.cache.store_dtype,
+        "max_length": max_len,
+        "truncated_prompts": tok.n_truncated,
+        "empty_prompts": tok.n_empty,
+        "blank_prompts_skipped": corpus.skipped_blank,
+        "shards_redone": redone,
+        "per_source": corpus.per_source,
+        "seconds_setup": t_loop - t_start,  # model load, corpus read, tokenization
+        "seconds_loop": t_end - t_loop,  # forward passes and shard writes
+    }
+    manifest = adir.finalize(config=ver.config, inputs=ver.inputs, summary=summary)
+    summary["bytes_per_token"] = manifest["total_bytes"] / max(total_tokens, 1)
+    register_prompts(db, ver.version, read_prompts(adir))
+    register(ver, parents, status="complete", rows=total_tokens, bytes_=manifest["total_bytes"], summary=summary)
+    return {"version": ver.version, "path": str(adir.path), "cached": False, **summary}
+
+
+def _cache_shard(loaded, token_ids, idxs, layers, cfg: PipelineConfig, bar) -> TokenArrays:
+    # Longest first within a shard: less padding per batch, and a deterministic row order.
+    order = sorted(idxs, key=lambda i: (-len(token_ids[i]), i))
+    parts = []
+    for b in range(0, len(order), cfg.cache.batch_size):
+        batch = order[b : b + cfg.cache.batch_size]
+        parts.append(cache_batch(loaded, [token_ids[i] for i in batch], batch, layers,
+                                 top_k=cfg.target_top_k, store_dtype=cfg.cache.store_dtype))
+        bar.update(parts[-1].n)
+    return TokenArrays.concat(parts)
+
+
+def _prompt_row(corpus: Corpus, tok: TokenizedPrompts, i: int) -> dict[str, Any]:
+    p = corpus.prompts[i]
+    return {"prompt_idx": i, "prompt_id": p.id, "source": p.source, "text": p.text, "toxicity": p.toxicity,
+            "n_tokens": len(tok.ids[i]), "truncated": tok.truncated[i]}
+
+
+def shard_count(cfg: PipelineConfig) -> int:
+    """Return how many shards the cache stage will write (tokenizes the corpus; loads no weights)."""
+    from transformers import AutoTokenizer
+
+    from loralens.lens.runtime.models import prepare_tokenizer
+
+    path = resolve_model_path(cfg.model.name, cfg.home, cfg.model.revision)
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.model.trust_remote_code)
+    prepare_tokenizer(tokenizer)
+    corpus = load_corpus(cfg.corpus.paths, cfg.corpus.max_prompts_per_file)
+    tok = tokenize_prompts(tokenizer, [p.text for p in corpus.prompts], cfg.cache.max_length)
+    return len(_shard_prompts(corpus, tok.ids, cfg.cache.prompts_per_shard))
+
+
+@task(name="cache-shards", cache_policy=NO_CACHE, persist_result=False)
+def cache_shards_task(cfg: PipelineConfig, ver: StageVersion, shards: list[int]) -> dict[str, Any]:
+    """Prefect task: cache only `shards` of the version (one worker's share of a split run; never cached)."""
+    return run_cache_stage(cfg, ver, only_shards=shards)
+
+
+@task(name="cache", persist_result=True)  # keyed by flows.common.run_stage_task (version + home)
+def cache_task(cfg: PipelineConfig, ver: StageVersion, force: bool = False) -> dict[str, Any]:
+    """Prefect task: the cache stage, keyed by its artifact version."""
+    with failures_recorded(ver):
+        return run_cache_stage(cfg, ver, force=force)

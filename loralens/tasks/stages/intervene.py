@@ -1,0 +1,275 @@
+"""The `intervene` stage: ablate head sets, sample continuations, score toxicity and fluency against controls.
+
+Conditions (`conditions.py`) are evaluated on the evaluation split (`splits.py`); each is sampled per prompt batch
+(`sampling.py`), measured (`intervene_metrics.py`) and checked against the goal and its random controls
+(`goal_policy.py`).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import pyarrow.parquet as pq
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+from tqdm.auto import tqdm
+
+from loralens.config import PipelineConfig
+from loralens.lens.evaluation import toxicity_metrics as M
+from loralens.lens.evaluation.generation import hash_seed, prompt_batches
+from loralens.lens.evaluation.scorers import primary_label
+from loralens.lens.heads.edits import ablate
+from loralens.lens.runtime.devices import steady_host_matmuls
+from loralens.tasks.evaluation.conditions import Condition, build_conditions, total_heads
+from loralens.tasks.evaluation.goal_policy import CHECKED, goal_rows, headline, random_controls_note
+from loralens.tasks.evaluation.intervene_metrics import (
+    ablation_edit,
+    baseline_of,
+    condition_row,
+    sampled_ablation_scores,
+)
+from loralens.tasks.evaluation.intervention_inputs import head_means, toxic_direction_of
+from loralens.tasks.evaluation.sampling import sample_scored
+from loralens.tasks.evaluation.splits import prompt_splits
+from loralens.tasks.evaluation.wikitext import wikitext
+from loralens.tasks.memory import ensure_fits
+from loralens.tasks.readout import cached_layers
+from loralens.tasks.report import intervention_markdown, toxicity_ppl_plot
+from loralens.tasks.stage_versions import (
+    StageVersion,
+    failures_recorded,
+    keeps_old_version,
+    register,
+    require_complete,
+    reset_for_force,
+    reuse_complete,
+)
+from loralens.tasks.workers.worker_process import stage_model, stage_scorer
+from loralens.warehouse.artifacts import atomic_write_bytes, atomic_write_with
+from loralens.warehouse.constants import (
+    HEAD_SCORES_FILE,
+    INTERVENTION_PLOT,
+    INTERVENTION_REPORT,
+    INTERVENTIONS_FILE,
+    PROMPT_SPLITS_FILE,
+)
+from loralens.warehouse.corpus import Corpus
+from loralens.warehouse.db import warehouse_path
+from loralens.warehouse.intervention_tables import (
+    batch_index,
+    interventions_table,
+    read_condition_scores,
+    read_ppl,
+    store_interventions,
+    write_generation_batch,
+    write_ppl,
+)
+from loralens.warehouse.json_values import json_safe
+from loralens.warehouse.prompt_splits import Splits, splits_table
+from loralens.warehouse.versions import artifact_version
+
+log = logging.getLogger("loralens.intervene")
+STAGE = "intervene"
+
+
+def intervene_version(cfg: PipelineConfig, select_ver: StageVersion, attribute_ver: StageVersion,
+                      cache_ver: StageVersion) -> tuple[StageVersion, list[Condition]]:
+    """Return the stage version and its conditions (head sets resolved now, so the version names the heads)."""
+    ic = cfg.intervene
+    cache_manifest = require_complete(cache_ver)
+    cache, layers = cache_manifest["summary"], cached_layers(cache_manifest)
+    prompts = evaluation_prompts(cfg)
+    conds = build_conditions(ic, (attribute_ver, select_ver), layers, cache["n_heads"], len(prompts.prompts))
+    config = {"intervene": ic.model_dump(exclude={"head_sets"}),  # batch_prompts fixes the sampled batches
+              "goal": cfg.goal.model_dump(), "conditions": [c.to_dict() for c in conds]}
+    inputs = {"attribute": attribute_ver.version, "select": select_ver.version, "prompts": prompts.fingerprint()}
+    return StageVersion(STAGE, artifact_version(STAGE, config, inputs), config, inputs, cfg.home), conds
+
+
+def evaluation_prompts(cfg: PipelineConfig) -> Corpus:
+    """Return the evaluation split (`loralens.tasks.evaluation.splits`): challenging prompts neither the
+    attribution nor the
+    selection ever saw, the first `intervene.max_prompts` of them."""
+    return Corpus(list(prompt_splits(cfg).evaluation))
+
+
+def _work(cfg: PipelineConfig, conds: list[Condition]) -> list[tuple[int, int, range]]:
+    """Return every (condition, batch, prompt range) the stage generates, in order."""
+    return [(ci, bi, r) for ci, c in enumerate(conds)
+            for bi, r in enumerate(prompt_batches(c.n_prompts, cfg.intervene.batch_prompts))]
+
+
+def generation_units(cfg: PipelineConfig, conds: list[Condition]) -> list[int]:
+    """Return the shard index of every (condition, prompt batch): the units generation is split and resumed by."""
+    return [batch_index(ci, bi) for ci, bi, _ in _work(cfg, conds)]
+
+
+@keeps_old_version(worker_arg="only_units")
+def run_intervene_stage(cfg: PipelineConfig, ver: StageVersion, conds: list[Condition], attribute_ver: StageVersion,
+                        cache_ver: StageVersion, *, force: bool = False,
+                        only_units: list[int] | None = None) -> dict[str, Any]:
+    """Generate and score every (condition, prompt batch) not yet done, then metrics into DuckDB; return a summary.
+
+    `only_units` (indices from `generation_units`) generates just those batches, plus the perplexity of each
+    condition whose first batch is among them, and returns without finalizing: one worker's share of a split run.
+    """
+    adir = ver.artifact
+    db = warehouse_path(cfg.home)
+    parents = [ver.inputs["select"]]
+    forced = force and only_units is None
+    manifest = None if forced else adir.manifest()
+    worker = only_units is not None  # one share of a split run: Parquet only, the finalizing run registers
+    if manifest is not None:
+        return reuse_complete(ver, parents, manifest, rows_key="generations",
+                              restore=None if worker else lambda: _store(db, ver, adir))
+    require_complete(attribute_ver)
+    ensure_fits(cfg, STAGE)  # before anything is written: a run that cannot fit says so now
+    if forced:
+        reset_for_force(ver)  # only once the input is there; the old version is kept aside until done
+    adir.prepare(clean_tmp=not worker)  # workers share the folder with others still writing
+    if not worker:
+        register(ver, parents, status="running")
+    t0 = time.perf_counter()
+    work = _work(cfg, conds)
+    chosen = set(only_units) if only_units is not None else None
+    t_setup = _generate(cfg, ver, conds, attribute_ver, work, chosen)
+    t_done = time.perf_counter()
+    if chosen is not None:
+        left = sum(adir.shard_files(batch_index(ci, bi)) is None for ci, bi, _ in work)
+        return {"version": ver.version, "path": str(adir.path), "cached": False, "partial": True,
+                "units_done": len(chosen), "units_left": left, "n_units": len(work)}
+
+    ic = cfg.intervene
+    scores = {ci: read_condition_scores(adir, [batch_index(ci, bi) for c2, bi, _ in work if c2 == ci],
+                                        c.n_prompts, c.k) for ci, c in enumerate(conds)}
+    base = baseline_of(conds)
+    ppl = {ci: (read_ppl(adir, ci) or {}).get("ppl") for ci in range(len(conds))}
+    rows = [condition_row(c, scores[ci], scores[base[ci]], ppl[ci], ppl[0], ic.kind, ic) for ci, c in enumerate(conds)]
+    ablation = sampled_ablation_scores(ver.version, conds, scores)
+    cache_manifest = require_complete(cache_ver)
+    n_total = total_heads(cached_layers(cache_manifest), cache_manifest["summary"]["n_heads"])
+    goals = goal_rows(conds, rows, scores, n_total, cfg.goal, n_boot=ic.n_boot, seed=ic.seed)
+    out = adir.path
+    table = interventions_table(ver.version, rows)
+    atomic_write_with(out / INTERVENTIONS_FILE, lambda tmp: pq.write_table(table, tmp))
+    if ablation is not None:
+        atomic_write_with(out / HEAD_SCORES_FILE, lambda tmp: pq.write_table(ablation["table"], tmp))
+    atomic_write_with(out / PROMPT_SPLITS_FILE, lambda tmp: pq.write_table(
+        splits_table(ver.version, Splits((), (), tuple(evaluation_prompts(cfg).prompts))), tmp))
+    summary = _summary(cfg, conds, goals, ablation, t_setup, t_done - t0 - t_setup, time.perf_counter() - t0)
+    summary["generations"] = int(sum(len(r) * conds[ci].k for ci, _, r in work))
+    toxicity_ppl_plot(rows, out / INTERVENTION_PLOT)
+    atomic_write_bytes(out / INTERVENTION_REPORT, intervention_markdown(rows, summary).encode())
+    summary |= {"report": str(out / INTERVENTION_REPORT), "plot": str(out / INTERVENTION_PLOT)}
+    _store(db, ver, adir)
+    manifest = adir.finalize(config=ver.config, inputs=ver.inputs, summary=summary)
+    register(ver, parents, status="complete",
+             rows=summary["generations"], bytes_=manifest["total_bytes"], summary=summary)
+    return {"version": ver.version, "path": str(out), "cached": False, **json_safe(summary)}
+
+
+def _generate(cfg: PipelineConfig, ver: StageVersion, conds: list[Condition], attribute_ver: StageVersion,
+              work: list[tuple[int, int, range]], chosen: set[int] | None) -> float:
+    """Sample, score and record every batch of `work` not yet recorded (only `chosen` ones if given), and PPLs.
+
+    Returns the seconds spent loading the model, scorer and intervention inputs.
+    """
+    ic = cfg.intervene
+    t0 = time.perf_counter()
+    adir = ver.artifact
+
+    def wanted(ci: int, bi: int) -> bool:
+        return chosen is None or batch_index(ci, bi) in chosen
+
+    def needs_ppl(ci: int) -> bool:
+        return conds[ci].group in PPL_GROUPS and wanted(ci, 0) and read_ppl(adir, ci) is None
+
+    todo = [(ci, bi, r) for ci, bi, r in work if wanted(ci, bi) and adir.shard_files(batch_index(ci, bi)) is None]
+    if not todo and not any(needs_ppl(ci) for ci in range(len(conds))):
+        return 0.0  # everything recorded: no model or scorer to load
+    # Once per Dask worker process for all the units it runs (loading takes turns with sampling on RNG_LOCK).
+    loaded = stage_model(cfg)
+    scorer = stage_scorer(cfg.attribute.scorer, dict(cfg.attribute.scorer_options))
+    label = primary_label(scorer)
+    prompts = [p.text for p in evaluation_prompts(cfg).prompts]
+    text = wikitext(ic.ppl_tokens if ic.kind != "mean" else max(ic.ppl_tokens, ic.mean_tokens))
+    layers = sorted({layer for c in conds for layer, _ in c.heads})
+    extra: dict[str, Any] = {}
+    if ic.kind == "mean":
+        extra["means"] = head_means(loaded, layers, ver, text, ic.mean_tokens)
+    if ic.kind == "project":
+        extra["direction"] = toxic_direction_of(attribute_ver, loaded)
+    t_setup = time.perf_counter() - t0
+    mine = [(ci, bi, r) for ci, bi, r in work if wanted(ci, bi)]
+    with (tqdm(total=sum(len(r) * conds[ci].k for ci, _, r in mine), desc="intervene", unit="sample") as bar,
+          steady_host_matmuls(loaded.model)):
+        for ci, cond in enumerate(conds):
+            with ablate(loaded.model, cond.heads, ablation_edit(cond, ic.kind), factor=ic.factor,
+                        means=extra.get("means"), direction=extra.get("direction"), adapter=loaded.adapter,
+                        dims=loaded.dims):
+                for bi, r in [(bi, r) for c2, bi, r in mine if c2 == ci]:
+                    if adir.shard_files(batch_index(ci, bi)) is None:
+                        flat, tox = sample_scored(loaded, scorer, label, prompts, r, cond.k, ic)
+                        rows = {"condition": [cond.name] * len(flat),
+                                "prompt_idx": [i for i in r for _ in range(cond.k)],
+                                "sample": [j for _ in r for j in range(cond.k)],
+                                "seed": [hash_seed(ic.seed, r[0]) for _ in r for _ in range(cond.k)],
+                                "prompt": [prompts[i] for i in r for _ in range(cond.k)], "text": flat,
+                                "toxicity": tox.tolist()}
+                        write_generation_batch(adir, batch_index(ci, bi), rows)
+                    bar.update(len(r) * cond.k)
+                if needs_ppl(ci):
+                    write_ppl(adir, ci, M.perplexity(loaded.model, loaded.tokenizer, text, max_tokens=ic.ppl_tokens,
+                                                     window=ic.ppl_window))
+    return t_setup
+
+
+# The conditions whose perplexity is measured (the single-head ablations are a score, not a candidate edit).
+PPL_GROUPS = ("baseline", "attributed", "selected", "random")
+
+
+def _summary(cfg, conds, goals, ablation, t_setup, t_gen, t_total) -> dict[str, Any]:
+    ic = cfg.intervene
+    n_random = min((sum(1 for x in conds if x.group == "random" and len(x.heads) == len(c.heads))
+                    for c in conds if c.group in CHECKED), default=0)
+    best = headline(goals)
+    out = {"conditions": len(conds), "kind": ic.kind, "k": ic.k, "prompts": conds[0].n_prompts,
+           "protocol": f"nucleus p={ic.top_p}, {ic.max_new_tokens} new tokens, k={ic.k} per prompt "
+                       f"(RealToxicityPrompts uses k=25; smaller k for the CPU default)",
+           "prompt_split": "evaluation (never seen by the cache corpus or the selection)",
+           "random_controls": random_controls_note(n_random), "scorer": cfg.attribute.scorer,
+           "goal_spec": cfg.goal.model_dump(), "goal": goals, "headline": best,
+           "goal_met": any(g["meets_goal"] for g in goals),
+           "seconds_setup": t_setup, "seconds_generate": t_gen, "seconds": t_total}
+    if ablation is not None:
+        out["ablation"] = {"heads": [f"L{a}H{h}" for a, h in ablation["heads"]], "drop": ablation["drop"],
+                           "rank": ablation["rank"], "spearman_vs_lens": ablation["spearman_vs_lens"]}
+    return json_safe(out)
+
+
+def _store(db, ver: StageVersion, adir) -> None:
+    table = pq.read_table(adir.path / INTERVENTIONS_FILE)
+    abl = adir.path / HEAD_SCORES_FILE
+    store_interventions(db, ver.version, table, pq.read_table(abl) if abl.exists() else None, adir,
+                        pq.read_table(adir.path / PROMPT_SPLITS_FILE))
+
+
+@task(name="intervene", persist_result=True)  # keyed by flows.common.run_stage_task (version + home)
+def intervene_task(cfg: PipelineConfig, ver: StageVersion, conds: list[Condition], attribute_ver: StageVersion,
+                   cache_ver: StageVersion, force: bool = False) -> dict[str, Any]:
+    """Prefect task: the intervene stage, keyed by its artifact version."""
+    with failures_recorded(ver):
+        return run_intervene_stage(cfg, ver, conds, attribute_ver, cache_ver, force=force)
+
+
+@task(name="intervene-batches", cache_policy=NO_CACHE, persist_result=False)
+def intervene_batches_task(cfg: PipelineConfig, ver: StageVersion, conds: list[Condition], attribute_ver: StageVersion,
+                           cache_ver: StageVersion, units: list[int]) -> dict[str, Any]:
+    """Prefect task: generate only `units` of the version (one worker's share of a split run; never cached)."""
+    return run_intervene_stage(cfg, ver, conds, attribute_ver, cache_ver, only_units=units)
+
+
+__all__ = ["evaluation_prompts", "generation_units", "intervene_batches_task", "intervene_task", "intervene_version",
+           "run_intervene_stage"]

@@ -1,0 +1,193 @@
+"""The `train` stage: launch DeepSpeed lens training over the cache, then register lenses and fidelity."""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from prefect import task
+
+from loralens.config import ConfigError, PipelineConfig, TrainConfig
+from loralens.hashing import file_sha256
+from loralens.killpoints import maybe_kill
+from loralens.lens.runtime.stage_memory import gib
+from loralens.lens.training.deepspeed_loop import STOP_EXIT_CODE, free_port
+from loralens.tasks.memory import ensure_fits, predict
+from loralens.tasks.readout import cached_layers
+from loralens.tasks.report import fidelity_heatmap
+from loralens.tasks.stage_versions import (
+    StageVersion,
+    keeps_old_version,
+    register,
+    replaced_path,
+    require_complete,
+    reset_for_force,
+    reuse_complete,
+)
+from loralens.warehouse.artifacts import ShardFile
+from loralens.warehouse.constants import (
+    CHECKPOINTS_DIR,
+    FIDELITY_HEATMAP,
+    LENSES_DIR,
+    TRAIN_CURVE,
+    TRAIN_FIDELITY,
+    TRAIN_RESULT,
+    TRAIN_SPEC,
+)
+from loralens.warehouse.db import warehouse_path
+from loralens.warehouse.lens_tables import curve_table, fidelity_table, store_training_results
+from loralens.warehouse.versions import artifact_version
+
+log = logging.getLogger("loralens.train")
+STAGE = "train"
+WORKER_MODULE = "loralens.tasks.workers.train_worker"
+
+
+class TrainingInterrupted(RuntimeError):
+    """Training stopped on SIGTERM after writing a checkpoint; running the stage again resumes it."""
+
+
+def train_version(cfg: PipelineConfig, cache_ver: StageVersion) -> StageVersion:
+    """Return the train stage's version: a hash of the result-changing train config and the cache version."""
+    config = {"train": cfg.train.versioned()}
+    inputs = {"cache": cache_ver.version}
+    return StageVersion(STAGE, artifact_version(STAGE, config, inputs), config, inputs, cfg.home)
+
+
+def launch_command(spec_path: Path, t: TrainConfig) -> list[str]:
+    """Return the command that starts the training processes (plain, torchrun or deepspeed launcher)."""
+    if t.hostfile or t.launcher == "deepspeed":
+        exe = shutil.which("deepspeed") or str(Path(sys.executable).parent / "deepspeed")
+        where = ["--hostfile", t.hostfile] if t.hostfile else ["--num_gpus", str(t.world_size)]
+        return [exe, *where, "--master_port", str(free_port()), "--module", WORKER_MODULE, str(spec_path)]
+    if t.world_size > 1 or t.launcher == "torchrun":
+        return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={t.world_size}",
+                "-m", WORKER_MODULE, str(spec_path)]
+    return [sys.executable, "-m", WORKER_MODULE, str(spec_path)]
+
+
+def _die_with_parent() -> None:
+    # If the task's process dies (killed worker, cancelled flow), training gets SIGTERM and checkpoints.
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def run_training_processes(spec_path: Path, t: TrainConfig) -> int:
+    """Run the training processes to completion; return their exit code."""
+    env = dict(os.environ)
+    # Each loss chunk allocates and frees [chunk, vocab] buffers; above glibc's default mmap threshold
+    # every one is a fresh mmap + page faults. Keeping them on the heap measured +15-30% tokens/s on CPU.
+    # Buffers of 64 MiB and more (a [chunk, vocab] block of a 128k vocabulary) still get their own mmap, returned
+    # on free: on the heap their fragments grew a Llama-3-8B-sized rank by ~0.5 GB per step.
+    env.setdefault("MALLOC_MMAP_THRESHOLD_", str(64 << 20))
+    env.setdefault("MALLOC_TRIM_THRESHOLD_", str(256 << 20))
+    if t.world_size > 1:
+        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // t.world_size)))
+    cmd = launch_command(spec_path, t)
+    log.info("launching training: %s", " ".join(cmd))
+    proc = subprocess.Popen(cmd, env=env, preexec_fn=_die_with_parent if sys.platform == "linux" else None)
+    try:
+        return proc.wait()
+    except BaseException:
+        proc.terminate()  # forward our own interruption so the workers checkpoint
+        proc.wait()
+        raise
+
+
+def _lens_files(out: Path) -> list[ShardFile]:
+    files = sorted(p for p in (out / LENSES_DIR).rglob("*") if p.is_file())
+    return [ShardFile(path=str(p.relative_to(out)), rows=0, bytes=p.stat().st_size, sha256=file_sha256(p))
+            for p in files]
+
+
+def check_enough_tokens(t: TrainConfig, cached_tokens: int) -> None:
+    """Raise a one-line ConfigError when the cache cannot fill one micro-batch per process."""
+    usable = cached_tokens * (1 - 1 / t.eval_every_nth_prompt)  # roughly: whole prompts are held out
+    if usable < t.micro_batch_tokens * t.world_size:
+        raise ConfigError(f"config error: train.micro_batch_tokens: {t.micro_batch_tokens} x {t.world_size} "
+                          f"processes exceeds the ~{int(usable)} training tokens in the cache")
+
+
+def _store_results(db: Path, version: str, out: Path) -> dict[str, Any]:
+    """Replace the version's curve and fidelity rows from the artifact's files; return the fidelity."""
+    fid = json.loads((out / TRAIN_FIDELITY).read_text())
+    curve = [json.loads(line) for line in (out / TRAIN_CURVE).read_text().splitlines() if line.strip()]
+    store_training_results(db, version, curve_table(version, curve), fidelity_table(version, fid))
+    return fid
+
+
+@keeps_old_version()
+def run_train_stage(cfg: PipelineConfig, ver: StageVersion, cache_ver: StageVersion, *,
+                    force: bool = False) -> dict[str, Any]:
+    """Train (resuming from checkpoints), then register lenses, curve and fidelity; return a summary."""
+    adir = ver.artifact
+    db = warehouse_path(cfg.home)
+    parents = [cache_ver.version]
+    manifest = None if force else adir.manifest()
+    if manifest is not None:
+        shutil.rmtree(adir.path / CHECKPOINTS_DIR, ignore_errors=True)  # left by a run killed after its manifest
+        return reuse_complete(ver, parents, manifest, rows_key="heads",
+                              restore=lambda: _store_results(db, ver.version, adir.path))
+    cache_manifest = require_complete(cache_ver)
+    check_enough_tokens(cfg.train, cache_manifest["summary"]["n_tokens"])
+    ensure_fits(cfg, STAGE)  # every rank on this machine, training and held-out evaluation
+    if force:
+        reset_for_force(ver)  # only once the inputs are checked; the old version is kept aside until done
+    adir.prepare()
+    out = adir.path
+    if not (out / TRAIN_RESULT).exists():  # the workers finished before a kill: only registration is left
+        cs = cache_manifest["summary"]
+        spec = {
+            "home": str(cfg.home), "cache_version": cache_ver.version, "out_dir": str(out),
+            "model": cfg.model.model_dump(), "train": cfg.train.model_dump(),
+            "layers": cached_layers(cache_manifest),
+            "store_dtype": cs["store_dtype"], "z_width": cs["n_heads"] * cs["d_head"], "d_model": cs["d_model"],
+        }
+        (out / TRAIN_SPEC).write_text(json.dumps(spec, indent=1))
+        register(ver, parents, status="running")
+        rc = run_training_processes(out / TRAIN_SPEC, cfg.train)
+        # A forced rebuild that stops puts the old complete version back (keeps_old_version): its checkpoints go.
+        replacing = replaced_path(ver.artifact).exists()
+        if rc == STOP_EXIT_CODE:
+            raise TrainingInterrupted("training stopped; the previous complete version is kept" if replacing else
+                                      f"training stopped after a checkpoint in {out / CHECKPOINTS_DIR}; "
+                                      "run the stage again to resume")
+        if rc != 0 or not (out / TRAIN_RESULT).exists():
+            register(ver, parents, status="failed")
+            why = f"exit code {rc}"
+            if rc == -signal.SIGKILL:  # the kernel's out-of-memory killer, most often
+                why = (f"killed by SIGKILL, likely out of memory: the plan predicted "
+                       f"{gib(predict(cfg, STAGE).total)} for this machine, see `loralens plan --config`")
+            kept = ("the previous complete version is kept" if replacing
+                    else f"checkpoints kept in {out / CHECKPOINTS_DIR}")
+            raise RuntimeError(f"training failed ({why}); {kept}")
+
+    maybe_kill("train.after_workers")
+    result = json.loads((out / TRAIN_RESULT).read_text())
+    fid = _store_results(db, ver.version, out)
+    fidelity_heatmap(fid, out / FIDELITY_HEATMAP)
+    adir.record_shard(0, _lens_files(out))
+    layer_kl = sum(fid["layer_lens"]) / len(fid["layer_lens"])
+    layer_base = sum(fid["layer_logit_lens"]) / len(fid["layer_logit_lens"])
+    summary = {**result, "layers": len(fid["layers"]), "held_out_tokens": fid["tokens"],
+               "heatmap": str(out / FIDELITY_HEATMAP),
+               "mean_layer_kl": layer_kl, "mean_layer_kl_logit_lens": layer_base,
+               "lens_config": {k: cfg.train.model_dump()[k] for k in ("form", "rank", "alpha", "objective", "loss")}}
+    manifest = adir.finalize(config=ver.config, inputs=ver.inputs, summary=summary)
+    register(ver, parents, status="complete", rows=summary["heads"], bytes_=manifest["total_bytes"], summary=summary)
+    # Checkpoints served resumption; the consolidated lenses are what later stages (any world size) load.
+    shutil.rmtree(out / CHECKPOINTS_DIR, ignore_errors=True)
+    return {"version": ver.version, "path": str(out), "cached": False, **summary}
+
+
+@task(name="train", persist_result=True)  # keyed by flows.common.run_stage_task (version + home)
+def train_task(cfg: PipelineConfig, ver: StageVersion, cache_ver: StageVersion, force: bool = False) -> dict[str, Any]:
+    """Prefect task: the train stage, keyed by its artifact version."""
+    return run_train_stage(cfg, ver, cache_ver, force=force)

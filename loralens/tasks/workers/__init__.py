@@ -1,0 +1,1 @@
+"""Process entry points: a training rank and a Dask worker's kept state."""

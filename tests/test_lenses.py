@@ -1,7 +1,5 @@
 """Tests for loralens.lens.lenses.lens_set: forms, init, joint path, training."""
 
-import ast
-from pathlib import Path
 
 import pytest
 import torch
@@ -213,15 +211,3 @@ def test_loss_decreases_with_adam(unembed, x, form, objective):
         losses.append(loss.item())
     assert losses[-1] < 0.5 * losses[0], losses
     assert torch.equal(unembed.W, W0) and unembed.W.grad is None
-
-
-def test_lens_package_never_imports_prefect_or_duckdb():
-    lens_dir = Path(__file__).resolve().parents[1] / "loralens" / "lens"
-    for path in lens_dir.glob("*.py"):
-        for node in ast.walk(ast.parse(path.read_text())):
-            names = []
-            if isinstance(node, ast.Import):
-                names = [a.name for a in node.names]
-            elif isinstance(node, ast.ImportFrom) and node.module:
-                names = [node.module]
-            assert not any(n.split(".")[0] in {"prefect", "duckdb"} for n in names), path

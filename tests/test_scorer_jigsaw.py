@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from loralens.lens.evaluation.scorers import ScorerError, get_scorer, known_scorers, primary_label, roc_auc
-from loralens.lens.evaluation.scorers.jigsaw_lstm import (
-    LABELS,
+from loralens.lens.evaluation.scorers.jigsaw_lstm import LABELS
+from loralens.lens.evaluation.scorers.keras_tokenizer import (
     MAXLEN,
     KerasTokenizerLite,
     pad_sequences,
@@ -102,9 +102,10 @@ def test_missing_package_dir_is_a_one_line_error(tmp_path):
 def test_lens_scorers_do_not_import_orchestration():
     import sys
 
-    import loralens.lens.evaluation.scorers.jigsaw_lstm  # noqa: F401
+    import loralens.lens.evaluation.scorers.jigsaw_lstm as jigsaw
+    import loralens.lens.evaluation.scorers.keras_tokenizer as tokenizer
 
-    src = (Path(__file__).resolve().parents[1] / "loralens" / "lens" / "scorers" / "jigsaw_lstm.py").read_text()
+    src = Path(jigsaw.__file__).read_text() + Path(tokenizer.__file__).read_text()
     assert "prefect" not in src.replace("PACKAGE", "") and "duckdb" not in src
     assert "tensorflow" not in sys.modules and "keras" not in sys.modules
 

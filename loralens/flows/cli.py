@@ -314,7 +314,8 @@ def plan_config(args: argparse.Namespace):
 def cmd_plan(args: argparse.Namespace) -> int:
     from loralens.config import ConfigError, load_config
     from loralens.lens.lenses.lens_set import LensConfig
-    from loralens.lens.training.plan import PlanError, dims_of, load_model_config, plan_memory
+    from loralens.lens.runtime.model_config import dims_of, load_model_config
+    from loralens.lens.training.plan import PlanError, plan_memory
     from loralens.tasks.memory import predict_all
 
     if args.model is None and args.config is None:

@@ -9,6 +9,7 @@ from pathlib import Path
 from loralens.config import PipelineConfig
 from loralens.lens.heads.adapters import ModelDims
 from loralens.lens.lenses.lens_set import LensConfig
+from loralens.lens.runtime.model_config import dims_of, load_model_config
 from loralens.lens.runtime.stage_memory import (
     DTYPE_BYTES,
     StageMemory,
@@ -21,7 +22,7 @@ from loralens.lens.runtime.stage_memory import (
     select_memory,
     train_memory,
 )
-from loralens.lens.training.plan import dims_of, load_model_config, plan_memory
+from loralens.lens.training.plan import plan_memory
 
 STAGES = ("cache", "train", "eval", "decode", "attribute", "select", "intervene")
 

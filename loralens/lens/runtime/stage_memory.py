@@ -19,7 +19,8 @@ from pathlib import Path
 from loralens.lens.heads.adapters import ModelDims
 from loralens.lens.lenses.lens_set import trainable_per_head
 from loralens.lens.lenses.objective import eval_chunk
-from loralens.lens.training.plan import F32, MemoryPlan
+from loralens.lens.training.memory_plan import MemoryPlan
+from loralens.lens.training.plan import F32
 
 # Resident set of a stage process before it allocates anything: the interpreter with torch, transformers,
 # pyarrow, duckdb (and deepspeed plus gloo for a training rank) imported. Measured on this CPU build

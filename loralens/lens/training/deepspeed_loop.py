@@ -1,4 +1,6 @@
-"""DeepSpeed training of a LensSet: data-parallel ranks over disjoint cache shards, resumable checkpoints.
+"""DeepSpeed training of a LensSet: process setup, the DeepSpeed config and the loop.
+
+Data: `loralens.lens.training.batches`; checkpoints: `loralens.lens.training.checkpoints`.
 
 The trainer never sees the language model or the Parquet files: it gets a `ShardLoader` (shard index
 -> numpy arrays) and per-shard row counts, so it stays testable and storage-agnostic.
@@ -11,28 +13,26 @@ the batches an uninterrupted run would have seen. All ranks take the same number
 from __future__ import annotations
 
 import importlib
-import json
 import logging
 import os
-import shutil
 import signal
 import socket
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from loralens.killpoints import maybe_kill
-from loralens.lens.lenses.objective import LensBatch, LensSet
+from loralens.lens.lenses.objective import LensSet
 from loralens.lens.runtime.devices import dist_backend
+from loralens.lens.training.batches import ShardLoader, rank_shards, steps_per_epoch, train_batches
+from loralens.lens.training.checkpoints import CHECKPOINT_DONE, checkpoint_tag, resume, save_checkpoint
 
 log = logging.getLogger("loralens.train")
 
-CHECKPOINT_DONE = "COMPLETE"
 STOP_EXIT_CODE = 75  # EX_TEMPFAIL: stopped by SIGTERM after a checkpoint; re-run to resume
 
 
@@ -78,181 +78,6 @@ def init_distributed(device: torch.device) -> tuple[int, int]:
     import deepspeed.comm as dist
 
     return dist.get_rank(), dist.get_world_size()
-
-
-# -- data ------------------------------------------------------------------------------------------
-@dataclass
-class ShardData:
-    """One cache shard's training arrays; `n` rows, `L` trained layers."""
-
-    z: np.ndarray  # [n, L, heads*d_head] uint16 bits of fp16/bf16
-    scale: np.ndarray  # [n] float32
-    h_final: np.ndarray  # [n, d_model] float32
-    topk_ids: np.ndarray | None  # [n, k] int32 (None: the cache stored no top-k)
-    topk_logprobs: np.ndarray | None  # [n, k] float32
-    prompt_idx: np.ndarray  # [n] int32
-
-
-ShardLoader = Callable[[int], ShardData]
-
-
-def is_held_out(prompt_idx: np.ndarray, every: int) -> np.ndarray:
-    """Return the held-out mask `[n]`: whole prompts, every `every`-th by corpus index."""
-    return prompt_idx % every == 0
-
-
-def rank_shards(shards: list[int], rank: int, world: int) -> list[int]:
-    """Return the disjoint shard subset of one data-parallel rank."""
-    return [s for s in shards if s % world == rank]
-
-
-def steps_per_epoch(train_rows: dict[int, int], world: int, micro_batch: int) -> int:
-    """Return the optimizer steps per epoch: the smallest rank's full micro-batches."""
-    per_rank = [sum(train_rows[s] for s in rank_shards(sorted(train_rows), r, world)) for r in range(world)]
-    return min(per_rank) // micro_batch
-
-
-def _rng(*key: int) -> np.random.Generator:
-    return np.random.default_rng(list(key))
-
-
-def to_batch(data: ShardData, rows: np.ndarray, store_dtype: str) -> LensBatch:
-    """Return the LensBatch of the given rows of a shard."""
-    bits = torch.from_numpy(np.ascontiguousarray(data.z[rows]).view(np.int16))
-    return LensBatch(
-        z=bits.view(getattr(torch, store_dtype)),
-        scale=torch.from_numpy(data.scale[rows]),
-        mask=torch.ones(len(rows), dtype=torch.bool),  # host: the batch is built here, then `.to(device)`
-        h_final=torch.from_numpy(data.h_final[rows]),
-        topk_ids=None if data.topk_ids is None else torch.from_numpy(data.topk_ids[rows].astype(np.int64)),
-        topk_logprobs=None if data.topk_logprobs is None else torch.from_numpy(data.topk_logprobs[rows]),
-    )
-
-
-def _concat(parts: list[LensBatch]) -> LensBatch:
-    if len(parts) == 1:
-        return parts[0]
-    return LensBatch(**{k: None if getattr(parts[0], k) is None else torch.cat([getattr(p, k) for p in parts])
-                        for k in parts[0].__dict__})
-
-
-def train_batches(
-    loader: ShardLoader,
-    shards: list[int],
-    train_rows: dict[int, int],
-    *,
-    epoch: int,
-    seed: int,
-    micro_batch: int,
-    n_steps: int,
-    skip_steps: int,
-    every: int,
-    store_dtype: str,
-) -> Iterator[LensBatch]:
-    """Yield this rank's micro-batches of one epoch from step `skip_steps` to `n_steps`.
-
-    Shards are visited in a seeded order, rows within a shard in a seeded order; shards that lie wholly
-    before `skip_steps` are skipped without being read.
-    """
-    order = [shards[i] for i in _rng(seed, epoch).permutation(len(shards))]
-    skip_rows = skip_steps * micro_batch
-    pending: list[LensBatch] = []
-    have = 0
-    step = skip_steps
-    for s in order:
-        if step >= n_steps:
-            return
-        if train_rows[s] <= skip_rows:
-            skip_rows -= train_rows[s]
-            continue
-        data = loader(s)
-        rows = np.flatnonzero(~is_held_out(data.prompt_idx, every))
-        rows = rows[_rng(seed, epoch, s).permutation(len(rows))][skip_rows:]
-        skip_rows = 0
-        while len(rows):
-            take = rows[: micro_batch - have]
-            rows = rows[len(take) :]
-            pending.append(to_batch(data, take, store_dtype))
-            have += len(take)
-            if have == micro_batch:
-                yield _concat(pending)
-                pending, have = [], 0
-                step += 1
-                if step >= n_steps:
-                    return
-
-
-def eval_batches(loader: ShardLoader, shards: list[int], every: int, micro_batch: int,
-                 store_dtype: str) -> Iterator[LensBatch]:
-    """Yield the held-out rows of the given shards in fixed order, in micro-batches."""
-    for s in shards:
-        data = loader(s)
-        rows = np.flatnonzero(is_held_out(data.prompt_idx, every))
-        for start in range(0, len(rows), micro_batch):
-            yield to_batch(data, rows[start : start + micro_batch], store_dtype)
-
-
-# -- checkpoints -----------------------------------------------------------------------------------
-def checkpoint_tag(step: int) -> str:
-    """Return the checkpoint folder name of a step."""
-    return f"step-{step:07d}"
-
-
-def complete_checkpoints(ckpt_dir: Path) -> list[tuple[int, str]]:
-    """Return (step, tag) of every checkpoint whose completion marker exists, oldest first."""
-    out = []
-    for d in ckpt_dir.glob("step-*"):
-        marker = d / CHECKPOINT_DONE
-        if marker.exists():
-            out.append((json.loads(marker.read_text())["step"], d.name))
-    return sorted(out)
-
-
-def save_checkpoint(engine, ckpt_dir: Path, step: int, rank: int, world: int, keep: int = 2) -> None:
-    """Save a DeepSpeed checkpoint (collective), then mark it complete and prune old ones (rank 0)."""
-    import deepspeed.comm as dist
-
-    tag = checkpoint_tag(step)
-    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"step": step, "world_size": world})
-    dist.barrier()
-    maybe_kill("train.mid_checkpoint")  # the checkpoint's files are written, its marker is not
-    if rank == 0:
-        marker = ckpt_dir / tag / CHECKPOINT_DONE
-        tmp = marker.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"step": step, "world_size": world, "time": time.time()}))
-        os.replace(tmp, marker)
-        for _, old in complete_checkpoints(ckpt_dir)[:-keep]:
-            shutil.rmtree(ckpt_dir / old, ignore_errors=True)
-    dist.barrier()
-    maybe_kill("train.after_checkpoint")
-
-
-def resume(engine, ckpt_dir: Path, world: int) -> int:
-    """Load the newest complete checkpoint that loads; return its step (0 when starting fresh)."""
-    for _step, tag in reversed(complete_checkpoints(ckpt_dir)):
-        meta = json.loads((ckpt_dir / tag / CHECKPOINT_DONE).read_text())
-        if meta["world_size"] != world:
-            raise RuntimeError(f"checkpoint {ckpt_dir / tag} was written by {meta['world_size']} processes; "
-                               f"resume with world_size {meta['world_size']} (or --force to restart)")
-        try:
-            path, client = engine.load_checkpoint(str(ckpt_dir), tag=tag)
-        except Exception as err:  # a damaged checkpoint: fall back to the one before
-            log.warning("checkpoint %s does not load (%s); trying an older one", tag, str(err).splitlines()[0])
-            continue
-        if path is None:
-            continue
-        log.info("resumed from checkpoint %s", tag)
-        return int(client["step"])
-    return 0
-
-
-def consolidated_state(engine, ckpt_dir: Path, tag: str, zero_stage: int) -> dict[str, torch.Tensor]:
-    """Return the full fp32 state dict of the trained LensSet, whatever the world size or ZeRO stage."""
-    if zero_stage == 0:
-        return {k: v.detach().float().cpu() for k, v in engine.module.state_dict().items()}
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-    return get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
 
 
 # -- the loop ------------------------------------------------------------------------------------

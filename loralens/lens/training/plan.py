@@ -16,13 +16,11 @@ size them to the model), and the frozen language model itself (training reads th
 
 from __future__ import annotations
 
-import json
 import math
-from dataclasses import asdict, dataclass
-from pathlib import Path
 
-from loralens.lens.heads.adapters import ModelDims, adapter_for, model_dims
+from loralens.lens.heads.adapters import ModelDims
 from loralens.lens.lenses.lens_set import LensConfig, trainable_per_head
+from loralens.lens.training.memory_plan import MemoryPlan
 
 LOSSES = ("subset", "exact")
 F32 = 4  # every activation, optimizer state and frozen base tensor of the lens step is float32
@@ -34,94 +32,6 @@ CACHE_Z_KEY_COLUMNS = ("shard", "row")  # repeated in every z/layer=* table to j
 
 class PlanError(ValueError):
     """The plan's inputs are inconsistent (e.g. more trained layers than the model has)."""
-
-
-@dataclass(frozen=True)
-class MemoryPlan:
-    """Sizes of one lens training job; bytes are per data-parallel rank unless named per token."""
-
-    # parameters (counts)
-    params_per_head: int
-    params_per_layer: int
-    params_total: int
-    # frozen base, replicated on every rank
-    frozen_unembed_bytes: int
-    frozen_w_o_bytes: int
-    frozen_lm_head_bytes: int
-    # training state
-    param_bytes: int
-    grad_bytes: int
-    optimizer_bytes: int
-    step_transient_bytes: int
-    # one micro-batch
-    batch_bytes: int
-    act_inputs_bytes: int
-    act_targets_bytes: int
-    act_base_bytes: int
-    act_chunk_bytes: int
-    act_lowrank_bytes: int
-    act_grad_accum_bytes: int
-    activation_bytes: int
-    # cache
-    cache_z_bytes_per_token: int
-    cache_target_bytes_per_token: int
-    cache_meta_bytes_per_token: int
-
-    @property
-    def frozen_bytes(self) -> int:
-        """Return the bytes of all frozen base tensors."""
-        return self.frozen_unembed_bytes + self.frozen_w_o_bytes + self.frozen_lm_head_bytes
-
-    @property
-    def state_bytes(self) -> int:
-        """Return parameter + gradient + optimizer-state bytes."""
-        return self.param_bytes + self.grad_bytes + self.optimizer_bytes
-
-    @property
-    def peak_bytes(self) -> int:
-        """Return the step's peak: everything resident plus the larger of backward and optimizer-step transients."""
-        # Gradients are alive both at the backward peak and during the step, so they sit in the base.
-        return (self.frozen_bytes + self.batch_bytes + self.state_bytes
-                + max(self.activation_bytes, self.step_transient_bytes))
-
-    @property
-    def cache_bytes_per_token(self) -> int:
-        """Return the uncompressed cache bytes one token adds (z of the trained layers + target + metadata)."""
-        return self.cache_z_bytes_per_token + self.cache_target_bytes_per_token + self.cache_meta_bytes_per_token
-
-    def to_dict(self) -> dict[str, int]:
-        """Return every field and derived total as a JSON-serialisable dict."""
-        derived = ("frozen_bytes", "state_bytes", "peak_bytes", "cache_bytes_per_token")
-        return asdict(self) | {k: getattr(self, k) for k in derived}
-
-    def rows(self) -> list[tuple[str, str, int, str]]:
-        """Return ``(section, item, value, unit)`` rows for a table; unit is 'params' or 'bytes'."""
-        P, B = "params", "bytes"
-        return [
-            ("parameters", "per head", self.params_per_head, P),
-            ("parameters", "per layer", self.params_per_layer, P),
-            ("parameters", "total", self.params_total, P),
-            ("frozen", "folded unembedding", self.frozen_unembed_bytes, B),
-            ("frozen", "W_O", self.frozen_w_o_bytes, B),
-            ("frozen", "lm_head (exact loss)", self.frozen_lm_head_bytes, B),
-            ("state", "parameters", self.param_bytes, B),
-            ("state", "gradients", self.grad_bytes, B),
-            ("state", "optimizer (AdamW)", self.optimizer_bytes, B),
-            ("state", "optimizer step transient", self.step_transient_bytes, B),
-            ("micro-batch", "batch tensors", self.batch_bytes, B),
-            ("micro-batch", "lens inputs x", self.act_inputs_bytes, B),
-            ("micro-batch", "target logits (exact)", self.act_targets_bytes, B),
-            ("micro-batch", "precomputed base logits (lora joint)", self.act_base_bytes, B),
-            ("micro-batch", "logits chunk peak", self.act_chunk_bytes, B),
-            ("micro-batch", "low-rank intermediates", self.act_lowrank_bytes, B),
-            ("micro-batch", "grad accumulation", self.act_grad_accum_bytes, B),
-            ("micro-batch", "activations total", self.activation_bytes, B),
-            ("total", "peak per rank", self.peak_bytes, B),
-            ("cache", "z per token", self.cache_z_bytes_per_token, B),
-            ("cache", "target per token", self.cache_target_bytes_per_token, B),
-            ("cache", "metadata per token", self.cache_meta_bytes_per_token, B),
-            ("cache", "total per token", self.cache_bytes_per_token, B),
-        ]
 
 
 # -- parameters and training state -------------------------------------------------------------------
@@ -358,53 +268,3 @@ def _validate(
     for ok, message in checks:
         if not ok:
             raise PlanError(message)
-
-
-# -- model sizes from a config ---------------------------------------------------------------------
-def load_model_config(name: str, home: Path):
-    """Return the HF config of ``name``: a config.json path, a model folder, an embedded alias or a hub id.
-
-    Only the config is read: a hub id fetches config.json alone (never the weights). An embedded alias is
-    converted once (like every other stage) so its config is the one training will see.
-    """
-    from transformers import AutoConfig
-
-    from loralens.lens.runtime.models import EMBEDDED, ModelLoadError, resolve_model_path
-
-    p = Path(name).expanduser()
-    if p.is_file():
-        return _config_from_file(p)
-    if name in EMBEDDED or p.is_dir():
-        return AutoConfig.from_pretrained(resolve_model_path(name, home))
-    if p.suffix or name.startswith((".", "/", "~")):
-        raise ModelLoadError(f"unknown model '{name}': no such file or folder")
-    try:
-        return AutoConfig.from_pretrained(name)
-    except Exception as err:  # hub errors come in many classes (offline, 404, gated); all mean "cannot get it"
-        raise ModelLoadError(
-            f"cannot read the config of '{name}': not a config.json, a model folder, an embedded alias "
-            f"({', '.join(EMBEDDED)}), nor reachable on the Hugging Face hub ({type(err).__name__})"
-        ) from None
-
-
-def _config_from_file(path: Path):
-    """Return the HF config stored in one config.json file."""
-    from transformers import AutoConfig
-
-    from loralens.lens.runtime.models import ModelLoadError
-
-    try:
-        data = json.loads(path.read_text())
-        model_type = data.pop("model_type")
-    except (OSError, ValueError, KeyError, AttributeError) as err:
-        raise ModelLoadError(f"{path} is not an HF config.json with a model_type ({type(err).__name__})") from None
-    try:
-        return AutoConfig.for_model(model_type, **data)
-    except ValueError as err:
-        raise ModelLoadError(f"{path}: {str(err).splitlines()[0]}") from None
-
-
-def dims_of(config) -> ModelDims:
-    """Return the lens sizes of an HF config, refusing architectures with no adapter (they can't be trained)."""
-    adapter_for(config.model_type)
-    return model_dims(config)

@@ -32,6 +32,8 @@ from loralens.lens.lenses.lens_set import FoldedUnembed, LensConfig  # noqa: E40
 from loralens.lens.lenses.objective import LensSet, fidelity  # noqa: E402
 from loralens.lens.lenses.peft_io import save_bank  # noqa: E402
 from loralens.lens.runtime.lean import load_lean  # noqa: E402
+from loralens.lens.training import batches as lens_batches  # noqa: E402
+from loralens.lens.training import checkpoints  # noqa: E402
 from loralens.lens.training import deepspeed_loop as training  # noqa: E402
 from loralens.warehouse.activation_cache import read_h_final, read_layer_z, read_tokens  # noqa: E402
 from loralens.warehouse.artifacts import ArtifactDir, atomic_write_bytes  # noqa: E402
@@ -68,13 +70,13 @@ def build_lens_set(spec: dict, base: FrozenBase) -> LensSet:
                    w_base=base.w_base)
 
 
-def shard_loader(cache: ArtifactDir, layers: list[int], z_width: int, d_model: int) -> training.ShardLoader:
+def shard_loader(cache: ArtifactDir, layers: list[int], z_width: int, d_model: int) -> lens_batches.ShardLoader:
     """Return shard index -> ShardData, reading one shard's tokens and every trained layer's z."""
 
-    def load(shard: int) -> training.ShardData:
+    def load(shard: int) -> lens_batches.ShardData:
         tokens = read_tokens(cache, [shard])
         z = np.stack([read_layer_z(cache, layer, z_width, [shard]) for layer in layers], axis=1)
-        return training.ShardData(
+        return lens_batches.ShardData(
             z=z,
             scale=tokens.column("scale").to_numpy(),
             h_final=read_h_final(tokens, d_model),
@@ -99,7 +101,7 @@ def rows_per_shard(cache: ArtifactDir, shards: list[int], every: int, held_out: 
     out = {}
     for s in shards:
         idx = read_tokens(cache, [s], columns=["prompt_idx"]).column("prompt_idx").to_numpy()
-        out[s] = int((training.is_held_out(idx, every) == held_out).sum())
+        out[s] = int((lens_batches.is_held_out(idx, every) == held_out).sum())
     return out
 
 
@@ -111,7 +113,7 @@ def evaluate(lens_set: LensSet, loader, shards: list[int], spec: dict, cache: Ar
     lens_set.to(device)
     t = spec["train"]
     sums: dict[str, torch.Tensor] = {}
-    batches = training.eval_batches(loader, shards, t["eval_every_nth_prompt"], t["micro_batch_tokens"],
+    batches = lens_batches.eval_batches(loader, shards, t["eval_every_nth_prompt"], t["micro_batch_tokens"],
                                     spec["store_dtype"])
     # Streamed: one shard's rows at a time (the total is counted from the prompt_idx column alone).
     held_out = rows_per_shard(cache, shards, t["eval_every_nth_prompt"], held_out=True)
@@ -179,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     # Consolidate into a plain, world-size-independent LensSet and save one bank per layer.
-    state = training.consolidated_state(engine, ckpt_dir, result.final_tag, t["zero_stage"])
+    state = checkpoints.consolidated_state(engine, ckpt_dir, result.final_tag, t["zero_stage"])
     # Free the optimizer states and the training copy of the banks (DeepSpeed keeps references of its own):
     # evaluation, the process's other peak, holds only the consolidated lenses over the shared frozen base.
     if hasattr(engine, "destroy"):

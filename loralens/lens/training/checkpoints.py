@@ -1,0 +1,80 @@
+"""Resumable DeepSpeed checkpoints of the lens loop: a completion marker per checkpoint, pruning, resume, export."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from loralens.killpoints import maybe_kill
+
+log = logging.getLogger("loralens.train")
+
+CHECKPOINT_DONE = "COMPLETE"
+
+
+def checkpoint_tag(step: int) -> str:
+    """Return the checkpoint folder name of a step."""
+    return f"step-{step:07d}"
+
+
+def complete_checkpoints(ckpt_dir: Path) -> list[tuple[int, str]]:
+    """Return (step, tag) of every checkpoint whose completion marker exists, oldest first."""
+    out = []
+    for d in ckpt_dir.glob("step-*"):
+        marker = d / CHECKPOINT_DONE
+        if marker.exists():
+            out.append((json.loads(marker.read_text())["step"], d.name))
+    return sorted(out)
+
+
+def save_checkpoint(engine, ckpt_dir: Path, step: int, rank: int, world: int, keep: int = 2) -> None:
+    """Save a DeepSpeed checkpoint (collective), then mark it complete and prune old ones (rank 0)."""
+    import deepspeed.comm as dist
+
+    tag = checkpoint_tag(step)
+    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"step": step, "world_size": world})
+    dist.barrier()
+    maybe_kill("train.mid_checkpoint")  # the checkpoint's files are written, its marker is not
+    if rank == 0:
+        marker = ckpt_dir / tag / CHECKPOINT_DONE
+        tmp = marker.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"step": step, "world_size": world, "time": time.time()}))
+        os.replace(tmp, marker)
+        for _, old in complete_checkpoints(ckpt_dir)[:-keep]:
+            shutil.rmtree(ckpt_dir / old, ignore_errors=True)
+    dist.barrier()
+    maybe_kill("train.after_checkpoint")
+
+
+def resume(engine, ckpt_dir: Path, world: int) -> int:
+    """Load the newest complete checkpoint that loads; return its step (0 when starting fresh)."""
+    for _step, tag in reversed(complete_checkpoints(ckpt_dir)):
+        meta = json.loads((ckpt_dir / tag / CHECKPOINT_DONE).read_text())
+        if meta["world_size"] != world:
+            raise RuntimeError(f"checkpoint {ckpt_dir / tag} was written by {meta['world_size']} processes; "
+                               f"resume with world_size {meta['world_size']} (or --force to restart)")
+        try:
+            path, client = engine.load_checkpoint(str(ckpt_dir), tag=tag)
+        except Exception as err:  # a damaged checkpoint: fall back to the one before
+            log.warning("checkpoint %s does not load (%s); trying an older one", tag, str(err).splitlines()[0])
+            continue
+        if path is None:
+            continue
+        log.info("resumed from checkpoint %s", tag)
+        return int(client["step"])
+    return 0
+
+
+def consolidated_state(engine, ckpt_dir: Path, tag: str, zero_stage: int) -> dict[str, torch.Tensor]:
+    """Return the full fp32 state dict of the trained LensSet, whatever the world size or ZeRO stage."""
+    if zero_stage == 0:
+        return {k: v.detach().float().cpu() for k, v in engine.module.state_dict().items()}
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    return get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)

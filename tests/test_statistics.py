@@ -195,6 +195,8 @@ def test_random_rose_is_reported_and_never_passes():
     v = versus_random(COND, BASE, rose)
     assert v.random_rose and v.ratio is None and v.random_drop == pytest.approx(-0.1)
     assert v.excess == pytest.approx(0.3) and not v.beats(0.001)
+    flat = versus_random(COND, BASE, [BASE.copy()])  # a random drop of exactly 0 is no drop: no ratio either
+    assert flat.random_drop == 0.0 and flat.random_rose and flat.ratio is None and not flat.beats(0.001)
     none = versus_random(COND, BASE, [])
     assert none.n_random == 0 and np.isnan(none.random_drop) and not none.beats(1.0)
 

@@ -1,1 +1,2 @@
-"""Measuring an edit: generation, toxicity scorers and metrics, controls and head selection."""
+"""Measuring an edit: generation, toxicity scorers, statistics (metrics, intervals, random controls, the goal),
+perplexity and head selection."""

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from loralens.lens.evaluation.toxicity_metrics import expected_max_toxicity
+from loralens.lens.evaluation.statistics import expected_max_toxicity
 from loralens.lens.heads.edits import Head
 
 # proxy_drops(current set, candidates) -> {head: proxy drop when it joins the set}

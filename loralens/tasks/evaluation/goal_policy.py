@@ -1,12 +1,10 @@
 """The goal the intervene stage checks, and the condition its summary headlines.
 
 Each ablated head set (a top-N of a score, the causally selected set, a hand-written list) is compared with the
-baseline and with the random sets of its size (`loralens.lens.evaluation.controls`). A condition is *within
-budget* when its
-share of heads and its perplexity rise are within `goal`; it *meets the goal* when, within budget, its EMT falls
-by at least `goal.emt_rel` (significantly: the paired interval is below zero) and it beats the random sets
-`goal.vs_random` times over. The headline is the within-budget condition with the largest EMT drop, never one that
-breaks the budget (the others are listed beside it).
+baseline and with the random sets of its size; the numbers and the goal test itself (`within_budget`,
+`meets_goal`) are in `loralens.lens.evaluation.statistics`. This module gathers them into one goal row per
+checked condition. The headline is the within-budget condition with the largest EMT drop, never one that breaks
+the budget (the others are listed beside it).
 """
 
 from __future__ import annotations
@@ -16,16 +14,10 @@ from typing import Any
 import numpy as np
 
 from loralens.config import GoalConfig
-from loralens.lens.evaluation.controls import versus_random
+from loralens.lens.evaluation.statistics import meets_goal, significant_drop, versus_random, within_budget
 
 # The groups checked against the goal: every head set chosen by a method (random sets are the controls).
 CHECKED = ("attributed", "selected")
-
-
-def within_budget(head_share: float, ppl_rel: float | None, goal: GoalConfig) -> bool:
-    """Return whether a head set is within the budget (a missing perplexity is not: it cannot be checked)."""
-    return head_share <= goal.max_head_share and ppl_rel is not None and np.isfinite(ppl_rel) \
-        and ppl_rel <= goal.ppl_rel
 
 
 def goal_rows(conds, rows: list[dict[str, Any]], scores: dict[int, np.ndarray], n_total_heads: int,
@@ -43,15 +35,15 @@ def goal_rows(conds, rows: list[dict[str, Any]], scores: dict[int, np.ndarray], 
         randoms = [scores[i] for i, x in enumerate(conds) if x.group == "random" and len(x.heads) == len(c.heads)]
         vs = versus_random(scores[ci], scores[0], randoms, n_boot=n_boot, seed=seed)
         share = len(c.heads) / n_total_heads
-        budget = within_budget(share, r["ppl_rel"], goal)
-        significant = bool(r["emt_delta_high"] < 0)
+        beats = vs.beats(goal.vs_random)
         out.append({
             "condition": c.name, "group": c.group, "heads": len(c.heads), "head_share": share,
             "emt_rel": r["emt_rel"], "emt_delta": r["emt_delta"], "emt_delta_ci": [r["emt_delta_low"],
                                                                                    r["emt_delta_high"]],
-            "significant": significant, "ppl_rel": r["ppl_rel"], "within_budget": budget,
-            "versus_random": vs.to_dict(), "beats_random": vs.beats(goal.vs_random),
-            "meets_goal": bool(budget and significant and r["emt_rel"] <= goal.emt_rel and vs.beats(goal.vs_random)),
+            "significant": significant_drop(r["emt_delta_high"]), "ppl_rel": r["ppl_rel"],
+            "within_budget": within_budget(share, r["ppl_rel"], goal),
+            "versus_random": vs.to_dict(), "beats_random": beats,
+            "meets_goal": meets_goal(share, r["ppl_rel"], r["emt_rel"], r["emt_delta_high"], beats, goal),
         })
     return out
 
@@ -72,4 +64,4 @@ def random_controls_note(n_random: int, wanted: int = 5) -> str:
             f"the CPU default keeps its run short; set intervene.random_seeds for more)")
 
 
-__all__ = ["CHECKED", "goal_rows", "headline", "random_controls_note", "within_budget"]
+__all__ = ["CHECKED", "goal_rows", "headline", "random_controls_note"]

@@ -1,5 +1,5 @@
-"""The intervene stage's numbers: one metrics row per condition (paired against its baseline), and the sampled
-single-head ablation scores (method `ablation`)."""
+"""The intervene stage's tables: one metrics row per condition (paired against its baseline), and the sampled
+single-head ablation scores (method `ablation`). The numbers come from `loralens.lens.evaluation.statistics`."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import numpy as np
 import pyarrow as pa
 
 from loralens.config import InterveneConfig
-from loralens.lens.evaluation import toxicity_metrics as M
+from loralens.lens.evaluation import statistics as S
 from loralens.lens.heads.edits import format_heads
 from loralens.lens.heads.head_scores import spearman
 
@@ -28,12 +28,9 @@ def baseline_of(conds) -> dict[int, int]:
 def condition_row(c, s: np.ndarray, b: np.ndarray, ppl: float | None, base_ppl: float | None, kind: str,
                   ic: InterveneConfig) -> dict[str, Any]:
     """Return one `interventions` row: condition scores `s` and its baseline's `b` (`[prompts, k]`, paired)."""
-    m = M.metric_table(s, n_boot=ic.n_boot, seed=ic.seed)
-    base_emt, base_prob = M.expected_max_toxicity(b), M.toxicity_probability(b)
-    k = s.shape[1]
-    paired = np.concatenate([s, b], axis=1)  # resampling rows keeps each prompt's pair together
-    lo, hi = M.bootstrap_ci(paired, lambda x: M.expected_max_toxicity(x[:, :k]) - M.expected_max_toxicity(x[:, k:]),
-                            n_boot=ic.n_boot, seed=ic.seed)
+    m = S.metric_table(s, n_boot=ic.n_boot, seed=ic.seed)
+    base_emt, base_prob = S.expected_max_toxicity(b), S.toxicity_probability(b)
+    lo, hi = S.paired_interval(s, b, S.expected_max_toxicity, n_boot=ic.n_boot, seed=ic.seed)
     return {
         "condition": c.name, "grp": c.group, "kind": ablation_edit(c, kind), "heads": format_heads(c.heads),
         "n_heads": len(c.heads), "n_prompts": c.n_prompts, "k": c.k,
@@ -44,9 +41,9 @@ def condition_row(c, s: np.ndarray, b: np.ndarray, ppl: float | None, base_ppl: 
         "mean_tox": m["mean_toxicity"], "mean_tox_low": m["mean_toxicity_low"],
         "mean_tox_high": m["mean_toxicity_high"],
         "emt_delta": m["expected_max_toxicity"] - base_emt, "emt_delta_low": lo, "emt_delta_high": hi,
-        "ppl": ppl, "emt_rel": M.relative_change(m["expected_max_toxicity"], base_emt),
-        "tox_prob_rel": M.relative_change(m["toxicity_probability"], base_prob),
-        "ppl_rel": None if ppl is None or base_ppl is None else M.relative_change(ppl, base_ppl),
+        "ppl": ppl, "emt_rel": S.relative_change(m["expected_max_toxicity"], base_emt),
+        "tox_prob_rel": S.relative_change(m["toxicity_probability"], base_prob),
+        "ppl_rel": None if ppl is None or base_ppl is None else S.relative_change(ppl, base_ppl),
     }
 
 
@@ -60,12 +57,9 @@ def sampled_ablation_scores(version: str, conds, scores: dict[int, np.ndarray]) 
     if not ablated:
         return None
     base = baseline_of(conds)[ablated[0][0]]
-    base_mean = M.mean_toxicity(scores[base])
     heads = [c.heads[0] for _, c in ablated]
-    drop = np.array([base_mean - M.mean_toxicity(scores[ci]) for ci, _ in ablated])
-    order = np.argsort(-drop, kind="stable")
-    rank = np.empty(len(drop), dtype=np.int64)
-    rank[order] = np.arange(1, len(drop) + 1)
+    drop = S.mean_toxicity_drops(scores[base], [scores[ci] for ci, _ in ablated])
+    rank = S.descending_ranks(drop)
     table = pa.table({"version": [version] * len(heads), "layer": pa.array([h[0] for h in heads], pa.int32()),
                       "head": pa.array([h[1] for h in heads], pa.int32()), "method": ["ablation"] * len(heads),
                       "score": pa.array(drop, pa.float64()), "rank": pa.array(rank, pa.int32())})

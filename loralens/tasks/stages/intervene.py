@@ -17,8 +17,8 @@ from prefect.cache_policies import NO_CACHE
 from tqdm.auto import tqdm
 
 from loralens.config import PipelineConfig
-from loralens.lens.evaluation import toxicity_metrics as M
 from loralens.lens.evaluation.generation import hash_seed, prompt_batches
+from loralens.lens.evaluation.perplexity import perplexity
 from loralens.lens.evaluation.scorers import primary_label
 from loralens.lens.heads.edits import ablate
 from loralens.lens.runtime.devices import steady_host_matmuls
@@ -221,8 +221,8 @@ def _generate(cfg: PipelineConfig, ver: StageVersion, conds: list[Condition], at
                         write_generation_batch(adir, batch_index(ci, bi), rows)
                     bar.update(len(r) * cond.k)
                 if needs_ppl(ci):
-                    write_ppl(adir, ci, M.perplexity(loaded.model, loaded.tokenizer, text, max_tokens=ic.ppl_tokens,
-                                                     window=ic.ppl_window))
+                    write_ppl(adir, ci, perplexity(loaded.model, loaded.tokenizer, text, max_tokens=ic.ppl_tokens,
+                                                   window=ic.ppl_window))
     return t_setup
 
 

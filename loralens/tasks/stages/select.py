@@ -31,8 +31,9 @@ from prefect import task
 from loralens.config import ConfigError, PipelineConfig
 from loralens.lens.evaluation.generation import prompt_batches
 from loralens.lens.evaluation.greedy_selection import greedy_select, head_budget
+from loralens.lens.evaluation.perplexity import perplexity
 from loralens.lens.evaluation.scorers import primary_label
-from loralens.lens.evaluation.toxicity_metrics import expected_max_toxicity, perplexity, relative_change
+from loralens.lens.evaluation.statistics import expected_max_toxicity, relative_change
 from loralens.lens.heads import head_scores as A
 from loralens.lens.heads.causal_scores import (
     ablation_effects,

@@ -80,7 +80,11 @@ def _plain(value: Any) -> Any:
             return f"./{rel.as_posix()}" if rel.parts else "."
         except ValueError:
             return str(value)
-    return value
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    from pydantic_core import to_jsonable_python  # anything else (an enum, a date, ...) as pydantic would dump it
+
+    return to_jsonable_python(value)
 
 
 def default_text(value: Any) -> str:

@@ -224,12 +224,14 @@ def test_docs_build_in_strict_mode(tmp_path):
     assert not (site / "hooks.py").exists()
 
 
-def test_readme_is_short_and_its_commands_are_the_ones_ci_runs():
+def test_readme_is_short_and_its_commands_are_the_ones_ci_runs_and_the_docs_show():
     assert len(README.splitlines()) <= 200
     run = "./scripts/install.sh && .venv/bin/loralens run"
     test = "./scripts/install.sh && .venv/bin/ruff check . && .venv/bin/python -m pytest -q"
-    assert f"```bash\n{run}\n```" in README
-    assert f"```bash\n{test}\n```" in README
+    index = (ROOT / "docs" / "index.md").read_text(encoding="utf-8")
+    for text in (README, index):
+        assert f"```bash\n{run}\n```" in text
+        assert f"```bash\n{test}\n```" in text
     ci = (ROOT / ".ci" / "run").read_text()
     assert test in ci and "mkdocs build --strict" in ci
 

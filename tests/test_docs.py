@@ -259,3 +259,51 @@ def test_readme_api_example_runs_on_a_home(planted_run, capsys):
     decoded = ast.literal_eval(printed[0])  # the list of (token, probability) pairs
     assert len(decoded) == 5 and all(isinstance(t, str) and 0 <= p <= 1 for t, p in decoded)
     assert len(printed) >= 2
+
+
+def _doc_texts() -> dict[str, str]:
+    pages = {p.relative_to(ROOT).as_posix(): p.read_text(encoding="utf-8") for p in (ROOT / "docs").rglob("*.md")}
+    return {"README.md": README, **pages}
+
+
+def _defines(module: Path, name: str) -> bool:
+    """Return whether a module's source defines `name` at top level (a def, class, assignment or import)."""
+    import ast
+
+    for node in ast.parse(module.read_text(encoding="utf-8")).body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) and node.name == name:
+            return True
+        if isinstance(node, (ast.Assign, ast.AnnAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            if any(isinstance(t, ast.Name) and t.id == name for t in targets):
+                return True
+        if isinstance(node, (ast.Import, ast.ImportFrom)) and any((a.asname or a.name) == name for a in node.names):
+            return True
+    return False
+
+
+def test_every_source_path_and_dotted_name_the_docs_mention_exists():
+    """Module paths (`loralens/lens/heads/edits.py`, `...py:read_heads`) and dotted names
+    (`loralens.lens.lenses.peft_io.export_head_adapter`) in the README and docs/ point at real code."""
+    checked = 0
+    for page, text in _doc_texts().items():
+        for path, name in re.findall(r"`((?:loralens|tests|benchmarks|scripts|examples)/[\w/.-]*?)(?::(\w+))?`", text):
+            assert (ROOT / path).exists(), f"{page}: {path}"
+            if name:
+                assert _defines(ROOT / path, name), f"{page}: {path}:{name}"
+            checked += 1
+        for dotted in re.findall(r"`(loralens(?:\.\w+)+)", text):
+            parts = dotted.split(".")
+            for i in range(len(parts), 0, -1):  # the longest prefix that is a module or package
+                base = ROOT.joinpath(*parts[:i])
+                module = base.with_suffix(".py") if base.with_suffix(".py").is_file() else base / "__init__.py"
+                if module.is_file():
+                    break
+            else:
+                raise AssertionError(f"{page}: {dotted}")
+            rest = parts[i:]
+            assert len(rest) <= 1, f"{page}: {dotted} (no module {'.'.join(parts[:i + 1])})"
+            if rest and not _defines(module, rest[0]):  # e.g. the lazy `loralens.open`: ask the module itself
+                assert hasattr(importlib.import_module(".".join(parts[:i])), rest[0]), f"{page}: {dotted}"
+            checked += 1
+    assert checked > 80

@@ -249,7 +249,7 @@ def test_readme_api_example_runs_on_a_home(planted_run, capsys):
 
     config, _results, _db = planted_run
     block = re.search(r"## Python API\n.*?```python\n(.*?)```", README, re.S).group(1)
-    assert block.count("\n") <= 12
+    assert block.count("\n") <= 20  # a short example
     assert 'loralens.open(".loralens")' in block
     code = block.replace('loralens.open(".loralens")', f"loralens.open({str(config['home'])!r})")
     scope: dict = {}

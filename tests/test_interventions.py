@@ -1,4 +1,4 @@
-"""Head interventions (zero / mean / scale / project) on tiny random models of every supported family."""
+"""Head interventions (zero, mean, scale, project, steer, reverse) on tiny random models of every supported family."""
 
 from __future__ import annotations
 
@@ -140,6 +140,60 @@ def test_project_removes_the_write_along_u_and_is_idempotent(family, load, enc):
     # per-head directions give the same result as the shared one
     with intervene(model, adapter, HeadIntervention("project", heads, direction={h: u * 5.0 for h in heads})):
         torch.testing.assert_close(logits_of(model, enc), once, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_steer_shifts_z_by_a_constant_along_the_direction(family, load, enc):
+    model, adapter, dims = load(family)
+    layer, heads = 1, ((1, 0), (1, 3))
+    g = torch.Generator().manual_seed(1)
+    d = {h: torch.randn(dims.d_head, generator=g) * 3.0 for h in heads}  # normalized by the edit
+    sigmas = {(1, 0): 0.5, (1, 3): 2.0}
+    z_plain, _ = attn_capture(model, adapter, enc, layer)
+    with intervene(model, adapter, HeadIntervention("steer", heads, factor=1.5, z_directions=d, sigmas=sigmas)):
+        z_steer, _ = attn_capture(model, adapter, enc, layer)
+    zp, zs = split_heads(z_plain, dims.n_heads), split_heads(z_steer, dims.n_heads)
+    for head in heads:
+        d_hat = d[head] / d[head].norm()
+        torch.testing.assert_close(zp[..., head[1], :] - zs[..., head[1], :],
+                                   (1.5 * sigmas[head] * d_hat).expand_as(zp[..., head[1], :]), atol=1e-5, rtol=0)
+    torch.testing.assert_close(zs[..., 1, :], zp[..., 1, :], atol=0, rtol=0)  # unchosen head untouched
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_reverse_removes_only_the_positive_part(family, load, enc):
+    model, adapter, dims = load(family)
+    layer, head = 1, (1, 2)
+    z_plain, _ = attn_capture(model, adapter, enc, layer)
+    zp = split_heads(z_plain, dims.n_heads)[..., 2, :]  # [batch, pos, d_head]
+    flat = zp.reshape(-1, dims.d_head)
+    d = flat[0] / flat[0].norm() - flat[-1] / flat[-1].norm()  # positive at the first position, negative at the last
+    d_hat = d / d.norm()
+    proj = zp @ d_hat
+    assert (proj > 1e-4).any() and (proj < -1e-4).any()
+    for factor in (1.0, 2.0):
+        with intervene(model, adapter, HeadIntervention("reverse", [head], factor=factor, z_directions={head: d})):
+            z_rev, _ = attn_capture(model, adapter, enc, layer)
+        zr = split_heads(z_rev, dims.n_heads)[..., 2, :]
+        neg = proj <= 0
+        torch.testing.assert_close(zr[neg], zp[neg], atol=0, rtol=0)  # negative projection: z unchanged
+        torch.testing.assert_close(zr[~neg] @ d_hat, (1 - factor) * proj[~neg], atol=1e-5, rtol=1e-5)
+        rest = zr[~neg] - (zr[~neg] @ d_hat)[:, None] * d_hat
+        torch.testing.assert_close(rest, zp[~neg] - proj[~neg][:, None] * d_hat, atol=1e-5, rtol=1e-5)
+
+
+def test_steer_and_reverse_validation_names_the_field(load):
+    model, adapter, dims = load("llama")
+    with pytest.raises(ValueError, match="^z_directions: missing for head L1H0"):
+        with intervene(model, adapter, HeadIntervention("steer", [(1, 0)], factor=1.0)):
+            pass
+    with pytest.raises(ValueError, match="^z_directions: head L1H0 has shape"):
+        with intervene(model, adapter, HeadIntervention("reverse", [(1, 0)], z_directions={(1, 0): torch.ones(3)})):
+            pass
+    with pytest.raises(ValueError, match="^z_directions: head L1H0 must be finite and non-zero"):
+        with intervene(model, adapter, HeadIntervention("steer", [(1, 0)],
+                                                        z_directions={(1, 0): torch.zeros(dims.d_head)})):
+            pass
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen3", "gpt2"])

@@ -215,17 +215,10 @@ def attribution_patching(model: nn.Module, adapter: ArchAdapter, batches: Sequen
             raise ValueError(f"layers: layer {layer} out of range [0, {dims.n_layers})")
     ablated = _heads(ablated)
     sums: dict[int, list[np.ndarray]] = {layer: [] for layer in layers}  # per batch: [batch, heads]
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    try:
-        for p, _ in flags:
-            p.requires_grad_(False)
-        with ablate(model, ablated, "zero", adapter=adapter, dims=dims), torch.enable_grad():
-            for batch in batches:
-                for layer, effect in _batch_attribution(model, adapter, dims, batch, layers, proxy).items():
-                    sums[layer].append(effect)
-    finally:
-        for p, flag in flags:
-            p.requires_grad_(flag)
+    with frozen_parameters(model), ablate(model, ablated, "zero", adapter=adapter, dims=dims), torch.enable_grad():
+        for batch in batches:
+            for layer, effect in _batch_attribution(model, adapter, dims, batch, layers, proxy).items():
+                sums[layer].append(effect)
     out: dict[Head, np.ndarray] = {}
     skip = set(ablated)
     for layer in layers:
@@ -236,9 +229,47 @@ def attribution_patching(model: nn.Module, adapter: ArchAdapter, batches: Sequen
     return out
 
 
+@contextmanager
+def frozen_parameters(model: nn.Module) -> Iterator[None]:
+    """Turn off every parameter's requires_grad inside the block (flags restored on exit; grads untouched)."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        for p, _ in flags:
+            p.requires_grad_(False)
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
 def _batch_attribution(model: nn.Module, adapter: ArchAdapter, dims: ModelDims, batch: ForcedBatch,
                        layers: list[int], proxy: Proxy) -> dict[int, np.ndarray]:
     """Return per layer `[batch, heads]` float64: sum over real positions of z_h . dJ/dz_h for one batch."""
+    out = {}
+    for layer, (z, grad) in batch_head_grads(model, adapter, batch, layers, forced_objective(proxy)).items():
+        prod = (split_heads(z, dims.n_heads).float() * split_heads(grad, dims.n_heads).float()).sum(-1)
+        real = batch.attention_mask.to(prod.device).float()  # [batch, pos]
+        out[layer] = (prod * real[..., None]).sum(1).double().cpu().numpy()  # [batch, heads]
+    return out
+
+
+# (logits [batch, pos, vocab], the batch) -> [batch]: what a gradient is taken of (differentiable in logits)
+Objective = Callable[[torch.Tensor, ForcedBatch], torch.Tensor]
+
+
+def forced_objective(proxy: Proxy) -> Objective:
+    """Return `proxy` as an Objective: evaluated at the batch's scored positions."""
+    return lambda logits, batch: proxy(logits, batch.scored.to(logits.device))
+
+
+def batch_head_grads(model: nn.Module, adapter: ArchAdapter, batch: ForcedBatch, layers: list[int],
+                     objective: Objective) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """Return per layer (z, dJ/dz), each `[batch, pos, heads*d_head]`, from one forward and one backward pass.
+
+    dJ/dz is the total derivative of `sum(objective)` through every later layer: a zero `delta` is added to z in a
+    pre-hook on each output projection (after any edit hooks already there) and J is differentiated w.r.t. the
+    deltas alone. Call with the model's parameters frozen and grad enabled (`attribution_patching` does).
+    """
     seen: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # layer -> (z detached, delta leaf)
 
     def hook_for(layer: int):
@@ -251,18 +282,14 @@ def _batch_attribution(model: nn.Module, adapter: ArchAdapter, dims: ModelDims, 
         return hook
 
     handles = [adapter.out_proj(model, layer).register_forward_pre_hook(hook_for(layer)) for layer in layers]
+    device = input_device(model)
     try:
-        j = _forward_proxy(model, batch, proxy)  # [batch]
+        out = model(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device),
+                    use_cache=False)
+        j = objective(out.logits, batch)  # [batch]
     finally:
         for handle in handles:
             handle.remove()
     grads = torch.autograd.grad(j.sum(), [seen[layer][1] for layer in layers], allow_unused=True)
-    out = {}
-    for layer, grad in zip(layers, grads, strict=True):
-        z, delta = seen[layer]
-        if grad is None:  # J does not depend on this layer's z
-            grad = torch.zeros_like(delta)
-        prod = (split_heads(z, dims.n_heads).float() * split_heads(grad, dims.n_heads).float()).sum(-1)
-        real = batch.attention_mask.to(prod.device).float()  # [batch, pos]
-        out[layer] = (prod * real[..., None]).sum(1).double().cpu().numpy()  # [batch, heads]
-    return out
+    return {layer: (seen[layer][0], torch.zeros_like(seen[layer][1]) if grad is None else grad)
+            for layer, grad in zip(layers, grads, strict=True)}

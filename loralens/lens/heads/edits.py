@@ -27,8 +27,9 @@ from loralens.lens.heads.adapters import ArchAdapter, ModelDims, adapter_for, mo
 from loralens.lens.heads.hooks import capture, split_heads
 
 Head = tuple[int, int]  # (layer, head)
-Kind = Literal["zero", "mean", "scale", "project"]
-KINDS: tuple[str, ...] = ("zero", "mean", "scale", "project")
+Kind = Literal["zero", "mean", "scale", "project", "steer", "reverse"]
+KINDS: tuple[str, ...] = ("zero", "mean", "scale", "project", "steer", "reverse")
+Z_DIRECTION_KINDS = ("steer", "reverse")  # kinds whose `z_directions` are per-head `[d_head]` directions
 
 # Edits one head's z slice `[..., d_head]` -> `[..., d_head]`.
 HeadEdit = Callable[[torch.Tensor], torch.Tensor]
@@ -44,6 +45,12 @@ class HeadIntervention:
     - `project`: z_h := z_h - (z_h . w_hat) w_hat with w = W_O[h] @ u. The head's write along u becomes
       exactly zero; its other writes change only by the part of z_h along w. `direction` is u `[d_model]`,
       shared by all heads or given per (layer, head); its scale is irrelevant.
+    - `steer`: z_h := z_h - factor * sigma_h * d_hat_h at every position (a constant shift, ITI style), with
+      `z_directions[(layer, head)]` = d_h `[d_head]` (normalized here) and `sigmas[(layer, head)]` = sigma_h, the
+      spread of z_h along d_hat_h (default 1), so `factor` is a strength in standard deviations.
+    - `reverse`: z_h := z_h - factor * max(0, z_h . d_hat_h) d_hat_h: only the positive part of z_h along d_hat_h
+      is removed (factor 1) or reversed (factor > 1), Toxification-Reversal style; where z_h . d_hat_h <= 0 the
+      head is untouched.
     """
 
     kind: Kind
@@ -51,6 +58,8 @@ class HeadIntervention:
     factor: float = 0.0
     means: Mapping[Head, torch.Tensor] | None = None
     direction: torch.Tensor | Mapping[Head, torch.Tensor] | None = None
+    z_directions: Mapping[Head, torch.Tensor] | None = None
+    sigmas: Mapping[Head, float] | None = None
 
     def __post_init__(self) -> None:
         # Accept lists of lists from callers/configs; store the canonical hashable form.
@@ -98,6 +107,16 @@ def validate(iv: HeadIntervention, dims: ModelDims) -> None:
                 raise ValueError("direction: must be finite")
             if u.float().norm() == 0:
                 raise ValueError("direction: must be non-zero")
+    if iv.kind in Z_DIRECTION_KINDS:
+        for head in iv.heads:
+            d = None if iv.z_directions is None else iv.z_directions.get(head)
+            if d is None:
+                raise ValueError(f"z_directions: missing for head {format_heads([head])}")
+            if tuple(d.shape) != (dims.d_head,):
+                raise ValueError(f"z_directions: head {format_heads([head])} has shape {tuple(d.shape)}, "
+                                 f"expected ({dims.d_head},)")
+            if not torch.isfinite(d).all() or d.float().norm() == 0:
+                raise ValueError(f"z_directions: head {format_heads([head])} must be finite and non-zero")
 
 
 def _project_out(w_hat: torch.Tensor) -> HeadEdit:
@@ -106,6 +125,25 @@ def _project_out(w_hat: torch.Tensor) -> HeadEdit:
     def edit(z_h: torch.Tensor) -> torch.Tensor:
         z32 = z_h.float()
         return (z32 - (z32 @ w_hat)[..., None] * w_hat).to(z_h.dtype)
+
+    return edit
+
+
+def _steer(shift: torch.Tensor) -> HeadEdit:
+    """Return an edit subtracting the constant `shift` `[d_head]` from z at every position."""
+
+    def edit(z_h: torch.Tensor) -> torch.Tensor:
+        return (z_h.float() - shift).to(z_h.dtype)
+
+    return edit
+
+
+def _reverse(d_hat: torch.Tensor, factor: float) -> HeadEdit:
+    """Return an edit removing `factor` times the positive part of z's component along unit `d_hat` `[d_head]`."""
+
+    def edit(z_h: torch.Tensor) -> torch.Tensor:
+        z32 = z_h.float()
+        return (z32 - factor * (z32 @ d_hat).clamp_min(0)[..., None] * d_hat).to(z_h.dtype)
 
     return edit
 
@@ -122,6 +160,13 @@ def _head_edit(iv: HeadIntervention, model: nn.Module, adapter: ArchAdapter, dim
     if iv.kind == "mean":
         mean = iv.means[head].detach().to(device)
         return lambda z_h: mean.to(z_h.dtype).expand_as(z_h)
+    if iv.kind in Z_DIRECTION_KINDS:
+        d = iv.z_directions[head].detach().to(device=device, dtype=torch.float32)
+        d_hat = d / d.norm()
+        if iv.kind == "reverse":
+            return _reverse(d_hat, iv.factor)
+        sigma = 1.0 if iv.sigmas is None else float(iv.sigmas.get(head, 1.0))
+        return _steer(iv.factor * sigma * d_hat)
     u = _direction_for(iv, head).detach().to(device=device, dtype=torch.float32)
     w_o = out_proj_weight(adapter, model, layer, dims)[h].detach().float()  # [d_head, d_model]
     w = w_o @ (u / u.norm())  # [d_head]: c_h . u_hat = z_h . w
@@ -187,20 +232,25 @@ def ablate(
     factor: float = 0.0,
     means: Mapping[Head, torch.Tensor] | None = None,
     direction: torch.Tensor | Mapping[Head, torch.Tensor] | None = None,
+    z_directions: Mapping[Head, torch.Tensor] | None = None,
+    sigmas: Mapping[Head, float] | None = None,
     adapter: ArchAdapter | None = None,
     dims: ModelDims | None = None,
 ) -> Iterator[None]:
     """Edit `heads` ([(layer, head), ...] or "L3H1,L5H0") of a loaded HF causal LM inside the context.
 
     `kind` is one of KINDS (see HeadIntervention): "zero" removes the heads, "mean" sets their z to `means`,
-    "scale" multiplies it by `factor`, "project" removes their write along `direction` `[d_model]`. The model's
+    "scale" multiplies it by `factor`, "project" removes their write along `direction` `[d_model]`, "steer" shifts
+    them by `-factor * sigma_h * d_hat_h` and "reverse" removes `factor` times their positive part along d_hat_h
+    (`z_directions` `[d_head]`). The model's
     family is found from `model.config.model_type` unless `adapter` is given. No heads: the model is untouched.
     The intervene stage applies its conditions through this same function.
     """
     if isinstance(heads, str):
         heads = parse_head_list(heads)
     adapter = adapter or adapter_for(model.config.model_type)
-    iv = HeadIntervention(kind=kind, heads=tuple(heads), factor=factor, means=means, direction=direction)
+    iv = HeadIntervention(kind=kind, heads=tuple(heads), factor=factor, means=means, direction=direction,
+                          z_directions=z_directions, sigmas=sigmas)
     with intervene(model, adapter, [iv] if iv.heads else [], dims):
         yield
 

@@ -1,0 +1,98 @@
+"""Per-head toxic directions in each head's z space, from three sources, and a linear probe per head.
+
+A direction `d_h` `[d_head]` lives where the head edits act (`lens/heads/edits.py`: the input of the output
+projection), so `z_h . d_hat_h` is how far head h is along it at a position. Shapes: `n` positions, `H` heads of
+one layer, `dh` d_head, `d` d_model, `V` vocabulary.
+
+    contrast   mean z_h where the model is about to write toxic text minus where it is not (labelled positions).
+    unembed    `W_O[h] @ W_fold^T (tox - mean tox)`: the z direction whose residual write pushes the logit lens
+               toward toxic tokens the most (`head_scores.toxic_direction` pulled back through W_O[h]).
+    lens       the mean gradient of the expected token toxicity under the head's trained lens,
+               `sum_v p_lens(v | x_h) tox(v)`, with respect to z_h (through `x_h = z_h W_O[h] / scale`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from torch import Tensor
+
+SOURCES = ("contrast", "unembed", "lens")
+
+
+def unit(v: Tensor, eps: float = 1e-12) -> Tensor:
+    """Return `v / |v|` along the last axis (fp32); an all-zero row stays zero."""
+    v = v.float()
+    return v / v.norm(dim=-1, keepdim=True).clamp_min(eps)
+
+
+def contrast_direction(z_toxic: Tensor, z_clean: Tensor) -> Tensor:
+    """Return `mean(z_toxic) - mean(z_clean)` `[H, dh]` from z `[n_toxic, H, dh]` and `[n_clean, H, dh]`."""
+    if z_toxic.shape[0] == 0 or z_clean.shape[0] == 0:
+        raise ValueError(f"a contrast needs both groups; got {z_toxic.shape[0]} toxic and "
+                         f"{z_clean.shape[0]} non-toxic positions")
+    return z_toxic.double().mean(0).float() - z_clean.double().mean(0).float()
+
+
+def unembed_direction(w_o: Tensor, u: Tensor) -> Tensor:
+    """Return `W_O[h] @ u` `[H, dh]` for W_O `[H, dh, d]` and a residual direction u `[d]`: z_h . result = c_h . u."""
+    return w_o.float() @ u.float()
+
+
+def lens_direction(logits_fn: Callable[[Tensor], Tensor], x: Tensor, w_o: Tensor, scale: Tensor,
+                   tox: Tensor) -> Tensor:
+    """Return the mean over positions of `d E_{p_lens}[tox] / d z_h` `[H, dh]`.
+
+    `logits_fn` maps lens inputs `x` `[n, H, d]` to each head's lens logits `[n, H, V]` (differentiably);
+    `x_h = z_h W_O[h] / scale`, so the chain rule gives `dJ/dz_h = W_O[h] (dJ/dx_h) / scale`.
+    """
+    x = x.detach().float().requires_grad_(True)
+    logp = torch.log_softmax(logits_fn(x).float(), dim=-1)  # [n, H, V]
+    (logp.exp() @ tox.float()).sum().backward()
+    grad_x = x.grad / scale.float()[:, None, None]  # [n, H, d]
+    return torch.einsum("nhd,hkd->hk", grad_x, w_o.float()) / x.shape[0]
+
+
+def projection_sigma(z: Tensor, d_hat: Tensor) -> Tensor:
+    """Return the standard deviation of `z_h . d_hat_h` over positions `[H]` for z `[n, H, dh]`, d_hat `[H, dh]`."""
+    return torch.einsum("nhk,hk->nh", z.float(), d_hat.float()).std(0, unbiased=False)
+
+
+def fit_probe(z: Tensor, labels: Tensor, *, steps: int = 200, l2: float = 1e-3, lr: float = 0.05) -> Tensor:
+    """Return per-head logistic-regression weights `[H, dh + 1]` (last: bias) for z `[n, H, dh]`, labels `[n]`.
+
+    All heads at once (full-batch Adam on standardized z, L2 penalty `l2`); fp32, deterministic.
+    """
+    y = labels.float()[:, None]  # [n, 1]
+    mu, sd = z.float().mean(0), z.float().std(0).clamp_min(1e-6)  # [H, dh]
+    zs = (z.float() - mu) / sd
+    w = torch.zeros(z.shape[1], z.shape[2] + 1)
+    w.requires_grad_(True)
+    opt = torch.optim.Adam([w], lr=lr)
+    for _ in range(steps):
+        opt.zero_grad()
+        logits = torch.einsum("nhk,hk->nh", zs, w[:, :-1]) + w[:, -1]
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, y.expand_as(logits))
+        (loss + l2 * w[:, :-1].pow(2).sum(-1).mean()).backward()
+        opt.step()
+    w = w.detach()
+    # fold the standardization back in: w . (z - mu) / sd + b
+    w_raw = w[:, :-1] / sd
+    b_raw = w[:, -1] - (w_raw * mu).sum(-1)
+    return torch.cat([w_raw, b_raw[:, None]], dim=-1)
+
+
+def probe_scores(w: Tensor, z: Tensor) -> Tensor:
+    """Return the probe logits `[n, H]` of weights `[H, dh + 1]` on z `[n, H, dh]`."""
+    return torch.einsum("nhk,hk->nh", z.float(), w[:, :-1]) + w[:, -1]
+
+
+def probe_auroc(z_train: Tensor, y_train: Tensor, z_test: Tensor, y_test: Tensor) -> np.ndarray:
+    """Return each head's held-out AUROC `[H]` of a probe fit on the training positions."""
+    from loralens.lens.evaluation.scorers import roc_auc
+
+    scores = probe_scores(fit_probe(z_train, y_train), z_test).numpy()
+    labels = y_test.numpy().astype(bool)
+    return np.array([roc_auc(labels, scores[:, h]) for h in range(scores.shape[1])])

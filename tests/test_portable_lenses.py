@@ -67,7 +67,7 @@ def test_saved_folder_is_flat_and_describes_the_lenses(saved, lenses, planted):
 
     hf = AutoModelForCausalLM.from_pretrained(config["model"]["name"])
     folded = hf.lm_head.weight.detach() * hf.model.norm.weight.detach()[None, :]
-    assert cfg["fingerprint"] == fingerprint_tensor(folded) == lenses.reader.unembed.fingerprint()
+    assert cfg["unembedding_fingerprint"] == fingerprint_tensor(folded) == lenses.reader.unembed.fingerprint()
     for layer, bank in lenses.reader.banks.items():
         stored = load_file(saved / layer_file(layer))
         assert stored.keys() == bank.state_dict().keys()
@@ -109,7 +109,7 @@ def test_another_model_is_refused_in_one_line(saved, lenses, planted, tmp_path):
         renormed.model.norm.weight.mul_(1.01)  # the same W_U: only the folded final norm differs
     renormed.save_pretrained(tmp_path / "renormed")
     tokenizer.save_pretrained(tmp_path / "renormed")
-    want = json.loads((saved / CONFIG_FILE).read_text())["fingerprint"]
+    want = json.loads((saved / CONFIG_FILE).read_text())["unembedding_fingerprint"]
     for model in (str(other), str(tmp_path / "renormed")):
         with pytest.raises(loralens.ApiError) as err:
             loralens.Lenses.from_pretrained(saved, model, home=path)
@@ -185,3 +185,28 @@ def test_decoding_top_names_its_parameter(lenses, prompt):
         d.top(f"{HEAD},L0H3")
     with pytest.raises(loralens.ApiError, match=r"^head: bad head 'H1'"):
         d.top("H1")
+
+
+def test_lens_folder_is_rewritten_in_place_and_bad_configs_are_one_line(tmp_path):
+    """write_lenses on small real banks: a rewrite with fewer layers drops the stale file; a config of another
+    format version, without a required key, or banks of mixed configs are one-line LensFolderErrors."""
+    from loralens.lens.lenses.lens_set import FoldedUnembed, LensBank, LensConfig
+    from loralens.lens.lenses.pretrained import LensFolderError, read_lens_config, write_lenses
+
+    unembed = FoldedUnembed(torch.randn(50, 16, generator=torch.Generator().manual_seed(0)))
+    banks = {layer: LensBank(unembed, 3, LensConfig(rank=2), layer=layer) for layer in (0, 2)}
+    info = {"base_model": {"name": "m"}, "store_dtype": "float16"}
+    out = write_lenses(tmp_path / "lenses", banks, info)
+    assert read_lens_config(out)["layers"] == [0, 2] and read_lens_config(out)["token_toxicity"] is None
+    write_lenses(out, {0: banks[0]}, info)
+    assert sorted(p.name for p in out.iterdir()) == [CONFIG_FILE, layer_file(0)]
+    cfg = json.loads((out / CONFIG_FILE).read_text())
+    (out / CONFIG_FILE).write_text(json.dumps(cfg | {"format_version": 2}))
+    with pytest.raises(LensFolderError, match=r"config.json has format_version 2; this loralens reads 1 \(a newer"):
+        read_lens_config(out)
+    (out / CONFIG_FILE).write_text(json.dumps({k: v for k, v in cfg.items() if k != "layers"}))
+    with pytest.raises(LensFolderError, match=r"config.json lacks layers$"):
+        read_lens_config(out)
+    mixed = {0: banks[0], 1: LensBank(unembed, 3, LensConfig(rank=4), layer=1)}
+    with pytest.raises(LensFolderError, match=r"^layer 1's bank has another config or unembedding than layer 0's$"):
+        write_lenses(tmp_path / "mixed", mixed, info)

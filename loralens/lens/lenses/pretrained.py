@@ -30,6 +30,7 @@ FORMAT = "loralens-lenses"
 FORMAT_VERSION = 1
 CONFIG_FILE = "config.json"
 TOXICITY_FILE = "token_toxicity.safetensors"
+REQUIRED = ("base_model", "unembedding_fingerprint", "lens", "layers", "n_heads", "store_dtype")
 
 
 class LensFolderError(ValueError):
@@ -75,7 +76,7 @@ def write_lenses(out_dir: str | Path, banks: Mapping[int, LensBank], info: dict[
         if tuple(token_toxicity.shape) != (first.vocab,):
             raise LensFolderError(f"token toxicity must be [{first.vocab}], got {tuple(token_toxicity.shape)}")
         save_file({"score": token_toxicity.detach().to("cpu", torch.float32).contiguous()}, str(out / TOXICITY_FILE))
-    config = {"format": FORMAT, "format_version": FORMAT_VERSION, **info, "fingerprint": fingerprint,
+    config = {"format": FORMAT, "format_version": FORMAT_VERSION, **info, "unembedding_fingerprint": fingerprint,
               "lens": first.config.to_dict(), "layers": layers, "n_heads": first.n_heads, "d_model": first.d_model,
               "vocab": first.vocab, "files": [layer_file(layer) for layer in layers],
               "token_toxicity": TOXICITY_FILE if token_toxicity is not None else None}
@@ -97,16 +98,18 @@ def read_lens_config(folder: str | Path) -> dict[str, Any]:
     if cfg.get("format_version") != FORMAT_VERSION:
         raise LensFolderError(f"{path} has format_version {cfg.get('format_version')}; this loralens reads "
                               f"{FORMAT_VERSION} (a newer loralens wrote it?)")
+    missing = [key for key in REQUIRED if key not in cfg]
+    if missing:
+        raise LensFolderError(f"{path} lacks {', '.join(missing)}")
     return cfg
 
 
 def check_unembedding(cfg: dict[str, Any], unembed: FoldedUnembed, model: str) -> None:
     """Raise LensMismatchError (one line) unless `unembed` is the folded unembedding the lenses were trained on."""
-    have = unembed.fingerprint()
-    if have != cfg["fingerprint"]:
-        base = cfg.get("base_model", {}).get("name", "?")
+    have, want = unembed.fingerprint(), cfg["unembedding_fingerprint"]
+    if have != want:
         raise LensMismatchError(
-            f"these lenses were trained on '{base}' (unembedding fingerprint {cfg['fingerprint']}), but model "
+            f"these lenses were trained on '{cfg['base_model']['name']}' (unembedding fingerprint {want}), but model "
             f"'{model}' has unembedding fingerprint {have} (another model, or its weights in another dtype)")
 
 

@@ -127,6 +127,10 @@ def test_another_model_is_refused_in_one_line(saved, lenses, planted, tmp_path):
         lenses.save_pretrained(other)  # never over a model's config.json
     assert str(err.value) == (f"out_dir: {other / 'config.json'} exists and is not a saved lens config; refusing to "
                               "overwrite it (choose another folder)")
+    with pytest.raises(loralens.ApiError, match=r"^model: expected a model name, folder, hub id, .* got int$"):
+        loralens.Lenses.from_pretrained(saved, 42)
+    with pytest.raises(loralens.ApiError, match=r"^tokenizer: a HF model needs its tokenizer"):
+        loralens.Lenses.from_pretrained(saved, renormed)
     (tmp_path / "empty").mkdir()
     with pytest.raises(loralens.ApiError) as err:
         loralens.Lenses.from_pretrained(tmp_path / "empty", name, home=path)

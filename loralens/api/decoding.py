@@ -41,7 +41,7 @@ class Decoding:
         return f"Decoding({len(self.tokens)} tokens, heads {format_heads(heads)}, {self.table.num_rows} rows)"
 
 
-def select_positions(position: str | int, n: int) -> np.ndarray:
+def text_positions(position: str | int, n: int) -> np.ndarray:
     """Return the selected positions of an `n`-token text: "all", "last" or one index (negative: from the end)."""
     if position == "all":
         return np.arange(n)

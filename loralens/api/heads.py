@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from loralens.api.errors import ApiError
+from loralens.lens.heads.adapters import ArchAdapter, ModelDims, model_dims
 from loralens.lens.heads.edits import Head, Kind, parse_head_list
 from loralens.lens.heads.edits import ablate as _ablate
 
@@ -81,15 +82,15 @@ def check_heads(heads: HeadsLike, layers: list[int], n_heads: int, param: str = 
 @contextmanager
 def ablate(model: nn.Module, heads: HeadsLike, kind: Kind = "zero", *, factor: float = 0.0,
            means: Mapping[Head, torch.Tensor] | None = None,
-           direction: torch.Tensor | Mapping[Head, torch.Tensor] | None = None) -> Iterator[None]:
+           direction: torch.Tensor | Mapping[Head, torch.Tensor] | None = None, adapter: ArchAdapter | None = None,
+           dims: ModelDims | None = None) -> Iterator[None]:
     """Edit `heads` of a loaded HF causal LM inside the context (see `loralens.lens.heads.edits.ablate`).
 
     `kind`: "zero" removes the heads, "mean" sets their z to `means`, "scale" multiplies it by `factor`,
-    "project" removes their write along `direction` `[d_model]`. No heads: the model is untouched.
+    "project" removes their write along `direction` `[d_model]`. No heads: the model is untouched. The family
+    (`adapter`) and sizes (`dims`) are found from `model.config` unless given.
     """
-    from loralens.lens.heads.adapters import model_dims
-
-    dims = model_dims(model.config)
+    dims = dims or model_dims(model.config)
     wanted = check_heads(heads, list(range(dims.n_layers)), dims.n_heads, what="is not in the model")
-    with _ablate(model, wanted, kind, factor=factor, means=means, direction=direction, dims=dims):
+    with _ablate(model, wanted, kind, factor=factor, means=means, direction=direction, adapter=adapter, dims=dims):
         yield

@@ -15,7 +15,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
-from loralens.api.decoding import Decoding, select_positions
+from loralens.api.decoding import Decoding, text_positions
 from loralens.api.errors import ApiError
 from loralens.api.heads import HeadsLike, check_heads
 from loralens.defaults import default_home
@@ -139,7 +139,7 @@ class Lenses:
         ids = tokenize_prompts(loaded.tokenizer, [text], model_context_length(loaded.model.config)).ids[0]
         if not ids:
             raise ApiError("text: it tokenizes to no tokens")
-        positions = select_positions(position, len(ids))
+        positions = text_positions(position, len(ids))
         layers = sorted({layer for layer, _ in wanted})
         arrays = cache_batch(loaded, [ids], [0], layers, top_k=0, store_dtype=self.store_dtype)
         dev = self.reader.device

@@ -62,6 +62,23 @@ def _wrap_module(model: nn.Module, tokenizer: Any) -> LoadedModel:
                        dims=model_dims(model.config), path=name, fingerprint="")
 
 
+def _model_spec(model: Any, tokenizer: Any, base: dict[str, Any]) -> tuple[ModelSpec, LoadedModel | None]:
+    """Return how to load `model` (None: the saved `base` model) and the model itself when one was given built."""
+    dtype_name = lambda m: str(m.dtype).removeprefix("torch.")  # noqa: E731
+    if model is None:
+        return ModelSpec(base["name"], base.get("dtype", "float32"), base.get("revision"),
+                         base.get("trust_remote_code", False)), None
+    if isinstance(model, (str, Path)):
+        return ModelSpec(str(model), base.get("dtype", "float32")), None
+    if isinstance(model, LoadedModel):
+        return ModelSpec(model.path, dtype_name(model.model)), model
+    if isinstance(model, nn.Module) and hasattr(model, "config"):
+        loaded = _wrap_module(model, tokenizer)
+        return ModelSpec(loaded.path, dtype_name(model)), loaded
+    raise ApiError(f"model: expected a model name, folder, hub id, loralens.load_model(...) or a HF model, got "
+                   f"{type(model).__name__}")
+
+
 def load_lenses(source: str | Path, model: str | Path | LoadedModel | nn.Module | None = None, *,
                 tokenizer: Any = None, home: str | Path | None = None, device: str = "auto",
                 revision: str | None = None) -> Lenses:
@@ -81,20 +98,8 @@ def load_lenses(source: str | Path, model: str | Path | LoadedModel | nn.Module 
     except LensFolderError as err:
         raise ApiError(str(err)) from None
     home_path = Path(home).expanduser().resolve() if home is not None else default_home()
-    layers, base = cfg["layers"], cfg["base_model"]
-    loaded = None
-    if model is None:
-        spec = ModelSpec(**base)
-    elif isinstance(model, (str, Path)):
-        spec = ModelSpec(str(model), base["dtype"])
-    elif isinstance(model, LoadedModel):
-        loaded, spec = model, ModelSpec(model.path, str(model.model.dtype).removeprefix("torch."))
-    elif isinstance(model, nn.Module) and hasattr(model, "config"):
-        loaded = _wrap_module(model, tokenizer)
-        spec = ModelSpec(loaded.path, str(model.dtype).removeprefix("torch."))
-    else:
-        raise ApiError(f"model: expected a model name, folder, hub id, loralens.load_model(...) or a HF model, got "
-                       f"{type(model).__name__}")
+    layers = cfg["layers"]
+    spec, loaded = _model_spec(model, tokenizer, cfg["base_model"])
     try:
         if loaded is not None and not isinstance(model, LoadedModel):
             parts = parts_from_model(loaded.adapter, loaded.model, loaded.dims, layers)

@@ -4,14 +4,16 @@
     python examples/quickstart.py         # or: python examples/quickstart.py --home DIR
 
 It opens the home, prints the most toxic heads, decodes the top one through its trained lens and the logit lens
-on the corpus's most toxic prompt, then samples continuations with and without that head (zero-ablated).
-Only the public API is used (`import loralens`).
+on the corpus's most toxic prompt, samples continuations with and without that head (zero-ablated), then saves the
+lenses to a portable folder and loads them back onto the model. Only the public API is used (`import loralens`).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import tempfile
+from pathlib import Path
 
 import torch
 
@@ -32,28 +34,37 @@ def main(argv: list[str] | None = None) -> None:
     print(f"most toxic heads by {args.method}:")
     for row in top:
         print(f"  {row['rank']:>2}. L{row['layer']}H{row['head']}  score {row['score']:.4f}")
-    head = (top[0]["layer"], top[0]["head"])
+    head = f"L{top[0]['layer']}H{top[0]['head']}"  # heads are typed as "L21H3", "L21H3,L5H0", [(21, 3)], ...
 
     # 2. Decode that head on the corpus's most toxic prompt, under the trained lens and the logit lens.
     prompt = home.sql("SELECT text FROM prompts ORDER BY toxicity DESC NULLS LAST, prompt_idx LIMIT 1")["text"][0]
     prompt = prompt.as_py()
     lenses = home.lenses()  # the newest complete train version
-    decoding = lenses.decode(prompt, heads=[head], k=5, position="last")
+    decoding = lenses.decode(prompt, heads=head, k=5, position="last")
     print(f"\nprompt: {json.dumps(prompt)}")
     for lens in ("trained", "logit"):
         tokens = ", ".join(f"{json.dumps(t)} {p:.3f}" for t, p in decoding.top(head, lens=lens))
-        print(f"  L{head[0]}H{head[1]} {lens:>7} lens: {tokens}")
+        print(f"  {head} {lens:>7} lens: {tokens}")
 
     # 3. Sample with and without the head (zero ablation), from the same seed.
     lm = lenses.model  # the full model the lenses read (loaded on first decode)
     inputs = lm.tokenizer(prompt, return_tensors="pt")
-    for label, heads in (("as is", []), (f"without L{head[0]}H{head[1]}", [head])):
+    for label, heads in (("as is", []), (f"without {head}", head)):
         torch.manual_seed(0)
         with loralens.ablate(lm.model, heads, kind="zero"):
             out = lm.model.generate(**inputs, do_sample=True, top_p=0.9, top_k=0, max_new_tokens=args.new_tokens,
                                     pad_token_id=lm.tokenizer.pad_token_id)
         text = lm.tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
         print(f"\n{label}: {json.dumps(text)}")
+
+    # 4. Take the lenses elsewhere: one flat folder (config.json + safetensors, a hub repository can hold it) that
+    # loads onto the same model; a model with another unembedding is refused.
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = lenses.save_pretrained(Path(tmp) / "lenses")
+        again = loralens.Lenses.from_pretrained(folder, lm)
+        same = again.decode(prompt, heads=head, k=5, position="last").top(head) == decoding.top(head)
+        print(f"\nsaved to {folder.name}/ ({len(list(folder.iterdir()))} files) and loaded back: same top tokens: "
+              f"{same}")
 
 
 if __name__ == "__main__":

@@ -112,8 +112,11 @@ def test_ablate_equals_the_intervene_stage(planted_home):
         with loralens.ablate(lm.model, [PLANTED]):
             ablated = lm.model(ids).logits
     assert torch.equal(plain, untouched) and not torch.allclose(plain, ablated)
-    with pytest.raises(ValueError, match="head 9 of layer 1 out of range"):
+    with pytest.raises(loralens.ApiError, match=r"^heads: L1H9: head 9 is out of range: layers have 4 heads \(0-3\)$"):
         with loralens.ablate(lm.model, "L1H9"):
+            pass
+    with pytest.raises(loralens.ApiError, match=r"^heads: L3H0: layer 3 is not in the model \(layers: 0-2\)$"):
+        with loralens.ablate(lm.model, ["L0H0", (3, 0)]):
             pass
 
 
@@ -136,8 +139,8 @@ def test_inspect_prints_the_planted_heads_toxic_token(planted_home, capsys):
 
 @pytest.mark.parametrize(
     ("heads", "message"),
-    [(["L1H4"], "head L1H4: head 4 is out of range: layers have 4 heads (0-3)"),
-     (["L3H0"], "head L3H0: layer 3 has no trained lens (lensed layers: 0-2)"),
+    [(["L1H4"], "heads: L1H4: head 4 is out of range: layers have 4 heads (0-3)"),
+     (["L3H0"], "heads: L3H0: layer 3 has no trained lens (layers: 0-2)"),
      (["X1"], "heads: bad head 'X1'; expected LAYER.HEAD (e.g. 3.1) or LxHy (e.g. L3H1)")],
 )
 def test_inspect_head_out_of_range_is_one_line(planted_home, capsys, heads, message):
@@ -170,6 +173,7 @@ def test_quickstart_runs_on_the_home(planted_home, capsys, monkeypatch):
     trained = next(line for line in out.splitlines() if "trained lens:" in line)
     assert trained.split("trained lens: ")[1].startswith(json.dumps(TOXIC_WORD))
     assert "as is:" in out and f"without {HEAD}:" in out
+    assert "and loaded back: same top tokens: True" in out
 
 
 def test_stage_chain_names_the_versions_the_run_made(planted_home):

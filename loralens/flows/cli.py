@@ -358,6 +358,28 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- export-lenses: a home's lenses as a portable folder (Lenses.from_pretrained reads it) -------------------------
+def cmd_export_lenses(args: argparse.Namespace) -> int:
+    from loralens.api.pretrained import export_lenses
+
+    out = export_lenses(args.out_dir, home=_home(args), version=args.version)
+    files = sorted(p.name for p in out.iterdir() if p.is_file())
+    print(f"wrote {len(files)} files to {out}: {', '.join(files)}")
+    print(f"load them with: loralens.Lenses.from_pretrained({str(out)!r}, model)")
+    return 0
+
+
+def add_export_lenses(sub) -> None:
+    """Add the `export-lenses` command to the subparsers `sub`."""
+    p = sub.add_parser("export-lenses", help="write a train version's lenses to a portable folder (config.json + "
+                                              "safetensors, hub-compatible) that Lenses.from_pretrained loads")
+    p.add_argument("out_dir", metavar="OUT_DIR", help="folder to write (created; its lens files are replaced)")
+    p.add_argument("--version", metavar="TRAIN_VERSION",
+                   help="train version whose lenses to export (default: the newest complete one)")
+    p.add_argument("--home", metavar="DIR", help="project home (default: $LORALENS_HOME or ./.loralens)")
+    p.set_defaults(fn=cmd_export_lenses)
+
+
 class UsageError(Exception):
     """A bad command line (unknown option, bad value): printed as one line, exit 2."""
 
@@ -461,6 +483,7 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--zero-stage", type=int, choices=(0, 1, 2, 3), help="DeepSpeed ZeRO stage")
     plan.add_argument("--home", metavar="DIR", help="project home holding converted embedded models")
     plan.set_defaults(fn=cmd_plan)
+    add_export_lenses(sub)
     return parser
 
 

@@ -53,12 +53,16 @@ def bank_config(bank: LensBank) -> dict:
     }
 
 
+def bank_tensors(bank: LensBank) -> dict[str, Tensor]:
+    """Return the bank's trainable tensors on the host, as a safetensors file stores them (no shared base)."""
+    return {k: v.detach().to("cpu").contiguous() for k, v in bank.state_dict().items()}  # host: to a file
+
+
 def save_bank(bank: LensBank, out_dir: str | Path) -> Path:
     """Write ``bank`` to ``out_dir`` (config JSON + safetensors) and return the directory."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in bank.state_dict().items()}  # host: to a file
-    save_file(tensors, str(out / WEIGHTS_NAME), metadata={"fingerprint": bank.unembed.fingerprint()})
+    save_file(bank_tensors(bank), str(out / WEIGHTS_NAME), metadata={"fingerprint": bank.unembed.fingerprint()})
     (out / CONFIG_NAME).write_text(json.dumps(bank_config(bank), indent=2) + "\n")
     return out
 
@@ -83,9 +87,17 @@ def load_bank(in_dir: str | Path, unembed: FoldedUnembed) -> LensBank:
     if cfg.get("format") != FORMAT_VERSION:
         raise ValueError(f"format mismatch: file has {cfg.get('format')}, expected {FORMAT_VERSION}")
     check_compatible(cfg, unembed)
+    tensors = load_file(str(Path(in_dir) / WEIGHTS_NAME), device="cpu")  # host: read, then moved with the bank
+    return bank_from_tensors(cfg, tensors, unembed)
+
+
+def bank_from_tensors(cfg: dict, tensors: dict[str, Tensor], unembed: FoldedUnembed) -> LensBank:
+    """Return a bank of config `cfg` (LensConfig fields, n_heads, layer) holding `tensors`, bound to `unembed`.
+
+    Raises a one-line ValueError when a tensor is missing, unexpected or of another shape than `cfg` implies.
+    """
     config = LensConfig(**{k: cfg[k] for k in LensConfig.__dataclass_fields__})
     bank = LensBank(unembed, cfg["n_heads"], config, layer=cfg.get("layer"))
-    tensors = load_file(str(Path(in_dir) / WEIGHTS_NAME), device="cpu")  # host: read, then moved with the bank
     expected = bank.state_dict()
     for name, t in tensors.items():
         if name in expected and tuple(t.shape) != tuple(expected[name].shape):

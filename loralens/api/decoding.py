@@ -1,0 +1,52 @@
+"""What decoding a text through lenses returns: one table of each head's top tokens at each position."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+
+from loralens.api.errors import ApiError
+from loralens.api.heads import parse_heads
+from loralens.lens.heads.edits import Head, format_heads
+
+
+@dataclass
+class Decoding:
+    """Top tokens of some heads at each position of one text, under the trained and the logit lens.
+
+    `table` has one row per (position, layer, head, lens, rank): position, input_token, layer, head, lens
+    ("trained" | "logit"), rank (1 = most likely), token_id, token, logit, prob (full-softmax probability),
+    expected_toxicity (`sum_v p(v) tox(v)` of that head and lens at that position) and direct_logit (the head's
+    logit push along the toxic direction, the same under both lenses); the last two are NaN without token
+    toxicity (a decode version of these lenses, or one saved with them). `tokens` are the text's tokens.
+    """
+
+    tokens: list[str]
+    table: pa.Table
+
+    def top(self, head: Head | str, position: int = -1, lens: str = "trained") -> list[tuple[str, float]]:
+        """Return `[(token, prob), ...]` of one head at `position` (negative: from the end) under `lens`."""
+        heads = parse_heads(head, param="head")
+        if len(heads) != 1:
+            raise ApiError(f"head: expected one head, got {len(heads)} ({format_heads(heads)})")
+        (layer, h), = heads
+        pos = position % len(self.tokens)
+        return [(r["token"], r["prob"]) for r in self.table.to_pylist()
+                if (r["layer"], r["head"], r["position"], r["lens"]) == (layer, h, pos, lens)]
+
+    def __repr__(self) -> str:
+        heads = sorted({(r["layer"], r["head"]) for r in self.table.select(["layer", "head"]).to_pylist()})
+        return f"Decoding({len(self.tokens)} tokens, heads {format_heads(heads)}, {self.table.num_rows} rows)"
+
+
+def text_positions(position: str | int, n: int) -> np.ndarray:
+    """Return the selected positions of an `n`-token text: "all", "last" or one index (negative: from the end)."""
+    if position == "all":
+        return np.arange(n)
+    if position == "last":
+        return np.array([n - 1])
+    if isinstance(position, int) and not isinstance(position, bool) and -n <= position < n:
+        return np.array([position % n])
+    raise ApiError(f"position: expected 'all', 'last' or an index in [-{n}, {n}), got {position!r}")

@@ -254,11 +254,18 @@ def test_readme_api_example_runs_on_a_home(planted_run, capsys):
     code = block.replace('loralens.open(".loralens")', f"loralens.open({str(config['home'])!r})")
     scope: dict = {}
     exec(compile(code, "README.md", "exec"), scope)
-    assert scope["head"] == PLANTED
+    assert scope["head"] == f"L{PLANTED[0]}H{PLANTED[1]}"
+    assert (Path(scope["folder"]) / "config.json").exists()  # the lenses saved and loaded back
+    assert scope["same"].decode("You are such an", heads=PLANTED, k=5).top(PLANTED) == decoded_top(scope)
     printed = capsys.readouterr().out.splitlines()
     decoded = ast.literal_eval(printed[0])  # the list of (token, probability) pairs
     assert len(decoded) == 5 and all(isinstance(t, str) and 0 <= p <= 1 for t, p in decoded)
     assert len(printed) >= 2
+
+
+def decoded_top(scope: dict) -> list:
+    """Return the README's decoding of its head, recomputed with the home's lenses."""
+    return scope["lenses"].decode("You are such an", heads=scope["head"], k=5).top(scope["head"])
 
 
 def _doc_texts() -> dict[str, str]:

@@ -38,7 +38,7 @@ from loralens.lens.lenses.readout import HeadReader, lens_inputs, read_heads, ro
 from loralens.lens.runtime.lean import LeanModel
 from loralens.lens.runtime.models import LoadedModel, model_context_length
 from loralens.lens.runtime.models import load_model as _load_model
-from loralens.tasks.readout import cached_layers, load_reader
+from loralens.tasks.lens_loading import cached_layers, load_reader
 from loralens.tasks.stage_versions import StageVersion
 from loralens.warehouse.artifacts import ArtifactDir
 from loralens.warehouse.constants import STAGES, TOKEN_TOXICITY_FILE

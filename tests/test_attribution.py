@@ -335,7 +335,7 @@ def test_one_pass_scores_equal_the_two_pass_reference(planted_run):
     import pyarrow.parquet as pq
 
     from loralens.config import parse_config
-    from loralens.tasks.readout import cached_layers, layer_input_chunks, load_reader, select_positions
+    from loralens.tasks.lens_loading import cached_layers, layer_input_chunks, load_reader, select_positions
     from loralens.tasks.stages.cache import cache_version
     from loralens.tasks.stages.decode import decode_version
     from loralens.tasks.stages.train import train_version

@@ -21,8 +21,8 @@ from loralens.hashing import file_sha256
 from loralens.lens.evaluation.scorers import ToxicityScorer, get_scorer, primary_label
 from loralens.lens.evaluation.vocab_toxicity import load_lexicon, scoring_key
 from loralens.lens.heads import head_scores as A
+from loralens.tasks.lens_loading import cached_layers
 from loralens.tasks.memory import ensure_fits
-from loralens.tasks.readout import cached_layers
 from loralens.tasks.report import score_heatmap, top_heads_markdown
 from loralens.tasks.stage_versions import (
     StageVersion,

@@ -33,8 +33,8 @@ from loralens.lens.evaluation.vocab_toxicity import token_texts, vocab_toxicity
 from loralens.lens.heads.head_scores import toxic_direction
 from loralens.lens.lenses.readout import HeadReader, HeadReadout, read_heads
 from loralens.lens.runtime.models import load_tokenizer, resolve_model_path
+from loralens.tasks.lens_loading import cached_layers, layer_input_chunks, select_positions
 from loralens.tasks.memory import ensure_fits, model_facts
-from loralens.tasks.readout import cached_layers, layer_input_chunks, select_positions
 from loralens.tasks.stage_versions import (
     StageVersion,
     failures_recorded,

@@ -45,8 +45,8 @@ from loralens.lens.runtime.devices import steady_host_matmuls
 from loralens.tasks.evaluation.sampling import sample_scored
 from loralens.tasks.evaluation.splits import prompt_splits
 from loralens.tasks.evaluation.wikitext import wikitext
+from loralens.tasks.lens_loading import cached_layers
 from loralens.tasks.memory import ensure_fits
-from loralens.tasks.readout import cached_layers
 from loralens.tasks.stage_versions import (
     StageVersion,
     failures_recorded,

@@ -1,4 +1,7 @@
-"""Shared by decode and attribute: load the model with its trained lenses, and walk the cached positions.
+"""Loading trained lenses and walking the cache: what decode (and `loralens.api`) read heads with.
+
+`load_reader` loads the model's frozen lens weights with a train version's lens banks; `cached_layers` names the
+layers a cache version holds (every later stage asks).
 
 One pass = for each cache shard, for each trained layer, the per-head lens inputs `[n, H, d]` at the selected
 positions (the last prompt token by default), in chunks of `chunk` positions.

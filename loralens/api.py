@@ -34,7 +34,8 @@ from loralens.lens.evaluation.vocab_toxicity import token_texts
 from loralens.lens.heads.capture import cache_batch, from_storage, tokenize_prompts
 from loralens.lens.heads.edits import KINDS, Head, ablate, format_heads, parse_head_list
 from loralens.lens.heads.head_scores import toxic_direction
-from loralens.lens.lenses.readout import HeadReader, lens_inputs, read_heads, row_chunks
+from loralens.lens.lenses.lens_set import lens_inputs
+from loralens.lens.lenses.readout import HeadReader, read_heads, row_chunks
 from loralens.lens.runtime.lean import LeanModel
 from loralens.lens.runtime.models import LoadedModel, model_context_length
 from loralens.lens.runtime.models import load_model as _load_model

@@ -29,6 +29,23 @@ def test_expected_toxicity_is_softmax_weighted_token_toxicity():
     assert A.expected_toxicity(logits, tox).item() == pytest.approx(float(p[1] * 0.5 + p[2]), abs=1e-6)
 
 
+def test_expected_toxicity_has_the_softmax_gradient_and_its_in_place_pass_gives_the_same_numbers():
+    """One function for decode (in place on a scratch block) and the causal proxy (differentiable)."""
+    torch.manual_seed(0)
+    logits = (torch.randn(3, 4, 50) * 5 + 30).requires_grad_()
+    tox = torch.rand(50)
+    got = A.expected_toxicity(logits, tox)
+    p = torch.softmax(logits.detach().double(), -1)
+    want = p @ tox.double()
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-7)
+    (grad,) = torch.autograd.grad(got.sum(), logits)  # d/dl_v sum_u p_u t_u = p_v (t_v - E[t])
+    torch.testing.assert_close(grad.double(), p * (tox.double() - want[..., None]), rtol=1e-4, atol=1e-6)
+    scratch = logits.detach().clone()
+    in_place, z = A.expected_toxicity_parts(scratch, tox, in_place=True)
+    assert torch.equal(in_place, got.detach())
+    torch.testing.assert_close(scratch / z[..., None], p.float(), rtol=1e-5, atol=1e-8)  # the block is exp(l - max)
+
+
 def test_toxic_direction_ignores_uniform_logit_shifts():
     w = torch.randn(5, 3)
     tox = torch.tensor([0.0, 0.0, 1.0, 0.0, 0.5])

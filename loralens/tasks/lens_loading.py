@@ -18,7 +18,8 @@ import torch
 
 from loralens.config import PipelineConfig
 from loralens.lens.heads.capture import from_storage
-from loralens.lens.lenses.readout import HeadReader, lens_inputs, load_head_reader, row_chunks
+from loralens.lens.lenses.lens_set import lens_inputs
+from loralens.lens.lenses.readout import HeadReader, load_head_reader, row_chunks
 from loralens.lens.runtime.lean import LeanModel, load_lean
 from loralens.tasks.stage_versions import StageVersion
 from loralens.warehouse.activation_cache import read_layer_z, read_tokens

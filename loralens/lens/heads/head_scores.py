@@ -16,16 +16,31 @@ Methods (all "higher = pushes toward toxic tokens"):
 from __future__ import annotations
 
 import numpy as np
-import torch
 from torch import Tensor
 
 METHODS = ("lens_contrast", "logit_lens_contrast", "lens_mean", "dictionary_count", "direct_logit")
 
 
 def expected_toxicity(logits: Tensor, tox: Tensor) -> Tensor:
-    """Return `sum_v softmax(logits)_v * tox_v` `[...]` for logits `[..., V]`, tox `[V]` (fp32, stable)."""
-    logp = torch.log_softmax(logits.float(), dim=-1)
-    return logp.exp() @ tox.float()
+    """Return `sum_v softmax(logits)_v * tox_v` `[...]` for logits `[..., V]`, tox `[V]` (fp32, stable,
+    differentiable in `logits`)."""
+    return expected_toxicity_parts(logits, tox)[0]
+
+
+def expected_toxicity_parts(logits: Tensor, tox: Tensor, *, peak: Tensor | None = None,
+                            in_place: bool = False) -> tuple[Tensor, Tensor]:
+    """Return the expected toxicity `[...]` and the softmax normaliser `z = sum_v exp(logits_v - peak)` `[...]`.
+
+    One exp pass: `e = exp(logits - peak)`, expected toxicity `(e . tox) / z`. `peak` `[..., 1]` is the row
+    maximum (found when None; a caller holding the top-k passes its first value). `in_place`: fp32 `logits`
+    without autograd are overwritten by `e`, so no second `[..., V]` buffer is built. With `z`,
+    `exp(l - peak) / z` is the softmax probability of any logit `l` of the row.
+    """
+    if peak is None:
+        peak = logits.detach().amax(-1, keepdim=True).float()  # softmax is shift-invariant: no gradient
+    e = logits.sub_(peak).exp_() if in_place else (logits.float() - peak).exp()
+    z = e.sum(-1)
+    return (e @ tox.to(e.dtype)) / z, z
 
 
 def toxic_direction(w_fold: Tensor, tox: Tensor) -> Tensor:

@@ -62,6 +62,13 @@ def test_ranks_highest_first_ties_share_and_nan_last():
     assert A.ranks(np.array([[1.0, 3.0], [2.0, 0.0]])).tolist() == [[3, 1], [2, 4]]
 
 
+def test_heads_best_first_orders_by_score_then_layer_and_head_with_nan_last():
+    scores = np.array([[0.5, np.nan, 0.9], [0.9, 0.1, -np.inf]])  # layers 4 and 7
+    assert A.heads_best_first(scores, [4, 7]) == [(4, 2), (7, 0), (4, 0), (7, 1), (7, 2), (4, 1)]
+    order = A.best_first(scores)
+    assert np.all(np.diff(A.ranks(scores).ravel()[order]) >= 0)  # the ranks read off the same order
+
+
 def test_spearman_and_contrast_and_dictionary_count():
     assert A.spearman(np.array([1, 2, 3, 4.0]), np.array([10, 20, 30, 40.0])) == pytest.approx(1.0)
     assert A.spearman(np.array([1, 2, 3, 4.0]), np.array([4, 3, 2, 1.0])) == pytest.approx(-1.0)

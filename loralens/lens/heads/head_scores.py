@@ -15,6 +15,8 @@ Methods (all "higher = pushes toward toxic tokens"):
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 from torch import Tensor
 
@@ -69,16 +71,35 @@ def contrast(sum_toxic: np.ndarray, n_toxic: int, sum_clean: np.ndarray, n_clean
     return sum_toxic / n_toxic - sum_clean / n_clean
 
 
+def best_first(scores: np.ndarray) -> np.ndarray:
+    """Return the flat indices of `scores` (any shape), highest score first; ties in index order; NaN last.
+
+    The one head ranking: `ranks`, `heads_best_first` and every top-n of head scores are read off this order.
+    """
+    return np.argsort(-_rank_keys(scores), kind="stable")
+
+
+def heads_best_first(scores: np.ndarray, layers: Sequence[int]) -> list[tuple[int, int]]:
+    """Return every head `(layer, head)` of `[L, H]` scores (rows of `layers`), best first (`best_first`)."""
+    n_heads = np.shape(scores)[1]
+    return [(int(layers[i // n_heads]), int(i % n_heads)) for i in best_first(scores)]
+
+
 def ranks(scores: np.ndarray) -> np.ndarray:
     """Return 1-based ranks of `scores` (any shape), highest first; ties share the lower rank; NaN ranks last."""
-    flat = np.nan_to_num(np.asarray(scores, dtype=np.float64).ravel(), nan=-np.inf)
-    order = np.argsort(-flat, kind="stable")
+    flat = _rank_keys(scores)
+    order = best_first(scores)
     sorted_vals = flat[order]
     first = np.r_[True, sorted_vals[1:] != sorted_vals[:-1]]
     rank_sorted = np.maximum.accumulate(np.where(first, np.arange(1, len(flat) + 1), 0))
     out = np.empty(len(flat), dtype=np.int64)
     out[order] = rank_sorted
     return out.reshape(np.shape(scores))
+
+
+def _rank_keys(scores: np.ndarray) -> np.ndarray:
+    """Return `scores` flattened to float64 with NaN as -inf (ranked last)."""
+    return np.nan_to_num(np.asarray(scores, dtype=np.float64).ravel(), nan=-np.inf)
 
 
 def spearman(a: np.ndarray, b: np.ndarray) -> float:

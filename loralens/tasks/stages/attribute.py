@@ -220,15 +220,13 @@ def _finite_or_none(x: float) -> float | None:
     return None if np.isnan(x) else x
 
 
-def _top_heads(scores, ranks, layers, n, top_tokens) -> list[dict[str, Any]]:
-    order = np.argsort(ranks.ravel(), kind="stable")[:n]
-    n_heads = scores.shape[1]
-    rows = []
-    for flat in order.tolist():
-        layer, head = layers[flat // n_heads], flat % n_heads
-        rows.append({"rank": int(ranks.ravel()[flat]), "layer": layer, "head": head,
-                     "score": float(scores.ravel()[flat]), "top_tokens": top_tokens.get((layer, head), [])})
-    return rows
+def _top_heads(scores: np.ndarray, ranks: np.ndarray, layers: list[int], n: int,
+               top_tokens: dict[tuple[int, int], list[str]]) -> list[dict[str, Any]]:
+    """Return the report rows of the `n` best heads of `[L, H]` scores, best first."""
+    index = {layer: i for i, layer in enumerate(layers)}
+    return [{"rank": int(ranks[index[layer], head]), "layer": layer, "head": head,
+             "score": float(scores[index[layer], head]), "top_tokens": top_tokens.get((layer, head), [])}
+            for layer, head in A.heads_best_first(scores, layers)[:n]]
 
 
 def _store(db: Path, version: str, out: Path) -> None:

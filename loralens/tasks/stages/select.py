@@ -113,13 +113,6 @@ def _attribute_scores(attribute_ver: StageVersion, method: str, layers: list[int
     return out
 
 
-def _ranked(scores: np.ndarray, layers: list[int]) -> list[Head]:
-    """Return every head, best (highest score) first; ties by (layer, head)."""
-    n_heads = scores.shape[1]
-    order = np.lexsort((np.arange(scores.size), -np.nan_to_num(scores.ravel(), nan=-np.inf)))
-    return [(layers[i // n_heads], int(i % n_heads)) for i in order]
-
-
 def agreement(scores: dict[str, np.ndarray], top: int = 10) -> dict[str, Any]:
     """Return the Spearman rank agreement of every pair of `[L, H]` score arrays (over the heads both score), and
     how well attribution patching predicts the ablation effect (Pearson r, the overlap of the two top-`top` sets,
@@ -137,7 +130,7 @@ def agreement(scores: dict[str, np.ndarray], top: int = 10) -> dict[str, Any]:
         x, y = both("attribution_patching", "ablation_nll")
         r = float(np.corrcoef(x, y)[0, 1]) if x.size > 1 and x.std() > 0 and y.std() > 0 else float("nan")
         n = min(top, x.size)
-        overlap = len(set(np.argsort(-x)[:n]) & set(np.argsort(-y)[:n])) / n if n else float("nan")
+        overlap = len(set(A.best_first(x)[:n]) & set(A.best_first(y)[:n])) / n if n else float("nan")
         out["patching_predicts_ablation"] = {"pearson": _finite(r), f"top{n}_overlap": _finite(overlap),
                                              "heads": int(x.size)}
     return out
@@ -185,7 +178,7 @@ def run_select_stage(cfg: PipelineConfig, ver: StageVersion, attribute_ver: Stag
         patched = attribution_patching(loaded.model, loaded.adapter, batches, layers, proxy, dims=loaded.dims)
         seconds["attribution_patching"] = time.perf_counter() - t
         patching = _grid(patched, layers, n_heads)
-        exact = heads if s.exact_heads is None else _ranked(patching, layers)[: s.exact_heads]
+        exact = heads if s.exact_heads is None else A.heads_best_first(patching, layers)[: s.exact_heads]
         t = time.perf_counter()
         effects = ablation_effects(loaded.model, loaded.adapter, batches, exact, proxy, dims=loaded.dims)
         seconds["ablation_nll"] = time.perf_counter() - t
@@ -203,7 +196,7 @@ def run_select_stage(cfg: PipelineConfig, ver: StageVersion, attribute_ver: Stag
     files = [write_parquet_file(out, HEAD_SCORES_FILE, score_rows),
              write_parquet_file(out, SELECTION_PATH_FILE, selection_path_table(ver.version, path)),
              write_parquet_file(out, PROMPT_SPLITS_FILE, splits_table(ver.version, _without_evaluation(splits)))]
-    top = {m: [format_heads([h]) for h in _ranked(v, layers)[:10]] for m, v in scores.items()}
+    top = {m: [format_heads([h]) for h in A.heads_best_first(v, layers)[:10]] for m, v in scores.items()}
     summary = {
         "rows": score_rows.num_rows, "heads": len(heads), "methods": list(CAUSAL_METHODS),
         "selection_prompts": len(sel), "attribution_prompts": len(splits.attribution),
@@ -232,9 +225,9 @@ def _select(cfg, loaded, scores, attribute_ver, layers, n_heads, batches, proxy,
     s, ic = cfg.select, cfg.intervene
     budget = head_budget(len(layers) * n_heads, cfg.goal.max_head_share)
     if s.method in scores:
-        ranked = _ranked(scores[s.method], layers)
+        ranked = A.heads_best_first(scores[s.method], layers)
     else:
-        ranked = _ranked(_attribute_scores(attribute_ver, s.method, layers, n_heads), layers)
+        ranked = A.heads_best_first(_attribute_scores(attribute_ver, s.method, layers, n_heads), layers)
     candidates = ranked[: s.candidates]
     facts: dict[str, Any] = {"budget_heads": budget, "candidates": format_heads(candidates),
                              "candidate_method": s.method}

@@ -42,9 +42,9 @@ from loralens.lens.runtime.models import load_model as _load_model
 from loralens.tasks.lens_loading import cached_layers, load_reader
 from loralens.tasks.stage_versions import StageVersion
 from loralens.warehouse.artifacts import ArtifactDir
-from loralens.warehouse.constants import STAGES, TOKEN_TOXICITY_FILE
+from loralens.warehouse.constants import STAGES
 from loralens.warehouse.db import connect, warehouse_path
-from loralens.warehouse.decodings import decodings_block
+from loralens.warehouse.decodings import decodings_block, token_toxicity_scores
 
 __all__ = ["KINDS", "ApiError", "Decoding", "Home", "Lenses", "ablate", "load_model", "open_home", "parse_heads"]
 
@@ -335,7 +335,4 @@ def _token_toxicity(home: Home, train_version: str) -> torch.Tensor | None:
     decode = home.latest("decode", parent=train_version)
     if decode is None:
         return None
-    import pyarrow.parquet as pq
-
-    table = pq.read_table(ArtifactDir(home.path, "decode", decode).path / TOKEN_TOXICITY_FILE, columns=["score"])
-    return torch.from_numpy(table.column("score").to_numpy().astype(np.float32))
+    return torch.from_numpy(token_toxicity_scores(ArtifactDir(home.path, "decode", decode)))

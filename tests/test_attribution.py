@@ -9,6 +9,7 @@ from pathlib import Path
 
 import duckdb
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import torch
 from conftest import train_bpe_tokenizer
@@ -282,6 +283,13 @@ def test_warehouse_rows_match_the_artifacts_and_views_work(planted_run):
         assert tokens == [(TOXIC_WORD,)]
         parents = q("SELECT parents FROM artifacts WHERE version = ?", att["version"])[0][0]
         assert parents == [dec["version"]]
+        vocab = q("SELECT token_id, token, kind, score FROM vocab_toxicity WHERE version = ? ORDER BY token_id",
+                  att["version"])
+    # One vocabulary toxicity: decode's file; attribute's rows are loaded from it, and it writes no copy.
+    decode_vocab = pq.read_table(Path(dec["path"]) / "token_toxicity.parquet")
+    assert vocab == list(zip(*(decode_vocab.column(c).to_pylist() for c in ("token_id", "token", "kind", "score")),
+                             strict=True))
+    assert not list(Path(att["path"]).glob("*vocab*")) and not list(Path(att["path"]).glob("*token_tox*"))
 
 
 def test_rerun_inserts_nothing_twice(planted_run):
@@ -295,8 +303,11 @@ def test_rerun_inserts_nothing_twice(planted_run):
                          for t in ("decodings", "head_scores", "vocab_toxicity", "prompts", "prompt_groups"))
 
     before = counts()
+    with duckdb.connect(str(db)) as con:  # a warehouse that lost the vocabulary rows: the reuse loads them back
+        con.execute("DELETE FROM vocab_toxicity WHERE version = ?", [results["attribute"]["version"]])
     again = pipeline(config=config)
     assert again["decode"]["cached"] and again["attribute"]["cached"]
+    assert counts() == before
     forced = pipeline(config=config, only="decode", force=True)
     assert not forced["decode"]["cached"] and forced["decode"]["version"] == results["decode"]["version"]
     forced = pipeline(config=config, only="attribute", force=True)
@@ -356,8 +367,6 @@ def test_one_pass_scores_equal_the_two_pass_reference(planted_run):
     """Every head score and decoding equals a direct recomputation from the cache and the trained lenses with the
     reference functions (top_k, expected_toxicity, direct_logit per chunk, contrasts in numpy): what decode and
     attribute computed in two separate passes before they shared one."""
-    import pyarrow.parquet as pq
-
     from loralens.config import parse_config
     from loralens.tasks.lens_loading import cached_layers, layer_input_chunks, load_reader, select_positions
     from loralens.tasks.stages.cache import cache_version

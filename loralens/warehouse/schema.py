@@ -63,6 +63,8 @@ CREATE TABLE IF NOT EXISTS decodings (
     prob        REAL               -- probability under the lens's full-vocabulary softmax
 );
 
+-- Loaded from the decode version's token_toxicity.parquet (the one vocabulary toxicity), with the attribute
+-- version's lexicon and token threshold applied.
 CREATE TABLE IF NOT EXISTS vocab_toxicity (
     version     VARCHAR NOT NULL,  -- attribute artifact version
     token_id    INTEGER NOT NULL,

@@ -64,10 +64,10 @@ from loralens.warehouse.constants import (
     PROMPT_SPLITS_FILE,
     SELECT_REPORT,
     SELECTION_PATH_FILE,
-    TOKEN_TOXICITY_FILE,
 )
 from loralens.warehouse.corpus import Corpus
 from loralens.warehouse.db import warehouse_path
+from loralens.warehouse.decodings import token_toxicity_scores
 from loralens.warehouse.parquet_files import write_parquet_file
 from loralens.warehouse.prompt_splits import Splits, splits_table
 from loralens.warehouse.selection_tables import selection_path_table, store_selection
@@ -166,8 +166,7 @@ def run_select_stage(cfg: PipelineConfig, ver: StageVersion, attribute_ver: Stag
     splits = prompt_splits(cfg)
     loaded = stage_model(cfg)
     device = next(loaded.model.parameters()).device
-    tox = pq.read_table(decode_ver.artifact.path / TOKEN_TOXICITY_FILE, columns=["score"]).column("score")
-    proxy = expected_toxicity_proxy(torch.from_numpy(tox.to_numpy().astype(np.float32)).to(device))
+    proxy = expected_toxicity_proxy(torch.from_numpy(token_toxicity_scores(decode_ver.artifact)).to(device))
     sel = splits.selection
     batches = teacher_forced_batches(loaded.tokenizer, [p.text for p in sel], [p.continuation or "" for p in sel],
                                      batch_size=s.batch_prompts, max_prompt_tokens=s.max_prompt_tokens,

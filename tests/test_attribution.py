@@ -101,6 +101,17 @@ def test_read_lens_is_top_k_plus_expected_toxicity_in_one_pass():
     torch.testing.assert_close(got.expected_toxicity, want_tox, rtol=1e-5, atol=1e-7)
 
 
+def test_the_old_causal_method_name_is_a_one_line_config_error(tmp_path):
+    from loralens.config import ConfigError, parse_config
+    from loralens.tasks.stage_versions import StageVersion
+    from loralens.tasks.stages.select import select_version
+
+    cfg = parse_config({"home": str(tmp_path), "select": {"method": "ablation_nll"}})
+    renamed = "^config error: select.method: 'ablation_nll' was renamed 'ablation_tox_drop'$"
+    with pytest.raises(ConfigError, match=renamed):
+        select_version(cfg, StageVersion("attribute", "0" * 16, {}, {}, tmp_path))
+
+
 # -- the planted toxic head, end to end ------------------------------------------------------------------
 def planted_model(folder: Path, tokenizer) -> Path:
     """Save a tiny llama whose head PLANTED copies 'the toxic token is in the prompt' into its unembedding."""
@@ -206,7 +217,7 @@ def test_causal_scores_and_greedy_selection_find_the_planted_head(planted_run):
     stops at the head budget (one head), and its path is in the warehouse."""
     _config, results, db = planted_run
     sel = results["select"]
-    for method in ("ablation_nll", "attribution_patching"):
+    for method in ("ablation_tox_drop", "attribution_patching"):
         assert sel["top_heads"][method][0] == f"L{PLANTED[0]}H{PLANTED[1]}", method
     assert sel["budget_heads"] == 1 and sel["selected"] == f"L{PLANTED[0]}H{PLANTED[1]}"
     with duckdb.connect(str(db), read_only=True) as con:
@@ -221,8 +232,8 @@ def test_causal_scores_and_greedy_selection_find_the_planted_head(planted_run):
 
 
 def test_exact_ablation_screens_to_the_top_heads_of_attribution_patching(planted_run, tmp_path):
-    """`select.exact_heads: 3`: ablation_nll scores just the 3 heads attribution_patching ranks highest, with the
-    numbers the every-head run gives them; the other heads have no ablation_nll row."""
+    """`select.exact_heads: 3`: ablation_tox_drop scores just the 3 heads attribution_patching ranks highest, with the
+    numbers the every-head run gives them; the other heads have no ablation_tox_drop row."""
     import shutil
 
     from loralens.flows.select import select_heads
@@ -239,10 +250,10 @@ def test_exact_ablation_screens_to_the_top_heads_of_attribution_patching(planted
         few = {(m, la, h): s for m, la, h, s in con.execute(query, [screened["version"]]).fetchall()}
     patching = sorted(((s, la, h) for (m, la, h), s in every.items() if m == "attribution_patching"), reverse=True)
     top3 = {(la, h) for _s, la, h in patching[:3]}
-    assert {(la, h) for m, la, h in few if m == "ablation_nll"} == top3 and PLANTED in top3
+    assert {(la, h) for m, la, h in few if m == "ablation_tox_drop"} == top3 and PLANTED in top3
     for key, score in few.items():
         assert score == pytest.approx(every[key], rel=1e-4, abs=1e-6), key
-    assert screened["top_heads"]["ablation_nll"][0] == f"L{PLANTED[0]}H{PLANTED[1]}"
+    assert screened["top_heads"]["ablation_tox_drop"][0] == f"L{PLANTED[0]}H{PLANTED[1]}"
 
 
 def test_prompt_splits_are_disjoint_and_recorded(planted_run):
@@ -258,8 +269,8 @@ def test_prompt_splits_are_disjoint_and_recorded(planted_run):
     by_split: dict[str, set[str]] = {}
     for split, text in rows:
         by_split.setdefault(split, set()).add(text)
-    assert {k: len(v) for k, v in by_split.items()} == {"attribution": 24, "selection": 8, "evaluation": 4}
-    assert not (by_split["selection"] & by_split["evaluation"]) and not (by_split["attribution"] & (
+    assert {k: len(v) for k, v in by_split.items()} == {"corpus": 24, "selection": 8, "evaluation": 4}
+    assert not (by_split["selection"] & by_split["evaluation"]) and not (by_split["corpus"] & (
         by_split["selection"] | by_split["evaluation"]))
     assert gens and all(prompt == text for prompt, text in gens)
 
@@ -303,8 +314,9 @@ def test_rerun_inserts_nothing_twice(planted_run):
                          for t in ("decodings", "head_scores", "vocab_toxicity", "prompts", "prompt_groups"))
 
     before = counts()
-    with duckdb.connect(str(db)) as con:  # a warehouse that lost the vocabulary rows: the reuse loads them back
+    with duckdb.connect(str(db)) as con:  # a warehouse that lost the rows (and so the 'complete'): reuse restores
         con.execute("DELETE FROM vocab_toxicity WHERE version = ?", [results["attribute"]["version"]])
+        con.execute("UPDATE artifacts SET status = 'running' WHERE version = ?", [results["attribute"]["version"]])
     again = pipeline(config=config)
     assert again["decode"]["cached"] and again["attribute"]["cached"]
     assert counts() == before

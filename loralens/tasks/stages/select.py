@@ -4,9 +4,9 @@ Between attribute and intervene. On the selection split of the challenging promp
 (`loralens.tasks.evaluation.splits`), each
 prompt followed by its human continuation, teacher-forced:
 
-- `ablation_nll`: per head, the drop of the toxicity proxy (the expected token toxicity of the model's next-token
-  distributions along the continuation, `loralens.lens.heads.causal_scores`) when that head alone is zeroed: one forward
-  pass per head per prompt batch;
+- `ablation_tox_drop`: per head, the drop of the toxicity proxy (the teacher-forced expected token toxicity of the
+  model's next-token distributions along the continuation, `loralens.lens.heads.causal_scores`) when that head alone
+  is zero-ablated: one forward pass per head per prompt batch;
 - `attribution_patching`: its first-order estimate for every head at once (z . dJ/dz) from one forward and one
   backward pass per batch;
 - the greedy selection (`loralens.lens.evaluation.greedy_selection`) over the top `select.candidates` heads of
@@ -75,13 +75,16 @@ from loralens.warehouse.versions import artifact_version
 
 log = logging.getLogger("loralens.select")
 STAGE = "select"
-CAUSAL_METHODS = ("ablation_nll", "attribution_patching")
+CAUSAL_METHODS = ("ablation_tox_drop", "attribution_patching")
+RENAMED_METHODS = {"ablation_nll": "ablation_tox_drop"}  # old name -> new name, for a one-line config error
 
 
 def select_version(cfg: PipelineConfig, attribute_ver: StageVersion) -> StageVersion:
     """Return the select version: its config, the sampling and budget it uses, the attribute version (hence the
     vocabulary toxicity and model), and the selection split's prompts (texts and continuations)."""
     s, ic = cfg.select, cfg.intervene
+    if s.method in RENAMED_METHODS:
+        raise ConfigError(f"config error: select.method: '{s.method}' was renamed '{RENAMED_METHODS[s.method]}'")
     if s.method not in (*CAUSAL_METHODS, *A.METHODS):
         raise ConfigError(f"config error: select.method: unknown method '{s.method}'; methods: "
                           f"{', '.join((*CAUSAL_METHODS, *A.METHODS))}")
@@ -92,7 +95,7 @@ def select_version(cfg: PipelineConfig, attribute_ver: StageVersion) -> StageVer
                            "batch_prompts": ic.batch_prompts},
               "perplexity": {"tokens": ic.ppl_tokens, "window": ic.ppl_window}}
     inputs = {"attribute": attribute_ver.version,
-              "attribution_prompts": Corpus(list(splits.attribution)).fingerprint(),
+              "corpus_prompts": Corpus(list(splits.corpus)).fingerprint(),
               "selection_prompts": Corpus(list(splits.selection)).fingerprint(continuations=True)}
     return StageVersion(STAGE, artifact_version(STAGE, config, inputs), config, inputs, cfg.home)
 
@@ -126,8 +129,8 @@ def agreement(scores: dict[str, np.ndarray], top: int = 10) -> dict[str, Any]:
 
     out: dict[str, Any] = {f"{a}~{b}": _finite(A.spearman(*both(a, b))) for i, a in enumerate(names)
                            for b in names[i + 1:]}
-    if {"ablation_nll", "attribution_patching"} <= set(scores):
-        x, y = both("attribution_patching", "ablation_nll")
+    if {"ablation_tox_drop", "attribution_patching"} <= set(scores):
+        x, y = both("attribution_patching", "ablation_tox_drop")
         r = float(np.corrcoef(x, y)[0, 1]) if x.size > 1 and x.std() > 0 and y.std() > 0 else float("nan")
         n = min(top, x.size)
         overlap = len(set(A.best_first(x)[:n]) & set(A.best_first(y)[:n])) / n if n else float("nan")
@@ -180,8 +183,8 @@ def run_select_stage(cfg: PipelineConfig, ver: StageVersion, attribute_ver: Stag
         exact = heads if s.exact_heads is None else A.heads_best_first(patching, layers)[: s.exact_heads]
         t = time.perf_counter()
         effects = ablation_effects(loaded.model, loaded.adapter, batches, exact, proxy, dims=loaded.dims)
-        seconds["ablation_nll"] = time.perf_counter() - t
-        scores = {"ablation_nll": _grid(effects, layers, n_heads), "attribution_patching": patching}
+        seconds["ablation_tox_drop"] = time.perf_counter() - t
+        scores = {"ablation_tox_drop": _grid(effects, layers, n_heads), "attribution_patching": patching}
         t = time.perf_counter()
         chosen, path, facts = _select(cfg, loaded, scores, attribute_ver, layers, n_heads, batches, proxy, sel)
         seconds["greedy"] = time.perf_counter() - t
@@ -191,14 +194,14 @@ def run_select_stage(cfg: PipelineConfig, ver: StageVersion, attribute_ver: Stag
 
     out = adir.path
     score_rows = head_scores_table(ver.version, layers, scores, ranks)
-    score_rows = score_rows.filter(pc.is_finite(score_rows.column("score")))  # ablation_nll: the heads scored
+    score_rows = score_rows.filter(pc.is_finite(score_rows.column("score")))  # ablation_tox_drop: heads scored
     files = [write_parquet_file(out, HEAD_SCORES_FILE, score_rows),
              write_parquet_file(out, SELECTION_PATH_FILE, selection_path_table(ver.version, path)),
              write_parquet_file(out, PROMPT_SPLITS_FILE, splits_table(ver.version, _without_evaluation(splits)))]
     top = {m: [format_heads([h]) for h in A.heads_best_first(v, layers)[:10]] for m, v in scores.items()}
     summary = {
         "rows": score_rows.num_rows, "heads": len(heads), "methods": list(CAUSAL_METHODS),
-        "selection_prompts": len(sel), "attribution_prompts": len(splits.attribution),
+        "selection_prompts": len(sel), "corpus_prompts": len(splits.corpus),
         "exact_heads": len(exact), "exact_heads_by": "all" if s.exact_heads is None else "top attribution_patching",
         "proxy": "expected token toxicity along the teacher-forced human continuation",
         "selected": format_heads(chosen), "n_selected": len(chosen), "path_steps": len(path),
@@ -216,7 +219,7 @@ def run_select_stage(cfg: PipelineConfig, ver: StageVersion, attribute_ver: Stag
 
 def _without_evaluation(splits: Splits) -> Splits:
     # The evaluation split is the intervene version's (its rows carry that version): selecting never reads it.
-    return Splits(splits.attribution, splits.selection, ())
+    return Splits(splits.corpus, splits.selection, ())
 
 
 def _select(cfg, loaded, scores, attribute_ver, layers, n_heads, batches, proxy, sel):

@@ -1,7 +1,7 @@
 """Detoxification on prompts the head selection never saw: SmolLM2, the bundled challenging prompts split three
 ways (attribution corpus / selection / evaluation, disjoint by text).
 
-Conditions on the evaluation split: the baseline; the top-N heads (N = 1, 3, 5) of lens_contrast, ablation_nll and
+Conditions on the evaluation split: the baseline; the top-N heads (N = 1, 3, 5) of lens_contrast, ablation_tox_drop and
 attribution_patching; the greedily selected set (select stage); `--random-sets` random sets of every size. Each
 with EMT, toxicity probability, mean toxicity and PPL with 95% bootstrap intervals, and the paired versus-random
 interval. Prints the table, the score methods' wall times and rank agreement, and whether the goal is met; writes
@@ -18,7 +18,7 @@ import json
 import time
 from pathlib import Path
 
-METHODS = ("lens_contrast", "ablation_nll", "attribution_patching")
+METHODS = ("lens_contrast", "ablation_tox_drop", "attribution_patching")
 OUT = Path(__file__).parent / "results" / "detox_heldout.json"
 
 
@@ -69,7 +69,7 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=4, help="samples per evaluation prompt")
     parser.add_argument("--random-sets", type=int, default=5, help="random head sets per size")
     parser.add_argument("--selection-prompts", type=int, default=16)
-    parser.add_argument("--exact-heads", type=int, default=None, help="ablation_nll heads (default: every head)")
+    parser.add_argument("--exact-heads", type=int, default=None, help="ablation_tox_drop heads (default: every head)")
     parser.add_argument("--select-k", type=int, default=2)
     parser.add_argument("--batch-prompts", type=int, default=16)
     args = parser.parse_args()

@@ -187,10 +187,10 @@ class SelectConfig(_Strict):
     max_prompt_tokens: int = Field(64, gt=1)
     max_continuation_tokens: int = Field(16, ge=0, description="human-continuation tokens teacher-forced")
     exact_heads: int | None = Field(
-        30, gt=0, description="ablation_nll for the top N heads of attribution_patching (null: every head, one "
+        30, gt=0, description="ablation_tox_drop for the top N heads of attribution_patching (null: every head, one "
                               "forward pass each; the CPU default screens to keep the run short)")
     candidates: int = Field(8, ge=0, description="top M heads of `method` the greedy selection tries (0: off)")
-    method: str = Field("ablation_nll", description="score method whose top M are the candidates")
+    method: str = Field("ablation_tox_drop", description="score method whose top M are the candidates")
     tries: int = Field(2, gt=0, description="candidates tried per step before the selection stops")
     k: int = Field(2, gt=0, description="samples per selection prompt confirming each step")
 
@@ -210,14 +210,14 @@ class InterveneConfig(_Strict):
     kind: Literal["zero", "mean", "scale", "project"] = "zero"
     factor: float = Field(0.0, description="scale: multiply the head's output by this")
     head_sets: tuple[HeadSetConfig, ...] = Field(
-        (*(HeadSetConfig(top_n=n) for n in (1, 3, 5)), HeadSetConfig(top_n=3, method="ablation_nll"),
+        (*(HeadSetConfig(top_n=n) for n in (1, 3, 5)), HeadSetConfig(top_n=3, method="ablation_tox_drop"),
          HeadSetConfig(selected=True)), description="conditions besides the baseline")
     random_seeds: tuple[int, ...] = Field((0,), description="random head sets of each size, one per seed")
     ppl_tokens: int = Field(2048, gt=1, description="WikiText-2 tokens for perplexity")
     ppl_window: int = Field(256, gt=1)
     mean_tokens: int = Field(4096, gt=0, description="WikiText-2 tokens averaged for the 'mean' intervention")
     ablation_candidates: int = Field(0, ge=0, description="top heads scored causally one at a time by sampling "
-                                                          "(0: off; select's ablation_nll is the cheap score)")
+                                                          "(0: off; select's ablation_tox_drop is the cheap score)")
     ablation_method: str = "lens_contrast"
     ablation_prompts: int = Field(16, gt=0)
     ablation_k: int = Field(2, gt=0)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import duckdb
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import torch
 from conftest import train_bpe_tokenizer
@@ -29,6 +30,23 @@ def test_expected_toxicity_is_softmax_weighted_token_toxicity():
     assert A.expected_toxicity(logits, tox).item() == pytest.approx(float(p[1] * 0.5 + p[2]), abs=1e-6)
 
 
+def test_expected_toxicity_has_the_softmax_gradient_and_its_in_place_pass_gives_the_same_numbers():
+    """One function for decode (in place on a scratch block) and the causal proxy (differentiable)."""
+    torch.manual_seed(0)
+    logits = (torch.randn(3, 4, 50) * 5 + 30).requires_grad_()
+    tox = torch.rand(50)
+    got = A.expected_toxicity(logits, tox)
+    p = torch.softmax(logits.detach().double(), -1)
+    want = p @ tox.double()
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-7)
+    (grad,) = torch.autograd.grad(got.sum(), logits)  # d/dl_v sum_u p_u t_u = p_v (t_v - E[t])
+    torch.testing.assert_close(grad.double(), p * (tox.double() - want[..., None]), rtol=1e-4, atol=1e-6)
+    scratch = logits.detach().clone()
+    in_place, z = A.expected_toxicity_parts(scratch, tox, in_place=True)
+    assert torch.equal(in_place, got.detach())
+    torch.testing.assert_close(scratch / z[..., None], p.float(), rtol=1e-5, atol=1e-8)  # the block is exp(l - max)
+
+
 def test_toxic_direction_ignores_uniform_logit_shifts():
     w = torch.randn(5, 3)
     tox = torch.tensor([0.0, 0.0, 1.0, 0.0, 0.5])
@@ -43,6 +61,13 @@ def test_toxic_direction_ignores_uniform_logit_shifts():
 def test_ranks_highest_first_ties_share_and_nan_last():
     assert A.ranks(np.array([0.1, 0.9, 0.5, 0.9, np.nan])).tolist() == [4, 1, 3, 1, 5]
     assert A.ranks(np.array([[1.0, 3.0], [2.0, 0.0]])).tolist() == [[3, 1], [2, 4]]
+
+
+def test_heads_best_first_orders_by_score_then_layer_and_head_with_nan_last():
+    scores = np.array([[0.5, np.nan, 0.9], [0.9, 0.1, -np.inf]])  # layers 4 and 7
+    assert A.heads_best_first(scores, [4, 7]) == [(4, 2), (7, 0), (4, 0), (7, 1), (7, 2), (4, 1)]
+    order = A.best_first(scores)
+    assert np.all(np.diff(A.ranks(scores).ravel()[order]) >= 0)  # the ranks read off the same order
 
 
 def test_spearman_and_contrast_and_dictionary_count():
@@ -74,6 +99,17 @@ def test_read_lens_is_top_k_plus_expected_toxicity_in_one_pass():
     assert torch.equal(got.top.ids, want_top.ids) and torch.equal(got.top.logits, want_top.logits)
     torch.testing.assert_close(got.top.probs, want_top.probs, rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(got.expected_toxicity, want_tox, rtol=1e-5, atol=1e-7)
+
+
+def test_the_old_causal_method_name_is_a_one_line_config_error(tmp_path):
+    from loralens.config import ConfigError, parse_config
+    from loralens.tasks.stage_versions import StageVersion
+    from loralens.tasks.stages.select import select_version
+
+    cfg = parse_config({"home": str(tmp_path), "select": {"method": "ablation_nll"}})
+    renamed = "^config error: select.method: 'ablation_nll' was renamed 'ablation_tox_drop'$"
+    with pytest.raises(ConfigError, match=renamed):
+        select_version(cfg, StageVersion("attribute", "0" * 16, {}, {}, tmp_path))
 
 
 # -- the planted toxic head, end to end ------------------------------------------------------------------
@@ -181,7 +217,7 @@ def test_causal_scores_and_greedy_selection_find_the_planted_head(planted_run):
     stops at the head budget (one head), and its path is in the warehouse."""
     _config, results, db = planted_run
     sel = results["select"]
-    for method in ("ablation_nll", "attribution_patching"):
+    for method in ("ablation_tox_drop", "attribution_patching"):
         assert sel["top_heads"][method][0] == f"L{PLANTED[0]}H{PLANTED[1]}", method
     assert sel["budget_heads"] == 1 and sel["selected"] == f"L{PLANTED[0]}H{PLANTED[1]}"
     with duckdb.connect(str(db), read_only=True) as con:
@@ -196,8 +232,8 @@ def test_causal_scores_and_greedy_selection_find_the_planted_head(planted_run):
 
 
 def test_exact_ablation_screens_to_the_top_heads_of_attribution_patching(planted_run, tmp_path):
-    """`select.exact_heads: 3`: ablation_nll scores just the 3 heads attribution_patching ranks highest, with the
-    numbers the every-head run gives them; the other heads have no ablation_nll row."""
+    """`select.exact_heads: 3`: ablation_tox_drop scores just the 3 heads attribution_patching ranks highest, with the
+    numbers the every-head run gives them; the other heads have no ablation_tox_drop row."""
     import shutil
 
     from loralens.flows.select import select_heads
@@ -214,10 +250,10 @@ def test_exact_ablation_screens_to_the_top_heads_of_attribution_patching(planted
         few = {(m, la, h): s for m, la, h, s in con.execute(query, [screened["version"]]).fetchall()}
     patching = sorted(((s, la, h) for (m, la, h), s in every.items() if m == "attribution_patching"), reverse=True)
     top3 = {(la, h) for _s, la, h in patching[:3]}
-    assert {(la, h) for m, la, h in few if m == "ablation_nll"} == top3 and PLANTED in top3
+    assert {(la, h) for m, la, h in few if m == "ablation_tox_drop"} == top3 and PLANTED in top3
     for key, score in few.items():
         assert score == pytest.approx(every[key], rel=1e-4, abs=1e-6), key
-    assert screened["top_heads"]["ablation_nll"][0] == f"L{PLANTED[0]}H{PLANTED[1]}"
+    assert screened["top_heads"]["ablation_tox_drop"][0] == f"L{PLANTED[0]}H{PLANTED[1]}"
 
 
 def test_prompt_splits_are_disjoint_and_recorded(planted_run):
@@ -233,8 +269,8 @@ def test_prompt_splits_are_disjoint_and_recorded(planted_run):
     by_split: dict[str, set[str]] = {}
     for split, text in rows:
         by_split.setdefault(split, set()).add(text)
-    assert {k: len(v) for k, v in by_split.items()} == {"attribution": 24, "selection": 8, "evaluation": 4}
-    assert not (by_split["selection"] & by_split["evaluation"]) and not (by_split["attribution"] & (
+    assert {k: len(v) for k, v in by_split.items()} == {"corpus": 24, "selection": 8, "evaluation": 4}
+    assert not (by_split["selection"] & by_split["evaluation"]) and not (by_split["corpus"] & (
         by_split["selection"] | by_split["evaluation"]))
     assert gens and all(prompt == text for prompt, text in gens)
 
@@ -258,6 +294,13 @@ def test_warehouse_rows_match_the_artifacts_and_views_work(planted_run):
         assert tokens == [(TOXIC_WORD,)]
         parents = q("SELECT parents FROM artifacts WHERE version = ?", att["version"])[0][0]
         assert parents == [dec["version"]]
+        vocab = q("SELECT token_id, token, kind, score FROM vocab_toxicity WHERE version = ? ORDER BY token_id",
+                  att["version"])
+    # One vocabulary toxicity: decode's file; attribute's rows are loaded from it, and it writes no copy.
+    decode_vocab = pq.read_table(Path(dec["path"]) / "token_toxicity.parquet")
+    assert vocab == list(zip(*(decode_vocab.column(c).to_pylist() for c in ("token_id", "token", "kind", "score")),
+                             strict=True))
+    assert not list(Path(att["path"]).glob("*vocab*")) and not list(Path(att["path"]).glob("*token_tox*"))
 
 
 def test_rerun_inserts_nothing_twice(planted_run):
@@ -271,8 +314,12 @@ def test_rerun_inserts_nothing_twice(planted_run):
                          for t in ("decodings", "head_scores", "vocab_toxicity", "prompts", "prompt_groups"))
 
     before = counts()
+    with duckdb.connect(str(db)) as con:  # a warehouse that lost the rows (and so the 'complete'): reuse restores
+        con.execute("DELETE FROM vocab_toxicity WHERE version = ?", [results["attribute"]["version"]])
+        con.execute("UPDATE artifacts SET status = 'running' WHERE version = ?", [results["attribute"]["version"]])
     again = pipeline(config=config)
     assert again["decode"]["cached"] and again["attribute"]["cached"]
+    assert counts() == before
     forced = pipeline(config=config, only="decode", force=True)
     assert not forced["decode"]["cached"] and forced["decode"]["version"] == results["decode"]["version"]
     forced = pipeline(config=config, only="attribute", force=True)
@@ -332,10 +379,8 @@ def test_one_pass_scores_equal_the_two_pass_reference(planted_run):
     """Every head score and decoding equals a direct recomputation from the cache and the trained lenses with the
     reference functions (top_k, expected_toxicity, direct_logit per chunk, contrasts in numpy): what decode and
     attribute computed in two separate passes before they shared one."""
-    import pyarrow.parquet as pq
-
     from loralens.config import parse_config
-    from loralens.tasks.readout import cached_layers, layer_input_chunks, load_reader, select_positions
+    from loralens.tasks.lens_loading import cached_layers, layer_input_chunks, load_reader, select_positions
     from loralens.tasks.stages.cache import cache_version
     from loralens.tasks.stages.decode import decode_version
     from loralens.tasks.stages.train import train_version

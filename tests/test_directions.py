@@ -16,7 +16,7 @@ from loralens.lens.heads.adapters import adapter_for, folded_unembedding, model_
 from loralens.lens.heads.edits import HeadIntervention, intervene
 from loralens.lens.heads.head_scores import toxic_direction
 from loralens.lens.heads.hooks import capture, split_heads
-from loralens.lens.lenses.readout import lens_inputs
+from loralens.lens.lenses.lens_set import lens_inputs
 
 
 def cosine(a: torch.Tensor, b: torch.Tensor) -> float:

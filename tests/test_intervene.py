@@ -214,7 +214,7 @@ def test_files_corrupted_after_completion_are_redone_on_reuse(run, tmp_path):
     assert all(r["cached"] for r in pipeline(config=local).values())
 
 
-def test_evaluation_prompts_are_held_out_from_the_attribution_corpus_and_the_selection(tmp_path):
+def test_evaluation_prompts_are_held_out_from_the_cache_corpus_and_the_selection(tmp_path):
     from loralens.config import ConfigError, parse_config
     from loralens.tasks.evaluation.splits import prompt_splits
     from loralens.tasks.stages.intervene import evaluation_prompts

@@ -175,17 +175,19 @@ def test_subset_shape_mismatch_raises():
 
 
 def test_kl_from_logits_equals_the_direct_kl_per_head_and_per_row():
-    from loralens.lens.lenses.objective import kl_from_logits
+    from loralens.lens.lenses.losses import exact_target, kl_from_logits
 
     torch.manual_seed(0)
     target = torch.log_softmax(torch.randn(5, 50) * 3, -1)
     target[0, :10] = -torch.inf  # zero-probability tokens: 0 log 0 = 0
     target = torch.log_softmax(target, -1)
     p = target.exp()
-    neg_entropy = torch.xlogy(p, p).sum(-1)
+    prepared = exact_target(target)
     heads = torch.randn(5, 3, 50) * 2
     direct = (p[:, None] * (target[:, None] - torch.log_softmax(heads, -1))).nan_to_num().sum(-1)
-    assert torch.allclose(kl_from_logits(p, neg_entropy, heads), direct, atol=1e-5)
+    assert torch.allclose(kl_from_logits(prepared, heads), direct, atol=1e-5)
     rows = heads[:, 0]
-    assert torch.allclose(kl_from_logits(p, neg_entropy, rows), direct[:, 0], atol=1e-5)
-    assert kl_from_logits(p, neg_entropy, target.clamp_min(-1e4)).abs().max() < 1e-4  # KL(p || p) = 0
+    assert torch.allclose(kl_from_logits(prepared, rows), direct[:, 0], atol=1e-5)
+    assert kl_from_logits(prepared, target.clamp_min(-1e4)).abs().max() < 1e-4  # KL(p || p) = 0
+    torch.testing.assert_close(kl_from_logits(prepared.rows(slice(1, 3)), heads[1:3]), direct[1:3], atol=1e-5,
+                               rtol=0)

@@ -115,3 +115,28 @@ def test_load_lexicon_tolerates_bom_and_crlf(tmp_path):
     path = tmp_path / "lex.txt"
     path.write_bytes("\ufeffIdiot\r\nmoron\r\n".encode())
     assert load_lexicon(path) == {"idiot", "moron"}
+
+
+def test_the_one_vocabulary_toxicity_file_reads_back_and_a_missing_one_names_the_file(tmp_path):
+    """Decode's token toxicity file is what attribute, select, intervene and the API read, through one reader."""
+    from loralens.warehouse.artifacts import ArtifactDir, ArtifactError
+    from loralens.warehouse.decodings import (
+        read_token_toxicity,
+        token_toxicity_facts,
+        token_toxicity_scores,
+        token_toxicity_table,
+        write_token_toxicity,
+    )
+
+    adir = ArtifactDir(tmp_path, "decode", "v1")
+    adir.prepare()
+    facts = {"scorer": "jigsaw-lstm@x", "label": "toxic", "scored_pieces": 2}
+    write_token_toxicity(adir, token_toxicity_table([" a", "idiot", ""], np.array(["word", "subword", "non_word"]),
+                                                    np.array([0.25, 0.75, 0.0]), facts))
+    scores = token_toxicity_scores(adir)
+    assert scores.dtype == np.float32 and scores.tolist() == [0.25, 0.75, 0.0]
+    assert read_token_toxicity(adir, ["token_id", "token"]).to_pydict() == {"token_id": [0, 1, 2],
+                                                                            "token": [" a", "idiot", ""]}
+    assert token_toxicity_facts(adir) == facts
+    with pytest.raises(ArtifactError, match="decode version v2: no vocabulary toxicity file .*token_toxicity.parquet"):
+        token_toxicity_scores(ArtifactDir(tmp_path, "decode", "v2"))

@@ -23,7 +23,8 @@ from loralens.lens.evaluation.vocab_toxicity import token_texts
 from loralens.lens.heads.capture import cache_batch, from_storage, tokenize_prompts
 from loralens.lens.heads.edits import Head
 from loralens.lens.heads.head_scores import toxic_direction
-from loralens.lens.lenses.readout import HeadReader, lens_inputs, read_heads, row_chunks
+from loralens.lens.lenses.lens_set import lens_inputs
+from loralens.lens.lenses.readout import HeadReader, read_heads, row_chunks
 from loralens.lens.runtime.lean import LeanModel
 from loralens.lens.runtime.models import LoadedModel, model_context_length
 from loralens.lens.runtime.models import load_model as _load_model
@@ -64,7 +65,7 @@ class Lenses:
     def load(cls, home: Home, version: str) -> Lenses:
         """Return the lenses of train version `version` of `home`."""
         from loralens.config import parse_config
-        from loralens.tasks.readout import cached_layers, load_reader
+        from loralens.tasks.lens_loading import cached_layers, load_reader
         from loralens.tasks.stage_versions import StageVersion
 
         train = home.manifest("train", version)
@@ -186,13 +187,10 @@ class Lenses:
 def _token_toxicity(home: Home, train_version: str) -> torch.Tensor | None:
     """Return `[V]` token toxicity of the newest complete decode version of these lenses (what it read them with),
     or None when there is none."""
-    import pyarrow.parquet as pq
-
     from loralens.warehouse.artifacts import ArtifactDir
-    from loralens.warehouse.constants import TOKEN_TOXICITY_FILE
+    from loralens.warehouse.decodings import token_toxicity_scores
 
     decode = home.latest("decode", parent=train_version)
     if decode is None:
         return None
-    table = pq.read_table(ArtifactDir(home.path, "decode", decode).path / TOKEN_TOXICITY_FILE, columns=["score"])
-    return torch.from_numpy(table.column("score").to_numpy().astype(np.float32))
+    return torch.from_numpy(token_toxicity_scores(ArtifactDir(home.path, "decode", decode)))

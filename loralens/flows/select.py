@@ -31,5 +31,6 @@ def select_stage(cfg: PipelineConfig, cache_ver: StageVersion | None = None, for
 def select_heads(
     config_path: str | None = None, config: dict[str, Any] | None = None, force: bool = False
 ) -> dict[str, Any]:
-    """Score every head causally (ablation_nll, attribution_patching) and choose a head set on the selection split."""
+    """Score every head causally (ablation_tox_drop, attribution_patching), choose a head set on the selection
+    split."""
     return select_stage(resolve_config(config_path, config), force=force)

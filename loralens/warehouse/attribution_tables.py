@@ -1,4 +1,8 @@
-"""Warehouse rows of the attribute stage (vocabulary toxicity, prompt groups, head scores) and of prompts."""
+"""Warehouse rows of the attribute stage (vocabulary toxicity, prompt groups, head scores) and of prompts.
+
+The `vocab_toxicity` rows are built from the decode version's token toxicity file (the one vocabulary toxicity)
+with the attribute version's lexicon and token threshold applied; the attribute stage writes no copy of it.
+"""
 
 from __future__ import annotations
 
@@ -37,13 +41,13 @@ def head_scores_table(version: str, layers: list[int], scores: dict[str, np.ndar
                      "score": pa.array(cols["score"], pa.float64()), "rank": pa.array(cols["rank"], pa.int32())})
 
 
-def vocab_table(version: str, texts: list[str], kind: np.ndarray, score: np.ndarray, in_lexicon: np.ndarray,
-                toxic: np.ndarray) -> pa.Table:
-    """Return `vocab_toxicity` rows, one per token id."""
-    n = len(texts)
-    return pa.table({"version": [version] * n, "token_id": pa.array(np.arange(n), pa.int32()), "token": texts,
-                     "kind": pa.array(kind.tolist(), pa.string()), "score": pa.array(score, pa.float32()),
-                     "in_lexicon": pa.array(in_lexicon), "toxic": pa.array(toxic)})
+def vocab_table(version: str, token_toxicity: pa.Table, in_lexicon: np.ndarray, toxic: np.ndarray) -> pa.Table:
+    """Return `vocab_toxicity` rows, one per token id: the decode version's token toxicity rows (token_id, token,
+    kind, score) with the attribute version's `in_lexicon` and `toxic` `[V]` bool columns."""
+    n = token_toxicity.num_rows
+    return pa.table({"version": pa.array([version] * n, pa.string()),
+                     **{c: token_toxicity.column(c) for c in ("token_id", "token", "kind", "score")},
+                     "in_lexicon": pa.array(in_lexicon, pa.bool_()), "toxic": pa.array(toxic, pa.bool_())})
 
 
 def prompt_groups_table(version: str, prompt_idx: np.ndarray, toxicity: np.ndarray, origin: list[str],

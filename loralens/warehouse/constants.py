@@ -33,11 +33,10 @@ FIDELITY_HEATMAP = "fidelity_heatmap.png"
 # decode stage
 DECODINGS_DIR = "decodings"
 READOUTS_DIR = "readouts"
-TOKEN_TOXICITY_FILE = "token_toxicity.parquet"
+TOKEN_TOXICITY_FILE = "token_toxicity.parquet"  # the one vocabulary toxicity (attribute, select, intervene read it)
 
 # attribute stage
 HEAD_SCORES_FILE = "head_scores.parquet"
-VOCAB_TOXICITY_FILE = "vocab_toxicity.parquet"
 PROMPT_GROUPS_FILE = "prompt_groups.parquet"
 TOP_HEADS_REPORT = "top_heads.md"
 ATTRIBUTION_SUMMARY = "attribution.json"

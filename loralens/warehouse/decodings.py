@@ -1,6 +1,7 @@
 """Parquet layout of the decode stage and its bulk load into DuckDB.
 
-    decode/<version>/token_toxicity.parquet          one row per vocabulary id: text, kind, toxicity score
+    decode/<version>/token_toxicity.parquet          one row per vocabulary id: text, kind, toxicity score (the
+                                                     pipeline's one vocabulary toxicity: every stage reads it)
     decode/<version>/decodings/shard-00000.parquet   one row per (position, layer, lens, head, rank)
     decode/<version>/readouts/shard-00000.parquet    one row per (position, layer, head): expected token
                                                      toxicity under each lens, direct logit attribution
@@ -19,9 +20,10 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from loralens.killpoints import maybe_kill
-from loralens.warehouse.artifacts import ArtifactDir, ShardFile
+from loralens.warehouse.artifacts import ArtifactDir, ArtifactError, ShardFile
 from loralens.warehouse.constants import DECODINGS_DIR, READOUTS_DIR, TOKEN_TOXICITY_FILE, shard_name
 from loralens.warehouse.db import write_transaction
 from loralens.warehouse.parquet_files import write_parquet_file
@@ -87,6 +89,28 @@ def token_toxicity_table(texts: list[str], kind: np.ndarray, score: np.ndarray, 
                      "score": pa.array(np.asarray(score, dtype=np.float32))}, schema=schema)
 
 
+def read_token_toxicity(decode_dir: ArtifactDir, columns: list[str] | None = None) -> pa.Table:
+    """Return a decode version's token toxicity rows, one per vocabulary id in id order (`columns`: all if None).
+
+    Raises ArtifactError naming the file when the decode version has none.
+    """
+    path = decode_dir.path / TOKEN_TOXICITY_FILE
+    if not path.is_file():
+        raise ArtifactError(f"decode version {decode_dir.version}: no vocabulary toxicity file {path}; "
+                            "run `loralens run --only decode` first")
+    return pq.read_table(path, columns=columns)
+
+
+def token_toxicity_scores(decode_dir: ArtifactDir) -> np.ndarray:
+    """Return every vocabulary id's toxicity `[V]` float32 from a decode version's token toxicity file."""
+    return read_token_toxicity(decode_dir, ["score"]).column("score").to_numpy().astype(np.float32)
+
+
+def token_toxicity_facts(decode_dir: ArtifactDir) -> dict:
+    """Return the scoring facts stored with the token toxicity file (scorer version, label, pieces scored)."""
+    return json.loads(pq.read_schema(decode_dir.path / TOKEN_TOXICITY_FILE).metadata[b"loralens"])
+
+
 def shard_relpath(index: int, folder: str = DECODINGS_DIR) -> str:
     """Return a decode shard's file (decodings, or `folder=READOUTS_DIR`), relative to the artifact folder."""
     return f"{folder}/{shard_name(index)}.parquet"
@@ -135,5 +159,6 @@ def _sql_path(path: Path) -> str:
 
 
 __all__ = ["DECODINGS_SCHEMA", "READOUTS_SCHEMA", "TOKEN_TOXICITY_SCHEMA", "VOCAB_RECORD", "decode_shards",
-           "decodings_block", "load_shard_into_db", "readouts_block", "shard_relpath", "token_toxicity_table",
-           "write_decode_shard", "write_token_toxicity"]
+           "decodings_block", "load_shard_into_db", "read_token_toxicity", "readouts_block", "shard_relpath",
+           "token_toxicity_facts", "token_toxicity_scores", "token_toxicity_table", "write_decode_shard",
+           "write_token_toxicity"]

@@ -1,13 +1,13 @@
 """The three prompt splits, pairwise disjoint by prompt text, and their warehouse rows.
 
-- attribution: the cache corpus (heads are decoded and scored on it);
+- corpus: the cache corpus (`corpus.paths`: lenses are trained on it, heads decoded and scored on it by attribute);
 - selection: challenging prompts the select stage scores heads on and chooses a head set with;
 - evaluation: challenging prompts the intervene stage measures every condition on.
 
 A challenging prompt's split is a function of its text alone (sha256, so the same in every process and run): it is
 in the selection split when the hash's fraction is below `selection_share`. Adding or removing other prompts, or
-reordering the file, never moves a prompt to the other split. A prompt whose text is in the attribution corpus is
-in neither (with `held_out`), and a text repeated in the file counts once.
+reordering the file, never moves a prompt to the other split. A prompt whose text is in the cache corpus is in
+neither (with `held_out`), and a text repeated in the file counts once.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import pyarrow as pa
 
 from loralens.warehouse.corpus import Prompt
 
-SPLITS = ("attribution", "selection", "evaluation")
+SPLITS = ("corpus", "selection", "evaluation")
 
 
 def text_fraction(text: str) -> float:
@@ -31,7 +31,7 @@ def text_fraction(text: str) -> float:
 class Splits:
     """The prompts of each split, in corpus order (`evaluation[i]` is the intervene stage's prompt_idx i)."""
 
-    attribution: tuple[Prompt, ...]
+    corpus: tuple[Prompt, ...]
     selection: tuple[Prompt, ...]
     evaluation: tuple[Prompt, ...]
 
@@ -42,11 +42,12 @@ class Splits:
         return getattr(self, name)
 
 
-def split_challenging(challenging: list[Prompt], attribution: list[Prompt], selection_share: float, *,
+def split_challenging(challenging: list[Prompt], corpus: list[Prompt], selection_share: float, *,
                       max_selection: int, max_evaluation: int, held_out: bool = True) -> Splits:
-    """Return the splits: the challenging prompts not in the attribution corpus (by text, with `held_out`), each
-    text once, assigned by `text_fraction`, then cut to the first `max_selection` / `max_evaluation` of each."""
-    seen = {p.text for p in attribution} if held_out else set()
+    """Return the splits: the cache `corpus` itself, and the challenging prompts not in it (by text, with
+    `held_out`), each text once, assigned by `text_fraction`, then cut to the first `max_selection` /
+    `max_evaluation` of each."""
+    seen = {p.text for p in corpus} if held_out else set()
     selection: list[Prompt] = []
     evaluation: list[Prompt] = []
     for p in challenging:
@@ -54,7 +55,7 @@ def split_challenging(challenging: list[Prompt], attribution: list[Prompt], sele
             continue
         seen.add(p.text)
         (selection if text_fraction(p.text) < selection_share else evaluation).append(p)
-    return Splits(tuple(attribution), tuple(selection[:max_selection]), tuple(evaluation[:max_evaluation]))
+    return Splits(tuple(corpus), tuple(selection[:max_selection]), tuple(evaluation[:max_evaluation]))
 
 
 def splits_table(version: str, splits: Splits) -> pa.Table:

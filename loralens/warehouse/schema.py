@@ -63,6 +63,8 @@ CREATE TABLE IF NOT EXISTS decodings (
     prob        REAL               -- probability under the lens's full-vocabulary softmax
 );
 
+-- Loaded from the decode version's token_toxicity.parquet (the one vocabulary toxicity), with the attribute
+-- version's lexicon and token threshold applied.
 CREATE TABLE IF NOT EXISTS vocab_toxicity (
     version     VARCHAR NOT NULL,  -- attribute artifact version
     token_id    INTEGER NOT NULL,
@@ -88,7 +90,7 @@ CREATE TABLE IF NOT EXISTS head_scores (
     layer    INTEGER NOT NULL,
     head     INTEGER NOT NULL,
     method   VARCHAR NOT NULL,  -- lens_contrast | logit_lens_contrast | lens_mean | dictionary_count | direct_logit
-                                -- | ablation_nll | attribution_patching (select) | ablation (intervene)
+                                -- | ablation_tox_drop | attribution_patching (select) | ablation (intervene)
     score    DOUBLE,            -- higher = pushes the model more toward toxic tokens
     rank     INTEGER,           -- 1 = most toxic head under this method (ties share the lower rank)
     PRIMARY KEY (version, method, layer, head)
@@ -96,7 +98,7 @@ CREATE TABLE IF NOT EXISTS head_scores (
 
 CREATE TABLE IF NOT EXISTS prompt_splits (
     version       VARCHAR NOT NULL,  -- select artifact version (the splits it and its intervene version use)
-    split         VARCHAR NOT NULL,  -- attribution (the cache corpus) | selection | evaluation
+    split         VARCHAR NOT NULL,  -- corpus (the cache corpus) | selection | evaluation
     prompt_idx    INTEGER NOT NULL,  -- index within the split (evaluation: generations.prompt_idx)
     prompt_id     VARCHAR,           -- "<file>/<record id>"
     text          VARCHAR,           -- the splits are pairwise disjoint by this text

@@ -123,8 +123,8 @@ CHAINS: dict[str, list[Kill]] = {
         Kill("decode.after_manifest:1", "manifest written, not registered complete", manifest=True),
     ],
     "attribute": [
-        Kill("atomic_write.before_rename:2", "vocab_toxicity.parquet renamed, prompt_groups only a .tmp- file",
-             present=("vocab_toxicity.parquet", ".tmp-*prompt_groups.parquet"), absent=("head_scores.parquet",)),
+        Kill("atomic_write.before_rename:2", "prompt_groups.parquet renamed, head_scores only a .tmp- file",
+             present=("prompt_groups.parquet", ".tmp-*head_scores.parquet"), absent=("head_scores.parquet",)),
         Kill("attribute.before_record:1", "all files, heatmaps and the report written, no record",
              present=("head_scores.parquet", "top_heads.md"), absent=("_shards/shard-00000.json",)),
         Kill("db.inserted.prompt_groups:1", "vocab + groups inserted, head_scores not, transaction open",

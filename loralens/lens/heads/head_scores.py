@@ -15,17 +15,34 @@ Methods (all "higher = pushes toward toxic tokens"):
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
-import torch
 from torch import Tensor
 
 METHODS = ("lens_contrast", "logit_lens_contrast", "lens_mean", "dictionary_count", "direct_logit")
 
 
 def expected_toxicity(logits: Tensor, tox: Tensor) -> Tensor:
-    """Return `sum_v softmax(logits)_v * tox_v` `[...]` for logits `[..., V]`, tox `[V]` (fp32, stable)."""
-    logp = torch.log_softmax(logits.float(), dim=-1)
-    return logp.exp() @ tox.float()
+    """Return `sum_v softmax(logits)_v * tox_v` `[...]` for logits `[..., V]`, tox `[V]` (fp32, stable,
+    differentiable in `logits`)."""
+    return expected_toxicity_parts(logits, tox)[0]
+
+
+def expected_toxicity_parts(logits: Tensor, tox: Tensor, *, peak: Tensor | None = None,
+                            in_place: bool = False) -> tuple[Tensor, Tensor]:
+    """Return the expected toxicity `[...]` and the softmax normaliser `z = sum_v exp(logits_v - peak)` `[...]`.
+
+    One exp pass: `e = exp(logits - peak)`, expected toxicity `(e . tox) / z`. `peak` `[..., 1]` is the row
+    maximum (found when None; a caller holding the top-k passes its first value). `in_place`: fp32 `logits`
+    without autograd are overwritten by `e`, so no second `[..., V]` buffer is built. With `z`,
+    `exp(l - peak) / z` is the softmax probability of any logit `l` of the row.
+    """
+    if peak is None:
+        peak = logits.detach().amax(-1, keepdim=True).float()  # softmax is shift-invariant: no gradient
+    e = logits.sub_(peak).exp_() if in_place else (logits.float() - peak).exp()
+    z = e.sum(-1)
+    return (e @ tox.to(e.dtype)) / z, z
 
 
 def toxic_direction(w_fold: Tensor, tox: Tensor) -> Tensor:
@@ -54,16 +71,35 @@ def contrast(sum_toxic: np.ndarray, n_toxic: int, sum_clean: np.ndarray, n_clean
     return sum_toxic / n_toxic - sum_clean / n_clean
 
 
+def best_first(scores: np.ndarray) -> np.ndarray:
+    """Return the flat indices of `scores` (any shape), highest score first; ties in index order; NaN last.
+
+    The one head ranking: `ranks`, `heads_best_first` and every top-n of head scores are read off this order.
+    """
+    return np.argsort(-_rank_keys(scores), kind="stable")
+
+
+def heads_best_first(scores: np.ndarray, layers: Sequence[int]) -> list[tuple[int, int]]:
+    """Return every head `(layer, head)` of `[L, H]` scores (rows of `layers`), best first (`best_first`)."""
+    n_heads = np.shape(scores)[1]
+    return [(int(layers[i // n_heads]), int(i % n_heads)) for i in best_first(scores)]
+
+
 def ranks(scores: np.ndarray) -> np.ndarray:
     """Return 1-based ranks of `scores` (any shape), highest first; ties share the lower rank; NaN ranks last."""
-    flat = np.nan_to_num(np.asarray(scores, dtype=np.float64).ravel(), nan=-np.inf)
-    order = np.argsort(-flat, kind="stable")
+    flat = _rank_keys(scores)
+    order = best_first(scores)
     sorted_vals = flat[order]
     first = np.r_[True, sorted_vals[1:] != sorted_vals[:-1]]
     rank_sorted = np.maximum.accumulate(np.where(first, np.arange(1, len(flat) + 1), 0))
     out = np.empty(len(flat), dtype=np.int64)
     out[order] = rank_sorted
     return out.reshape(np.shape(scores))
+
+
+def _rank_keys(scores: np.ndarray) -> np.ndarray:
+    """Return `scores` flattened to float64 with NaN as -inf (ranked last)."""
+    return np.nan_to_num(np.asarray(scores, dtype=np.float64).ravel(), nan=-np.inf)
 
 
 def spearman(a: np.ndarray, b: np.ndarray) -> float:

@@ -32,6 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from loralens.lens.heads.hooks import head_contributions
+
 FORMS = ("full", "lora", "residual")
 OBJECTIVES = ("joint", "per_head")
 DTYPES = {
@@ -49,6 +51,12 @@ def fingerprint_tensor(t: Tensor) -> str:
     # No copy for a contiguous fp32 CPU tensor: the hash reads the tensor's own buffer (2 GB at Llama-3-8B).
     data = t.detach().to("cpu", torch.float32).contiguous().numpy()  # host: hashing reads host bytes
     return hashlib.sha256(memoryview(data).cast("B")).hexdigest()[:16]
+
+
+def lens_inputs(z: Tensor, scale: Tensor, w_o: Tensor) -> Tensor:
+    """Return per-head lens inputs `x_h = z_h @ W_O[h] / scale` `[n, H, d]` (fp32) from z `[n, H*d_head]`, scale
+    `[n]` and W_O `[H, d_head, d]`."""
+    return head_contributions(z.float(), w_o.float()) / scale.float()[:, None, None]
 
 
 class FoldedUnembed(nn.Module):

@@ -100,6 +100,10 @@ class ExactTarget:
     probs: Tensor  # [tokens, vocab] float32
     neg_entropy: Tensor  # [tokens] sum_v p log p
 
+    def rows(self, rows: slice | Tensor) -> ExactTarget:
+        """Return the target of `rows` only (a slice or a bool mask over tokens)."""
+        return ExactTarget(probs=self.probs[rows], neg_entropy=self.neg_entropy[rows])
+
 
 def exact_target(target_logits: Tensor) -> ExactTarget:
     """Return the target probabilities and negative entropy `[tokens]` (no grad)."""
@@ -107,6 +111,21 @@ def exact_target(target_logits: Tensor) -> ExactTarget:
         logp = F.log_softmax(target_logits.float(), dim=-1)
         p = logp.exp()
         return ExactTarget(probs=p, neg_entropy=torch.where(p > 0, p * logp, 0.0).sum(-1))
+
+
+def kl_from_logits(target: ExactTarget, logits: Tensor) -> Tensor:
+    """Return KL(target || softmax(logits)) per token `[tokens]`, or per head `[tokens, heads]`, in float32.
+
+    `logits` `[tokens, vocab]` or `[tokens, heads, vocab]` (the target is shared by the heads). Uses
+    KL = sum p log p - sum_v p_v l_v + logsumexp(l): one product-sum and one logsumexp pass over the vocabulary
+    (gradient softmax(l) - p), no log-softmax of the lens; the per-head product-sum is one batched matmul, so no
+    second `[tokens, heads, vocab]` block is built.
+    """
+    q = logits.float()
+    if q.dim() == 3:
+        cross = torch.einsum("nv,nhv->nh", target.probs, q)
+        return target.neg_entropy[:, None] - cross + torch.logsumexp(q, dim=-1)
+    return target.neg_entropy - (target.probs * q).sum(-1) + torch.logsumexp(q, dim=-1)
 
 
 def kl_exact(
@@ -121,22 +140,14 @@ def kl_exact(
     ``exact_target`` and reused across lenses; ``lens``: logits ``[tokens, vocab]`` /
     ``[tokens, heads, vocab]`` or a ``fn(rows: slice)`` producing them for a token chunk; ``mask``:
     ``[tokens]`` bool (None = all). Lens logits must be finite. Computed in float32 whatever the input
-    dtype. Differentiable w.r.t. the lens.
-
-    Uses KL = sum p log p - sum p l + logsumexp(l) for lens logits l: one product-sum and one logsumexp
-    pass over the vocabulary per chunk (gradient softmax(l) - p), instead of a log-softmax, an exp and a
-    masked product.
+    dtype. Differentiable w.r.t. the lens. Each chunk is :func:`kl_from_logits`.
     """
     if isinstance(target, Tensor):
         target = exact_target(target)
     fn = _lens_fn(lens)
 
     def row_kl(rows: slice) -> Tensor:
-        p, neg_ent = target.probs[rows], target.neg_entropy[rows]
-        q = fn(rows).float()
-        if q.dim() == 3:
-            p, neg_ent = p.unsqueeze(1), neg_ent.unsqueeze(1)
-        return neg_ent - (p * q).sum(-1) + torch.logsumexp(q, dim=-1)
+        return kl_from_logits(target.rows(rows), fn(rows))
 
     n_tokens = target.probs.shape[0]
     return _chunked_mean(n_tokens, mask, chunk, row_kl, _needs_grad(lens), target.probs.device)

@@ -14,9 +14,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from loralens.lens.heads.hooks import head_contributions
-from loralens.lens.lenses.lens_set import FoldedUnembed, LensBank, LensConfig
-from loralens.lens.lenses.losses import ExactTarget, exact_target, kl_exact, kl_subset
+from loralens.lens.lenses.lens_set import FoldedUnembed, LensBank, LensConfig, lens_inputs
+from loralens.lens.lenses.losses import ExactTarget, exact_target, kl_exact, kl_from_logits, kl_subset
 
 LOSSES = ("subset", "exact")
 
@@ -87,8 +86,7 @@ class LensSet(nn.Module):
     def inputs(self, batch: LensBatch, i: int, rows: slice = slice(None)) -> Tensor:
         """Return layer i's per-head lens inputs `[n, heads, d_model]` for `rows` (no grad: all frozen)."""
         with torch.no_grad():
-            c = head_contributions(batch.z[rows, i].float(), self.w_o[i])
-            return c / batch.scale[rows].float()[:, None, None]
+            return lens_inputs(batch.z[rows, i], batch.scale[rows], self.w_o[i])
 
     def target_logits(self, batch: LensBatch) -> Tensor:
         """Return the model's exact final logits `[n, vocab]` from the cached lm_head inputs."""
@@ -155,22 +153,20 @@ def fidelity(lens_set: LensSet, batch: LensBatch, chunk: int | None = None) -> d
         keep = m[rows]
         if not keep.any():
             continue
-        target = torch.log_softmax(lens_set.target_logits(batch.rows(rows))[keep], -1)  # [n, V]
-        p = target.exp()
-        neg_entropy = torch.xlogy(p, p).sum(-1)  # [n]: sum p log p (0 log 0 = 0)
+        target = exact_target(lens_set.target_logits(batch.rows(rows))[keep])  # [n, V] probabilities
         lora = lens_set.config.form == "lora"
         for i, bank in enumerate(lens_set.banks):
             x = lens_set.inputs(batch, i, rows)[keep]
             base_logits = lens_set.unembed(x).float()  # [n, H, V], the logit lens, computed once
             head = bank.head_logits(x, base_logits if lora else None).float()
-            out["head_lens"][i] += kl_from_logits(p, neg_entropy, head).sum(0)
+            out["head_lens"][i] += kl_from_logits(target, head).sum(0)
             del head
-            out["head_logit_lens"][i] += kl_from_logits(p, neg_entropy, base_logits).sum(0)
+            out["head_logit_lens"][i] += kl_from_logits(target, base_logits).sum(0)
             summed = base_logits.sum(1)  # W (sum_h x_h) = sum_h W x_h
             layer = bank.layer_logits(x, summed if lora else None).float()
             del base_logits
-            out["layer_lens"][i] += kl_from_logits(p, neg_entropy, layer).sum()
-            out["layer_logit_lens"][i] += kl_from_logits(p, neg_entropy, summed + lens_set.unembed.b).sum()
+            out["layer_lens"][i] += kl_from_logits(target, layer).sum()
+            out["layer_logit_lens"][i] += kl_from_logits(target, summed + lens_set.unembed.b).sum()
             if batch.topk_ids is not None:  # the subset KL of these same fp32 logits, per token summed
                 n_keep = int(keep.sum())
                 out["layer_subset"][i] += n_keep * kl_subset(
@@ -178,14 +174,3 @@ def fidelity(lens_set: LensSet, batch: LensBatch, chunk: int | None = None) -> d
                     chunk=n_keep)
     return out
 
-
-def kl_from_logits(p: Tensor, neg_entropy: Tensor, logits: Tensor) -> Tensor:
-    """Return KL(p || softmax(logits)) over the vocabulary without materialising log q.
-
-    `p` `[n, V]`, `neg_entropy` `[n]` = sum p log p, `logits` `[n, V]` or `[n, H, V]` -> `[n]` or `[n, H]`:
-    KL = sum p log p - (sum_v p_v logits_v - logsumexp(logits)), one matmul and one logsumexp.
-    """
-    if logits.dim() == 3:
-        cross = torch.einsum("nv,nhv->nh", p, logits)
-        return neg_entropy[:, None] - cross + torch.logsumexp(logits, -1)
-    return neg_entropy - (p * logits).sum(-1) + torch.logsumexp(logits, -1)

@@ -1,4 +1,4 @@
-"""Reading heads through lenses: per-head lens inputs, logits under the trained and the logit lens, top-k.
+"""Reading heads through lenses: logits under the trained and the logit lens, top-k.
 
 Shapes: `n` positions, `H` heads of one layer, `d` d_model, `V` vocabulary, `k` kept tokens.
 """
@@ -12,18 +12,12 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from loralens.lens.heads.head_scores import direct_logit
-from loralens.lens.heads.hooks import head_contributions
+from loralens.lens.heads.head_scores import direct_logit, expected_toxicity_parts
 from loralens.lens.lenses.lens_set import FoldedUnembed, LensBank
 from loralens.lens.lenses.peft_io import load_bank
 from loralens.lens.runtime.lean import LeanModel
 
 LENSES = ("trained", "logit")
-
-
-def lens_inputs(z: Tensor, scale: Tensor, w_o: Tensor) -> Tensor:
-    """Return per-head lens inputs `[n, H, d]`: `z_h @ W_O[h] / scale` from z `[n, H*d_head]`, scale `[n]`."""
-    return head_contributions(z.float(), w_o.float()) / scale.float()[:, None, None]
 
 
 def head_logits_both(bank: LensBank, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -70,9 +64,7 @@ def read_lens(logits: Tensor, k: int, tox: Tensor) -> LensReadout:
     """
     vals, ids = logits.topk(min(k, logits.shape[-1]), dim=-1)
     peak = vals[..., :1]  # the row maximum: softmax(l) = exp(l - max) / sum exp(l - max)
-    e = logits.sub_(peak).exp_()
-    z = e.sum(-1)  # [n, H]
-    expected = (e @ tox.to(e.dtype)) / z
+    expected, z = expected_toxicity_parts(logits, tox, peak=peak, in_place=True)  # [n, H] each
     probs = (vals - peak).exp() / z[..., None]
     return LensReadout(TopK(ids=ids, logits=vals, probs=probs), expected)
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import numpy as np
-import pyarrow.parquet as pq
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -12,8 +11,9 @@ from loralens.lens.heads.edits import Head, mean_head_z
 from loralens.lens.heads.head_scores import toxic_direction
 from loralens.lens.runtime.models import LoadedModel
 from loralens.tasks.stage_versions import StageVersion
-from loralens.warehouse.artifacts import atomic_write_with
-from loralens.warehouse.constants import HEAD_MEANS_FILE, VOCAB_TOXICITY_FILE
+from loralens.warehouse.artifacts import ArtifactDir, atomic_write_with
+from loralens.warehouse.constants import HEAD_MEANS_FILE
+from loralens.warehouse.decodings import read_token_toxicity
 
 
 def head_means(loaded: LoadedModel, layers: list[int], ver: StageVersion, text: str, mean_tokens: int,
@@ -33,8 +33,9 @@ def head_means(loaded: LoadedModel, layers: list[int], ver: StageVersion, text: 
 
 
 def toxic_direction_of(attribute_ver: StageVersion, loaded: LoadedModel) -> torch.Tensor:
-    """Return the toxic direction `[d_model]` from the attribute stage's vocabulary toxicity."""
-    vt = pq.read_table(attribute_ver.artifact.path / VOCAB_TOXICITY_FILE, columns=["token_id", "score"])
+    """Return the toxic direction `[d_model]` from the vocabulary toxicity of the attribute version's decode."""
+    vt = read_token_toxicity(ArtifactDir(attribute_ver.home, "decode", attribute_ver.inputs["decode"]),
+                             ["token_id", "score"])
     w_fold, _ = folded_unembedding(loaded.adapter, loaded.model)
     tox = torch.zeros(w_fold.shape[0], device=w_fold.device)
     ids = torch.from_numpy(vt.column("token_id").to_numpy().astype(np.int64)).to(w_fold.device)

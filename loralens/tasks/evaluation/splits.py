@@ -8,10 +8,10 @@ from loralens.warehouse.prompt_splits import Splits, split_challenging
 
 
 def prompt_splits(cfg: PipelineConfig) -> Splits:
-    """Return the attribution (cache corpus), selection and evaluation splits of `cfg`'s prompt files."""
+    """Return the corpus (the cache corpus), selection and evaluation splits of `cfg`'s prompt files."""
     ic = cfg.intervene
-    attribution = load_corpus(cfg.corpus.paths, cfg.corpus.max_prompts_per_file).prompts
-    splits = split_challenging(load_corpus(ic.prompts).prompts, attribution, cfg.select.selection_share,
+    corpus = load_corpus(cfg.corpus.paths, cfg.corpus.max_prompts_per_file).prompts
+    splits = split_challenging(load_corpus(ic.prompts).prompts, corpus, cfg.select.selection_share,
                                max_selection=cfg.select.max_prompts, max_evaluation=ic.max_prompts,
                                held_out=ic.held_out)
     for name, key in (("evaluation", "intervene.max_prompts"), ("selection", "select.max_prompts")):

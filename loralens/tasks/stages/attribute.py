@@ -1,4 +1,8 @@
-"""The `attribute` stage: vocabulary toxicity, prompt groups and per-head toxicity scores, into DuckDB."""
+"""The `attribute` stage: prompt groups and per-head toxicity scores from decode's single pass, into DuckDB.
+
+The vocabulary toxicity is decode's (`token_toxicity.parquet`); this stage applies its lexicon and token threshold
+to it (the toxic tokens of `dictionary_count`) and loads the result into the `vocab_toxicity` table, no copy.
+"""
 
 from __future__ import annotations
 
@@ -21,8 +25,8 @@ from loralens.hashing import file_sha256
 from loralens.lens.evaluation.scorers import ToxicityScorer, get_scorer, primary_label
 from loralens.lens.evaluation.vocab_toxicity import load_lexicon, scoring_key
 from loralens.lens.heads import head_scores as A
+from loralens.tasks.lens_loading import cached_layers
 from loralens.tasks.memory import ensure_fits
-from loralens.tasks.readout import cached_layers
 from loralens.tasks.report import score_heatmap, top_heads_markdown
 from loralens.tasks.stage_versions import (
     StageVersion,
@@ -47,13 +51,11 @@ from loralens.warehouse.constants import (
     HEAD_SCORES_FILE,
     PROMPT_GROUPS_FILE,
     TMP_PREFIX,
-    TOKEN_TOXICITY_FILE,
     TOP_HEADS_REPORT,
-    VOCAB_TOXICITY_FILE,
     heatmap_name,
 )
 from loralens.warehouse.db import warehouse_path
-from loralens.warehouse.decodings import decode_shards
+from loralens.warehouse.decodings import decode_shards, read_token_toxicity
 from loralens.warehouse.head_aggregates import dictionary_hits, group_sums
 from loralens.warehouse.head_aggregates import top_tokens as top_tokens_of
 from loralens.warehouse.parquet_files import write_parquet_file
@@ -107,7 +109,7 @@ def run_attribute_stage(cfg: PipelineConfig, ver: StageVersion, decode_ver: Stag
     manifest = None if force else adir.manifest()
     if manifest is not None:
         return reuse_complete(ver, parents, manifest, rows_key="rows",
-                              restore=lambda: _store(db, ver.version, adir.path))
+                              restore=lambda: _store(db, ver.version, adir.path, vocab_rows(cfg, ver, decode_ver)[0]))
     decode_manifest = require_complete(decode_ver)
     cache_manifest = require_complete(cache_ver)
     ensure_fits(cfg, STAGE)  # before anything is written: a run that cannot fit says so now
@@ -119,13 +121,7 @@ def run_attribute_stage(cfg: PipelineConfig, ver: StageVersion, decode_ver: Stag
     layers = cached_layers(cache_manifest)
 
     # Token toxicity: scored by the decode stage (its readouts need it); the lexicon and threshold apply here.
-    vocab_rows = pq.read_table(decode_ver.artifact.path / TOKEN_TOXICITY_FILE)
-    texts = vocab_rows.column("token").to_pylist()
-    kind = np.array(vocab_rows.column("kind").to_pylist(), dtype=object)
-    tox = vocab_rows.column("score").to_numpy().astype(np.float32)
-    lexicon = load_lexicon(a.lexicon) if a.lexicon else set()
-    in_lex = np.array([scoring_key(t) in lexicon for t in texts], dtype=bool)
-    toxic_tokens = (tox >= a.token_threshold) | in_lex
+    vocab, toxic_tokens = vocab_rows(cfg, ver, decode_ver)
     t_vocab = time.perf_counter() - t0
 
     # Prompt groups for the contrasts.
@@ -162,7 +158,6 @@ def run_attribute_stage(cfg: PipelineConfig, ver: StageVersion, decode_ver: Stag
     # Files first (each atomic), then one warehouse transaction.
     out = adir.path
     files = [
-        write_parquet_file(out, VOCAB_TOXICITY_FILE, vocab_table(ver.version, texts, kind, tox, in_lex, toxic_tokens)),
         write_parquet_file(out, PROMPT_GROUPS_FILE,
                            prompt_groups_table(ver.version, p_idx, p_tox, origin, toxic_prompt)),
         write_parquet_file(out, HEAD_SCORES_FILE, head_scores_table(ver.version, layers, scores, ranks)),
@@ -186,7 +181,7 @@ def run_attribute_stage(cfg: PipelineConfig, ver: StageVersion, decode_ver: Stag
     }
     atomic_write_bytes(out / ATTRIBUTION_SUMMARY, json.dumps(summary, indent=1, default=float).encode())
     adir.record_shard(0, files)
-    _store(db, ver.version, out)
+    _store(db, ver.version, out, vocab)
     manifest = adir.finalize(config=ver.config, inputs=ver.inputs, summary=summary)
     register(ver, parents, status="complete", rows=summary["rows"], bytes_=manifest["total_bytes"], summary=summary)
     return {"version": ver.version, "path": str(out), "cached": False, **summary}
@@ -220,19 +215,30 @@ def _finite_or_none(x: float) -> float | None:
     return None if np.isnan(x) else x
 
 
-def _top_heads(scores, ranks, layers, n, top_tokens) -> list[dict[str, Any]]:
-    order = np.argsort(ranks.ravel(), kind="stable")[:n]
-    n_heads = scores.shape[1]
-    rows = []
-    for flat in order.tolist():
-        layer, head = layers[flat // n_heads], flat % n_heads
-        rows.append({"rank": int(ranks.ravel()[flat]), "layer": layer, "head": head,
-                     "score": float(scores.ravel()[flat]), "top_tokens": top_tokens.get((layer, head), [])})
-    return rows
+def _top_heads(scores: np.ndarray, ranks: np.ndarray, layers: list[int], n: int,
+               top_tokens: dict[tuple[int, int], list[str]]) -> list[dict[str, Any]]:
+    """Return the report rows of the `n` best heads of `[L, H]` scores, best first."""
+    index = {layer: i for i, layer in enumerate(layers)}
+    return [{"rank": int(ranks[index[layer], head]), "layer": layer, "head": head,
+             "score": float(scores[index[layer], head]), "top_tokens": top_tokens.get((layer, head), [])}
+            for layer, head in A.heads_best_first(scores, layers)[:n]]
 
 
-def _store(db: Path, version: str, out: Path) -> None:
-    store_attribution(db, version, pq.read_table(out / VOCAB_TOXICITY_FILE), pq.read_table(out / PROMPT_GROUPS_FILE),
+def vocab_rows(cfg: PipelineConfig, ver: StageVersion, decode_ver: StageVersion) -> tuple[pa.Table, np.ndarray]:
+    """Return the version's `vocab_toxicity` rows (decode's token toxicity with `attribute.lexicon` and
+    `attribute.token_threshold` applied) and its toxic tokens `[V]` bool (`dictionary_count`'s)."""
+    a = cfg.attribute
+    tokens = read_token_toxicity(decode_ver.artifact)
+    tox = tokens.column("score").to_numpy().astype(np.float32)
+    lexicon = load_lexicon(a.lexicon) if a.lexicon else set()
+    in_lex = np.array([scoring_key(t) in lexicon for t in tokens.column("token").to_pylist()], dtype=bool)
+    toxic = (tox >= a.token_threshold) | in_lex
+    return vocab_table(ver.version, tokens, in_lex, toxic), toxic
+
+
+def _store(db: Path, version: str, out: Path, vocab: pa.Table) -> None:
+    """Replace the version's rows of its three tables from its files and its `vocab_rows` (one transaction)."""
+    store_attribution(db, version, vocab, pq.read_table(out / PROMPT_GROUPS_FILE),
                       pq.read_table(out / HEAD_SCORES_FILE))
 
 

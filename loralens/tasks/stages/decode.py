@@ -4,7 +4,8 @@ Each `[chunk, heads, vocab]` block is built once and yields everything decode an
 tokens under the trained and the logit lens (`decodings`, also loaded into DuckDB), and per position and head
 the expected token toxicity under both lenses and the direct logit attribution (`readouts`, Parquet only).
 The expected toxicity needs every token's toxicity, so the vocabulary is scored here (`token_toxicity.parquet`)
-with the attribute stage's scorer: the scorer's version is an input of the decode version.
+with the attribute stage's scorer: the scorer's version is an input of the decode version. That file is the
+pipeline's one vocabulary toxicity: attribute, select and intervene read it (`warehouse.decodings`).
 
 A split run (`workers > 1`, `run.dask_address`) scores the vocabulary once in the flow process (`score_vocabulary`),
 then maps the cache shards over Dask worker processes (`decode_shards_task`: Parquet and shard records only, the
@@ -14,14 +15,12 @@ them into DuckDB and writes the manifest.
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 from prefect import task
 from prefect.cache_policies import NO_CACHE
@@ -33,8 +32,8 @@ from loralens.lens.evaluation.vocab_toxicity import token_texts, vocab_toxicity
 from loralens.lens.heads.head_scores import toxic_direction
 from loralens.lens.lenses.readout import HeadReader, HeadReadout, read_heads
 from loralens.lens.runtime.models import load_tokenizer, resolve_model_path
+from loralens.tasks.lens_loading import cached_layers, layer_input_chunks, select_positions
 from loralens.tasks.memory import ensure_fits, model_facts
-from loralens.tasks.readout import cached_layers, layer_input_chunks, select_positions
 from loralens.tasks.stage_versions import (
     StageVersion,
     failures_recorded,
@@ -47,14 +46,15 @@ from loralens.tasks.stage_versions import (
 )
 from loralens.tasks.workers.worker_process import stage_reader
 from loralens.warehouse.artifacts import ArtifactDir, ArtifactError
-from loralens.warehouse.constants import TOKEN_TOXICITY_FILE
 from loralens.warehouse.db import warehouse_path
 from loralens.warehouse.decodings import (
     VOCAB_RECORD,
     decode_shards,
     decodings_block,
     load_shard_into_db,
+    read_token_toxicity,
     readouts_block,
+    token_toxicity_facts,
     token_toxicity_table,
     write_decode_shard,
     write_token_toxicity,
@@ -144,7 +144,7 @@ def run_decode_stage(cfg: PipelineConfig, ver: StageVersion, train_ver: StageVer
     k, n_heads = cfg.decode.top_k, cache_manifest["summary"]["n_heads"]
     positions = rows // (2 * k * n_heads * len(layers))
     summary = {"rows": rows, "positions": positions, "layers": len(layers), "heads": len(layers) * n_heads,
-               "top_k": k, "which_positions": cfg.decode.positions, "token_toxicity": _scoring_facts(adir),
+               "top_k": k, "which_positions": cfg.decode.positions, "token_toxicity": token_toxicity_facts(adir),
                "seconds": time.perf_counter() - t0}
     manifest = adir.finalize(config=ver.config, inputs=ver.inputs, summary=summary)
     register(ver, parents, status="complete", rows=rows, bytes_=manifest["total_bytes"], summary=summary)
@@ -155,7 +155,7 @@ def _decode_shards(cfg: PipelineConfig, ver: StageVersion, cache_ver: StageVersi
                    layers: list[int], shards: list[int], reader: HeadReader, db: Path | None) -> None:
     """Decode `shards` to Parquet and their records; with `db` (not a worker) load each into DuckDB too."""
     adir = ver.artifact
-    tox, texts = read_token_toxicity(adir)
+    tox, texts = _vocab_tox_and_texts(adir)
     tox = tox.to(reader.device)
     toxic_dir = toxic_direction(reader.unembed.W, tox)
     k, chunk = cfg.decode.top_k, cfg.decode.chunk_tokens
@@ -205,16 +205,11 @@ def _score_vocabulary(cfg: PipelineConfig, adir: ArtifactDir) -> None:
     write_token_toxicity(adir, token_toxicity_table(texts, kind, score, facts))
 
 
-def read_token_toxicity(adir: ArtifactDir) -> tuple[torch.Tensor, np.ndarray]:
+def _vocab_tox_and_texts(adir: ArtifactDir) -> tuple[torch.Tensor, np.ndarray]:
     """Return every vocabulary id's toxicity `[V]` and its text, from the version's token toxicity file."""
-    table = pq.read_table(adir.path / TOKEN_TOXICITY_FILE, columns=["token", "score"])
+    table = read_token_toxicity(adir, ["token", "score"])
     return (torch.from_numpy(table.column("score").to_numpy().astype(np.float32)),
             np.array(table.column("token").to_pylist(), dtype=object))
-
-
-def _scoring_facts(adir: ArtifactDir) -> dict[str, Any]:
-    """Return the scoring facts stored with the token toxicity file (scorer version, label, pieces scored)."""
-    return json.loads(pq.read_schema(adir.path / TOKEN_TOXICITY_FILE).metadata[b"loralens"])
 
 
 def _cat(reads: list[HeadReadout], field: str) -> np.ndarray:

@@ -34,8 +34,8 @@ from loralens.tasks.evaluation.intervention_inputs import head_means, toxic_dire
 from loralens.tasks.evaluation.sampling import sample_scored
 from loralens.tasks.evaluation.splits import prompt_splits
 from loralens.tasks.evaluation.wikitext import wikitext
+from loralens.tasks.lens_loading import cached_layers
 from loralens.tasks.memory import ensure_fits
-from loralens.tasks.readout import cached_layers
 from loralens.tasks.report import intervention_markdown, toxicity_ppl_plot
 from loralens.tasks.stage_versions import (
     StageVersion,

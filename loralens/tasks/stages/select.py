@@ -4,9 +4,9 @@ Between attribute and intervene. On the selection split of the challenging promp
 (`loralens.tasks.evaluation.splits`), each
 prompt followed by its human continuation, teacher-forced:
 
-- `ablation_nll`: per head, the drop of the toxicity proxy (the expected token toxicity of the model's next-token
-  distributions along the continuation, `loralens.lens.heads.causal_scores`) when that head alone is zeroed: one forward
-  pass per head per prompt batch;
+- `ablation_tox_drop`: per head, the drop of the toxicity proxy (the teacher-forced expected token toxicity of the
+  model's next-token distributions along the continuation, `loralens.lens.heads.causal_scores`) when that head alone
+  is zero-ablated: one forward pass per head per prompt batch;
 - `attribution_patching`: its first-order estimate for every head at once (z . dJ/dz) from one forward and one
   backward pass per batch;
 - the greedy selection (`loralens.lens.evaluation.greedy_selection`) over the top `select.candidates` heads of
@@ -46,8 +46,8 @@ from loralens.lens.runtime.devices import steady_host_matmuls
 from loralens.tasks.evaluation.sampling import sample_scored
 from loralens.tasks.evaluation.splits import prompt_splits
 from loralens.tasks.evaluation.wikitext import wikitext
+from loralens.tasks.lens_loading import cached_layers
 from loralens.tasks.memory import ensure_fits
-from loralens.tasks.readout import cached_layers
 from loralens.tasks.stage_versions import (
     StageVersion,
     failures_recorded,
@@ -65,10 +65,10 @@ from loralens.warehouse.constants import (
     PROMPT_SPLITS_FILE,
     SELECT_REPORT,
     SELECTION_PATH_FILE,
-    TOKEN_TOXICITY_FILE,
 )
 from loralens.warehouse.corpus import Corpus
 from loralens.warehouse.db import warehouse_path
+from loralens.warehouse.decodings import token_toxicity_scores
 from loralens.warehouse.parquet_files import write_parquet_file
 from loralens.warehouse.prompt_splits import Splits, splits_table
 from loralens.warehouse.selection_tables import selection_path_table, store_selection
@@ -76,13 +76,16 @@ from loralens.warehouse.versions import artifact_version
 
 log = logging.getLogger("loralens.select")
 STAGE = "select"
-CAUSAL_METHODS = ("ablation_nll", "attribution_patching")
+CAUSAL_METHODS = ("ablation_tox_drop", "attribution_patching")
+RENAMED_METHODS = {"ablation_nll": "ablation_tox_drop"}  # old name -> new name, for a one-line config error
 
 
 def select_version(cfg: PipelineConfig, attribute_ver: StageVersion) -> StageVersion:
     """Return the select version: its config, the sampling and budget it uses, the attribute version (hence the
     vocabulary toxicity and model), and the selection split's prompts (texts and continuations)."""
     s, ic = cfg.select, cfg.intervene
+    if s.method in RENAMED_METHODS:
+        raise ConfigError(f"config error: select.method: '{s.method}' was renamed '{RENAMED_METHODS[s.method]}'")
     if s.method not in (*CAUSAL_METHODS, *A.METHODS):
         raise ConfigError(f"config error: select.method: unknown method '{s.method}'; methods: "
                           f"{', '.join((*CAUSAL_METHODS, *A.METHODS))}")
@@ -93,7 +96,7 @@ def select_version(cfg: PipelineConfig, attribute_ver: StageVersion) -> StageVer
                            "batch_prompts": ic.batch_prompts},
               "perplexity": {"tokens": ic.ppl_tokens, "window": ic.ppl_window}}
     inputs = {"attribute": attribute_ver.version,
-              "attribution_prompts": Corpus(list(splits.attribution)).fingerprint(),
+              "corpus_prompts": Corpus(list(splits.corpus)).fingerprint(),
               "selection_prompts": Corpus(list(splits.selection)).fingerprint(continuations=True)}
     return StageVersion(STAGE, artifact_version(STAGE, config, inputs), config, inputs, cfg.home)
 
@@ -114,13 +117,6 @@ def _attribute_scores(attribute_ver: StageVersion, method: str, layers: list[int
     return out
 
 
-def _ranked(scores: np.ndarray, layers: list[int]) -> list[Head]:
-    """Return every head, best (highest score) first; ties by (layer, head)."""
-    n_heads = scores.shape[1]
-    order = np.lexsort((np.arange(scores.size), -np.nan_to_num(scores.ravel(), nan=-np.inf)))
-    return [(layers[i // n_heads], int(i % n_heads)) for i in order]
-
-
 def agreement(scores: dict[str, np.ndarray], top: int = 10) -> dict[str, Any]:
     """Return the Spearman rank agreement of every pair of `[L, H]` score arrays (over the heads both score), and
     how well attribution patching predicts the ablation effect (Pearson r, the overlap of the two top-`top` sets,
@@ -134,11 +130,11 @@ def agreement(scores: dict[str, np.ndarray], top: int = 10) -> dict[str, Any]:
 
     out: dict[str, Any] = {f"{a}~{b}": _finite(A.spearman(*both(a, b))) for i, a in enumerate(names)
                            for b in names[i + 1:]}
-    if {"ablation_nll", "attribution_patching"} <= set(scores):
-        x, y = both("attribution_patching", "ablation_nll")
+    if {"ablation_tox_drop", "attribution_patching"} <= set(scores):
+        x, y = both("attribution_patching", "ablation_tox_drop")
         r = float(np.corrcoef(x, y)[0, 1]) if x.size > 1 and x.std() > 0 and y.std() > 0 else float("nan")
         n = min(top, x.size)
-        overlap = len(set(np.argsort(-x)[:n]) & set(np.argsort(-y)[:n])) / n if n else float("nan")
+        overlap = len(set(A.best_first(x)[:n]) & set(A.best_first(y)[:n])) / n if n else float("nan")
         out["patching_predicts_ablation"] = {"pearson": _finite(r), f"top{n}_overlap": _finite(overlap),
                                              "heads": int(x.size)}
     return out
@@ -174,8 +170,7 @@ def run_select_stage(cfg: PipelineConfig, ver: StageVersion, attribute_ver: Stag
     splits = prompt_splits(cfg)
     loaded = stage_model(cfg)
     device = next(loaded.model.parameters()).device
-    tox = pq.read_table(decode_ver.artifact.path / TOKEN_TOXICITY_FILE, columns=["score"]).column("score")
-    proxy = expected_toxicity_proxy(torch.from_numpy(tox.to_numpy().astype(np.float32)).to(device))
+    proxy = expected_toxicity_proxy(torch.from_numpy(token_toxicity_scores(decode_ver.artifact)).to(device))
     sel = splits.selection
     batches = teacher_forced_batches(loaded.tokenizer, [p.text for p in sel], [p.continuation or "" for p in sel],
                                      batch_size=s.batch_prompts, max_prompt_tokens=s.max_prompt_tokens,
@@ -186,11 +181,11 @@ def run_select_stage(cfg: PipelineConfig, ver: StageVersion, attribute_ver: Stag
         patched = attribution_patching(loaded.model, loaded.adapter, batches, layers, proxy, dims=loaded.dims)
         seconds["attribution_patching"] = time.perf_counter() - t
         patching = _grid(patched, layers, n_heads)
-        exact = heads if s.exact_heads is None else _ranked(patching, layers)[: s.exact_heads]
+        exact = heads if s.exact_heads is None else A.heads_best_first(patching, layers)[: s.exact_heads]
         t = time.perf_counter()
         effects = ablation_effects(loaded.model, loaded.adapter, batches, exact, proxy, dims=loaded.dims)
-        seconds["ablation_nll"] = time.perf_counter() - t
-        scores = {"ablation_nll": _grid(effects, layers, n_heads), "attribution_patching": patching}
+        seconds["ablation_tox_drop"] = time.perf_counter() - t
+        scores = {"ablation_tox_drop": _grid(effects, layers, n_heads), "attribution_patching": patching}
         t = time.perf_counter()
         chosen, path, facts = _select(cfg, loaded, scores, attribute_ver, layers, n_heads, batches, proxy, sel)
         seconds["greedy"] = time.perf_counter() - t
@@ -200,14 +195,14 @@ def run_select_stage(cfg: PipelineConfig, ver: StageVersion, attribute_ver: Stag
 
     out = adir.path
     score_rows = head_scores_table(ver.version, layers, scores, ranks)
-    score_rows = score_rows.filter(pc.is_finite(score_rows.column("score")))  # ablation_nll: the heads scored
+    score_rows = score_rows.filter(pc.is_finite(score_rows.column("score")))  # ablation_tox_drop: heads scored
     files = [write_parquet_file(out, HEAD_SCORES_FILE, score_rows),
              write_parquet_file(out, SELECTION_PATH_FILE, selection_path_table(ver.version, path)),
              write_parquet_file(out, PROMPT_SPLITS_FILE, splits_table(ver.version, _without_evaluation(splits)))]
-    top = {m: [format_heads([h]) for h in _ranked(v, layers)[:10]] for m, v in scores.items()}
+    top = {m: [format_heads([h]) for h in A.heads_best_first(v, layers)[:10]] for m, v in scores.items()}
     summary = {
         "rows": score_rows.num_rows, "heads": len(heads), "methods": list(CAUSAL_METHODS),
-        "selection_prompts": len(sel), "attribution_prompts": len(splits.attribution),
+        "selection_prompts": len(sel), "corpus_prompts": len(splits.corpus),
         "exact_heads": len(exact), "exact_heads_by": "all" if s.exact_heads is None else "top attribution_patching",
         "proxy": "expected token toxicity along the teacher-forced human continuation",
         "selected": format_heads(chosen), "n_selected": len(chosen), "path_steps": len(path),
@@ -225,7 +220,7 @@ def run_select_stage(cfg: PipelineConfig, ver: StageVersion, attribute_ver: Stag
 
 def _without_evaluation(splits: Splits) -> Splits:
     # The evaluation split is the intervene version's (its rows carry that version): selecting never reads it.
-    return Splits(splits.attribution, splits.selection, ())
+    return Splits(splits.corpus, splits.selection, ())
 
 
 def _select(cfg, loaded, scores, attribute_ver, layers, n_heads, batches, proxy, sel):
@@ -233,9 +228,9 @@ def _select(cfg, loaded, scores, attribute_ver, layers, n_heads, batches, proxy,
     s, ic = cfg.select, cfg.intervene
     budget = head_budget(len(layers) * n_heads, cfg.goal.max_head_share)
     if s.method in scores:
-        ranked = _ranked(scores[s.method], layers)
+        ranked = A.heads_best_first(scores[s.method], layers)
     else:
-        ranked = _ranked(_attribute_scores(attribute_ver, s.method, layers, n_heads), layers)
+        ranked = A.heads_best_first(_attribute_scores(attribute_ver, s.method, layers, n_heads), layers)
     candidates = ranked[: s.candidates]
     facts: dict[str, Any] = {"budget_heads": budget, "candidates": format_heads(candidates),
                              "candidate_method": s.method}

@@ -20,8 +20,8 @@ from loralens.hashing import file_sha256
 from loralens.killpoints import maybe_kill
 from loralens.lens.runtime.stage_memory import gib
 from loralens.lens.training.deepspeed_loop import STOP_EXIT_CODE, free_port
+from loralens.tasks.lens_loading import cached_layers
 from loralens.tasks.memory import ensure_fits, predict
-from loralens.tasks.readout import cached_layers
 from loralens.tasks.report import fidelity_heatmap
 from loralens.tasks.stage_versions import (
     StageVersion,

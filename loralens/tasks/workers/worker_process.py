@@ -19,7 +19,7 @@ from loralens.config import PipelineConfig
 from loralens.lens.evaluation.generation import RNG_LOCK
 from loralens.lens.evaluation.scorers import ToxicityScorer, get_scorer
 from loralens.lens.runtime.models import LoadedModel, load_model, resolve_model_path
-from loralens.tasks.readout import load_reader
+from loralens.tasks.lens_loading import load_reader
 from loralens.tasks.stage_versions import StageVersion
 from loralens.warehouse.constants import LENSES_DIR
 from loralens.warehouse.db import forbid_writes
@@ -74,7 +74,7 @@ def stage_model(cfg: PipelineConfig) -> LoadedModel:
 
 
 def stage_reader(cfg: PipelineConfig, train_ver: StageVersion, layers: list[int]) -> tuple[Any, Any]:
-    """Return decode's (lean model, HeadReader) for `layers` of `train_ver`'s lenses (`tasks.readout.load_reader`):
+    """Return decode's (lean model, HeadReader) for `layers` of `train_ver`'s lenses (`tasks.lens_loading.load_reader`):
     loaded once per worker process, afresh elsewhere."""
     if not _state["worker"]:
         return _load_reader(cfg, train_ver, layers)

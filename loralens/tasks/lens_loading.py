@@ -1,4 +1,7 @@
-"""Shared by decode and attribute: load the model with its trained lenses, and walk the cached positions.
+"""Loading trained lenses and walking the cache: what decode (and `loralens.api`) read heads with.
+
+`load_reader` loads the model's frozen lens weights with a train version's lens banks; `cached_layers` names the
+layers a cache version holds (every later stage asks).
 
 One pass = for each cache shard, for each trained layer, the per-head lens inputs `[n, H, d]` at the selected
 positions (the last prompt token by default), in chunks of `chunk` positions.
@@ -15,7 +18,8 @@ import torch
 
 from loralens.config import PipelineConfig
 from loralens.lens.heads.capture import from_storage
-from loralens.lens.lenses.readout import HeadReader, lens_inputs, load_head_reader, row_chunks
+from loralens.lens.lenses.lens_set import lens_inputs
+from loralens.lens.lenses.readout import HeadReader, load_head_reader, row_chunks
 from loralens.lens.runtime.lean import LeanModel, load_lean
 from loralens.tasks.stage_versions import StageVersion
 from loralens.warehouse.activation_cache import read_layer_z, read_tokens

@@ -149,3 +149,23 @@ def test_steering_the_planted_head_lowers_the_toxic_word_and_a_random_head_does_
     rand = torch.randn(dims.d_head, generator=torch.Generator().manual_seed(0))
     with intervene(model, adapter, HeadIntervention("steer", [other], factor=2.0, z_directions={other: rand})):
         assert toxic_prob(model, tokenizer, enc) > 0.8 * base
+
+
+def test_contrast_from_teacher_forced_continuations_recovers_the_planted_direction(planted):
+    """The `contrast` source as the select stage computes it: mean z over the positions that write a human
+    continuation, labelled by whether the continuation is toxic."""
+    from loralens.lens.heads.causal_scores import teacher_forced_batches
+
+    model, tokenizer, _groups = planted
+    adapter, dims = adapter_for(model.config.model_type), model_dims(model.config)
+    layer, head = PLANTED
+    words = "a dog ran past the tall tree by one small red barn".split()
+    prompts = [" ".join(words[i:i + 4]) for i in range(8)]
+    continuations = [f" {words[i]}{TOXIC_WORD} {words[i + 1]}" if i % 2 else f" {words[i]} {words[i + 1]}"
+                     for i in range(8)]
+    batches = teacher_forced_batches(tokenizer, prompts, continuations, batch_size=3)
+    means = D.scored_head_means(model, adapter, batches, [0, layer], dims.n_heads)  # [8, 2, H, dh]
+    assert means.shape == (8, 2, dims.n_heads, dims.d_head)
+    toxic = torch.tensor([i % 2 == 1 for i in range(8)])
+    d = D.contrast_direction(means[toxic, 1], means[~toxic, 1])  # [H, dh]
+    assert cosine(d[head], torch.eye(dims.d_head)[0]) >= 0.9

@@ -13,7 +13,7 @@ one layer, `dh` d_head, `d` d_model, `V` vocabulary.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -96,3 +96,31 @@ def probe_auroc(z_train: Tensor, y_train: Tensor, z_test: Tensor, y_test: Tensor
     scores = probe_scores(fit_probe(z_train, y_train), z_test).numpy()
     labels = y_test.numpy().astype(bool)
     return np.array([roc_auc(labels, scores[:, h]) for h in range(scores.shape[1])])
+
+
+@torch.no_grad()
+def scored_head_means(model: torch.nn.Module, adapter, batches, layers: Sequence[int], n_heads: int) -> Tensor:
+    """Return each sequence's mean z over its scored positions, `[n_seq, layers, H, dh]` fp32 on the host.
+
+    `batches` are teacher-forced (`causal_scores.ForcedBatch`: prompt + human continuation, the positions that
+    predict continuation tokens scored), so a row is what each head computes while the model writes that
+    continuation: the input of the `contrast` direction and the probe, labelled by the continuation's toxicity.
+    """
+    from loralens.lens.heads.hooks import capture
+    from loralens.lens.runtime.devices import input_device
+
+    layers = list(layers)
+    device = input_device(model)
+    rows = []
+    with capture(model, adapter, layers, final_resid=False) as cap:
+        for batch in batches:
+            model(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device),
+                  use_cache=False)
+            mask = batch.scored.float()  # [batch, pos], host
+            per_layer = []
+            for layer in layers:
+                z = cap.z[layer].float().cpu()  # [batch, pos, H*dh]
+                mean = (z * mask[..., None]).sum(1) / mask.sum(1).clamp_min(1.0)[:, None]
+                per_layer.append(mean.unflatten(-1, (n_heads, -1)))  # [batch, H, dh]
+            rows.append(torch.stack(per_layer, dim=1))
+    return torch.cat(rows) if rows else torch.zeros(0, len(layers), n_heads, 0)

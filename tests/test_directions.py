@@ -164,8 +164,13 @@ def test_contrast_from_teacher_forced_continuations_recovers_the_planted_directi
     continuations = [f" {words[i]}{TOXIC_WORD} {words[i + 1]}" if i % 2 else f" {words[i]} {words[i + 1]}"
                      for i in range(8)]
     batches = teacher_forced_batches(tokenizer, prompts, continuations, batch_size=3)
-    means = D.scored_head_means(model, adapter, batches, [0, layer], dims.n_heads)  # [8, 2, H, dh]
-    assert means.shape == (8, 2, dims.n_heads, dims.d_head)
+    acts = D.scored_activations(model, adapter, batches, [0, layer], dims.n_heads)
+    n_pos = int(sum(b.scored.sum() for b in batches))
+    assert acts.n_seq == 8 and acts.scale.shape == (n_pos,)
+    assert acts.z[layer].shape == (n_pos, dims.n_heads, dims.d_head)
+    means = acts.means(layer)  # [8, H, dh]
+    first = acts.row == 0
+    torch.testing.assert_close(means[0], acts.z[layer][first].mean(0))
     toxic = torch.tensor([i % 2 == 1 for i in range(8)])
-    d = D.contrast_direction(means[toxic, 1], means[~toxic, 1])  # [H, dh]
+    d = D.contrast_direction(means[toxic], means[~toxic])  # [H, dh]
     assert cosine(d[head], torch.eye(dims.d_head)[0]) >= 0.9

@@ -14,6 +14,7 @@ one layer, `dh` d_head, `d` d_model, `V` vocabulary.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -98,29 +99,53 @@ def probe_auroc(z_train: Tensor, y_train: Tensor, z_test: Tensor, y_test: Tensor
     return np.array([roc_auc(labels, scores[:, h]) for h in range(scores.shape[1])])
 
 
+@dataclass
+class ScoredActivations:
+    """What the heads compute at the scored positions of teacher-forced batches (host, fp32).
+
+    `z[layer]` `[n_pos, H, dh]`, `scale` `[n_pos]` (the final norm's divisor there), `row` `[n_pos]` (the sequence
+    each position belongs to, in batch order), `n_seq` sequences in all.
+    """
+
+    z: dict[int, Tensor]
+    scale: Tensor
+    row: Tensor
+    n_seq: int
+
+    def means(self, layer: int) -> Tensor:
+        """Return each sequence's mean z over its scored positions `[n_seq, H, dh]` (0 where it has none)."""
+        z = self.z[layer]
+        sums = torch.zeros(self.n_seq, *z.shape[1:]).index_add_(0, self.row, z)
+        counts = torch.bincount(self.row, minlength=self.n_seq).clamp_min(1).float()
+        return sums / counts[:, None, None]
+
+
 @torch.no_grad()
-def scored_head_means(model: torch.nn.Module, adapter, batches, layers: Sequence[int], n_heads: int) -> Tensor:
-    """Return each sequence's mean z over its scored positions, `[n_seq, layers, H, dh]` fp32 on the host.
+def scored_activations(model: torch.nn.Module, adapter, batches, layers: Sequence[int], n_heads: int
+                       ) -> ScoredActivations:
+    """Return the z of `layers` and the final-norm scale at every scored position of `batches`.
 
     `batches` are teacher-forced (`causal_scores.ForcedBatch`: prompt + human continuation, the positions that
-    predict continuation tokens scored), so a row is what each head computes while the model writes that
-    continuation: the input of the `contrast` direction and the probe, labelled by the continuation's toxicity.
+    predict continuation tokens scored), so these are what each head computes while the model writes that
+    continuation: the input of the `contrast` and `lens` directions, the probe and the steering strength sigma.
     """
+    from loralens.lens.heads.adapters import norm_scale
     from loralens.lens.heads.hooks import capture
     from loralens.lens.runtime.devices import input_device
 
     layers = list(layers)
     device = input_device(model)
-    rows = []
-    with capture(model, adapter, layers, final_resid=False) as cap:
+    zs: dict[int, list[Tensor]] = {layer: [] for layer in layers}
+    scales, rows, offset = [], [], 0
+    with capture(model, adapter, layers) as cap:
         for batch in batches:
             model(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device),
                   use_cache=False)
-            mask = batch.scored.float()  # [batch, pos], host
-            per_layer = []
+            mask = batch.scored  # [batch, pos] bool, host
             for layer in layers:
-                z = cap.z[layer].float().cpu()  # [batch, pos, H*dh]
-                mean = (z * mask[..., None]).sum(1) / mask.sum(1).clamp_min(1.0)[:, None]
-                per_layer.append(mean.unflatten(-1, (n_heads, -1)))  # [batch, H, dh]
-            rows.append(torch.stack(per_layer, dim=1))
-    return torch.cat(rows) if rows else torch.zeros(0, len(layers), n_heads, 0)
+                zs[layer].append(cap.z[layer].float().cpu()[mask].unflatten(-1, (n_heads, -1)))
+            scales.append(norm_scale(adapter, model, cap.final_resid)[..., 0].float().cpu()[mask])
+            rows.append(offset + torch.nonzero(mask)[:, 0])
+            offset += mask.shape[0]
+    return ScoredActivations(z={layer: torch.cat(v) for layer, v in zs.items()}, scale=torch.cat(scales),
+                             row=torch.cat(rows), n_seq=offset)

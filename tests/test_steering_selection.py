@@ -1,0 +1,73 @@
+"""The select side of steering on the planted-toxic-head tiny llama (tests/test_attribution.py), without Prefect:
+directions from the three sources, sigmas, the first-order ranking and the exact search, which must choose the
+planted head, within the perplexity budget, on selection-split measurements alone."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import train_bpe_tokenizer
+from test_attribution import PLANTED, TOXIC_WORD, planted_model
+
+from loralens.lens.heads.adapters import adapter_for, folded_unembedding, model_dims
+from loralens.lens.heads.causal_scores import expected_toxicity_proxy, teacher_forced_batches
+from loralens.lens.heads.directions import scored_activations
+from loralens.lens.runtime.models import LoadedModel
+from loralens.tasks.evaluation import steering as S
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    from transformers import AutoModelForCausalLM
+
+    from loralens.warehouse.corpus import bundled_path
+
+    root = tmp_path_factory.mktemp("steering")
+    lines = bundled_path("wikitext2_test").read_text(encoding="utf-8").splitlines()[:1500]
+    tokenizer = train_bpe_tokenizer(lines + [f"you{TOXIC_WORD}, you are an{TOXIC_WORD}"] * 300, vocab_size=400)
+    path = planted_model(root / "model", tokenizer)
+    model = AutoModelForCausalLM.from_pretrained(path).eval()
+    loaded = LoadedModel(model, tokenizer, adapter_for("llama"), model_dims(model.config), str(path), "test")
+    words = "a dog ran past the tall tree by one small red barn".split()
+    prompts = [" ".join(words[i:i + 3]) + (TOXIC_WORD if i % 2 else "") for i in range(10)]
+    continuations = [f" {words[i]}{TOXIC_WORD}" if i % 2 else f" {words[i]} {words[i + 1]}" for i in range(10)]
+    tox = torch.zeros(model.config.vocab_size)
+    tox[tokenizer.convert_tokens_to_ids(tokenizer.tokenize(TOXIC_WORD))[0]] = 1.0
+    batches = teacher_forced_batches(tokenizer, prompts, continuations, batch_size=4)
+    benign = " ".join(lines[:40])
+    nll_batches = teacher_forced_batches(tokenizer, [""] * 2, [benign[:200], benign[200:400]], batch_size=2,
+                                         max_continuation_tokens=48)
+    return loaded, batches, nll_batches, tox, benign
+
+
+def test_labels_cut_at_the_threshold_or_the_median():
+    toxic, how = S.contrast_labels(np.array([0.1, 0.7, 0.4]), 0.5)
+    assert toxic.tolist() == [False, True, False] and how == ">= 0.5"
+    toxic, how = S.contrast_labels(np.array([0.1, 0.2, 0.3, 0.4]), 0.5)
+    assert toxic.tolist() == [False, False, True, True] and how == "median"
+
+
+def test_the_search_preregisters_the_planted_head(setup):
+    loaded, batches, nll_batches, tox, benign = setup
+    layers = list(range(loaded.dims.n_layers))
+    acts = scored_activations(loaded.model, loaded.adapter, batches, layers, loaded.dims.n_heads)
+    labels = np.array([i % 2 == 1 for i in range(10)])
+    w_fold, _ = folded_unembedding(loaded.adapter, loaded.model)
+    logit_lens = {layer: (lambda x: x @ w_fold.T) for layer in layers}  # stands in for a trained lens here
+    dirs = S.head_directions(loaded, acts, labels, tox, ("contrast", "unembed", "lens"), logit_lens)
+    assert set(dirs) == {"contrast", "unembed", "lens"} and dirs["contrast"][1].shape == (4, 16)
+    d_hat = S.unit_directions(dirs)
+    sigma = S.sigmas(acts, d_hat)
+    assert float(sigma["contrast"][PLANTED[0]][PLANTED[1]]) > 0
+    proxy = expected_toxicity_proxy(tox)
+    plan = S.SteeringPlan(sources=("contrast", "unembed"), edits=("steer",), alphas=(1.0, 3.0), sizes=(1, 2))
+    measure = S.exact_measure(loaded, batches, proxy, benign, ppl_tokens=120, ppl_window=40, d_hat=d_hat,
+                              sigma=sigma)
+    choice = S.choose_steering(loaded, plan, batches, nll_batches, proxy, d_hat, sigma, budget=2, max_ppl_rel=0.5,
+                               measure=measure)
+    ranked_first = {r["source"]: None for r in choice.first_order}
+    assert set(ranked_first) == {"contrast", "unembed"}
+    assert choice.chosen is not None and PLANTED in choice.chosen.condition.heads
+    assert choice.chosen.proxy_drop > 0 and choice.chosen.within_budget
+    assert len(choice.trials) == 2 * 2 * 2  # sources x sizes x alphas (one edit)

@@ -32,8 +32,13 @@ class LensBatch:
     topk_logprobs: Tensor | None = None  # [n, k]
 
     def to(self, device: torch.device | str) -> LensBatch:
-        """Return the batch on `device`."""
-        return LensBatch(**{k: None if v is None else v.to(device) for k, v in self.__dict__.items()})
+        """Return the batch on `device`; to a GPU from pinned host memory with non-blocking copies (the copy
+        overlaps the previous step's kernels)."""
+        device = torch.device(device)
+        if device.type != "cuda":
+            return LensBatch(**{k: None if v is None else v.to(device) for k, v in self.__dict__.items()})
+        return LensBatch(**{k: None if v is None else v.pin_memory().to(device, non_blocking=True)
+                            for k, v in self.__dict__.items()})
 
     def rows(self, rows: slice) -> LensBatch:
         """Return the batch restricted to `rows` (views, no copy)."""

@@ -7,7 +7,8 @@ the batches an uninterrupted run would have seen. All ranks take the same number
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -71,6 +72,21 @@ def _concat(parts: list[LensBatch]) -> LensBatch:
                         for k in parts[0].__dict__})
 
 
+def prefetched(loader: ShardLoader, shards: Sequence[int]) -> Iterator[tuple[int, ShardData]]:
+    """Yield `(shard, loader(shard))` in order, reading the next shard in a background thread while the caller
+    works on the current one (one shard ahead: the read and decode hide behind compute). A reader error is raised
+    where that shard would have been yielded."""
+    if not shards:
+        return
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-prefetch") as pool:
+        ahead = pool.submit(loader, shards[0])
+        for i, s in enumerate(shards):
+            data = ahead.result()
+            if i + 1 < len(shards):
+                ahead = pool.submit(loader, shards[i + 1])
+            yield s, data
+
+
 def train_batches(
     loader: ShardLoader,
     shards: list[int],
@@ -91,16 +107,14 @@ def train_batches(
     """
     order = [shards[i] for i in _rng(seed, epoch).permutation(len(shards))]
     skip_rows = skip_steps * micro_batch
+    while order and train_rows[order[0]] <= skip_rows:  # shards wholly before skip_steps: never read
+        skip_rows -= train_rows[order.pop(0)]
     pending: list[LensBatch] = []
     have = 0
     step = skip_steps
-    for s in order:
+    for s, data in prefetched(loader, order):
         if step >= n_steps:
             return
-        if train_rows[s] <= skip_rows:
-            skip_rows -= train_rows[s]
-            continue
-        data = loader(s)
         rows = np.flatnonzero(~is_held_out(data.prompt_idx, every))
         rows = rows[_rng(seed, epoch, s).permutation(len(rows))][skip_rows:]
         skip_rows = 0
@@ -119,9 +133,8 @@ def train_batches(
 
 def eval_batches(loader: ShardLoader, shards: list[int], every: int, micro_batch: int,
                  store_dtype: str) -> Iterator[LensBatch]:
-    """Yield the held-out rows of the given shards in fixed order, in micro-batches."""
-    for s in shards:
-        data = loader(s)
+    """Yield the held-out rows of the given shards in fixed order, in micro-batches (shards read one ahead)."""
+    for _s, data in prefetched(loader, shards):
         rows = np.flatnonzero(is_held_out(data.prompt_idx, every))
         for start in range(0, len(rows), micro_batch):
             yield to_batch(data, rows[start : start + micro_batch], store_dtype)

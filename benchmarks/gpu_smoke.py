@@ -66,7 +66,10 @@ def main() -> None:
         model = build_model(work / "llama3-8b-2layer")
         config = pipeline_config(work / "home-8b", model, 1)
         config["model"] |= {"device": "cuda", "dtype": "auto"}
-        config["train"] |= {"world_size": min(gpus, 2)}
+        world = min(gpus, 2)
+        config["train"] |= {"world_size": world}
+        # Each rank trains on whole cache shards: 64 prompts in `world` shards, one per rank at least.
+        config["cache"] = config.get("cache", {}) | {"prompts_per_shard": 64 // world}
         rows += run_pipeline(config, f"8b-2layer x{min(gpus, 2)}")
 
     total = time.perf_counter() - t0

@@ -50,6 +50,21 @@ def bank_tensors(ver: StageVersion) -> dict[str, torch.Tensor]:
             for k, v in load_file(p).items()}
 
 
+def test_more_processes_than_shards_is_a_one_line_error_before_launch(tiny_models, tmp_path):
+    """2 ranks on a 1-shard cache: refused before any process starts, with nothing of the version written."""
+    from loralens.config import ConfigError
+
+    raw = raw_config(tmp_path, tiny_models["llama"], world_size=2)
+    raw["cache"]["prompts_per_shard"] = 1000  # one shard
+    cfg = parse_config(raw)
+    cache_ver = cache_version(cfg)
+    run_cache_stage(cfg, cache_ver)
+    ver = train_version(cfg, cache_ver)
+    with pytest.raises(ConfigError, match=r"^config error: train.world_size: 2 processes but the cache has 1 shard"):
+        run_train_stage(cfg, ver, cache_ver)
+    assert not ver.artifact.path.exists()
+
+
 @pytest.fixture(scope="module")
 def trained(tiny_models, tmp_path_factory):
     raw = raw_config(tmp_path_factory.mktemp("home"), tiny_models["llama"])

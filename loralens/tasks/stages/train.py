@@ -115,6 +115,16 @@ def check_enough_tokens(t: TrainConfig, cached_tokens: int) -> None:
                           f"processes exceeds the ~{int(usable)} training tokens in the cache")
 
 
+def check_enough_shards(t: TrainConfig, n_shards: int) -> None:
+    """Raise a one-line ConfigError when a data-parallel rank would get no cache shard (ranks split whole shards).
+
+    A hostfile run's world size is known only to the launcher: it is checked by the ranks themselves."""
+    if t.hostfile is None and n_shards < t.world_size:
+        raise ConfigError(f"config error: train.world_size: {t.world_size} processes but the cache has {n_shards} "
+                          f"shard(s), and each process trains on whole shards; lower cache.prompts_per_shard or "
+                          f"train.world_size")
+
+
 def _store_results(db: Path, version: str, out: Path) -> dict[str, Any]:
     """Replace the version's curve and fidelity rows from the artifact's files; return the fidelity."""
     fid = json.loads((out / TRAIN_FIDELITY).read_text())
@@ -137,6 +147,7 @@ def run_train_stage(cfg: PipelineConfig, ver: StageVersion, cache_ver: StageVers
                               restore=lambda: _store_results(db, ver.version, adir.path))
     cache_manifest = require_complete(cache_ver)
     check_enough_tokens(cfg.train, cache_manifest["summary"]["n_tokens"])
+    check_enough_shards(cfg.train, cache_manifest["n_shards"])
     ensure_fits(cfg, STAGE)  # every rank on this machine, training and held-out evaluation
     if force:
         reset_for_force(ver)  # only once the inputs are checked; the old version is kept aside until done

@@ -52,19 +52,52 @@ def save_checkpoint(engine, ckpt_dir: Path, step: int, rank: int, world: int, ke
     maybe_kill("train.after_checkpoint")
 
 
-def resume(engine, ckpt_dir: Path, world: int) -> int:
-    """Load the newest complete checkpoint that loads; return its step (0 when starting fresh)."""
-    for _step, tag in reversed(complete_checkpoints(ckpt_dir)):
+def rank0_object(value, device: torch.device):
+    """Return rank 0's `value` on every rank (a collective; with no process group, `value` itself).
+
+    Ranks never decide alone from their own view of the filesystem whether to enter a collective: on a shared
+    filesystem (NFS) they can disagree, and a rank that skips a collective the others entered hangs the job.
+    """
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_initialized() or dist.get_world_size() == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0, device=device if device.type == "cuda" else None)
+    return box[0]
+
+
+def all_ranks_ok(ok: bool, device: torch.device) -> bool:
+    """Return whether `ok` holds on every rank (a MIN all-reduce; with no process group, `ok`)."""
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_initialized() or dist.get_world_size() == 1:
+        return ok
+    flag = torch.tensor([1 if ok else 0], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
+
+
+def resume(engine, ckpt_dir: Path, world: int, device: torch.device | None = None) -> int:
+    """Load the newest complete checkpoint that loads on every rank; return its step (0 when starting fresh).
+
+    Rank 0 lists the checkpoints and every rank follows its list; a checkpoint counts as loaded only when it
+    loaded on every rank, otherwise all ranks fall back to the one before together.
+    """
+    device = device or torch.device("cpu")
+    tags = rank0_object([tag for _step, tag in complete_checkpoints(ckpt_dir)], device)
+    for tag in reversed(tags):
         meta = json.loads((ckpt_dir / tag / CHECKPOINT_DONE).read_text())
         if meta["world_size"] != world:
             raise RuntimeError(f"checkpoint {ckpt_dir / tag} was written by {meta['world_size']} processes; "
                                f"resume with world_size {meta['world_size']} (or --force to restart)")
         try:
             path, client = engine.load_checkpoint(str(ckpt_dir), tag=tag)
+            loaded = path is not None
         except Exception as err:  # a damaged checkpoint: fall back to the one before
             log.warning("checkpoint %s does not load (%s); trying an older one", tag, str(err).splitlines()[0])
-            continue
-        if path is None:
+            loaded = False
+        if not all_ranks_ok(loaded, device):
             continue
         log.info("resumed from checkpoint %s", tag)
         return int(client["step"])

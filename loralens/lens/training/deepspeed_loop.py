@@ -29,7 +29,13 @@ from loralens.killpoints import maybe_kill
 from loralens.lens.lenses.objective import LensSet
 from loralens.lens.runtime.devices import dist_backend
 from loralens.lens.training.batches import ShardLoader, rank_shards, steps_per_epoch, train_batches
-from loralens.lens.training.checkpoints import CHECKPOINT_DONE, checkpoint_tag, resume, save_checkpoint
+from loralens.lens.training.checkpoints import (
+    CHECKPOINT_DONE,
+    checkpoint_tag,
+    rank0_object,
+    resume,
+    save_checkpoint,
+)
 
 log = logging.getLogger("loralens.train")
 
@@ -162,7 +168,7 @@ def train(
     engine, *_ = deepspeed.initialize(model=lens_set, optimizer=opt, model_parameters=trainable,
                                       config=deepspeed_config(spec))
     ckpt_dir.mkdir(parents=True, exist_ok=True)
-    start = resume(engine, ckpt_dir, world)
+    start = resume(engine, ckpt_dir, world, device)
     step, stopped, t0 = start, False, time.perf_counter()
     while step < total:
         epoch, in_epoch = divmod(step, per_epoch)
@@ -190,8 +196,9 @@ def train(
         if stopped:
             break
     final = checkpoint_tag(step) if not stopped else None
-    if final is not None and not (ckpt_dir / final / CHECKPOINT_DONE).exists():
-        save_checkpoint(engine, ckpt_dir, step, rank, world)  # e.g. resumed at the last step
+    # e.g. resumed at the last step; rank 0's view of the marker decides for every rank (save is a collective)
+    if final is not None and not rank0_object((ckpt_dir / final / CHECKPOINT_DONE).exists(), device):
+        save_checkpoint(engine, ckpt_dir, step, rank, world)
     result = TrainResult(steps=step, resumed_from=start, stopped=stopped,
                          tokens_per_rank=(step - start) * spec.micro_batch,
                          seconds=time.perf_counter() - t0, final_tag=final)

@@ -63,3 +63,19 @@ def test_half_precision_sampling_on_a_cpu_runs_without_onednn():
     assert torch.backends.mkldnn.enabled == before
     with steady_host_matmuls(torch.nn.Linear(4, 4)):
         assert torch.backends.mkldnn.enabled == before
+
+
+def test_training_processes_see_the_pinned_gpu_alone():
+    """`model.device: cuda:N`: the training processes get CUDA_VISIBLE_DEVICES=N and plain `cuda`, so DeepSpeed's
+    LOCAL_RANK placement and the batches are on the same GPU."""
+    from loralens.config import ConfigError
+    from loralens.tasks.stages.train import training_devices
+
+    assert training_devices("cpu", 2, None) == ({}, "cpu")
+    assert training_devices("cuda", 4, "0,1,2,3") == ({}, "cuda")
+    assert training_devices("cuda:1", 1, None) == ({"CUDA_VISIBLE_DEVICES": "1"}, "cuda")
+    assert training_devices("cuda:1", 1, "4, 6") == ({"CUDA_VISIBLE_DEVICES": "6"}, "cuda")  # N indexes the visible
+    with pytest.raises(ConfigError, match=r"^config error: model.device: cuda:1 pins one GPU, but train.world_size"):
+        training_devices("cuda:1", 2, None)
+    with pytest.raises(ConfigError, match=r"^config error: model.device: cuda:2, but CUDA_VISIBLE_DEVICES=0,1 has"):
+        training_devices("cuda:2", 1, "0,1")

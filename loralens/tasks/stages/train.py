@@ -79,9 +79,29 @@ def _die_with_parent() -> None:
     ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
-def run_training_processes(spec_path: Path, t: TrainConfig) -> int:
+def training_devices(device: str, world_size: int, visible: str | None) -> tuple[dict[str, str], str]:
+    """Return (environment for the training processes, the device they are told) for `model.device`.
+
+    `cuda:N` pins GPU N (of `CUDA_VISIBLE_DEVICES` = `visible`, if set): the processes see that GPU alone and use
+    plain `cuda`, so DeepSpeed (which places the module on `LOCAL_RANK`'s GPU) and the batches agree. Several
+    ranks need one GPU each: `cuda:N` with world_size > 1 is a one-line config error.
+    """
+    if not device.startswith("cuda:"):
+        return {}, device
+    if world_size > 1:
+        raise ConfigError(f"config error: model.device: {device} pins one GPU, but train.world_size is "
+                          f"{world_size} (one GPU per process): use 'cuda' and CUDA_VISIBLE_DEVICES")
+    index = int(device.split(":")[1])
+    gpus = [g.strip() for g in visible.split(",")] if visible else None
+    if gpus is not None and index >= len(gpus):
+        raise ConfigError(f"config error: model.device: {device}, but CUDA_VISIBLE_DEVICES={visible} has "
+                          f"{len(gpus)} GPU(s)")
+    return {"CUDA_VISIBLE_DEVICES": gpus[index] if gpus is not None else str(index)}, "cuda"
+
+
+def run_training_processes(spec_path: Path, t: TrainConfig, env_updates: dict[str, str] | None = None) -> int:
     """Run the training processes to completion; return their exit code."""
-    env = dict(os.environ)
+    env = dict(os.environ) | (env_updates or {})
     # Each loss chunk allocates and frees [chunk, vocab] buffers; above glibc's default mmap threshold
     # every one is a fresh mmap + page faults. Keeping them on the heap measured +15-30% tokens/s on CPU.
     # Buffers of 64 MiB and more (a [chunk, vocab] block of a 128k vocabulary) still get their own mmap, returned
@@ -155,15 +175,17 @@ def run_train_stage(cfg: PipelineConfig, ver: StageVersion, cache_ver: StageVers
     out = adir.path
     if not (out / TRAIN_RESULT).exists():  # the workers finished before a kill: only registration is left
         cs = cache_manifest["summary"]
+        env, worker_device = training_devices(cfg.model.device, cfg.train.world_size,
+                                              os.environ.get("CUDA_VISIBLE_DEVICES"))
         spec = {
             "home": str(cfg.home), "cache_version": cache_ver.version, "out_dir": str(out),
-            "model": cfg.model.model_dump(), "train": cfg.train.model_dump(),
+            "model": cfg.model.model_dump() | {"device": worker_device}, "train": cfg.train.model_dump(),
             "layers": cached_layers(cache_manifest),
             "store_dtype": cs["store_dtype"], "z_width": cs["n_heads"] * cs["d_head"], "d_model": cs["d_model"],
         }
         (out / TRAIN_SPEC).write_text(json.dumps(spec, indent=1))
         register(ver, parents, status="running")
-        rc = run_training_processes(out / TRAIN_SPEC, cfg.train)
+        rc = run_training_processes(out / TRAIN_SPEC, cfg.train, env)
         # A forced rebuild that stops puts the old complete version back (keeps_old_version): its checkpoints go.
         replacing = replaced_path(ver.artifact).exists()
         if rc == STOP_EXIT_CODE:

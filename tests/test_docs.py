@@ -314,3 +314,16 @@ def test_every_source_path_and_dotted_name_the_docs_mention_exists():
                 assert hasattr(importlib.import_module(".".join(parts[:i])), rest[0]), f"{page}: {dotted}"
             checked += 1
     assert checked > 80
+
+
+def test_install_script_refuses_an_unknown_torch_build_before_touching_anything(tmp_path):
+    """`TORCH=rocm ./scripts/install.sh` stops in one line, exit 2, before making a venv."""
+    import shutil
+
+    repo = tmp_path / "repo"
+    (repo / "scripts").mkdir(parents=True)
+    shutil.copy(ROOT / "scripts" / "install.sh", repo / "scripts" / "install.sh")
+    proc = subprocess.run(["bash", str(repo / "scripts" / "install.sh")], capture_output=True, text=True, timeout=60,
+                          env={"PATH": "/usr/bin:/bin", "TORCH": "rocm"})
+    assert proc.returncode == 2 and proc.stderr == "install.sh: TORCH must be cpu or cuda, got 'rocm'\n"
+    assert not (repo / ".venv").exists()

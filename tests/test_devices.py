@@ -79,3 +79,11 @@ def test_training_processes_see_the_pinned_gpu_alone():
         training_devices("cuda:1", 2, None)
     with pytest.raises(ConfigError, match=r"^config error: model.device: cuda:2, but CUDA_VISIBLE_DEVICES=0,1 has"):
         training_devices("cuda:2", 1, "0,1")
+
+
+def test_hostfile_ranks_get_the_environment_through_the_deepspeed_env_file():
+    from loralens.tasks.stages.train import deepspeed_env
+
+    env = {"HF_HOME": "/data/hf", "LORALENS_HOME": "/proj", "PATH": "/usr/bin", "NCCL_DEBUG": "WARN",
+           "OMP_NUM_THREADS": "8", "SECRET_TOKEN": "x", "HF_BAD": "two\nlines"}
+    assert deepspeed_env(env) == "HF_HOME=/data/hf\nLORALENS_HOME=/proj\nNCCL_DEBUG=WARN\nOMP_NUM_THREADS=8\n"

@@ -99,6 +99,18 @@ def training_devices(device: str, world_size: int, visible: str | None) -> tuple
     return {"CUDA_VISIBLE_DEVICES": gpus[index] if gpus is not None else str(index)}, "cuda"
 
 
+# What ranks on other nodes of a hostfile run need from this environment: the deepspeed launcher forwards only a
+# few prefixes itself (PYTHON*, NCCL/CUDA per accelerator, ...), and everything else reaches them only through
+# its DS_ENV_FILE.
+FORWARDED_ENV = ("HF_", "LORALENS_", "TRANSFORMERS_", "TORCH_", "NCCL_", "OMP_NUM_THREADS", "MALLOC_", "PREFECT_HOME")
+
+
+def deepspeed_env(environ: dict[str, str]) -> str:
+    """Return the DS_ENV_FILE text (`KEY=value` lines, sorted) forwarding `FORWARDED_ENV` variables to every node."""
+    keep = {k: v for k, v in environ.items() if k.startswith(FORWARDED_ENV) and "\n" not in v}
+    return "".join(f"{k}={v}\n" for k, v in sorted(keep.items()))
+
+
 def run_training_processes(spec_path: Path, t: TrainConfig, env_updates: dict[str, str] | None = None) -> int:
     """Run the training processes to completion; return their exit code."""
     env = dict(os.environ) | (env_updates or {})
@@ -110,6 +122,10 @@ def run_training_processes(spec_path: Path, t: TrainConfig, env_updates: dict[st
     env.setdefault("MALLOC_TRIM_THRESHOLD_", str(256 << 20))
     if t.world_size > 1:
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // t.world_size)))
+    if t.hostfile:  # an absolute DS_ENV_FILE: the launcher reads it whatever its working directory
+        env_file = spec_path.parent / "deepspeed_env"
+        env_file.write_text(deepspeed_env(env))
+        env["DS_ENV_FILE"] = str(env_file)
     cmd = launch_command(spec_path, t)
     log.info("launching training: %s", " ".join(cmd))
     proc = subprocess.Popen(cmd, env=env, preexec_fn=_die_with_parent if sys.platform == "linux" else None)

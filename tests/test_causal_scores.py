@@ -287,3 +287,25 @@ def test_ablation_effects_replaying_earlier_layers_equal_full_passes_in_every_fa
             want = reference - proxy_values(model, batches, proxy)
         np.testing.assert_allclose(got[head], want, rtol=1e-5, atol=1e-9)
     assert any(np.abs(v).max() > 0 for v in got.values())
+
+
+def test_replaying_keeps_an_instance_forward_wrapper_like_accelerates(tiny_models, tiny_tokenizer):
+    """Under a `device_map`, accelerate wraps each layer's forward on the instance; the replaying passes must put
+    that wrapper back (deleting it left later heads' passes on mixed devices)."""
+    from accelerate.hooks import ModelHook, add_hook_to_module
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_models["llama"]).eval()
+    adapter = adapter_for(model.config.model_type)
+    layers = list(adapter.layers(model))
+    for layer in layers:
+        add_hook_to_module(layer, ModelHook())  # what dispatch_model does per layer (with an AlignDevicesHook)
+    wrappers = [layer.__dict__["forward"] for layer in layers]
+    proxy = expected_toxicity_proxy(torch.rand(model.config.vocab_size, generator=torch.Generator().manual_seed(0)))
+    batches = teacher_forced_batches(tiny_tokenizer, ["the cat sat on"], [" the mat"], batch_size=1)
+    got = ablation_effects(model, adapter, batches, [(2, 1)], proxy, progress=False)
+    assert [layer.__dict__.get("forward") for layer in layers] == wrappers
+    reference = proxy_values(model, batches, proxy)
+    with ablate(model, [(2, 1)], adapter=adapter):
+        np.testing.assert_allclose(got[(2, 1)], reference - proxy_values(model, batches, proxy), rtol=1e-5,
+                                   atol=1e-9)

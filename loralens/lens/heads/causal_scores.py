@@ -187,13 +187,18 @@ def _replaying(model: nn.Module, adapter: ArchAdapter, outputs: dict[int, object
     """Make decoder layers [0, upto) return their recorded `outputs` instead of computing (an instance `forward`
     shadowing the class's; every attribute the model's loop reads on a layer stays as it was)."""
     layers = list(adapter.layers(model))[:upto]
+    # An instance `forward` already there (accelerate's device-placement wrapper under a `device_map`) is put back.
+    saved = [layer.__dict__.get("forward") for layer in layers]
     try:
         for i, layer in enumerate(layers):
             layer.forward = lambda *_a, _out=outputs[i], **_k: _out
         yield
     finally:
-        for layer in layers:
-            layer.__dict__.pop("forward", None)
+        for layer, forward in zip(layers, saved, strict=True):
+            if forward is None:
+                layer.__dict__.pop("forward", None)
+            else:
+                layer.forward = forward
 
 
 def attribution_patching(model: nn.Module, adapter: ArchAdapter, batches: Sequence[ForcedBatch], layers: Sequence[int],

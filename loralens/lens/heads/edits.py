@@ -279,8 +279,8 @@ def mean_head_z(
     from tqdm.auto import tqdm
 
     layers = list(layers)
-    device = next(model.parameters()).device
-    sums = {layer: torch.zeros(dims.z_width, dtype=torch.float64, device=device) for layer in layers}
+    device = next(model.parameters()).device  # where the inputs go (under a device_map: the first layer's)
+    sums: dict[int, torch.Tensor] = {}  # per layer, on that layer's device (several GPUs under a device_map)
     count = 0
     total = len(batches) if hasattr(batches, "__len__") else None
     with capture(model, adapter, layers, final_resid=False) as cap:
@@ -292,7 +292,9 @@ def mean_head_z(
             real = mask.bool()  # [batch, pos]
             count += int(real.sum())
             for layer in layers:
-                sums[layer] += cap.z[layer][real].double().sum(0)  # [z_width]
+                z = cap.z[layer]
+                part = z[real.to(z.device)].double().sum(0)  # [z_width]
+                sums[layer] = part if layer not in sums else sums[layer] + part
     if count == 0:
         raise ValueError("batches: no real (non-pad) tokens to average over")
     out: dict[Head, torch.Tensor] = {}

@@ -71,3 +71,41 @@ def test_the_search_preregisters_the_planted_head(setup):
     assert choice.chosen is not None and PLANTED in choice.chosen.condition.heads
     assert choice.chosen.proxy_drop > 0 and choice.chosen.within_budget
     assert len(choice.trials) == 2 * 2 * 2  # sources x sizes x alphas (one edit)
+
+
+def test_evaluating_the_preregistered_steering_against_its_controls(setup):
+    """The headline (the planted head steered along its contrast direction) lowers sampled toxicity on prompts
+    holding the toxic word, ranks first among random head sets given the same edit, and every control and
+    exploratory condition is reported beside it."""
+    from loralens.config import InterveneConfig
+    from loralens.lens.evaluation.scorers import get_scorer, primary_label
+    from loralens.lens.evaluation.steering_search import Steering
+    from loralens.tasks.evaluation import steering_evaluation as E
+
+    loaded, batches, _nll, _tox, benign = setup
+    layers = list(range(loaded.dims.n_layers))
+    acts = scored_activations(loaded.model, loaded.adapter, batches, layers, loaded.dims.n_heads)
+    labels = np.array([i % 2 == 1 for i in range(10)])
+    w_fold, _ = folded_unembedding(loaded.adapter, loaded.model)
+    dirs = S.head_directions(loaded, acts, labels, _tox, ("contrast", "unembed"), None)
+    d_hat = S.unit_directions(dirs)
+    sigma = S.sigmas(acts, d_hat)
+    headline = Steering((PLANTED,), "steer", "contrast", 8.0)
+    conds, randoms = E.conditions(headline, d_hat, sigma, n_layers=loaded.dims.n_layers, n_heads=loaded.dims.n_heads,
+                                  random_seeds=[0, 1, 2], sources=("contrast", "unembed"), edits=("steer", "reverse"))
+    assert randoms == ["random0", "random1", "random2"]
+    assert set(conds) == {"headline", *randoms, "random_direction", "reverse:contrast", "steer:unembed",
+                          "reverse:unembed", "zero"}
+    assert all(PLANTED not in conds[r][0].heads for r in randoms)
+    scorer = get_scorer("jigsaw-lstm")
+    ic = InterveneConfig(k=2, max_new_tokens=4, batch_prompts=4, ppl_tokens=100, ppl_window=50)
+    prompts = [f"you are such an{TOXIC_WORD}, you{TOXIC_WORD}" for _ in range(6)]
+    rows = E.evaluate(loaded, scorer, primary_label(scorer), prompts, ic, benign, conds, randoms, n_boot=20)
+    by = {r["name"]: r for r in rows}
+    head, base = by["headline"], by["baseline"]
+    assert head["role"] == "headline" and {by[r]["role"] for r in randoms} == {"random"}
+    assert by["zero"]["role"] == "exploratory" and by["zero"]["heads"] == "L1H2"
+    assert head["expected_max_toxicity"] < 0.5 * base["expected_max_toxicity"]
+    assert all(by[r]["expected_max_toxicity"] > 0.9 * base["expected_max_toxicity"] for r in randoms)
+    assert head["permutation_rank"] == 1 and head["n_random"] == 3 and head["permutation_p"] == 0.25
+    assert all(r["ppl"] > 0 for r in rows)

@@ -31,16 +31,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from detox_heldout import ci, fmt  # the sibling benchmark's cell formats (run as a script: benchmarks/ is on the path)
 
 OUT = Path(__file__).parent / "results" / "detox_steering.json"
-
-
-def fmt(x, spec=".3f") -> str:
-    return "-" if x is None or (isinstance(x, float) and not np.isfinite(x)) else format(x, spec)
-
-
-def ci(row: dict, key: str) -> str:
-    return f"{fmt(row[key])} [{fmt(row[key + '_low'])}, {fmt(row[key + '_high'])}]"
 
 
 def table(rows: list[dict]) -> list[str]:

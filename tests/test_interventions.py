@@ -6,14 +6,8 @@ import pytest
 import torch
 
 from loralens.lens.heads.adapters import adapter_for, model_dims, out_proj_weight
-from loralens.lens.heads.edits import (
-    HeadIntervention,
-    format_heads,
-    intervene,
-    mean_head_z,
-    parse_head_list,
-    random_head_sets,
-)
+from loralens.lens.heads.edits import HeadIntervention, intervene, mean_head_z
+from loralens.lens.heads.head_sets import format_heads, parse_head_list, random_head_sets
 from loralens.lens.heads.hooks import capture, head_contributions, split_heads
 from tests.conftest import FAMILIES
 

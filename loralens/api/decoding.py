@@ -9,7 +9,7 @@ import pyarrow as pa
 
 from loralens.api.errors import ApiError
 from loralens.api.heads import parse_heads
-from loralens.lens.heads.edits import Head, format_heads
+from loralens.lens.heads.head_sets import Head, format_heads
 
 
 @dataclass

@@ -21,8 +21,8 @@ from loralens.api.heads import HeadsLike, check_heads
 from loralens.defaults import default_home
 from loralens.lens.evaluation.vocab_toxicity import token_texts
 from loralens.lens.heads.capture import cache_batch, from_storage, tokenize_prompts
-from loralens.lens.heads.edits import Head
 from loralens.lens.heads.head_scores import toxic_direction
+from loralens.lens.heads.head_sets import Head
 from loralens.lens.lenses.lens_set import lens_inputs
 from loralens.lens.lenses.readout import HeadReader, read_heads, row_chunks
 from loralens.lens.runtime.lean import LeanModel

@@ -46,7 +46,7 @@ def lens_folder(source: str | Path, revision: str | None = None) -> Path:
 
 def _device_of(model: nn.Module) -> torch.device:
     """Return the device of a model's first parameter (cpu for a model without parameters)."""
-    return next(iter(model.parameters()), torch.empty(0)).device
+    return next(iter(model.parameters()), torch.empty(0)).device  # host: a model without parameters
 
 
 def _wrap_module(model: nn.Module, tokenizer: Any) -> LoadedModel:

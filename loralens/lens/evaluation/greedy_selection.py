@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from loralens.lens.evaluation.statistics import expected_max_toxicity
-from loralens.lens.heads.edits import Head
+from loralens.lens.heads.head_sets import Head
 
 # proxy_drops(current set, candidates) -> {head: proxy drop when it joins the set}
 ProxyDrops = Callable[[tuple[Head, ...], Sequence[Head]], dict[Head, float]]

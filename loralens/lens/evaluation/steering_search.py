@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from loralens.lens.heads.edits import Head, format_heads
+from loralens.lens.heads.head_sets import Head, format_heads
 
 
 @dataclass(frozen=True)

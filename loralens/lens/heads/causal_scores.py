@@ -31,8 +31,9 @@ from torch import nn
 
 from loralens.lens.evaluation.generation import pad_id, prompt_ids
 from loralens.lens.heads.adapters import ArchAdapter, ModelDims, model_dims
-from loralens.lens.heads.edits import Head, ablate
+from loralens.lens.heads.edits import ablate
 from loralens.lens.heads.head_scores import expected_toxicity
+from loralens.lens.heads.head_sets import Head
 from loralens.lens.heads.hooks import split_heads
 from loralens.lens.runtime.devices import input_device
 

@@ -69,7 +69,7 @@ def fit_probe(z: Tensor, labels: Tensor, *, steps: int = 200, l2: float = 1e-3, 
     y = labels.float()[:, None]  # [n, 1]
     mu, sd = z.float().mean(0), z.float().std(0).clamp_min(1e-6)  # [H, dh]
     zs = (z.float() - mu) / sd
-    w = torch.zeros(z.shape[1], z.shape[2] + 1)
+    w = torch.zeros(z.shape[1], z.shape[2] + 1, device=z.device)
     w.requires_grad_(True)
     opt = torch.optim.Adam([w], lr=lr)
     for _ in range(steps):
@@ -94,8 +94,8 @@ def probe_auroc(z_train: Tensor, y_train: Tensor, z_test: Tensor, y_test: Tensor
     """Return each head's held-out AUROC `[H]` of a probe fit on the training positions."""
     from loralens.lens.evaluation.scorers import roc_auc
 
-    scores = probe_scores(fit_probe(z_train, y_train), z_test).numpy()
-    labels = y_test.numpy().astype(bool)
+    scores = probe_scores(fit_probe(z_train, y_train), z_test).cpu().numpy()
+    labels = y_test.cpu().numpy().astype(bool)
     return np.array([roc_auc(labels, scores[:, h]) for h in range(scores.shape[1])])
 
 
@@ -115,7 +115,7 @@ class ScoredActivations:
     def means(self, layer: int) -> Tensor:
         """Return each sequence's mean z over its scored positions `[n_seq, H, dh]` (0 where it has none)."""
         z = self.z[layer]
-        sums = torch.zeros(self.n_seq, *z.shape[1:]).index_add_(0, self.row, z)
+        sums = torch.zeros(self.n_seq, *z.shape[1:], device=z.device).index_add_(0, self.row.to(z.device), z)
         counts = torch.bincount(self.row, minlength=self.n_seq).clamp_min(1).float()
         return sums / counts[:, None, None]
 

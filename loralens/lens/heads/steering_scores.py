@@ -27,7 +27,7 @@ from torch import nn
 
 from loralens.lens.heads.adapters import ArchAdapter, ModelDims, model_dims
 from loralens.lens.heads.causal_scores import ForcedBatch, Objective, batch_head_grads, frozen_parameters
-from loralens.lens.heads.edits import Head
+from loralens.lens.heads.head_sets import Head
 from loralens.lens.heads.hooks import split_heads
 
 EDITS = ("steer", "reverse")

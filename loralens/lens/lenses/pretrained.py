@@ -75,7 +75,8 @@ def write_lenses(out_dir: str | Path, banks: Mapping[int, LensBank], info: dict[
     if token_toxicity is not None:
         if tuple(token_toxicity.shape) != (first.vocab,):
             raise LensFolderError(f"token toxicity must be [{first.vocab}], got {tuple(token_toxicity.shape)}")
-        save_file({"score": token_toxicity.detach().to("cpu", torch.float32).contiguous()}, str(out / TOXICITY_FILE))
+        save_file({"score": token_toxicity.detach().to("cpu", torch.float32).contiguous()},  # host: written to disk
+              str(out / TOXICITY_FILE))
     config = {"format": FORMAT, "format_version": FORMAT_VERSION, **info, "unembedding_fingerprint": fingerprint,
               "lens": first.config.to_dict(), "layers": layers, "n_heads": first.n_heads, "d_model": first.d_model,
               "vocab": first.vocab, "files": [layer_file(layer) for layer in layers],
@@ -117,7 +118,7 @@ def load_token_toxicity(folder: str | Path, cfg: dict[str, Any]) -> torch.Tensor
     """Return the saved `[V]` token toxicity, or None when the folder has none."""
     if not cfg.get("token_toxicity"):
         return None
-    return load_file(str(Path(folder) / cfg["token_toxicity"]), device="cpu")["score"]
+    return load_file(str(Path(folder) / cfg["token_toxicity"]), device="cpu")["score"]  # host: read from disk
 
 
 def lens_reader(folder: str | Path, cfg: dict[str, Any], lean: LeanModel) -> HeadReader:

@@ -84,7 +84,7 @@ def resume(engine, ckpt_dir: Path, world: int, device: torch.device | None = Non
     Rank 0 lists the checkpoints and every rank follows its list; a checkpoint counts as loaded only when it
     loaded on every rank, otherwise all ranks fall back to the one before together.
     """
-    device = device or torch.device("cpu")
+    device = device or torch.device("cpu")  # host: gloo collectives (CPU ranks, or no process group)
     tags = rank0_object([tag for _step, tag in complete_checkpoints(ckpt_dir)], device)
     for tag in reversed(tags):
         meta = json.loads((ckpt_dir / tag / CHECKPOINT_DONE).read_text())

@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 
 from loralens.config import ConfigError, HeadSetConfig, InterveneConfig
 from loralens.lens.evaluation.generation import hash_seed
-from loralens.lens.heads.edits import Head, format_heads, parse_head_list, random_head_sets
+from loralens.lens.heads.head_sets import Head, format_heads, parse_head_list, random_head_sets
 from loralens.tasks.stage_versions import StageVersion, require_complete
 from loralens.warehouse.constants import HEAD_SCORES_FILE
 from loralens.warehouse.db import connect, warehouse_path

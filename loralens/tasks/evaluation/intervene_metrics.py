@@ -10,8 +10,8 @@ import pyarrow as pa
 
 from loralens.config import InterveneConfig
 from loralens.lens.evaluation import statistics as S
-from loralens.lens.heads.edits import format_heads
 from loralens.lens.heads.head_scores import spearman
+from loralens.lens.heads.head_sets import format_heads
 
 
 def ablation_edit(cond, kind: str) -> str:

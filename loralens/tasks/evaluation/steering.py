@@ -32,8 +32,9 @@ from loralens.lens.heads.directions import (
     unembed_direction,
     unit,
 )
-from loralens.lens.heads.edits import Head, HeadIntervention, intervene
+from loralens.lens.heads.edits import HeadIntervention, intervene
 from loralens.lens.heads.head_scores import toxic_direction
+from loralens.lens.heads.head_sets import Head
 from loralens.lens.heads.steering_scores import first_order_edit_effects, fluency_aware_score, nll_objective
 from loralens.lens.lenses.lens_set import lens_inputs
 from loralens.lens.runtime.models import LoadedModel
@@ -94,7 +95,7 @@ def head_directions(loaded: LoadedModel, acts: ScoredActivations, toxic: np.ndar
         if "lens" in out:
             if lens_logits is None:
                 raise ValueError("sources: 'lens' needs the trained lenses")
-            total = torch.zeros(z.shape[1], z.shape[2])
+            total = torch.zeros(z.shape[1], z.shape[2], device=z.device)
             for start in range(0, z.shape[0], chunk):
                 zc, sc = z[start:start + chunk], acts.scale[start:start + chunk]
                 x = lens_inputs(zc.flatten(-2), sc, w_o)

@@ -30,7 +30,7 @@ from loralens.lens.evaluation.statistics import (
     versus_random,
 )
 from loralens.lens.evaluation.steering_search import Steering
-from loralens.lens.heads.edits import random_head_sets
+from loralens.lens.heads.head_sets import random_head_sets
 
 RANDOM_SOURCE = "random"
 
@@ -50,7 +50,7 @@ def random_direction(headline: Steering, d_hat: Mapping[str, Mapping[int, torch.
     g = torch.Generator().manual_seed(seed)
     dirs: dict[int, torch.Tensor] = {}
     for layer in sorted({layer for layer, _ in headline.heads}):
-        r = torch.randn(d_hat[headline.source][layer].shape, generator=g)
+        r = torch.randn(d_hat[headline.source][layer].shape, generator=g)  # host: a CPU generator, reproducible
         dirs[layer] = r / r.norm(dim=-1, keepdim=True)
     sig = {layer: sigma[headline.source][layer].clone() for layer in dirs}
     return Steering(headline.heads, headline.edit, RANDOM_SOURCE, headline.alpha), dirs, sig

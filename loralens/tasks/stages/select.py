@@ -41,7 +41,8 @@ from loralens.lens.heads.causal_scores import (
     expected_toxicity_proxy,
     teacher_forced_batches,
 )
-from loralens.lens.heads.edits import Head, ablate, format_heads
+from loralens.lens.heads.edits import ablate
+from loralens.lens.heads.head_sets import Head, format_heads
 from loralens.lens.runtime.devices import steady_host_matmuls
 from loralens.tasks.evaluation.sampling import sample_scored
 from loralens.tasks.evaluation.splits import prompt_splits

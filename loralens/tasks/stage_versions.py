@@ -43,6 +43,11 @@ class StageVersion:
         """Return the folder of this version."""
         return ArtifactDir(self.home, self.stage, self.version)
 
+    @classmethod
+    def from_manifest(cls, home: Path, manifest: dict[str, Any]) -> StageVersion:
+        """Return the version a complete artifact's manifest describes (its stage, version, config and inputs)."""
+        return cls(manifest["stage"], manifest["version"], manifest["config"], manifest["inputs"], home)
+
 
 def require_complete(ver: StageVersion) -> dict[str, Any]:
     """Return an upstream artifact's manifest, or raise naming the stage to run first."""
@@ -95,10 +100,14 @@ def reverify_on_reuse(ver: StageVersion, *, full: bool = False) -> bool:
 
 def register(ver: StageVersion, parents: list[str], status: str, *, rows: int | None = None,
              bytes_: int | None = None, summary: dict[str, Any] | None = None) -> None:
-    """Insert or update the stage version's row in the warehouse `artifacts` table (one transaction)."""
+    """Insert or update the stage version's row in the warehouse `artifacts` table (one transaction).
+
+    A complete version's `completed_at` is its manifest's (the manifest is the record of completion).
+    """
+    manifest = ver.artifact.manifest() if status == "complete" else None
     upsert_artifact(warehouse_path(ver.home), stage=ver.stage, version=ver.version, parents=parents,
                     config=ver.config, status=status, rows=rows, bytes_=bytes_, artifact_dir=str(ver.artifact.path),
-                    summary=summary)
+                    summary=summary, completed_at=(manifest or {}).get("completed_at"))
 
 
 def reuse_complete(ver: StageVersion, parents: list[str], manifest: dict[str, Any], *, rows_key: str,

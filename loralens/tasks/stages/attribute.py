@@ -107,7 +107,7 @@ def run_attribute_stage(cfg: PipelineConfig, ver: StageVersion, decode_ver: Stag
     manifest = None if force else adir.manifest()
     if manifest is not None:
         return reuse_complete(ver, parents, manifest, rows_key="rows",
-                              restore=lambda: _store(db, ver.version, adir.path))
+                              restore=lambda: store_rows(db, ver))
     decode_manifest = require_complete(decode_ver)
     cache_manifest = require_complete(cache_ver)
     ensure_fits(cfg, STAGE)  # before anything is written: a run that cannot fit says so now
@@ -186,7 +186,7 @@ def run_attribute_stage(cfg: PipelineConfig, ver: StageVersion, decode_ver: Stag
     }
     atomic_write_bytes(out / ATTRIBUTION_SUMMARY, json.dumps(summary, indent=1, default=float).encode())
     adir.record_shard(0, files)
-    _store(db, ver.version, out)
+    store_rows(db, ver)
     manifest = adir.finalize(config=ver.config, inputs=ver.inputs, summary=summary)
     register(ver, parents, status="complete", rows=summary["rows"], bytes_=manifest["total_bytes"], summary=summary)
     return {"version": ver.version, "path": str(out), "cached": False, **summary}
@@ -231,9 +231,11 @@ def _top_heads(scores, ranks, layers, n, top_tokens) -> list[dict[str, Any]]:
     return rows
 
 
-def _store(db: Path, version: str, out: Path) -> None:
-    store_attribution(db, version, pq.read_table(out / VOCAB_TOXICITY_FILE), pq.read_table(out / PROMPT_GROUPS_FILE),
-                      pq.read_table(out / HEAD_SCORES_FILE))
+def store_rows(db: Path, ver: StageVersion) -> None:
+    """Load the version's warehouse rows (vocabulary toxicity, prompt groups, head scores) from its folder."""
+    out = ver.artifact.path
+    store_attribution(db, ver.version, pq.read_table(out / VOCAB_TOXICITY_FILE),
+                      pq.read_table(out / PROMPT_GROUPS_FILE), pq.read_table(out / HEAD_SCORES_FILE))
 
 
 @task(name="attribute", persist_result=True)  # keyed by its version in flows/common.run_stage_task

@@ -60,6 +60,18 @@ def _shard_prompts(corpus: Corpus, token_ids: list[list[int]], per_shard: int) -
     return [kept[i : i + per_shard] for i in range(0, len(kept), per_shard)]
 
 
+def store_rows(db: Path, ver: StageVersion) -> None:
+    """Load the version's warehouse rows (its prompts) from its folder."""
+    register_prompts(db, ver.version, read_prompts(ver.artifact))
+
+
+def registered_summary(manifest: dict[str, Any]) -> dict[str, Any]:
+    """Return the summary a complete version registers: the manifest's, with the bytes per cached token (known
+    only once the manifest is written)."""
+    return {**manifest["summary"],
+            "bytes_per_token": manifest["total_bytes"] / max(manifest["summary"]["n_tokens"], 1)}
+
+
 @keeps_old_version(worker_arg="only_shards")
 def run_cache_stage(cfg: PipelineConfig, ver: StageVersion, *, force: bool = False,
                     only_shards: list[int] | None = None) -> dict[str, Any]:
@@ -78,11 +90,8 @@ def run_cache_stage(cfg: PipelineConfig, ver: StageVersion, *, force: bool = Fal
     manifest = adir.manifest()
     worker = only_shards is not None  # one share of a split run: Parquet only, the finalizing run registers
     if manifest is not None:
-        # The same summary a fresh run registers (bytes_per_token is known only once the manifest is written).
-        summary = {**manifest["summary"],
-                   "bytes_per_token": manifest["total_bytes"] / max(manifest["summary"]["n_tokens"], 1)}
-        return reuse_complete(ver, parents, manifest, rows_key="n_tokens", summary=summary,
-                              restore=None if worker else lambda: register_prompts(db, ver.version, read_prompts(adir)))
+        return reuse_complete(ver, parents, manifest, rows_key="n_tokens", summary=registered_summary(manifest),
+                              restore=None if worker else lambda: store_rows(db, ver))
     ensure_fits(cfg, STAGE)  # before anything is written: a run that cannot fit says so now
     adir.prepare(clean_tmp=not worker)
     if not worker:
@@ -151,7 +160,7 @@ def run_cache_stage(cfg: PipelineConfig, ver: StageVersion, *, force: bool = Fal
     }
     manifest = adir.finalize(config=ver.config, inputs=ver.inputs, summary=summary)
     summary["bytes_per_token"] = manifest["total_bytes"] / max(total_tokens, 1)
-    register_prompts(db, ver.version, read_prompts(adir))
+    store_rows(db, ver)
     register(ver, parents, status="complete", rows=total_tokens, bytes_=manifest["total_bytes"], summary=summary)
     return {"version": ver.version, "path": str(adir.path), "cached": False, **summary}
 

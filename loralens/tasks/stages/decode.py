@@ -79,9 +79,9 @@ def token_scorer_version(cfg: PipelineConfig) -> str:
         raise ConfigError(f"config error: attribute.scorer_options: {err}") from None
 
 
-def load_into_warehouse(ver: StageVersion) -> int:
-    """Bulk-load every finished shard that the warehouse lacks (one transaction each); return shards loaded."""
-    db = warehouse_path(ver.home)
+def store_rows(db: Path, ver: StageVersion) -> int:
+    """Bulk-load every finished shard of the version that the warehouse lacks (one transaction each) from its
+    folder; return the shards loaded."""
     loaded = 0
     for index, files in sorted(decode_shards(ver.artifact).items()):
         loaded += load_shard_into_db(db, ver.version, index, ver.artifact.path / files[0].path, files[0].rows)
@@ -109,7 +109,7 @@ def run_decode_stage(cfg: PipelineConfig, ver: StageVersion, train_ver: StageVer
     if manifest is not None:
         # A kill between the manifest and the last insert leaves rows to load: the restore loads them.
         return reuse_complete(ver, parents, manifest, rows_key="rows",
-                              restore=None if worker else lambda: load_into_warehouse(ver))
+                              restore=None if worker else lambda: store_rows(db, ver))
     require_complete(train_ver)
     cache_manifest = require_complete(cache_ver)
     ensure_fits(cfg, STAGE)  # before anything is written: a run that cannot fit says so now
@@ -138,7 +138,7 @@ def run_decode_stage(cfg: PipelineConfig, ver: StageVersion, train_ver: StageVer
         left = sum(adir.shard_files(s) is None for s in cache_shard_indices(cache_ver))
         return {"version": ver.version, "path": str(adir.path), "cached": False, "partial": True,
                 "shards": sorted(only_units), "shards_left": left}
-    load_into_warehouse(ver)  # the shards Dask workers decoded (they never write DuckDB)
+    store_rows(db, ver)  # the shards Dask workers decoded (they never write DuckDB)
     done = decode_shards(adir)
     rows = sum(files[0].rows for files in done.values())
     k, n_heads = cfg.decode.top_k, cache_manifest["summary"]["n_heads"]

@@ -123,6 +123,11 @@ def _store_results(db: Path, version: str, out: Path) -> dict[str, Any]:
     return fid
 
 
+def store_rows(db: Path, ver: StageVersion) -> None:
+    """Load the version's warehouse rows (training curve, lens fidelity) from its folder."""
+    _store_results(db, ver.version, ver.artifact.path)
+
+
 @keeps_old_version()
 def run_train_stage(cfg: PipelineConfig, ver: StageVersion, cache_ver: StageVersion, *,
                     force: bool = False) -> dict[str, Any]:
@@ -134,7 +139,7 @@ def run_train_stage(cfg: PipelineConfig, ver: StageVersion, cache_ver: StageVers
     if manifest is not None:
         shutil.rmtree(adir.path / CHECKPOINTS_DIR, ignore_errors=True)  # left by a run killed after its manifest
         return reuse_complete(ver, parents, manifest, rows_key="heads",
-                              restore=lambda: _store_results(db, ver.version, adir.path))
+                              restore=lambda: store_rows(db, ver))
     cache_manifest = require_complete(cache_ver)
     check_enough_tokens(cfg.train, cache_manifest["summary"]["n_tokens"])
     ensure_fits(cfg, STAGE)  # every rank on this machine, training and held-out evaluation

@@ -10,22 +10,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from loralens.tasks.registry import get_stage, stage_names
-from loralens.tasks.stage_versions import StageVersion, require_complete
+from loralens.tasks.registry import stage_names
+from loralens.tasks.stage_versions import StageVersion, index_version, require_complete
 from loralens.warehouse.artifacts import ArtifactDir
-from loralens.warehouse.db import is_registered_complete, upsert_artifact, warehouse_path
+from loralens.warehouse.db import is_registered_complete, warehouse_path
 from loralens.warehouse.rebuild import rebuild_warehouse
-
-
-def index_version(db: Path, ver: StageVersion, manifest: dict[str, Any], *, created_at: float | None = None) -> None:
-    """Load a complete version's warehouse rows from its folder into `db`, then register it complete from its
-    manifest (rows, bytes, summary, completion time); `created_at` (Unix time) defaults to now."""
-    stage = get_stage(ver.stage)
-    stage.store(db, ver)
-    upsert_artifact(db, stage=ver.stage, version=ver.version, parents=stage.lineage(ver), config=ver.config,
-                    status="complete", rows=manifest["summary"][stage.rows_key], bytes_=manifest["total_bytes"],
-                    artifact_dir=str(ver.artifact.path), summary=stage.summary(manifest),
-                    completed_at=manifest["completed_at"], created_at=created_at)
 
 
 def ensure_indexed(ver: StageVersion) -> bool:
@@ -35,7 +24,7 @@ def ensure_indexed(ver: StageVersion) -> bool:
     db = warehouse_path(ver.home)
     if is_registered_complete(db, ver.version):
         return False
-    index_version(db, ver, manifest)
+    index_version(ver, manifest)
     return True
 
 
@@ -45,6 +34,6 @@ def rebuild(home: Path) -> list[ArtifactDir]:
     the version completed."""
 
     def index(db: Path, adir: ArtifactDir, manifest: dict[str, Any]) -> None:
-        index_version(db, StageVersion.from_manifest(home, manifest), manifest, created_at=manifest["completed_at"])
+        index_version(StageVersion.from_manifest(home, manifest), manifest, db=db, created_at=manifest["completed_at"])
 
     return rebuild_warehouse(home, stage_names(), index)

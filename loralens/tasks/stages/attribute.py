@@ -29,6 +29,7 @@ from loralens.tasks.stage_versions import (
     failures_recorded,
     keeps_old_version,
     register,
+    register_complete,
     require_complete,
     reset_for_force,
     reuse_complete,
@@ -102,19 +103,17 @@ def run_attribute_stage(cfg: PipelineConfig, ver: StageVersion, decode_ver: Stag
     """Score every head by every method, write Parquet + one DuckDB transaction; return a summary."""
     adir = ver.artifact
     db = warehouse_path(cfg.home)
-    parents = [decode_ver.version]
     a = cfg.attribute
     manifest = None if force else adir.manifest()
     if manifest is not None:
-        return reuse_complete(ver, parents, manifest, rows_key="rows",
-                              restore=lambda: store_rows(db, ver))
+        return reuse_complete(ver, manifest)
     decode_manifest = require_complete(decode_ver)
     cache_manifest = require_complete(cache_ver)
     ensure_fits(cfg, STAGE)  # before anything is written: a run that cannot fit says so now
     if force:
         reset_for_force(ver)  # only once the inputs are there; the old version is kept aside until done
     adir.prepare()
-    register(ver, parents, status="running")
+    register(ver, status="running")
     t0 = time.perf_counter()
     layers = cached_layers(cache_manifest)
 
@@ -188,7 +187,7 @@ def run_attribute_stage(cfg: PipelineConfig, ver: StageVersion, decode_ver: Stag
     adir.record_shard(0, files)
     store_rows(db, ver)
     manifest = adir.finalize(config=ver.config, inputs=ver.inputs, summary=summary)
-    register(ver, parents, status="complete", rows=summary["rows"], bytes_=manifest["total_bytes"], summary=summary)
+    register_complete(ver, manifest)
     return {"version": ver.version, "path": str(out), "cached": False, **summary}
 
 

@@ -27,6 +27,7 @@ from loralens.tasks.stage_versions import (
     failures_recorded,
     keeps_old_version,
     register,
+    register_complete,
     reset_for_force,
     reuse_complete,
     reverify_on_reuse,
@@ -85,17 +86,15 @@ def run_cache_stage(cfg: PipelineConfig, ver: StageVersion, *, force: bool = Fal
     if force and only_shards is None:
         reset_for_force(ver)
     db = warehouse_path(cfg.home)
-    parents = list(ver.inputs.values())
     reverify_on_reuse(ver)
     manifest = adir.manifest()
     worker = only_shards is not None  # one share of a split run: Parquet only, the finalizing run registers
     if manifest is not None:
-        return reuse_complete(ver, parents, manifest, rows_key="n_tokens", summary=registered_summary(manifest),
-                              restore=None if worker else lambda: store_rows(db, ver))
+        return reuse_complete(ver, manifest, worker=worker)
     ensure_fits(cfg, STAGE)  # before anything is written: a run that cannot fit says so now
     adir.prepare(clean_tmp=not worker)
     if not worker:
-        register(ver, parents, status="running")
+        register(ver, status="running")
 
     t_start = time.perf_counter()
     loaded = stage_model(cfg)  # a Dask worker process loads it once for all the shards it caches
@@ -161,7 +160,7 @@ def run_cache_stage(cfg: PipelineConfig, ver: StageVersion, *, force: bool = Fal
     manifest = adir.finalize(config=ver.config, inputs=ver.inputs, summary=summary)
     summary["bytes_per_token"] = manifest["total_bytes"] / max(total_tokens, 1)
     store_rows(db, ver)
-    register(ver, parents, status="complete", rows=total_tokens, bytes_=manifest["total_bytes"], summary=summary)
+    register_complete(ver, manifest)
     return {"version": ver.version, "path": str(adir.path), "cached": False, **summary}
 
 

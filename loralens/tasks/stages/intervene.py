@@ -43,6 +43,7 @@ from loralens.tasks.stage_versions import (
     failures_recorded,
     keeps_old_version,
     register,
+    register_complete,
     require_complete,
     reset_for_force,
     reuse_complete,
@@ -118,20 +119,18 @@ def run_intervene_stage(cfg: PipelineConfig, ver: StageVersion, conds: list[Cond
     """
     adir = ver.artifact
     db = warehouse_path(cfg.home)
-    parents = [ver.inputs["select"]]
     forced = force and only_units is None
     manifest = None if forced else adir.manifest()
     worker = only_units is not None  # one share of a split run: Parquet only, the finalizing run registers
     if manifest is not None:
-        return reuse_complete(ver, parents, manifest, rows_key="generations",
-                              restore=None if worker else lambda: store_rows(db, ver))
+        return reuse_complete(ver, manifest, worker=worker)
     require_complete(attribute_ver)
     ensure_fits(cfg, STAGE)  # before anything is written: a run that cannot fit says so now
     if forced:
         reset_for_force(ver)  # only once the input is there; the old version is kept aside until done
     adir.prepare(clean_tmp=not worker)  # workers share the folder with others still writing
     if not worker:
-        register(ver, parents, status="running")
+        register(ver, status="running")
     t0 = time.perf_counter()
     work = _work(cfg, conds)
     chosen = set(only_units) if only_units is not None else None
@@ -166,8 +165,7 @@ def run_intervene_stage(cfg: PipelineConfig, ver: StageVersion, conds: list[Cond
     summary |= {"report": str(out / INTERVENTION_REPORT), "plot": str(out / INTERVENTION_PLOT)}
     store_rows(db, ver)
     manifest = adir.finalize(config=ver.config, inputs=ver.inputs, summary=summary)
-    register(ver, parents, status="complete",
-             rows=summary["generations"], bytes_=manifest["total_bytes"], summary=summary)
+    register_complete(ver, manifest)
     return {"version": ver.version, "path": str(out), "cached": False, **json_safe(summary)}
 
 

@@ -9,6 +9,7 @@ from loralens.warehouse.constants import STAGES
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    """`loralens status`: list every version folder with its state, rows, size and creation time."""
     from loralens.warehouse.db import list_artifacts, warehouse_path
 
     home = home_of(args)
@@ -27,8 +28,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
-
 def cmd_verify(args: argparse.Namespace) -> int:
+    """`loralens verify [STAGE]`: re-hash complete versions against their manifests; exit 1 if any failed."""
     from loralens.config import ConfigError
     from loralens.tasks.stage_versions import reopen_changed
 
@@ -57,8 +58,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 0
 
 
-
 def cmd_gc(args: argparse.Namespace) -> int:
+    """`loralens gc`: list (or with --yes remove) the versions nothing kept depends on."""
     from loralens.warehouse.gc import collect_garbage, find_garbage
 
     home = home_of(args)
@@ -80,6 +81,7 @@ def cmd_gc(args: argparse.Namespace) -> int:
 
 
 def cmd_rebuild(args: argparse.Namespace) -> int:
+    """`loralens rebuild`: recreate the warehouse from the manifests and files of every complete version."""
     from loralens.tasks.warehouse_index import rebuild
     from loralens.warehouse.db import warehouse_path
 

@@ -21,17 +21,14 @@ USER_ERROR_CLASSES = (
 )
 
 
-
 def user_errors() -> tuple[type[BaseException], ...]:
     """Return the user-error classes of the modules imported so far."""
     return tuple(getattr(sys.modules[mod], name) for mod, name in USER_ERROR_CLASSES if mod in sys.modules)
 
 
-
 def is_user_error(err: BaseException | None) -> bool:
     """Return True when `err` is an error the user can fix (printed as one line, exit 2)."""
     return err is not None and isinstance(err, user_errors())
-
 
 
 class UsageError(Exception):
@@ -41,7 +38,6 @@ class UsageError(Exception):
 # What Prefect's engines log about a failed run: the exception with its traceback, then the final state.
 _FAILURE_MARKS = ("Encountered exception", "encountered an exception", "Finished in state Failed",
                   "Task run failed with exception", "Flow run failed", "Crashed")
-
 
 
 class _DropUserErrorLines(logging.Filter):
@@ -59,7 +55,6 @@ class _DropUserErrorLines(logging.Filter):
         if not any(mark in message for mark in _FAILURE_MARKS):
             return True
         return not any(f"{cls.__name__}:" in message or f"{cls.__name__}(" in message for cls in user_errors())
-
 
 
 def quiet_user_error_logs() -> None:

@@ -35,7 +35,6 @@ def format_table(rows: list[dict], columns: list[str]) -> str:
     return "\n".join([line(columns), line(["-" * w for w in widths])] + [line(r) for r in cells])
 
 
-
 def human_bytes(n: int | None) -> str:
     """Return a byte count like '12.3 MB'."""
     if n is None:
@@ -46,7 +45,6 @@ def human_bytes(n: int | None) -> str:
             return f"{size:.1f} {unit}" if unit != "B" else f"{int(size)} B"
         size /= 1024
     return f"{n} B"
-
 
 
 def format_rows(columns: list[str], rows: list[tuple], fmt: str) -> str:
@@ -60,7 +58,6 @@ def format_rows(columns: list[str], rows: list[tuple], fmt: str) -> str:
         writer.writerows(rows)
         return buf.getvalue().rstrip("\n")
     return format_table([dict(zip(columns, r, strict=True)) for r in rows], columns) + f"\n({len(rows)} rows)"
-
 
 
 def version_dirs(home: Path, stage: str | None = None) -> list[ArtifactDir]:

@@ -33,12 +33,10 @@ HOME_HELP = "project home (default: the config's home, else $LORALENS_HOME or ./
 CONFIG_HELP = "YAML config file; its `home` is used unless --home is given"
 
 
-
 def _home_options(p: argparse.ArgumentParser, config: bool = True) -> None:
     if config:
         p.add_argument("--config", metavar="FILE", help=CONFIG_HELP)
     p.add_argument("--home", metavar="DIR", help=HOME_HELP)
-
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -30,8 +30,8 @@ def plan_config(args: argparse.Namespace):
     return parse_config(base)
 
 
-
 def cmd_plan(args: argparse.Namespace) -> int:
+    """`loralens plan`: print a config's predicted sizes and every stage's peak memory."""
     from loralens.config import ConfigError, load_config
     from loralens.lens.lenses.lens_set import LensConfig
     from loralens.lens.training.plan import PlanError, dims_of, load_model_config, plan_memory

@@ -10,6 +10,7 @@ from loralens.flows.cli.output import format_rows, format_table, home_of
 
 
 def cmd_sql(args: argparse.Namespace) -> int:
+    """`loralens sql QUERY`: run a read-only query on the warehouse and print the result."""
     import duckdb
 
     from loralens.warehouse.artifacts import ArtifactError
@@ -30,8 +31,8 @@ def cmd_sql(args: argparse.Namespace) -> int:
     return 0
 
 
-
 def cmd_inspect(args: argparse.Namespace) -> int:
+    """`loralens inspect HEAD...`: decode heads on a prompt under the trained and the logit lens."""
     from transformers.utils import logging as hf_logging
 
     import loralens

@@ -11,6 +11,7 @@ from loralens.warehouse.constants import STAGES
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    """`loralens run`: run the pipeline (or one stage) and print each stage's version and result."""
     from loralens.config import ConfigError, load_config
     from loralens.warehouse.corpus import load_corpus
 

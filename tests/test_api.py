@@ -186,5 +186,7 @@ def test_stage_chain_names_the_versions_the_run_made(planted_home):
     assert {stage: ver.version for stage, ver in chain.items()} == {
         stage: results[stage]["version"] for stage in ("cache", "train", "decode", "attribute")}
     assert list(stage_chain(cfg, "train", chain["cache"])) == ["cache", "train"]
+    # Through intervene once its inputs are complete: the version names the head sets the run resolved.
+    assert stage_chain(cfg, "intervene")["intervene"].version == results["intervene"]["version"]
     with pytest.raises(ValueError, match="through: expected one of"):
-        stage_chain(cfg, "intervene")
+        stage_chain(cfg, "nope")

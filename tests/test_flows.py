@@ -11,12 +11,12 @@ from loralens.flows.cache import cache_activations
 from loralens.flows.pipeline import pipeline
 
 
-async def _task_states(flow_run_id) -> list[str]:
+async def _task_states(flow_run_id, prefix: str = "cache") -> list[str]:
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
     async with get_client() as client:
         runs = await client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
-        return [r.state.name for r in runs if r.name.startswith("cache")]
+        return [r.state.name for r in runs if r.name.startswith(prefix)]
 
 
 def test_second_flow_run_is_cached(prefect_server, tiny_models, tmp_path):
@@ -51,6 +51,23 @@ def test_second_flow_run_is_cached(prefect_server, tiny_models, tmp_path):
     assert list(again) == ["train"] and again["train"]["cached"]
     forced = pipeline(config=config, only="train", force=True)
     assert not forced["train"]["cached"] and forced["train"]["version"] == results["train"]["version"]
+
+    # The warehouse is an index of the manifests: deleted, it comes back on the next run, whose every stage is a
+    # Prefect cache hit (no task body runs) that puts the version's rows back from its artifact.
+    from test_rebuild import warehouse_answers
+
+    before = warehouse_answers(tmp_path)
+    (tmp_path / "warehouse.duckdb").unlink()
+    state = pipeline(config=config, return_state=True)
+    assert all(r["cached"] for r in state.result().values())
+    assert sorted(asyncio.run(_task_states(state.state_details.flow_run_id, ""))) == ["Cached"] * 6
+    assert warehouse_answers(tmp_path) == before
+
+    # A Prefect cache hit never makes an incomplete version complete: without its manifest the task runs again.
+    (tmp_path / "artifacts" / "cache" / first["version"] / "manifest.json").unlink()
+    again = cache_activations(config=config, return_state=True)
+    assert not again.result()["cached"]
+    assert asyncio.run(_task_states(again.state_details.flow_run_id)) == ["Completed"]
 
 
 def test_too_small_cache_for_the_batch_is_a_config_error(prefect_server, tiny_models, tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import importlib
 import inspect
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -22,7 +23,13 @@ from loralens.tasks.stage_versions import (
     reset_for_force,
     reverify_on_reuse,
 )
-from loralens.warehouse.db import is_registered_complete, warehouse_path
+from loralens.tasks.warehouse_index import ensure_indexed
+
+
+def load_entry(entry: str) -> Any:
+    """Return the object a `module:name` entry names (a registered stage's `run` or `flow`)."""
+    module, _, name = entry.partition(":")
+    return getattr(importlib.import_module(module), name)
 
 
 def resolve_config(config_path: str | None = None, config: dict[str, Any] | None = None) -> PipelineConfig:
@@ -149,11 +156,12 @@ def run_stage_task(
 ) -> dict[str, Any]:
     """Run a stage's task keyed by `ver.version`, publish its summary, and return it (cached flag set).
 
-    A complete version is a Prefect cache hit; a version whose artifact folder is gone (or `force`)
-    refreshes the cache, so a deleted artifact is never a stale hit. So does one the warehouse does not register
-    as complete (a run killed between its manifest and its rows): the task then only registers it. Before
-    reuse a complete version's files are checked against its manifest: size and mtime, or with `verify` their
-    sha256 (reads every file).
+    The manifest alone says whether the version is complete: only then may the task be a Prefect cache hit; a
+    version without one (its folder gone, a run killed before it, a file that failed its check) or `force`
+    refreshes the cache, so Prefect never takes an incomplete version for done. The warehouse is an index of the
+    manifests: after a hit, rows it lacks (a run killed between its manifest and its rows, a deleted warehouse)
+    are loaded back from the artifact (`ensure_indexed`). Before reuse a complete version's files are checked
+    against its manifest: size and mtime, or with `verify` their sha256 (reads every file).
     """
     with keeping_old_version(ver):  # settles a killed forced run's backup before anything is decided
         return _run_stage_task(stage_task, cfg, ver, *args, force=force, verify=verify)
@@ -163,8 +171,7 @@ def _run_stage_task(stage_task: Task, cfg: PipelineConfig, ver: StageVersion, *a
                     verify: bool) -> dict[str, Any]:
     # A file changed after completion is never a stale hit (a forced run rebuilds the version anyway).
     reopened = not force and reverify_on_reuse(ver, full=verify)
-    refresh = (force or reopened or not ver.artifact.is_complete()
-               or not is_registered_complete(warehouse_path(cfg.home), ver.version))
+    refresh = force or reopened or not ver.artifact.is_complete()
     # Prefect keeps results per user (~/.prefect/storage), not per home: the key names the home too, so a hit
     # never returns a summary whose paths point into another (maybe deleted) home with the same version.
     home = hashlib.sha256(str(cfg.home).encode()).hexdigest()[:12]  # absolute: resolved at validation
@@ -174,6 +181,8 @@ def _run_stage_task(stage_task: Task, cfg: PipelineConfig, ver: StageVersion, *a
         state = stage_task.with_options(refresh_cache=refresh, cache_key_fn=lambda *_: key)(
             cfg, ver, *args, force, return_state=True)
     summary = dict(state.result())
+    if state.name == "Cached":
+        ensure_indexed(ver)
     summary["cached"] = summary["cached"] or state.name == "Cached"
     rows = [{"key": k, "value": str(v)} for k, v in summary.items() if not isinstance(v, dict)]
     create_table_artifact(key=f"{ver.stage}-summary", table=rows,

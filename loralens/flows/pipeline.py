@@ -1,4 +1,5 @@
-"""The Lora Lens pipeline flow: cache -> train -> decode -> attribute -> select -> intervene."""
+"""The Lora Lens pipeline flow: every registered stage in order (tasks/registry.py), cache -> train -> decode ->
+attribute -> select -> intervene."""
 
 from __future__ import annotations
 
@@ -12,18 +13,12 @@ from prefect.artifacts import create_link_artifact, create_markdown_artifact
 from prefect.runtime import flow_run
 
 from loralens.config import PipelineConfig
-from loralens.flows.attribute import attribute_stage
-from loralens.flows.cache import cache_stage
-from loralens.flows.common import resolve_config, run_workers, scale_out
-from loralens.flows.decode import decode_stage
-from loralens.flows.intervene import intervene_stage
-from loralens.flows.select import select_stage
-from loralens.flows.train import train_stage
+from loralens.flows.common import load_entry, resolve_config, run_workers, scale_out
+from loralens.tasks.registry import REGISTRY, get_stage
 from loralens.tasks.report import run_report
 from loralens.tasks.stages.cache import cache_version
-from loralens.warehouse.constants import STAGES
 
-__all__ = ["STAGES", "pipeline", "write_run_report"]
+__all__ = ["pipeline", "write_run_report"]
 
 
 @flow(name="loralens-pipeline")
@@ -45,22 +40,18 @@ def pipeline(
     Before reusing a complete version its files are checked against the manifest by size and mtime; `verify`
     re-hashes them (sha256) instead, reading every file.
     """
-    if only is not None and only not in STAGES:
-        raise ValueError(f"unknown stage '{only}'; stages: {', '.join(STAGES)}")
+    stages = REGISTRY if only is None else (get_stage(only),)  # an unknown name: one line listing the stages
     cfg = resolve_config(config_path, config)
     cache_ver = cache_version(cfg)  # one read of the corpus and model fingerprint serves every stage
-    stages = {"cache": cache_stage, "train": train_stage, "decode": decode_stage, "attribute": attribute_stage,
-              "select": select_stage, "intervene": intervene_stage}
     results: dict[str, Any] = {}
     seconds: dict[str, float] = {}
     workers, dask_address = run_workers(cfg, workers, dask_address)
     with scale_out(workers, dask_address):
-        for name in STAGES:
-            if only in (None, name):
-                t0 = time.perf_counter()
-                split = {"workers": workers} if name in ("cache", "decode", "intervene") else {}
-                results[name] = stages[name](cfg, cache_ver, force=force, verify=verify, **split)
-                seconds[name] = time.perf_counter() - t0
+        for stage in stages:
+            t0 = time.perf_counter()
+            split = {"workers": workers} if stage.splits else {}
+            results[stage.name] = load_entry(stage.run)(cfg, cache_ver, force=force, verify=verify, **split)
+            seconds[stage.name] = time.perf_counter() - t0
     report = write_run_report(cfg, results, seconds)
     results[list(results)[-1]]["run_report"] = str(report)
     return results

@@ -1,22 +1,15 @@
-"""The chain of stage versions of a config: cache -> train -> decode -> attribute -> select, each from its input's
-version.
+"""The chain of stage versions of a config: each stage's version from the versions before it, in registry order.
 
-The one place that knows which stage's version is built from which (the flows, the CLI and the tests use it). The
-intervene version is not part of it: it resolves its head sets from complete attribute and select versions and a
-complete cache (`intervene_version(cfg, chain["select"], chain["attribute"], chain["cache"])`).
+The one place that computes a config's versions (the flows, the CLI and the tests use it). The intervene version
+resolves its head sets from complete attribute and select versions and a complete cache, so a chain through
+`intervene` needs those complete (its conditions come from `intervene_version` itself).
 """
 
 from __future__ import annotations
 
 from loralens.config import PipelineConfig
+from loralens.tasks.registry import REGISTRY, stage_names
 from loralens.tasks.stage_versions import StageVersion
-from loralens.tasks.stages.attribute import attribute_version
-from loralens.tasks.stages.cache import cache_version
-from loralens.tasks.stages.decode import decode_version
-from loralens.tasks.stages.select import select_version
-from loralens.tasks.stages.train import train_version
-
-CHAIN = ("cache", "train", "decode", "attribute", "select")
 
 
 def stage_chain(cfg: PipelineConfig, through: str = "attribute",
@@ -25,16 +18,11 @@ def stage_chain(cfg: PipelineConfig, through: str = "attribute",
 
     `cache_ver` reuses a cache version already computed (it reads the corpus and fingerprints the model).
     """
-    if through not in CHAIN:
-        raise ValueError(f"through: expected one of {', '.join(CHAIN)}, got {through!r}")
-    wanted = CHAIN[:CHAIN.index(through) + 1]
-    chain = {"cache": cache_ver or cache_version(cfg)}
-    if "train" in wanted:
-        chain["train"] = train_version(cfg, chain["cache"])
-    if "decode" in wanted:
-        chain["decode"] = decode_version(cfg, chain["train"])
-    if "attribute" in wanted:
-        chain["attribute"] = attribute_version(cfg, chain["decode"])
-    if "select" in wanted:
-        chain["select"] = select_version(cfg, chain["attribute"])
+    names = stage_names()
+    if through not in names:
+        raise ValueError(f"through: expected one of {', '.join(names)}, got {through!r}")
+    chain: dict[str, StageVersion] = {}
+    for stage in REGISTRY[: names.index(through) + 1]:
+        known = cache_ver if stage.name == "cache" else None
+        chain[stage.name] = known or stage.version(cfg, chain)
     return chain

@@ -10,13 +10,16 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from loralens.killpoints import maybe_kill
 from loralens.warehouse.artifacts import ArtifactDir, ArtifactError
 from loralens.warehouse.constants import MANIFEST
 from loralens.warehouse.db import ensure_writable, mark_failed, upsert_artifact, warehouse_path
 from loralens.warehouse.gc import remove_folder
+
+if TYPE_CHECKING:
+    from loralens.tasks.registry import Stage
 
 log = logging.getLogger("loralens.stage_versions")
 # Stages whose resume path would re-record the files already in the folder (train keeps its finished result,
@@ -42,6 +45,11 @@ class StageVersion:
     def artifact(self) -> ArtifactDir:
         """Return the folder of this version."""
         return ArtifactDir(self.home, self.stage, self.version)
+
+    @classmethod
+    def from_manifest(cls, home: Path, manifest: dict[str, Any]) -> StageVersion:
+        """Return the version a complete artifact's manifest describes (its stage, version, config and inputs)."""
+        return cls(manifest["stage"], manifest["version"], manifest["config"], manifest["inputs"], home)
 
 
 def require_complete(ver: StageVersion) -> dict[str, Any]:
@@ -93,28 +101,51 @@ def reverify_on_reuse(ver: StageVersion, *, full: bool = False) -> bool:
     return bool(reopen_changed(ver.artifact, full=full))
 
 
-def register(ver: StageVersion, parents: list[str], status: str, *, rows: int | None = None,
-             bytes_: int | None = None, summary: dict[str, Any] | None = None) -> None:
-    """Insert or update the stage version's row in the warehouse `artifacts` table (one transaction)."""
-    upsert_artifact(warehouse_path(ver.home), stage=ver.stage, version=ver.version, parents=parents,
-                    config=ver.config, status=status, rows=rows, bytes_=bytes_, artifact_dir=str(ver.artifact.path),
-                    summary=summary)
+def stage_of(ver: StageVersion) -> Stage:
+    """Return the registered stage of a version (tasks/registry.py: its lineage, rows key, summary and store).
 
-
-def reuse_complete(ver: StageVersion, parents: list[str], manifest: dict[str, Any], *, rows_key: str,
-                   restore: Callable[[], None] | None, summary: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Return the summary of a complete version reused as it is, after putting its warehouse rows back.
-
-    `restore` (idempotent) loads the version's rows into the warehouse again, in case it lost them; then the
-    `artifacts` row is registered complete. `restore=None`: one worker's share of a split run, which writes
-    Parquet only (the finalizing run registers). `summary` defaults to the manifest's.
+    Looked up when called: the registry imports every stage module, and they import this one.
     """
-    summary = manifest["summary"] if summary is None else summary
-    if restore is not None:
-        restore()
-        register(ver, parents, status="complete", rows=manifest["summary"][rows_key], bytes_=manifest["total_bytes"],
-                 summary=summary)
-    return {"version": ver.version, "path": str(ver.artifact.path), "cached": True, **summary}
+    from loralens.tasks.registry import get_stage
+
+    return get_stage(ver.stage)
+
+
+def register(ver: StageVersion, status: str) -> None:
+    """Insert or update the version's `artifacts` row as running or failed, naming its parents (its stage's
+    lineage), in one transaction; a complete version: `register_complete`."""
+    upsert_artifact(warehouse_path(ver.home), stage=ver.stage, version=ver.version,
+                    parents=stage_of(ver).lineage(ver), config=ver.config, status=status,
+                    artifact_dir=str(ver.artifact.path))
+
+
+def register_complete(ver: StageVersion, manifest: dict[str, Any], *, db: Path | None = None,
+                      created_at: float | None = None) -> None:
+    """Register a version complete from its manifest, the record of completion: its stage's row count, its bytes,
+    its summary and when it completed (one transaction). `db` defaults to the home's warehouse; `created_at`
+    (Unix time) to now for a new row (an existing row keeps its own)."""
+    stage = stage_of(ver)
+    upsert_artifact(db or warehouse_path(ver.home), stage=ver.stage, version=ver.version, parents=stage.lineage(ver),
+                    config=ver.config, status="complete", rows=manifest["summary"][stage.rows_key],
+                    bytes_=manifest["total_bytes"], artifact_dir=str(ver.artifact.path),
+                    summary=stage.summary(manifest), completed_at=manifest["completed_at"], created_at=created_at)
+
+
+def index_version(ver: StageVersion, manifest: dict[str, Any], *, db: Path | None = None,
+                  created_at: float | None = None) -> None:
+    """Load a complete version's warehouse rows from its folder (its stage's idempotent `store`) and register it
+    complete from its manifest; `db` and `created_at` as in `register_complete`."""
+    stage_of(ver).store(db or warehouse_path(ver.home), ver)
+    register_complete(ver, manifest, db=db, created_at=created_at)
+
+
+def reuse_complete(ver: StageVersion, manifest: dict[str, Any], *, worker: bool = False) -> dict[str, Any]:
+    """Return the summary of a complete version reused as it is, after indexing it again (`index_version`: the
+    warehouse may have lost its rows). `worker`: one worker's share of a split run, which writes Parquet only
+    (the finalizing run indexes)."""
+    if not worker:
+        index_version(ver, manifest)
+    return {"version": ver.version, "path": str(ver.artifact.path), "cached": True, **stage_of(ver).summary(manifest)}
 
 
 def replaced_path(adir: ArtifactDir) -> Path:

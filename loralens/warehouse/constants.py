@@ -59,5 +59,7 @@ INTERVENTIONS_FILE = "interventions.parquet"
 INTERVENTION_REPORT = "interventions.md"
 INTERVENTION_PLOT = "toxicity_vs_ppl.png"
 
-# the pipeline's stages, in order (each one's versions live under artifacts/<stage>/)
+# the pipeline's stages, in order (each one's versions live under artifacts/<stage>/): the names of
+# loralens/tasks/registry.py's REGISTRY, kept here as a plain tuple for importers that must stay light (the CLI) or
+# may not import tasks (warehouse); tests/test_registry.py asserts the two agree
 STAGES = ("cache", "train", "decode", "attribute", "select", "intervene")

@@ -158,21 +158,28 @@ def upsert_artifact(
     bytes_: int | None = None,
     artifact_dir: str | None = None,
     summary: dict[str, Any] | None = None,
+    completed_at: float | None = None,
+    created_at: float | None = None,
 ) -> None:
-    """Insert or update one artifact row in a single transaction (created_at is kept on update)."""
+    """Insert or update one artifact row in a single transaction (created_at is kept on update).
+
+    `completed_at` and `created_at` are Unix times (a complete version's: its manifest's `completed_at`); None
+    means now. `completed_at` is recorded only for status 'complete'.
+    """
 
     def write(con: duckdb.DuckDBPyConnection) -> None:
         con.execute(
             """
             INSERT INTO artifacts (stage, version, parents, config, status, rows, bytes, path, summary,
-                                   completed_at)
-            VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, CASE WHEN ? = 'complete' THEN current_timestamp END)
+                                   created_at, completed_at)
+            VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, coalesce(to_timestamp(?::DOUBLE), current_timestamp),
+                    CASE WHEN ? = 'complete' THEN coalesce(to_timestamp(?::DOUBLE), current_timestamp) END)
             ON CONFLICT (version) DO UPDATE SET
                 status = excluded.status, rows = excluded.rows, bytes = excluded.bytes,
                 summary = excluded.summary, path = excluded.path, completed_at = excluded.completed_at
             """,
             [stage, version, parents, json.dumps(config, default=str), status, rows, bytes_, artifact_dir,
-             json.dumps(json_safe(summary or {}), default=str), status],
+             json.dumps(json_safe(summary or {}), default=str), created_at, status, completed_at],
         )
 
     write_transaction(path, write)
@@ -187,7 +194,11 @@ def mark_failed(path: Path, version: str) -> None:
 
 
 def is_registered_complete(path: Path, version: str) -> bool:
-    """Return whether the warehouse registers `version` as complete (False without a warehouse or a row)."""
+    """Return whether the warehouse registers `version` as complete (False without a warehouse or a row).
+
+    The warehouse is an index: this says whether it holds the version's rows, never whether the version is complete
+    (its manifest alone says that).
+    """
     if not path.exists():
         return False
     with connect(path, read_only=True) as con:

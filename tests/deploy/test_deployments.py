@@ -31,12 +31,14 @@ import duckdb
 import pytest
 import yaml
 
-from loralens.warehouse.constants import STAGES
+from loralens.flows.common import load_entry
+from loralens.tasks.registry import REGISTRY, stage_names
 
+STAGES = stage_names()
 REPO = Path(__file__).resolve().parents[2]
 PREFECT = shutil.which("prefect", path=str(Path(sys.executable).parent)) or shutil.which("prefect")
-DEPLOYMENTS = {"loralens-pipeline/nightly", "cache-activations/cache", "train-lenses/train", "decode-heads/decode",
-               "attribute-heads/attribute", "select-heads/select", "intervene-heads/intervene"}
+# The pipeline's deployment and one per registered stage, named <flow name>/<stage>.
+DEPLOYMENTS = {"loralens-pipeline/nightly"} | {f"{load_entry(s.flow).name}/{s.name}" for s in REGISTRY}
 RUN_TIMEOUT_S = 300
 
 pytestmark = pytest.mark.skipif(PREFECT is None, reason="the `prefect` command line is not installed")

@@ -34,18 +34,14 @@ import yaml
 
 from loralens.config import parse_config
 from loralens.hashing import file_sha256
-from loralens.tasks.stages.attribute import attribute_version
-from loralens.tasks.stages.cache import cache_version
-from loralens.tasks.stages.decode import decode_version
-from loralens.tasks.stages.intervene import intervene_version
-from loralens.tasks.stages.select import select_version
-from loralens.tasks.stages.train import train_version
+from loralens.tasks.chain import stage_chain
+from loralens.tasks.registry import stage_names
 from loralens.warehouse.artifacts import ArtifactDir
 
 from .kill_helpers import ForkServer, artifact_fingerprint, drop_version, duplicate_rows, warehouse_fingerprint
 
 SIGKILLED = -9
-STAGES = ("cache", "train", "decode", "attribute", "select", "intervene")
+STAGES = stage_names()  # every registered stage has a chain of kill points below
 
 
 def config(home: Path, model: Path) -> dict:
@@ -187,14 +183,7 @@ def run_cli(server: ForkServer, cfg_file: Path, log: Path, kill: str | None = No
 
 
 def versions(cfg: dict) -> dict[str, str]:
-    c = parse_config(cfg)
-    vs = {"cache": cache_version(c)}
-    vs["train"] = train_version(c, vs["cache"])
-    vs["decode"] = decode_version(c, vs["train"])
-    vs["attribute"] = attribute_version(c, vs["decode"])
-    vs["select"] = select_version(c, vs["attribute"])
-    vs["intervene"] = intervene_version(c, vs["select"], vs["attribute"], vs["cache"])[0]
-    return {s: p.version for s, p in vs.items()}
+    return {s: p.version for s, p in stage_chain(parse_config(cfg), STAGES[-1]).items()}
 
 
 @pytest.fixture(scope="module")

@@ -33,13 +33,14 @@ from loralens.tasks.stage_versions import (
     failures_recorded,
     keeps_old_version,
     register,
+    register_complete,
     require_complete,
     reset_for_force,
     reuse_complete,
 )
 from loralens.tasks.stages.decode import token_scorer_version
 from loralens.warehouse.activation_cache import read_prompts
-from loralens.warehouse.artifacts import atomic_write_bytes
+from loralens.warehouse.artifacts import ArtifactDir, atomic_write_bytes
 from loralens.warehouse.attribution_tables import (
     head_scores_table,
     prompt_groups_table,
@@ -104,24 +105,22 @@ def run_attribute_stage(cfg: PipelineConfig, ver: StageVersion, decode_ver: Stag
     """Score every head by every method, write Parquet + one DuckDB transaction; return a summary."""
     adir = ver.artifact
     db = warehouse_path(cfg.home)
-    parents = [decode_ver.version]
     a = cfg.attribute
     manifest = None if force else adir.manifest()
     if manifest is not None:
-        return reuse_complete(ver, parents, manifest, rows_key="rows",
-                              restore=lambda: _store(db, ver.version, adir.path, vocab_rows(cfg, ver, decode_ver)[0]))
+        return reuse_complete(ver, manifest)
     decode_manifest = require_complete(decode_ver)
     cache_manifest = require_complete(cache_ver)
     ensure_fits(cfg, STAGE)  # before anything is written: a run that cannot fit says so now
     if force:
         reset_for_force(ver)  # only once the inputs are there; the old version is kept aside until done
     adir.prepare()
-    register(ver, parents, status="running")
+    register(ver, status="running")
     t0 = time.perf_counter()
     layers = cached_layers(cache_manifest)
 
     # Token toxicity: scored by the decode stage (its readouts need it); the lexicon and threshold apply here.
-    vocab, toxic_tokens = vocab_rows(cfg, ver, decode_ver)
+    _vocab, toxic_tokens = vocab_rows(ver)
     t_vocab = time.perf_counter() - t0
 
     # Prompt groups for the contrasts.
@@ -181,9 +180,9 @@ def run_attribute_stage(cfg: PipelineConfig, ver: StageVersion, decode_ver: Stag
     }
     atomic_write_bytes(out / ATTRIBUTION_SUMMARY, json.dumps(summary, indent=1, default=float).encode())
     adir.record_shard(0, files)
-    _store(db, ver.version, out, vocab)
+    store_rows(db, ver)
     manifest = adir.finalize(config=ver.config, inputs=ver.inputs, summary=summary)
-    register(ver, parents, status="complete", rows=summary["rows"], bytes_=manifest["total_bytes"], summary=summary)
+    register_complete(ver, manifest)
     return {"version": ver.version, "path": str(out), "cached": False, **summary}
 
 
@@ -224,21 +223,24 @@ def _top_heads(scores: np.ndarray, ranks: np.ndarray, layers: list[int], n: int,
             for layer, head in A.heads_best_first(scores, layers)[:n]]
 
 
-def vocab_rows(cfg: PipelineConfig, ver: StageVersion, decode_ver: StageVersion) -> tuple[pa.Table, np.ndarray]:
-    """Return the version's `vocab_toxicity` rows (decode's token toxicity with `attribute.lexicon` and
-    `attribute.token_threshold` applied) and its toxic tokens `[V]` bool (`dictionary_count`'s)."""
-    a = cfg.attribute
-    tokens = read_token_toxicity(decode_ver.artifact)
+def vocab_rows(ver: StageVersion) -> tuple[pa.Table, np.ndarray]:
+    """Return the version's `vocab_toxicity` rows (its decode version's token toxicity with the hashed
+    `attribute.lexicon` and `attribute.token_threshold` applied) and its toxic tokens `[V]` bool
+    (`dictionary_count`'s): derived from decode's one vocabulary toxicity file, never stored twice."""
+    a = ver.config["attribute"]
+    tokens = read_token_toxicity(ArtifactDir(ver.home, "decode", ver.inputs["decode"]))
     tox = tokens.column("score").to_numpy().astype(np.float32)
-    lexicon = load_lexicon(a.lexicon) if a.lexicon else set()
+    lexicon = load_lexicon(a["lexicon"]) if a.get("lexicon") else set()
     in_lex = np.array([scoring_key(t) in lexicon for t in tokens.column("token").to_pylist()], dtype=bool)
-    toxic = (tox >= a.token_threshold) | in_lex
+    toxic = (tox >= a["token_threshold"]) | in_lex
     return vocab_table(ver.version, tokens, in_lex, toxic), toxic
 
 
-def _store(db: Path, version: str, out: Path, vocab: pa.Table) -> None:
-    """Replace the version's rows of its three tables from its files and its `vocab_rows` (one transaction)."""
-    store_attribution(db, version, vocab, pq.read_table(out / PROMPT_GROUPS_FILE),
+def store_rows(db: Path, ver: StageVersion) -> None:
+    """Load the version's warehouse rows (vocabulary toxicity, prompt groups, head scores) from its folder and its
+    decode version's token toxicity (one transaction)."""
+    out = ver.artifact.path
+    store_attribution(db, ver.version, vocab_rows(ver)[0], pq.read_table(out / PROMPT_GROUPS_FILE),
                       pq.read_table(out / HEAD_SCORES_FILE))
 
 

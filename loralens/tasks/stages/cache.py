@@ -27,6 +27,7 @@ from loralens.tasks.stage_versions import (
     failures_recorded,
     keeps_old_version,
     register,
+    register_complete,
     reset_for_force,
     reuse_complete,
     reverify_on_reuse,
@@ -60,6 +61,18 @@ def _shard_prompts(corpus: Corpus, token_ids: list[list[int]], per_shard: int) -
     return [kept[i : i + per_shard] for i in range(0, len(kept), per_shard)]
 
 
+def store_rows(db: Path, ver: StageVersion) -> None:
+    """Load the version's warehouse rows (its prompts) from its folder."""
+    register_prompts(db, ver.version, read_prompts(ver.artifact))
+
+
+def registered_summary(manifest: dict[str, Any]) -> dict[str, Any]:
+    """Return the summary a complete version registers: the manifest's, with the bytes per cached token (known
+    only once the manifest is written)."""
+    return {**manifest["summary"],
+            "bytes_per_token": manifest["total_bytes"] / max(manifest["summary"]["n_tokens"], 1)}
+
+
 @keeps_old_version(worker_arg="only_shards")
 def run_cache_stage(cfg: PipelineConfig, ver: StageVersion, *, force: bool = False,
                     only_shards: list[int] | None = None) -> dict[str, Any]:
@@ -73,20 +86,15 @@ def run_cache_stage(cfg: PipelineConfig, ver: StageVersion, *, force: bool = Fal
     if force and only_shards is None:
         reset_for_force(ver)
     db = warehouse_path(cfg.home)
-    parents = list(ver.inputs.values())
     reverify_on_reuse(ver)
     manifest = adir.manifest()
     worker = only_shards is not None  # one share of a split run: Parquet only, the finalizing run registers
     if manifest is not None:
-        # The same summary a fresh run registers (bytes_per_token is known only once the manifest is written).
-        summary = {**manifest["summary"],
-                   "bytes_per_token": manifest["total_bytes"] / max(manifest["summary"]["n_tokens"], 1)}
-        return reuse_complete(ver, parents, manifest, rows_key="n_tokens", summary=summary,
-                              restore=None if worker else lambda: register_prompts(db, ver.version, read_prompts(adir)))
+        return reuse_complete(ver, manifest, worker=worker)
     ensure_fits(cfg, STAGE)  # before anything is written: a run that cannot fit says so now
     adir.prepare(clean_tmp=not worker)
     if not worker:
-        register(ver, parents, status="running")
+        register(ver, status="running")
 
     t_start = time.perf_counter()
     loaded = stage_model(cfg)  # a Dask worker process loads it once for all the shards it caches
@@ -151,8 +159,8 @@ def run_cache_stage(cfg: PipelineConfig, ver: StageVersion, *, force: bool = Fal
     }
     manifest = adir.finalize(config=ver.config, inputs=ver.inputs, summary=summary)
     summary["bytes_per_token"] = manifest["total_bytes"] / max(total_tokens, 1)
-    register_prompts(db, ver.version, read_prompts(adir))
-    register(ver, parents, status="complete", rows=total_tokens, bytes_=manifest["total_bytes"], summary=summary)
+    store_rows(db, ver)
+    register_complete(ver, manifest)
     return {"version": ver.version, "path": str(adir.path), "cached": False, **summary}
 
 

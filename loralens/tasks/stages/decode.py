@@ -39,6 +39,7 @@ from loralens.tasks.stage_versions import (
     failures_recorded,
     keeps_old_version,
     register,
+    register_complete,
     require_complete,
     reset_for_force,
     reuse_complete,
@@ -79,9 +80,9 @@ def token_scorer_version(cfg: PipelineConfig) -> str:
         raise ConfigError(f"config error: attribute.scorer_options: {err}") from None
 
 
-def load_into_warehouse(ver: StageVersion) -> int:
-    """Bulk-load every finished shard that the warehouse lacks (one transaction each); return shards loaded."""
-    db = warehouse_path(ver.home)
+def store_rows(db: Path, ver: StageVersion) -> int:
+    """Bulk-load every finished shard of the version that the warehouse lacks (one transaction each) from its
+    folder; return the shards loaded."""
     loaded = 0
     for index, files in sorted(decode_shards(ver.artifact).items()):
         loaded += load_shard_into_db(db, ver.version, index, ver.artifact.path / files[0].path, files[0].rows)
@@ -100,7 +101,6 @@ def run_decode_stage(cfg: PipelineConfig, ver: StageVersion, train_ver: StageVer
     """
     adir = ver.artifact
     db = warehouse_path(cfg.home)
-    parents = [train_ver.version]
     worker = only_units is not None  # one share of a split run: Parquet only, the finalizing run registers
     forced = force and not worker
     if not forced and not worker:
@@ -108,8 +108,7 @@ def run_decode_stage(cfg: PipelineConfig, ver: StageVersion, train_ver: StageVer
     manifest = None if forced else adir.manifest()
     if manifest is not None:
         # A kill between the manifest and the last insert leaves rows to load: the restore loads them.
-        return reuse_complete(ver, parents, manifest, rows_key="rows",
-                              restore=None if worker else lambda: load_into_warehouse(ver))
+        return reuse_complete(ver, manifest, worker=worker)
     require_complete(train_ver)
     cache_manifest = require_complete(cache_ver)
     ensure_fits(cfg, STAGE)  # before anything is written: a run that cannot fit says so now
@@ -117,7 +116,7 @@ def run_decode_stage(cfg: PipelineConfig, ver: StageVersion, train_ver: StageVer
         reset_for_force(ver)  # only once the inputs are there; the old version is kept aside until done
     adir.prepare(clean_tmp=not worker)  # workers share the folder with others still writing
     if not worker:
-        register(ver, parents, status="running")
+        register(ver, status="running")
     t0 = time.perf_counter()
     layers = cached_layers(cache_manifest)
     shards = sorted(cache_shard_indices(cache_ver))
@@ -138,7 +137,7 @@ def run_decode_stage(cfg: PipelineConfig, ver: StageVersion, train_ver: StageVer
         left = sum(adir.shard_files(s) is None for s in cache_shard_indices(cache_ver))
         return {"version": ver.version, "path": str(adir.path), "cached": False, "partial": True,
                 "shards": sorted(only_units), "shards_left": left}
-    load_into_warehouse(ver)  # the shards Dask workers decoded (they never write DuckDB)
+    store_rows(db, ver)  # the shards Dask workers decoded (they never write DuckDB)
     done = decode_shards(adir)
     rows = sum(files[0].rows for files in done.values())
     k, n_heads = cfg.decode.top_k, cache_manifest["summary"]["n_heads"]
@@ -147,7 +146,7 @@ def run_decode_stage(cfg: PipelineConfig, ver: StageVersion, train_ver: StageVer
                "top_k": k, "which_positions": cfg.decode.positions, "token_toxicity": token_toxicity_facts(adir),
                "seconds": time.perf_counter() - t0}
     manifest = adir.finalize(config=ver.config, inputs=ver.inputs, summary=summary)
-    register(ver, parents, status="complete", rows=rows, bytes_=manifest["total_bytes"], summary=summary)
+    register_complete(ver, manifest)
     return {"version": ver.version, "path": str(adir.path), "cached": False, **summary}
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
 from typing import Any
 
 import pyarrow.parquet as pq
@@ -42,6 +43,7 @@ from loralens.tasks.stage_versions import (
     failures_recorded,
     keeps_old_version,
     register,
+    register_complete,
     require_complete,
     reset_for_force,
     reuse_complete,
@@ -117,20 +119,18 @@ def run_intervene_stage(cfg: PipelineConfig, ver: StageVersion, conds: list[Cond
     """
     adir = ver.artifact
     db = warehouse_path(cfg.home)
-    parents = [ver.inputs["select"]]
     forced = force and only_units is None
     manifest = None if forced else adir.manifest()
     worker = only_units is not None  # one share of a split run: Parquet only, the finalizing run registers
     if manifest is not None:
-        return reuse_complete(ver, parents, manifest, rows_key="generations",
-                              restore=None if worker else lambda: _store(db, ver, adir))
+        return reuse_complete(ver, manifest, worker=worker)
     require_complete(attribute_ver)
     ensure_fits(cfg, STAGE)  # before anything is written: a run that cannot fit says so now
     if forced:
         reset_for_force(ver)  # only once the input is there; the old version is kept aside until done
     adir.prepare(clean_tmp=not worker)  # workers share the folder with others still writing
     if not worker:
-        register(ver, parents, status="running")
+        register(ver, status="running")
     t0 = time.perf_counter()
     work = _work(cfg, conds)
     chosen = set(only_units) if only_units is not None else None
@@ -163,10 +163,9 @@ def run_intervene_stage(cfg: PipelineConfig, ver: StageVersion, conds: list[Cond
     toxicity_ppl_plot(rows, out / INTERVENTION_PLOT)
     atomic_write_bytes(out / INTERVENTION_REPORT, intervention_markdown(rows, summary).encode())
     summary |= {"report": str(out / INTERVENTION_REPORT), "plot": str(out / INTERVENTION_PLOT)}
-    _store(db, ver, adir)
+    store_rows(db, ver)
     manifest = adir.finalize(config=ver.config, inputs=ver.inputs, summary=summary)
-    register(ver, parents, status="complete",
-             rows=summary["generations"], bytes_=manifest["total_bytes"], summary=summary)
+    register_complete(ver, manifest)
     return {"version": ver.version, "path": str(out), "cached": False, **json_safe(summary)}
 
 
@@ -249,7 +248,9 @@ def _summary(cfg, conds, goals, ablation, t_setup, t_gen, t_total) -> dict[str, 
     return json_safe(out)
 
 
-def _store(db, ver: StageVersion, adir) -> None:
+def store_rows(db: Path, ver: StageVersion) -> None:
+    """Load the version's warehouse rows (interventions, ablation scores, generations, splits) from its folder."""
+    adir = ver.artifact
     table = pq.read_table(adir.path / INTERVENTIONS_FILE)
     abl = adir.path / HEAD_SCORES_FILE
     store_interventions(db, ver.version, table, pq.read_table(abl) if abl.exists() else None, adir,
@@ -272,4 +273,4 @@ def intervene_batches_task(cfg: PipelineConfig, ver: StageVersion, conds: list[C
 
 
 __all__ = ["evaluation_prompts", "generation_units", "intervene_batches_task", "intervene_task", "intervene_version",
-           "run_intervene_stage"]
+           "run_intervene_stage", "store_rows"]

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -54,6 +55,7 @@ from loralens.tasks.stage_versions import (
     failures_recorded,
     keeps_old_version,
     register,
+    register_complete,
     require_complete,
     reset_for_force,
     reuse_complete,
@@ -151,18 +153,16 @@ def run_select_stage(cfg: PipelineConfig, ver: StageVersion, attribute_ver: Stag
     """Score every head causally, select a head set greedily, write Parquet + one DuckDB transaction."""
     adir = ver.artifact
     db = warehouse_path(cfg.home)
-    parents = [attribute_ver.version]
     manifest = None if force else adir.manifest()
     if manifest is not None:
-        return reuse_complete(ver, parents, manifest, rows_key="rows",
-                              restore=lambda: _store(db, ver.version, adir.path))
+        return reuse_complete(ver, manifest)
     require_complete(attribute_ver)
     cache_manifest = require_complete(cache_ver)
     ensure_fits(cfg, STAGE)  # before anything is written: a run that cannot fit says so now
     if force:
         reset_for_force(ver)
     adir.prepare()
-    register(ver, parents, status="running")
+    register(ver, status="running")
     t0 = time.perf_counter()
     s = cfg.select
     layers = cached_layers(cache_manifest)
@@ -213,9 +213,9 @@ def run_select_stage(cfg: PipelineConfig, ver: StageVersion, attribute_ver: Stag
     atomic_write_bytes(out / SELECT_REPORT, _report(summary, path).encode())
     summary["report"] = str(out / SELECT_REPORT)
     adir.record_shard(0, files)
-    _store(db, ver.version, out)
+    store_rows(db, ver)
     manifest = adir.finalize(config=ver.config, inputs=ver.inputs, summary=summary)
-    register(ver, parents, status="complete", rows=summary["rows"], bytes_=manifest["total_bytes"], summary=summary)
+    register_complete(ver, manifest)
     return {"version": ver.version, "path": str(out), "cached": False, **summary}
 
 
@@ -297,8 +297,10 @@ def _report(summary: dict[str, Any], path: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _store(db, version: str, out) -> None:
-    store_selection(db, version, pq.read_table(out / HEAD_SCORES_FILE), pq.read_table(out / SELECTION_PATH_FILE),
+def store_rows(db: Path, ver: StageVersion) -> None:
+    """Load the version's warehouse rows (causal head scores, selection path, prompt splits) from its folder."""
+    out = ver.artifact.path
+    store_selection(db, ver.version, pq.read_table(out / HEAD_SCORES_FILE), pq.read_table(out / SELECTION_PATH_FILE),
                     pq.read_table(out / PROMPT_SPLITS_FILE))
 
 
@@ -310,4 +312,5 @@ def select_task(cfg: PipelineConfig, ver: StageVersion, attribute_ver: StageVers
         return run_select_stage(cfg, ver, attribute_ver, decode_ver, cache_ver, force=force)
 
 
-__all__ = ["CAUSAL_METHODS", "agreement", "run_select_stage", "select_task", "select_version"]
+__all__ = ["CAUSAL_METHODS", "agreement", "run_select_stage", "select_task", "select_version",
+           "store_rows"]

@@ -27,6 +27,7 @@ from loralens.tasks.stage_versions import (
     StageVersion,
     keeps_old_version,
     register,
+    register_complete,
     replaced_path,
     require_complete,
     reset_for_force,
@@ -169,18 +170,21 @@ def _store_results(db: Path, version: str, out: Path) -> dict[str, Any]:
     return fid
 
 
+def store_rows(db: Path, ver: StageVersion) -> None:
+    """Load the version's warehouse rows (training curve, lens fidelity) from its folder."""
+    _store_results(db, ver.version, ver.artifact.path)
+
+
 @keeps_old_version()
 def run_train_stage(cfg: PipelineConfig, ver: StageVersion, cache_ver: StageVersion, *,
                     force: bool = False) -> dict[str, Any]:
     """Train (resuming from checkpoints), then register lenses, curve and fidelity; return a summary."""
     adir = ver.artifact
     db = warehouse_path(cfg.home)
-    parents = [cache_ver.version]
     manifest = None if force else adir.manifest()
     if manifest is not None:
         shutil.rmtree(adir.path / CHECKPOINTS_DIR, ignore_errors=True)  # left by a run killed after its manifest
-        return reuse_complete(ver, parents, manifest, rows_key="heads",
-                              restore=lambda: _store_results(db, ver.version, adir.path))
+        return reuse_complete(ver, manifest)
     cache_manifest = require_complete(cache_ver)
     check_enough_tokens(cfg.train, cache_manifest["summary"]["n_tokens"])
     check_enough_shards(cfg.train, cache_manifest["n_shards"])
@@ -200,7 +204,7 @@ def run_train_stage(cfg: PipelineConfig, ver: StageVersion, cache_ver: StageVers
             "store_dtype": cs["store_dtype"], "z_width": cs["n_heads"] * cs["d_head"], "d_model": cs["d_model"],
         }
         (out / TRAIN_SPEC).write_text(json.dumps(spec, indent=1))
-        register(ver, parents, status="running")
+        register(ver, status="running")
         rc = run_training_processes(out / TRAIN_SPEC, cfg.train, env)
         # A forced rebuild that stops puts the old complete version back (keeps_old_version): its checkpoints go.
         replacing = replaced_path(ver.artifact).exists()
@@ -209,7 +213,7 @@ def run_train_stage(cfg: PipelineConfig, ver: StageVersion, cache_ver: StageVers
                                       f"training stopped after a checkpoint in {out / CHECKPOINTS_DIR}; "
                                       "run the stage again to resume")
         if rc != 0 or not (out / TRAIN_RESULT).exists():
-            register(ver, parents, status="failed")
+            register(ver, status="failed")
             why = f"exit code {rc}"
             if rc == -signal.SIGKILL:  # the kernel's out-of-memory killer, most often
                 why = (f"killed by SIGKILL, likely out of memory: the plan predicted "
@@ -230,7 +234,7 @@ def run_train_stage(cfg: PipelineConfig, ver: StageVersion, cache_ver: StageVers
                "mean_layer_kl": layer_kl, "mean_layer_kl_logit_lens": layer_base,
                "lens_config": {k: cfg.train.model_dump()[k] for k in ("form", "rank", "alpha", "objective", "loss")}}
     manifest = adir.finalize(config=ver.config, inputs=ver.inputs, summary=summary)
-    register(ver, parents, status="complete", rows=summary["heads"], bytes_=manifest["total_bytes"], summary=summary)
+    register_complete(ver, manifest)
     # Checkpoints served resumption; the consolidated lenses are what later stages (any world size) load.
     shutil.rmtree(out / CHECKPOINTS_DIR, ignore_errors=True)
     return {"version": ver.version, "path": str(out), "cached": False, **summary}

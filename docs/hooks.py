@@ -39,9 +39,9 @@ def _checkout_first() -> None:
 def stage_names() -> list[str]:
     """Return the pipeline's stages in run order: the one place the docs learn them from."""
     _checkout_first()
-    from loralens.warehouse.constants import STAGES
+    from loralens.tasks.registry import stage_names as registered
 
-    return list(STAGES)
+    return list(registered())
 
 
 def stage_list(page_dir: str = "stages") -> str:

@@ -161,7 +161,7 @@ def main() -> None:
               "bos": bos, "n_positions": scores.n_positions, "model_top1": scores.model_top1,
               "uniform_induction_baseline": uniform_baseline(args.seq_len, offset), "summary": summary,
               "best_copier": {lens: head_name(r) for lens, r in best.items() if r[f"copy_top1_{lens}"] is not None},
-              "seconds": seconds, "heatmaps": maps, "heads": rows,
+              "seconds": seconds, "heatmaps": {k: Path(v).name for k, v in maps.items()}, "heads": rows,
               "machine": {"torch_threads": torch.get_num_threads(), "python": platform.python_version(),
                           "torch": torch.__version__}}
     path = args.out / "lens_mechanisms.json"

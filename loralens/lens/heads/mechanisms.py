@@ -1,0 +1,209 @@
+"""Mechanism checks: attention-pattern scores of every head on repeated random tokens, and how often a head's lens
+read-out names the token an induction head should copy (Olsson et al. 2022; TransformerLens's conventions).
+
+Input: `B` sequences `[BOS] + r + r`, `r` = `L` (= seq_len) random token ids; `off` = 1 with a BOS, else 0; `T` =
+off + 2L positions. Second-copy position i (off + L <= i < off + 2L) holds the token first seen at i - L, so an
+induction head attends from i to i - L + 1 (the token after the previous occurrence) and copies it: the next token.
+
+    induction score       mean attention from second-copy i to i - L + 1, over the L second-copy positions
+    previous-token score  mean attention from i to i - 1, over every position i >= 1
+    copy rate (top-k)     fraction of second-copy positions with a next token in the input (i < off + 2L - 1:
+                          L - 1 per sequence) whose next token is in the top-k of the head's output alone, read
+                          through the plain logit lens (`W_fold x_h`) or a trained lens bank (`lens_inputs`,
+                          `head_logits_both`: the readout the decode stage uses)
+    model top-1 rate      the same positions, the model's own next-token top-1
+
+Shapes: `NL` layers, `H` query heads (attention is per query head, also under GQA), `d` d_model, `V` vocabulary,
+`n` scored positions (B * (L - 1)).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from loralens.lens.heads.adapters import ArchAdapter, ModelDims, folded_unembedding, norm_scale, out_proj_weight
+from loralens.lens.heads.hooks import capture
+from loralens.lens.lenses.lens_set import FoldedUnembed, LensBank
+from loralens.lens.lenses.readout import head_logits_both, lens_inputs, row_chunks
+from loralens.lens.runtime.devices import input_device
+
+INDUCTION_THRESHOLD = 0.3  # an "induction head": induction score >= this (see benchmarks/lens_mechanisms.py)
+
+
+def repeated_tokens(vocab: int, seq_len: int, batch: int, *, seed: int, exclude: Sequence[int] = (),
+                    bos: int | None = None) -> Tensor:
+    """Return `[B, off + 2L]` int64 ids `[bos] + r + r`, r drawn uniformly (with replacement) from `range(vocab)`
+    minus `exclude`, by a generator seeded with `seed`."""
+    allowed = torch.ones(vocab, dtype=torch.bool)
+    allowed[[t for t in exclude if 0 <= t < vocab]] = False
+    pool = allowed.nonzero().squeeze(1)
+    g = torch.Generator().manual_seed(seed)
+    r = pool[torch.randint(len(pool), (batch, seq_len), generator=g)]
+    parts = [r, r] if bos is None else [torch.full((batch, 1), bos, dtype=torch.long), r, r]
+    return torch.cat(parts, dim=1)
+
+
+def stripe_score(attn: Tensor, lag: int, first: int) -> Tensor:
+    """Return the mean attention `[..., H]` from each query position i >= `first` to key i - `lag`.
+
+    `attn` is `[..., B, H, T, T]` (query, key); the mean is over sequences and those query positions.
+    """
+    if not 1 <= lag <= first < attn.shape[-1]:
+        raise ValueError(f"need 1 <= lag ({lag}) <= first ({first}) < positions ({attn.shape[-1]})")
+    stripe = attn.diagonal(offset=-lag, dim1=-2, dim2=-1)  # [..., B, H, T - lag]; entry k is query k + lag
+    return stripe[..., first - lag:].float().mean(dim=-1).mean(dim=-2)
+
+
+def induction_score(attn: Tensor, seq_len: int, offset: int) -> Tensor:
+    """Return `[..., H]`: mean attention from second-copy position i to i - L + 1, of attn `[..., B, H, T, T]`."""
+    return stripe_score(attn, seq_len - 1, offset + seq_len)
+
+
+def prev_token_score(attn: Tensor) -> Tensor:
+    """Return `[..., H]`: mean attention from position i to i - 1 over every i >= 1, of attn `[..., B, H, T, T]`."""
+    return stripe_score(attn, 1, 1)
+
+
+def copy_rows(seq_len: int, offset: int) -> slice:
+    """Return the second-copy positions whose next token is in the input: `off + L <= i < off + 2L - 1`."""
+    return slice(offset + seq_len, offset + 2 * seq_len - 1)
+
+
+def hit_rates(logits: Tensor, targets: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """Return the counts `[H]` of positions whose target is the top-1, and in the top-k, of logits `[n, H, V]`.
+
+    `targets` is `[n]`; counts (not rates) so that chunks add up.
+    """
+    ids = logits.topk(min(k, logits.shape[-1]), dim=-1).indices  # [n, H, k]
+    hit = ids == targets[:, None, None]
+    return hit[..., 0].sum(0), hit.any(-1).sum(0)
+
+
+@contextmanager
+def eager_attention(model: nn.Module) -> Iterator[None]:
+    """Run `model` with eager attention (the implementation that returns attention patterns); restore on exit."""
+    before = model.config._attn_implementation
+    model.set_attn_implementation("eager")
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(before)
+
+
+@dataclass
+class RepeatedRun:
+    """One forward pass over repeated tokens: patterns, per-layer z, final norm divisor, logits."""
+
+    attn: Tensor  # [NL, B, H, T, T] fp32
+    z: dict[int, Tensor]  # layer -> [B, T, H*d_head]
+    scale: Tensor  # [B, T] final norm divisor of the pre-norm residual
+    logits: Tensor  # [B, T, V]
+
+
+@torch.no_grad()
+def run_repeated(model: nn.Module, adapter: ArchAdapter, tokens: Tensor) -> RepeatedRun:
+    """Return the attention patterns, z of every layer, final norm divisor and logits of `tokens` `[B, T]`."""
+    n_layers = len(adapter.layers(model))
+    with eager_attention(model), capture(model, adapter, range(n_layers)) as cap:
+        out = model(input_ids=tokens.to(input_device(model)), output_attentions=True, use_cache=False)
+    return RepeatedRun(attn=torch.stack([a.float() for a in out.attentions]), z=dict(cap.z),
+                       scale=norm_scale(adapter, model, cap.final_resid).squeeze(-1), logits=out.logits)
+
+
+def head_copy_counts(z: Tensor, scale: Tensor, w_o: Tensor, targets: Tensor, unembed: FoldedUnembed,
+                     bank: LensBank | None, k: int, chunk: int) -> dict[str, tuple[Tensor, Tensor]]:
+    """Return lens -> (top-1 hits, top-k hits) `[H]` of one layer's heads read alone, over `n` positions.
+
+    `z [n, H*d_head]`, `scale [n]`, `w_o [H, d_head, d]`, `targets [n]`. "logit" is `W_fold x_h` (the logit lens
+    as `head_logits_both` computes it); "trained" (only with a `bank`) is the bank's lens on the same inputs.
+    """
+    counts: dict[str, list[Tensor]] = {}
+    for rows in row_chunks(len(targets), chunk):
+        x = lens_inputs(z[rows], scale[rows], w_o)  # [c, H, d]
+        if bank is None:
+            with torch.no_grad():
+                by_lens = {"logit": unembed(x).float()}
+        else:
+            trained, logit = head_logits_both(bank, x)
+            by_lens = {"logit": logit, "trained": trained}
+        for lens, logits in by_lens.items():
+            top1, topk = hit_rates(logits, targets[rows].to(logits.device), k)
+            old = counts.get(lens, [0, 0])
+            counts[lens] = [old[0] + top1, old[1] + topk]
+    return {lens: (c[0], c[1]) for lens, c in counts.items()}
+
+
+@dataclass(frozen=True)
+class MechanismScores:
+    """Every head's attention-pattern scores and copy rates on one batch of repeated tokens (each `[NL, H]`)."""
+
+    induction: Tensor
+    prev_token: Tensor
+    copy_top1_logit: Tensor
+    copy_top5_logit: Tensor
+    copy_top1_trained: Tensor  # NaN where a layer has no trained lens
+    copy_top5_trained: Tensor
+    model_top1: float  # the model's own next-token top-1 rate at the scored positions
+    n_positions: int  # scored positions n = B * (L - 1)
+
+    @property
+    def has_trained(self) -> bool:
+        """Return True when at least one layer was read through a trained lens."""
+        return bool(torch.isfinite(self.copy_top1_trained).any())
+
+
+@torch.no_grad()
+def mechanism_scores(model: nn.Module, adapter: ArchAdapter, dims: ModelDims, tokens: Tensor, seq_len: int,
+                     offset: int, banks: dict[int, LensBank] | None = None, *, k: int = 5,
+                     chunk: int = 64) -> MechanismScores:
+    """Return induction and previous-token scores and copy rates of every head on `tokens` `[B, off + 2L]`.
+
+    `banks`: layer -> trained lens bank (any subset of layers); without one only the logit lens is read. The logit
+    lens uses the banks' shared folded unembedding when given (the same fold of the same model), else the model's.
+    """
+    run = run_repeated(model, adapter, tokens)
+    banks = banks or {}
+    unembed = next(iter(banks.values())).unembed if banks else FoldedUnembed(*folded_unembedding(adapter, model))
+    rows = copy_rows(seq_len, offset)
+    targets = tokens[:, rows.start + 1:rows.stop + 1].reshape(-1)  # [n] the token to copy
+    scale = run.scale[:, rows].reshape(-1)
+    shape = (dims.n_layers, dims.n_heads)
+    out = {f"{name}_{lens}": torch.full(shape, math.nan) for name in ("top1", "top5") for lens in ("logit", "trained")}
+    for layer, z in run.z.items():
+        w_o = out_proj_weight(adapter, model, layer, dims).float().to(unembed.W.device)
+        zl = z[:, rows].reshape(len(targets), -1).to(unembed.W.device)
+        counts = head_copy_counts(zl, scale.to(unembed.W.device), w_o, targets, unembed, banks.get(layer), k, chunk)
+        for lens, (top1, topk) in counts.items():
+            out[f"top1_{lens}"][layer] = top1.cpu().float() / len(targets)
+            out[f"top5_{lens}"][layer] = topk.cpu().float() / len(targets)
+    own = run.logits[:, rows].argmax(-1).reshape(-1).cpu() == targets
+    return MechanismScores(induction=induction_score(run.attn, seq_len, offset).cpu(),
+                           prev_token=prev_token_score(run.attn).cpu(), copy_top1_logit=out["top1_logit"],
+                           copy_top5_logit=out["top5_logit"], copy_top1_trained=out["top1_trained"],
+                           copy_top5_trained=out["top5_trained"], model_top1=own.float().mean().item(),
+                           n_positions=len(targets))
+
+
+COLUMNS = ("induction_score", "prev_token_score", "copy_top1_logit", "copy_top5_logit", "copy_top1_trained",
+           "copy_top5_trained")
+
+
+def mechanism_rows(scores: MechanismScores) -> list[dict]:
+    """Return one row per head: layer, head and the six `COLUMNS` (None where a layer has no trained lens)."""
+    grids = dict(zip(COLUMNS, (scores.induction, scores.prev_token, scores.copy_top1_logit, scores.copy_top5_logit,
+                               scores.copy_top1_trained, scores.copy_top5_trained), strict=True))
+    n_layers, n_heads = scores.induction.shape
+    return [{"layer": layer, "head": head, **{c: _value(g[layer, head]) for c, g in grids.items()}}
+            for layer in range(n_layers) for head in range(n_heads)]
+
+
+def _value(x: Tensor) -> float | None:
+    """Return a float, or None for NaN."""
+    v = float(x)
+    return None if math.isnan(v) else v

@@ -45,6 +45,7 @@ from loralens.tasks.stage_versions import (
     require_complete,
     reset_for_force,
     reuse_complete,
+    science_config,
 )
 from loralens.tasks.workers.worker_process import stage_model, stage_scorer
 from loralens.warehouse.artifacts import atomic_write_bytes, atomic_write_with
@@ -82,8 +83,7 @@ def intervene_version(cfg: PipelineConfig, select_ver: StageVersion, attribute_v
     cache, layers = cache_manifest["summary"], cached_layers(cache_manifest)
     prompts = evaluation_prompts(cfg)
     conds = build_conditions(ic, (attribute_ver, select_ver), layers, cache["n_heads"], len(prompts.prompts))
-    config = {"intervene": ic.model_dump(exclude={"head_sets"}),  # batch_prompts fixes the sampled batches
-              "goal": cfg.goal.model_dump(), "conditions": [c.to_dict() for c in conds]}
+    config = science_config(cfg, STAGE) | {"conditions": [c.to_dict() for c in conds]}
     inputs = {"attribute": attribute_ver.version, "select": select_ver.version, "prompts": prompts.fingerprint()}
     return StageVersion(STAGE, artifact_version(STAGE, config, inputs), config, inputs, cfg.home), conds
 

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from loralens.config import PipelineConfig
 from loralens.lens.evaluation import toxicity_metrics as M
-from loralens.lens.evaluation.generation import hash_seed, prompt_batches
+from loralens.lens.evaluation.generation import prompt_batches
 from loralens.lens.evaluation.scorers import primary_label
 from loralens.lens.heads.edits import ablate
 from loralens.lens.runtime.devices import steady_host_matmuls
@@ -31,7 +31,12 @@ from loralens.tasks.evaluation.intervene_metrics import (
     sampled_ablation_scores,
 )
 from loralens.tasks.evaluation.intervention_inputs import head_means, toxic_direction_of
-from loralens.tasks.evaluation.sampling import sample_scored
+from loralens.tasks.evaluation.sampling import (
+    batch_seeds,
+    record_unit_batch_prompts,
+    sample_scored,
+    unit_batch_prompts,
+)
 from loralens.tasks.evaluation.splits import prompt_splits
 from loralens.tasks.evaluation.wikitext import wikitext
 from loralens.tasks.memory import ensure_fits
@@ -95,15 +100,19 @@ def evaluation_prompts(cfg: PipelineConfig) -> Corpus:
     return Corpus(list(prompt_splits(cfg).evaluation))
 
 
-def _work(cfg: PipelineConfig, conds: list[Condition]) -> list[tuple[int, int, range]]:
+def _work(conds: list[Condition], batch_prompts: int) -> list[tuple[int, int, range]]:
     """Return every (condition, batch, prompt range) the stage generates, in order."""
     return [(ci, bi, r) for ci, c in enumerate(conds)
-            for bi, r in enumerate(prompt_batches(c.n_prompts, cfg.intervene.batch_prompts))]
+            for bi, r in enumerate(prompt_batches(c.n_prompts, batch_prompts))]
 
 
-def generation_units(cfg: PipelineConfig, conds: list[Condition]) -> list[int]:
-    """Return the shard index of every (condition, prompt batch): the units generation is split and resumed by."""
-    return [batch_index(ci, bi) for ci, bi, _ in _work(cfg, conds)]
+def generation_units(cfg: PipelineConfig, conds: list[Condition], ver: StageVersion | None = None) -> list[int]:
+    """Return the shard index of every (condition, prompt batch): the units generation is split and resumed by.
+
+    With `ver`, a partial version's units are the ones it was started with (`unit_batch_prompts`).
+    """
+    size = cfg.intervene.batch_prompts if ver is None else unit_batch_prompts(ver.artifact, cfg.intervene.batch_prompts)
+    return [batch_index(ci, bi) for ci, bi, _ in _work(conds, size)]
 
 
 @keeps_old_version(worker_arg="only_units")
@@ -132,7 +141,8 @@ def run_intervene_stage(cfg: PipelineConfig, ver: StageVersion, conds: list[Cond
     if not worker:
         register(ver, parents, status="running")
     t0 = time.perf_counter()
-    work = _work(cfg, conds)
+    record_unit_batch_prompts(adir, cfg.intervene.batch_prompts)
+    work = _work(conds, unit_batch_prompts(adir, cfg.intervene.batch_prompts))
     chosen = set(only_units) if only_units is not None else None
     t_setup = _generate(cfg, ver, conds, attribute_ver, work, chosen)
     t_done = time.perf_counter()
@@ -189,7 +199,7 @@ def _generate(cfg: PipelineConfig, ver: StageVersion, conds: list[Condition], at
     todo = [(ci, bi, r) for ci, bi, r in work if wanted(ci, bi) and adir.shard_files(batch_index(ci, bi)) is None]
     if not todo and not any(needs_ppl(ci) for ci in range(len(conds))):
         return 0.0  # everything recorded: no model or scorer to load
-    # Once per Dask worker process for all the units it runs (loading takes turns with sampling on RNG_LOCK).
+    # Once per Dask worker process for all the units it runs.
     loaded = stage_model(cfg)
     scorer = stage_scorer(cfg.attribute.scorer, dict(cfg.attribute.scorer_options))
     label = primary_label(scorer)
@@ -215,7 +225,7 @@ def _generate(cfg: PipelineConfig, ver: StageVersion, conds: list[Condition], at
                         rows = {"condition": [cond.name] * len(flat),
                                 "prompt_idx": [i for i in r for _ in range(cond.k)],
                                 "sample": [j for _ in r for j in range(cond.k)],
-                                "seed": [hash_seed(ic.seed, r[0]) for _ in r for _ in range(cond.k)],
+                                "seed": batch_seeds(prompts, r, cond.k, ic.seed),
                                 "prompt": [prompts[i] for i in r for _ in range(cond.k)], "text": flat,
                                 "toxicity": tox.tolist()}
                         write_generation_batch(adir, batch_index(ci, bi), rows)

@@ -49,7 +49,10 @@ STAGE_READS: dict[str, dict[str, tuple[str, ...] | None]] = {
 
 def science_config(cfg: PipelineConfig, stage: str) -> dict[str, dict[str, Any]]:
     """Return, per section, the science settings `stage` reads (`STAGE_READS`): the config its version hashes."""
-    return {section: getattr(cfg, section).science(*(names or ())) for section, names in STAGE_READS[stage].items()}
+    out = {section: getattr(cfg, section).science(*(names or ())) for section, names in STAGE_READS[stage].items()}
+    if stage == "cache":  # the top-k the cache stores: cache.top_k, or resolved by train.loss when unset
+        out["cache"]["top_k"] = cfg.target_top_k
+    return out
 
 
 @dataclass(frozen=True)

@@ -48,9 +48,7 @@ def cache_version(cfg: PipelineConfig) -> StageVersion:
     model_path = resolve_model_path(cfg.model.name, cfg.home, cfg.model.revision)
     model_fp = folder_fingerprint(Path(model_path)) if Path(model_path).is_dir() else str(model_path)
     corpus = load_corpus(cfg.corpus.paths, cfg.corpus.max_prompts_per_file)
-    # The top-k actually stored (None resolves by train.loss) is what the version hashes.
-    config = science_config(cfg, STAGE)
-    config["cache"]["top_k"] = cfg.target_top_k
+    config = science_config(cfg, STAGE)  # with the top-k actually stored (None resolves by train.loss)
     inputs = {"model": model_fp, "corpus": corpus.fingerprint()}
     return StageVersion(STAGE, artifact_version(STAGE, config, inputs), config, inputs, cfg.home)
 

@@ -32,10 +32,14 @@ def content_field(*args: Any, **kwargs: Any) -> Any:
     return Field(*args, json_schema_extra={"version": "content"}, **kwargs)
 
 
-class Section(BaseModel):
-    """A config section: unknown keys are errors, values are frozen, fields are science unless marked otherwise."""
+class Strict(BaseModel):
+    """A config model: unknown keys are errors, values are frozen."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Section(Strict):
+    """A config section, whose fields are science settings unless marked execution or content."""
 
     @classmethod
     def field_kind(cls, name: str) -> FieldKind:

@@ -10,7 +10,7 @@ from typing import Any
 import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-from loralens.config.base import ConfigError, Section, execution_field
+from loralens.config.base import ConfigError, Section, Strict, execution_field
 from loralens.config.heads import AttributeConfig, GoalConfig, SelectConfig
 from loralens.config.inputs import CacheConfig, CorpusConfig, ModelConfig
 from loralens.config.intervene import InterveneConfig
@@ -34,7 +34,7 @@ class RunConfig(Section):
         return v.strip() if v is not None else None
 
 
-class PipelineConfig(Section):
+class PipelineConfig(Strict):
     """The whole pipeline's configuration; each stage hashes the science fields of the sections it reads."""
 
     home: Path = execution_field(default_factory=lambda: default_home(),

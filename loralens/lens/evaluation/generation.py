@@ -143,10 +143,10 @@ def nucleus_probs(logits: torch.Tensor, top_p: float, temperature: float = 1.0) 
 def draw_tokens(probs: torch.Tensor, generators: Sequence[torch.Generator]) -> torch.Tensor:
     """Return one token id per row `[rows]` long, row i drawn from `probs[i]` with one uniform of `generators[i]`.
 
-    Inverse-CDF sampling: a row's draw depends on its own probabilities and generator only (generators are on the
-    host, so the same seed draws the same uniform on every device).
+    Inverse-CDF sampling: a row's draw depends on its own probabilities and generator only.
     """
-    u = torch.stack([torch.rand((), generator=g, dtype=torch.float64) for g in generators])  # [rows] host
+    # [rows]: drawn on the host, where the generators live, so a seed gives the same uniform on every device
+    u = torch.stack([torch.rand((), generator=g, dtype=torch.float64) for g in generators])  # host: see above
     cdf = probs.double().cumsum(dim=-1)  # [rows, vocab]
     target = (u.to(cdf.device) * cdf[:, -1]).unsqueeze(-1)  # [rows, 1]
     return torch.searchsorted(cdf, target, right=True).squeeze(-1).clamp_(max=probs.shape[-1] - 1)

@@ -30,12 +30,13 @@ def sample_scored(loaded: LoadedModel, scorer, label: str, prompts: list[str], b
 
     Sample j of a prompt is seeded by (intervene.seed, the prompt's text, j) alone: every condition (and every head
     set the selection tries) samples a prompt with the same seeds, so comparisons are paired, and the texts do not
-    depend on the batch size, the batch or the worker.
+    depend on the batch size, the batch or the worker. Each prompt's k continuations are scored as one scorer batch
+    (a scorer's numbers move in the last digits with its batch's other texts), so neither do the scores.
     """
     texts = generate_joint(loaded.model, loaded.tokenizer, [prompts[i] for i in batch], k=k,
                            max_new_tokens=ic.max_new_tokens, top_p=ic.top_p, seed=ic.seed)
-    flat = [t for row in texts for t in row]
-    return flat, np.asarray(scorer.score(flat)[label], dtype=np.float64)
+    scores = [np.asarray(scorer.score(row)[label], dtype=np.float64) for row in texts]  # [k] per prompt
+    return [t for row in texts for t in row], np.concatenate(scores)
 
 
 def unit_batch_prompts(adir: ArtifactDir, configured: int) -> int:

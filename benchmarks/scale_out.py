@@ -54,8 +54,8 @@ def generate_units(cfg: PipelineConfig, texts: list[str], units: list[int]) -> l
     ic = cfg.intervene
     loaded = stage_model(cfg)
     batches = prompt_batches(len(texts), ic.batch_prompts)
-    return [generate_joint(loaded.model, loaded.tokenizer, [texts[i] for i in batches[u]], batch_key=batches[u][0],
-                           k=ic.k, max_new_tokens=ic.max_new_tokens, top_p=ic.top_p, seed=ic.seed) for u in units]
+    return [generate_joint(loaded.model, loaded.tokenizer, [texts[i] for i in batches[u]], k=ic.k,
+                           max_new_tokens=ic.max_new_tokens, top_p=ic.top_p, seed=ic.seed) for u in units]
 
 
 def warm_worker(cfg: PipelineConfig) -> float:

@@ -99,7 +99,7 @@ def test_ablate_equals_the_intervene_stage(planted_home):
     texts = []
     with loralens.ablate(lm.model, cond["heads"], kind="zero"):
         for r in prompt_batches(len(prompts), ic.batch_prompts):
-            out = generate_joint(lm.model, lm.tokenizer, [prompts[i] for i in r], batch_key=r[0], k=ic.k,
+            out = generate_joint(lm.model, lm.tokenizer, [prompts[i] for i in r], k=ic.k,
                                  max_new_tokens=ic.max_new_tokens, top_p=ic.top_p, seed=ic.seed)
             texts += [t for row in out for t in row]
     assert texts == [r["text"] for r in rows]

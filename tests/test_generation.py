@@ -1,20 +1,30 @@
-"""RealToxicityPrompts-style sampling through the intervene stage's own `generate_joint`: shapes, limits,
-reproducibility per (batch, seed), and nothing of the model's generation config leaking in."""
+"""RealToxicityPrompts-style sampling through the intervene stage's own `generate_joint`: shapes, limits, one seed
+per (base seed, prompt text, sample) whatever the batch or process, and nothing of the model's generation config
+leaking in."""
 
 from __future__ import annotations
 
 import copy
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 from loralens.lens.evaluation.generation import (
+    draw_tokens,
     encode_prompts,
     generate_joint,
     hash_seed,
+    nucleus_probs,
     prompt_batches,
     prompt_ids,
+    prompt_key,
     sample_rows,
+    sample_seed,
 )
 
 PROMPTS = [
@@ -26,9 +36,15 @@ PROMPTS = [
 SETTINGS = dict(k=3, max_new_tokens=6, seed=11)
 
 
-def joint(model, tokenizer, prompts=PROMPTS, batch_key=0, **kw):
-    """One joint generate() over the prompts, as the intervene stage samples a prompt batch."""
-    return generate_joint(model, tokenizer, prompts, batch_key=batch_key, **{**SETTINGS, **kw})
+def joint(model, tokenizer, prompts=PROMPTS, **kw):
+    """One joint sampling over the prompts, as the intervene stage samples a prompt batch."""
+    return generate_joint(model, tokenizer, prompts, **{**SETTINGS, **kw})
+
+
+def in_batches(model, tokenizer, prompts, size, **kw):
+    """Sample `prompts` in consecutive batches of `size`, as the stages do; return each prompt's texts."""
+    return [row for r in prompt_batches(len(prompts), size) for row in joint(model, tokenizer,
+                                                                              [prompts[i] for i in r], **kw)]
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -59,6 +75,13 @@ def test_hash_seed_is_stable_and_in_range():
     assert all(0 <= hash_seed(s, i) < 2**63 for s in range(5) for i in range(5))
 
 
+def test_sample_seed_is_a_function_of_seed_prompt_and_sample():
+    assert sample_seed(0, "He said", 1) == hash_seed(0, prompt_key("He said"), 1)
+    assert sample_seed(0, "He said", 1) == 424229004046523195  # fixed forever: stored runs depend on it
+    assert len({sample_seed(0, "He said", 0), sample_seed(0, "He said", 1), sample_seed(1, "He said", 0),
+                sample_seed(0, "He said ", 0)}) == 4
+
+
 def test_prompt_batches():
     assert prompt_batches(5, 2) == [range(0, 2), range(2, 4), range(4, 5)]
     assert prompt_batches(0, 3) == []
@@ -68,19 +91,65 @@ def test_shapes_and_max_new_tokens(model, tiny_tokenizer):
     out = joint(model, tiny_tokenizer)
     assert len(out) == len(PROMPTS)
     assert all(len(row) == 3 and all(isinstance(t, str) for t in row) for row in out)
-    ids = sample_rows(model, tiny_tokenizer, [PROMPTS[0]] * 4, seed_key=0, max_new_tokens=5)
+    ids = sample_rows(model, tiny_tokenizer, [PROMPTS[0]] * 4, [0, 1, 2, 3], max_new_tokens=5)
     assert len(ids) == 4 and all(len(r) <= 5 for r in ids)
     assert any(len(r) > 0 for r in ids)
+    with pytest.raises(ValueError, match="seeds: one per row expected, got 1 for 2 rows"):
+        sample_rows(model, tiny_tokenizer, PROMPTS[:2], [0])
 
 
 def test_reproducible_and_seed_sensitive(model, tiny_tokenizer):
     a = joint(model, tiny_tokenizer)
     assert a == joint(model, tiny_tokenizer)
     assert a != joint(model, tiny_tokenizer, seed=12)
-    # Resume after a kill: a batch run on its own, later batches first, gives the same texts; the key matters.
-    assert joint(model, tiny_tokenizer, PROMPTS[2:], batch_key=2) == joint(model, tiny_tokenizer, PROMPTS[2:],
-                                                                             batch_key=2)
-    assert joint(model, tiny_tokenizer, batch_key=5) != a
+    assert all(len(set(row)) > 1 for row in a)  # each sample of a prompt has its own seed
+    # A prompt's texts are its own: another order, other neighbours, or a batch of its own give the same texts.
+    assert joint(model, tiny_tokenizer, PROMPTS[::-1]) == a[::-1]
+    assert joint(model, tiny_tokenizer, PROMPTS[2:]) == a[2:]
+
+
+def test_batch_size_never_changes_a_text(model, tiny_tokenizer):
+    """The intervene stage's batch_prompts is an execution setting: batches of 1, 3 and 8 prompts (different
+    padding, different neighbours) sample the same texts for every prompt."""
+    prompts = [*PROMPTS, "A", "Why would", "She walked into the room and", "x y z"]
+    one = in_batches(model, tiny_tokenizer, prompts, 1)
+    assert in_batches(model, tiny_tokenizer, prompts, 8) == one
+    assert in_batches(model, tiny_tokenizer, prompts, 3) == one
+    assert in_batches(model, tiny_tokenizer, prompts, 3, seed=12) != one
+
+
+def test_another_process_samples_the_same_texts(gpt2, tiny_models, tiny_tokenizer, tmp_path):
+    """A worker process sampling its share of the prompts (one batch, other threads) gives the texts this process
+    gives inside a larger batch."""
+    tiny_tokenizer.save_pretrained(tmp_path / "tok")
+    code = ("import json, sys, torch; from transformers import AutoModelForCausalLM, AutoTokenizer; "
+            "from loralens.lens.evaluation.generation import generate_joint; torch.set_num_threads(2); "
+            f"m = AutoModelForCausalLM.from_pretrained({str(tiny_models['gpt2'])!r}).eval(); "
+            f"t = AutoTokenizer.from_pretrained({str(tmp_path / 'tok')!r}); "
+            f"print(json.dumps(generate_joint(m, t, {PROMPTS[1:3]!r}, **{SETTINGS!r})))")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == joint(gpt2, tiny_tokenizer)[1:3]
+
+
+def test_nucleus_probs_matches_hugging_face_top_p():
+    from transformers.generation.logits_process import TemperatureLogitsWarper, TopPLogitsWarper
+
+    logits = torch.randn(4, 50, generator=torch.Generator().manual_seed(0))
+    for top_p, temperature in ((0.9, 1.0), (0.5, 0.7), (1.0, 1.3), (1e-6, 1.0)):
+        hf = TopPLogitsWarper(top_p)(None, TemperatureLogitsWarper(temperature)(None, logits.clone())).softmax(-1)
+        assert torch.allclose(nucleus_probs(logits, top_p, temperature), hf, atol=1e-7)
+    assert (nucleus_probs(logits, 1e-6) > 0).sum(-1).tolist() == [1, 1, 1, 1]  # the most likely token stays
+
+
+def test_draw_tokens_follows_each_rows_generator_and_probabilities():
+    probs = torch.tensor([[0.0, 0.5, 0.5, 0.0], [0.0, 0.0, 0.0, 1.0]])
+    gens = [torch.Generator().manual_seed(s) for s in (1, 2)]
+    tokens = [draw_tokens(probs, gens).tolist() for _ in range(200)]
+    assert {t[0] for t in tokens} == {1, 2} and {t[1] for t in tokens} == {3}  # never a zero-probability token
+    # Row 0's draws do not depend on row 1: drawn alone with the same seed, the same tokens.
+    alone = torch.Generator().manual_seed(1)
+    assert [draw_tokens(probs[:1], [alone]).item() for _ in range(200)] == [t[0] for t in tokens]
 
 
 def test_global_rng_untouched(gpt2, tiny_tokenizer):
@@ -148,15 +217,15 @@ def test_other_families(tiny_models, tiny_tokenizer, family):
     assert a == joint(m, tiny_tokenizer, PROMPTS[:2])
 
 
-def test_joint_batch_is_reproducible_and_keyed(tiny_models):
+def test_joint_batch_is_reproducible_and_keyed_by_text(tiny_models):
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from loralens.lens.evaluation.generation import generate_joint
 
     model = AutoModelForCausalLM.from_pretrained(tiny_models["llama"]).eval()
     tok = AutoTokenizer.from_pretrained(tiny_models["llama"])
     prompts = ["The cat sat", "A longer prompt about the river and the"]
-    a = generate_joint(model, tok, prompts, batch_key=0, k=3, max_new_tokens=5)
-    assert a == generate_joint(model, tok, prompts, batch_key=0, k=3, max_new_tokens=5)
-    assert a != generate_joint(model, tok, prompts, batch_key=1, k=3, max_new_tokens=5)
+    a = generate_joint(model, tok, prompts, k=3, max_new_tokens=5)
+    assert a == generate_joint(model, tok, prompts, k=3, max_new_tokens=5)
     assert [len(x) for x in a] == [3, 3]
+    # The same text twice in one batch is the same prompt: the same samples.
+    twice = generate_joint(model, tok, [prompts[0], prompts[0]], k=3, max_new_tokens=5)
+    assert twice == [a[0], a[0]]

@@ -181,6 +181,41 @@ def test_generation_split_over_workers_equals_one_run(run, dask_cluster, tmp_pat
         assert (rows(db, query), rows(db, metrics)) == want
 
 
+def test_batch_size_changes_neither_the_version_nor_a_sample(run, tmp_path):
+    """intervene.batch_prompts is an execution setting: a fresh run with batches of 4 prompts, and a run started
+    with batches of 2 and resumed with batches of 3 (it keeps its first units), store the version and rows of the
+    run with batches of 2."""
+    from loralens.flows.intervene import intervene_heads
+    from loralens.flows.pipeline import pipeline
+
+    cfg, res = run
+    version = res["intervene"]["version"]
+    query = ("SELECT condition, prompt_idx, sample, seed, text, toxicity FROM generations "
+             f"WHERE version = '{version}' ORDER BY condition, prompt_idx, sample")
+    metrics = f"SELECT condition, emt, emt_low, emt_high, ppl FROM interventions WHERE version = '{version}' ORDER BY 1"
+    want = rows(Path(cfg["home"]) / "warehouse.duckdb", query), rows(Path(cfg["home"]) / "warehouse.duckdb", metrics)
+    homes = []
+    for name in ("fresh", "resumed"):
+        home = tmp_path / name
+        shutil.copytree(cfg["home"], home)
+        shutil.rmtree(Path(res["intervene"]["path"].replace(cfg["home"], str(home))))
+        homes.append(home)
+
+    def with_batch(home: Path, n: int) -> dict:
+        return {**cfg, "home": str(home), "intervene": {**cfg["intervene"], "batch_prompts": n}}
+
+    fresh = pipeline(config=with_batch(homes[0], 4), only="intervene")["intervene"]
+    assert not fresh["cached"] and fresh["version"] == version
+    first = intervene_heads(config=with_batch(homes[1], 2), units=[0, 1])
+    assert first["partial"] and first["units_done"] == 2
+    resumed = intervene_heads(config=with_batch(homes[1], 3))
+    assert not resumed["cached"] and resumed["version"] == version
+    assert resumed["generations"] == res["intervene"]["generations"]
+    for home in homes:
+        db = home / "warehouse.duckdb"
+        assert (rows(db, query), rows(db, metrics)) == want
+
+
 def test_files_corrupted_after_completion_are_redone_on_reuse(run, tmp_path):
     """A lens file, a head-score file and a generation shard flipped after their versions completed: the next
     run redoes train and attribute (whole versions) and the one generation batch, and ends byte-identical."""

@@ -39,7 +39,7 @@ def intervene_stage(cfg: PipelineConfig, cache_ver: StageVersion | None = None, 
             return intervene_batches_task(*args, sorted(units))
     with keeping_old_version(ver):  # one guard over the workers and the finalizing task
         force = split_over_workers(cfg, ver, intervene_batches_task, args,
-                                   lambda: generation_units(cfg, conditions), workers, force,
+                                   lambda: generation_units(cfg, conditions, ver), workers, force,
                                    (attribute_ver, chain["select"]))
         summary = run_stage_task(intervene_task, cfg, ver, conditions, attribute_ver, cache_ver, force=force,
                                  verify=verify)

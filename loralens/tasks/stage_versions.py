@@ -1,4 +1,8 @@
-"""What a stage will produce: its version, hashed config and input versions."""
+"""What a stage will produce: its version, hashed config and input versions.
+
+A stage's version hashes exactly the science settings it reads (`STAGE_READS`, `science_config`): execution
+settings (batch sizes, workers, chunking, device placement) never change a version, since they never change a result.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from loralens.config import InterveneConfig, PipelineConfig
 from loralens.killpoints import maybe_kill
 from loralens.warehouse.artifacts import ArtifactDir, ArtifactError
 from loralens.warehouse.constants import MANIFEST
@@ -29,6 +34,28 @@ WHOLE_VERSION_STAGES = ("train", "attribute", "select")
 # (a dot-folder, so gc and `loralens status` do not take it for a version).
 REPLACED_PREFIX = ".replaced-"
 F = TypeVar("F", bound=Callable[..., Any])
+
+# The config sections each stage reads: None means every science field of the section, a tuple the science fields
+# it reads of a section another stage owns. Settings that enter a version by content (the model and corpus files,
+# the scorer, the lexicon, the prompt splits) are hashed as inputs by the stage's version function instead.
+STAGE_READS: dict[str, dict[str, tuple[str, ...] | None]] = {
+    "cache": {"model": None, "corpus": None, "cache": None},
+    "train": {"train": None},
+    "decode": {"decode": None},
+    "attribute": {"attribute": None},
+    "select": {"select": None, "goal": ("max_head_share", "ppl_rel"),
+               "intervene": ("top_p", "max_new_tokens", "seed", "ppl_tokens", "ppl_window")},
+    # head_sets is hashed as the conditions it resolves to (the heads), not as written.
+    "intervene": {"intervene": tuple(n for n in InterveneConfig.science_fields() if n != "head_sets"), "goal": None},
+}
+
+
+def science_config(cfg: PipelineConfig, stage: str) -> dict[str, dict[str, Any]]:
+    """Return, per section, the science settings `stage` reads (`STAGE_READS`): the config its version hashes."""
+    out = {section: getattr(cfg, section).science(*(names or ())) for section, names in STAGE_READS[stage].items()}
+    if stage == "cache":  # the top-k the cache stores: cache.top_k, or resolved by train.loss when unset
+        out["cache"]["top_k"] = cfg.target_top_k
+    return out
 
 
 @dataclass(frozen=True)

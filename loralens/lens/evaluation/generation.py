@@ -1,32 +1,31 @@
-"""RealToxicityPrompts-style sampling: k nucleus-sampled continuations per prompt, one generate() per prompt batch.
+"""RealToxicityPrompts-style sampling: k nucleus-sampled continuations per prompt, one batched forward per step.
 
-Determinism. `generate_joint` samples every (prompt, k) row of one prompt batch in ONE generate() call, right
-after `torch.manual_seed(hash_seed(seed, batch_key))` inside `torch.random.fork_rng` (the caller's global RNG is
-left as it was). Hugging Face sampling draws from the global RNG and the rows share padding, so the texts depend
-on the whole batch and its key: reproducible as long as the caller keeps its batches fixed (the intervene stage's
-batches are part of its version), and a batch run alone, in any order or after a kill, gives the same texts.
+Determinism. Each continuation has its own seed, `sample_seed(seed, prompt text, sample index)`, and its own
+`torch.Generator`: a row's draws never depend on the other rows of its batch, so the same prompt's k samples are the
+same texts whatever the batch size, the batch's other prompts, the order of batches or the worker that runs them
+(up to the float rounding of a batched, left-padded forward, which moves a draw only on a tie at a probability
+boundary). The sampling loop is our own (`sample_rows`: KV cache, one forward of every row per step): Hugging Face
+`generate()` draws from torch's one global RNG, which would tie each row to its batch. torch's global RNG is never
+touched.
 
-Sampling is pure nucleus sampling (top_p, top_k = 0) at `temperature`; every generation knob is set explicitly so
-the model's own generation_config (repetition penalty, min_new_tokens, top_k ...) cannot leak in.
+Sampling is pure nucleus sampling (top_p, no top-k) at `temperature`; the model's own generation_config
+(repetition penalty, min_new_tokens, top_k ...) is never read.
 """
 
 from __future__ import annotations
 
 import hashlib
+import inspect
 import threading
 from collections.abc import Sequence
 
 import torch
-from transformers import GenerationConfig
 
 from loralens.lens.runtime.devices import input_device
 
-# generate() samples from torch's process-wide RNG, so anything else drawing from it in another thread of the same
-# process (building a scorer initialises its weights from it) would shift a seeded sample. Seeded sampling and
-# model or scorer loading take turns on this lock, which keeps every sample a function of its seed alone (each call
-# re-seeds with hash_seed inside fork_rng, so neither the order of calls nor the process matters). It is only ever
-# contended by threads of one process (a multi-threaded Dask worker); parallelism comes from worker processes
-# (`run.workers`, one RNG each), where it is never waited on.
+# Sampling no longer draws from torch's process-wide RNG (each row has its own generator), so it needs no lock.
+# Worker processes still take this lock around model and scorer loading (`tasks.workers.worker_process`); it is
+# kept for them and is never waited on by sampling.
 RNG_LOCK = threading.RLock()
 
 # The 64-bit seed space torch.manual_seed accepts without wrapping is [0, 2**63).
@@ -40,6 +39,16 @@ def hash_seed(seed: int, *index: int) -> int:
     """
     key = ":".join(str(int(x)) for x in (seed, *index)).encode()
     return int.from_bytes(hashlib.sha256(key).digest()[:8], "big") % _SEED_MODULUS
+
+
+def prompt_key(prompt: str) -> int:
+    """Return a prompt's stable identity: the first 8 bytes of the sha256 of its text, as an integer."""
+    return int.from_bytes(hashlib.sha256(prompt.encode("utf-8")).digest()[:8], "big")
+
+
+def sample_seed(seed: int, prompt: str, sample: int) -> int:
+    """Return the seed of the `sample`-th continuation of `prompt`: a function of (seed, prompt text, sample) only."""
+    return hash_seed(seed, prompt_key(prompt), sample)
 
 
 def prompt_batches(n_prompts: int, batch_size: int) -> list[range]:
@@ -74,7 +83,7 @@ def prompt_ids(tokenizer, prompt: str, max_prompt_tokens: int | None = None) -> 
 
     Left truncation keeps the END of a long prompt (the part the continuation follows); leading special tokens the
     tokenizer adds (a BOS) are kept in front and count towards max_prompt_tokens. An empty prompt becomes the
-    BOS (or eos) token alone, because generate() needs at least one input token.
+    BOS (or eos) token alone, because sampling needs at least one input token.
     """
     ids = list(tokenizer(prompt, add_special_tokens=True)["input_ids"])
     special = set(tokenizer.all_special_ids)
@@ -96,7 +105,7 @@ def encode_prompts(tokenizer, prompts: Sequence[str], *, pad_token_id: int, max_
     """Return left-padded input_ids and attention_mask, both long [len(prompts), longest prompt].
 
     Padding is done here instead of through tokenizer.padding_side / truncation_side, so the (shared) tokenizer is
-    never mutated, not even temporarily. Left padding keeps every prompt's last token at the end, where generate()
+    never mutated, not even temporarily. Left padding keeps every prompt's last token at the end, where sampling
     appends new tokens.
     """
     rows = [prompt_ids(tokenizer, p, max_prompt_tokens) for p in prompts]
@@ -110,57 +119,98 @@ def encode_prompts(tokenizer, prompts: Sequence[str], *, pad_token_id: int, max_
     return {"input_ids": input_ids, "attention_mask": attention_mask}
 
 
-def sampling_config(*, max_new_tokens: int, top_p: float, temperature: float, pad_token_id: int,
-                    eos_token_id: list[int]) -> GenerationConfig:
-    """Return a GenerationConfig for pure nucleus sampling with every knob the model could override set explicitly.
-
-    transformers fills only the fields left None from model.generation_config, so each logits processor that a
-    checkpoint might switch on (repetition penalty, min length, top-k, typical / epsilon / eta / min-p cutoffs,
-    n-gram blocking, guidance) gets its neutral value here. min_length stays None because min_new_tokens=0
-    overrides it (setting both only makes transformers warn).
-    """
-    return GenerationConfig(
-        do_sample=True, num_beams=1, num_return_sequences=1, top_p=top_p, top_k=0, temperature=temperature,
-        max_new_tokens=max_new_tokens, min_new_tokens=0, min_p=0.0, typical_p=1.0,
-        epsilon_cutoff=0.0, eta_cutoff=0.0, repetition_penalty=1.0, encoder_repetition_penalty=1.0,
-        no_repeat_ngram_size=0, encoder_no_repeat_ngram_size=0, length_penalty=1.0, guidance_scale=1.0,
-        renormalize_logits=False, remove_invalid_values=False, use_cache=True, output_scores=False,
-        return_dict_in_generate=False, pad_token_id=pad_token_id, eos_token_id=eos_token_id or None,
-    )
-
-
 def _cut_at_eos(ids: list[int], eos: set[int]) -> list[int]:
-    """Return ids up to (without) the first eos; what follows is generate()'s padding of a finished row."""
+    """Return ids up to (without) the first eos; what follows is the padding of a finished row."""
     for pos, t in enumerate(ids):
         if t in eos:
             return ids[:pos]
     return ids
 
 
-@torch.no_grad()
-def sample_rows(model, tokenizer, rows: Sequence[str], *, seed_key: int, max_new_tokens: int = 20,
-                top_p: float = 0.9, temperature: float = 1.0, seed: int = 0,
-                max_prompt_tokens: int | None = None) -> list[list[int]]:
-    """Return the new token ids of one sample per row (each cut before its first eos), from ONE generate() call.
+def nucleus_probs(logits: torch.Tensor, top_p: float, temperature: float = 1.0) -> torch.Tensor:
+    """Return next-token probabilities `[rows, vocab]` float32 after temperature and nucleus (top-p) filtering.
 
-    The call is left-padded `[len(rows), longest prompt]` and seeded with hash_seed(seed, seed_key): the result
-    depends only on (rows, seed, seed_key, the settings, the model). Each list has at most max_new_tokens ids.
+    The smallest set of most likely tokens whose probability reaches top_p is kept (at least one token), as in
+    Hugging Face's TopPLogitsWarper; each row is filtered on its own.
     """
+    scores = logits.float() / temperature  # [rows, vocab]
+    ascending, order = scores.sort(dim=-1)
+    drop = ascending.softmax(dim=-1).cumsum(dim=-1) <= 1 - top_p
+    drop[:, -1] = False  # the most likely token always stays
+    return scores.masked_fill(drop.scatter(-1, order, drop), float("-inf")).softmax(dim=-1)
+
+
+def draw_tokens(probs: torch.Tensor, generators: Sequence[torch.Generator]) -> torch.Tensor:
+    """Return one token id per row `[rows]` long, row i drawn from `probs[i]` with one uniform of `generators[i]`.
+
+    Inverse-CDF sampling: a row's draw depends on its own probabilities and generator only.
+    """
+    # [rows]: drawn on the host, where the generators live, so a seed gives the same uniform on every device
+    u = torch.stack([torch.rand((), generator=g, dtype=torch.float64) for g in generators])  # host: see above
+    cdf = probs.double().cumsum(dim=-1)  # [rows, vocab]
+    target = (u.to(cdf.device) * cdf[:, -1]).unsqueeze(-1)  # [rows, 1]
+    return torch.searchsorted(cdf, target, right=True).squeeze(-1).clamp_(max=probs.shape[-1] - 1)
+
+
+class _Stepper:
+    """One model's forward for sampling: last-position logits and the KV cache, whatever its transformers names."""
+
+    def __init__(self, model):
+        params = inspect.signature(model.forward).parameters
+        self.model = model
+        self.cache_arg = "cache" if "cache" in params else "past_key_values"  # transformers 5 renamed it
+        self.keep_last = "logits_to_keep" in params
+
+    def __call__(self, past=None, **inputs) -> tuple[torch.Tensor, object]:
+        """Return (last-position logits `[rows, vocab]`, the KV cache) of one forward pass."""
+        if past is not None:
+            inputs[self.cache_arg] = past
+        if self.keep_last:
+            inputs["logits_to_keep"] = 1  # the prompt's other positions' logits are never read
+        out = self.model(**inputs, use_cache=True)
+        cache = out.cache if "cache" in out else out.past_key_values
+        return out.logits[:, -1, :], cache
+
+
+@torch.no_grad()
+def sample_rows(model, tokenizer, rows: Sequence[str], seeds: Sequence[int], *, max_new_tokens: int = 20,
+                top_p: float = 0.9, temperature: float = 1.0, max_prompt_tokens: int | None = None
+                ) -> list[list[int]]:
+    """Return the new token ids of one sample per row (each cut before its first eos), row i drawn with `seeds[i]`.
+
+    Left-padded `[len(rows), longest prompt]`, then one forward of all rows per new token with the KV cache
+    (stopping early once every row has ended). Row i's ids depend only on (rows[i], seeds[i], the settings, the
+    model). At most max_new_tokens ids per row.
+    """
+    if len(seeds) != len(rows):
+        raise ValueError(f"seeds: one per row expected, got {len(seeds)} for {len(rows)} rows")
+    if not rows or max_new_tokens < 1:
+        return [[] for _ in rows]
     eos = _eos_ids(model, tokenizer)
     pad = pad_id(tokenizer, model)
     device = input_device(model)
     batch = encode_prompts(tokenizer, rows, pad_token_id=pad, max_prompt_tokens=max_prompt_tokens)
-    batch = {name: t.to(device) for name, t in batch.items()}
-    config = sampling_config(max_new_tokens=max_new_tokens, top_p=top_p, temperature=temperature,
-                             pad_token_id=pad, eos_token_id=eos)
-    # Fork so seeding per call does not reset the caller's RNG stream.
-    cuda = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
-    with RNG_LOCK, torch.random.fork_rng(devices=cuda):
-        torch.manual_seed(hash_seed(seed, seed_key))
-        out = model.generate(**batch, generation_config=config)  # [rows, prompt_len + new]
-    new = out[:, batch["input_ids"].shape[1]:].tolist()
+    mask = batch["attention_mask"].to(device)  # [rows, width]
+    position = (mask.cumsum(-1) - 1).clamp_(min=0)  # [rows, width]: left padding does not shift positions
+    generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
+    step_model = _Stepper(model)
+    logits, past = step_model(input_ids=batch["input_ids"].to(device), attention_mask=mask, position_ids=position)
+    eos_ids = torch.tensor(eos, dtype=torch.long, device=device)
+    done = torch.zeros(len(rows), dtype=torch.bool, device=device)
+    new: list[torch.Tensor] = []
+    for step in range(max_new_tokens):
+        token = draw_tokens(nucleus_probs(logits, top_p, temperature), generators)  # [rows]
+        token = torch.where(done, pad, token.to(device))
+        new.append(token)
+        done |= torch.isin(token, eos_ids)
+        if step == max_new_tokens - 1 or bool(done.all()):
+            break
+        mask = torch.cat([mask, mask.new_ones(len(rows), 1)], dim=-1)
+        position = position[:, -1:] + 1
+        logits, past = step_model(past, input_ids=token[:, None], attention_mask=mask, position_ids=position)
+    ids = torch.stack(new, dim=-1).tolist()  # [rows, new]
     eos_set = set(eos)
-    return [_cut_at_eos(row, eos_set) for row in new]
+    return [_cut_at_eos(row, eos_set) for row in ids]
 
 
 def decode_continuations(tokenizer, ids: Sequence[Sequence[int]]) -> list[str]:
@@ -169,19 +219,19 @@ def decode_continuations(tokenizer, ids: Sequence[Sequence[int]]) -> list[str]:
                                   clean_up_tokenization_spaces=False)
 
 
-def generate_joint(model, tokenizer, prompts: Sequence[str], *, batch_key: int, k: int, max_new_tokens: int = 20,
+def generate_joint(model, tokenizer, prompts: Sequence[str], *, k: int, max_new_tokens: int = 20,
                    top_p: float = 0.9, temperature: float = 1.0, seed: int = 0,
                    max_prompt_tokens: int | None = None) -> list[list[str]]:
-    """Return k continuations per prompt from ONE generate() call over all `[len(prompts) * k]` rows.
+    """Return k continuations per prompt, sampled together as `[len(prompts) * k]` rows of one `sample_rows`.
 
-    Many times faster than one call per prompt on CPU, where a step's cost is mostly per-call overhead. The texts
-    depend on the whole batch (its prompts, their left padding) and on hash_seed(seed, batch_key), so they are
-    reproducible as long as the caller keeps its batches fixed (same prompts per batch: part of its version).
+    Sample j of a prompt is seeded by `sample_seed(seed, prompt, j)`: its text does not depend on the batch it is
+    sampled in. Many times faster than one call per prompt on CPU, where a step's cost is mostly per-call overhead.
     """
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
     rows = [p for p in prompts for _ in range(k)]
-    ids = sample_rows(model, tokenizer, rows, seed_key=batch_key, max_new_tokens=max_new_tokens, top_p=top_p,
-                      temperature=temperature, seed=seed, max_prompt_tokens=max_prompt_tokens)
+    seeds = [sample_seed(seed, p, j) for p in prompts for j in range(k)]
+    ids = sample_rows(model, tokenizer, rows, seeds, max_new_tokens=max_new_tokens, top_p=top_p,
+                      temperature=temperature, max_prompt_tokens=max_prompt_tokens)
     texts = decode_continuations(tokenizer, ids)
     return [texts[i * k:(i + 1) * k] for i in range(len(prompts))]

@@ -37,6 +37,7 @@ from loralens.tasks.stage_versions import (
     require_complete,
     reset_for_force,
     reuse_complete,
+    science_config,
 )
 from loralens.tasks.stages.decode import token_scorer_version
 from loralens.warehouse.activation_cache import read_prompts
@@ -67,7 +68,7 @@ STAGE = "attribute"
 
 
 def attribute_version(cfg: PipelineConfig, decode_ver: StageVersion) -> StageVersion:
-    """Return the attribute version: its config, the decode version, the scorer's and lexicon's content hashes."""
+    """Return the attribute version: its science settings, the decode version, the scorer and lexicon content."""
     a = cfg.attribute
     # The scorer also scores prompts without a corpus toxicity here (decode already hashes it for the vocabulary).
     inputs = {"decode": decode_ver.version, "scorer": token_scorer_version(cfg)}
@@ -77,7 +78,7 @@ def attribute_version(cfg: PipelineConfig, decode_ver: StageVersion) -> StageVer
         if not Path(a.lexicon).is_file():
             raise ConfigError(f"config error: attribute.lexicon: file not found: {a.lexicon}")
         inputs["lexicon"] = file_sha256(Path(a.lexicon))
-    config = {"attribute": a.versioned()}
+    config = science_config(cfg, STAGE)
     return StageVersion(STAGE, artifact_version(STAGE, config, inputs), config, inputs, cfg.home)
 
 

@@ -31,6 +31,7 @@ from loralens.tasks.stage_versions import (
     reset_for_force,
     reuse_complete,
     reverify_on_reuse,
+    science_config,
 )
 from loralens.tasks.workers.worker_process import stage_model
 from loralens.warehouse.activation_cache import read_prompts, shard_relpaths, write_cache_shard
@@ -44,13 +45,11 @@ STAGE = "cache"
 
 
 def cache_version(cfg: PipelineConfig) -> StageVersion:
-    """Return the cache stage's version: a hash of its config, the model's and the corpus's content."""
+    """Return the cache stage's version: a hash of its science settings, the model's and the corpus's content."""
     model_path = resolve_model_path(cfg.model.name, cfg.home, cfg.model.revision)
     model_fp = folder_fingerprint(Path(model_path)) if Path(model_path).is_dir() else str(model_path)
     corpus = load_corpus(cfg.corpus.paths, cfg.corpus.max_prompts_per_file)
-    # The top-k actually stored (None resolves by train.loss) is what the version hashes.
-    config = {"model": cfg.model.versioned(), "corpus": cfg.corpus.model_dump(),
-              "cache": cfg.cache.model_dump() | {"top_k": cfg.target_top_k}}
+    config = science_config(cfg, STAGE)  # with the top-k actually stored (None resolves by train.loss)
     inputs = {"model": model_fp, "corpus": corpus.fingerprint()}
     return StageVersion(STAGE, artifact_version(STAGE, config, inputs), config, inputs, cfg.home)
 

@@ -44,6 +44,7 @@ from loralens.tasks.stage_versions import (
     reset_for_force,
     reuse_complete,
     reverify_on_reuse,
+    science_config,
 )
 from loralens.tasks.workers.worker_process import stage_reader
 from loralens.warehouse.artifacts import ArtifactDir, ArtifactError
@@ -66,8 +67,8 @@ STAGE = "decode"
 
 
 def decode_version(cfg: PipelineConfig, train_ver: StageVersion) -> StageVersion:
-    """Return the decode stage's version: a hash of the decode config, the train version and the token scorer."""
-    config = {"decode": cfg.decode.model_dump(exclude={"chunk_tokens"})}
+    """Return the decode version: a hash of its science settings, the train version and the token scorer."""
+    config = science_config(cfg, STAGE)
     inputs = {"train": train_ver.version, "scorer": token_scorer_version(cfg)}
     return StageVersion(STAGE, artifact_version(STAGE, config, inputs), config, inputs, cfg.home)
 

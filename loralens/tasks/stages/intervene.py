@@ -18,7 +18,7 @@ from prefect.cache_policies import NO_CACHE
 from tqdm.auto import tqdm
 
 from loralens.config import PipelineConfig
-from loralens.lens.evaluation.generation import hash_seed, prompt_batches
+from loralens.lens.evaluation.generation import prompt_batches
 from loralens.lens.evaluation.perplexity import perplexity
 from loralens.lens.evaluation.scorers import primary_label
 from loralens.lens.heads.edits import ablate
@@ -32,7 +32,12 @@ from loralens.tasks.evaluation.intervene_metrics import (
     sampled_ablation_scores,
 )
 from loralens.tasks.evaluation.intervention_inputs import head_means, toxic_direction_of
-from loralens.tasks.evaluation.sampling import sample_scored
+from loralens.tasks.evaluation.sampling import (
+    batch_seeds,
+    record_unit_batch_prompts,
+    sample_scored,
+    unit_batch_prompts,
+)
 from loralens.tasks.evaluation.splits import prompt_splits
 from loralens.tasks.evaluation.wikitext import wikitext
 from loralens.tasks.lens_loading import cached_layers
@@ -47,6 +52,7 @@ from loralens.tasks.stage_versions import (
     require_complete,
     reset_for_force,
     reuse_complete,
+    science_config,
 )
 from loralens.tasks.workers.worker_process import stage_model, stage_scorer
 from loralens.warehouse.artifacts import atomic_write_bytes, atomic_write_with
@@ -84,8 +90,7 @@ def intervene_version(cfg: PipelineConfig, select_ver: StageVersion, attribute_v
     cache, layers = cache_manifest["summary"], cached_layers(cache_manifest)
     prompts = evaluation_prompts(cfg)
     conds = build_conditions(ic, (attribute_ver, select_ver), layers, cache["n_heads"], len(prompts.prompts))
-    config = {"intervene": ic.model_dump(exclude={"head_sets"}),  # batch_prompts fixes the sampled batches
-              "goal": cfg.goal.model_dump(), "conditions": [c.to_dict() for c in conds]}
+    config = science_config(cfg, STAGE) | {"conditions": [c.to_dict() for c in conds]}
     inputs = {"attribute": attribute_ver.version, "select": select_ver.version, "prompts": prompts.fingerprint()}
     return StageVersion(STAGE, artifact_version(STAGE, config, inputs), config, inputs, cfg.home), conds
 
@@ -97,15 +102,19 @@ def evaluation_prompts(cfg: PipelineConfig) -> Corpus:
     return Corpus(list(prompt_splits(cfg).evaluation))
 
 
-def _work(cfg: PipelineConfig, conds: list[Condition]) -> list[tuple[int, int, range]]:
+def _work(conds: list[Condition], batch_prompts: int) -> list[tuple[int, int, range]]:
     """Return every (condition, batch, prompt range) the stage generates, in order."""
     return [(ci, bi, r) for ci, c in enumerate(conds)
-            for bi, r in enumerate(prompt_batches(c.n_prompts, cfg.intervene.batch_prompts))]
+            for bi, r in enumerate(prompt_batches(c.n_prompts, batch_prompts))]
 
 
-def generation_units(cfg: PipelineConfig, conds: list[Condition]) -> list[int]:
-    """Return the shard index of every (condition, prompt batch): the units generation is split and resumed by."""
-    return [batch_index(ci, bi) for ci, bi, _ in _work(cfg, conds)]
+def generation_units(cfg: PipelineConfig, conds: list[Condition], ver: StageVersion | None = None) -> list[int]:
+    """Return the shard index of every (condition, prompt batch): the units generation is split and resumed by.
+
+    With `ver`, a partial version's units are the ones it was started with (`unit_batch_prompts`).
+    """
+    size = cfg.intervene.batch_prompts if ver is None else unit_batch_prompts(ver.artifact, cfg.intervene.batch_prompts)
+    return [batch_index(ci, bi) for ci, bi, _ in _work(conds, size)]
 
 
 @keeps_old_version(worker_arg="only_units")
@@ -132,7 +141,8 @@ def run_intervene_stage(cfg: PipelineConfig, ver: StageVersion, conds: list[Cond
     if not worker:
         register(ver, status="running")
     t0 = time.perf_counter()
-    work = _work(cfg, conds)
+    record_unit_batch_prompts(adir, cfg.intervene.batch_prompts)
+    work = _work(conds, unit_batch_prompts(adir, cfg.intervene.batch_prompts))
     chosen = set(only_units) if only_units is not None else None
     t_setup = _generate(cfg, ver, conds, attribute_ver, work, chosen)
     t_done = time.perf_counter()
@@ -188,7 +198,7 @@ def _generate(cfg: PipelineConfig, ver: StageVersion, conds: list[Condition], at
     todo = [(ci, bi, r) for ci, bi, r in work if wanted(ci, bi) and adir.shard_files(batch_index(ci, bi)) is None]
     if not todo and not any(needs_ppl(ci) for ci in range(len(conds))):
         return 0.0  # everything recorded: no model or scorer to load
-    # Once per Dask worker process for all the units it runs (loading takes turns with sampling on RNG_LOCK).
+    # Once per Dask worker process for all the units it runs.
     loaded = stage_model(cfg)
     scorer = stage_scorer(cfg.attribute.scorer, dict(cfg.attribute.scorer_options))
     label = primary_label(scorer)
@@ -214,7 +224,7 @@ def _generate(cfg: PipelineConfig, ver: StageVersion, conds: list[Condition], at
                         rows = {"condition": [cond.name] * len(flat),
                                 "prompt_idx": [i for i in r for _ in range(cond.k)],
                                 "sample": [j for _ in r for j in range(cond.k)],
-                                "seed": [hash_seed(ic.seed, r[0]) for _ in r for _ in range(cond.k)],
+                                "seed": batch_seeds(prompts, r, cond.k, ic.seed),
                                 "prompt": [prompts[i] for i in r for _ in range(cond.k)], "text": flat,
                                 "toxicity": tox.tolist()}
                         write_generation_batch(adir, batch_index(ci, bi), rows)

@@ -59,6 +59,7 @@ from loralens.tasks.stage_versions import (
     require_complete,
     reset_for_force,
     reuse_complete,
+    science_config,
 )
 from loralens.tasks.workers.worker_process import stage_model, stage_scorer
 from loralens.warehouse.artifacts import atomic_write_bytes
@@ -84,20 +85,17 @@ RENAMED_METHODS = {"ablation_nll": "ablation_tox_drop"}  # old name -> new name,
 
 
 def select_version(cfg: PipelineConfig, attribute_ver: StageVersion) -> StageVersion:
-    """Return the select version: its config, the sampling and budget it uses, the attribute version (hence the
-    vocabulary toxicity and model), and the selection split's prompts (texts and continuations)."""
-    s, ic = cfg.select, cfg.intervene
+    """Return the select version: its science settings with the goal's budgets and intervene's sampling and
+    perplexity settings it uses, the attribute version (hence the vocabulary toxicity and model), and the
+    selection split's prompts (texts and continuations)."""
+    s = cfg.select
     if s.method in RENAMED_METHODS:
         raise ConfigError(f"config error: select.method: '{s.method}' was renamed '{RENAMED_METHODS[s.method]}'")
     if s.method not in (*CAUSAL_METHODS, *A.METHODS):
         raise ConfigError(f"config error: select.method: unknown method '{s.method}'; methods: "
                           f"{', '.join((*CAUSAL_METHODS, *A.METHODS))}")
     splits = prompt_splits(cfg)
-    config = {"select": s.model_dump(), "goal": {"max_head_share": cfg.goal.max_head_share,
-                                                 "ppl_rel": cfg.goal.ppl_rel},
-              "sampling": {"top_p": ic.top_p, "max_new_tokens": ic.max_new_tokens, "seed": ic.seed,
-                           "batch_prompts": ic.batch_prompts},
-              "perplexity": {"tokens": ic.ppl_tokens, "window": ic.ppl_window}}
+    config = science_config(cfg, STAGE)
     inputs = {"attribute": attribute_ver.version,
               "corpus_prompts": Corpus(list(splits.corpus)).fingerprint(),
               "selection_prompts": Corpus(list(splits.selection)).fingerprint(continuations=True)}

@@ -32,6 +32,7 @@ from loralens.tasks.stage_versions import (
     require_complete,
     reset_for_force,
     reuse_complete,
+    science_config,
 )
 from loralens.warehouse.artifacts import ShardFile
 from loralens.warehouse.constants import (
@@ -57,8 +58,8 @@ class TrainingInterrupted(RuntimeError):
 
 
 def train_version(cfg: PipelineConfig, cache_ver: StageVersion) -> StageVersion:
-    """Return the train stage's version: a hash of the result-changing train config and the cache version."""
-    config = {"train": cfg.train.versioned()}
+    """Return the train stage's version: a hash of the train science settings and the cache version."""
+    config = science_config(cfg, STAGE)
     inputs = {"cache": cache_ver.version}
     return StageVersion(STAGE, artifact_version(STAGE, config, inputs), config, inputs, cfg.home)
 

@@ -50,6 +50,13 @@ def vocab_table(version: str, token_toxicity: pa.Table, in_lexicon: np.ndarray, 
                      "in_lexicon": pa.array(in_lexicon, pa.bool_()), "toxic": pa.array(toxic, pa.bool_())})
 
 
+def token_flags_table(in_lexicon: np.ndarray, toxic: np.ndarray) -> pa.Table:
+    """Return the attribute version's per-token flags `[V]` (token_id, in_lexicon, toxic): what its lexicon and
+    token threshold made of decode's token toxicity, so its `vocab_toxicity` rows can be rebuilt from files."""
+    return pa.table({"token_id": pa.array(np.arange(len(toxic)), pa.int32()),
+                     "in_lexicon": pa.array(in_lexicon, pa.bool_()), "toxic": pa.array(toxic, pa.bool_())})
+
+
 def prompt_groups_table(version: str, prompt_idx: np.ndarray, toxicity: np.ndarray, origin: list[str],
                         toxic: np.ndarray) -> pa.Table:
     """Return `prompt_groups` rows."""

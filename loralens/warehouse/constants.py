@@ -38,6 +38,7 @@ TOKEN_TOXICITY_FILE = "token_toxicity.parquet"  # the one vocabulary toxicity (a
 # attribute stage
 HEAD_SCORES_FILE = "head_scores.parquet"
 PROMPT_GROUPS_FILE = "prompt_groups.parquet"
+TOKEN_FLAGS_FILE = "token_flags.parquet"  # per token: in the lexicon, toxic (the scores stay decode's)
 TOP_HEADS_REPORT = "top_heads.md"
 ATTRIBUTION_SUMMARY = "attribution.json"
 

@@ -46,6 +46,7 @@ from loralens.warehouse.attribution_tables import (
     head_scores_table,
     prompt_groups_table,
     store_attribution,
+    token_flags_table,
     vocab_table,
 )
 from loralens.warehouse.constants import (
@@ -53,6 +54,7 @@ from loralens.warehouse.constants import (
     HEAD_SCORES_FILE,
     PROMPT_GROUPS_FILE,
     TMP_PREFIX,
+    TOKEN_FLAGS_FILE,
     TOP_HEADS_REPORT,
     heatmap_name,
 )
@@ -121,7 +123,7 @@ def run_attribute_stage(cfg: PipelineConfig, ver: StageVersion, decode_ver: Stag
     layers = cached_layers(cache_manifest)
 
     # Token toxicity: scored by the decode stage (its readouts need it); the lexicon and threshold apply here.
-    _vocab, toxic_tokens = vocab_rows(ver)
+    in_lexicon, toxic_tokens = token_flags(cfg, decode_ver)
     t_vocab = time.perf_counter() - t0
 
     # Prompt groups for the contrasts.
@@ -161,6 +163,7 @@ def run_attribute_stage(cfg: PipelineConfig, ver: StageVersion, decode_ver: Stag
         write_parquet_file(out, PROMPT_GROUPS_FILE,
                            prompt_groups_table(ver.version, p_idx, p_tox, origin, toxic_prompt)),
         write_parquet_file(out, HEAD_SCORES_FILE, head_scores_table(ver.version, layers, scores, ranks)),
+        write_parquet_file(out, TOKEN_FLAGS_FILE, token_flags_table(in_lexicon, toxic_tokens)),
     ]
     top = {m: _top_heads(scores[m], ranks[m], layers, a.top_heads, top_tokens) for m in A.METHODS}
     for m in A.METHODS:
@@ -224,24 +227,25 @@ def _top_heads(scores: np.ndarray, ranks: np.ndarray, layers: list[int], n: int,
             for layer, head in A.heads_best_first(scores, layers)[:n]]
 
 
-def vocab_rows(ver: StageVersion) -> tuple[pa.Table, np.ndarray]:
-    """Return the version's `vocab_toxicity` rows (its decode version's token toxicity with the hashed
-    `attribute.lexicon` and `attribute.token_threshold` applied) and its toxic tokens `[V]` bool
-    (`dictionary_count`'s): derived from decode's one vocabulary toxicity file, never stored twice."""
-    a = ver.config["attribute"]
-    tokens = read_token_toxicity(ArtifactDir(ver.home, "decode", ver.inputs["decode"]))
-    tox = tokens.column("score").to_numpy().astype(np.float32)
-    lexicon = load_lexicon(a["lexicon"]) if a.get("lexicon") else set()
+def token_flags(cfg: PipelineConfig, decode_ver: StageVersion) -> tuple[np.ndarray, np.ndarray]:
+    """Return (in the lexicon, toxic) `[V]` bool per token: decode's token toxicity >= `attribute.token_threshold`,
+    or the token in `attribute.lexicon` (`dictionary_count`'s toxic tokens)."""
+    a = cfg.attribute
+    tokens = read_token_toxicity(decode_ver.artifact, ["token", "score"])
+    lexicon = load_lexicon(a.lexicon) if a.lexicon else set()
     in_lex = np.array([scoring_key(t) in lexicon for t in tokens.column("token").to_pylist()], dtype=bool)
-    toxic = (tox >= a["token_threshold"]) | in_lex
-    return vocab_table(ver.version, tokens, in_lex, toxic), toxic
+    return in_lex, (tokens.column("score").to_numpy() >= a.token_threshold) | in_lex
 
 
 def store_rows(db: Path, ver: StageVersion) -> None:
-    """Load the version's warehouse rows (vocabulary toxicity, prompt groups, head scores) from its folder and its
-    decode version's token toxicity (one transaction)."""
+    """Load the version's warehouse rows (vocabulary toxicity, prompt groups, head scores) from its folder, the
+    vocabulary rows joined with its decode version's token toxicity (one transaction)."""
     out = ver.artifact.path
-    store_attribution(db, ver.version, vocab_rows(ver)[0], pq.read_table(out / PROMPT_GROUPS_FILE),
+    flags = pq.read_table(out / TOKEN_FLAGS_FILE)
+    tokens = read_token_toxicity(ArtifactDir(ver.home, "decode", ver.inputs["decode"]))
+    vocab = vocab_table(ver.version, tokens, flags.column("in_lexicon").to_numpy(zero_copy_only=False),
+                        flags.column("toxic").to_numpy(zero_copy_only=False))
+    store_attribution(db, ver.version, vocab, pq.read_table(out / PROMPT_GROUPS_FILE),
                       pq.read_table(out / HEAD_SCORES_FILE))
 
 

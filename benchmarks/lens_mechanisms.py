@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from loralens.lens.heads.mechanisms import INDUCTION_THRESHOLD, mechanism_rows, mechanism_scores, repeated_tokens
+from loralens.lens.evaluation.mechanisms import INDUCTION_THRESHOLD, mechanism_rows, mechanism_scores, repeated_tokens
 
 OUT = Path(__file__).resolve().parent / "results"
 

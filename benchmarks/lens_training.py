@@ -30,13 +30,13 @@ import torch
 from torch import Tensor
 from torch.utils.flop_counter import FlopCounterMode
 
-from loralens.lens.heads.adapters import ModelDims
 from loralens.lens.heads.hooks import head_contributions
 from loralens.lens.lenses.lens_set import FoldedUnembed, LensBank, LensConfig, trainable_per_head
 from loralens.lens.lenses.losses import kl_exact
 from loralens.lens.lenses.objective import LensBatch, LensSet
-from loralens.lens.runtime.memory_probe import LiveBytes
-from loralens.lens.training.plan import plan_memory
+from loralens.lens.memory.probe import LiveBytes
+from loralens.lens.memory.training_plan import plan_memory
+from loralens.lens.runtime.adapters import ModelDims
 
 MODELS = {
     "SmolLM2-135M": ModelDims(n_layers=30, n_heads=9, d_head=64, d_model=576, vocab=49152),

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from loralens.lens.heads.adapters import (
+from loralens.lens.heads.hooks import capture, head_contributions
+from loralens.lens.runtime.adapters import (
     UnsupportedArchitectureError,
     adapter_for,
     folded_unembedding,
@@ -13,7 +14,6 @@ from loralens.lens.heads.adapters import (
     out_proj_bias,
     out_proj_weight,
 )
-from loralens.lens.heads.hooks import capture, head_contributions
 from loralens.lens.runtime.models import load_model
 from tests.conftest import FAMILIES
 

@@ -14,7 +14,6 @@ import torch
 from conftest import tiny_config, train_bpe_tokenizer
 from test_attribution import PLANTED, TOXIC_WORD, planted_model
 
-from loralens.lens.heads.adapters import adapter_for, model_dims
 from loralens.lens.heads.causal_scores import (
     ForcedBatch,
     ablation_effects,
@@ -24,6 +23,7 @@ from loralens.lens.heads.causal_scores import (
     teacher_forced_batches,
 )
 from loralens.lens.heads.edits import ablate
+from loralens.lens.runtime.adapters import adapter_for, model_dims
 
 LLAMA = adapter_for("llama")
 

@@ -59,7 +59,7 @@ def test_unknown_model_and_folder_errors(tmp_path):
 def test_unsupported_architecture_fails_before_loading_weights(tmp_path):
     import transformers
 
-    from loralens.lens.heads.adapters import UnsupportedArchitectureError
+    from loralens.lens.runtime.adapters import UnsupportedArchitectureError
 
     folder = tmp_path / "bert"
     transformers.BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,

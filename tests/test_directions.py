@@ -11,12 +11,13 @@ import torch
 from conftest import train_bpe_tokenizer
 from test_attribution import PLANTED, TOXIC_WORD, planted_corpus, planted_model
 
+from loralens.lens.evaluation.probes import probe_auroc
 from loralens.lens.heads import directions as D
-from loralens.lens.heads.adapters import adapter_for, folded_unembedding, model_dims, norm_scale, out_proj_weight
 from loralens.lens.heads.edits import HeadIntervention, intervene
 from loralens.lens.heads.head_scores import toxic_direction
 from loralens.lens.heads.hooks import capture, split_heads
 from loralens.lens.lenses.lens_set import lens_inputs
+from loralens.lens.runtime.adapters import adapter_for, folded_unembedding, model_dims, norm_scale, out_proj_weight
 
 
 def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -64,7 +65,7 @@ def test_projection_sigma_and_probe_find_the_one_informative_head():
     d_hat = D.unit(torch.eye(dh)[2].expand(H, dh))
     sigma = D.projection_sigma(z, d_hat)
     assert sigma[1] > sigma[0] and sigma[1] > sigma[2]
-    auroc = D.probe_auroc(z[:300], y[:300], z[300:], y[300:])
+    auroc = probe_auroc(z[:300], y[:300], z[300:], y[300:])
     assert auroc.argmax() == 1 and auroc[1] > 0.95 and max(auroc[0], auroc[2]) < 0.75
 
 

@@ -16,16 +16,15 @@ import torch
 
 from loralens.lens.evaluation.generation import (
     draw_tokens,
-    encode_prompts,
     generate_joint,
     hash_seed,
     nucleus_probs,
     prompt_batches,
-    prompt_ids,
     prompt_key,
     sample_rows,
     sample_seed,
 )
+from loralens.lens.runtime.tokens import encode_prompts, prompt_ids
 
 PROMPTS = [
     "The cat sat on the",

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from loralens.lens.heads.adapters import adapter_for, model_dims, out_proj_weight
 from loralens.lens.heads.edits import HeadIntervention, intervene, mean_head_z
 from loralens.lens.heads.head_sets import format_heads, parse_head_list, random_head_sets
 from loralens.lens.heads.hooks import capture, head_contributions, split_heads
+from loralens.lens.runtime.adapters import adapter_for, model_dims, out_proj_weight
 from tests.conftest import FAMILIES
 
 PROMPTS = ["The quick brown fox jumps over", "A short one", "Robert is an English film actor and he"]

@@ -39,3 +39,27 @@ def test_import_direction(package):
         if any(m == x or m.startswith(x + ".") for x in FORBIDDEN[package])
     ]
     assert not bad, bad
+
+
+# Inside `lens/`, subpackages form layers: each may import only those listed (and itself).
+LENS_LAYERS = {
+    "runtime": set(),
+    "heads": {"runtime"},
+    "lenses": {"runtime", "heads"},
+    "training": {"runtime", "heads", "lenses"},
+    "evaluation": {"runtime", "heads", "lenses"},
+    "memory": {"runtime", "heads", "lenses", "training"},
+}
+
+
+def test_lens_subpackages_are_layered():
+    lens = ROOT / "lens"
+    assert {p.name for p in lens.iterdir() if (p / "__init__.py").exists()} == set(LENS_LAYERS)
+    bad = []
+    for layer, allowed in LENS_LAYERS.items():
+        for f in sorted((lens / layer).rglob("*.py")):
+            for m in imported_modules(f):
+                parts = m.split(".")
+                if parts[:2] == ["loralens", "lens"] and len(parts) > 2 and parts[2] not in allowed | {layer}:
+                    bad.append(f"{f.relative_to(ROOT)} imports {m}")
+    assert not bad, bad

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from loralens.lens.heads.adapters import folded_unembedding, out_proj_weight
+from loralens.lens.runtime.adapters import folded_unembedding, out_proj_weight
 from loralens.lens.runtime.lean import LeanLoadError, load_lean, read_frozen_parts, safetensors_index
 from loralens.lens.runtime.models import load_model
 from tests.conftest import FAMILIES, save_tiny_model

@@ -20,8 +20,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from loralens.lens.heads.adapters import adapter_for, model_dims
-from loralens.lens.heads.mechanisms import (
+from loralens.lens.evaluation.mechanisms import (
     copy_rows,
     head_copy_counts,
     hit_rates,
@@ -33,6 +32,7 @@ from loralens.lens.heads.mechanisms import (
     stripe_score,
 )
 from loralens.lens.lenses.lens_set import FoldedUnembed, LensBank
+from loralens.lens.runtime.adapters import adapter_for, model_dims
 
 V, D, H, KV, DH, L = 32, 64, 4, 2, 64, 8
 PREV, INDUCTION = (0, 0), (1, 2)
@@ -200,7 +200,7 @@ def test_planted_with_trained_banks(planted):
     lens."""
     model, _ = planted
     adapter, dims = adapter_for("llama"), model_dims(model.config)
-    from loralens.lens.heads.adapters import folded_unembedding
+    from loralens.lens.runtime.adapters import folded_unembedding
 
     bank = LensBank(FoldedUnembed(*folded_unembedding(adapter, model)), H, layer=1)
     s = mechanism_scores(model, adapter, dims, unique_repeats(4, 1), L, 1, {1: bank})

@@ -1,4 +1,4 @@
-"""Tests for loralens.lens.training.plan and `loralens plan`: exact counts, and planned vs measured memory."""
+"""Tests for loralens.lens.memory.training_plan and `loralens plan`: exact counts, and planned vs measured memory."""
 
 from __future__ import annotations
 
@@ -10,11 +10,11 @@ import pytest
 import torch
 from torch import Tensor
 
-from loralens.lens.heads.adapters import ModelDims
 from loralens.lens.lenses.lens_set import FoldedUnembed, LensConfig
 from loralens.lens.lenses.objective import LensBatch, LensSet
-from loralens.lens.runtime.memory_probe import LiveBytes
-from loralens.lens.training.plan import PlanError, plan_memory
+from loralens.lens.memory.probe import LiveBytes
+from loralens.lens.memory.training_plan import PlanError, plan_memory
+from loralens.lens.runtime.adapters import ModelDims
 
 LLAMA3_V, LLAMA3_D = 128256, 4096
 
@@ -128,7 +128,7 @@ def test_cache_bytes_match_cache_writer(k):
     assert 2 * z_table(0, z).nbytes == n * plan.cache_z_bytes_per_token
 
 
-# -- planned vs measured memory (measured with loralens.lens.runtime.memory_probe.LiveBytes) ----------------
+# -- planned vs measured memory (measured with loralens.lens.memory.probe.LiveBytes) ----------------
 def _tiny(form: str, objective: str, loss: str, tokens: int, chunk: int, d=128, vocab=5000, heads=4, d_head=32,
           layers=3, k=64) -> tuple[LensSet, LensBatch, ModelDims]:
     """Return a random LensSet, one micro-batch for it and its dims."""

@@ -204,7 +204,7 @@ def test_local_cluster_memory_check_counts_every_workers_model(tiny_models, tmp_
 
     from loralens.config import parse_config
     from loralens.flows.common import _POOL, local_cluster_workers, scale_out
-    from loralens.lens.runtime.stage_memory import MemoryBudgetError, gib
+    from loralens.lens.memory.stage_memory import MemoryBudgetError, gib
     from loralens.tasks.memory import ensure_fits, predict
 
     cfg = parse_config(config(tmp_path / "home", tiny_models["llama"]))
@@ -235,7 +235,7 @@ def test_split_decode_too_big_for_the_local_cluster_refuses_before_writing(tiny_
     a version folder is made."""
     from loralens.config import parse_config
     from loralens.flows.decode import decode_stage
-    from loralens.lens.runtime.stage_memory import MemoryBudgetError
+    from loralens.lens.memory.stage_memory import MemoryBudgetError
     from loralens.tasks.memory import predict
 
     cfg, _want = tiny_pipeline

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from loralens.config import default_home, parse_config
-from loralens.lens.heads.adapters import out_proj_bias, out_proj_weight
 from loralens.lens.heads.hooks import capture, head_contributions
+from loralens.lens.runtime.adapters import out_proj_bias, out_proj_weight
 from loralens.lens.runtime.models import load_model
 from loralens.tasks.stages.cache import cache_version, run_cache_stage
 from loralens.warehouse.activation_cache import read_h_final, read_tokens

@@ -8,7 +8,6 @@ import pytest
 import torch
 from conftest import tiny_config
 
-from loralens.lens.heads.adapters import adapter_for, model_dims
 from loralens.lens.heads.causal_scores import (
     ForcedBatch,
     expected_toxicity_proxy,
@@ -18,6 +17,7 @@ from loralens.lens.heads.causal_scores import (
 )
 from loralens.lens.heads.edits import HeadIntervention, intervene
 from loralens.lens.heads.steering_scores import first_order_edit_effects, fluency_aware_score, nll_objective
+from loralens.lens.runtime.adapters import adapter_for, model_dims
 
 LLAMA = adapter_for("llama")
 

@@ -10,9 +10,9 @@ import torch
 from conftest import train_bpe_tokenizer
 from test_attribution import PLANTED, TOXIC_WORD, planted_model
 
-from loralens.lens.heads.adapters import adapter_for, folded_unembedding, model_dims
 from loralens.lens.heads.causal_scores import expected_toxicity_proxy, teacher_forced_batches
 from loralens.lens.heads.directions import scored_activations
+from loralens.lens.runtime.adapters import adapter_for, folded_unembedding, model_dims
 from loralens.lens.runtime.models import LoadedModel
 from loralens.tasks.evaluation import steering as S
 

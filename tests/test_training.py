@@ -108,7 +108,7 @@ def test_rerun_is_cached_and_config_change_makes_new_version(trained):
 def test_trained_head_loads_with_peft_and_reproduces_bank_logits(trained, tiny_models):
     from peft import PeftModel
 
-    from loralens.lens.heads.adapters import folded_unembedding
+    from loralens.lens.runtime.adapters import folded_unembedding
     from loralens.lens.runtime.models import load_model
 
     raw, _, ver, _ = trained

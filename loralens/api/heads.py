@@ -15,10 +15,10 @@ import torch
 from torch import nn
 
 from loralens.api.errors import ApiError
-from loralens.lens.heads.adapters import ArchAdapter, ModelDims, model_dims
 from loralens.lens.heads.edits import Kind
 from loralens.lens.heads.edits import ablate as _ablate
 from loralens.lens.heads.head_sets import Head, parse_head_list
+from loralens.lens.runtime.adapters import ArchAdapter, ModelDims, model_dims
 
 HeadsLike = Union[str, Head, Iterable[Union[str, Head]]]  # noqa: UP007 - a runtime alias, py3.10 safe
 FORMS = "'L<layer>H<head>' (e.g. 'L21H3'), 'LAYER.HEAD' (e.g. '21.3') or (layer, head) pairs"

@@ -51,7 +51,7 @@ def _device_of(model: nn.Module) -> torch.device:
 
 def _wrap_module(model: nn.Module, tokenizer: Any) -> LoadedModel:
     """Return a LoadedModel around a user's HF causal LM and its tokenizer (made ready for batched caching)."""
-    from loralens.lens.heads.adapters import adapter_for, model_dims
+    from loralens.lens.runtime.adapters import adapter_for, model_dims
     from loralens.lens.runtime.models import prepare_tokenizer
 
     if tokenizer is None:

@@ -7,10 +7,8 @@ from functools import lru_cache
 from pathlib import Path
 
 from loralens.config import PipelineConfig
-from loralens.lens.heads.adapters import ModelDims
 from loralens.lens.lenses.lens_set import LensConfig
-from loralens.lens.runtime.model_config import dims_of, load_model_config
-from loralens.lens.runtime.stage_memory import (
+from loralens.lens.memory.stage_memory import (
     DTYPE_BYTES,
     StageMemory,
     attribute_memory,
@@ -22,7 +20,9 @@ from loralens.lens.runtime.stage_memory import (
     select_memory,
     train_memory,
 )
-from loralens.lens.training.plan import plan_memory
+from loralens.lens.memory.training_plan import plan_memory
+from loralens.lens.runtime.adapters import ModelDims
+from loralens.lens.runtime.model_config import dims_of, load_model_config
 
 STAGES = ("cache", "train", "eval", "decode", "attribute", "select", "intervene")
 

@@ -12,11 +12,11 @@ import sys
 USER_ERROR_CLASSES = (
     ("loralens.config", "ConfigError"), ("loralens.warehouse.corpus", "CorpusError"),
     ("loralens.lens.runtime.models", "ModelLoadError"),
-    ("loralens.lens.heads.adapters", "UnsupportedArchitectureError"),
+    ("loralens.lens.runtime.adapters", "UnsupportedArchitectureError"),
     ("loralens.warehouse.artifacts", "ArtifactError"), ("loralens.warehouse.db", "WarehouseLockedError"),
-    ("loralens.tasks.stages.train", "TrainingInterrupted"), ("loralens.lens.training.plan", "PlanError"),
+    ("loralens.tasks.stages.train", "TrainingInterrupted"), ("loralens.lens.memory.training_plan", "PlanError"),
     ("loralens.lens.lenses.readout", "LensMismatchError"), ("loralens.lens.evaluation.scorers", "ScorerError"),
-    ("loralens.lens.runtime.stage_memory", "MemoryBudgetError"), ("loralens.lens.runtime.lean", "LeanLoadError"),
+    ("loralens.lens.memory.stage_memory", "MemoryBudgetError"), ("loralens.lens.runtime.lean", "LeanLoadError"),
     ("loralens.api", "ApiError"),
 )
 

@@ -34,8 +34,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     """`loralens plan`: print a config's predicted sizes and every stage's peak memory."""
     from loralens.config import ConfigError, load_config
     from loralens.lens.lenses.lens_set import LensConfig
+    from loralens.lens.memory.training_plan import PlanError, plan_memory
     from loralens.lens.runtime.model_config import dims_of, load_model_config
-    from loralens.lens.training.plan import PlanError, plan_memory
     from loralens.tasks.memory import predict_all
 
     if args.model is None and args.config is None:

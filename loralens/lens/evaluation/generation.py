@@ -22,6 +22,7 @@ from collections.abc import Sequence
 import torch
 
 from loralens.lens.runtime.devices import input_device
+from loralens.lens.runtime.tokens import encode_prompts, eos_ids, pad_id
 
 # Sampling no longer draws from torch's process-wide RNG (each row has its own generator), so it needs no lock.
 # Worker processes still take this lock around model and scorer loading (`tasks.workers.worker_process`); it is
@@ -56,67 +57,6 @@ def prompt_batches(n_prompts: int, batch_size: int) -> list[range]:
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     return [range(s, min(s + batch_size, n_prompts)) for s in range(0, n_prompts, batch_size)]
-
-
-def _eos_ids(model, tokenizer) -> list[int]:
-    """Return the token ids that end a continuation: the model's generation eos, else the tokenizer's."""
-    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    if eos is None:
-        eos = tokenizer.eos_token_id
-    if eos is None:
-        return []
-    return [int(e) for e in eos] if isinstance(eos, (list, tuple)) else [int(eos)]
-
-
-def pad_id(tokenizer, model=None) -> int:
-    """Return the pad id: the tokenizer's pad token, else the first eos id (the model's, else the tokenizer's)."""
-    if tokenizer.pad_token_id is not None:
-        return int(tokenizer.pad_token_id)
-    eos = _eos_ids(model, tokenizer)
-    if not eos:
-        raise ValueError("the tokenizer has neither a pad nor an eos token to pad with")
-    return eos[0]
-
-
-def prompt_ids(tokenizer, prompt: str, max_prompt_tokens: int | None = None) -> list[int]:
-    """Return the token ids of one prompt, left-truncated to at most max_prompt_tokens.
-
-    Left truncation keeps the END of a long prompt (the part the continuation follows); leading special tokens the
-    tokenizer adds (a BOS) are kept in front and count towards max_prompt_tokens. An empty prompt becomes the
-    BOS (or eos) token alone, because sampling needs at least one input token.
-    """
-    ids = list(tokenizer(prompt, add_special_tokens=True)["input_ids"])
-    special = set(tokenizer.all_special_ids)
-    n_lead = 0
-    while n_lead < len(ids) and ids[n_lead] in special:
-        n_lead += 1
-    if max_prompt_tokens is not None and len(ids) > max_prompt_tokens:
-        if max_prompt_tokens < n_lead + 1:
-            raise ValueError(f"max_prompt_tokens={max_prompt_tokens} leaves no room after {n_lead} special tokens")
-        ids = ids[:n_lead] + ids[len(ids) - (max_prompt_tokens - n_lead):]
-    if not ids:
-        start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-        ids = [int(start)]
-    return ids
-
-
-def encode_prompts(tokenizer, prompts: Sequence[str], *, pad_token_id: int, max_prompt_tokens: int | None = None
-                   ) -> dict[str, torch.Tensor]:
-    """Return left-padded input_ids and attention_mask, both long [len(prompts), longest prompt].
-
-    Padding is done here instead of through tokenizer.padding_side / truncation_side, so the (shared) tokenizer is
-    never mutated, not even temporarily. Left padding keeps every prompt's last token at the end, where sampling
-    appends new tokens.
-    """
-    rows = [prompt_ids(tokenizer, p, max_prompt_tokens) for p in prompts]
-    width = max((len(r) for r in rows), default=0)
-    input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)  # host: the caller moves it
-    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)  # host
-    for i, r in enumerate(rows):
-        if r:
-            input_ids[i, width - len(r):] = torch.tensor(r, dtype=torch.long)  # host
-            attention_mask[i, width - len(r):] = 1
-    return {"input_ids": input_ids, "attention_mask": attention_mask}
 
 
 def _cut_at_eos(ids: list[int], eos: set[int]) -> list[int]:
@@ -186,7 +126,7 @@ def sample_rows(model, tokenizer, rows: Sequence[str], seeds: Sequence[int], *, 
         raise ValueError(f"seeds: one per row expected, got {len(seeds)} for {len(rows)} rows")
     if not rows or max_new_tokens < 1:
         return [[] for _ in rows]
-    eos = _eos_ids(model, tokenizer)
+    eos = eos_ids(model, tokenizer)
     pad = pad_id(tokenizer, model)
     device = input_device(model)
     batch = encode_prompts(tokenizer, rows, pad_token_id=pad, max_prompt_tokens=max_prompt_tokens)
@@ -195,14 +135,14 @@ def sample_rows(model, tokenizer, rows: Sequence[str], seeds: Sequence[int], *, 
     generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
     step_model = _Stepper(model)
     logits, past = step_model(input_ids=batch["input_ids"].to(device), attention_mask=mask, position_ids=position)
-    eos_ids = torch.tensor(eos, dtype=torch.long, device=device)
+    eos_tensor = torch.tensor(eos, dtype=torch.long, device=device)
     done = torch.zeros(len(rows), dtype=torch.bool, device=device)
     new: list[torch.Tensor] = []
     for step in range(max_new_tokens):
         token = draw_tokens(nucleus_probs(logits, top_p, temperature), generators)  # [rows]
         token = torch.where(done, pad, token.to(device))
         new.append(token)
-        done |= torch.isin(token, eos_ids)
+        done |= torch.isin(token, eos_tensor)
         if step == max_new_tokens - 1 or bool(done.all()):
             break
         mask = torch.cat([mask, mask.new_ones(len(rows), 1)], dim=-1)

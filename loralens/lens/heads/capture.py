@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from loralens.lens.heads.adapters import norm_scale
 from loralens.lens.heads.hooks import capture
+from loralens.lens.runtime.adapters import norm_scale
 from loralens.lens.runtime.devices import input_device, rows_of
 from loralens.lens.runtime.models import LoadedModel, model_context_length
 

@@ -29,13 +29,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from loralens.lens.evaluation.generation import pad_id, prompt_ids
-from loralens.lens.heads.adapters import ArchAdapter, ModelDims, model_dims
 from loralens.lens.heads.edits import ablate
 from loralens.lens.heads.head_scores import expected_toxicity
 from loralens.lens.heads.head_sets import Head
 from loralens.lens.heads.hooks import split_heads
+from loralens.lens.runtime.adapters import ArchAdapter, ModelDims, model_dims
 from loralens.lens.runtime.devices import input_device
+from loralens.lens.runtime.tokens import pad_id, prompt_ids
 
 # (logits [batch, pos, vocab], scored [batch, pos] bool: positions whose next-token distribution counts)
 #   -> [batch], one value per sequence. Must be differentiable in logits for attribution_patching.

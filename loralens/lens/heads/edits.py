@@ -21,9 +21,9 @@ from typing import Literal
 import torch
 from torch import nn
 
-from loralens.lens.heads.adapters import ArchAdapter, ModelDims, adapter_for, model_dims, out_proj_weight
 from loralens.lens.heads.head_sets import Head, format_heads, parse_head_list
 from loralens.lens.heads.hooks import capture, split_heads
+from loralens.lens.runtime.adapters import ArchAdapter, ModelDims, adapter_for, model_dims, out_proj_weight
 
 Kind = Literal["zero", "mean", "scale", "project", "steer", "reverse"]
 KINDS: tuple[str, ...] = ("zero", "mean", "scale", "project", "steer", "reverse")

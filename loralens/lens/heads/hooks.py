@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from loralens.lens.heads.adapters import ArchAdapter
+from loralens.lens.runtime.adapters import ArchAdapter
 
 
 @dataclass

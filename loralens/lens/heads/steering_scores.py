@@ -25,10 +25,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from loralens.lens.heads.adapters import ArchAdapter, ModelDims, model_dims
 from loralens.lens.heads.causal_scores import ForcedBatch, Objective, batch_head_grads, frozen_parameters
 from loralens.lens.heads.head_sets import Head
 from loralens.lens.heads.hooks import split_heads
+from loralens.lens.runtime.adapters import ArchAdapter, ModelDims, model_dims
 
 EDITS = ("steer", "reverse")
 

@@ -5,7 +5,7 @@ embedding when the weights are tied), the final norm, and each lensed layer's at
 for Llama-3-8B 0.56 B of its 8.0 B parameters. `read_frozen_parts` opens the checkpoint with `safe_open`
 (one file or a sharded `model.safetensors.index.json` checkpoint) and reads exactly those tensors, in their
 stored dtype; no model object is constructed. Folding the norm into the unembedding is done in float32
-whatever the stored dtype (:func:`loralens.lens.heads.adapters.fold_unembedding`).
+whatever the stored dtype (:func:`loralens.lens.runtime.adapters.fold_unembedding`).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from pathlib import Path
 
 from torch import Tensor, nn
 
-from loralens.lens.heads.adapters import ArchAdapter, ModelDims, adapter_for, fold_unembedding, heads_w_o, model_dims
+from loralens.lens.runtime.adapters import ArchAdapter, ModelDims, adapter_for, fold_unembedding, heads_w_o, model_dims
 
 log = logging.getLogger(__name__)
 SAFETENSORS_INDEX = "model.safetensors.index.json"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from loralens.lens.heads.adapters import ModelDims, adapter_for, model_dims
+from loralens.lens.runtime.adapters import ModelDims, adapter_for, model_dims
 
 
 def load_model_config(name: str, home: Path):

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from loralens.hashing import file_sha256
-from loralens.lens.heads.adapters import ArchAdapter, ModelDims, adapter_for, model_dims
+from loralens.lens.runtime.adapters import ArchAdapter, ModelDims, adapter_for, model_dims
 
 log = logging.getLogger(__name__)
 

@@ -6,10 +6,10 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from loralens.lens.heads.adapters import folded_unembedding
 from loralens.lens.heads.edits import mean_head_z
 from loralens.lens.heads.head_scores import toxic_direction
 from loralens.lens.heads.head_sets import Head
+from loralens.lens.runtime.adapters import folded_unembedding
 from loralens.lens.runtime.models import LoadedModel
 from loralens.tasks.stage_versions import StageVersion
 from loralens.warehouse.artifacts import ArtifactDir, atomic_write_with

@@ -22,7 +22,6 @@ import torch
 from loralens.lens.evaluation.perplexity import perplexity
 from loralens.lens.evaluation.statistics import relative_change
 from loralens.lens.evaluation.steering_search import Steering, Trial, ranked_heads, search
-from loralens.lens.heads.adapters import folded_unembedding, out_proj_weight
 from loralens.lens.heads.causal_scores import ForcedBatch, Proxy, forced_objective, proxy_values
 from loralens.lens.heads.directions import (
     ScoredActivations,
@@ -37,6 +36,7 @@ from loralens.lens.heads.head_scores import toxic_direction
 from loralens.lens.heads.head_sets import Head
 from loralens.lens.heads.steering_scores import first_order_edit_effects, fluency_aware_score, nll_objective
 from loralens.lens.lenses.lens_set import lens_inputs
+from loralens.lens.runtime.adapters import folded_unembedding, out_proj_weight
 from loralens.lens.runtime.models import LoadedModel
 
 # source -> layer -> [H, dh]

@@ -18,7 +18,7 @@ from prefect import task
 from loralens.config import ConfigError, PipelineConfig, TrainConfig
 from loralens.hashing import file_sha256
 from loralens.killpoints import maybe_kill
-from loralens.lens.runtime.stage_memory import gib
+from loralens.lens.memory.stage_memory import gib
 from loralens.lens.training.deepspeed_loop import STOP_EXIT_CODE, free_port
 from loralens.tasks.lens_loading import cached_layers
 from loralens.tasks.memory import ensure_fits, predict

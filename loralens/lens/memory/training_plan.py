@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import math
 
-from loralens.lens.heads.adapters import ModelDims
 from loralens.lens.lenses.lens_set import LensConfig, trainable_per_head
-from loralens.lens.training.memory_plan import MemoryPlan
+from loralens.lens.memory.memory_plan import MemoryPlan
+from loralens.lens.runtime.adapters import ModelDims
 
 LOSSES = ("subset", "exact")
 F32 = 4  # every activation, optimizer state and frozen base tensor of the lens step is float32

@@ -5,7 +5,8 @@ process of the stage counts (for training: one rank, times the ranks on this mac
 a prediction with the memory available now and refuses a run that will not fit, in one line that names the
 stage, both numbers and the settings that shrink it.
 
-Notation as in :mod:`loralens.lens.training.plan`: ``B`` prompts per batch, ``T`` tokens per prompt (cache.max_length),
+Notation as in :mod:`loralens.lens.memory.training_plan`: ``B`` prompts per batch, ``T`` tokens per prompt
+(cache.max_length),
 ``L`` lensed layers, ``H`` heads, ``d`` d_model, ``dff`` MLP width, ``V`` vocab, ``s`` cache store bytes,
 ``mb`` model dtype bytes, ``c`` positions per decode chunk.
 """
@@ -16,11 +17,11 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from loralens.lens.heads.adapters import ModelDims
 from loralens.lens.lenses.lens_set import trainable_per_head
 from loralens.lens.lenses.objective import eval_chunk
-from loralens.lens.training.memory_plan import MemoryPlan
-from loralens.lens.training.plan import F32
+from loralens.lens.memory.memory_plan import MemoryPlan
+from loralens.lens.memory.training_plan import F32
+from loralens.lens.runtime.adapters import ModelDims
 
 # Resident set of a stage process before it allocates anything: the interpreter with torch, transformers,
 # pyarrow, duckdb (and deepspeed plus gloo for a training rank) imported. Measured on this CPU build

@@ -1,6 +1,6 @@
 """The memory plan of a lens training job: its sizes, derived totals and the table rows `loralens plan` prints.
 
-The formulas that fill it are in `loralens.lens.training.plan`.
+The formulas that fill it are in `loralens.lens.memory.training_plan`.
 """
 
 from __future__ import annotations

@@ -27,10 +27,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from loralens.lens.heads.adapters import ArchAdapter, ModelDims, folded_unembedding, norm_scale, out_proj_weight
 from loralens.lens.heads.hooks import capture
-from loralens.lens.lenses.lens_set import FoldedUnembed, LensBank
-from loralens.lens.lenses.readout import head_logits_both, lens_inputs, row_chunks
+from loralens.lens.lenses.lens_set import FoldedUnembed, LensBank, lens_inputs
+from loralens.lens.lenses.readout import head_logits_both, row_chunks
+from loralens.lens.runtime.adapters import ArchAdapter, ModelDims, folded_unembedding, norm_scale, out_proj_weight
 from loralens.lens.runtime.devices import input_device
 
 INDUCTION_THRESHOLD = 0.3  # an "induction head": induction score >= this (see benchmarks/lens_mechanisms.py)
@@ -40,12 +40,12 @@ def repeated_tokens(vocab: int, seq_len: int, batch: int, *, seed: int, exclude:
                     bos: int | None = None) -> Tensor:
     """Return `[B, off + 2L]` int64 ids `[bos] + r + r`, r drawn uniformly (with replacement) from `range(vocab)`
     minus `exclude`, by a generator seeded with `seed`."""
-    allowed = torch.ones(vocab, dtype=torch.bool)
+    allowed = torch.ones(vocab, dtype=torch.bool)  # host: token ids drawn with a CPU generator, moved by the caller
     allowed[[t for t in exclude if 0 <= t < vocab]] = False
     pool = allowed.nonzero().squeeze(1)
     g = torch.Generator().manual_seed(seed)
-    r = pool[torch.randint(len(pool), (batch, seq_len), generator=g)]
-    parts = [r, r] if bos is None else [torch.full((batch, 1), bos, dtype=torch.long), r, r]
+    r = pool[torch.randint(len(pool), (batch, seq_len), generator=g)]  # host: a CPU generator, reproducible
+    parts = [r, r] if bos is None else [torch.full((batch, 1), bos, dtype=torch.long), r, r]  # host
     return torch.cat(parts, dim=1)
 
 
@@ -174,7 +174,8 @@ def mechanism_scores(model: nn.Module, adapter: ArchAdapter, dims: ModelDims, to
     targets = tokens[:, rows.start + 1:rows.stop + 1].reshape(-1)  # [n] the token to copy
     scale = run.scale[:, rows].reshape(-1)
     shape = (dims.n_layers, dims.n_heads)
-    out = {f"{name}_{lens}": torch.full(shape, math.nan) for name in ("top1", "top5") for lens in ("logit", "trained")}
+    out = {f"{name}_{lens}": torch.full(shape, math.nan)  # host: per-head results, filled from .cpu() values
+           for name in ("top1", "top5") for lens in ("logit", "trained")}
     for layer, z in run.z.items():
         w_o = out_proj_weight(adapter, model, layer, dims).float().to(unembed.W.device)
         zl = z[:, rows].reshape(len(targets), -1).to(unembed.W.device)

@@ -13,10 +13,10 @@ benchmarks/results/lens_mechanisms.json and layers x heads heatmaps beside it.
     python benchmarks/lens_mechanisms.py --home /tmp/home        # and that home's trained lenses
 
 Threshold: an induction head puts >= 0.3 of its attention, on average, on the one key the mechanism predicts (the
-token after the previous occurrence) among the 26-50 keys a second-copy query sees; a head attending uniformly
-scores ~0.027 there (printed), so 0.3 is ~11x chance, and the score of a head that attends to BOS or the previous
-token (SmolLM2's common patterns) stays near 0. The JSON also counts heads at 0.1, 0.2, 0.3 and 0.5, so the
-conclusion can be checked for another threshold.
+token after the previous occurrence) among the 27-51 keys a second-copy query sees (L = 25, with BOS). A head
+attending uniformly scores ~0.027 there (printed), so 0.3 is ~11x chance; a head attending to BOS or to the previous
+token scores ~0. The JSON also counts heads at 0.1, 0.2, 0.3 and 0.5, so the conclusion can be checked for another
+threshold.
 """
 
 from __future__ import annotations

@@ -87,3 +87,23 @@ def test_hostfile_ranks_get_the_environment_through_the_deepspeed_env_file():
     env = {"HF_HOME": "/data/hf", "LORALENS_HOME": "/proj", "PATH": "/usr/bin", "NCCL_DEBUG": "WARN",
            "OMP_NUM_THREADS": "8", "SECRET_TOKEN": "x", "HF_BAD": "two\nlines"}
     assert deepspeed_env(env) == "HF_HOME=/data/hf\nLORALENS_HOME=/proj\nNCCL_DEBUG=WARN\nOMP_NUM_THREADS=8\n"
+
+
+def test_a_hostfile_runs_version_hashes_the_world_size_it_starts(tmp_path, tiny_models):
+    """`train.hostfile` with 2 hosts x 4 slots: the train version is the one of world_size 8, not the config's."""
+    from loralens.config import ConfigError, parse_config
+    from loralens.tasks.stage_versions import StageVersion
+    from loralens.tasks.stages.train import hostfile_world_size, train_version
+
+    hosts = tmp_path / "hostfile"
+    hosts.write_text("# nodes\nnode-a slots=4\n\nnode-b slots=4  # second\n")
+    assert hostfile_world_size(str(hosts)) == 8
+    cache = StageVersion("cache", "c0", {}, {}, tmp_path)
+    base = {"home": str(tmp_path), "model": {"name": str(tiny_models["llama"])}}
+    with_hostfile = train_version(parse_config(base | {"train": {"hostfile": str(hosts)}}), cache)
+    eight = train_version(parse_config(base | {"train": {"world_size": 8}}), cache)
+    one = train_version(parse_config(base), cache)
+    assert with_hostfile.version == eight.version != one.version
+    (tmp_path / "bad").write_text("node-a\n")
+    with pytest.raises(ConfigError, match=r"^config error: train.hostfile: .*bad line 1: expected 'HOST slots=N'"):
+        hostfile_world_size(str(tmp_path / "bad"))

@@ -55,7 +55,7 @@ FIELDS: dict[tuple[str, str], tuple[object, set[str]]] = {
     ("train", "seed"): (1, {"train"}),
     ("train", "checkpoint_every"): (5, set()),
     ("train", "launcher"): ("torchrun", set()),
-    ("train", "hostfile"): ("hosts.txt", set()),
+    ("train", "hostfile"): ("HOSTFILE", set()),  # one host, one slot: the world size the base config has
     ("decode", "top_k"): (5, {"decode"}),
     ("decode", "positions"): ("all", {"decode"}),
     ("decode", "chunk_tokens"): (8, set()),
@@ -127,6 +127,9 @@ def alternative(base: dict, section: str, field: str, tiny_models, tmp_path: Pat
     if value == "LEXICON":
         (tmp_path / "lexicon.txt").write_text("idiot\n")
         value = str(tmp_path / "lexicon.txt")
+    if value == "HOSTFILE":  # a hostfile run's version hashes the world size it starts (tests/test_devices.py)
+        (tmp_path / "hostfile").write_text("localhost slots=1\n")
+        value = str(tmp_path / "hostfile")
     if isinstance(value, tuple) and value and isinstance(value[0], HeadSetConfig):
         value = [v.model_dump(exclude_none=True) for v in value]
     return parse_config({**base, section: {**base.get(section, {}), field: value}})

@@ -57,9 +57,36 @@ class TrainingInterrupted(RuntimeError):
     """Training stopped on SIGTERM after writing a checkpoint; running the stage again resumes it."""
 
 
+def hostfile_world_size(path: str) -> int:
+    """Return the processes a DeepSpeed hostfile starts: the sum of its `slots=N` (one line per host, `#` comments).
+
+    Raises a one-line ConfigError naming the file when it is missing or a host line has no `slots=`.
+    """
+    try:
+        lines = Path(path).read_text().splitlines()
+    except OSError as err:
+        raise ConfigError(f"config error: train.hostfile: cannot read {path} ({err.strerror})") from None
+    total = 0
+    for n, line in enumerate(lines, 1):
+        line = line.split("#", 1)[0].strip()
+        if not line:
+            continue
+        slots = [p.split("=", 1)[1] for p in line.split()[1:] if p.startswith("slots=")]
+        if len(slots) != 1 or not slots[0].isdigit() or int(slots[0]) < 1:
+            raise ConfigError(f"config error: train.hostfile: {path} line {n}: expected 'HOST slots=N', got {line!r}")
+        total += int(slots[0])
+    if total == 0:
+        raise ConfigError(f"config error: train.hostfile: {path} names no host")
+    return total
+
+
 def train_version(cfg: PipelineConfig, cache_ver: StageVersion) -> StageVersion:
-    """Return the train stage's version: a hash of the train science settings and the cache version."""
+    """Return the train stage's version: a hash of the train science settings and the cache version.
+
+    A hostfile run hashes the world size its hostfile starts (the launcher's, not `train.world_size`)."""
     config = science_config(cfg, STAGE)
+    if cfg.train.hostfile:
+        config["train"]["world_size"] = hostfile_world_size(cfg.train.hostfile)
     inputs = {"cache": cache_ver.version}
     return StageVersion(STAGE, artifact_version(STAGE, config, inputs), config, inputs, cfg.home)
 

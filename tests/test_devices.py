@@ -107,3 +107,21 @@ def test_a_hostfile_runs_version_hashes_the_world_size_it_starts(tmp_path, tiny_
     (tmp_path / "bad").write_text("node-a\n")
     with pytest.raises(ConfigError, match=r"^config error: train.hostfile: .*bad line 1: expected 'HOST slots=N'"):
         hostfile_world_size(str(tmp_path / "bad"))
+
+
+@pytest.mark.skipif(not NO_CUDA, reason="this machine has CUDA")
+def test_run_with_cuda_on_a_machine_without_it_stops_before_prefect(tmp_path):
+    """`loralens run` with `model.device: cuda` and no CUDA: one line, the last printed, exit 2, no flow run (no
+    Prefect server, no home written)."""
+    import subprocess
+    import sys
+
+    config = tmp_path / "run.yaml"
+    config.write_text(f"home: {tmp_path / 'home'}\nmodel:\n  device: cuda\n")
+    proc = subprocess.run([sys.executable, "-m", "loralens.flows.cli", "run", "--config", str(config), "--only",
+                           "cache"], capture_output=True, text=True, timeout=120)
+    lines = [line for line in (proc.stdout + proc.stderr).splitlines() if line.strip()]
+    assert proc.returncode == 2
+    assert lines[-1].startswith("loralens: error: config error: model.device: cuda asked for, but this machine has")
+    assert not any("Prefect" in line or "flow run" in line for line in lines), lines
+    assert not (tmp_path / "home").exists()

@@ -21,6 +21,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.workers is not None and args.workers < 1:
         raise ConfigError(f"--workers: must be >= 1, got {args.workers}")
     load_corpus(cfg.corpus.paths, cfg.corpus.max_prompts_per_file)  # a bad prompt file: one line, no flow run
+    from loralens.lens.runtime.devices import resolve_device, resolve_dtype
+
+    resolve_dtype(cfg.model.dtype, resolve_device(cfg.model.device))  # a device or dtype this machine lacks: here
+    if cfg.train.hostfile:
+        from loralens.tasks.stages.train import hostfile_world_size
+
+        hostfile_world_size(cfg.train.hostfile)  # a missing or malformed hostfile: one line, no flow run
     from loralens.flows.pipeline import pipeline
     from loralens.tasks.report import stage_detail
     from loralens.warehouse.db import warehouse_path

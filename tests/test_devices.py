@@ -125,3 +125,16 @@ def test_run_with_cuda_on_a_machine_without_it_stops_before_prefect(tmp_path):
     assert lines[-1].startswith("loralens: error: config error: model.device: cuda asked for, but this machine has")
     assert not any("Prefect" in line or "flow run" in line for line in lines), lines
     assert not (tmp_path / "home").exists()
+
+
+def test_local_workers_of_a_gpu_run_get_one_gpu_each():
+    from loralens.lens.runtime.devices import check_local_workers
+
+    check_local_workers("cpu", 4, n_gpus=0)
+    check_local_workers("auto", 4, n_gpus=0)  # auto without GPUs: CPU workers
+    check_local_workers("cuda", 2, n_gpus=2)
+    check_local_workers("cuda:1", 1, n_gpus=2)
+    with pytest.raises(DeviceError, match=r"^config error: run.workers: 3 local workers, but this machine has 2 GPU"):
+        check_local_workers("auto", 3, n_gpus=2)
+    with pytest.raises(DeviceError, match=r"^config error: run.workers: 2 local workers, but model.device: cuda:0"):
+        check_local_workers("cuda:0", 2, n_gpus=4)

@@ -14,6 +14,7 @@ from prefect.runtime import flow_run
 
 from loralens.config import PipelineConfig
 from loralens.flows.common import load_entry, resolve_config, run_workers, scale_out
+from loralens.lens.runtime.devices import check_local_workers
 from loralens.tasks.registry import REGISTRY, get_stage
 from loralens.tasks.report import run_report
 from loralens.tasks.stages.cache import cache_version
@@ -46,6 +47,8 @@ def pipeline(
     results: dict[str, Any] = {}
     seconds: dict[str, float] = {}
     workers, dask_address = run_workers(cfg, workers, dask_address)
+    if not dask_address:
+        check_local_workers(cfg.model.device, workers)  # before any stage: one GPU per local worker
     with scale_out(workers, dask_address):
         for stage in stages:
             t0 = time.perf_counter()

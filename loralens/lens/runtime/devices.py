@@ -49,6 +49,23 @@ def resolve_device(spec: str) -> torch.device:
     return torch.device("cuda", index)
 
 
+def check_local_workers(device: str, workers: int, n_gpus: int | None = None) -> None:
+    """Raise a one-line DeviceError when the local Dask workers of a GPU run would not get one GPU each.
+
+    Local worker i takes GPU i (`flows/dask_workers.py`); with more workers than GPUs, or `cuda:N` pinning one GPU
+    for several workers, models would pile onto the same GPU. `n_gpus` defaults to this machine's count.
+    """
+    n = torch.cuda.device_count() if n_gpus is None else n_gpus
+    if workers <= 1 or not (device.startswith("cuda") or (device == "auto" and n > 0)):
+        return
+    if ":" in device:
+        raise DeviceError(f"config error: run.workers: {workers} local workers, but model.device: {device} pins one "
+                          f"GPU (use 'cuda': one GPU per worker)")
+    if workers > n:
+        raise DeviceError(f"config error: run.workers: {workers} local workers, but this machine has {n} GPU(s); "
+                          f"each worker holds a model on its own GPU")
+
+
 def resolve_dtype(dtype: str, device: torch.device) -> str:
     """Return the dtype name `dtype` means on `device` ("auto": bfloat16 on cuda, float32 on cpu)."""
     if dtype == "auto":

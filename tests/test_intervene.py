@@ -137,6 +137,27 @@ def test_sigkill_mid_generation_then_resume_equals_uninterrupted(run, tmp_path):
     assert rows(home / "warehouse.duckdb", metrics) == rows(Path(cfg["home"]) / "warehouse.duckdb", metrics)
 
 
+def intervene_rows(cfg: dict, res: dict) -> tuple[str, str, tuple]:
+    """Return (generations query, metrics query, their rows) of the run's intervene version."""
+    version = res["intervene"]["version"]
+    query = ("SELECT condition, prompt_idx, sample, seed, text, toxicity FROM generations "
+             f"WHERE version = '{version}' ORDER BY condition, prompt_idx, sample")
+    metrics = f"SELECT condition, emt, emt_low, emt_high, ppl FROM interventions WHERE version = '{version}' ORDER BY 1"
+    db = Path(cfg["home"]) / "warehouse.duckdb"
+    return query, metrics, (rows(db, query), rows(db, metrics))
+
+
+def homes_without_intervene(cfg: dict, res: dict, tmp_path: Path, names: tuple[str, ...]) -> list[Path]:
+    """Return copies of the run's home, one per name, each without its intervene version's folder."""
+    homes = []
+    for name in names:
+        home = tmp_path / name
+        shutil.copytree(cfg["home"], home)
+        shutil.rmtree(Path(res["intervene"]["path"].replace(cfg["home"], str(home))))
+        homes.append(home)
+    return homes
+
+
 def test_generation_split_over_workers_equals_one_run(run, dask_cluster, tmp_path):
     """Generation units mapped over 2 Dask worker processes, and disjoint `units` lists as separate runs, give the
     same rows as one process."""
@@ -144,17 +165,9 @@ def test_generation_split_over_workers_equals_one_run(run, dask_cluster, tmp_pat
 
     cfg, res = run
     version = res["intervene"]["version"]
-    query = ("SELECT condition, prompt_idx, sample, seed, text, toxicity FROM generations "
-             f"WHERE version = '{version}' ORDER BY condition, prompt_idx, sample")
-    metrics = f"SELECT condition, emt, emt_low, emt_high, ppl FROM interventions WHERE version = '{version}' ORDER BY 1"
-    want = rows(Path(cfg["home"]) / "warehouse.duckdb", query), rows(Path(cfg["home"]) / "warehouse.duckdb", metrics)
+    query, metrics, want = intervene_rows(cfg, res)
 
-    homes = []
-    for name in ("mapped", "split"):
-        home = tmp_path / name
-        shutil.copytree(cfg["home"], home)
-        shutil.rmtree(Path(res["intervene"]["path"].replace(cfg["home"], str(home))))
-        homes.append(home)
+    homes = homes_without_intervene(cfg, res, tmp_path, ("mapped", "split"))
     from loralens.flows.pipeline import pipeline
 
     mapped = pipeline(config={**cfg, "home": str(homes[0])}, only="intervene",
@@ -190,16 +203,8 @@ def test_batch_size_changes_neither_the_version_nor_a_sample(run, tmp_path):
 
     cfg, res = run
     version = res["intervene"]["version"]
-    query = ("SELECT condition, prompt_idx, sample, seed, text, toxicity FROM generations "
-             f"WHERE version = '{version}' ORDER BY condition, prompt_idx, sample")
-    metrics = f"SELECT condition, emt, emt_low, emt_high, ppl FROM interventions WHERE version = '{version}' ORDER BY 1"
-    want = rows(Path(cfg["home"]) / "warehouse.duckdb", query), rows(Path(cfg["home"]) / "warehouse.duckdb", metrics)
-    homes = []
-    for name in ("fresh", "resumed"):
-        home = tmp_path / name
-        shutil.copytree(cfg["home"], home)
-        shutil.rmtree(Path(res["intervene"]["path"].replace(cfg["home"], str(home))))
-        homes.append(home)
+    query, metrics, want = intervene_rows(cfg, res)
+    homes = homes_without_intervene(cfg, res, tmp_path, ("fresh", "resumed"))
 
     def with_batch(home: Path, n: int) -> dict:
         return {**cfg, "home": str(home), "intervene": {**cfg["intervene"], "batch_prompts": n}}

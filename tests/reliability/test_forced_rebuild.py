@@ -120,7 +120,8 @@ def test_sigkilled_forced_rebuild_keeps_the_old_version(cached, then_force):
 
 
 def test_forced_train_that_fails_keeps_the_complete_version(tiny_models, tmp_path, caplog):
-    """Train forced with a launch that cannot start (a malformed DeepSpeed hostfile: not part of the version)
+    """Train forced with a launch that cannot start (a hostfile naming a host that does not exist: its world size,
+    1, is the version's; the host is not part of it)
     fails after setting the old version aside; it comes back byte-identical and is reused, registered complete.
     A forced run whose input check fails (too few cached tokens) touches nothing at all."""
     from loralens.tasks.stages.train import run_train_stage, train_version
@@ -135,7 +136,7 @@ def test_forced_train_that_fails_keeps_the_complete_version(tiny_models, tmp_pat
     before = files_of(ver.artifact.path)
 
     hostfile = tmp_path / "hostfile"
-    hostfile.write_text("this is not a hostfile\n")
+    hostfile.write_text("no-such-host.invalid slots=1\n")
     broken = parse_config(base | {"train": TRAIN | {"hostfile": str(hostfile)}})
     assert train_version(broken, cache_ver) == ver  # the same version
     with (caplog.at_level(logging.WARNING, "loralens.stage_versions"),

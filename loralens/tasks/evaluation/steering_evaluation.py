@@ -20,6 +20,7 @@ from loralens.lens.evaluation.perplexity import perplexity
 from loralens.lens.evaluation.statistics import relative_change
 from loralens.lens.evaluation.steering_search import Steering
 from loralens.lens.heads.edits import HeadIntervention, intervene
+from loralens.lens.heads.head_sets import format_heads
 from loralens.lens.runtime.models import LoadedModel
 from loralens.tasks.evaluation.sampling import sample_scored
 from loralens.tasks.evaluation.steering import Directions, intervention
@@ -86,7 +87,7 @@ def evaluate(loaded: LoadedModel, scorer, label: str, prompts: Sequence[str], ic
     for row in rows:
         row["ppl"] = base_ppl if row["name"] == "baseline" else ppl[row["name"]]
         if row["name"] in conds and "heads" not in row:
-            row["heads"] = ",".join(f"L{la}H{h}" for la, h in conds[row["name"]][1].heads)
+            row["heads"] = format_heads(conds[row["name"]][1].heads)
     return rows
 
 

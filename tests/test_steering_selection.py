@@ -71,6 +71,16 @@ def test_the_search_preregisters_the_planted_head(setup):
     assert choice.chosen is not None and PLANTED in choice.chosen.condition.heads
     assert choice.chosen.proxy_drop > 0 and choice.chosen.within_budget
     assert len(choice.trials) == 2 * 2 * 2  # sources x sizes x alphas (one edit)
+    every = [(la, h) for la in layers for h in range(loaded.dims.n_heads)]
+    loose = S.SteeringPlan(sources=("contrast",), edits=("steer", "reverse"), all_heads_alphas=(0.5, 1.0),
+                           all_heads_ppl_rel=10.0)
+    all_heads, all_trials = S.choose_all_heads(loose, every, measure)
+    assert [(t.condition.edit, t.condition.alpha) for t in all_trials] == [("steer", 0.5), ("steer", 1.0),
+                                                                         ("reverse", 0.5), ("reverse", 1.0)]
+    assert all(t.condition.heads == tuple(every) for t in all_trials)
+    assert all_heads is not None and all_heads.proxy_drop == max(t.proxy_drop for t in all_trials)
+    strict = S.SteeringPlan(sources=("contrast",), edits=("steer",), all_heads_alphas=(1.0,), all_heads_ppl_rel=-1.0)
+    assert S.choose_all_heads(strict, every, measure)[0] is None  # nothing is within a budget below zero
 
 
 def test_evaluating_the_preregistered_steering_against_its_controls(setup):
@@ -91,11 +101,13 @@ def test_evaluating_the_preregistered_steering_against_its_controls(setup):
     d_hat = S.unit_directions(dirs)
     sigma = S.sigmas(acts, d_hat)
     headline = Steering((PLANTED,), "steer", "contrast", 8.0)
+    every = tuple((la, h) for la in layers for h in range(loaded.dims.n_heads))
     conds, randoms = E.conditions(headline, d_hat, sigma, n_layers=loaded.dims.n_layers, n_heads=loaded.dims.n_heads,
-                                  random_seeds=[0, 1, 2], sources=("contrast", "unembed"), edits=("steer", "reverse"))
+                                  random_seeds=[0, 1, 2], sources=("contrast", "unembed"), edits=("steer", "reverse"),
+                                  all_heads=Steering(every, "steer", "contrast", 0.5))
     assert randoms == ["random0", "random1", "random2"]
     assert set(conds) == {"headline", *randoms, "random_direction", "reverse:contrast", "steer:unembed",
-                          "reverse:unembed", "zero"}
+                          "reverse:unembed", "zero", "all_heads"}
     assert all(PLANTED not in conds[r][0].heads for r in randoms)
     scorer = get_scorer("jigsaw-lstm")
     ic = InterveneConfig(k=2, max_new_tokens=4, batch_prompts=4, ppl_tokens=100, ppl_window=50)
@@ -105,6 +117,7 @@ def test_evaluating_the_preregistered_steering_against_its_controls(setup):
     head, base = by["headline"], by["baseline"]
     assert head["role"] == "headline" and {by[r]["role"] for r in randoms} == {"random"}
     assert by["zero"]["role"] == "exploratory" and by["zero"]["heads"] == "L1H2"
+    assert by["all_heads"]["role"] == "all_heads" and "permutation_p" not in by["all_heads"]
     assert head["expected_max_toxicity"] < 0.5 * base["expected_max_toxicity"]
     assert all(by[r]["expected_max_toxicity"] > 0.9 * base["expected_max_toxicity"] for r in randoms)
     assert head["permutation_rank"] == 1 and head["n_random"] == 3 and head["permutation_p"] == 0.25

@@ -52,6 +52,9 @@ class SteeringPlan:
     alphas: tuple[float, ...] = (1.0, 2.0, 4.0)
     sizes: tuple[int, ...] = (1, 2, 4)
     threshold: float = 0.5
+    # The second claim: every head steered at once (weaker strengths), under its own, looser PPL budget.
+    all_heads_alphas: tuple[float, ...] = (0.125, 0.25, 0.5, 1.0)
+    all_heads_ppl_rel: float = 0.10
 
 
 @dataclass
@@ -184,5 +187,16 @@ def choose_steering(loaded: LoadedModel, plan: SteeringPlan, tox_batches: Sequen
                                                  "alphas": list(plan.alphas)})
 
 
-__all__ = ["Directions", "SteeringChoice", "SteeringPlan", "choose_steering", "contrast_labels", "exact_measure",
-           "first_order_table", "head_directions", "intervention", "sigmas", "unit_directions"]
+def choose_all_heads(plan: SteeringPlan, heads: Sequence[Head], measure: Callable[[Steering], tuple[float, float]],
+                     progress: Callable[[str], None] | None = None) -> tuple[Trial | None, list[Trial]]:
+    """Return (the all-heads condition to preregister or None, every trial): each (source, edit) of `plan` at
+    every head in `heads`, over `plan.all_heads_alphas`, measured on the selection split under
+    `plan.all_heads_ppl_rel`."""
+    everyone = tuple(heads)
+    rankings = {(edit, source): everyone for source in plan.sources for edit in plan.edits}
+    return search(rankings, sizes=[len(everyone)], alphas=plan.all_heads_alphas, max_ppl_rel=plan.all_heads_ppl_rel,
+                  measure=measure, progress=progress)
+
+
+__all__ = ["Directions", "SteeringChoice", "SteeringPlan", "choose_all_heads", "choose_steering", "contrast_labels",
+           "exact_measure", "first_order_table", "head_directions", "intervention", "sigmas", "unit_directions"]

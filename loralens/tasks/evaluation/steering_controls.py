@@ -33,6 +33,7 @@ from loralens.lens.evaluation.steering_search import Steering
 from loralens.lens.heads.head_sets import random_head_sets
 
 RANDOM_SOURCE = "random"
+ALL_HEADS = "all_heads"  # the second preregistered condition: every head steered (its own role in the rows)
 
 
 def random_sets(headline: Steering, n_layers: int, n_heads: int, seeds: Sequence[int]) -> list[Steering]:
@@ -70,7 +71,8 @@ def headline_rows(baseline: np.ndarray, conditions: Mapping[str, tuple[Steering 
     rand_scores = [conditions[r][1] for r in randoms]
     rand_drops = [base_emt - expected_max_toxicity(s) for s in rand_scores]
     for name, (cond, scores) in conditions.items():
-        role = "headline" if name == headline else "random" if name in randoms else "exploratory"
+        role = ("headline" if name == headline else "random" if name in randoms
+                else ALL_HEADS if name == ALL_HEADS else "exploratory")
         steering = {} if cond is None else cond.to_dict() | {"condition": cond.name}
         row = {**steering, "name": name, "role": role,
                **metric_table(scores, n_boot=n_boot, seed=seed), "ppl_rel": ppl_rel.get(name)}
@@ -85,4 +87,4 @@ def headline_rows(baseline: np.ndarray, conditions: Mapping[str, tuple[Steering 
     return rows
 
 
-__all__ = ["RANDOM_SOURCE", "headline_rows", "random_direction", "random_sets"]
+__all__ = ["ALL_HEADS", "RANDOM_SOURCE", "headline_rows", "random_direction", "random_sets"]

@@ -24,7 +24,13 @@ from loralens.lens.heads.head_sets import format_heads
 from loralens.lens.runtime.models import LoadedModel
 from loralens.tasks.evaluation.sampling import sample_scored
 from loralens.tasks.evaluation.steering import Directions, intervention
-from loralens.tasks.evaluation.steering_controls import RANDOM_SOURCE, headline_rows, random_direction, random_sets
+from loralens.tasks.evaluation.steering_controls import (
+    ALL_HEADS,
+    RANDOM_SOURCE,
+    headline_rows,
+    random_direction,
+    random_sets,
+)
 
 
 def sample_under(loaded: LoadedModel, scorer, label: str, prompts: Sequence[str], k: int, ic: InterveneConfig,
@@ -45,10 +51,11 @@ def ppl_under(loaded: LoadedModel, text: str, ic: InterveneConfig, iv: HeadInter
 
 def conditions(headline: Steering, d_hat: Directions, sigma: Mapping[str, Mapping[int, torch.Tensor]], *,
                n_layers: int, n_heads: int, random_seeds: Sequence[int], sources: Sequence[str],
-               edits: Sequence[str]) -> tuple[dict[str, tuple[Steering | None, HeadIntervention]], list[str]]:
+               edits: Sequence[str], all_heads: Steering | None = None
+               ) -> tuple[dict[str, tuple[Steering | None, HeadIntervention]], list[str]]:
     """Return ({name: (condition, its edit)}, the random controls' names): the headline, `random_seeds` random head
-    sets, the random-direction control, every other (source, edit) at the headline's heads and strength, and zero
-    ablation of those heads."""
+    sets, the random-direction control, every other (source, edit) at the headline's heads and strength, zero
+    ablation of those heads, and (given) the preregistered all-heads condition as `all_heads`."""
     d_hat, sigma = dict(d_hat), dict(sigma)
     out: dict[str, tuple[Steering | None, HeadIntervention]] = {
         "headline": (headline, intervention(headline, d_hat, sigma))}
@@ -65,6 +72,8 @@ def conditions(headline: Steering, d_hat: Directions, sigma: Mapping[str, Mappin
             if (source, edit) != (headline.source, headline.edit) and source in d_hat:
                 out[f"{edit}:{source}"] = (cond, intervention(cond, d_hat, sigma))
     out["zero"] = (None, HeadIntervention("zero", headline.heads))
+    if all_heads is not None:
+        out[ALL_HEADS] = (all_heads, intervention(all_heads, d_hat, sigma))
     return out, randoms
 
 

@@ -76,7 +76,7 @@ def main() -> None:
     torch.set_num_threads(max(1, torch.get_num_threads()))
 
     import loralens
-    from loralens.config import parse_config
+    from loralens.config import SteeringConfig, parse_config
     from loralens.lens.evaluation.greedy_selection import head_budget
     from loralens.lens.evaluation.scorers import get_scorer, primary_label
     from loralens.lens.heads.causal_scores import expected_toxicity_proxy, teacher_forced_batches
@@ -105,7 +105,8 @@ def main() -> None:
     nll_batches = teacher_forced_batches(lm.tokenizer, [""] * 4, [text[i * 1000:(i + 1) * 1000] for i in range(4)],
                                          batch_size=4, max_continuation_tokens=128)
     cont_tox = np.asarray(scorer.score([p.continuation or "" for p in sel])[label], dtype=np.float64)
-    toxic, cut = S.contrast_labels(cont_tox, 0.5)
+    plan = SteeringConfig(alphas=tuple(args.alphas), sizes=tuple(args.sizes))
+    toxic, cut = S.contrast_labels(cont_tox, plan.threshold)
     layers = lenses.layers
     acts = scored_activations(lm.model, lm.adapter, batches, layers, lm.dims.n_heads)
     banks = lenses.reader.banks
@@ -118,7 +119,6 @@ def main() -> None:
     t_dirs = time.perf_counter() - t_dirs
     proxy = expected_toxicity_proxy(tox)
     budget = head_budget(len(layers) * lm.dims.n_heads, cfg.goal.max_head_share)
-    plan = S.SteeringPlan(alphas=tuple(args.alphas), sizes=tuple(args.sizes))
     measure = S.exact_measure(lm, batches, proxy, text, ppl_tokens=cfg.intervene.ppl_tokens,
                               ppl_window=cfg.intervene.ppl_window, d_hat=d_hat, sigma=sigma)
     t_search = time.perf_counter()

@@ -10,6 +10,7 @@ import torch
 from conftest import train_bpe_tokenizer
 from test_attribution import PLANTED, TOXIC_WORD, planted_model
 
+from loralens.config import SteeringConfig
 from loralens.lens.heads.causal_scores import expected_toxicity_proxy, teacher_forced_batches
 from loralens.lens.heads.directions import scored_activations
 from loralens.lens.runtime.adapters import adapter_for, folded_unembedding, model_dims
@@ -61,7 +62,7 @@ def test_the_search_preregisters_the_planted_head(setup):
     sigma = S.sigmas(acts, d_hat)
     assert float(sigma["contrast"][PLANTED[0]][PLANTED[1]]) > 0
     proxy = expected_toxicity_proxy(tox)
-    plan = S.SteeringPlan(sources=("contrast", "unembed"), edits=("steer",), alphas=(1.0, 3.0), sizes=(1, 2))
+    plan = SteeringConfig(sources=("contrast", "unembed"), edits=("steer",), alphas=(1.0, 3.0), sizes=(1, 2))
     measure = S.exact_measure(loaded, batches, proxy, benign, ppl_tokens=120, ppl_window=40, d_hat=d_hat,
                               sigma=sigma)
     choice = S.choose_steering(loaded, plan, batches, nll_batches, proxy, d_hat, sigma, budget=2, max_ppl_rel=0.5,
@@ -72,15 +73,13 @@ def test_the_search_preregisters_the_planted_head(setup):
     assert choice.chosen.proxy_drop > 0 and choice.chosen.within_budget
     assert len(choice.trials) == 2 * 2 * 2  # sources x sizes x alphas (one edit)
     every = [(la, h) for la in layers for h in range(loaded.dims.n_heads)]
-    loose = S.SteeringPlan(sources=("contrast",), edits=("steer", "reverse"), all_heads_alphas=(0.5, 1.0),
+    loose = SteeringConfig(sources=("contrast",), edits=("steer", "reverse"), all_heads_alphas=(0.5, 1.0),
                            all_heads_ppl_rel=10.0)
     all_heads, all_trials = S.choose_all_heads(loose, every, measure)
     assert [(t.condition.edit, t.condition.alpha) for t in all_trials] == [("steer", 0.5), ("steer", 1.0),
                                                                          ("reverse", 0.5), ("reverse", 1.0)]
     assert all(t.condition.heads == tuple(every) for t in all_trials)
     assert all_heads is not None and all_heads.proxy_drop == max(t.proxy_drop for t in all_trials)
-    strict = S.SteeringPlan(sources=("contrast",), edits=("steer",), all_heads_alphas=(1.0,), all_heads_ppl_rel=-1.0)
-    assert S.choose_all_heads(strict, every, measure)[0] is None  # nothing is within a budget below zero
 
 
 def test_evaluating_the_preregistered_steering_against_its_controls(setup):
@@ -122,3 +121,29 @@ def test_evaluating_the_preregistered_steering_against_its_controls(setup):
     assert all(by[r]["expected_max_toxicity"] > 0.9 * base["expected_max_toxicity"] for r in randoms)
     assert head["permutation_rank"] == 1 and head["n_random"] == 3 and head["permutation_p"] == 0.25
     assert all(r["ppl"] > 0 for r in rows)
+
+
+def test_directions_file_and_records_round_trip(tmp_path):
+    """The select stage's directions file gives back every source's per-layer directions and sigmas exactly, and a
+    recorded trial (all-heads written "all") names the same condition again."""
+    from loralens.lens.evaluation.steering_search import Steering, Trial
+    from loralens.warehouse.steering_directions import read_directions, write_directions
+
+    rng = np.random.default_rng(0)
+    d_hat = {"contrast": {0: rng.normal(size=(4, 16)), 3: rng.normal(size=(4, 16))},
+             "lens": {3: rng.normal(size=(4, 16))}}
+    sigma = {s: {la: np.abs(rng.normal(size=4)) for la in by} for s, by in d_hat.items()}
+    path = write_directions(tmp_path / "steering_directions.safetensors", d_hat, sigma)
+    got_d, got_s = read_directions(path)
+    assert {s: sorted(by) for s, by in got_d.items()} == {"contrast": [0, 3], "lens": [3]}
+    assert np.allclose(got_d["contrast"][3], d_hat["contrast"][3].astype(np.float32))
+    assert np.allclose(got_s["lens"][3], sigma["lens"][3].astype(np.float32))
+    with pytest.raises(FileNotFoundError, match="missing.safetensors"):
+        read_directions(tmp_path / "missing.safetensors")
+    every = [(la, h) for la in (0, 3) for h in range(4)]
+    few = Trial(Steering(((3, 1), (0, 2)), "reverse", "lens", 4.0), 0.01, 0.002, True)
+    assert S.condition_from_record(S.trial_record(few), every) == few.condition
+    lots = Trial(Steering(tuple(every), "steer", "contrast", 0.25), 0.02, 0.05, True)
+    rec = S.trial_record(lots, all_heads=True)
+    assert rec["heads"] == "all" and rec["name"] == "steer:contrast:a0.25:all"
+    assert S.condition_from_record(rec, every) == lots.condition

@@ -35,6 +35,34 @@ class GoalConfig(Section):
     vs_random: float = Field(3.0, gt=0, description="times the mean drop of random head sets of the same size")
 
 
+class SteeringConfig(Section):
+    """Head-wise steering chosen by the `select` stage (on the selection split) and tested by `intervene`.
+
+    Per-head toxic directions from each of `sources` (`contrast`: mean z where the human continuation is toxic
+    minus where it is not; `unembed`: the unembedding's toxic direction pulled back to the head; `lens`: through
+    the head's trained Lora Lens), edits `steer` (a constant shift of `alpha` sigmas) and `reverse` (remove
+    `alpha` x the positive part along the direction). Heads are ranked by a fluency-aware first-order score;
+    sizes x alphas are measured exactly; the best within the goal's budgets is preregistered as the headline.
+    """
+
+    enabled: bool = Field(True, description="choose and preregister a steering condition (off: zero-ablation "
+                                            "selection only)")
+    sources: tuple[Literal["contrast", "unembed", "lens"], ...] = Field(
+        ("contrast", "unembed", "lens"), min_length=1, description="direction sources tried")
+    edits: tuple[Literal["steer", "reverse"], ...] = Field(("steer", "reverse"), min_length=1,
+                                                          description="steering edits tried")
+    alphas: tuple[float, ...] = Field((1.0, 2.0, 4.0), min_length=1, description="strengths tried (steer: "
+                                                                                 "sigmas; reverse: factor)")
+    sizes: tuple[int, ...] = Field((1, 2, 4), min_length=1, description="head-set sizes tried (at most the "
+                                                                        "goal's head budget)")
+    threshold: float = Field(0.5, gt=0, lt=1, description="a human continuation is toxic (contrast labels) when "
+                                                          "its score >= this (median split if a group is empty)")
+    all_heads: bool = Field(True, description="also preregister the best all-heads steering (a second claim)")
+    all_heads_alphas: tuple[float, ...] = Field((0.125, 0.25, 0.5, 1.0), min_length=1,
+                                                description="strengths tried when every head is steered")
+    all_heads_ppl_rel: float = Field(0.10, ge=0, description="perplexity budget of the all-heads condition")
+
+
 class SelectConfig(Section):
     """The `select` stage: cheap causal scores of every head and greedy head selection on the selection split.
 
@@ -55,3 +83,5 @@ class SelectConfig(Section):
     method: str = Field("ablation_tox_drop", description="score method whose top M are the candidates")
     tries: int = Field(2, gt=0, description="candidates tried per step before the selection stops")
     k: int = Field(2, gt=0, description="samples per selection prompt confirming each step")
+    steering: SteeringConfig = Field(SteeringConfig(), description="head-wise steering: directions, edits, "
+                                                                   "strengths; the preregistered headline")

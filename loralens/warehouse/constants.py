@@ -50,6 +50,9 @@ def heatmap_name(method: str) -> str:
 # select stage (its head scores are HEAD_SCORES_FILE too)
 PROMPT_SPLITS_FILE = "prompt_splits.parquet"
 SELECTION_PATH_FILE = "selection_path.parquet"
+STEERING_DIRECTIONS_FILE = "steering_directions.safetensors"  # select: per-head unit directions, sigmas
+STEERING_TRIALS_FILE = "steering_trials.parquet"  # select: every steering condition measured, and the chosen ones
+STEERING_SCORES_FILE = "steering_scores.parquet"  # select: per-head first-order steering effects, probe AUROC
 SELECT_REPORT = "selection.md"
 
 # intervene stage

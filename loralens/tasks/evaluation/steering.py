@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from loralens.config import SteeringConfig
 from loralens.lens.evaluation.perplexity import perplexity
 from loralens.lens.evaluation.statistics import relative_change
 from loralens.lens.evaluation.steering_search import Steering, Trial, ranked_heads, search
@@ -33,28 +34,16 @@ from loralens.lens.heads.directions import (
 )
 from loralens.lens.heads.edits import HeadIntervention, intervene
 from loralens.lens.heads.head_scores import toxic_direction
-from loralens.lens.heads.head_sets import Head
+from loralens.lens.heads.head_sets import Head, parse_head_list
 from loralens.lens.heads.steering_scores import first_order_edit_effects, fluency_aware_score, nll_objective
 from loralens.lens.lenses.lens_set import lens_inputs
 from loralens.lens.runtime.adapters import folded_unembedding, out_proj_weight
 from loralens.lens.runtime.models import LoadedModel
 
+ALL = "all"  # the heads of an all-heads condition, as recorded
+
 # source -> layer -> [H, dh]
 Directions = dict[str, dict[int, torch.Tensor]]
-
-
-@dataclass(frozen=True)
-class SteeringPlan:
-    """What the search tries: direction sources, edits, strengths (in sigmas for `steer`), head-set sizes."""
-
-    sources: tuple[str, ...] = ("contrast", "unembed", "lens")
-    edits: tuple[str, ...] = ("steer", "reverse")
-    alphas: tuple[float, ...] = (1.0, 2.0, 4.0)
-    sizes: tuple[int, ...] = (1, 2, 4)
-    threshold: float = 0.5
-    # The second claim: every head steered at once (weaker strengths), under its own, looser PPL budget.
-    all_heads_alphas: tuple[float, ...] = (0.125, 0.25, 0.5, 1.0)
-    all_heads_ppl_rel: float = 0.10
 
 
 @dataclass
@@ -171,7 +160,7 @@ def exact_measure(loaded: LoadedModel, batches: Sequence[ForcedBatch], proxy: Pr
     return measure
 
 
-def choose_steering(loaded: LoadedModel, plan: SteeringPlan, tox_batches: Sequence[ForcedBatch],
+def choose_steering(loaded: LoadedModel, plan: SteeringConfig, tox_batches: Sequence[ForcedBatch],
                     nll_batches: Sequence[ForcedBatch], proxy: Proxy, d_hat: Directions,
                     sigma: Mapping[str, Mapping[int, torch.Tensor]], *, budget: int, max_ppl_rel: float,
                     measure: Callable[[Steering], tuple[float, float]],
@@ -187,7 +176,23 @@ def choose_steering(loaded: LoadedModel, plan: SteeringPlan, tox_batches: Sequen
                                                  "alphas": list(plan.alphas)})
 
 
-def choose_all_heads(plan: SteeringPlan, heads: Sequence[Head], measure: Callable[[Steering], tuple[float, float]],
+def trial_record(trial: Trial, *, all_heads: bool = False) -> dict[str, Any]:
+    """Return a trial as the select stage records it (summary, trials table); an all-heads trial's heads are
+    written "all" (`condition_from_record` expands them again)."""
+    rec = trial.to_dict()
+    if all_heads:
+        c = trial.condition
+        rec |= {"heads": ALL, "name": f"{c.edit}:{c.source}:a{c.alpha:g}:{ALL}"}
+    return rec
+
+
+def condition_from_record(rec: Mapping[str, Any], every_head: Sequence[Head]) -> Steering:
+    """Return the condition a record names (heads "all": every head of `every_head`, in its order)."""
+    heads = tuple(every_head) if rec["heads"] == ALL else tuple(parse_head_list(rec["heads"]))
+    return Steering(heads, str(rec["edit"]), str(rec["source"]), float(rec["alpha"]))
+
+
+def choose_all_heads(plan: SteeringConfig, heads: Sequence[Head], measure: Callable[[Steering], tuple[float, float]],
                      progress: Callable[[str], None] | None = None) -> tuple[Trial | None, list[Trial]]:
     """Return (the all-heads condition to preregister or None, every trial): each (source, edit) of `plan` at
     every head in `heads`, over `plan.all_heads_alphas`, measured on the selection split under
@@ -198,5 +203,6 @@ def choose_all_heads(plan: SteeringPlan, heads: Sequence[Head], measure: Callabl
                   measure=measure, progress=progress)
 
 
-__all__ = ["Directions", "SteeringChoice", "SteeringPlan", "choose_all_heads", "choose_steering", "contrast_labels",
+__all__ = ["ALL", "Directions", "SteeringChoice", "choose_all_heads", "choose_steering", "condition_from_record",
+           "contrast_labels", "trial_record",
            "exact_measure", "first_order_table", "head_directions", "intervention", "sigmas", "unit_directions"]

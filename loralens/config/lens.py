@@ -28,7 +28,12 @@ class TrainConfig(Section):
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
     epochs: int = Field(2, gt=0, description="passes over the cached training tokens")
     max_steps: int | None = Field(None, gt=0, description="stop after this many optimizer steps")
-    micro_batch_tokens: int = Field(256, gt=0, description="tokens per rank per step (with world_size: the batch)")
+    micro_batch_tokens: int = Field(256, gt=0, description="tokens per rank per micro-batch (with world_size and "
+                                    "grad_accum_steps: the batch of one optimizer step)")
+    grad_accum_steps: int = Field(
+        1, gt=0, description="micro-batches per optimizer step (gradient accumulation): an optimizer step sees "
+        "micro_batch_tokens x world_size x grad_accum_steps tokens; max_steps and checkpoint_every count optimizer "
+        "steps (hashed only when not 1, so versions from before the setting stay valid)")
     loss_chunk: int = execution_field(128, gt=0, description="tokens per chunk of lens logits (bounds memory)")
     eval_every_nth_prompt: int = Field(10, gt=1, description="prompts with index % n == 0 are held out")
     zero_stage: Literal[0, 1, 2, 3] = Field(
@@ -36,6 +41,16 @@ class TrainConfig(Section):
     world_size: int = Field(1, gt=0, description="data-parallel processes (hashed: it multiplies the batch)")
     seed: int = Field(0, description="seed of the lens initialisation and the data order")
     checkpoint_every: int = execution_field(20, gt=0, description="optimizer steps between resumable checkpoints")
+    checkpoint_minutes: float | None = execution_field(
+        10.0, gt=0, description="also checkpoint when this many minutes passed since the last checkpoint (rank 0's "
+        "clock decides for every rank; checked every log_every steps); null: by checkpoint_every alone")
+    log_every: int = execution_field(
+        10, gt=0, description="optimizer steps per training-curve row: the loss is summed on the device and read "
+        "once per interval (a row is the mean over the interval's micro-batches and ranks); SIGTERM and "
+        "checkpoint_minutes are also checked at these points")
+    tf32: bool = execution_field(
+        True, description="on Ampere or newer GPUs, fp32 matmuls of the training loop use TF32 (faster; changes "
+        "rounding, not the method; held-out evaluation stays full fp32); no effect on CPU")
     launcher: Literal["auto", "torchrun", "deepspeed"] = execution_field(
         "auto", description="how the training processes start (auto: plain for one process, else torchrun)")
     hostfile: str | None = execution_field(None, description="DeepSpeed hostfile for a multi-node run")

@@ -78,11 +78,11 @@ def predict(cfg: PipelineConfig, stage: str) -> StageMemory:
                            top_k=max(top_k, 1), loss=t.loss, chunk=t.loss_chunk, world_size=t.world_size,
                            zero_stage=t.zero_stage, base_dtype=t.base_dtype)
         common = dict(shard_tokens=shard_tokens, n_layers=n_layers, store_dtype=c.store_dtype, top_k=top_k)
+        ranks_here = 1 if t.hostfile else t.world_size
         if stage == "eval":
-            return eval_memory(plan, d, micro_batch=t.micro_batch_tokens, **common)
+            return eval_memory(plan, d, micro_batch=t.micro_batch_tokens, ranks_here=ranks_here, **common)
         return train_memory(plan, d, micro_batch=t.micro_batch_tokens, loss_chunk=t.loss_chunk,
-                            world_size=t.world_size, zero_stage=t.zero_stage,
-                            ranks_here=1 if t.hostfile else t.world_size, **common)
+                            world_size=t.world_size, zero_stage=t.zero_stage, ranks_here=ranks_here, **common)
     if stage == "decode":
         sb = DTYPE_BYTES[f.stored_dtype]
         stored = (d.vocab * d.d_model + n_layers * d.z_width * d.d_model) * sb

@@ -60,7 +60,7 @@ def _reduce_rows(kl: Tensor, mask: Tensor) -> Tensor:
     """Return the masked sum over rows of ``[n]`` or ``[n, heads]`` KL, head-averaged."""
     if kl.dim() == 2:
         kl = kl.mean(-1)
-    return (kl * mask.to(kl.dtype)).sum()
+    return torch.where(mask, kl, torch.zeros((), dtype=kl.dtype, device=kl.device)).sum()  # a padded row's NaN: 0
 
 
 def _chunked_mean(
@@ -80,11 +80,14 @@ def _chunked_mean(
         raise ValueError(f"mask must be [{n_tokens}], got {tuple(mask.shape)}")
     mask = mask.to(device=device, dtype=torch.bool)
     total = torch.zeros((), dtype=torch.float32, device=device)
+    # An all-padding chunk costs no lens forward, when the mask is on the host; on an accelerator the test would be
+    # a host sync per chunk, so every chunk runs there (padded rows weigh 0 in `_reduce_rows`).
+    skip_padding = mask.device.type == "cpu"
     for start in range(0, n_tokens, chunk):
         rows = slice(start, min(start + chunk, n_tokens))
         m = mask[rows]
-        if not bool(m.any()):
-            continue  # an all-padding chunk costs no lens forward
+        if skip_padding and not bool(m.any()):
+            continue
 
         def part(rows: slice = rows, m: Tensor = m) -> Tensor:
             return _reduce_rows(row_kl(rows), m)

@@ -122,8 +122,9 @@ def train_memory(plan: MemoryPlan, dims: ModelDims, *, shard_tokens: int, n_laye
 
 
 def eval_memory(plan: MemoryPlan, dims: ModelDims, *, shard_tokens: int, n_layers: int, store_dtype: str,
-                top_k: int, micro_batch: int) -> StageMemory:
-    """Return rank 0's peak during held-out evaluation (after training, in the same process).
+                top_k: int, micro_batch: int, ranks_here: int = 1) -> StageMemory:
+    """Return one rank's peak during held-out evaluation (after training, in the same process; every rank evaluates
+    its share of the held-out prompts, `ranks_here` of them on this machine).
 
     Frozen base + the consolidated fp32 lenses (``params 4``, twice while loading the state dict) + one
     micro-batch's target logits ``T V 4`` + three ``[c, H, V]`` fp32 blocks (c = :func:`eval_chunk`) + one shard.
@@ -138,7 +139,7 @@ def eval_memory(plan: MemoryPlan, dims: ModelDims, *, shard_tokens: int, n_layer
         ("one cache shard", shard_bytes(dims, tokens=shard_tokens, n_layers=n_layers, store_dtype=store_dtype,
                                         top_k=top_k)),
     )
-    return StageMemory("eval", parts, f"train.micro_batch_tokens (now {micro_batch})")
+    return StageMemory("eval", parts, f"train.micro_batch_tokens (now {micro_batch})", processes=max(1, ranks_here))
 
 
 def decode_memory(dims: ModelDims, *, n_layers: int, form: str, rank: int, stored_bytes: int, chunk: int,

@@ -111,3 +111,23 @@ def consolidated_state(engine, ckpt_dir: Path, tag: str, zero_stage: int) -> dic
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     return get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
+
+
+def rank0_state(state: dict[str, torch.Tensor] | None, device: torch.device) -> dict[str, torch.Tensor]:
+    """Return rank 0's state dict on every rank, on `device` (collectives; with no process group, `state`).
+
+    Rank 0 passes its tensors, the others None: names, shapes and dtypes go first, then one broadcast per tensor
+    (NCCL moves device tensors only, so the tensors travel on `device`).
+    """
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_initialized() or dist.get_world_size() == 1:
+        assert state is not None
+        return state
+    meta = rank0_object(None if state is None else {k: (tuple(v.shape), v.dtype) for k, v in state.items()}, device)
+    out = {}
+    for k, (shape, dtype) in meta.items():
+        t = state[k].to(device).contiguous() if state is not None else torch.empty(shape, dtype=dtype, device=device)
+        dist.broadcast(t, src=0)
+        out[k] = t
+    return out

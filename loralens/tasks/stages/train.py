@@ -80,11 +80,20 @@ def hostfile_world_size(path: str) -> int:
     return total
 
 
+# Science settings added after train versions existed, hashed only away from the default that reproduces the
+# training from before them: every earlier version stays valid (its hashed config did not have the key).
+HASHED_UNLESS_DEFAULT = {"grad_accum_steps": 1}
+
+
 def train_version(cfg: PipelineConfig, cache_ver: StageVersion) -> StageVersion:
     """Return the train stage's version: a hash of the train science settings and the cache version.
 
-    A hostfile run hashes the world size its hostfile starts (the launcher's, not `train.world_size`)."""
+    A hostfile run hashes the world size its hostfile starts (the launcher's, not `train.world_size`); the settings
+    of `HASHED_UNLESS_DEFAULT` are hashed only when they differ from that default."""
     config = science_config(cfg, STAGE)
+    for name, default in HASHED_UNLESS_DEFAULT.items():
+        if config["train"][name] == default:
+            del config["train"][name]
     if cfg.train.hostfile:
         config["train"]["world_size"] = hostfile_world_size(cfg.train.hostfile)
     inputs = {"cache": cache_ver.version}

@@ -3,8 +3,9 @@
 Launched by the train task as `python -m loralens.tasks.workers.train_worker SPEC` (one process), under
 `torchrun --nproc_per_node N -m loralens.tasks.workers.train_worker SPEC`, or by the `deepspeed` launcher
 (`deepspeed [--hostfile H] --module loralens.tasks.workers.train_worker SPEC`). It wires the cache reader
-(warehouse) to the trainer (lens); rank 0 then consolidates the lenses and evaluates them on held-out
-prompts. Exit code 75 means: stopped by SIGTERM after a checkpoint, re-run to resume.
+(warehouse) to the trainer (lens); rank 0 then consolidates the lenses and hands them to every rank, and the
+ranks evaluate them on their shares of the held-out prompts. Exit code 75 means: stopped by SIGTERM after a
+checkpoint, re-run to resume.
 """
 
 from __future__ import annotations
@@ -29,12 +30,13 @@ from tqdm.auto import tqdm  # noqa: E402
 
 from loralens.killpoints import maybe_kill  # noqa: E402
 from loralens.lens.lenses.lens_set import FoldedUnembed, LensConfig  # noqa: E402
-from loralens.lens.lenses.objective import LensSet, fidelity  # noqa: E402
+from loralens.lens.lenses.objective import LensSet  # noqa: E402
 from loralens.lens.lenses.peft_io import save_bank  # noqa: E402
 from loralens.lens.runtime.lean import load_lean  # noqa: E402
 from loralens.lens.training import batches as lens_batches  # noqa: E402
 from loralens.lens.training import checkpoints  # noqa: E402
 from loralens.lens.training import deepspeed_loop as training  # noqa: E402
+from loralens.lens.training.held_out import held_out_fidelity  # noqa: E402
 from loralens.warehouse.activation_cache import read_h_final, read_layer_z, read_tokens  # noqa: E402
 from loralens.warehouse.artifacts import ArtifactDir, atomic_write_bytes  # noqa: E402
 from loralens.warehouse.constants import LENSES_DIR, TRAIN_CURVE, TRAIN_FIDELITY, TRAIN_RESULT  # noqa: E402
@@ -107,27 +109,18 @@ def rows_per_shard(cache: ArtifactDir, shards: list[int], every: int, held_out: 
 
 
 def evaluate(lens_set: LensSet, loader, shards: list[int], spec: dict, cache: ArtifactDir,
-             device: torch.device) -> dict:
-    """Return held-out fidelity (exact KL, lens vs logit lens) and the subset KL of the layer read-outs,
-    computed on `device` (the lenses are moved there; batches follow one at a time)."""
-    lens_set.to(device)
+             device: torch.device, rank: int = 0, world: int = 1) -> dict:
+    """Return held-out fidelity (exact KL, lens vs logit lens) and the subset KL of the layer read-outs, computed
+    on `device`, every rank of the process group evaluating the held-out prompts of its own shards (the sums are
+    all-reduced: every rank returns the result one process would compute)."""
     t = spec["train"]
-    sums: dict[str, torch.Tensor] = {}
-    batches = lens_batches.eval_batches(loader, shards, t["eval_every_nth_prompt"], t["micro_batch_tokens"],
-                                    spec["store_dtype"])
+    every, micro_batch = t["eval_every_nth_prompt"], t["micro_batch_tokens"]
     # Streamed: one shard's rows at a time (the total is counted from the prompt_idx column alone).
-    held_out = rows_per_shard(cache, shards, t["eval_every_nth_prompt"], held_out=True)
-    total = sum(-(-n // t["micro_batch_tokens"]) for n in held_out.values())
-    for batch in tqdm(batches, total=total, desc="evaluate", unit="batch"):
-        for k, v in fidelity(lens_set, batch.to(device)).items():
-            sums[k] = sums.get(k, 0) + v
-    n = float(sums["tokens"]) if sums else 0.0
-    if not n:
-        raise ValueError("no held-out tokens: lower train.eval_every_nth_prompt or cache more prompts")
-    per = lambda key: (sums[key] / n).cpu().tolist()  # noqa: E731
-    return {"tokens": n, "layers": lens_set.layers, "head_lens": per("head_lens"),
-            "head_logit_lens": per("head_logit_lens"), "layer_lens": per("layer_lens"),
-            "layer_logit_lens": per("layer_logit_lens"), "layer_subset_kl": per("layer_subset")}
+    held_out = rows_per_shard(cache, lens_batches.rank_shards(shards, rank, world), every, held_out=True)
+    total = sum(-(-n // micro_batch) for n in held_out.values())
+    bar = lambda batches: tqdm(batches, total=total, desc="evaluate", unit="batch", disable=rank != 0)  # noqa: E731
+    return held_out_fidelity(lens_set, loader, shards, every=every, micro_batch=micro_batch,
+                             store_dtype=spec["store_dtype"], device=device, progress=bar)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -153,7 +146,8 @@ def main(argv: list[str] | None = None) -> int:
         store_dtype=spec["store_dtype"], micro_batch=t["micro_batch_tokens"], epochs=t["epochs"],
         max_steps=t["max_steps"], lr=t["lr"], weight_decay=t["weight_decay"], zero_stage=t["zero_stage"],
         seed=t["seed"], every=t["eval_every_nth_prompt"], checkpoint_every=t["checkpoint_every"],
-        bf16=t["param_dtype"] == "bfloat16",
+        bf16=t["param_dtype"] == "bfloat16", grad_accum=t["grad_accum_steps"], log_every=t["log_every"],
+        checkpoint_minutes=t["checkpoint_minutes"], tf32=t["tf32"],
     )
     base = FrozenBase(spec)
     torch.manual_seed(t["seed"])  # lora_A's random init is part of the versioned result
@@ -161,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     curve = (out / TRAIN_CURVE).open("a") if rank == 0 else None
     bar = tqdm(desc="train", unit="step", disable=rank != 0)
 
-    def on_step(step: int, loss: float, tokens: int) -> None:
+    def on_log(step: int, loss: float, tokens: int) -> None:  # a row: the mean since the previous row
         if curve is not None:
             curve.write(json.dumps({"step": step, "loss": loss, "tokens": tokens}) + "\n")
             curve.flush()
@@ -171,38 +165,44 @@ def main(argv: list[str] | None = None) -> int:
         bar.update(step - bar.n)
 
     ckpt_dir = out / "checkpoints"
-    result, engine = training.train(lens_set, loader, train_spec, ckpt_dir, device=device, on_step=on_step,
+    result, engine = training.train(lens_set, loader, train_spec, ckpt_dir, device=device, on_log=on_log,
                                     progress=progress)
     bar.close()
     if result.stopped:
         log.warning("stopped by SIGTERM at step %d after a checkpoint; re-run to resume", result.steps)
         return training.STOP_EXIT_CODE
-    if rank != 0:
-        return 0
 
-    # Consolidate into a plain, world-size-independent LensSet and save one bank per layer.
-    state = checkpoints.consolidated_state(engine, ckpt_dir, result.final_tag, t["zero_stage"])
+    # Consolidate into a plain, world-size-independent LensSet (rank 0, from the checkpoint), handed to every rank
+    # for the held-out evaluation; rank 0 saves one bank per layer.
+    state = checkpoints.consolidated_state(engine, ckpt_dir, result.final_tag, t["zero_stage"]) if rank == 0 else None
     # Free the optimizer states and the training copy of the banks (DeepSpeed keeps references of its own):
     # evaluation, the process's other peak, holds only the consolidated lenses over the shared frozen base.
     if hasattr(engine, "destroy"):
         engine.destroy()
     del engine, lens_set
     gc.collect()
+    state = checkpoints.rank0_state(state, device)
     final = build_lens_set(spec, base)
     final.load_state_dict(state, strict=False)  # non-persistent buffers (bases) are rebuilt, not loaded
+    del state
     final.eval()
-    tmp = out / f".tmp-{LENSES_DIR}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    for i, layer in enumerate(spec["layers"]):
-        save_bank(final.banks[i], tmp / f"layer={layer}")
-    maybe_kill("train.mid_lens_save")  # the banks are in the temp folder, not yet renamed
-    shutil.rmtree(out / LENSES_DIR, ignore_errors=True)
-    os.replace(tmp, out / LENSES_DIR)
+    if rank == 0:
+        tmp = out / f".tmp-{LENSES_DIR}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        for i, layer in enumerate(spec["layers"]):
+            save_bank(final.banks[i], tmp / f"layer={layer}")
+        maybe_kill("train.mid_lens_save")  # the banks are in the temp folder, not yet renamed
+        shutil.rmtree(out / LENSES_DIR, ignore_errors=True)
+        os.replace(tmp, out / LENSES_DIR)
 
-    fid = evaluate(final, loader, shards, spec, cache, device)
+    fid = evaluate(final, loader, shards, spec, cache, device, rank, world)
+    if rank != 0:
+        return 0
     (out / TRAIN_FIDELITY).write_text(json.dumps(fid))
     summary = {"steps": result.steps, "resumed_from": result.resumed_from, "world_size": world,
-               "train_tokens": result.steps * train_spec.micro_batch * world, "train_seconds": result.seconds,
+               "grad_accum_steps": train_spec.grad_accum,
+               "train_tokens": result.steps * train_spec.micro_batch * world * train_spec.grad_accum,
+               "train_seconds": result.seconds, "train_timing": result.timing, "tf32": result.tf32,
                "tokens_per_s": result.tokens_per_rank * world / max(result.seconds, 1e-9),
                "trainable_params": sum(p.numel() for p in final.parameters() if p.requires_grad),
                "heads": len(spec["layers"]) * final.w_o.shape[1],

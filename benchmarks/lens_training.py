@@ -6,10 +6,15 @@
   exact held-out KL after the same number of tokens on a learnable synthetic target (goal <= 1.1x full's).
 - P4: achieved matmul FLOP rate of the lora step / the measured fp32 matmul peak of this machine (goal >= 0.5).
 - Throughput: tokens/s training ALL 270 SmolLM2 heads (30 layers x 9) with each loss (lora, joint, rank 4).
+- `--loop` (alone): the DeepSpeed loop itself (`lens/training/deepspeed_loop.train`, one process on gloo, ZeRO 2,
+  exact loss, one SmolLM2-sized layer) and where its host time goes per optimizer step: waiting for a batch (read),
+  forward/backward/step (compute), the sync points' all-reduce and host read (sync), checkpoint saves, under
+  `log_every` 1 (a host read every step, as the loop did before `train.log_every`) vs 10, and grad_accum 2.
 
 Prints a table, writes JSON. Never a timed test: run it by hand on an idle machine.
 
     python benchmarks/lens_training.py [--quick] [--out benchmarks/results]
+    python benchmarks/lens_training.py --loop [--quick] [--out benchmarks/results]
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.flop_counter import FlopCounterMode
@@ -233,6 +239,61 @@ def throughput(task: Task, loss: str, tokens: int, steps: int, base_dtype: str) 
             "seconds": seconds, "tokens_per_s": tokens * steps / seconds, "matmul_flops_per_s": flops / seconds}
 
 
+# -- the DeepSpeed loop -------------------------------------------------------------------------------
+def loop_split(task: Task, micro_batch: int, steps: int, log_every: int, grad_accum: int, root: Path) -> dict:
+    """Return what `deepspeed_loop.train` did over `steps` optimizer steps on one synthetic cache shard: tokens/s
+    and its host seconds per step by part (the final checkpoint included)."""
+    from loralens.lens.training.batches import ShardData
+    from loralens.lens.training.deepspeed_loop import TrainSpec, train
+
+    rows = micro_batch * grad_accum * steps
+    g = np.random.default_rng(0)
+    data = ShardData(z=g.standard_normal((rows, 1, task.dims.z_width)).astype(np.float16).view(np.uint16),
+                     scale=np.ones(rows, np.float32),
+                     h_final=g.standard_normal((rows, task.dims.d_model)).astype(np.float32),
+                     topk_ids=None, topk_logprobs=None, prompt_idx=np.arange(1, rows + 1, dtype=np.int32))
+    spec = TrainSpec(shards=[0], train_rows={0: rows}, store_dtype="float16", micro_batch=micro_batch, epochs=1,
+                     max_steps=None, lr=LR["lora"], weight_decay=0.0, zero_stage=2, seed=0, every=10**9,
+                     checkpoint_every=10**6, log_every=log_every, grad_accum=grad_accum, checkpoint_minutes=None)
+    model = lens_set(task, "lora", loss="exact", base_dtype="bfloat16")
+    result, engine = train(model, lambda _s: data, spec, root / f"log{log_every}-accum{grad_accum}",
+                           device=torch.device("cpu"))
+    del engine
+    return {"log_every": log_every, "grad_accum": grad_accum, "micro_batch_tokens": micro_batch,
+            "steps": result.steps, "seconds": result.seconds,
+            "tokens_per_s": result.tokens_per_rank / result.seconds,
+            "seconds_per_step": {k: v / result.steps for k, v in result.timing.items()}}
+
+
+def loop_main(args: argparse.Namespace) -> None:
+    """Run the `--loop` measurement: one process, gloo, the same synthetic layer under each setting."""
+    import tempfile
+
+    from loralens.lens.training.deepspeed_loop import init_distributed, setup_process_env
+
+    setup_process_env(torch.device("cpu"))
+    init_distributed(torch.device("cpu"))
+    micro, steps = (64, 4) if args.quick else (128, 10)
+    task = make_task(SMOL, n_layers=1)
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        runs = [loop_split(task, micro, steps, log_every, accum, Path(tmp))
+                for log_every, accum in ((1, 1), (10, 1), (10, 2))]
+    result = {"benchmark": "lens training loop split", "quick": args.quick, "model_dims": "SmolLM2-135M, one layer",
+              "runs": runs, "seconds": time.perf_counter() - t0,
+              "machine": {"cpu_threads": torch.get_num_threads(), "torch": torch.__version__,
+                          "processor": platform.processor() or platform.machine()}}
+    print(f"{'log_every':>9} {'accum':>5} {'tok/s':>8}  s/step: {'read':>7} {'compute':>8} {'sync':>7} {'ckpt':>7}")
+    for r in runs:
+        sp = r["seconds_per_step"]
+        print(f"{r['log_every']:>9} {r['grad_accum']:>5} {r['tokens_per_s']:>8.1f}          {sp['read']:>7.4f} "
+              f"{sp['compute']:>8.4f} {sp['sync']:>7.4f} {sp['checkpoint']:>7.4f}")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "lens_training_loop.json").write_text(json.dumps(result, indent=1))
+    print(f"wrote {out / 'lens_training_loop.json'} ({result['seconds']:.0f} s)")
+
+
 # -- report ------------------------------------------------------------------------------------------
 # The training worker runs with these (see loralens/tasks/stages/train.py); glibc reads them only at start-up.
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(1 << 32), "MALLOC_TRIM_THRESHOLD_": str(1 << 32)}
@@ -244,7 +305,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="few steps: a smoke run, not a measurement")
     parser.add_argument("--out", default="benchmarks/results", help="folder for lens_training.json")
+    parser.add_argument("--loop", action="store_true", help="only the DeepSpeed loop's per-step split")
     args = parser.parse_args()
+    if args.loop:
+        loop_main(args)
+        return
     # Full run ~5.5 min on 2 cores: a full-form step of 9 heads is ~10 s, an all-heads lora step ~35 s.
     p3_steps, p3_tokens = (4, 256) if args.quick else (8, 256)
     all_tokens, all_steps = (64, 1) if args.quick else (256, 2)  # 256: the trainer's default micro-batch

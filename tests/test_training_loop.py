@@ -148,8 +148,9 @@ def test_cpu_run_records_tf32_off_and_leaves_the_matmul_precision_alone(accumula
 
 
 def test_wall_clock_checkpoints_with_step_checkpoints_off_and_resume_from_one(tmp_path):
-    # 7 steps, a sync point every 2: the clock (due at once) checkpoints at steps 2, 4 and 6, the end at 7
-    clock = {"epochs": 2, "max_steps": 7, "log_every": 2, "checkpoint_minutes": 1e-9}
+    # 2 ranks, 2 micro-batches per step (4 steps per epoch), 7 steps, a sync point every 2: the clock (due at once)
+    # checkpoints at steps 2, 4 and 6, the end at 7
+    clock = {"epochs": 3, "max_steps": 7, "log_every": 2, "checkpoint_minutes": 1e-9, "grad_accum": 2}
     first = run_ranks(tmp_path, [{"spec": clock, "ckpt": "clock"},
                                  {"spec": clock | {"checkpoint_minutes": None}, "ckpt": "steps"}], world=2)
     assert [r["steps"] for r in first] == [7, 7]
@@ -157,8 +158,10 @@ def test_wall_clock_checkpoints_with_step_checkpoints_off_and_resume_from_one(tm
     assert [s for s, _ in complete_checkpoints(tmp_path / "steps")] == [7]  # checkpoint_every=10**6: the end only
     shutil.rmtree(tmp_path / "clock" / "step-0000007")
     resumed = run_ranks(tmp_path, [{"spec": clock | {"max_steps": 9}, "ckpt": "clock"}], world=2)[0]
-    assert resumed["resumed_from"] == 6 and resumed["steps"] == 9
-    assert resumed["tokens_per_rank"] == 3 * 8
+    assert resumed["resumed_from"] == 6 and resumed["steps"] == 9  # mid-epoch, on an accumulation boundary
+    assert resumed["tokens_per_rank"] == 3 * 2 * 8
+    assert [r["step"] for r in resumed["curve"]] == [8, 9]
+    assert [r["tokens"] for r in resumed["curve"]] == [2 * 2 * 2 * 8, 2 * 2 * 8]  # steps x micro-batches x ranks x 8
 
 
 def eval_main(rank: int, world: int, root: str, port: int) -> None:

@@ -264,13 +264,13 @@ def _train(lens_set: LensSet, loader: ShardLoader, spec: TrainSpec, ckpt_dir: Pa
                 flags = torch.tensor([since_sync, float(stop_requested()), float(time_due)], device=device)
                 stats = torch.cat([loss_sum.reshape(1), flags])
                 dist.all_reduce(stats)
-                loss_total, micro_total, stop, time_due = stats.tolist()
+                loss_total, micro_total, stop, due = stats.tolist()
                 timing["sync"] += time.perf_counter() - t
                 if on_log is not None:
                     on_log(step, loss_total / micro_total, int(micro_total) * spec.micro_batch)
                 loss_sum.zero_()
                 since_sync = 0
-                stopped = stop > 0
+                stopped, time_due = stop > 0, due > 0
             else:
                 time_due = False
             if progress is not None:

@@ -197,3 +197,14 @@ def test_killed_training_resumes_from_checkpoint_and_matches_uninterrupted(tiny_
     assert got.keys() == want.keys()
     for k in want:
         torch.testing.assert_close(got[k], want[k], atol=1e-6, rtol=1e-5)
+
+
+def test_a_cache_too_small_for_one_accumulated_step_is_a_one_line_error():
+    from loralens.config import ConfigError, TrainConfig
+    from loralens.tasks.stages.train import check_enough_tokens
+
+    t = TrainConfig(micro_batch_tokens=64, world_size=2, eval_every_nth_prompt=10)
+    check_enough_tokens(t, 200)  # ~180 training tokens: one step of 2 x 64
+    with pytest.raises(ConfigError, match=r"^config error: train.micro_batch_tokens: 64 x 2 processes x 2 "
+                                          r"micro-batches per step exceeds the ~180 training tokens in the cache$"):
+        check_enough_tokens(t.model_copy(update={"grad_accum_steps": 2}), 200)

@@ -182,11 +182,13 @@ def _lens_files(out: Path) -> list[ShardFile]:
 
 
 def check_enough_tokens(t: TrainConfig, cached_tokens: int) -> None:
-    """Raise a one-line ConfigError when the cache cannot fill one micro-batch per process."""
+    """Raise a one-line ConfigError when the cache cannot fill one optimizer step (grad_accum_steps micro-batches
+    per process)."""
     usable = cached_tokens * (1 - 1 / t.eval_every_nth_prompt)  # roughly: whole prompts are held out
-    if usable < t.micro_batch_tokens * t.world_size:
+    if usable < t.micro_batch_tokens * t.world_size * t.grad_accum_steps:
+        accum = f" x {t.grad_accum_steps} micro-batches per step" if t.grad_accum_steps > 1 else ""
         raise ConfigError(f"config error: train.micro_batch_tokens: {t.micro_batch_tokens} x {t.world_size} "
-                          f"processes exceeds the ~{int(usable)} training tokens in the cache")
+                          f"processes{accum} exceeds the ~{int(usable)} training tokens in the cache")
 
 
 def check_enough_shards(t: TrainConfig, n_shards: int) -> None:

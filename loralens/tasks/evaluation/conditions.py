@@ -1,5 +1,5 @@
-"""The intervene stage's conditions: baseline, attributed head sets, the selected set, random controls, single-head
-ablations."""
+"""The intervene stage's conditions: baseline, attributed head sets, the selected set, random controls, the select
+stage's preregistered steering condition with its controls (`steering_conditions.py`), single-head ablations."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import pyarrow.parquet as pq
 from loralens.config import ConfigError, HeadSetConfig, InterveneConfig
 from loralens.lens.evaluation.generation import hash_seed
 from loralens.lens.heads.head_sets import Head, format_heads, parse_head_list, random_head_sets
+from loralens.tasks.evaluation.steering_conditions import EditSpec, preregistered_conditions
 from loralens.tasks.stage_versions import StageVersion, require_complete
 from loralens.warehouse.constants import HEAD_SCORES_FILE
 from loralens.warehouse.db import connect, warehouse_path
@@ -23,15 +24,18 @@ class Condition:
     """One generation condition."""
 
     name: str
-    group: str  # baseline | attributed | selected | random | ablation | ablation_baseline
+    group: str  # baseline | attributed | selected | random | ablation | ablation_baseline | STEERING_GROUPS
     heads: tuple[Head, ...]
     n_prompts: int
     k: int
+    edit: EditSpec | None = None  # the condition's own edit; None: `intervene.kind` (zero for the ablation groups)
 
     def to_dict(self) -> dict:
-        """Return a JSON-serialisable description (part of the stage version)."""
+        """Return a JSON-serialisable description (part of the stage version; `edit` only when set)."""
         d = asdict(self)
         d["heads"] = format_heads(self.heads)
+        if self.edit is None:
+            del d["edit"]  # the zero-ablation conditions hash as they did before conditions had their own edit
         return d
 
 
@@ -96,6 +100,7 @@ def build_conditions(ic: InterveneConfig, score_versions: tuple[StageVersion, ..
 
     `score_versions` are the (attribute, select) versions the head sets are read from. A `selected` set the select
     stage left empty (its head budget was 0, or no candidate lowered sampled toxicity) is left out with a warning.
+    The select stage's preregistered steering conditions (if any) follow the random controls.
     """
     conds = [Condition("baseline", "baseline", (), n_prompts, ic.k)]
     attributed: list[Condition] = []
@@ -128,6 +133,9 @@ def build_conditions(ic: InterveneConfig, score_versions: tuple[StageVersion, ..
                                   f"{len(layers) * n_heads} (use smaller head sets or random_seeds: [])") from None
             heads = tuple(sorted((layers[li], h) for li, h in drawn))
             conds.append(Condition(f"random{size}:s{seed}", "random", heads, n_prompts, ic.k))
+    steering = preregistered_conditions(require_complete(score_versions[-1]), layers, n_heads,
+                                        n_random=ic.steering_random_sets, seed=ic.seed)
+    conds += [Condition(c.name, c.group, c.heads, n_prompts, ic.k, c.spec) for c in steering]
     if ic.ablation_candidates:
         n_abl = min(ic.ablation_prompts, n_prompts)
         conds.append(Condition("ablation:baseline", "ablation_baseline", (), n_abl, ic.ablation_k))

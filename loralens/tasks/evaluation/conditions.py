@@ -133,9 +133,7 @@ def build_conditions(ic: InterveneConfig, score_versions: tuple[StageVersion, ..
                                   f"{len(layers) * n_heads} (use smaller head sets or random_seeds: [])") from None
             heads = tuple(sorted((layers[li], h) for li, h in drawn))
             conds.append(Condition(f"random{size}:s{seed}", "random", heads, n_prompts, ic.k))
-    steering = preregistered_conditions(require_complete(score_versions[-1]), layers, n_heads,
-                                        n_random=ic.steering_random_sets, seed=ic.seed)
-    conds += [Condition(c.name, c.group, c.heads, n_prompts, ic.k, c.spec) for c in steering]
+    conds += steering_conditions_of(ic, score_versions[-1], layers, n_heads, n_prompts)
     if ic.ablation_candidates:
         n_abl = min(ic.ablation_prompts, n_prompts)
         conds.append(Condition("ablation:baseline", "ablation_baseline", (), n_abl, ic.ablation_k))
@@ -144,9 +142,21 @@ def build_conditions(ic: InterveneConfig, score_versions: tuple[StageVersion, ..
     return conds
 
 
+def steering_conditions_of(ic: InterveneConfig, select_ver: StageVersion, layers: list[int], n_heads: int,
+                           n_prompts: int) -> list[Condition]:
+    """Return the conditions of the select version's steering preregistration (none with `select.steering` off;
+    on, the select version must be complete: its summary names them)."""
+    if not select_ver.config["select"].get("steering", {}).get("enabled", False):
+        return []
+    steering = preregistered_conditions(require_complete(select_ver), layers, n_heads,
+                                        n_random=ic.steering_random_sets, seed=ic.seed)
+    return [Condition(c.name, c.group, c.heads, n_prompts, ic.k, c.spec) for c in steering]
+
+
 def total_heads(layers: list[int], n_heads: int) -> int:
     """Return the number of heads the conditions choose from."""
     return len(layers) * n_heads
 
 
-__all__ = ["Condition", "build_conditions", "ranked_heads", "resolve_head_set", "sql_heads", "total_heads"]
+__all__ = ["Condition", "build_conditions", "ranked_heads", "resolve_head_set", "sql_heads", "steering_conditions_of",
+           "total_heads"]

@@ -132,7 +132,8 @@ def headline_markdown(summary: dict[str, Any]) -> list[str]:
                       f"{_fmt(v['excess'], '+.3f')} [{_fmt(v['excess_low'], '+.3f')}, "
                       f"{_fmt(v['excess_high'], '+.3f')}]; random directions at the same heads: "
                       + ("-" if rd is None else f"EMT {_fmt(rd['emt_rel'], '+.1%')}, PPL {_fmt(rd['ppl_rel'], '+.1%')}")
-                      + ". Criteria: " + ", ".join(f"{k} {'yes' if ok else 'no'}" for k, ok in h["criteria"].items())]
+                      + ". Criteria: " + ", ".join(f"{k} {'yes' if ok else 'no'}" for k, ok in h["criteria"].items())
+                      + "."]
     if every is not None:
         lines += ["", f"**All heads (preregistered by {every['preregistered_by']}): {every['condition']}**: "
                   f"{_figures(every)}; goal (EMT <= {every['emt_rel_goal']:.0%} at PPL <= "

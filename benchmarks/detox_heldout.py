@@ -95,7 +95,7 @@ def main() -> None:
     print("\nRank agreement (Spearman over all heads) and patching vs exact ablation:")
     print(json.dumps(sel["agreement"], indent=1))
     print(f"\nSelected: {sel['selected'] or 'none'} (budget {sel['budget_heads']} heads)")
-    print(f"Headline (best within budget): {best['condition'] if best else 'none'}")
+    print(f"Headline (preregistered by the select stage): {best['condition'] if best else 'none'}")
     print(f"Goal (<= 2% heads, EMT -25% rel., significant, >= 3x random, PPL <= +5%): {verdict}")
     OUT.parent.mkdir(parents=True, exist_ok=True)
     OUT.write_text(json.dumps({

@@ -143,7 +143,7 @@ def main() -> None:
         return
 
     evaluation = [p.text for p in splits.evaluation]
-    conds, randoms = E.conditions(choice.chosen.condition, d_hat, sigma, n_layers=lm.dims.n_layers,
+    conds, randoms = E.conditions(choice.chosen.condition, d_hat, sigma, layers=layers,
                                   n_heads=lm.dims.n_heads, random_seeds=range(args.random_sets),
                                   sources=plan.sources, edits=plan.edits,
                                   all_heads=None if all_heads is None else all_heads.condition)

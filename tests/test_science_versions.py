@@ -79,6 +79,7 @@ FIELDS: dict[tuple[str, str], tuple[object, set[str]]] = {
     ("select", "method"): ("attribution_patching", {"select"}),
     ("select", "tries"): (1, {"select"}),
     ("select", "k"): (1, {"select"}),
+    ("select", "steering"): ({"enabled": False, "sizes": [1]}, {"select"}),
     ("goal", "max_head_share"): (0.1, SAMPLING),
     ("goal", "ppl_rel"): (0.1, SAMPLING),
     ("goal", "emt_rel"): (-0.5, {"intervene"}),
@@ -94,6 +95,7 @@ FIELDS: dict[tuple[str, str], tuple[object, set[str]]] = {
     ("intervene", "factor"): (0.5, {"intervene"}),
     ("intervene", "head_sets"): ((HeadSetConfig(heads="L0H0"),), set()),
     ("intervene", "random_seeds"): ((1,), {"intervene"}),
+    ("intervene", "steering_random_sets"): (5, {"intervene"}),
     ("intervene", "ppl_tokens"): (100, SAMPLING),
     ("intervene", "ppl_window"): (64, SAMPLING),
     ("intervene", "mean_tokens"): (100, {"intervene"}),
@@ -120,7 +122,8 @@ def base_config(home: Path, model: Path) -> dict:
             "corpus": {"paths": ["bundled:rtp_toxic_dev", "bundled:rtp_nontoxic_dev"], "max_prompts_per_file": 6},
             "cache": {"batch_size": 4, "prompts_per_shard": 4, "max_length": 16},
             "train": {"micro_batch_tokens": 32, "epochs": 1},
-            "select": {"max_prompts": 4}, "intervene": {"max_prompts": 4, "head_sets": []}}
+            "select": {"max_prompts": 4, "steering": {"enabled": False}},  # on, intervene reads select's output
+            "intervene": {"max_prompts": 4, "head_sets": []}}
 
 
 def alternative(base: dict, section: str, field: str, tiny_models, tmp_path: Path) -> PipelineConfig:

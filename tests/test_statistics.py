@@ -290,16 +290,23 @@ def test_goal_rows_check_each_chosen_head_set_against_its_random_sets():
     assert not strict["beats_random"] and not strict["meets_goal"]  # 4x is not 5x
 
 
-def test_the_headline_is_the_best_condition_within_budget():
-    goals = [{"condition": "a", "heads": 1, "emt_delta": -0.10, "within_budget": True},
-             {"condition": "b", "heads": 10, "emt_delta": -0.30, "within_budget": False},  # largest drop, over budget
-             {"condition": "c", "heads": 3, "emt_delta": -0.05, "within_budget": True}]
-    assert headline(goals)["condition"] == "a"
-    assert headline([goals[1]]) is None and headline([]) is None
-    ties = [{"condition": "b", "heads": 2, "emt_delta": -0.1, "within_budget": True},
-            {"condition": "a", "heads": 2, "emt_delta": -0.1, "within_budget": True},
-            {"condition": "c", "heads": 1, "emt_delta": -0.1, "within_budget": True}]
-    assert headline(ties)["condition"] == "c" and headline(ties[:2])["condition"] == "a"  # fewer heads, then name
+def test_the_headline_is_preregistered_never_the_best_on_the_evaluation_split():
+    """The selected set heads the summary although an attributed set dropped EMT more on the evaluation split; a
+    steering verdict, when present, heads it instead; with neither there is no headline."""
+    conds, _, scores = _goal_inputs()
+    scores[4] = tiled(RAND[0])  # the selected set: a smaller drop (0.033) than top1's (0.2)
+    ic = InterveneConfig(n_boot=50)
+    rows = [condition_row(c, scores[i], scores[0], 10.0, 10.0, "zero", ic) for i, c in enumerate(conds)]
+    goals = goal_rows(conds, rows, scores, 50, GoalConfig(max_head_share=0.05), n_boot=50, seed=0)
+    assert {g["condition"]: g["within_budget"] for g in goals} == {"top1": True, "sel": True}
+    assert min(goals, key=lambda g: g["emt_delta"])["condition"] == "top1"
+    best = headline(None, goals, rows, "v123")
+    assert best["condition"] == "sel" and best["preregistered_by"] == "select v123"
+    assert best["heads"] == "L0H1,L1H1" and best["emt"] == rows[4]["emt"]
+    assert best["emt_ci"] == [rows[4]["emt_low"], rows[4]["emt_high"]] and best["meets_goal"] is False
+    steering = {"condition": "headline:steer:contrast:a4:L0H1", "meets_goal": True}
+    assert headline(steering, goals, rows, "v123") is steering
+    assert headline(None, [g for g in goals if g["group"] != "selected"], rows, "v123") is None
 
 
 def test_random_controls_note():

@@ -101,7 +101,7 @@ def test_evaluating_the_preregistered_steering_against_its_controls(setup):
     sigma = S.sigmas(acts, d_hat)
     headline = Steering((PLANTED,), "steer", "contrast", 8.0)
     every = tuple((la, h) for la in layers for h in range(loaded.dims.n_heads))
-    conds, randoms = E.conditions(headline, d_hat, sigma, n_layers=loaded.dims.n_layers, n_heads=loaded.dims.n_heads,
+    conds, randoms = E.conditions(headline, d_hat, sigma, layers=layers, n_heads=loaded.dims.n_heads,
                                   random_seeds=[0, 1, 2], sources=("contrast", "unembed"), edits=("steer", "reverse"),
                                   all_heads=Steering(every, "steer", "contrast", 0.5))
     assert randoms == ["random0", "random1", "random2"]

@@ -107,19 +107,46 @@ def _vs_random(goal: dict[str, Any]) -> str:
     return f"{excess}; {ratio}"
 
 
-def goal_markdown(summary: dict[str, Any]) -> list[str]:
-    """Return the headline (the best condition within budget) and the goal check of every head set."""
-    spec = summary["goal_spec"]
-    best = summary.get("headline")
-    lines = ["", f"Goal: <= {spec['max_head_share']:.0%} of heads and PPL up <= {spec['ppl_rel']:.0%} (the budget); "
-             f"EMT down >= {-spec['emt_rel']:.0%} relative, significant, and >= {spec['vs_random']:g}x the mean drop "
-             f"of random sets of the same size ({summary['random_controls']}).", ""]
-    if best is None:
-        lines.append("**Headline: no head set is within the budget.**")
+def _figures(h: dict[str, Any]) -> str:
+    """Return a verdict's figures: EMT, toxicity probability and mean toxicity with intervals, PPL rise."""
+    def ci(key: str) -> str:
+        lo, hi = h[f"{key}_ci"]
+        return f"{_fmt(h[key])} [{_fmt(lo)}, {_fmt(hi)}]"
+
+    return (f"EMT {ci('emt')} ({_fmt(h['emt_rel'], '+.1%')}), tox. prob. {ci('tox_prob')}, mean tox. "
+            f"{ci('mean_tox')}, PPL {_fmt(h['ppl_rel'], '+.1%')}")
+
+
+def headline_markdown(summary: dict[str, Any]) -> list[str]:
+    """Return the preregistered headline (whatever the evaluation says), its controls and the all-heads claim."""
+    h, every = summary.get("headline"), summary.get("all_heads")
+    if h is None:
+        lines = ["**Headline: none (the select stage preregistered no condition).**"]
     else:
-        lines.append(f"**Headline (best within budget): {best['condition']}**: EMT {_fmt(best['emt_rel'], '+.1%')}, "
-                     f"PPL {_fmt(best['ppl_rel'], '+.1%')}, vs random {_vs_random(best)}; goal "
-                     f"{'met' if best['meets_goal'] else 'not met'}.")
+        lines = [f"**Headline (preregistered by {h['preregistered_by']}): {h['condition']}**: {_figures(h)}; goal "
+                 f"{'met' if h['meets_goal'] else 'not met'}."]
+        if "permutation" in h:
+            p, v, rd = h["permutation"], h["versus_random"], h["random_direction"]
+            lines += ["", f"Controls: permutation p = {_fmt(p['p'])} (rank {p['rank']} among {p['n_random']} random "
+                      f"head sets of the same size, edit, source and strength); excess EMT drop vs random "
+                      f"{_fmt(v['excess'], '+.3f')} [{_fmt(v['excess_low'], '+.3f')}, "
+                      f"{_fmt(v['excess_high'], '+.3f')}]; random directions at the same heads: "
+                      + ("-" if rd is None else f"EMT {_fmt(rd['emt_rel'], '+.1%')}, PPL {_fmt(rd['ppl_rel'], '+.1%')}")
+                      + ". Criteria: " + ", ".join(f"{k} {'yes' if ok else 'no'}" for k, ok in h["criteria"].items())
+                      + "."]
+    if every is not None:
+        lines += ["", f"**All heads (preregistered by {every['preregistered_by']}): {every['condition']}**: "
+                  f"{_figures(every)}; goal (EMT <= {every['emt_rel_goal']:.0%} at PPL <= "
+                  f"+{every['ppl_rel_budget']:.0%}) {'met' if every['meets_goal'] else 'not met'}."]
+    return lines
+
+
+def goal_markdown(summary: dict[str, Any]) -> list[str]:
+    """Return the goal check of every zero-ablation head set (exploratory unless it is the headline)."""
+    spec = summary["goal_spec"]
+    lines = ["", f"Exploratory goal checks: <= {spec['max_head_share']:.0%} of heads and PPL up <= "
+             f"{spec['ppl_rel']:.0%} (the budget); EMT down >= {-spec['emt_rel']:.0%} relative, significant, and >= "
+             f"{spec['vs_random']:g}x the mean drop of random sets of the same size ({summary['random_controls']})."]
     lines += ["", "| condition | head share | EMT rel. | significant | excess drop vs random [95% CI]; ratio | "
               "PPL rel. | within budget | meets goal |", "|---|---:|---:|---|---|---:|---|---|"]
     for g in summary["goal"]:
@@ -130,10 +157,12 @@ def goal_markdown(summary: dict[str, Any]) -> list[str]:
 
 
 def intervention_markdown(rows: list[dict[str, Any]], summary: dict[str, Any]) -> str:
-    """Return the intervention table (metrics with 95% bootstrap intervals) and the goal check as Markdown."""
-    lines = [f"Intervention `{summary['kind']}` on {summary['prompts']} prompts of the {summary['prompt_split']}; "
+    """Return the preregistered headline first, then every condition's metrics (95% bootstrap intervals) and the
+    exploratory goal checks, as Markdown."""
+    lines = [f"Interventions on {summary['prompts']} prompts of the {summary['prompt_split']}; "
              f"{summary['protocol']}; scorer `{summary['scorer']}`. Intervals: 95% bootstrap over prompts; EMT "
-             "delta is paired (same prompts and sampling seeds as the baseline).", "",
+             "delta is paired (same prompts and sampling seeds as the baseline).", "", *headline_markdown(summary),
+             "", f"All conditions (exploratory unless named above; zero-ablation sets use `{summary['kind']}`):", "",
              "| condition | heads | EMT [95% CI] | EMT delta [95% CI] | tox. prob. [95% CI] | mean tox. | PPL | "
              "EMT rel. | PPL rel. |",
              "|---|---|---|---|---|---:|---:|---:|---:|"]
@@ -163,16 +192,18 @@ def toxicity_ppl_plot(rows: list[dict[str, Any]], path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    colours = {"baseline": "black", "attributed": "tab:red", "selected": "tab:green", "random": "tab:blue"}
+    colours = {"baseline": "black", "attributed": "tab:red", "selected": "tab:green", "random": "tab:blue",
+               "steering": "tab:purple", "steering_random": "tab:cyan", "steering_random_direction": "tab:gray",
+               "steering_exploratory": "tab:orange", "steering_all_heads": "tab:brown"}
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
-    for r in rows:
-        if r["grp"] not in colours or r["ppl"] is None:
-            continue
+    shown = [r for r in rows if r["grp"] in colours and r["ppl"] is not None]
+    for r in shown:
         ax.errorbar(r["ppl"], r["emt"], yerr=[[r["emt"] - r["emt_low"]], [r["emt_high"] - r["emt"]]], fmt="o",
                     color=colours[r["grp"]], capsize=3, alpha=0.8)
-        ax.annotate(r["condition"], (r["ppl"], r["emt"]), fontsize=6, xytext=(3, 3), textcoords="offset points")
-    for grp, colour in colours.items():
-        ax.plot([], [], "o", color=colour, label=grp)
+        if r["grp"] != "steering_random":  # twenty labels would hide the rest
+            ax.annotate(r["condition"], (r["ppl"], r["emt"]), fontsize=6, xytext=(3, 3), textcoords="offset points")
+    for grp in dict.fromkeys(r["grp"] for r in shown):
+        ax.plot([], [], "o", color=colours[grp], label=grp)
     ax.set_xlabel("WikiText-2 perplexity (fluency cost)")
     ax.set_ylabel("expected maximum toxicity")
     ax.legend(fontsize=8)
@@ -203,9 +234,10 @@ def stage_detail(stage: str, res: dict[str, Any]) -> str:
     if stage == "intervene":
         best = res.get("headline")
         if best is None:
-            return f"{res['conditions']} conditions, k={res['k']}; no head set within the budget"
-        return (f"{res['conditions']} conditions, k={res['k']}; best within budget {best['condition']}: EMT "
-                f"{_fmt(best['emt_rel'], '+.1%')}, PPL {_fmt(best['ppl_rel'], '+.1%')}")
+            return f"{res['conditions']} conditions, k={res['k']}; no preregistered headline"
+        return (f"{res['conditions']} conditions, k={res['k']}; preregistered headline {best['condition']}: EMT "
+                f"{_fmt(best['emt_rel'], '+.1%')}, PPL {_fmt(best['ppl_rel'], '+.1%')}, goal "
+                f"{'met' if best['meets_goal'] else 'not met'}")
     return ""
 
 

@@ -1,5 +1,5 @@
-"""The intervene stage's conditions: baseline, attributed head sets, the selected set, random controls, single-head
-ablations."""
+"""The intervene stage's conditions: baseline, attributed head sets, the selected set, random controls, the select
+stage's preregistered steering condition with its controls (`steering_conditions.py`), single-head ablations."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import pyarrow.parquet as pq
 from loralens.config import ConfigError, HeadSetConfig, InterveneConfig
 from loralens.lens.evaluation.generation import hash_seed
 from loralens.lens.heads.head_sets import Head, format_heads, parse_head_list, random_head_sets
+from loralens.tasks.evaluation.steering_conditions import EditSpec, preregistered_conditions
 from loralens.tasks.stage_versions import StageVersion, require_complete
 from loralens.warehouse.constants import HEAD_SCORES_FILE
 from loralens.warehouse.db import connect, warehouse_path
@@ -23,15 +24,18 @@ class Condition:
     """One generation condition."""
 
     name: str
-    group: str  # baseline | attributed | selected | random | ablation | ablation_baseline
+    group: str  # baseline | attributed | selected | random | ablation | ablation_baseline | STEERING_GROUPS
     heads: tuple[Head, ...]
     n_prompts: int
     k: int
+    edit: EditSpec | None = None  # the condition's own edit; None: `intervene.kind` (zero for the ablation groups)
 
     def to_dict(self) -> dict:
-        """Return a JSON-serialisable description (part of the stage version)."""
+        """Return a JSON-serialisable description (part of the stage version; `edit` only when set)."""
         d = asdict(self)
         d["heads"] = format_heads(self.heads)
+        if self.edit is None:
+            del d["edit"]  # the zero-ablation conditions hash as they did before conditions had their own edit
         return d
 
 
@@ -96,6 +100,7 @@ def build_conditions(ic: InterveneConfig, score_versions: tuple[StageVersion, ..
 
     `score_versions` are the (attribute, select) versions the head sets are read from. A `selected` set the select
     stage left empty (its head budget was 0, or no candidate lowered sampled toxicity) is left out with a warning.
+    The select stage's preregistered steering conditions (if any) follow the random controls.
     """
     conds = [Condition("baseline", "baseline", (), n_prompts, ic.k)]
     attributed: list[Condition] = []
@@ -128,6 +133,7 @@ def build_conditions(ic: InterveneConfig, score_versions: tuple[StageVersion, ..
                                   f"{len(layers) * n_heads} (use smaller head sets or random_seeds: [])") from None
             heads = tuple(sorted((layers[li], h) for li, h in drawn))
             conds.append(Condition(f"random{size}:s{seed}", "random", heads, n_prompts, ic.k))
+    conds += steering_conditions_of(ic, score_versions[-1], layers, n_heads, n_prompts)
     if ic.ablation_candidates:
         n_abl = min(ic.ablation_prompts, n_prompts)
         conds.append(Condition("ablation:baseline", "ablation_baseline", (), n_abl, ic.ablation_k))
@@ -136,9 +142,21 @@ def build_conditions(ic: InterveneConfig, score_versions: tuple[StageVersion, ..
     return conds
 
 
+def steering_conditions_of(ic: InterveneConfig, select_ver: StageVersion, layers: list[int], n_heads: int,
+                           n_prompts: int) -> list[Condition]:
+    """Return the conditions of the select version's steering preregistration (none with `select.steering` off;
+    on, the select version must be complete: its summary names them)."""
+    if not select_ver.config["select"].get("steering", {}).get("enabled", False):
+        return []
+    steering = preregistered_conditions(require_complete(select_ver), layers, n_heads,
+                                        n_random=ic.steering_random_sets, seed=ic.seed)
+    return [Condition(c.name, c.group, c.heads, n_prompts, ic.k, c.spec) for c in steering]
+
+
 def total_heads(layers: list[int], n_heads: int) -> int:
     """Return the number of heads the conditions choose from."""
     return len(layers) * n_heads
 
 
-__all__ = ["Condition", "build_conditions", "ranked_heads", "resolve_head_set", "sql_heads", "total_heads"]
+__all__ = ["Condition", "build_conditions", "ranked_heads", "resolve_head_set", "sql_heads", "steering_conditions_of",
+           "total_heads"]

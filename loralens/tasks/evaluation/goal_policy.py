@@ -3,8 +3,9 @@
 Each ablated head set (a top-N of a score, the causally selected set, a hand-written list) is compared with the
 baseline and with the random sets of its size; the numbers and the goal test itself (`within_budget`,
 `meets_goal`) are in `loralens.lens.evaluation.statistics`. This module gathers them into one goal row per
-checked condition. The headline is the within-budget condition with the largest EMT drop, never one that breaks
-the budget (the others are listed beside it).
+checked condition: the exploratory table. The headline is preregistered by the select stage, never chosen on the
+evaluation split (that would be a winner's curse): its steering condition (`steering_verdict.py`) when it chose
+one, else the zero-ablation set it selected, else none.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import numpy as np
 
 from loralens.config import GoalConfig
 from loralens.lens.evaluation.statistics import meets_goal, significant_drop, versus_random, within_budget
+from loralens.tasks.evaluation.steering_verdict import metrics
 
 # The groups checked against the goal: every head set chosen by a method (random sets are the controls).
 CHECKED = ("attributed", "selected")
@@ -48,12 +50,17 @@ def goal_rows(conds, rows: list[dict[str, Any]], scores: dict[int, np.ndarray], 
     return out
 
 
-def headline(goals: list[dict[str, Any]]) -> dict[str, Any] | None:
-    """Return the within-budget condition with the largest EMT drop (ties: fewer heads, then name), or None."""
-    ok = [g for g in goals if g["within_budget"]]
-    if not ok:
+def headline(steering: dict[str, Any] | None, goals: list[dict[str, Any]], rows: list[dict[str, Any]],
+             select_version: str) -> dict[str, Any] | None:
+    """Return the preregistered headline: the steering verdict, else the `selected` set's goal row with its
+    figures (`rows` are the stage's `interventions` rows), else None; whatever the evaluation says."""
+    if steering is not None:
+        return steering
+    sel = next((g for g in goals if g["group"] == "selected"), None)
+    if sel is None:
         return None
-    return min(ok, key=lambda g: (g["emt_delta"], g["heads"], g["condition"]))
+    row = next(r for r in rows if r["condition"] == sel["condition"])
+    return sel | metrics(row) | {"preregistered_by": f"select {select_version}"}
 
 
 def random_controls_note(n_random: int, wanted: int = 5) -> str:

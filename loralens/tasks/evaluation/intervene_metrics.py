@@ -12,10 +12,15 @@ from loralens.config import InterveneConfig
 from loralens.lens.evaluation import statistics as S
 from loralens.lens.heads.head_scores import spearman
 from loralens.lens.heads.head_sets import format_heads
+from loralens.tasks.evaluation.steering import ALL
+from loralens.tasks.evaluation.steering_conditions import STEERING_ALL_HEADS
 
 
 def ablation_edit(cond, kind: str) -> str:
-    """Return the edit a condition applies: plain removal for the sampled ablation scores, else `kind`."""
+    """Return the edit a condition applies: its own (steering conditions), plain removal for the sampled ablation
+    scores, else `kind`."""
+    if cond.edit is not None:
+        return cond.edit.edit
     return "zero" if cond.group in ("ablation", "ablation_baseline") else kind
 
 
@@ -32,7 +37,8 @@ def condition_row(c, s: np.ndarray, b: np.ndarray, ppl: float | None, base_ppl: 
     base_emt, base_prob = S.expected_max_toxicity(b), S.toxicity_probability(b)
     lo, hi = S.paired_interval(s, b, S.expected_max_toxicity, n_boot=ic.n_boot, seed=ic.seed)
     return {
-        "condition": c.name, "grp": c.group, "kind": ablation_edit(c, kind), "heads": format_heads(c.heads),
+        "condition": c.name, "grp": c.group, "kind": ablation_edit(c, kind),
+        "heads": ALL if c.group == STEERING_ALL_HEADS else format_heads(c.heads),
         "n_heads": len(c.heads), "n_prompts": c.n_prompts, "k": c.k,
         "emt": m["expected_max_toxicity"], "emt_low": m["expected_max_toxicity_low"],
         "emt_high": m["expected_max_toxicity_high"],

@@ -23,14 +23,9 @@ from loralens.lens.heads.edits import HeadIntervention, intervene
 from loralens.lens.heads.head_sets import format_heads
 from loralens.lens.runtime.models import LoadedModel
 from loralens.tasks.evaluation.sampling import sample_scored
-from loralens.tasks.evaluation.steering import Directions, intervention
-from loralens.tasks.evaluation.steering_controls import (
-    ALL_HEADS,
-    RANDOM_SOURCE,
-    headline_rows,
-    random_direction,
-    random_sets,
-)
+from loralens.tasks.evaluation.steering import Directions
+from loralens.tasks.evaluation.steering_conditions import STEERING_RANDOM, intervention_of, steering_conditions
+from loralens.tasks.evaluation.steering_controls import headline_rows
 
 
 def sample_under(loaded: LoadedModel, scorer, label: str, prompts: Sequence[str], k: int, ic: InterveneConfig,
@@ -50,31 +45,16 @@ def ppl_under(loaded: LoadedModel, text: str, ic: InterveneConfig, iv: HeadInter
 
 
 def conditions(headline: Steering, d_hat: Directions, sigma: Mapping[str, Mapping[int, torch.Tensor]], *,
-               n_layers: int, n_heads: int, random_seeds: Sequence[int], sources: Sequence[str],
+               layers: Sequence[int], n_heads: int, random_seeds: Sequence[int], sources: Sequence[str],
                edits: Sequence[str], all_heads: Steering | None = None
                ) -> tuple[dict[str, tuple[Steering | None, HeadIntervention]], list[str]]:
-    """Return ({name: (condition, its edit)}, the random controls' names): the headline, `random_seeds` random head
-    sets, the random-direction control, every other (source, edit) at the headline's heads and strength, zero
-    ablation of those heads, and (given) the preregistered all-heads condition as `all_heads`."""
-    d_hat, sigma = dict(d_hat), dict(sigma)
-    out: dict[str, tuple[Steering | None, HeadIntervention]] = {
-        "headline": (headline, intervention(headline, d_hat, sigma))}
-    randoms = []
-    for seed, cond in zip(random_seeds, random_sets(headline, n_layers, n_heads, random_seeds), strict=True):
-        out[f"random{seed}"] = (cond, intervention(cond, d_hat, sigma))
-        randoms.append(f"random{seed}")
-    rand_dir, dirs, sig = random_direction(headline, d_hat, sigma, seed=int(random_seeds[0]) if random_seeds else 0)
-    d_hat[RANDOM_SOURCE], sigma[RANDOM_SOURCE] = dirs, sig
-    out["random_direction"] = (rand_dir, intervention(rand_dir, d_hat, sigma))
-    for source in sources:
-        for edit in edits:
-            cond = Steering(headline.heads, edit, source, headline.alpha)
-            if (source, edit) != (headline.source, headline.edit) and source in d_hat:
-                out[f"{edit}:{source}"] = (cond, intervention(cond, d_hat, sigma))
-    out["zero"] = (None, HeadIntervention("zero", headline.heads))
-    if all_heads is not None:
-        out[ALL_HEADS] = (all_heads, intervention(all_heads, d_hat, sigma))
-    return out, randoms
+    """Return ({key: (condition, its edit)}, the random controls' keys) of `steering_conditions.steering_conditions`
+    (the headline, random sets over `layers` x `n_heads`, random directions, the exploratory conditions and
+    `all_heads` when given), each edit built from `d_hat` / `sigma`."""
+    conds = steering_conditions(headline, layers=layers, n_heads=n_heads, random_seeds=random_seeds,
+                                sources=sources, edits=edits, all_heads=all_heads)
+    out = {c.key: (c.steering, intervention_of(c.heads, c.spec, d_hat, sigma)) for c in conds}
+    return out, [c.key for c in conds if c.group == STEERING_RANDOM]
 
 
 def evaluate(loaded: LoadedModel, scorer, label: str, prompts: Sequence[str], ic: InterveneConfig, text: str,

@@ -1,8 +1,9 @@
-"""The `intervene` stage: ablate head sets, sample continuations, score toxicity and fluency against controls.
+"""The `intervene` stage: edit head sets, sample continuations, score toxicity and fluency against controls.
 
-Conditions (`conditions.py`) are evaluated on the evaluation split (`splits.py`); each is sampled per prompt batch
-(`sampling.py`), measured (`intervene_metrics.py`) and checked against the goal and its random controls
-(`goal_policy.py`).
+Conditions (`conditions.py`, the steering ones `steering_conditions.py`) are evaluated on the evaluation split
+(`splits.py`); each is sampled per prompt batch (`sampling.py`) with its own edit, measured
+(`intervene_metrics.py`) and checked against the goal and its random controls. The headline is the condition the
+select stage preregistered (`steering_verdict.py`, `goal_policy.py`); every other condition is exploratory.
 """
 
 from __future__ import annotations
@@ -21,16 +22,16 @@ from loralens.config import PipelineConfig
 from loralens.lens.evaluation.generation import prompt_batches
 from loralens.lens.evaluation.perplexity import perplexity
 from loralens.lens.evaluation.scorers import primary_label
-from loralens.lens.heads.edits import ablate
+from loralens.lens.heads.edits import ablate, intervene
 from loralens.lens.runtime.devices import steady_host_matmuls
 from loralens.tasks.evaluation.conditions import Condition, build_conditions, total_heads
-from loralens.tasks.evaluation.goal_policy import CHECKED, goal_rows, headline, random_controls_note
 from loralens.tasks.evaluation.intervene_metrics import (
     ablation_edit,
     baseline_of,
     condition_row,
     sampled_ablation_scores,
 )
+from loralens.tasks.evaluation.intervene_summary import stage_summary
 from loralens.tasks.evaluation.intervention_inputs import head_means, toxic_direction_of
 from loralens.tasks.evaluation.sampling import (
     batch_seeds,
@@ -39,6 +40,7 @@ from loralens.tasks.evaluation.sampling import (
     unit_batch_prompts,
 )
 from loralens.tasks.evaluation.splits import prompt_splits
+from loralens.tasks.evaluation.steering_conditions import STEERING_GROUPS, intervention_of, load_directions
 from loralens.tasks.evaluation.wikitext import wikitext
 from loralens.tasks.lens_loading import cached_layers
 from loralens.tasks.memory import ensure_fits
@@ -62,6 +64,7 @@ from loralens.warehouse.constants import (
     INTERVENTION_REPORT,
     INTERVENTIONS_FILE,
     PROMPT_SPLITS_FILE,
+    STEERING_DIRECTIONS_FILE,
 )
 from loralens.warehouse.corpus import Corpus
 from loralens.warehouse.db import warehouse_path
@@ -160,7 +163,6 @@ def run_intervene_stage(cfg: PipelineConfig, ver: StageVersion, conds: list[Cond
     ablation = sampled_ablation_scores(ver.version, conds, scores)
     cache_manifest = require_complete(cache_ver)
     n_total = total_heads(cached_layers(cache_manifest), cache_manifest["summary"]["n_heads"])
-    goals = goal_rows(conds, rows, scores, n_total, cfg.goal, n_boot=ic.n_boot, seed=ic.seed)
     out = adir.path
     table = interventions_table(ver.version, rows)
     atomic_write_with(out / INTERVENTIONS_FILE, lambda tmp: pq.write_table(table, tmp))
@@ -168,7 +170,9 @@ def run_intervene_stage(cfg: PipelineConfig, ver: StageVersion, conds: list[Cond
         atomic_write_with(out / HEAD_SCORES_FILE, lambda tmp: pq.write_table(ablation["table"], tmp))
     atomic_write_with(out / PROMPT_SPLITS_FILE, lambda tmp: pq.write_table(
         splits_table(ver.version, Splits((), (), tuple(evaluation_prompts(cfg).prompts))), tmp))
-    summary = _summary(cfg, conds, goals, ablation, t_setup, t_done - t0 - t_setup, time.perf_counter() - t0)
+    select_manifest = require_complete(_select_version(cfg, ver))
+    summary = stage_summary(cfg, conds, rows, scores, n_total, select_manifest, ablation,
+                            {"setup": t_setup, "generate": t_done - t0 - t_setup, "total": time.perf_counter() - t0})
     summary["generations"] = int(sum(len(r) * conds[ci].k for ci, _, r in work))
     toxicity_ppl_plot(rows, out / INTERVENTION_PLOT)
     atomic_write_bytes(out / INTERVENTION_REPORT, intervention_markdown(rows, summary).encode())
@@ -196,7 +200,8 @@ def _generate(cfg: PipelineConfig, ver: StageVersion, conds: list[Condition], at
         return conds[ci].group in PPL_GROUPS and wanted(ci, 0) and read_ppl(adir, ci) is None
 
     todo = [(ci, bi, r) for ci, bi, r in work if wanted(ci, bi) and adir.shard_files(batch_index(ci, bi)) is None]
-    if not todo and not any(needs_ppl(ci) for ci in range(len(conds))):
+    busy = {ci for ci, _, _ in todo} | {ci for ci in range(len(conds)) if needs_ppl(ci)}
+    if not busy:
         return 0.0  # everything recorded: no model or scorer to load
     # Once per Dask worker process for all the units it runs.
     loaded = stage_model(cfg)
@@ -204,20 +209,24 @@ def _generate(cfg: PipelineConfig, ver: StageVersion, conds: list[Condition], at
     label = primary_label(scorer)
     prompts = [p.text for p in evaluation_prompts(cfg).prompts]
     text = wikitext(ic.ppl_tokens if ic.kind != "mean" else max(ic.ppl_tokens, ic.mean_tokens))
-    layers = sorted({layer for c in conds for layer, _ in c.heads})
+    layers = sorted({layer for c in conds if c.edit is None for layer, _ in c.heads})
     extra: dict[str, Any] = {}
     if ic.kind == "mean":
         extra["means"] = head_means(loaded, layers, ver, text, ic.mean_tokens)
     if ic.kind == "project":
         extra["direction"] = toxic_direction_of(attribute_ver, loaded)
+    if any(conds[ci].edit is not None and conds[ci].edit.source is not None for ci in busy):
+        # Once per process: every steering condition's own heads' directions and sigmas, from the select version.
+        extra["steering"] = load_directions(_select_version(cfg, ver).artifact.path / STEERING_DIRECTIONS_FILE)
     t_setup = time.perf_counter() - t0
     mine = [(ci, bi, r) for ci, bi, r in work if wanted(ci, bi)]
     with (tqdm(total=sum(len(r) * conds[ci].k for ci, _, r in mine), desc="intervene", unit="sample") as bar,
           steady_host_matmuls(loaded.model)):
         for ci, cond in enumerate(conds):
-            with ablate(loaded.model, cond.heads, ablation_edit(cond, ic.kind), factor=ic.factor,
-                        means=extra.get("means"), direction=extra.get("direction"), adapter=loaded.adapter,
-                        dims=loaded.dims):
+            if ci not in busy:
+                bar.update(sum(len(r) * cond.k for c2, _, r in mine if c2 == ci))
+                continue
+            with _edited(loaded, cond, ic, extra):
                 for bi, r in [(bi, r) for c2, bi, r in mine if c2 == ci]:
                     if adir.shard_files(batch_index(ci, bi)) is None:
                         flat, tox = sample_scored(loaded, scorer, label, prompts, r, cond.k, ic)
@@ -235,27 +244,22 @@ def _generate(cfg: PipelineConfig, ver: StageVersion, conds: list[Condition], at
     return t_setup
 
 
+def _select_version(cfg: PipelineConfig, ver: StageVersion) -> StageVersion:
+    """Return the select version the intervene version `ver` read (its preregistration and steering directions)."""
+    return StageVersion("select", ver.inputs["select"], {}, {}, cfg.home)
+
+
+def _edited(loaded, cond: Condition, ic, extra: dict[str, Any]):
+    """Return the context applying a condition's edit: its own (steering groups), else `intervene.kind`."""
+    if cond.edit is not None:
+        iv = intervention_of(cond.heads, cond.edit, *extra.get("steering", (None, None)))
+        return intervene(loaded.model, loaded.adapter, [iv], loaded.dims)
+    return ablate(loaded.model, cond.heads, ablation_edit(cond, ic.kind), factor=ic.factor, means=extra.get("means"),
+                  direction=extra.get("direction"), adapter=loaded.adapter, dims=loaded.dims)
+
+
 # The conditions whose perplexity is measured (the single-head ablations are a score, not a candidate edit).
-PPL_GROUPS = ("baseline", "attributed", "selected", "random")
-
-
-def _summary(cfg, conds, goals, ablation, t_setup, t_gen, t_total) -> dict[str, Any]:
-    ic = cfg.intervene
-    n_random = min((sum(1 for x in conds if x.group == "random" and len(x.heads) == len(c.heads))
-                    for c in conds if c.group in CHECKED), default=0)
-    best = headline(goals)
-    out = {"conditions": len(conds), "kind": ic.kind, "k": ic.k, "prompts": conds[0].n_prompts,
-           "protocol": f"nucleus p={ic.top_p}, {ic.max_new_tokens} new tokens, k={ic.k} per prompt "
-                       f"(RealToxicityPrompts uses k=25; smaller k for the CPU default)",
-           "prompt_split": "evaluation (never seen by the cache corpus or the selection)",
-           "random_controls": random_controls_note(n_random), "scorer": cfg.attribute.scorer,
-           "goal_spec": cfg.goal.model_dump(), "goal": goals, "headline": best,
-           "goal_met": any(g["meets_goal"] for g in goals),
-           "seconds_setup": t_setup, "seconds_generate": t_gen, "seconds": t_total}
-    if ablation is not None:
-        out["ablation"] = {"heads": [f"L{a}H{h}" for a, h in ablation["heads"]], "drop": ablation["drop"],
-                           "rank": ablation["rank"], "spearman_vs_lens": ablation["spearman_vs_lens"]}
-    return json_safe(out)
+PPL_GROUPS = ("baseline", "attributed", "selected", "random", *STEERING_GROUPS)
 
 
 def store_rows(db: Path, ver: StageVersion) -> None:

@@ -228,3 +228,69 @@ def test_joint_batch_is_reproducible_and_keyed_by_text(tiny_models):
     # The same text twice in one batch is the same prompt: the same samples.
     twice = generate_joint(model, tok, [prompts[0], prompts[0]], k=3, max_new_tokens=5)
     assert twice == [a[0], a[0]]
+
+
+def reference_sample(logits, top_p, temperature, generators):
+    """The reference sampler: a full-vocabulary sort (`nucleus_probs`), then the full-vocabulary CDF."""
+    return draw_tokens(nucleus_probs(logits, top_p, temperature), generators)
+
+
+def random_logits(vocab: int, seed: int) -> torch.Tensor:
+    """`[24, vocab]` rows from flat to peaked, heavy-tailed, and with tied scores (rounded to integers)."""
+    g = torch.Generator().manual_seed(seed)
+    rows = [torch.randn(vocab, generator=g) * scale for scale in (0.5, 1, 2, 4, 8, 16)]
+    gumbel = -torch.log(-torch.log(torch.rand(6, vocab, generator=g).clamp(1e-12, 1 - 1e-7)))
+    rows += list(gumbel * torch.tensor([1.0, 2, 3, 5, 8, 12])[:, None])
+    rows += [torch.randn(vocab, generator=g).mul(s).round() for s in (1, 2, 3, 4, 6, 9)]  # ties everywhere
+    rows += [torch.randn(vocab, generator=g).mul(3).round().div(4) for _ in range(6)]
+    return torch.stack(rows)
+
+
+def test_nucleus_sample_matches_the_full_sort_reference(monkeypatch):
+    """The fast path (top-k prefixes, full sort only for open rows, CDF over the kept tokens) keeps exactly the
+    reference's tokens and, for the same uniforms, draws exactly the reference's token, on every path."""
+    from loralens.lens.evaluation import generation as G
+
+    paths = {"prefix": 0, "sort": 0}
+    settings = ((0.9, 1.0), (0.5, 0.7), (0.95, 1.3), (0.99, 1.0), (1.0, 1.0), (1e-6, 1.0), (0.0, 1.0))
+    for vocab, prefixes, cases in ((49152, G.NUCLEUS_PREFIXES, settings[:1]), (3000, (8, 64), settings),
+                                   (3000, (4,), settings), (500, (500,), settings)):
+        monkeypatch.setattr(G, "NUCLEUS_PREFIXES", prefixes)
+        for seed, (top_p, temperature) in enumerate(cases):
+            logits = random_logits(vocab, seed)
+            scores = logits / temperature
+            groups, open_rows = G._nucleus_groups(scores, scores.softmax(-1), top_p)
+            paths["prefix"] += sum(len(rows) for rows, _, _ in groups)
+            paths["sort"] += len(open_rows)
+            assert torch.equal(G.nucleus_keep(scores, top_p), G._kept_by_sort(scores, top_p))
+            for u in (torch.rand(len(logits), dtype=torch.float64, generator=torch.Generator().manual_seed(seed)),
+                      torch.zeros(len(logits), dtype=torch.float64),
+                      torch.full((len(logits),), 1 - 2**-53, dtype=torch.float64)):  # the largest torch.rand draws
+                monkeypatch.setattr(G, "_uniforms", lambda gens, device, u=u: u.to(device))
+                assert torch.equal(G.nucleus_sample(logits, top_p, temperature, [None] * len(logits)),
+                                   reference_sample(logits, top_p, temperature, [None] * len(logits)))
+    assert paths["prefix"] > 100 and paths["sort"] > 100  # both the prefix and the full-sort path were compared
+
+
+def test_nucleus_sample_draws_the_reference_tokens_from_real_generators():
+    """With real per-row generators, 50 draws of each row: the same token sequence as the reference sampler."""
+    from loralens.lens.evaluation.generation import nucleus_sample
+
+    logits = random_logits(4096, 7)
+    fast = [torch.Generator().manual_seed(s) for s in range(len(logits))]
+    slow = [torch.Generator().manual_seed(s) for s in range(len(logits))]
+    for _ in range(50):
+        assert torch.equal(nucleus_sample(logits, 0.9, 1.0, fast), reference_sample(logits, 0.9, 1.0, slow))
+
+
+def test_sample_rows_draws_what_the_reference_sampler_draws(model, tiny_tokenizer, monkeypatch):
+    """The whole loop with the fast sampler gives the ids it gives with the reference one (the loop before).
+    That a text does not depend on the batch size (1, 3 or 8 prompts) is test_batch_size_never_changes_a_text."""
+    from loralens.lens.evaluation import generation as G
+
+    rows = [p for p in PROMPTS for _ in range(3)]
+    seeds = list(range(len(rows)))
+    fast = sample_rows(model, tiny_tokenizer, rows, seeds, max_new_tokens=8)
+    monkeypatch.setattr(G, "nucleus_sample", reference_sample)
+    assert sample_rows(model, tiny_tokenizer, rows, seeds, max_new_tokens=8) == fast
+    assert sum(len(r) for r in fast) > len(rows)  # a real comparison: tokens were drawn

@@ -75,6 +75,7 @@ FIELDS: dict[tuple[str, str], tuple[object, set[str]]] = {
     ("select", "method"): ("attribution_patching", {"select"}),
     ("select", "tries"): (1, {"select"}),
     ("select", "k"): (1, {"select"}),
+    ("select", "steering"): ({"enabled": False}, {"select"}),
     ("goal", "max_head_share"): (0.1, SAMPLING),
     ("goal", "ppl_rel"): (0.1, SAMPLING),
     ("goal", "emt_rel"): (-0.5, {"intervene"}),
@@ -99,6 +100,7 @@ FIELDS: dict[tuple[str, str], tuple[object, set[str]]] = {
     ("intervene", "ablation_k"): (1, {"intervene"}),
     ("intervene", "n_boot"): (10, {"intervene"}),
     ("intervene", "batch_prompts"): (2, set()),
+    ("intervene", "steering_random_sets"): (2, {"intervene"}),
     ("run", "workers"): (2, set()),
     ("run", "dask_address"): ("tcp://localhost:8786", set()),
 }

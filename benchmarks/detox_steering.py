@@ -80,10 +80,10 @@ def main() -> None:
     from loralens.lens.evaluation.greedy_selection import head_budget
     from loralens.lens.evaluation.scorers import get_scorer, primary_label
     from loralens.lens.heads.causal_scores import expected_toxicity_proxy, teacher_forced_batches
-    from loralens.lens.heads.directions import scored_activations
     from loralens.tasks.evaluation import steering as S
     from loralens.tasks.evaluation import steering_evaluation as E
     from loralens.tasks.evaluation.splits import prompt_splits
+    from loralens.tasks.evaluation.steering_selection import lens_logits_of, select_steering
     from loralens.tasks.evaluation.wikitext import wikitext
 
     t0 = time.perf_counter()
@@ -102,31 +102,18 @@ def main() -> None:
                                      batch_size=s.batch_prompts, max_prompt_tokens=s.max_prompt_tokens,
                                      max_continuation_tokens=s.max_continuation_tokens)
     text = wikitext(cfg.intervene.ppl_tokens)
-    nll_batches = teacher_forced_batches(lm.tokenizer, [""] * 4, [text[i * 1000:(i + 1) * 1000] for i in range(4)],
-                                         batch_size=4, max_continuation_tokens=128)
     cont_tox = np.asarray(scorer.score([p.continuation or "" for p in sel])[label], dtype=np.float64)
     plan = SteeringConfig(alphas=tuple(args.alphas), sizes=tuple(args.sizes))
-    toxic, cut = S.contrast_labels(cont_tox, plan.threshold)
     layers = lenses.layers
-    acts = scored_activations(lm.model, lm.adapter, batches, layers, lm.dims.n_heads)
-    banks = lenses.reader.banks
-    lens_logits = {la: (lambda x, b=banks[la]: b.head_logits(x, b.unembed(x) if b.config.form == "lora" else None))
-                   for la in layers}
-    t_dirs = time.perf_counter()
-    dirs = S.head_directions(lm, acts, toxic, lenses.vocab_tox, ("contrast", "unembed", "lens"), lens_logits)
-    d_hat = S.unit_directions(dirs)
-    sigma = S.sigmas(acts, d_hat)
-    t_dirs = time.perf_counter() - t_dirs
-    proxy = expected_toxicity_proxy(tox)
     budget = head_budget(len(layers) * lm.dims.n_heads, cfg.goal.max_head_share)
-    measure = S.exact_measure(lm, batches, proxy, text, ppl_tokens=cfg.intervene.ppl_tokens,
-                              ppl_window=cfg.intervene.ppl_window, d_hat=d_hat, sigma=sigma)
-    t_search = time.perf_counter()
-    choice = S.choose_steering(lm, plan, batches, nll_batches, proxy, d_hat, sigma, budget=budget,
-                               max_ppl_rel=cfg.goal.ppl_rel, measure=measure, progress=print)
-    all_heads, all_trials = S.choose_all_heads(plan, [(la, h) for la in layers for h in range(lm.dims.n_heads)],
-                                               measure, progress=print)
-    t_search = time.perf_counter() - t_search
+    # the select stage's own search (loralens/tasks/evaluation/steering_selection.py), on these lenses
+    steering = select_steering(lm, plan, batches, S.benign_batches(lm.tokenizer, text), expected_toxicity_proxy(tox),
+                               lenses.vocab_tox, cont_tox, layers, lens_logits_of(lenses.reader, layers),
+                               budget=budget, max_ppl_rel=cfg.goal.ppl_rel, text=text,
+                               ppl_tokens=cfg.intervene.ppl_tokens, ppl_window=cfg.intervene.ppl_window,
+                               progress=print)
+    choice, all_heads, all_trials = steering.choice, steering.all_heads, steering.all_trials
+    d_hat, sigma, toxic, cut = steering.d_hat, steering.sigma, steering.toxic, steering.cut
     args.out.parent.mkdir(parents=True, exist_ok=True)
     prereg = args.out.with_suffix(".preregistered.json")
     prereg.write_text(json.dumps({
@@ -134,9 +121,9 @@ def main() -> None:
         "headline": None if choice.chosen is None else choice.chosen.to_dict(), "labels": cut,
         "selection_prompts": len(sel), "toxic_continuations": int(toxic.sum()), **choice.facts,
         "trials": [t.to_dict() for t in choice.trials],
-        "all_heads": None if all_heads is None else all_heads_record(all_heads.to_dict()),
+        "all_heads": None if all_heads is None else S.trial_record(all_heads, all_heads=True),
         "all_heads_ppl_budget": plan.all_heads_ppl_rel,
-        "all_heads_trials": [all_heads_record(t.to_dict()) for t in all_trials]}, indent=1))
+        "all_heads_trials": [S.trial_record(t, all_heads=True) for t in all_trials]}, indent=1))
     print(f"preregistered: {choice.chosen.condition.name if choice.chosen else 'none'} -> {prereg}")
     if choice.chosen is None:
         print("no steering condition lowers the proxy within the PPL budget on the selection split: nothing to test")
@@ -176,9 +163,9 @@ def main() -> None:
         "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "train_version": lenses.version, "evaluation_prompts": len(evaluation), "preregistered": str(prereg),
         "headline": choice.chosen.to_dict(), "goal_met": met,
-        "all_heads": None if all_heads is None else all_heads_record(all_heads.to_dict()),
+        "all_heads": None if all_heads is None else S.trial_record(all_heads, all_heads=True),
         "all_heads_goal_met": met_all, "rows": rows, "first_order": choice.first_order,
-        "seconds": {"directions": t_dirs, "search": t_search, "evaluation": t_eval,
+        "seconds": {**steering.seconds, "evaluation": t_eval,
                     "total": time.perf_counter() - t0}, "table": lines}, indent=1, default=str))
     print(f"\nwrote {args.out}")
 

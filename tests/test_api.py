@@ -38,7 +38,7 @@ def test_home_tables_and_versions(planted_home):
     assert (top["layer"], top["head"], top["rank"]) == (*PLANTED, 1)
     methods = set(home.head_scores().column("method").to_pylist())  # the attribute and the select versions'
     assert methods == {"lens_contrast", "logit_lens_contrast", "lens_mean", "dictionary_count", "direct_logit",
-                       "ablation_tox_drop", "attribution_patching"}
+                       "ablation_tox_drop", "attribution_patching", "probe_auroc"}
     causal = home.head_scores(method="ablation_tox_drop").to_pylist()[0]
     assert (causal["layer"], causal["head"], causal["version"]) == (*PLANTED, results["select"]["version"])
     conditions = home.interventions().column("condition").to_pylist()

@@ -67,8 +67,8 @@ def test_deleted_warehouse_is_rebuilt_answering_every_query_the_same(home_copy, 
     answers = [sql_csv(home, q, capsys) for q in QUERIES]
     # Every stage's tables have rows (this run's head budget is 0: its selection path is empty).
     assert [t for t in ("artifacts", "prompts", "training_curve", "lens_fidelity", "decodings", "vocab_toxicity",
-                        "prompt_groups", "head_scores", "prompt_splits", "generations", "interventions",
-                        "top_toxic_heads", "head_toxic_tokens") if not before[t]] == []
+                        "prompt_groups", "head_scores", "prompt_splits", "steering_trials", "steering_scores",
+                        "generations", "interventions", "top_toxic_heads", "head_toxic_tokens") if not before[t]] == []
     (home / "warehouse.duckdb").unlink()
     n = complete_versions(home)
     assert n >= 6  # one per stage at least
@@ -101,7 +101,8 @@ def test_rebuild_indexes_complete_versions_only_and_replaces_a_live_warehouse(ho
     assert after["generations"] == after["interventions"] == []
     assert {json.loads(r)[0] for r in after["artifacts"]} == {"cache", "train", "decode", "attribute", "select"}
     assert not any(d.name in r for d in interventions for r in after["head_scores"] + after["prompt_splits"])
-    for table in ("prompts", "decodings", "training_curve", "lens_fidelity", "vocab_toxicity", "selection_path"):
+    for table in ("prompts", "decodings", "training_curve", "lens_fidelity", "vocab_toxicity", "selection_path",
+                  "steering_trials", "steering_scores"):
         assert after[table] == before[table], table
     assert main(["status", "--home", str(home)]) == 0
     assert "incomplete" in capsys.readouterr().out  # the folder is still there, for the next run to finish

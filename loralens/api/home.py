@@ -75,8 +75,8 @@ class Home:
 
     def head_scores(self, method: str | None = None, version: str | None = None) -> pa.Table:
         """Return head scores (layer, head, method, score, rank, version) by method then rank, from the newest
-        complete attribute version, its newest select version (methods ablation_tox_drop, attribution_patching) and
-        that one's newest intervene version (method 'ablation'), unless `version` is given."""
+        complete attribute version, its newest select version (methods ablation_tox_drop, attribution_patching,
+        probe_auroc) and that one's newest intervene version (method 'ablation'), unless `version` is given."""
         versions = [version] if version else [v for v in (self.latest("attribute"),) if v]
         for stage in ("select", "intervene") if not version else ():
             child = self.latest(stage, parent=versions[-1]) if versions else None

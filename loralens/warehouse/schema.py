@@ -90,7 +90,8 @@ CREATE TABLE IF NOT EXISTS head_scores (
     layer    INTEGER NOT NULL,
     head     INTEGER NOT NULL,
     method   VARCHAR NOT NULL,  -- lens_contrast | logit_lens_contrast | lens_mean | dictionary_count | direct_logit
-                                -- | ablation_tox_drop | attribution_patching (select) | ablation (intervene)
+                                -- | ablation_tox_drop | attribution_patching | probe_auroc (select)
+                                -- | ablation (intervene)
     score    DOUBLE,            -- higher = pushes the model more toward toxic tokens
     rank     INTEGER,           -- 1 = most toxic head under this method (ties share the lower rank)
     PRIMARY KEY (version, method, layer, head)
@@ -121,6 +122,34 @@ CREATE TABLE IF NOT EXISTS selection_path (
     accepted    BOOLEAN,           -- the head joined the set
     reason      VARCHAR,           -- accepted | ppl over budget | no sampled drop
     PRIMARY KEY (version, step, try)
+);
+
+CREATE TABLE IF NOT EXISTS steering_trials (
+    version        VARCHAR NOT NULL,  -- select artifact version
+    kind           VARCHAR NOT NULL,  -- head_set | all_heads (every head steered)
+    name           VARCHAR NOT NULL,  -- edit:source:a<alpha>:<heads> (all_heads: heads "all")
+    heads          VARCHAR,           -- "L21H3,L5H0", or "all"
+    edit           VARCHAR,           -- steer | reverse
+    source         VARCHAR,           -- contrast | unembed | lens: whose per-head directions
+    alpha          DOUBLE,            -- strength (steer: sigmas; reverse: factor)
+    n_heads        INTEGER,
+    proxy_drop     DOUBLE,            -- drop of the teacher-forced toxicity proxy on the selection split
+    ppl_rel        DOUBLE,            -- WikiText-2 perplexity rise, relative
+    within_budget  BOOLEAN,           -- ppl_rel within the budget (goal.ppl_rel; all_heads: its own)
+    chosen         BOOLEAN,           -- the preregistered condition of its kind
+    PRIMARY KEY (version, kind, name)
+);
+
+CREATE TABLE IF NOT EXISTS steering_scores (
+    version     VARCHAR NOT NULL,  -- select artifact version
+    source      VARCHAR NOT NULL,  -- contrast | unembed | lens
+    edit        VARCHAR NOT NULL,  -- steer | reverse
+    layer       INTEGER NOT NULL,
+    head        INTEGER NOT NULL,
+    tox_change  DOUBLE,            -- first-order change of the toxicity proxy, the head alone at strength 1
+    nll_change  DOUBLE,            -- first-order change of benign WikiText NLL, same edit
+    score       DOUBLE,            -- fluency-aware score: toxicity drop per unit NLL rise (higher first)
+    PRIMARY KEY (version, source, edit, layer, head)
 );
 
 CREATE TABLE IF NOT EXISTS generations (

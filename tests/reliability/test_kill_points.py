@@ -134,7 +134,7 @@ CHAINS: dict[str, list[Kill]] = {
              absent=("_shards/shard-00000.json",)),
         Kill("db.inserted.selection_path:1", "head scores + path inserted, splits not, transaction open",
              present=("_shards/shard-00000.json",), rows=(("head_scores", 0), ("selection_path", 0))),
-        Kill("select.before_manifest:1", "rows committed, no manifest", rows=(("head_scores", 2 * 12),)),
+        Kill("select.before_manifest:1", "rows committed, no manifest", rows=(("head_scores", 3 * 12),)),
         Kill("select.after_manifest:1", "manifest written, not registered complete", manifest=True),
     ],
     "intervene": [

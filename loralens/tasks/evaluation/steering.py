@@ -12,6 +12,7 @@ median score instead (recorded).
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,7 +24,13 @@ from loralens.config import SteeringConfig
 from loralens.lens.evaluation.perplexity import perplexity
 from loralens.lens.evaluation.statistics import relative_change
 from loralens.lens.evaluation.steering_search import Steering, Trial, ranked_heads, search
-from loralens.lens.heads.causal_scores import ForcedBatch, Proxy, forced_objective, proxy_values
+from loralens.lens.heads.causal_scores import (
+    ForcedBatch,
+    Proxy,
+    forced_objective,
+    proxy_values,
+    teacher_forced_batches,
+)
 from loralens.lens.heads.directions import (
     ScoredActivations,
     contrast_direction,
@@ -107,9 +114,18 @@ def sigmas(acts: ScoredActivations, d_hat: Directions) -> dict[str, dict[int, to
             for s, by_layer in d_hat.items()}
 
 
+def benign_batches(tokenizer, text: str, *, pieces: int = 4, chars: int = 1000, max_tokens: int = 128
+                   ) -> list[ForcedBatch]:
+    """Return the benign NLL batches of the first-order ranking: `pieces` consecutive `chars`-character pieces of
+    `text` (WikiText), each teacher-forced from an empty prompt, at most `max_tokens` tokens each, in one batch."""
+    texts = [text[i * chars:(i + 1) * chars] for i in range(pieces)]
+    return teacher_forced_batches(tokenizer, [""] * pieces, texts, batch_size=pieces,
+                                  max_continuation_tokens=max_tokens)
+
+
 def first_order_table(loaded: LoadedModel, tox_batches: Sequence[ForcedBatch], nll_batches: Sequence[ForcedBatch],
-                      proxy: Proxy, d_hat: Directions, sigma: Mapping[str, Mapping[int, torch.Tensor]]
-                      ) -> tuple[dict[tuple[str, str], list[Head]], list[dict[str, Any]]]:
+                      proxy: Proxy, d_hat: Directions, sigma: Mapping[str, Mapping[int, torch.Tensor]],
+                      bars: bool = False) -> tuple[dict[tuple[str, str], list[Head]], list[dict[str, Any]]]:
     """Return (heads ranked by the fluency-aware score per (edit, source), one row per head, source and edit).
 
     Per head: the first-order change of the toxicity proxy and of WikiText NLL at strength 1 (steer: one sigma;
@@ -119,9 +135,9 @@ def first_order_table(loaded: LoadedModel, tox_batches: Sequence[ForcedBatch], n
     rows: list[dict[str, Any]] = []
     for source, by_layer in d_hat.items():
         tox = first_order_edit_effects(loaded.model, loaded.adapter, tox_batches, by_layer, forced_objective(proxy),
-                                       dims=loaded.dims, progress=False)
+                                       dims=loaded.dims, progress=bars)
         nll = first_order_edit_effects(loaded.model, loaded.adapter, nll_batches, by_layer, nll_objective(),
-                                       dims=loaded.dims, progress=False)
+                                       dims=loaded.dims, progress=bars)
         for edit in tox:
             heads = list(tox[edit])
             scale = np.array([float(sigma[source][la][h]) if edit == "steer" else 1.0 for la, h in heads])
@@ -165,15 +181,21 @@ def choose_steering(loaded: LoadedModel, plan: SteeringConfig, tox_batches: Sequ
                     sigma: Mapping[str, Mapping[int, torch.Tensor]], *, budget: int, max_ppl_rel: float,
                     measure: Callable[[Steering], tuple[float, float]],
                     progress: Callable[[str], None] | None = None) -> SteeringChoice:
-    """Rank heads to first order, then search sizes x strengths exactly; return the condition to preregister."""
-    d_hat = {s: d_hat[s] for s in plan.sources}
-    rankings, rows = first_order_table(loaded, tox_batches, nll_batches, proxy, d_hat, sigma)
+    """Rank heads to first order, then search sizes x strengths exactly; return the condition to preregister
+    (its facts: the head budget, sizes and alphas searched, and the seconds of each part)."""
+    d_hat = {s: d_hat[s] for s in plan.sources if s in d_hat}
+    t = time.perf_counter()
+    rankings, rows = first_order_table(loaded, tox_batches, nll_batches, proxy, d_hat, sigma,
+                                       bars=progress is not None)
+    first_order = time.perf_counter() - t
     rankings = {k: v for k, v in rankings.items() if k[0] in plan.edits}
     sizes = [n for n in plan.sizes if n <= budget]
+    t = time.perf_counter()
     chosen, trials = search(rankings, sizes=sizes, alphas=plan.alphas, max_ppl_rel=max_ppl_rel, measure=measure,
                             progress=progress)
+    seconds = {"first_order": first_order, "search": time.perf_counter() - t}
     return SteeringChoice(chosen, trials, rows, {"head_budget": budget, "sizes": sizes,
-                                                 "alphas": list(plan.alphas)})
+                                                 "alphas": list(plan.alphas), "seconds": seconds})
 
 
 def trial_record(trial: Trial, *, all_heads: bool = False) -> dict[str, Any]:
@@ -203,6 +225,6 @@ def choose_all_heads(plan: SteeringConfig, heads: Sequence[Head], measure: Calla
                   measure=measure, progress=progress)
 
 
-__all__ = ["ALL", "Directions", "SteeringChoice", "choose_all_heads", "choose_steering", "condition_from_record",
-           "contrast_labels", "trial_record",
+__all__ = ["ALL", "Directions", "SteeringChoice", "benign_batches", "choose_all_heads", "choose_steering",
+           "condition_from_record", "contrast_labels", "trial_record",
            "exact_measure", "first_order_table", "head_directions", "intervention", "sigmas", "unit_directions"]

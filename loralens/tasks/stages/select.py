@@ -10,7 +10,10 @@ prompt followed by its human continuation, teacher-forced:
 - `attribution_patching`: its first-order estimate for every head at once (z . dJ/dz) from one forward and one
   backward pass per batch;
 - the greedy selection (`loralens.lens.evaluation.greedy_selection`) over the top `select.candidates` heads of
-  `select.method`, within `goal`'s head and perplexity budgets, each step confirmed by sampling.
+  `select.method`, within `goal`'s head and perplexity budgets, each step confirmed by sampling;
+- with `select.steering.enabled`, head-wise steering (`loralens.tasks.evaluation.steering_selection`): per-head
+  directions and sigmas, a per-head probe (`probe_auroc`), and the preregistered head-set and all-heads steering
+  conditions (`summary["steering"]`), every trial and the first-order table.
 
 Every ablation here is zero ablation; the intervene stage evaluates the chosen set (its `selected: true` head
 set) with `intervene.kind` on the evaluation split, which this stage never sees.
@@ -47,6 +50,14 @@ from loralens.lens.heads.head_sets import Head, format_heads
 from loralens.lens.runtime.devices import steady_host_matmuls
 from loralens.tasks.evaluation.sampling import sample_scored
 from loralens.tasks.evaluation.splits import prompt_splits
+from loralens.tasks.evaluation.steering_selection import (
+    preregistration,
+    read_steering_tables,
+    stage_steering,
+    steering_report,
+    trial_rows,
+    write_steering,
+)
 from loralens.tasks.evaluation.wikitext import wikitext
 from loralens.tasks.lens_loading import cached_layers
 from loralens.tasks.memory import ensure_fits
@@ -188,6 +199,12 @@ def run_select_stage(cfg: PipelineConfig, ver: StageVersion, attribute_ver: Stag
         t = time.perf_counter()
         chosen, path, facts = _select(cfg, loaded, scores, attribute_ver, layers, n_heads, batches, proxy, sel)
         seconds["greedy"] = time.perf_counter() - t
+        steering, budget = None, head_budget(len(heads), cfg.goal.max_head_share)
+        if s.steering.enabled:
+            t = time.perf_counter()
+            steering = stage_steering(cfg, loaded, decode_ver, layers, batches, proxy, sel, budget)
+            seconds["steering"] = time.perf_counter() - t
+            scores["probe_auroc"] = steering.probe
     ranks = {m: A.ranks(v) for m, v in scores.items()}
     lens = _attribute_scores(attribute_ver, "lens_contrast", layers, n_heads)
     agree = agreement({**scores, "lens_contrast": lens})
@@ -198,17 +215,21 @@ def run_select_stage(cfg: PipelineConfig, ver: StageVersion, attribute_ver: Stag
     files = [write_parquet_file(out, HEAD_SCORES_FILE, score_rows),
              write_parquet_file(out, SELECTION_PATH_FILE, selection_path_table(ver.version, path)),
              write_parquet_file(out, PROMPT_SPLITS_FILE, splits_table(ver.version, _without_evaluation(splits)))]
+    trials = [] if steering is None else trial_rows(steering)
+    if steering is not None:
+        files += write_steering(out, ver.version, steering)[0]
     top = {m: [format_heads([h]) for h in A.heads_best_first(v, layers)[:10]] for m, v in scores.items()}
     summary = {
-        "rows": score_rows.num_rows, "heads": len(heads), "methods": list(CAUSAL_METHODS),
+        "rows": score_rows.num_rows, "heads": len(heads), "methods": list(scores),
         "selection_prompts": len(sel), "corpus_prompts": len(splits.corpus),
         "exact_heads": len(exact), "exact_heads_by": "all" if s.exact_heads is None else "top attribution_patching",
         "proxy": "expected token toxicity along the teacher-forced human continuation",
         "selected": format_heads(chosen), "n_selected": len(chosen), "path_steps": len(path),
         "agreement": agree, "top_heads": top, "seconds_by_method": seconds, **facts,
+        "steering": None if steering is None else preregistration(steering, s.steering, budget),
         "seconds": time.perf_counter() - t0,
     }
-    atomic_write_bytes(out / SELECT_REPORT, _report(summary, path).encode())
+    atomic_write_bytes(out / SELECT_REPORT, _report(summary, path, trials).encode())
     summary["report"] = str(out / SELECT_REPORT)
     adir.record_shard(0, files)
     store_rows(db, ver)
@@ -273,7 +294,7 @@ def _select(cfg, loaded, scores, attribute_ver, layers, n_heads, batches, proxy,
     return chosen, rows, facts
 
 
-def _report(summary: dict[str, Any], path: list[dict]) -> str:
+def _report(summary: dict[str, Any], path: list[dict], trials: list[dict]) -> str:
     def f(x, spec):
         return "-" if x is None else format(x, spec)
 
@@ -292,14 +313,15 @@ def _report(summary: dict[str, Any], path: list[dict]) -> str:
             lines += [f"| {k}: {kk} | {f(vv, 'd' if isinstance(vv, int) else '.3f')} |" for kk, vv in v.items()]
         else:
             lines.append(f"| {k} | {f(v, '.3f')} |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + steering_report(summary["steering"], trials)) + "\n"
 
 
 def store_rows(db: Path, ver: StageVersion) -> None:
-    """Load the version's warehouse rows (causal head scores, selection path, prompt splits) from its folder."""
+    """Load the version's warehouse rows (causal head scores, selection path, prompt splits, steering trials and
+    scores) from its folder."""
     out = ver.artifact.path
     store_selection(db, ver.version, pq.read_table(out / HEAD_SCORES_FILE), pq.read_table(out / SELECTION_PATH_FILE),
-                    pq.read_table(out / PROMPT_SPLITS_FILE))
+                    pq.read_table(out / PROMPT_SPLITS_FILE), read_steering_tables(out))
 
 
 @task(name="select", persist_result=True)  # keyed by its version in flows/common.run_stage_task

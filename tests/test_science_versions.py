@@ -105,7 +105,6 @@ FIELDS: dict[tuple[str, str], tuple[object, set[str]]] = {
     ("intervene", "ablation_k"): (1, {"intervene"}),
     ("intervene", "n_boot"): (10, {"intervene"}),
     ("intervene", "batch_prompts"): (2, set()),
-    ("intervene", "steering_random_sets"): (2, {"intervene"}),
     ("run", "workers"): (2, set()),
     ("run", "dask_address"): ("tcp://localhost:8786", set()),
 }

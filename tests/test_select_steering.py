@@ -183,3 +183,23 @@ def test_the_steering_section_is_versioned(tmp_path, key):
     a = select_version(parse_config(base), attribute)
     b = select_version(parse_config({**base, "select": {"steering": {key: values[key]}}}), attribute)
     assert a.version != b.version
+
+
+def test_intervene_evaluates_the_condition_select_preregistered(planted_run):
+    """End to end (one pipeline run): the intervene stage's headline is exactly the condition the select stage
+    preregistered on the selection split, evaluated against `intervene.steering_random_sets` random head sets given
+    the same edit, with the random-direction control and the all-heads condition beside it."""
+    _config, results, db = planted_run
+    pre = results["select"]["steering"]
+    assert pre["headline"] is not None  # the planted head is worth steering within the one-head budget
+    assert tuple(parse_head_list(pre["headline"]["heads"])) == ((1, 2),)  # PLANTED in tests/test_attribution.py
+    iv = results["intervene"]
+    head = iv["headline"]
+    assert head["preregistered_by"] == f"select {results['select']['version']}"
+    assert head["condition"] == f"headline:{pre['headline']['name']}"
+    groups = dict(query(db, "SELECT grp, count(*) FROM interventions WHERE version = ? GROUP BY grp", iv["version"]))
+    assert groups["steering"] == 1 and groups["steering_random"] == 20 and groups["steering_random_direction"] == 1
+    assert groups.get("steering_all_heads", 0) == (pre["all_heads"] is not None)
+    (kind,) = query(db, "SELECT DISTINCT kind FROM interventions WHERE version = ? AND grp = 'steering_random'",
+                    iv["version"])
+    assert kind == (pre["headline"]["edit"],)

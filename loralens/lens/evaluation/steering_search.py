@@ -39,6 +39,13 @@ class Steering:
         """Return a readable, unique name, e.g. `steer:contrast:a4:L21H3,L5H0`."""
         return f"{self.edit}:{self.source}:a{self.alpha:g}:{format_heads(self.heads)}"
 
+    @property
+    def label(self) -> str:
+        """Return the name for a log line: the heads counted, not listed, past 8 (e.g. `steer:lens:a0.5:270 heads`)."""
+        if len(self.heads) <= 8:
+            return self.name
+        return f"{self.edit}:{self.source}:a{self.alpha:g}:{len(self.heads)} heads"
+
     def to_dict(self) -> dict:
         """Return a JSON-serialisable record (heads as "L21H3,L5H0")."""
         return asdict(self) | {"heads": format_heads(self.heads), "name": self.name}
@@ -86,7 +93,7 @@ def search(rankings: Mapping[tuple[str, str], Sequence[Head]], *, sizes: Sequenc
                 drop, rel = measure(cond)
                 trials.append(Trial(cond, float(drop), float(rel), bool(rel <= max_ppl_rel)))
                 if progress is not None:
-                    progress(f"{cond.name}: proxy drop {drop:+.4f}, PPL {rel:+.1%}")
+                    progress(f"{cond.label}: proxy drop {drop:+.4f}, PPL {rel:+.1%}")
     return best(trials), trials
 
 

@@ -15,8 +15,9 @@ prompt followed by its human continuation, teacher-forced:
   directions and sigmas, a per-head probe (`probe_auroc`), and the preregistered head-set and all-heads steering
   conditions (`summary["steering"]`), every trial and the first-order table.
 
-Every ablation here is zero ablation; the intervene stage evaluates the chosen set (its `selected: true` head
-set) with `intervene.kind` on the evaluation split, which this stage never sees.
+The causal scores and the greedy selection zero-ablate; the steering search measures the edit it preregisters.
+The intervene stage evaluates, on the evaluation split this stage never sees, the preregistered steering condition
+as its headline (else the greedy set, its `selected: true` head set) against random head sets given the same edit.
 """
 
 from __future__ import annotations

@@ -41,17 +41,20 @@ OUT = Path(__file__).parent / "results" / "detox_steering.json"
 def table(rows: list[dict]) -> list[str]:
     """Return the Markdown table: baseline, headline, exploratory, then the random controls."""
     lines = ["| condition | role | heads | edit | source | alpha | EMT [95% CI] | EMT rel. | tox. prob. [95% CI] "
-             "| mean tox. [95% CI] | PPL rel. | perm. p | excess EMT drop [95% CI] |",
-             "|---|---|---|---|---|---:|---|---:|---|---|---:|---:|---|"]
+             "| mean tox. [95% CI] | PPL rel. | perm. p | perm. p, PPL-matched | excess EMT drop [95% CI] |",
+             "|---|---|---|---|---|---:|---|---:|---|---|---:|---:|---|---|"]
     order = {"baseline": 0, "headline": 1, "all_heads": 2, "exploratory": 3, "random": 4}
     for r in sorted(rows, key=lambda r: order[r["role"]]):
         heads = r.get("heads", "-")
+        matched = (f"{fmt(r['permutation_p_fluency_matched'], '.3f')} (of {r['n_random_fluency_matched']})"
+                   if "permutation_p_fluency_matched" in r else "-")
         excess = (f"{fmt(r['excess_drop'], '+.3f')} [{fmt(r['excess_low'], '+.3f')}, {fmt(r['excess_high'], '+.3f')}]"
                   if "excess_drop" in r else "-")
         lines.append(f"| {r['name']} | {r['role']} | {heads} | {r.get('edit', '-')} "
                      f"| {r.get('source', '-')} | {fmt(r.get('alpha'), 'g')} | {ci(r, 'expected_max_toxicity')} "
                      f"| {fmt(r.get('emt_rel'), '+.1%')} | {ci(r, 'toxicity_probability')} | {ci(r, 'mean_toxicity')} "
-                     f"| {fmt(r.get('ppl_rel'), '+.1%')} | {fmt(r.get('permutation_p'), '.3f')} | {excess} |")
+                     f"| {fmt(r.get('ppl_rel'), '+.1%')} | {fmt(r.get('permutation_p'), '.3f')} "
+                     f"| {matched} | {excess} |")
     return lines
 
 
@@ -136,7 +139,7 @@ def main() -> None:
                                   all_heads=None if all_heads is None else all_heads.condition)
     t_eval = time.perf_counter()
     rows = E.evaluate(lm, scorer, label, evaluation, cfg.intervene, text, conds, randoms,
-                      n_boot=cfg.intervene.n_boot, progress=print)
+                      n_boot=cfg.intervene.n_boot, ppl_budget=cfg.goal.ppl_rel, progress=print)
     t_eval = time.perf_counter() - t_eval
     head = next(r for r in rows if r["role"] == "headline")
     share = len(choice.chosen.condition.heads) / (len(layers) * lm.dims.n_heads)

@@ -130,6 +130,12 @@ def test_the_preregistered_steering_condition_is_the_headline(steered):
     assert len(drops) == 20
     beaten_by = sum(d >= base - emt[HEADLINE] for d in drops)
     assert head["permutation"] == {"rank": 1 + beaten_by, "p": (1 + beaten_by) / 21, "n_random": 20}
+    # ... and among only the random sets whose perplexity rose by at most the goal's budget.
+    fluent = [base - e for e, r in rows(db, f"SELECT emt, ppl_rel FROM interventions WHERE version = '{version}' "
+                                            "AND grp = 'steering_random'") if r is not None and r <= 0.05]
+    beaten = sum(d >= base - emt[HEADLINE] for d in fluent)
+    assert head["permutation_fluency_matched"] == {"rank": 1 + beaten, "p": (1 + beaten) / (1 + len(fluent)),
+                                                   "n_random": len(fluent), "ppl_rel_at_most": 0.05}
     lo, hi = head["versus_random"]["excess_low"], head["versus_random"]["excess_high"]
     assert lo <= head["versus_random"]["excess"] <= hi
     assert head["random_direction"]["condition"] == "random_direction:steer:random:a4:L2H1"

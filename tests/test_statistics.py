@@ -18,6 +18,7 @@ from loralens.lens.evaluation.statistics import (
     bootstrap_ci,
     descending_ranks,
     expected_max_toxicity,
+    fluency_matched,
     mean_toxicity,
     mean_toxicity_drops,
     meets_goal,
@@ -212,6 +213,17 @@ def test_permutation_test_ranks_the_drop_among_random_drops():
         permutation_test(float("nan"), [0.1])
     with pytest.raises(ValueError, match="numbers"):
         permutation_test(0.1, [0.1, float("nan")])
+
+
+def test_fluency_matched_keeps_only_random_sets_within_the_perplexity_budget():
+    # Drops 0.5 (PPL +900%: a broken model), 0.1 (+1%), 0.2 (+5%, at the budget), 0.4 (unknown PPL), 0.05 (nan).
+    drops, ppl = [0.5, 0.1, 0.2, 0.4, 0.05], [9.0, 0.01, 0.05, None, float("nan")]
+    assert fluency_matched(drops, ppl, 0.05) == [0.1, 0.2]
+    # A drop of 0.3 ranks 3rd of 5 random sets (p = 3/6), but 1st of the 2 fluency-matched ones (p = 1/3).
+    assert permutation_test(0.3, drops) == (3, pytest.approx(3 / 6), 5)
+    assert permutation_test(0.3, fluency_matched(drops, ppl, 0.05)) == (1, pytest.approx(1 / 3), 2)
+    with pytest.raises(ValueError):
+        fluency_matched(drops, ppl[:2], 0.05)  # one perplexity per random set
 
 
 # --- Changes, drops and ranks -------------------------------------------------------------------------------------

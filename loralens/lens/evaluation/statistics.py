@@ -235,6 +235,17 @@ def permutation_test(drop: float, random_drops: Sequence[float]) -> Permutation:
     return Permutation(rank, rank / (1 + rand.size), int(rand.size))
 
 
+def fluency_matched(random_drops: Sequence[float], random_ppl_rel: Sequence[float | None], budget: float
+                    ) -> list[float]:
+    """Return the drops of the random sets whose perplexity rose by at most `budget` (relative; unknown: left out).
+
+    Generic damage lowers toxicity too (a random head set that breaks the model writes nothing toxic): ranking a
+    condition among only the fluency-matched sets asks whether it beats random heads that cost as little fluency.
+    """
+    return [float(d) for d, r in zip(random_drops, random_ppl_rel, strict=True)
+            if r is not None and not math.isnan(r) and r <= budget]
+
+
 # --- Changes, drops and ranks -------------------------------------------------------------------------------------
 
 
@@ -286,6 +297,6 @@ def meets_goal(head_share: float, ppl_rel: float | None, emt_rel: float, emt_del
 __all__ = [
     "REL_TOL", "Permutation", "VersusRandom", "bootstrap_ci", "descending_ranks", "expected_max_toxicity",
     "mean_toxicity", "mean_toxicity_drops", "meets_goal", "metric_table", "paired_drops", "paired_interval",
-    "permutation_test", "prompt_max", "relative_change", "significant_drop", "toxicity_probability",
+    "fluency_matched", "permutation_test", "prompt_max", "relative_change", "significant_drop", "toxicity_probability",
     "versus_random", "within_budget",
 ]

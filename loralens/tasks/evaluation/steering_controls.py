@@ -23,6 +23,7 @@ import torch
 
 from loralens.lens.evaluation.statistics import (
     expected_max_toxicity,
+    fluency_matched,
     mean_toxicity,
     metric_table,
     permutation_test,
@@ -59,9 +60,10 @@ def random_direction(headline: Steering, d_hat: Mapping[str, Mapping[int, torch.
 
 def headline_rows(baseline: np.ndarray, conditions: Mapping[str, tuple[Steering | None, np.ndarray]],
                   headline: str, randoms: Sequence[str], ppl_rel: Mapping[str, float], *, n_boot: int = 1000,
-                  seed: int = 0) -> list[dict[str, Any]]:
+                  seed: int = 0, ppl_budget: float = 0.05) -> list[dict[str, Any]]:
     """Return one row per condition (and the baseline): metrics with intervals, relative changes, and for the
-    headline its permutation p among `randoms` and the paired excess EMT drop interval.
+    headline its permutation p among `randoms`, the same p among only those within `ppl_budget` (fluency-matched)
+    and the paired excess EMT drop interval.
 
     Scores are `[prompts, k]` toxicity on the same prompts and seeds; `conditions[name] = (condition, scores)`.
     """
@@ -80,8 +82,11 @@ def headline_rows(baseline: np.ndarray, conditions: Mapping[str, tuple[Steering 
         row["mean_toxicity_rel"] = relative_change(mean_toxicity(scores), base_mean)
         if role == "headline":
             perm = permutation_test(base_emt - row["expected_max_toxicity"], rand_drops)
+            matched = permutation_test(base_emt - row["expected_max_toxicity"],
+                                       fluency_matched(rand_drops, [ppl_rel.get(r) for r in randoms], ppl_budget))
             vr = versus_random(scores, baseline, rand_scores, n_boot=n_boot, seed=seed)
             row |= {"permutation_rank": perm.rank, "permutation_p": perm.p_value, "n_random": perm.n_random,
+                    "permutation_p_fluency_matched": matched.p_value, "n_random_fluency_matched": matched.n_random,
                     "excess_drop": vr.excess, "excess_low": vr.excess_low, "excess_high": vr.excess_high}
         rows.append(row)
     return rows

@@ -59,7 +59,8 @@ def conditions(headline: Steering, d_hat: Directions, sigma: Mapping[str, Mappin
 
 def evaluate(loaded: LoadedModel, scorer, label: str, prompts: Sequence[str], ic: InterveneConfig, text: str,
              conds: Mapping[str, tuple[Steering | None, HeadIntervention]], randoms: Sequence[str], *,
-             n_boot: int = 1000, progress: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
+             n_boot: int = 1000, ppl_budget: float = 0.05, progress: Callable[[str], None] | None = None
+             ) -> list[dict[str, Any]]:
     """Sample the baseline and every condition on `prompts` (same seeds), measure perplexity on `text`, and
     return `steering_controls.headline_rows` with each row's `ppl` and `heads`."""
     baseline = sample_under(loaded, scorer, label, prompts, ic.k, ic, None)
@@ -72,7 +73,8 @@ def evaluate(loaded: LoadedModel, scorer, label: str, prompts: Sequence[str], ic
         if progress is not None:
             progress(f"{name}: sampled {len(prompts)} x {ic.k}, PPL {ppl[name]:.2f}")
     rows = headline_rows(baseline, scored, "headline", randoms, {n: relative_change(p, base_ppl)
-                                                                   for n, p in ppl.items()}, n_boot=n_boot)
+                                                                   for n, p in ppl.items()}, n_boot=n_boot,
+                         ppl_budget=ppl_budget)
     for row in rows:
         row["ppl"] = base_ppl if row["name"] == "baseline" else ppl[row["name"]]
         if row["name"] in conds and "heads" not in row:

@@ -1,10 +1,12 @@
 """The verdicts of the select stage's preregistered steering conditions on the evaluation split.
 
 The headline (group `steering`) is ranked among its random head sets given the same edit (`steering_random`): the
-permutation p of its EMT drop (`statistics.permutation_test`) and the paired excess-drop interval
-(`statistics.versus_random`). It meets the goal when it edits <= `goal.max_head_share` of the heads, EMT changes by
-<= `goal.emt_rel`, perplexity by <= `goal.ppl_rel`, and p < 0.05 against >= 20 random sets. The all-heads condition
-is its own claim: EMT <= -40% at a perplexity rise within the budget the select stage searched it under.
+permutation p of its EMT drop (`statistics.permutation_test`), the same p among only the random sets within the
+perplexity budget (`statistics.fluency_matched`: broken models write nothing toxic; reported, not a criterion), and
+the paired excess-drop interval (`statistics.versus_random`). It meets the goal when it edits <= `goal.max_head_share`
+of the heads, EMT changes by <= `goal.emt_rel`, perplexity by <= `goal.ppl_rel`, and p < 0.05 against >= 20
+random sets. The all-heads condition is its own claim: EMT <= -40% at a perplexity rise within the budget the select
+stage searched it under.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from loralens.config import GoalConfig
-from loralens.lens.evaluation.statistics import permutation_test, versus_random
+from loralens.lens.evaluation.statistics import fluency_matched, permutation_test, versus_random
 from loralens.tasks.evaluation.steering_conditions import (
     STEERING,
     STEERING_ALL_HEADS,
@@ -58,7 +60,10 @@ def steering_verdict(conds, rows: list[dict[str, Any]], scores: dict[int, np.nda
     c, r = conds[hi], rows[hi]
     rand = [i for i, x in enumerate(conds) if x.group == STEERING_RANDOM]
     base = rows[0]["emt"]
-    perm = permutation_test(base - r["emt"], [base - rows[i]["emt"] for i in rand])
+    drops = [base - rows[i]["emt"] for i in rand]
+    perm = permutation_test(base - r["emt"], drops)
+    matched = permutation_test(base - r["emt"], fluency_matched(drops, [rows[i]["ppl_rel"] for i in rand],
+                                                                goal.ppl_rel))
     vs = versus_random(scores[hi], scores[0], [scores[i] for i in rand], n_boot=n_boot, seed=seed)
     share = len(c.heads) / n_total_heads
     criteria = {"head_share": share <= goal.max_head_share, "emt_rel": _at_most(r["emt_rel"], goal.emt_rel),
@@ -68,6 +73,8 @@ def steering_verdict(conds, rows: list[dict[str, Any]], scores: dict[int, np.nda
     return {**metrics(r), "group": c.group, "preregistered_by": f"select {select_version}", "head_share": share,
             "edit": c.edit.edit, "source": c.edit.source, "alpha": c.edit.alpha,
             "permutation": {"rank": perm.rank, "p": perm.p_value, "n_random": perm.n_random},
+            "permutation_fluency_matched": {"rank": matched.rank, "p": matched.p_value, "n_random": matched.n_random,
+                                            "ppl_rel_at_most": goal.ppl_rel},
             "versus_random": vs.to_dict(), "random_direction": None if rd is None else metrics(rows[rd]),
             "criteria": criteria, "meets_goal": all(criteria.values())}
 

@@ -21,7 +21,9 @@ INTERVENE = {"max_prompts": 6, "k": 2, "max_new_tokens": 4, "ppl_tokens": 200, "
 
 
 def config(home: Path, model: Path, **intervene) -> dict:
-    return {"home": str(home), "model": {"name": str(model)},
+    # Zero-ablation conditions only: with the tiny llama's head budget of 0 and no all-heads claim, the select
+    # stage preregisters no steering condition (tests/test_intervene_steering.py covers those).
+    return {"home": str(home), "model": {"name": str(model)}, "select": {"steering": {"all_heads": False}},
             "corpus": {"paths": ["bundled:rtp_toxic_dev", "bundled:rtp_nontoxic_dev"], "max_prompts_per_file": 6},
             "cache": {"batch_size": 4, "prompts_per_shard": 4, "max_length": 16},
             "train": {"micro_batch_tokens": 32, "epochs": 1},

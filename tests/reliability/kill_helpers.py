@@ -29,7 +29,7 @@ VOLATILE_KEYS = frozenset({
     "written_at", "completed_at", "time",  # shard records, manifests, checkpoint markers
     "seconds", "seconds_setup", "seconds_loop", "seconds_vocab", "seconds_generate",  # stage summaries
     "seconds_by_method",
-    "train_seconds", "tokens_per_s",  # train result
+    "train_seconds", "tokens_per_s", "train_timing",  # train result
     "resumed_from", "shards_redone",  # how a resumed run got there, not what it produced
     "mtime_ns",  # shard records: when this copy of a file was written
 })

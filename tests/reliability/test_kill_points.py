@@ -46,11 +46,12 @@ STAGES = stage_names()  # every registered stage has a chain of kill points belo
 
 def config(home: Path, model: Path) -> dict:
     """The pipeline on a tiny llama: 3 cache shards, 10 training steps (checkpoint every 2), 3 decode shards,
-    6 intervene conditions in 9 generation batches."""
-    return {"home": str(home), "model": {"name": str(model)},
+    6 intervene conditions in 9 generation batches (the head budget is 0 and the all-heads claim is off, so select
+    preregisters no steering condition; the select chain still runs the steering search)."""
+    return {"home": str(home), "model": {"name": str(model)}, "select": {"steering": {"all_heads": False}},
             "corpus": {"paths": ["bundled:rtp_toxic_dev", "bundled:rtp_nontoxic_dev"], "max_prompts_per_file": 6},
             "cache": {"batch_size": 4, "prompts_per_shard": 4, "max_length": 16},
-            "train": {"micro_batch_tokens": 32, "epochs": 2, "checkpoint_every": 2},
+            "train": {"micro_batch_tokens": 32, "epochs": 2, "checkpoint_every": 2, "log_every": 1},
             "intervene": {"max_prompts": 4, "k": 2, "max_new_tokens": 4, "batch_prompts": 2,
                           "head_sets": [{"top_n": 1}], "random_seeds": [0], "ablation_candidates": 2,
                           "ablation_prompts": 2, "ppl_tokens": 200, "ppl_window": 50, "n_boot": 50}}

@@ -120,7 +120,7 @@ def _kept_by_prefix(scores: torch.Tensor, probs: torch.Tensor, total: torch.Tens
     top_probs = probs.gather(-1, ids).double()  # [rows, k]
     # [rows, k]: the mass of a token and all below it, normalised by the row's float64 total (not a float32 one)
     tail = (total - (top_probs.cumsum(dim=-1) - top_probs)) / total
-    threshold = float(torch.tensor(1 - top_p, dtype=torch.float32))  # the reference compares in float32
+    threshold = float(torch.tensor(1 - top_p, dtype=torch.float32))  # host: a scalar; the reference compares in fp32
     guard = NUCLEUS_REL_GUARD * threshold + 1e-12
     kept = tail > threshold  # a prefix of each row: tail never increases
     kept[:, 0] = True  # the most likely token always stays
@@ -184,7 +184,8 @@ def _draw(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
 def _uniforms(generators: Sequence[torch.Generator], device) -> torch.Tensor:
     """Return one float64 uniform per generator `[rows]`, drawn on the host (where the generators live, so a seed
     gives the same uniform on every device)."""
-    return torch.stack([torch.rand((), generator=g, dtype=torch.float64) for g in generators]).to(device)
+    u = [torch.rand((), generator=g, dtype=torch.float64) for g in generators]  # host: where the generators live
+    return torch.stack(u).to(device)
 
 
 def nucleus_sample(logits: torch.Tensor, top_p: float, temperature: float, generators: Sequence[torch.Generator]

@@ -26,7 +26,7 @@ from loralens.lens.evaluation.scorers import primary_label
 from loralens.lens.evaluation.steering_search import Trial
 from loralens.lens.heads.causal_scores import ForcedBatch, Proxy
 from loralens.lens.heads.directions import ScoredActivations, scored_activations
-from loralens.lens.runtime.models import LoadedModel
+from loralens.lens.runtime.models import LoadedModel, model_context_length
 from loralens.tasks.evaluation.steering import (
     Directions,
     SteeringChoice,
@@ -94,7 +94,7 @@ def head_probe_auroc(acts: ScoredActivations, toxic: np.ndarray, layers: Sequenc
     """Return each head's held-out probe AUROC `[L, H]` on each prompt's mean z over its scored positions
     (`probe_split`; prompts without a scored position are left out); all nan when either label has fewer than
     two prompts (no held-out AUROC)."""
-    has = torch.bincount(acts.row, minlength=acts.n_seq).numpy() > 0
+    has = torch.bincount(acts.row, minlength=acts.n_seq).cpu().numpy() > 0
     keep = np.flatnonzero(has)
     y = np.asarray(toxic, dtype=bool)[keep]
     out = np.full((len(layers), n_heads), np.nan)
@@ -169,7 +169,9 @@ def stage_steering(cfg: PipelineConfig, loaded: LoadedModel, decode_ver: StageVe
         require_complete(train_ver)
         lens = lens_logits_of(stage_reader(cfg, train_ver, list(layers))[1], layers)
     text = wikitext(ic.ppl_tokens)
-    return select_steering(loaded, plan, batches, benign_batches(loaded.tokenizer, text), proxy,
+    context = model_context_length(loaded.model.config) - 2  # an empty prompt's BOS and one spare position
+    return select_steering(loaded, plan, batches, benign_batches(loaded.tokenizer, text, max_tokens=min(128, context)),
+                           proxy,
                            torch.from_numpy(token_toxicity_scores(decode_ver.artifact)), cont, layers, lens,
                            budget=budget, max_ppl_rel=cfg.goal.ppl_rel, text=text, ppl_tokens=ic.ppl_tokens,
                            ppl_window=ic.ppl_window, progress=log.info)

@@ -65,9 +65,10 @@ def test_deleted_warehouse_is_rebuilt_answering_every_query_the_same(home_copy, 
     home, src = home_copy
     before = warehouse_answers(home, src)
     answers = [sql_csv(home, q, capsys) for q in QUERIES]
-    # Every stage's tables have rows (this run's head budget is 0: its selection path is empty).
+    # Every stage's tables have rows (this run's head budget is 0 and its all-heads claim off: its selection path
+    # and steering trials are empty; tests/test_select_steering.py checks the trials' rows).
     assert [t for t in ("artifacts", "prompts", "training_curve", "lens_fidelity", "decodings", "vocab_toxicity",
-                        "prompt_groups", "head_scores", "prompt_splits", "steering_trials", "steering_scores",
+                        "prompt_groups", "head_scores", "prompt_splits", "steering_scores",
                         "generations", "interventions", "top_toxic_heads", "head_toxic_tokens") if not before[t]] == []
     (home / "warehouse.duckdb").unlink()
     n = complete_versions(home)

@@ -74,19 +74,33 @@ def main() -> None:
     parser.add_argument("--alphas", type=float, nargs="+", default=[1.0, 2.0, 4.0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--batch-prompts", type=int, default=16)
+    parser.add_argument("--random-seed", type=int, default=0, help="draws the random controls (control_seeds)")
+    parser.add_argument("--random-draws", type=int, default=100, help="most random sets drawn to find --random-sets "
+                                                                      "within the PPL budget")
+    parser.add_argument("--preregistered", type=Path, default=None,
+                        help="reuse this earlier *.preregistered.json's headline and all-heads condition (no "
+                             "search; directions recomputed on the same selection split), drawing new controls")
+    parser.add_argument("--exploratory", action=argparse.BooleanOptionalAction, default=True,
+                        help="also sample the exploratory conditions and the all-heads condition")
     parser.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
 
     import loralens
     from loralens.config import SteeringConfig, parse_config
+    from loralens.lens.evaluation.generation import hash_seed
     from loralens.lens.evaluation.greedy_selection import head_budget
     from loralens.lens.evaluation.scorers import get_scorer, primary_label
     from loralens.lens.heads.causal_scores import expected_toxicity_proxy, teacher_forced_batches
     from loralens.tasks.evaluation import steering as S
     from loralens.tasks.evaluation import steering_evaluation as E
     from loralens.tasks.evaluation.splits import prompt_splits
-    from loralens.tasks.evaluation.steering_selection import lens_logits_of, select_steering
+    from loralens.tasks.evaluation.steering_selection import (
+        lens_logits_of,
+        matched_controls,
+        select_steering,
+        steering_directions,
+    )
     from loralens.tasks.evaluation.wikitext import wikitext
 
     t0 = time.perf_counter()
@@ -106,43 +120,73 @@ def main() -> None:
                                      max_continuation_tokens=s.max_continuation_tokens)
     text = wikitext(cfg.intervene.ppl_tokens)
     cont_tox = np.asarray(scorer.score([p.continuation or "" for p in sel])[label], dtype=np.float64)
-    plan = SteeringConfig(alphas=tuple(args.alphas), sizes=tuple(args.sizes))
+    plan = SteeringConfig(alphas=tuple(args.alphas), sizes=tuple(args.sizes), random_sets=args.random_sets,
+                          random_draws=args.random_draws)
     layers = lenses.layers
-    budget = head_budget(len(layers) * lm.dims.n_heads, cfg.goal.max_head_share)
-    # the select stage's own search (loralens/tasks/evaluation/steering_selection.py), on these lenses
-    steering = select_steering(lm, plan, batches, S.benign_batches(lm.tokenizer, text), expected_toxicity_proxy(tox),
-                               lenses.vocab_tox, cont_tox, layers, lens_logits_of(lenses.reader, layers),
-                               budget=budget, max_ppl_rel=cfg.goal.ppl_rel, text=text,
-                               ppl_tokens=cfg.intervene.ppl_tokens, ppl_window=cfg.intervene.ppl_window,
-                               progress=print)
-    choice, all_heads, all_trials = steering.choice, steering.all_heads, steering.all_trials
-    d_hat, sigma, toxic, cut = steering.d_hat, steering.sigma, steering.toxic, steering.cut
+    n_heads = lm.dims.n_heads
+    every = [(layer, h) for layer in layers for h in range(n_heads)]
+    budget = head_budget(len(every), cfg.goal.max_head_share)
+    nll = S.benign_batches(lm.tokenizer, text)
+    lens_logits = lens_logits_of(lenses.reader, layers)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     prereg = args.out.with_suffix(".preregistered.json")
-    prereg.write_text(json.dumps({
-        "written_before_evaluation": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
-        "headline": None if choice.chosen is None else choice.chosen.to_dict(), "labels": cut,
-        "selection_prompts": len(sel), "toxic_continuations": int(toxic.sum()), **choice.facts,
-        "trials": [t.to_dict() for t in choice.trials],
-        "all_heads": None if all_heads is None else S.trial_record(all_heads, all_heads=True),
-        "all_heads_ppl_budget": plan.all_heads_ppl_rel,
-        "all_heads_trials": [S.trial_record(t, all_heads=True) for t in all_trials]}, indent=1))
-    print(f"preregistered: {choice.chosen.condition.name if choice.chosen else 'none'} -> {prereg}")
-    if choice.chosen is None:
+    if args.preregistered is None:
+        # the select stage's own search (loralens/tasks/evaluation/steering_selection.py), on these lenses
+        steering = select_steering(lm, plan, batches, nll, expected_toxicity_proxy(tox), lenses.vocab_tox, cont_tox,
+                                   layers, lens_logits, budget=budget, max_ppl_rel=cfg.goal.ppl_rel, text=text,
+                                   ppl_tokens=cfg.intervene.ppl_tokens, ppl_window=cfg.intervene.ppl_window,
+                                   seed=args.random_seed, progress=print)
+        choice, all_heads = steering.choice, steering.all_heads
+        d_hat, sigma, seconds = steering.d_hat, steering.sigma, dict(steering.seconds)
+        record = {"headline": None if choice.chosen is None else choice.chosen.to_dict(),
+                  "controls": None if steering.controls is None else steering.controls.to_dict(),
+                  "labels": steering.cut, "selection_prompts": len(sel),
+                  "toxic_continuations": int(steering.toxic.sum()), **choice.facts,
+                  "trials": [t.to_dict() for t in choice.trials],
+                  "all_heads": None if all_heads is None else S.trial_record(all_heads, all_heads=True),
+                  "all_heads_ppl_budget": plan.all_heads_ppl_rel,
+                  "all_heads_trials": [S.trial_record(t, all_heads=True) for t in steering.all_trials]}
+        headline = None if choice.chosen is None else choice.chosen.condition
+        every_cond = None if all_heads is None else all_heads.condition
+        controls = steering.controls
+        first_order = choice.first_order
+    else:
+        # the same preregistered conditions (directions recomputed: deterministic), new controls drawn now
+        earlier = json.loads(args.preregistered.read_text())
+        dirs = steering_directions(lm, plan, batches, lenses.vocab_tox, cont_tox, layers, lens_logits,
+                                   progress=print)
+        d_hat, sigma, seconds = dirs.d_hat, dirs.sigma, dict(dirs.seconds)
+        headline = None if earlier["headline"] is None else S.condition_from_record(earlier["headline"], every)
+        every_cond = None if earlier["all_heads"] is None else S.condition_from_record(earlier["all_heads"], every)
+        controls = None
+        if headline is not None:
+            t = time.perf_counter()
+            rise = S.ppl_measure(lm, text, ppl_tokens=cfg.intervene.ppl_tokens, ppl_window=cfg.intervene.ppl_window,
+                                 d_hat=d_hat, sigma=sigma)
+            controls = matched_controls(headline, plan, layers, n_heads, rise, seed=args.random_seed,
+                                        ppl_budget=cfg.goal.ppl_rel, progress=print)
+            seconds["controls"] = time.perf_counter() - t
+        record = {"reuses": str(args.preregistered), "headline": earlier["headline"],
+                  "all_heads": earlier["all_heads"], "controls": None if controls is None else controls.to_dict()}
+        first_order = None
+    prereg.write_text(json.dumps({"written_before_evaluation": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+                                  "random_seed": args.random_seed, **record}, indent=1))
+    print(f"preregistered: {headline.name if headline else 'none'} -> {prereg}")
+    if headline is None:
         print("no steering condition lowers the proxy within the PPL budget on the selection split: nothing to test")
         return
 
     evaluation = [p.text for p in splits.evaluation]
-    conds, randoms = E.conditions(choice.chosen.condition, d_hat, sigma, layers=layers,
-                                  n_heads=lm.dims.n_heads, random_seeds=range(args.random_sets),
-                                  sources=plan.sources, edits=plan.edits,
-                                  all_heads=None if all_heads is None else all_heads.condition)
+    conds, randoms = E.conditions(headline, d_hat, sigma, layers=layers, random_sets=controls.heads,
+                                  direction_seed=hash_seed(args.random_seed, len(headline.heads), 0),
+                                  sources=plan.sources, edits=plan.edits, exploratory=args.exploratory,
+                                  all_heads=every_cond if args.exploratory else None)
     t_eval = time.perf_counter()
     rows = E.evaluate(lm, scorer, label, evaluation, cfg.intervene, text, conds, randoms,
                       n_boot=cfg.intervene.n_boot, ppl_budget=cfg.goal.ppl_rel, progress=print)
     t_eval = time.perf_counter() - t_eval
     head = next(r for r in rows if r["role"] == "headline")
-    share = len(choice.chosen.condition.heads) / (len(layers) * lm.dims.n_heads)
+    share = len(headline.heads) / len(every)
     met = (share <= cfg.goal.max_head_share and head["emt_rel"] <= -0.25 and head["ppl_rel"] <= cfg.goal.ppl_rel
            and head["permutation_p"] < 0.05 and head["n_random"] >= 20)
     rows = [all_heads_record(r) | {"condition": all_heads_record(r)["name"]} if r["role"] == "all_heads" else r
@@ -151,7 +195,7 @@ def main() -> None:
     met_all = every is not None and every["emt_rel"] <= -0.40 and every["ppl_rel"] <= plan.all_heads_ppl_rel
     lines = table(rows)
     print("\n".join(lines))
-    print(f"\nHeadline (preregistered on the selection split): {choice.chosen.condition.name}; EMT "
+    print(f"\nHeadline (preregistered on the selection split): {headline.name}; EMT "
           f"{fmt(head['emt_rel'], '+.1%')} at PPL {fmt(head['ppl_rel'], '+.1%')}, permutation p "
           f"{fmt(head['permutation_p'], '.3f')} among {head['n_random']} random sets")
     print(f"Goal (<= {cfg.goal.max_head_share:.0%} heads, EMT <= -25%, PPL <= +{cfg.goal.ppl_rel:.0%}, p < 0.05 vs "
@@ -165,10 +209,9 @@ def main() -> None:
     args.out.write_text(json.dumps({
         "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "train_version": lenses.version, "evaluation_prompts": len(evaluation), "preregistered": str(prereg),
-        "headline": choice.chosen.to_dict(), "goal_met": met,
-        "all_heads": None if all_heads is None else S.trial_record(all_heads, all_heads=True),
-        "all_heads_goal_met": met_all, "rows": rows, "first_order": choice.first_order,
-        "seconds": {**steering.seconds, "evaluation": t_eval,
+        "headline": record["headline"], "goal_met": met, "controls": record["controls"],
+        "all_heads": record["all_heads"], "all_heads_goal_met": met_all, "rows": rows, "first_order": first_order,
+        "seconds": {**seconds, "evaluation": t_eval,
                     "total": time.perf_counter() - t0}, "table": lines}, indent=1, default=str))
     print(f"\nwrote {args.out}")
 

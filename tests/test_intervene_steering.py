@@ -29,12 +29,13 @@ def preregister(cfg: dict, res: dict, home: Path) -> None:
     """Write a steering preregistration into the copied home's select version: directions of the `contrast` and
     `unembed` sources for every cached layer, the headline (L2H1 steered 4 sigma along contrast) and an all-heads
     condition."""
-    from loralens.config import parse_config
+    from loralens.config import SteeringConfig, parse_config
     from loralens.lens.evaluation.steering_search import Steering, Trial
     from loralens.lens.heads.causal_scores import teacher_forced_batches
     from loralens.lens.heads.directions import scored_activations
     from loralens.tasks.evaluation import steering as S
     from loralens.tasks.evaluation.splits import prompt_splits
+    from loralens.tasks.evaluation.steering_selection import matched_controls
     from loralens.tasks.lens_loading import cached_layers
     from loralens.tasks.workers.worker_process import stage_model
     from loralens.warehouse.artifacts import ArtifactDir
@@ -59,9 +60,14 @@ def preregister(cfg: dict, res: dict, home: Path) -> None:
                      {s: {la: d.numpy() for la, d in by.items()} for s, by in d_hat.items()},
                      {s: {la: v.numpy() for la, v in by.items()} for s, by in sigma.items()})
     every = tuple((la, h) for la in layers for h in range(n_heads))
+    headline = Steering(((2, 1),), "steer", "contrast", 4.0)
+    # 20 controls drawn as select draws them; every rise is within an unbounded budget (the PPL screen is
+    # tests/test_steering_controls.py's and tests/test_select_steering.py's)
+    controls = matched_controls(headline, SteeringConfig(), layers, n_heads, lambda _cond: 0.0, seed=0,
+                                ppl_budget=float("inf"))
     manifest = select.manifest()
     manifest["summary"]["steering"] = {
-        "headline": S.trial_record(Trial(Steering(((2, 1),), "steer", "contrast", 4.0), 0.01, 0.001, True)),
+        "headline": S.trial_record(Trial(headline, 0.01, 0.001, True)), "controls": controls.to_dict(),
         "all_heads": S.trial_record(Trial(Steering(every, "reverse", "unembed", 0.5), 0.02, 0.05, True),
                                     all_heads=True), "labels": cut}
     manifest["config"]["select"]["steering"]["sources"] = ["contrast", "unembed"]  # no trained-lens source here

@@ -95,7 +95,6 @@ FIELDS: dict[tuple[str, str], tuple[object, set[str]]] = {
     ("intervene", "factor"): (0.5, {"intervene"}),
     ("intervene", "head_sets"): ((HeadSetConfig(heads="L0H0"),), set()),
     ("intervene", "random_seeds"): ((1,), {"intervene"}),
-    ("intervene", "steering_random_sets"): (5, {"intervene"}),
     ("intervene", "ppl_tokens"): (100, SAMPLING),
     ("intervene", "ppl_window"): (64, SAMPLING),
     ("intervene", "mean_tokens"): (100, {"intervene"}),

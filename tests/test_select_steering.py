@@ -187,8 +187,8 @@ def test_the_steering_section_is_versioned(tmp_path, key):
 
 def test_intervene_evaluates_the_condition_select_preregistered(planted_run):
     """End to end (one pipeline run): the intervene stage's headline is exactly the condition the select stage
-    preregistered on the selection split, evaluated against `intervene.steering_random_sets` random head sets given
-    the same edit, with the random-direction control and the all-heads condition beside it."""
+    preregistered on the selection split, evaluated against the random head sets preregistered with it (each within
+    the PPL budget under the same edit), with the random-direction control and the all-heads condition beside it."""
     _config, results, db = planted_run
     pre = results["select"]["steering"]
     assert pre["headline"] is not None  # the planted head is worth steering within the one-head budget
@@ -198,7 +198,14 @@ def test_intervene_evaluates_the_condition_select_preregistered(planted_run):
     assert head["preregistered_by"] == f"select {results['select']['version']}"
     assert head["condition"] == f"headline:{pre['headline']['name']}"
     groups = dict(query(db, "SELECT grp, count(*) FROM interventions WHERE version = ? GROUP BY grp", iv["version"]))
+    controls = pre["controls"]
+    assert len(controls["random_sets"]) == 20 and controls["draws"] >= 20
+    assert all(r["ppl_rel"] <= controls["ppl_budget"] for r in controls["random_sets"])
+    assert all(r["ppl_rel"] > controls["ppl_budget"] for r in controls["rejected"])
     assert groups["steering"] == 1 and groups["steering_random"] == 20 and groups["steering_random_direction"] == 1
+    random_heads = query(db, "SELECT heads FROM interventions WHERE version = ? AND grp = 'steering_random'",
+                         iv["version"])
+    assert sorted(h for (h,) in random_heads) == sorted(r["heads"] for r in controls["random_sets"])
     assert groups.get("steering_all_heads", 0) == (pre["all_heads"] is not None)
     (kind,) = query(db, "SELECT DISTINCT kind FROM interventions WHERE version = ? AND grp = 'steering_random'",
                     iv["version"])

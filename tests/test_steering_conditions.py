@@ -8,6 +8,7 @@ import torch
 
 from loralens.config import SteeringConfig
 from loralens.lens.evaluation.steering_search import Steering, Trial
+from loralens.lens.heads.head_sets import parse_head_list
 from loralens.tasks.evaluation.conditions import Condition
 from loralens.tasks.evaluation.steering import trial_record
 from loralens.tasks.evaluation.steering_conditions import (
@@ -20,23 +21,31 @@ from loralens.tasks.evaluation.steering_conditions import (
     intervention_of,
     preregistered_conditions,
 )
+from loralens.tasks.evaluation.steering_controls import MatchedControls, control_seeds, draw_random_sets
 
 LAYERS, N_HEADS = [2, 5, 7], 4  # the cached layers (not every model layer)
 EVERY = [(la, h) for la in LAYERS for h in range(N_HEADS)]
 HEADLINE = Steering(((5, 1), (7, 3)), "reverse", "lens", 4.0)
 
 
-def select_manifest(headline: Steering | None = HEADLINE, all_heads: bool = True, **plan) -> dict:
-    """Return a select manifest as the select stage records its preregistration (summary + config)."""
+def select_manifest(headline: Steering | None = HEADLINE, all_heads: bool = True, n_random: int = 20, seed: int = 0,
+                    **plan) -> dict:
+    """Return a select manifest as the select stage records its preregistration (summary + config); the random
+    sets drawn as the stage draws them, every one within budget."""
     every = Trial(Steering(tuple(EVERY), "steer", "contrast", 0.25), 0.02, 0.05, True)
+    controls = None
+    if headline is not None and all(la in LAYERS for la, _ in headline.heads):
+        drawn = draw_random_sets(headline, LAYERS, N_HEADS, control_seeds(seed, len(headline.heads), n_random))
+        controls = MatchedControls([(h, 0.01) for h in drawn], [], 0.05).to_dict()
     steering = {"headline": None if headline is None else trial_record(Trial(headline, 0.01, 0.002, True)),
+                "controls": controls,
                 "all_heads": trial_record(every, all_heads=True) if all_heads else None, "labels": ">= 0.5"}
     return {"version": "sel123", "summary": {"steering": steering},
             "config": {"select": {"steering": SteeringConfig(**plan).model_dump()}}}
 
 
 def test_the_preregistered_headline_its_controls_and_the_exploratory_conditions():
-    conds = preregistered_conditions(select_manifest(), LAYERS, N_HEADS, n_random=20, seed=0)
+    conds = preregistered_conditions(select_manifest(), LAYERS, N_HEADS, seed=0)
     by_group = {}
     for c in conds:
         by_group.setdefault(c.group, []).append(c)
@@ -52,9 +61,12 @@ def test_the_preregistered_headline_its_controls_and_the_exploratory_conditions(
         assert len(r.heads) == 2 and r.spec == spec and not set(r.heads) & set(HEADLINE.heads)
         assert all(la in LAYERS and 0 <= h < N_HEADS for la, h in r.heads)  # drawn over the cached layers only
     assert len({r.heads for r in randoms}) > 10  # 20 seeds, 66 possible pairs: mostly different sets
-    assert conds == preregistered_conditions(select_manifest(), LAYERS, N_HEADS, n_random=20, seed=0)
-    assert [r.heads for r in preregistered_conditions(select_manifest(), LAYERS, N_HEADS, n_random=20, seed=1)
-            if r.group == STEERING_RANDOM] != [r.heads for r in randoms]  # the seed draws them
+    # exactly the preregistered sets, in their order
+    assert [r.heads for r in randoms] == [tuple(parse_head_list(c["heads"]))
+                                          for c in select_manifest()["summary"]["steering"]["controls"]["random_sets"]]
+    assert conds == preregistered_conditions(select_manifest(), LAYERS, N_HEADS, seed=0)
+    assert [r.heads for r in preregistered_conditions(select_manifest(seed=1), LAYERS, N_HEADS, seed=0)
+            if r.group == STEERING_RANDOM] != [r.heads for r in randoms]  # select's seed drew them
     (rd,) = by_group[STEERING_RANDOM_DIRECTION]
     assert rd.heads == HEADLINE.heads and rd.spec.direction_seed is not None
     assert (rd.spec.edit, rd.spec.source, rd.spec.alpha) == ("reverse", "lens", 4.0)
@@ -69,19 +81,18 @@ def test_the_preregistered_headline_its_controls_and_the_exploratory_conditions(
 
 
 def test_select_plans_without_a_headline_or_with_steering_off():
-    only_all = preregistered_conditions(select_manifest(None), LAYERS, N_HEADS, n_random=20, seed=0)
+    only_all = preregistered_conditions(select_manifest(None), LAYERS, N_HEADS, seed=0)
     assert [c.group for c in only_all] == [STEERING_ALL_HEADS]
-    narrow = preregistered_conditions(select_manifest(all_heads=False, sources=("lens",), edits=("reverse",)),
-                                      LAYERS, N_HEADS, n_random=3, seed=0)
+    narrow = preregistered_conditions(select_manifest(all_heads=False, n_random=3, sources=("lens",),
+                                                      edits=("reverse",)), LAYERS, N_HEADS, seed=0)
     assert [c.key for c in narrow] == ["headline", "random0", "random1", "random2", "random_direction", "zero"]
     off = select_manifest()
     off["summary"]["steering"] = None
-    assert preregistered_conditions(off, LAYERS, N_HEADS, n_random=20, seed=0) == []
+    assert preregistered_conditions(off, LAYERS, N_HEADS, seed=0) == []
     del off["summary"]["steering"]  # a select version from before steering
-    assert preregistered_conditions(off, LAYERS, N_HEADS, n_random=20, seed=0) == []
+    assert preregistered_conditions(off, LAYERS, N_HEADS, seed=0) == []
     with pytest.raises(ValueError, match="outside the layers"):
-        preregistered_conditions(select_manifest(Steering(((3, 0),), "steer", "lens", 1.0)), LAYERS, N_HEADS,
-                                 n_random=2, seed=0)
+        preregistered_conditions(select_manifest(Steering(((3, 0),), "steer", "lens", 1.0)), LAYERS, N_HEADS, seed=0)
     with pytest.raises(ValueError, match="edit: 'steer' needs a source"):
         EditSpec("steer")
 
@@ -102,7 +113,7 @@ def test_each_condition_gets_its_own_heads_directions():
     d_hat = {s: {la: torch.nn.functional.normalize(torch.randn(N_HEADS, 8, generator=g), dim=-1) for la in LAYERS}
              for s in ("contrast", "unembed", "lens")}
     sigma = {s: {la: torch.rand(N_HEADS, generator=g) + 0.5 for la in LAYERS} for s in d_hat}
-    conds = {c.key: c for c in preregistered_conditions(select_manifest(), LAYERS, N_HEADS, n_random=2, seed=0)}
+    conds = {c.key: c for c in preregistered_conditions(select_manifest(n_random=2), LAYERS, N_HEADS, seed=0)}
     head = intervention_of(conds["headline"].heads, conds["headline"].spec, d_hat, sigma)
     assert (head.kind, head.heads, head.factor) == ("reverse", HEADLINE.heads, 4.0)
     assert torch.equal(head.z_directions[(7, 3)], d_hat["lens"][7][3])

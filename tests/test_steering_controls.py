@@ -7,19 +7,52 @@ import pytest
 import torch
 
 from loralens.lens.evaluation.steering_search import Steering
-from loralens.tasks.evaluation.steering_controls import headline_rows, random_direction, random_sets
+from loralens.tasks.evaluation.steering_controls import (
+    control_seeds,
+    draw_random_sets,
+    fluency_matched_sets,
+    headline_rows,
+    random_direction,
+)
 
 HEADLINE = Steering(((1, 2), (3, 0)), "steer", "contrast", 4.0)
 
 
-def test_random_sets_keep_size_edit_source_and_strength_and_avoid_the_chosen_heads():
-    sets = random_sets(HEADLINE, n_layers=4, n_heads=3, seeds=range(20))
+def test_random_sets_keep_the_size_and_avoid_the_chosen_heads_over_the_cached_layers():
+    layers = [2, 5, 7]
+    headline = Steering(((5, 2), (7, 0)), "steer", "contrast", 4.0)
+    sets = draw_random_sets(headline, layers, n_heads=3, seeds=control_seeds(0, 2, 20))
     assert len(sets) == 20
-    for s in sets:
-        assert len(s.heads) == 2 and (s.edit, s.source, s.alpha) == ("steer", "contrast", 4.0)
-        assert not set(s.heads) & set(HEADLINE.heads)
-    assert random_sets(HEADLINE, 4, 3, [7]) == random_sets(HEADLINE, 4, 3, [7])  # one seed, one set
-    assert len({s.heads for s in sets}) > 1
+    for heads in sets:
+        assert len(heads) == 2 and list(heads) == sorted(heads) and not set(heads) & set(headline.heads)
+        assert all(la in layers and 0 <= h < 3 for la, h in heads)
+    assert draw_random_sets(headline, layers, 3, [7]) == draw_random_sets(headline, layers, 3, [7])  # one seed, one set
+    assert len(set(sets)) > 1
+    assert control_seeds(0, 2, 3) != control_seeds(1, 2, 3) and control_seeds(0, 2, 3)[:2] == control_seeds(0, 2, 2)
+    with pytest.raises(ValueError, match="outside the layers"):
+        draw_random_sets(HEADLINE, layers, 3, [0])  # layers 1 and 3 are not cached
+
+
+def test_fluency_matched_sets_keep_the_first_within_budget_in_draw_order():
+    candidates = [((0, 0),), ((0, 1),), ((1, 0),), ((1, 1),), ((2, 0),), ((2, 1),)]
+    rises = {((0, 0),): 0.01, ((0, 1),): 9.0, ((1, 0),): 0.05, ((1, 1),): float("nan"), ((2, 0),): -0.02,
+             ((2, 1),): 0.0}
+    seen = []
+
+    def rise(cond: Steering) -> float:
+        assert (cond.edit, cond.source, cond.alpha) == ("steer", "contrast", 4.0)  # the headline's edit
+        seen.append(cond.heads)
+        return rises[cond.heads]
+
+    got = fluency_matched_sets(HEADLINE, candidates, rise, n=3, ppl_budget=0.05)
+    assert got.heads == [((0, 0),), ((1, 0),), ((2, 0),)]  # 0.05 is within; 9.0 and nan are not
+    assert [h for h, _ in got.rejected] == [((0, 1),), ((1, 1),)]
+    assert seen == candidates[:5]  # stops once it has enough: the sixth is never measured
+    rec = got.to_dict()
+    assert rec["draws"] == 5 and rec["ppl_budget"] == 0.05
+    assert rec["random_sets"][0] == {"heads": "L0H0", "ppl_rel": 0.01}
+    short = fluency_matched_sets(HEADLINE, candidates[:2], rise, n=3, ppl_budget=0.05)
+    assert short.heads == [((0, 0),)]  # the candidates ran out: fewer than asked, never a set outside the budget
 
 
 def test_random_direction_control_keeps_heads_and_sigma_and_draws_unit_directions():

@@ -16,6 +16,7 @@ from loralens.lens.heads.directions import scored_activations
 from loralens.lens.runtime.adapters import adapter_for, folded_unembedding, model_dims
 from loralens.lens.runtime.models import LoadedModel
 from loralens.tasks.evaluation import steering as S
+from loralens.tasks.evaluation.steering_controls import draw_random_sets
 
 
 @pytest.fixture(scope="module")
@@ -63,8 +64,8 @@ def test_the_search_preregisters_the_planted_head(setup):
     assert float(sigma["contrast"][PLANTED[0]][PLANTED[1]]) > 0
     proxy = expected_toxicity_proxy(tox)
     plan = SteeringConfig(sources=("contrast", "unembed"), edits=("steer",), alphas=(1.0, 3.0), sizes=(1, 2))
-    measure = S.exact_measure(loaded, batches, proxy, benign, ppl_tokens=120, ppl_window=40, d_hat=d_hat,
-                              sigma=sigma)
+    rise = S.ppl_measure(loaded, benign, ppl_tokens=120, ppl_window=40, d_hat=d_hat, sigma=sigma)
+    measure = S.exact_measure(loaded, batches, proxy, rise, d_hat=d_hat, sigma=sigma)
     choice = S.choose_steering(loaded, plan, batches, nll_batches, proxy, d_hat, sigma, budget=2, max_ppl_rel=0.5,
                                measure=measure)
     ranked_first = {r["source"]: None for r in choice.first_order}
@@ -101,8 +102,9 @@ def test_evaluating_the_preregistered_steering_against_its_controls(setup):
     sigma = S.sigmas(acts, d_hat)
     headline = Steering((PLANTED,), "steer", "contrast", 8.0)
     every = tuple((la, h) for la in layers for h in range(loaded.dims.n_heads))
-    conds, randoms = E.conditions(headline, d_hat, sigma, layers=layers, n_heads=loaded.dims.n_heads,
-                                  random_seeds=[0, 1, 2], sources=("contrast", "unembed"), edits=("steer", "reverse"),
+    conds, randoms = E.conditions(headline, d_hat, sigma, layers=layers,
+                                  random_sets=draw_random_sets(headline, layers, loaded.dims.n_heads, [0, 1, 2]),
+                                  direction_seed=0, sources=("contrast", "unembed"), edits=("steer", "reverse"),
                                   all_heads=Steering(every, "steer", "contrast", 0.5))
     assert randoms == ["random0", "random1", "random2"]
     assert set(conds) == {"headline", *randoms, "random_direction", "reverse:contrast", "steer:unembed",

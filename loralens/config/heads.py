@@ -42,7 +42,9 @@ class SteeringConfig(Section):
     minus where it is not; `unembed`: the unembedding's toxic direction pulled back to the head; `lens`: through
     the head's trained Lora Lens), edits `steer` (a constant shift of `alpha` sigmas) and `reverse` (remove
     `alpha` x the positive part along the direction). Heads are ranked by a fluency-aware first-order score;
-    sizes x alphas are measured exactly; the best within the goal's budgets is preregistered as the headline.
+    sizes x alphas are measured exactly; the best within the goal's budgets is preregistered as the headline,
+    with `random_sets` random head sets of its size as controls, drawn in seed order (`intervene.seed`) and kept
+    only when their perplexity rise under the same edit is within the goal's budget (fluency-matched).
     """
 
     enabled: bool = Field(True, description="choose and preregister a steering condition (off: zero-ablation "
@@ -57,6 +59,11 @@ class SteeringConfig(Section):
                                                                         "goal's head budget)")
     threshold: float = Field(0.5, gt=0, lt=1, description="a human continuation is toxic (contrast labels) when "
                                                           "its score >= this (median split if a group is empty)")
+    random_sets: int = Field(20, ge=0, description="random head sets preregistered as the headline's controls (its "
+                                                   "permutation test), each within the goal's PPL budget under "
+                                                   "the headline's edit")
+    random_draws: int = Field(100, ge=1, description="most random head sets drawn to find random_sets within the "
+                                                     "PPL budget")
     all_heads: bool = Field(True, description="also preregister the best all-heads steering (a second claim)")
     all_heads_alphas: tuple[float, ...] = Field((0.125, 0.25, 0.5, 1.0), min_length=1,
                                                 description="strengths tried when every head is steered")

@@ -49,8 +49,6 @@ class InterveneConfig(Section):
          HeadSetConfig(selected=True)), description="conditions besides the baseline (their resolved heads are "
                                                     "versioned)")
     random_seeds: tuple[int, ...] = Field((0,), description="random head sets of each size, one per seed")
-    steering_random_sets: int = Field(20, ge=0, description="random head sets given the preregistered steering "
-                                                            "headline's edit (its permutation test)")
     ppl_tokens: int = Field(2048, gt=1, description="WikiText-2 tokens for perplexity (also select's)")
     ppl_window: int = Field(256, gt=1, description="perplexity window in tokens (also select's)")
     mean_tokens: int = Field(4096, gt=0, description="WikiText-2 tokens averaged for the 'mean' intervention")

@@ -148,8 +148,7 @@ def steering_conditions_of(ic: InterveneConfig, select_ver: StageVersion, layers
     on, the select version must be complete: its summary names them)."""
     if not select_ver.config["select"].get("steering", {}).get("enabled", False):
         return []
-    steering = preregistered_conditions(require_complete(select_ver), layers, n_heads,
-                                        n_random=ic.steering_random_sets, seed=ic.seed)
+    steering = preregistered_conditions(require_complete(select_ver), layers, n_heads, seed=ic.seed)
     return [Condition(c.name, c.group, c.heads, n_prompts, ic.k, c.spec) for c in steering]
 
 

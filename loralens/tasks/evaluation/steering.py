@@ -159,19 +159,33 @@ def intervention(cond: Steering, d_hat: Directions, sigma: Mapping[str, Mapping[
     return HeadIntervention(cond.edit, cond.heads, factor=cond.alpha, z_directions=dirs, sigmas=sig)
 
 
-def exact_measure(loaded: LoadedModel, batches: Sequence[ForcedBatch], proxy: Proxy, text: str, *, ppl_tokens: int,
-                  ppl_window: int, d_hat: Directions, sigma: Mapping[str, Mapping[int, torch.Tensor]]
-                  ) -> Callable[[Steering], tuple[float, float]]:
-    """Return measure(condition) -> (mean proxy drop on the selection split, relative perplexity rise on `text`)."""
+def ppl_measure(loaded: LoadedModel, text: str, *, ppl_tokens: int, ppl_window: int, d_hat: Directions,
+                sigma: Mapping[str, Mapping[int, torch.Tensor]]) -> Callable[[Steering], float]:
+    """Return rise(condition) -> relative perplexity rise on `text` under the condition's edit (the plain
+    model's perplexity measured once, now)."""
     def ppl() -> float:
         return perplexity(loaded.model, loaded.tokenizer, text, max_tokens=ppl_tokens, window=ppl_window)["ppl"]
 
-    base_proxy, base_ppl = float(np.mean(proxy_values(loaded.model, batches, proxy))), ppl()
+    base_ppl = ppl()
+
+    def rise(cond: Steering) -> float:
+        with intervene(loaded.model, loaded.adapter, intervention(cond, d_hat, sigma), loaded.dims):
+            return relative_change(ppl(), base_ppl)
+
+    return rise
+
+
+def exact_measure(loaded: LoadedModel, batches: Sequence[ForcedBatch], proxy: Proxy,
+                  rise: Callable[[Steering], float], *, d_hat: Directions,
+                  sigma: Mapping[str, Mapping[int, torch.Tensor]]) -> Callable[[Steering], tuple[float, float]]:
+    """Return measure(condition) -> (mean proxy drop on the selection split, `rise(condition)`: its relative
+    perplexity rise, `ppl_measure`)."""
+    base_proxy = float(np.mean(proxy_values(loaded.model, batches, proxy)))
 
     def measure(cond: Steering) -> tuple[float, float]:
         with intervene(loaded.model, loaded.adapter, intervention(cond, d_hat, sigma), loaded.dims):
             drop = base_proxy - float(np.mean(proxy_values(loaded.model, batches, proxy)))
-            return drop, relative_change(ppl(), base_ppl)
+        return drop, rise(cond)
 
     return measure
 
@@ -227,4 +241,5 @@ def choose_all_heads(plan: SteeringConfig, heads: Sequence[Head], measure: Calla
 
 __all__ = ["ALL", "Directions", "SteeringChoice", "benign_batches", "choose_all_heads", "choose_steering",
            "condition_from_record", "contrast_labels", "trial_record",
-           "exact_measure", "first_order_table", "head_directions", "intervention", "sigmas", "unit_directions"]
+           "exact_measure", "first_order_table", "head_directions", "intervention", "ppl_measure", "sigmas",
+           "unit_directions"]

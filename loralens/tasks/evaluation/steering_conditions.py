@@ -1,8 +1,9 @@
 """Which conditions evaluate a preregistered steering condition, and each one's head edit.
 
 `steering_conditions` is the one place that decides them, for the intervene stage and the steering benchmark alike:
-the headline; random head sets of its size (drawn over the given layers' heads outside the headline's), each with
-the same edit, direction source and strength and its own heads' directions; the headline's heads along random unit
+the headline; the random head sets of its size the select stage preregistered with it (fluency-matched:
+`steering_controls.fluency_matched_sets`), each with the same edit, direction source and strength and its own
+heads' directions; the headline's heads along random unit
 directions of the source's sigma; every other (source, edit) at the same heads and strength and zero ablation of
 them (exploratory); and the preregistered all-heads condition. `EditSpec` is a condition's own edit (versioned with
 the condition); `intervention_of` turns it into the `HeadIntervention` given the select stage's directions.
@@ -20,7 +21,7 @@ import torch
 from loralens.lens.evaluation.generation import hash_seed
 from loralens.lens.evaluation.steering_search import Steering
 from loralens.lens.heads.edits import HeadIntervention
-from loralens.lens.heads.head_sets import Head, format_heads, random_head_sets
+from loralens.lens.heads.head_sets import Head, format_heads, parse_head_list
 from loralens.tasks.evaluation.steering import ALL, Directions, condition_from_record, intervention
 from loralens.tasks.evaluation.steering_controls import RANDOM_SOURCE, random_direction
 from loralens.warehouse.steering_directions import read_directions
@@ -84,27 +85,24 @@ def _spec(cond: Steering, **extra: Any) -> EditSpec:
     return EditSpec(cond.edit, cond.source, float(cond.alpha), **extra)
 
 
-def steering_conditions(headline: Steering | None, *, layers: Sequence[int], n_heads: int,
-                        random_seeds: Sequence[int], sources: Sequence[str], edits: Sequence[str],
+def steering_conditions(headline: Steering | None, *, layers: Sequence[int], random_sets: Sequence[Sequence[Head]],
+                        direction_seed: int, sources: Sequence[str], edits: Sequence[str],
                         all_heads: Steering | None = None) -> list[SteeringCondition]:
-    """Return the conditions evaluating `headline` (headline, one random set per seed, random directions seeded by
-    the first seed, the exploratory ones), then `all_heads` when given. Random sets are drawn over `layers` x
-    `n_heads` outside the headline's heads."""
+    """Return the conditions evaluating `headline` (headline, one condition per given random head set, random
+    directions drawn from `direction_seed`, the exploratory ones), then `all_heads` when given. The headline's
+    and the random sets' heads must lie in `layers`."""
     out: list[SteeringCondition] = []
     if headline is not None:
         layers = [int(la) for la in layers]
-        outside = [la for la, _ in headline.heads if la not in layers]
+        outside = [la for la, _ in (*headline.heads, *(h for hs in random_sets for h in hs)) if la not in layers]
         if outside:
-            raise ValueError(f"headline: heads {format_heads(headline.heads)} are outside the layers {layers}")
+            raise ValueError(f"headline: heads in layers {sorted(set(outside))} are outside the layers {layers}")
         spec = _spec(headline)
         out.append(SteeringCondition("headline", STEERING, headline.heads, spec))
-        drawn = random_head_sets(len(layers), n_heads, len(headline.heads), random_seeds,
-                                 exclude=[(layers.index(la), h) for la, h in headline.heads])
-        out += [SteeringCondition(f"random{i}", STEERING_RANDOM, tuple(sorted((layers[li], h) for li, h in heads)),
-                                  spec) for i, heads in enumerate(drawn)]
-        seed = int(random_seeds[0]) if len(random_seeds) else 0
+        out += [SteeringCondition(f"random{i}", STEERING_RANDOM, tuple(sorted(heads)), spec)
+                for i, heads in enumerate(random_sets)]
         out.append(SteeringCondition("random_direction", STEERING_RANDOM_DIRECTION, headline.heads,
-                                     _spec(headline, direction_seed=seed)))
+                                     _spec(headline, direction_seed=int(direction_seed))))
         out += [SteeringCondition(f"{edit}:{source}", STEERING_EXPLORATORY, headline.heads,
                                   EditSpec(edit, source, float(headline.alpha)))
                 for source in sources for edit in edits if (source, edit) != (headline.source, headline.edit)]
@@ -115,10 +113,10 @@ def steering_conditions(headline: Steering | None, *, layers: Sequence[int], n_h
 
 
 def preregistered_conditions(select_manifest: Mapping[str, Any], layers: Sequence[int], n_heads: int, *,
-                             n_random: int, seed: int) -> list[SteeringCondition]:
-    """Return the steering conditions of the select stage's preregistration (its summary's `steering` headline and
-    all-heads records; its config's sources and edits); none when steering was off or nothing was preregistered.
-    Random set i is drawn with `hash_seed(seed, size, i)`."""
+                             seed: int) -> list[SteeringCondition]:
+    """Return the steering conditions of the select stage's preregistration (its summary's `steering` headline,
+    fluency-matched random sets and all-heads records; its config's sources and edits); none when steering was off
+    or nothing was preregistered. The random directions are drawn from `hash_seed(seed, size, 0)`."""
     steering = select_manifest["summary"].get("steering")
     if not steering:
         return []
@@ -127,9 +125,11 @@ def preregistered_conditions(select_manifest: Mapping[str, Any], layers: Sequenc
     rec, rec_all = steering.get("headline"), steering.get("all_heads")
     headline = None if rec is None else condition_from_record(rec, every)
     size = 0 if headline is None else len(headline.heads)
-    return steering_conditions(headline, layers=layers, n_heads=n_heads,
-                               random_seeds=[hash_seed(seed, size, i) for i in range(n_random)],
-                               sources=plan["sources"], edits=plan["edits"],
+    controls = (steering.get("controls") or {}).get("random_sets", [])
+    return steering_conditions(headline, layers=layers,
+                               random_sets=[tuple(parse_head_list(r["heads"])) for r in controls],
+                               direction_seed=hash_seed(seed, size, 0), sources=plan["sources"],
+                               edits=plan["edits"],
                                all_heads=None if rec_all is None else condition_from_record(rec_all, every))
 
 

@@ -2,8 +2,13 @@
 
 Controls answer "is it these heads, or any heads steered this way?":
 
-- `random_sets`: random head sets of the same size (drawn outside the chosen heads, one per seed), each with the
-  same edit, the same direction source (each head its own direction and sigma) and the same strength;
+- random head sets of the same size (`draw_random_sets`: outside the chosen heads, one per seed), each with the
+  same edit, the same direction source (each head its own direction and sigma) and the same strength, **matched on
+  fluency by construction** (`fluency_matched_sets`): drawn in seed order, each set's perplexity rise on benign
+  WikiText measured under the edit, and only sets within the headline's perplexity budget kept, until there are
+  enough. A set that breaks the model writes nothing toxic; ranking the headline among such sets would compare it
+  with generic damage, not with other heads steered as gently. The select stage draws them, before the
+  evaluation split is read, and preregisters them with the headline;
 - `random_direction`: the chosen heads with a random unit direction per head and the source's sigma (the same
   shift size, no toxic information).
 
@@ -15,12 +20,14 @@ random sets' (permutation p, `statistics.permutation_test`), with the paired exc
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
+from loralens.lens.evaluation.generation import hash_seed
 from loralens.lens.evaluation.statistics import (
     expected_max_toxicity,
     fluency_matched,
@@ -31,17 +38,65 @@ from loralens.lens.evaluation.statistics import (
     versus_random,
 )
 from loralens.lens.evaluation.steering_search import Steering
-from loralens.lens.heads.head_sets import random_head_sets
+from loralens.lens.heads.head_sets import Head, format_heads, random_head_sets
 
 RANDOM_SOURCE = "random"
 ALL_HEADS = "all_heads"  # the second preregistered condition: every head steered (its own role in the rows)
 
 
-def random_sets(headline: Steering, n_layers: int, n_heads: int, seeds: Sequence[int]) -> list[Steering]:
-    """Return one random head set per seed, of the headline's size, outside its heads, with its edit, source and
-    strength."""
-    sets = random_head_sets(n_layers, n_heads, len(headline.heads), seeds, exclude=headline.heads)
-    return [Steering(heads, headline.edit, headline.source, headline.alpha) for heads in sets]
+def control_seeds(seed: int, size: int, draws: int) -> list[int]:
+    """Return the seeds of the first `draws` random sets of `size` heads (`hash_seed(seed, size, i)`)."""
+    return [hash_seed(seed, size, i) for i in range(draws)]
+
+
+def draw_random_sets(headline: Steering, layers: Sequence[int], n_heads: int, seeds: Sequence[int]
+                     ) -> list[tuple[Head, ...]]:
+    """Return one random set of the headline's size per seed, over `layers` x `n_heads` (real layer indices),
+    outside the headline's heads."""
+    layers = [int(la) for la in layers]
+    outside = [la for la, _ in headline.heads if la not in layers]
+    if outside:
+        raise ValueError(f"headline: heads {format_heads(headline.heads)} are outside the layers {layers}")
+    drawn = random_head_sets(len(layers), n_heads, len(headline.heads), seeds,
+                             exclude=[(layers.index(la), h) for la, h in headline.heads])
+    return [tuple(sorted((layers[li], h) for li, h in heads)) for heads in drawn]
+
+
+@dataclass(frozen=True)
+class MatchedControls:
+    """Random head sets screened on fluency: `kept` (within `ppl_budget`, in draw order) and `rejected`, each
+    (heads, relative perplexity rise under the headline's edit)."""
+
+    kept: list[tuple[tuple[Head, ...], float]]
+    rejected: list[tuple[tuple[Head, ...], float]]
+    ppl_budget: float
+
+    @property
+    def heads(self) -> list[tuple[Head, ...]]:
+        return [h for h, _ in self.kept]
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the preregistration's record (heads as `L0H1,...` strings)."""
+        def rec(pairs):
+            return [{"heads": format_heads(h), "ppl_rel": float(p)} for h, p in pairs]
+
+        return {"random_sets": rec(self.kept), "rejected": rec(self.rejected),
+                "draws": len(self.kept) + len(self.rejected), "ppl_budget": self.ppl_budget}
+
+
+def fluency_matched_sets(headline: Steering, candidates: Iterable[tuple[Head, ...]],
+                         rise: Callable[[Steering], float], *, n: int, ppl_budget: float) -> MatchedControls:
+    """Return the first `n` candidate sets whose perplexity rise under the headline's edit, source and strength
+    (`rise`) is within `ppl_budget` (a nan or infinite rise is outside), and the ones rejected on the way; fewer
+    than `n` when the candidates run out."""
+    kept: list[tuple[tuple[Head, ...], float]] = []
+    rejected: list[tuple[tuple[Head, ...], float]] = []
+    for heads in candidates:
+        if len(kept) >= n:
+            break
+        p = float(rise(Steering(tuple(heads), headline.edit, headline.source, headline.alpha)))
+        (kept if p <= ppl_budget else rejected).append((tuple(heads), p))
+    return MatchedControls(kept, rejected, ppl_budget)
 
 
 def random_direction(headline: Steering, d_hat: Mapping[str, Mapping[int, torch.Tensor]],
@@ -92,4 +147,5 @@ def headline_rows(baseline: np.ndarray, conditions: Mapping[str, tuple[Steering 
     return rows
 
 
-__all__ = ["ALL_HEADS", "RANDOM_SOURCE", "headline_rows", "random_direction", "random_sets"]
+__all__ = ["ALL_HEADS", "RANDOM_SOURCE", "MatchedControls", "control_seeds", "draw_random_sets",
+           "fluency_matched_sets", "headline_rows", "random_direction"]

@@ -20,11 +20,16 @@ from loralens.lens.evaluation.perplexity import perplexity
 from loralens.lens.evaluation.statistics import relative_change
 from loralens.lens.evaluation.steering_search import Steering
 from loralens.lens.heads.edits import HeadIntervention, intervene
-from loralens.lens.heads.head_sets import format_heads
+from loralens.lens.heads.head_sets import Head, format_heads
 from loralens.lens.runtime.models import LoadedModel
 from loralens.tasks.evaluation.sampling import sample_scored
 from loralens.tasks.evaluation.steering import Directions
-from loralens.tasks.evaluation.steering_conditions import STEERING_RANDOM, intervention_of, steering_conditions
+from loralens.tasks.evaluation.steering_conditions import (
+    STEERING_EXPLORATORY,
+    STEERING_RANDOM,
+    intervention_of,
+    steering_conditions,
+)
 from loralens.tasks.evaluation.steering_controls import headline_rows
 
 
@@ -45,14 +50,16 @@ def ppl_under(loaded: LoadedModel, text: str, ic: InterveneConfig, iv: HeadInter
 
 
 def conditions(headline: Steering, d_hat: Directions, sigma: Mapping[str, Mapping[int, torch.Tensor]], *,
-               layers: Sequence[int], n_heads: int, random_seeds: Sequence[int], sources: Sequence[str],
-               edits: Sequence[str], all_heads: Steering | None = None
-               ) -> tuple[dict[str, tuple[Steering | None, HeadIntervention]], list[str]]:
+               layers: Sequence[int], random_sets: Sequence[Sequence[Head]], direction_seed: int,
+               sources: Sequence[str], edits: Sequence[str], all_heads: Steering | None = None,
+               exploratory: bool = True) -> tuple[dict[str, tuple[Steering | None, HeadIntervention]], list[str]]:
     """Return ({key: (condition, its edit)}, the random controls' keys) of `steering_conditions.steering_conditions`
-    (the headline, random sets over `layers` x `n_heads`, random directions, the exploratory conditions and
-    `all_heads` when given), each edit built from `d_hat` / `sigma`."""
-    conds = steering_conditions(headline, layers=layers, n_heads=n_heads, random_seeds=random_seeds,
+    (the headline, the given random head sets, random directions, the exploratory conditions unless
+    `exploratory` is False, and `all_heads` when given), each edit built from `d_hat` / `sigma`."""
+    conds = steering_conditions(headline, layers=layers, random_sets=random_sets, direction_seed=direction_seed,
                                 sources=sources, edits=edits, all_heads=all_heads)
+    if not exploratory:
+        conds = [c for c in conds if c.group != STEERING_EXPLORATORY]
     out = {c.key: (c.steering, intervention_of(c.heads, c.spec, d_hat, sigma)) for c in conds}
     return out, [c.key for c in conds if c.group == STEERING_RANDOM]
 

@@ -23,7 +23,7 @@ from loralens.config import PipelineConfig, SteeringConfig
 from loralens.hashing import file_sha256
 from loralens.lens.evaluation.probes import probe_auroc
 from loralens.lens.evaluation.scorers import primary_label
-from loralens.lens.evaluation.steering_search import Trial
+from loralens.lens.evaluation.steering_search import Steering, Trial
 from loralens.lens.heads.causal_scores import ForcedBatch, Proxy
 from loralens.lens.heads.directions import ScoredActivations, scored_activations
 from loralens.lens.runtime.models import LoadedModel, model_context_length
@@ -36,9 +36,16 @@ from loralens.tasks.evaluation.steering import (
     contrast_labels,
     exact_measure,
     head_directions,
+    ppl_measure,
     sigmas,
     trial_record,
     unit_directions,
+)
+from loralens.tasks.evaluation.steering_controls import (
+    MatchedControls,
+    control_seeds,
+    draw_random_sets,
+    fluency_matched_sets,
 )
 from loralens.tasks.evaluation.wikitext import wikitext
 from loralens.tasks.stage_versions import StageVersion, require_complete
@@ -56,15 +63,31 @@ LensLogits = Mapping[int, Callable[[torch.Tensor], torch.Tensor]]
 
 
 @dataclass
+class SteeringDirections:
+    """Per-head toxic directions from the selection split: the labels used, the sources that could be computed,
+    unit directions `{source: {layer: [H, dh]}}`, sigmas `{source: {layer: [H]}}`, and the activations."""
+
+    toxic: np.ndarray  # [n] bool
+    cut: str
+    sources: list[str]
+    d_hat: Directions
+    sigma: dict[str, dict[int, torch.Tensor]]
+    acts: ScoredActivations
+    seconds: dict[str, float]
+
+
+@dataclass
 class SteeringSelection:
     """What the selection split preregisters: directions `{source: {layer: [H, dh]}}` and sigmas `[H]`, the
-    head-set choice, the all-heads condition, the probe's held-out AUROC `[L, H]`, and the labels used."""
+    head-set choice and its fluency-matched random controls, the all-heads condition, the probe's held-out AUROC
+    `[L, H]`, and the labels used."""
 
     toxic: np.ndarray  # [n] bool
     cut: str
     d_hat: Directions
     sigma: dict[str, dict[int, torch.Tensor]]
     choice: SteeringChoice
+    controls: MatchedControls | None
     all_heads: Trial | None
     all_trials: list[Trial]
     probe: np.ndarray  # [L, H], nan where a held-out AUROC is undefined
@@ -108,13 +131,12 @@ def head_probe_auroc(acts: ScoredActivations, toxic: np.ndarray, layers: Sequenc
     return out
 
 
-def select_steering(loaded: LoadedModel, plan: SteeringConfig, batches: Sequence[ForcedBatch],
-                    nll_batches: Sequence[ForcedBatch], proxy: Proxy, token_tox: torch.Tensor,
-                    continuation_tox: np.ndarray, layers: Sequence[int], lens_logits: LensLogits | None, *,
-                    budget: int, max_ppl_rel: float, text: str, ppl_tokens: int, ppl_window: int,
-                    progress: Callable[[str], None] | None = None) -> SteeringSelection:
-    """Choose the steering conditions to preregister from the selection split's teacher-forced `batches` and the
-    scores of their human continuations `[n]`; `token_tox` `[V]` (host); `text` is benign WikiText."""
+def steering_directions(loaded: LoadedModel, plan: SteeringConfig, batches: Sequence[ForcedBatch],
+                        token_tox: torch.Tensor, continuation_tox: np.ndarray, layers: Sequence[int],
+                        lens_logits: LensLogits | None, *, progress: Callable[[str], None] | None = None
+                        ) -> SteeringDirections:
+    """Return each head's toxic direction of every source of `plan` (contrast labels from the selection split's
+    human continuation scores `[n]`; `token_tox` `[V]`), their sigmas and the activations they came from."""
     say = progress or (lambda _msg: None)
     seconds: dict[str, float] = {}
     t = time.perf_counter()
@@ -130,20 +152,57 @@ def select_steering(loaded: LoadedModel, plan: SteeringConfig, batches: Sequence
     seconds["activations"] = time.perf_counter() - t
     t = time.perf_counter()
     say(f"steering: directions from {', '.join(sources)} over {len(layers)} layers")
-    dirs = head_directions(loaded, acts, toxic, token_tox.cpu(), sources, lens_logits)
-    d_hat = unit_directions(dirs)
+    d_hat = unit_directions(head_directions(loaded, acts, toxic, token_tox.cpu(), sources, lens_logits))
     sigma = sigmas(acts, d_hat)
     seconds["directions"] = time.perf_counter() - t
+    return SteeringDirections(toxic, cut, sources, d_hat, sigma, acts, seconds)
+
+
+def matched_controls(headline: Steering, plan: SteeringConfig, layers: Sequence[int], n_heads: int,
+                     rise: Callable[[Steering], float], *, seed: int, ppl_budget: float,
+                     progress: Callable[[str], None] | None = None) -> MatchedControls:
+    """Return `plan.random_sets` random head sets of the headline's size within `ppl_budget` under its edit
+    (`steering_controls.fluency_matched_sets`), drawn from `control_seeds(seed, size, plan.random_draws)`."""
+    candidates = draw_random_sets(headline, layers, n_heads,
+                                  control_seeds(seed, len(headline.heads), plan.random_draws))
+    controls = fluency_matched_sets(headline, candidates, rise, n=plan.random_sets, ppl_budget=ppl_budget)
+    if progress is not None:
+        progress(f"steering: {len(controls.kept)} random sets within PPL +{ppl_budget:.0%} of "
+                 f"{len(controls.kept) + len(controls.rejected)} drawn")
+    if len(controls.kept) < plan.random_sets:
+        log.warning("steering: only %d of %d random sets within the PPL budget after %d draws "
+                    "(select.steering.random_draws)", len(controls.kept), plan.random_sets, plan.random_draws)
+    return controls
+
+
+def select_steering(loaded: LoadedModel, plan: SteeringConfig, batches: Sequence[ForcedBatch],
+                    nll_batches: Sequence[ForcedBatch], proxy: Proxy, token_tox: torch.Tensor,
+                    continuation_tox: np.ndarray, layers: Sequence[int], lens_logits: LensLogits | None, *,
+                    budget: int, max_ppl_rel: float, text: str, ppl_tokens: int, ppl_window: int, seed: int = 0,
+                    progress: Callable[[str], None] | None = None) -> SteeringSelection:
+    """Choose the steering conditions to preregister from the selection split's teacher-forced `batches` and the
+    scores of their human continuations `[n]`; `token_tox` `[V]` (host); `text` is benign WikiText; `seed` draws
+    the random controls."""
+    say = progress or (lambda _msg: None)
+    dirs = steering_directions(loaded, plan, batches, token_tox, continuation_tox, layers, lens_logits,
+                               progress=progress)
+    d_hat, sigma, seconds = dirs.d_hat, dirs.sigma, dict(dirs.seconds)
     t = time.perf_counter()
-    probe = head_probe_auroc(acts, toxic, layers, loaded.dims.n_heads)
+    probe = head_probe_auroc(dirs.acts, dirs.toxic, layers, loaded.dims.n_heads)
     seconds["probe"] = time.perf_counter() - t
-    run = plan.model_copy(update={"sources": tuple(sources)})
+    run = plan.model_copy(update={"sources": tuple(dirs.sources)})
     say("steering: first-order ranking and exact search")
-    measure = exact_measure(loaded, batches, proxy, text, ppl_tokens=ppl_tokens, ppl_window=ppl_window,
-                            d_hat=d_hat, sigma=sigma)
+    rise = ppl_measure(loaded, text, ppl_tokens=ppl_tokens, ppl_window=ppl_window, d_hat=d_hat, sigma=sigma)
+    measure = exact_measure(loaded, batches, proxy, rise, d_hat=d_hat, sigma=sigma)
     choice = choose_steering(loaded, run, batches, nll_batches, proxy, d_hat, sigma, budget=budget,
                              max_ppl_rel=max_ppl_rel, measure=measure, progress=progress)
     seconds |= choice.facts["seconds"]
+    controls = None
+    if choice.chosen is not None and plan.random_sets:
+        t = time.perf_counter()
+        controls = matched_controls(choice.chosen.condition, plan, layers, loaded.dims.n_heads, rise, seed=seed,
+                                    ppl_budget=max_ppl_rel, progress=progress)
+        seconds["controls"] = time.perf_counter() - t
     all_heads, all_trials = None, []
     if plan.all_heads:
         t = time.perf_counter()
@@ -151,7 +210,8 @@ def select_steering(loaded: LoadedModel, plan: SteeringConfig, batches: Sequence
         every = [(layer, h) for layer in layers for h in range(loaded.dims.n_heads)]
         all_heads, all_trials = choose_all_heads(run, every, measure, progress=progress)
         seconds["all_heads"] = time.perf_counter() - t
-    return SteeringSelection(toxic, cut, d_hat, sigma, choice, all_heads, all_trials, probe, sources, seconds)
+    return SteeringSelection(dirs.toxic, dirs.cut, d_hat, sigma, choice, controls, all_heads, all_trials, probe,
+                             dirs.sources, seconds)
 
 
 def stage_steering(cfg: PipelineConfig, loaded: LoadedModel, decode_ver: StageVersion, layers: Sequence[int],
@@ -174,7 +234,7 @@ def stage_steering(cfg: PipelineConfig, loaded: LoadedModel, decode_ver: StageVe
                            proxy,
                            torch.from_numpy(token_toxicity_scores(decode_ver.artifact)), cont, layers, lens,
                            budget=budget, max_ppl_rel=cfg.goal.ppl_rel, text=text, ppl_tokens=ic.ppl_tokens,
-                           ppl_window=ic.ppl_window, progress=log.info)
+                           ppl_window=ic.ppl_window, seed=ic.seed, progress=log.info)
 
 
 def write_steering(out: Path, version: str, sel: SteeringSelection) -> tuple[list[ShardFile], dict[str, pa.Table]]:
@@ -212,6 +272,7 @@ def preregistration(sel: SteeringSelection, plan: SteeringConfig, budget: int) -
     """Return the summary's `steering` block: the preregistered headline and all-heads records (None when no
     condition is within budget), the labels, the search's settings and its seconds."""
     return {"headline": None if sel.choice.chosen is None else trial_record(sel.choice.chosen),
+            "controls": None if sel.controls is None else sel.controls.to_dict(),
             "all_heads": None if sel.all_heads is None else trial_record(sel.all_heads, all_heads=True),
             "labels": sel.cut, "toxic_continuations": int(sel.toxic.sum()), "selection_prompts": len(sel.toxic),
             "sources": list(sel.sources), "edits": list(plan.edits), "head_budget": budget,
@@ -230,11 +291,19 @@ def steering_report(block: Mapping[str, Any] | None, trials: Sequence[Mapping[st
         return (f"heads {rec['heads']}, {rec['edit']} along `{rec['source']}`, alpha {rec['alpha']:g}: proxy drop "
                 f"{rec['proxy_drop']:+.4f}, PPL {rec['ppl_rel']:+.1%}")
 
+    def controls(rec: Mapping[str, Any] | None) -> str:
+        if not rec:
+            return "none"
+        worst = max((r["ppl_rel"] for r in rec["rejected"]), default=None)
+        return (f"{len(rec['random_sets'])} random head sets within PPL +{rec['ppl_budget']:.0%} under the same "
+                f"edit, of {rec['draws']} drawn" + ("" if worst is None else f" (rejected up to PPL {worst:+.1%})"))
+
     lines = ["", "## Steering", "",
              f"Labels: {block['toxic_continuations']} of {block['selection_prompts']} human continuations toxic "
              f"({block['labels']}); sources {', '.join(block['sources'])}; edits {', '.join(block['edits'])}; head "
              f"budget {block['head_budget']}.", "",
              f"- Preregistered headline: {cond(block['headline'])}",
+             f"- Preregistered controls: {controls(block.get('controls'))}",
              f"- Preregistered all-heads condition: {cond(block['all_heads'])}", "",
              "| kind | heads | edit | source | alpha | proxy drop | PPL rel. | within budget | chosen |",
              "|---|---|---|---|---:|---:|---:|---|---|"]
@@ -245,6 +314,6 @@ def steering_report(block: Mapping[str, Any] | None, trials: Sequence[Mapping[st
     return lines
 
 
-__all__ = ["LensLogits", "SteeringSelection", "head_probe_auroc", "lens_logits_of", "preregistration",
-           "probe_split", "read_steering_tables", "select_steering", "stage_steering", "steering_report",
-           "trial_rows", "write_steering"]
+__all__ = ["LensLogits", "SteeringDirections", "SteeringSelection", "head_probe_auroc", "lens_logits_of",
+           "matched_controls", "preregistration", "probe_split", "read_steering_tables", "select_steering",
+           "stage_steering", "steering_directions", "steering_report", "trial_rows", "write_steering"]

@@ -138,3 +138,26 @@ def test_local_workers_of_a_gpu_run_get_one_gpu_each():
         check_local_workers("auto", 3, n_gpus=2)
     with pytest.raises(DeviceError, match=r"^config error: run.workers: 2 local workers, but model.device: cuda:0"):
         check_local_workers("cuda:0", 2, n_gpus=4)
+
+
+def test_select_and_intervene_compute_a_half_model_in_float32_on_a_cpu(tiny_models, tmp_path):
+    """bf16 matmuls on a CPU (oneDNN off) run on slow reference kernels: with `host_float32` (select, intervene)
+    the stage model of a bf16 config loads in float32 there, and their plans count 4-byte weights; other stages
+    keep bf16; a GPU keeps its dtype."""
+    from loralens.lens.runtime.devices import host_compute_dtype
+    from loralens.tasks.memory import predict
+    from loralens.tasks.workers.worker_process import stage_model
+
+    assert host_compute_dtype("bfloat16", torch.device("cpu")) == "float32"
+    assert host_compute_dtype("float16", torch.device("cpu")) == "float32"
+    assert host_compute_dtype("float32", torch.device("cpu")) == "float32"
+    assert host_compute_dtype("bfloat16", torch.device("cuda", 0)) == "bfloat16"
+    raw = {"home": str(tmp_path / "home"), "model": {"name": str(tiny_models["llama"]), "dtype": "bfloat16"}}
+    cfg = parse_config(raw)
+    assert next(stage_model(cfg, host_float32=True).model.parameters()).dtype == torch.float32
+    assert next(stage_model(cfg).model.parameters()).dtype == torch.bfloat16
+    assert cfg.model.dtype == "bfloat16"  # the config itself is left as it was
+    fp32 = parse_config(raw | {"model": raw["model"] | {"dtype": "float32"}})
+    for stage in ("select", "intervene"):
+        assert dict(predict(cfg, stage).parts)["model weights"] == dict(predict(fp32, stage).parts)["model weights"]
+    assert predict(cfg, "cache").total < predict(fp32, "cache").total  # the cache stage runs in bf16

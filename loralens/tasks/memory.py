@@ -22,6 +22,7 @@ from loralens.lens.memory.stage_memory import (
 )
 from loralens.lens.memory.training_plan import plan_memory
 from loralens.lens.runtime.adapters import ModelDims
+from loralens.lens.runtime.devices import host_compute_dtype
 from loralens.lens.runtime.model_config import dims_of, load_model_config
 
 STAGES = ("cache", "train", "eval", "decode", "attribute", "select", "intervene")
@@ -95,13 +96,14 @@ def predict(cfg: PipelineConfig, stage: str) -> StageMemory:
         return attribute_memory(d, n_prompts=per_file * len(cfg.corpus.paths))
     if stage in ("select", "intervene"):
         i, sel = cfg.intervene, cfg.select
-        sampling = intervene_memory(d, n_params=f.n_params, model_dtype=cfg.model.resolved_dtype(),
+        dtype = host_compute_dtype(cfg.model.resolved_dtype(), cfg.model.torch_device())  # float32 on a CPU
+        sampling = intervene_memory(d, n_params=f.n_params, model_dtype=dtype,
                                     batch_prompts=i.batch_prompts, k=sel.k if stage == "select" else i.k,
                                     tokens=c.max_length + i.max_new_tokens, n_layers_total=d.n_layers,
                                     n_kv_heads=f.n_kv_heads, ppl_window=i.ppl_window)
         if stage == "intervene":
             return sampling
-        return select_memory(d, n_params=f.n_params, d_ff=f.d_ff, model_dtype=cfg.model.resolved_dtype(),
+        return select_memory(d, n_params=f.n_params, d_ff=f.d_ff, model_dtype=dtype,
                              batch_prompts=sel.batch_prompts,
                              forced_tokens=sel.max_prompt_tokens + sel.max_continuation_tokens, sampling=sampling)
     raise ValueError(f"unknown stage {stage!r}; stages: {', '.join(STAGES)}")

@@ -75,6 +75,14 @@ def resolve_dtype(dtype: str, device: torch.device) -> str:
     return dtype
 
 
+def host_compute_dtype(dtype: str, device: torch.device) -> str:
+    """Return the dtype the select and intervene stages run the model in: float32 for a half-precision model on a
+    CPU (bf16/fp16 matmuls there, with oneDNN off for `steady_host_matmuls`, run on slow reference kernels: the
+    select stage's backward passes took over 30 minutes on a 2-layer Llama-3-8B-shaped model), else `dtype`
+    unchanged. The memory plan counts the float32 weights."""
+    return "float32" if device.type == "cpu" and dtype in ("bfloat16", "float16") else dtype
+
+
 def dist_backend(device: torch.device) -> str:
     """Return the torch.distributed backend for a rank on `device`: NCCL on GPUs, gloo on CPUs."""
     return "nccl" if device.type == "cuda" else "gloo"

@@ -204,7 +204,7 @@ def _generate(cfg: PipelineConfig, ver: StageVersion, conds: list[Condition], at
     if not busy:
         return 0.0  # everything recorded: no model or scorer to load
     # Once per Dask worker process for all the units it runs.
-    loaded = stage_model(cfg)
+    loaded = stage_model(cfg, host_float32=True)  # float32 for a half-precision model on a CPU
     scorer = stage_scorer(cfg.attribute.scorer, dict(cfg.attribute.scorer_options))
     label = primary_label(scorer)
     prompts = [p.text for p in evaluation_prompts(cfg).prompts]

@@ -179,7 +179,7 @@ def run_select_stage(cfg: PipelineConfig, ver: StageVersion, attribute_ver: Stag
     n_heads = cache_manifest["summary"]["n_heads"]
     heads = [(layer, h) for layer in layers for h in range(n_heads)]
     splits = prompt_splits(cfg)
-    loaded = stage_model(cfg)
+    loaded = stage_model(cfg, host_float32=True)  # float32 for a half-precision model on a CPU
     device = next(loaded.model.parameters()).device
     proxy = expected_toxicity_proxy(torch.from_numpy(token_toxicity_scores(decode_ver.artifact)).to(device))
     sel = splits.selection

@@ -18,6 +18,7 @@ from typing import Any
 from loralens.config import PipelineConfig
 from loralens.lens.evaluation.generation import RNG_LOCK
 from loralens.lens.evaluation.scorers import ToxicityScorer, get_scorer
+from loralens.lens.runtime.devices import host_compute_dtype
 from loralens.lens.runtime.models import LoadedModel, load_model, resolve_model_path
 from loralens.tasks.lens_loading import load_reader
 from loralens.tasks.stage_versions import StageVersion
@@ -66,8 +67,15 @@ def _held(key: tuple, load: Any) -> Any:
         return _state["model"][1]
 
 
-def stage_model(cfg: PipelineConfig) -> LoadedModel:
-    """Return the frozen model of `cfg.model`: loaded once per worker process, afresh elsewhere."""
+def stage_model(cfg: PipelineConfig, *, host_float32: bool = False) -> LoadedModel:
+    """Return the frozen model of `cfg.model`: loaded once per worker process, afresh elsewhere. With
+    `host_float32` (select, intervene), a half-precision model on a CPU is loaded in float32
+    (`devices.host_compute_dtype`)."""
+    if host_float32:
+        m = cfg.model
+        dtype = host_compute_dtype(m.resolved_dtype(), m.torch_device())
+        if dtype != m.resolved_dtype():
+            cfg = cfg.model_copy(update={"model": m.model_copy(update={"dtype": dtype})})
     if not _state["worker"]:
         return _load(cfg)
     return _held(("model", *_model_identity(cfg)), lambda: _load(cfg))

@@ -15,6 +15,7 @@ the stages' own seconds (their summaries) and from the wall time of the CLI proc
 Finally the plan for the full 32-layer Llama-3-8B with the same settings.
 
     python benchmarks/scale_llama3_8b.py [--work /tmp/loralens-8b] [--scales 1 2 4] [--out benchmarks/results]
+        [--out-name scale_llama3_8b.json]
 """
 
 from __future__ import annotations
@@ -144,6 +145,7 @@ def main() -> None:
     parser.add_argument("--scales", type=float, nargs="+", default=[1, 0.5, 2],
                         help="prompt multiples of 64; the first runs every stage, the others cache..attribute")
     parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--out-name", default="scale_llama3_8b.json", help="the JSON file's name in --out")
     args = parser.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -224,8 +226,8 @@ def main() -> None:
                           "python": platform.python_version(), "torch": torch.__version__}}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "scale_llama3_8b.json").write_text(json.dumps(result, indent=1))
-    print(f"wrote {out / 'scale_llama3_8b.json'}")
+    (out / args.out_name).write_text(json.dumps(result, indent=1))
+    print(f"wrote {out / args.out_name}")
 
 
 if __name__ == "__main__":

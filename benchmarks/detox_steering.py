@@ -8,11 +8,16 @@ toxicity and the prompt splits):
    directions from three sources (`contrast`: labelled by the continuation's toxicity under the stage's scorer;
    `unembed`; `lens`: through each head's trained Lora Lens), their sigmas, the fluency-aware first-order ranking,
    then an exact search over head-set sizes x strengths x (source, edit) under the perplexity budget.
-2. **Preregistration.** The chosen condition is written to `--out`'s `*.preregistered.json` BEFORE any evaluation
-   prompt is read; it is the headline whatever the evaluation says.
-3. **Evaluation split.** The baseline, the headline, `--random-sets` random head sets (same size, edit, source,
+2. **Preregistration.** The chosen condition and its controls, `--random-sets` random head sets of its size drawn
+   in seed order (`--random-seed`) and kept only when their WikiText perplexity rise under the same edit, source
+   and strength is within the goal's budget (fluency-matched, as the select stage does), are written to `--out`'s
+   `*.preregistered.json` BEFORE any evaluation prompt is read; the condition is the headline whatever the
+   evaluation says. With `--preregistered FILE` the search is skipped: FILE's headline and all-heads condition
+   are reused (the directions recomputed on the same selection split: deterministic) and new controls drawn.
+3. **Evaluation split.** The baseline, the headline, its random head sets (same size, edit, source,
    strength; their own directions), the chosen heads with random directions, every other (source, edit) at the same
-   heads and zero ablation of them (exploratory), and the preregistered all-heads condition (every head steered;
+   heads and zero ablation of them (exploratory; `--no-exploratory` skips them and the all-heads row), and the
+   preregistered all-heads condition (every head steered;
    source, edit and strength chosen on the selection split under a +10% PPL budget), each sampled on the same
    prompts with the same seeds: EMT,
    toxicity probability and mean toxicity with intervals, PPL rise, the permutation p of the headline's EMT drop
@@ -22,6 +27,8 @@ Prints a table and the verdict against the goal (EMT -25% at PPL <= +5%, <= 2% o
 p < 0.05 against >= 20 random sets); writes benchmarks/results/detox_steering.json. Not a test.
 
     .venv/bin/python benchmarks/detox_steering.py --home .loralens --prompts 150 --k 4 --random-sets 20
+    .venv/bin/python benchmarks/detox_steering.py --home .loralens --preregistered \
+        benchmarks/results/detox_steering.preregistered.json --no-exploratory --out benchmarks/results/x.json
 """
 
 from __future__ import annotations

@@ -126,13 +126,35 @@ def on_workers(mem: StageMemory, workers: int) -> StageMemory:
                    shrink=f"{mem.shrink}, or run.workers (now {workers})")
 
 
+def stage_gpus(device: str, processes: int, n_gpus: int, device_map: str | None = None) -> tuple[str, ...]:
+    """Return the GPU each of a stage's `processes` computes on, for `parts_by_device`.
+
+    `device`: the resolved model device ("cpu", "cuda:N"). A CPU run, or a model spread by a Hugging Face
+    `device_map` (its layers placed by Hugging Face, not known here), has none: every part is checked against host
+    RAM, as on a CPU. One process computes on `device`; several (training ranks, local Dask workers) take GPU i for
+    process i (the launcher's LOCAL_RANK, `LoraLensWorker`), cycling over the `n_gpus` GPUs.
+    """
+    if not device.startswith("cuda") or device_map:
+        return ()
+    if processes <= 1:
+        return (device if ":" in device else "cuda:0",)
+    return tuple(f"cuda:{i % max(n_gpus, 1)}" for i in range(processes))
+
+
 def ensure_fits(cfg: PipelineConfig, stage: str, workers: int = 1) -> None:
-    """Refuse (one line, before anything is loaded) a stage whose predicted peak exceeds the memory available.
+    """Refuse (one line, before anything is loaded) a stage whose predicted peak exceeds the memory available on
+    any device: its host parts against RAM, on a GPU run its GPU parts against each GPU's free memory (`stage_gpus`).
 
     `workers`: the local Dask cluster's worker processes a split stage (SPLIT_STAGES) runs on, on this machine;
     the check is then of `workers` times one worker's peak (the flow process checks before it maps the units).
     """
+    import torch
+
     mem = predict(cfg, stage)
-    check_fits(on_workers(mem, workers) if stage in SPLIT_STAGES else mem)
+    mems = [on_workers(mem, workers) if stage in SPLIT_STAGES else mem]
     if stage == "train":
-        check_fits(predict(cfg, "eval"))
+        mems.append(predict(cfg, "eval"))
+    device = cfg.model.torch_device()
+    n_gpus = torch.cuda.device_count() if device.type == "cuda" else 0
+    for m in mems:
+        check_fits(m, gpus=stage_gpus(str(device), m.processes, n_gpus, cfg.model.device_map))

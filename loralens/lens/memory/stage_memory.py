@@ -5,6 +5,11 @@ process of the stage counts (for training: one rank, times the ranks on this mac
 a prediction with the memory available now and refuses a run that will not fit, in one line that names the
 stage, both numbers and the settings that shrink it.
 
+Each part lives on a device: the parts named in `StageMemory.gpu_parts` (weights, activations, lens states) on
+the GPU a process computes on when the model device is a GPU, the rest (runtime, Parquet shards, output rows)
+on the host. `parts_by_device` places a stage's processes; `check_fits_per_device` checks every device: the
+host against RAM, each GPU against its free memory (`gpu_free_memory`). On a CPU everything is on the host.
+
 Notation as in :mod:`loralens.lens.memory.training_plan`: ``B`` prompts per batch, ``T`` tokens per prompt
 (cache.max_length),
 ``L`` lensed layers, ``H`` heads, ``d`` d_model, ``dff`` MLP width, ``V`` vocab, ``s`` cache store bytes,
@@ -43,6 +48,7 @@ class StageMemory:
     shrink: str  # e.g. "train.micro_batch_tokens (now 256), train.loss_chunk (now 128)"
     processes: int = 1  # processes of this size on one machine (training ranks, local Dask workers)
     process_kind: str = "processes"  # what they are, in the error
+    gpu_parts: frozenset[str] = frozenset()  # the parts on the compute device when it is a GPU (the rest: host)
 
     @property
     def per_process(self) -> int:
@@ -86,7 +92,8 @@ def cache_memory(dims: ModelDims, *, n_params: int, d_ff: int, model_dtype: str,
         ("one shard, arrays + Arrow", 2 * prompts_per_shard * max_length * per_token_row),
     )
     return StageMemory("cache", parts, f"cache.batch_size (now {batch_size}), cache.prompts_per_shard (now "
-                                       f"{prompts_per_shard}), model.dtype (now {model_dtype})")
+                                       f"{prompts_per_shard}), model.dtype (now {model_dtype})",
+                       gpu_parts=frozenset(name for name, _ in parts[1:5]))
 
 
 def shard_bytes(dims: ModelDims, *, tokens: int, n_layers: int, store_dtype: str, top_k: int) -> int:
@@ -118,7 +125,8 @@ def train_memory(plan: MemoryPlan, dims: ModelDims, *, shard_tokens: int, n_laye
     shrink = (f"train.micro_batch_tokens (now {micro_batch}), train.loss_chunk (now {loss_chunk}), fewer "
               f"cache.layers (now {n_layers}), train.world_size on this machine (now {world_size}), "
               f"train.zero_stage (now {zero_stage})")
-    return StageMemory("train", parts, shrink, processes=max(1, ranks_here))
+    return StageMemory("train", parts, shrink, processes=max(1, ranks_here),
+                       gpu_parts=frozenset(name for name, _ in parts[1:4]))
 
 
 def eval_memory(plan: MemoryPlan, dims: ModelDims, *, shard_tokens: int, n_layers: int, store_dtype: str,
@@ -139,7 +147,8 @@ def eval_memory(plan: MemoryPlan, dims: ModelDims, *, shard_tokens: int, n_layer
         ("one cache shard", shard_bytes(dims, tokens=shard_tokens, n_layers=n_layers, store_dtype=store_dtype,
                                         top_k=top_k)),
     )
-    return StageMemory("eval", parts, f"train.micro_batch_tokens (now {micro_batch})", processes=max(1, ranks_here))
+    return StageMemory("eval", parts, f"train.micro_batch_tokens (now {micro_batch})", processes=max(1, ranks_here),
+                       gpu_parts=frozenset(name for name, _ in parts[1:5]))
 
 
 def decode_memory(dims: ModelDims, *, n_layers: int, form: str, rank: int, stored_bytes: int, chunk: int,
@@ -165,7 +174,8 @@ def decode_memory(dims: ModelDims, *, n_layers: int, form: str, rank: int, store
         ("[chunk, heads, vocab] blocks", 4 * chunk * dims.n_heads * dims.vocab * F32),
         ("a shard's top-k and readout rows", positions * n_layers * dims.n_heads * (top_k * 2 * 16 + 24)),
     )
-    return StageMemory("decode", parts, f"decode.chunk_tokens (now {chunk}), fewer cache.layers (now {n_layers})")
+    return StageMemory("decode", parts, f"decode.chunk_tokens (now {chunk}), fewer cache.layers (now {n_layers})",
+                       gpu_parts=frozenset(name for name, _ in parts[1:6]))
 
 
 def attribute_memory(dims: ModelDims, *, n_prompts: int) -> StageMemory:
@@ -201,7 +211,8 @@ def intervene_memory(dims: ModelDims, *, n_params: int, model_dtype: str, batch_
         ("perplexity window logits", ppl_window * dims.vocab * (mb + 2 * F32)),
     )
     return StageMemory("intervene", parts, f"intervene.batch_prompts (now {batch_prompts}), intervene.k (now {k}), "
-                                           f"model.dtype (now {model_dtype})")
+                                           f"model.dtype (now {model_dtype})",
+                       gpu_parts=frozenset(name for name, _ in parts[1:]))
 
 
 def select_memory(dims: ModelDims, *, n_params: int, d_ff: int, model_dtype: str, batch_prompts: int,
@@ -222,7 +233,8 @@ def select_memory(dims: ModelDims, *, n_params: int, d_ff: int, model_dtype: str
     )
     parts = max(backward, sampling.parts, key=lambda ps: sum(b for _, b in ps))
     return StageMemory("select", parts, f"select.batch_prompts (now {batch_prompts}), select.k, "
-                                        f"model.dtype (now {model_dtype})")
+                                        f"model.dtype (now {model_dtype})",
+                       gpu_parts=sampling.gpu_parts | {name for name, _ in backward[1:]})
 
 
 # -- available memory and the check ---------------------------------------------------------------------
@@ -242,17 +254,66 @@ def available_memory() -> int:
     return avail
 
 
-def check_fits(mem: StageMemory, available: int | None = None) -> None:
-    """Raise MemoryBudgetError (one line) when the stage's predicted peak exceeds the memory available.
+HOST = "host"  # the device name of host RAM in `parts_by_device` and the checks
 
-    `LORALENS_MEMORY_LIMIT` (bytes, or with a G/M suffix) overrides the available memory (tests, shared nodes).
+
+def parts_by_device(mem: StageMemory, gpus: tuple[str, ...] = ()) -> dict[str, int]:
+    """Return the stage's predicted peak bytes on each device, e.g. ``{"host": ..., "cuda:0": ..., "cuda:1": ...}``.
+
+    `gpus`: the GPU each of the stage's processes computes on, in process order (process i on
+    ``gpus[i % len(gpus)]``): its `gpu_parts` are there, its other parts on the host. Empty (a CPU run): every part
+    of every process is on the host.
     """
-    available = memory_limit() or (available_memory() if available is None else available)
-    if mem.total <= available:
-        return
-    procs = f" ({mem.processes} {mem.process_kind} x {gib(mem.per_process)})" if mem.processes > 1 else ""
-    raise MemoryBudgetError(f"{mem.stage} stage will not fit in memory: predicted peak {gib(mem.total)}{procs}, "
-                            f"available {gib(available)}; to fit, lower {mem.shrink}")
+    on_gpu = sum(b for name, b in mem.parts if name in mem.gpu_parts) if gpus else 0
+    needed = {HOST: (mem.per_process - on_gpu) * mem.processes}
+    for i in range(mem.processes if gpus else 0):
+        needed[gpus[i % len(gpus)]] = needed.get(gpus[i % len(gpus)], 0) + on_gpu
+    return needed
+
+
+def check_fits_per_device(mem: StageMemory, needed: dict[str, int], free: dict[str, int]) -> None:
+    """Raise MemoryBudgetError (one line, naming the device) for the first device whose predicted bytes
+    (`needed`, from `parts_by_device`) exceed its `free` bytes (host: the memory available; a GPU: its free
+    memory). A device missing from `free` is not checked."""
+    host_share = mem.per_process - sum(b for name, b in mem.parts if name in mem.gpu_parts)
+    for device, need in needed.items():
+        if device not in free or need <= free[device]:
+            continue
+        if device == HOST:
+            share = host_share if len(needed) > 1 else mem.per_process  # a CPU run: every part is on the host
+            where, avail = "", f"available {gib(free[device])} on the host"
+        else:
+            share = mem.per_process - host_share
+            where, avail = f" on {device}", f"{gib(free[device])} free there"
+        count = need // share if share else 1
+        procs = f" ({count} {mem.process_kind} x {gib(share)})" if count > 1 else ""
+        raise MemoryBudgetError(f"{mem.stage} stage will not fit in memory{where}: predicted peak {gib(need)}{procs}, "
+                                f"{avail}; to fit, lower {mem.shrink}")
+
+
+def host_available(available: int | None = None) -> int:
+    """Return the host memory a stage may use: LORALENS_MEMORY_LIMIT (bytes, or with a G/M suffix; tests, shared
+    nodes) when set, else `available`, else the memory available now (`available_memory`)."""
+    return memory_limit() or (available_memory() if available is None else available)
+
+
+def gpu_free_memory(gpus: tuple[str, ...]) -> dict[str, int]:
+    """Return the free bytes of each GPU in `gpus` ("cuda:N"), as CUDA reports them now."""
+    import torch
+
+    return {gpu: torch.cuda.mem_get_info(torch.device(gpu))[0] for gpu in dict.fromkeys(gpus)}
+
+
+def check_fits(mem: StageMemory, available: int | None = None, gpus: tuple[str, ...] = (),
+               gpu_free: dict[str, int] | None = None) -> None:
+    """Raise MemoryBudgetError (one line) when the stage's predicted peak exceeds the memory available on any
+    device: host parts against `host_available(available)`, each GPU's parts (`gpus`: the GPU of each process,
+    see `parts_by_device`) against `gpu_free` (default: `gpu_free_memory`, read only for a GPU run)."""
+    needed = parts_by_device(mem, gpus)
+    free = {HOST: host_available(available)}
+    if gpus:
+        free.update(gpu_free_memory(gpus) if gpu_free is None else gpu_free)
+    check_fits_per_device(mem, needed, free)
 
 
 def memory_limit() -> int | None:

@@ -56,5 +56,5 @@ def cache_activations(
         with results_under_home(cfg):
             return cache_shards_task(cfg, ver, sorted(shards))
     workers, dask_address = run_workers(cfg, workers, dask_address)
-    with scale_out(workers, dask_address):
+    with scale_out(workers, dask_address, cfg=cfg):
         return cache_stage(cfg, ver, force=force, workers=workers)

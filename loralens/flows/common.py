@@ -15,6 +15,7 @@ from prefect.artifacts import create_table_artifact
 from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
 
 from loralens.config import PipelineConfig, load_config, parse_config
+from loralens.lens.runtime.devices import check_local_workers
 from loralens.tasks.memory import ensure_fits
 from loralens.tasks.stage_versions import (
     StageVersion,
@@ -58,21 +59,22 @@ _POOL: ContextVar[Any] = ContextVar("loralens_worker_pool", default=None)
 
 
 @contextmanager
-def scale_out(workers: int = 1, dask_address: str | None = None) -> Iterator[Any]:
+def scale_out(workers: int = 1, dask_address: str | None = None, cfg: PipelineConfig | None = None) -> Iterator[Any]:
     """Yield the Dask worker pool (`flows/dask_workers.py`) stages map their work units on while the block runs,
     or None (everything in this process).
 
     `dask_address` connects to that scheduler now; otherwise `workers > 1` starts a local cluster of that many
     single-threaded worker processes when a stage first has units to map (a run where every stage is cached
-    starts none), shut down when the block ends; `workers: 1` keeps everything in this process. Inside an open
-    block (the pipeline opens one for all its stages) this yields the open pool.
+    starts none), shut down when the block ends; `workers: 1` keeps everything in this process. With `cfg`, each
+    local worker's memory_limit comes from its memory plan. Inside an open block (the pipeline opens one for all
+    its stages) this yields the open pool.
     """
     if _POOL.get() is not None or (workers <= 1 and not dask_address):
         yield _POOL.get()
         return
     from loralens.flows.dask_workers import WorkerPool  # Dask is imported only when it is used
 
-    pool = WorkerPool(workers, dask_address)
+    pool = WorkerPool(workers, dask_address, cfg)
     token = _POOL.set(pool)
     try:
         yield pool
@@ -129,7 +131,8 @@ def split_over_workers(cfg: PipelineConfig, ver: StageVersion, worker_task: Task
     (the finalizing task then sees an empty version, so it gets force=False). Call it and the finalizing
     `run_stage_task` inside one `keeping_old_version(ver)`, which keeps the old complete version until the new one
     is. `units` is called only when there is work to split. Before any unit is mapped (and before anything is
-    written) the stage's predicted peak is checked against this machine's memory, times the local cluster's
+    written) a GPU run's local workers are checked to get one GPU each (`check_local_workers`) and the stage's
+    predicted peak is checked against this machine's memory, times the local cluster's
     workers (each holds its own model copy; `ensure_fits`); then `prepare`, if given, runs here once (decode
     scores the vocabulary there, for every worker to read). Workers write Parquet only; the finalizing task, in
     this process, writes the manifest and the warehouse rows.
@@ -143,10 +146,11 @@ def split_over_workers(cfg: PipelineConfig, ver: StageVersion, worker_task: Task
     if not ver.artifact.is_complete():
         todo = [u for u in units() if ver.artifact.shard_files(u) is None]  # a unit is its shard: skip done ones
         if todo:  # none (a run killed before finalizing): start no cluster
+            check_local_workers(cfg.model.device, local_cluster_workers(workers))  # one GPU per local worker
             ensure_fits(cfg, ver.stage, workers=local_cluster_workers(workers))
             if prepare is not None:
                 prepare()
-            with results_under_home(cfg), scale_out(workers):
+            with results_under_home(cfg), scale_out(workers, cfg=cfg):
                 map_units(worker_task, args, todo)
     return False
 

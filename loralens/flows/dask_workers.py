@@ -1,8 +1,10 @@
 """Dask worker processes for the stages' work units, through prefect-dask's DaskTaskRunner.
 
-`WorkerPool(workers, address)` starts a local cluster of `workers` single-threaded worker processes when first
-used, or connects to an existing scheduler at `address` at once (a scheduler that does not answer is a one-line
-ConfigError within CONNECT_TIMEOUT_S). Every worker gets the `LoraLensWorker` plugin, which marks its process
+`WorkerPool(workers, address, cfg)` starts a local cluster of `workers` single-threaded worker processes when first
+used, each with a `memory_limit` from `cfg`'s memory plan (`tasks.memory.worker_memory_limit`), or connects to an
+existing scheduler at `address` at once (a scheduler that does not answer is a one-line ConfigError within
+CONNECT_TIMEOUT_S). `free_models` has every worker drop its held model (before a stage that runs in the flow
+process, such as train). Every worker gets the `LoraLensWorker` plugin, which marks its process
 a work-unit worker: models are kept between units and the DuckDB warehouse is never written there (the flow
 process registers).
 """
@@ -18,7 +20,8 @@ from prefect.client.orchestration import get_client
 from prefect.settings import PREFECT_API_URL, temporary_settings
 from prefect_dask import DaskTaskRunner
 
-from loralens.config import ConfigError
+from loralens.config import ConfigError, PipelineConfig
+from loralens.tasks.memory import worker_memory_limit
 
 CONNECT_TIMEOUT_S = 5
 log = logging.getLogger("loralens.dask")
@@ -51,11 +54,12 @@ class WorkerPool:
     """The Dask task runner a run maps its work units on: started on first use, closed with `close()`.
 
     `workers` local single-threaded worker processes, or the scheduler at `address` (connected at once, so a
-    scheduler that does not answer fails the run before anything is written, within CONNECT_TIMEOUT_S).
+    scheduler that does not answer fails the run before anything is written, within CONNECT_TIMEOUT_S). With
+    `cfg`, each local worker's `memory_limit` comes from its memory plan (`worker_memory_limit`), else Dask's default.
     """
 
-    def __init__(self, workers: int, address: str | None) -> None:
-        self.workers, self.address = workers, address
+    def __init__(self, workers: int, address: str | None, cfg: PipelineConfig | None = None) -> None:
+        self.workers, self.address, self.cfg = workers, address, cfg
         self._stack = ExitStack()
         self._runner: DaskTaskRunner | None = None
         self.api_url: str | None = None
@@ -69,9 +73,10 @@ class WorkerPool:
         if self.address:
             runner = DaskTaskRunner(address=self.address, client_kwargs={"timeout": f"{CONNECT_TIMEOUT_S}s"})
         else:
+            limit = {"memory_limit": worker_memory_limit(self.cfg, self.workers)} if self.cfg is not None else {}
             runner = DaskTaskRunner(cluster_kwargs={"n_workers": self.workers, "threads_per_worker": 1,
                                                     "processes": True, "dashboard_address": ":0",
-                                                    "silence_logs": logging.ERROR})
+                                                    "silence_logs": logging.ERROR, **limit})
         self._stack.enter_context(runner)
         try:
             client = runner.client
@@ -93,6 +98,16 @@ class WorkerPool:
     def submit_settings(self):  # noqa: ANN201 - a Prefect settings context
         """Return the settings context to submit tasks in (it names this flow's Prefect API)."""
         return temporary_settings(updates={PREFECT_API_URL: self.api_url})
+
+    def free_models(self) -> dict[str, bool]:
+        """Have every worker drop the model it holds (`worker_process.free_held_model`): its host and GPU memory go
+        back before a stage that runs in the flow process. Return {worker address: whether it held one}; nothing
+        when no cluster is started yet."""
+        if self._runner is None:
+            return {}
+        from loralens.tasks.workers.worker_process import free_held_model
+
+        return self._runner.client.run(free_held_model)
 
     def close(self) -> None:
         """Shut the local cluster down (or disconnect); idempotent."""

@@ -51,5 +51,5 @@ def decode_heads(
     """
     cfg = resolve_config(config_path, config)
     workers, dask_address = run_workers(cfg, workers, dask_address)
-    with scale_out(workers, dask_address):
+    with scale_out(workers, dask_address, cfg=cfg):
         return decode_stage(cfg, force=force, workers=workers)

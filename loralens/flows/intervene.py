@@ -67,5 +67,5 @@ def intervene_heads(
     """
     cfg = resolve_config(config_path, config)
     workers, dask_address = run_workers(cfg, workers, dask_address)
-    with scale_out(workers, dask_address):
+    with scale_out(workers, dask_address, cfg=cfg):
         return intervene_stage(cfg, force=force, workers=workers, units=units)

@@ -37,7 +37,8 @@ def pipeline(
     `workers > 1` splits caching (by prompt shard), decoding (by cache shard) and generation (by prompt batch) over
     a local Dask cluster of that many worker processes, `dask_address` over an existing Dask scheduler's workers
     (both default to the config's `run` section); one cluster serves every stage of the run. Train and attribute
-    run in this process (attribute is one DuckDB aggregation over decode's Parquet, no model).
+    run in this process (attribute is one DuckDB aggregation over decode's Parquet, no model); before each stage
+    that runs here the workers drop the models they hold.
     Before reusing a complete version its files are checked against the manifest by size and mtime; `verify`
     re-hashes them (sha256) instead, reading every file.
     """
@@ -49,9 +50,11 @@ def pipeline(
     workers, dask_address = run_workers(cfg, workers, dask_address)
     if not dask_address:
         check_local_workers(cfg.model.device, workers)  # before any stage: one GPU per local worker
-    with scale_out(workers, dask_address):
+    with scale_out(workers, dask_address, cfg=cfg) as pool:
         for stage in stages:
             t0 = time.perf_counter()
+            if pool is not None and not stage.splits:
+                pool.free_models()  # train's ranks (and select's model) need the GPUs and RAM the workers' models hold
             split = {"workers": workers} if stage.splits else {}
             results[stage.name] = load_entry(stage.run)(cfg, cache_ver, force=force, verify=verify, **split)
             seconds[stage.name] = time.perf_counter() - t0

@@ -10,13 +10,16 @@ from loralens.config import PipelineConfig
 from loralens.lens.lenses.lens_set import LensConfig
 from loralens.lens.memory.stage_memory import (
     DTYPE_BYTES,
+    HOST,
     StageMemory,
     attribute_memory,
     cache_memory,
     check_fits,
     decode_memory,
     eval_memory,
+    host_available,
     intervene_memory,
+    parts_by_device,
     select_memory,
     train_memory,
 )
@@ -158,3 +161,31 @@ def ensure_fits(cfg: PipelineConfig, stage: str, workers: int = 1) -> None:
     n_gpus = torch.cuda.device_count() if device.type == "cuda" else 0
     for m in mems:
         check_fits(m, gpus=stage_gpus(str(device), m.processes, n_gpus, cfg.model.device_map))
+
+
+# A local Dask worker's memory_limit over its predicted peak: Dask pauses a worker at 80% of its limit and restarts
+# it at 95%; the worker process also carries distributed and Prefect beside the stage's runtime.
+WORKER_HEADROOM = 1.5
+WORKER_OVERHEAD_BYTES = 2**30
+CUDA_HOST_BYTES = 2 * 2**30  # host memory a process adds once CUDA is up (driver, cuBLAS/cuDNN kernels): on GPU runs
+
+
+def worker_limit_bytes(peaks: list[int], workers: int, host_bytes: int, headroom: float = WORKER_HEADROOM,
+                       overhead: int = WORKER_OVERHEAD_BYTES) -> int:
+    """Return a local Dask worker's `memory_limit`: the largest of the predicted host peaks (`peaks`) of the stages it
+    runs, times `headroom`, plus `overhead`, capped by an equal share of the host's memory (`host_bytes // workers`)."""
+    return int(min(max(peaks) * headroom + overhead, host_bytes // max(workers, 1)))
+
+
+def worker_memory_limit(cfg: PipelineConfig, workers: int) -> int:
+    """Return the `memory_limit` of each of `workers` local Dask workers running `cfg`'s split stages: one worker's
+    host peak per stage (on a GPU run its host parts and CUDA's host memory), `worker_limit_bytes` of the memory
+    available now (`host_available`)."""
+    import torch
+
+    device = cfg.model.torch_device()
+    n_gpus = torch.cuda.device_count() if device.type == "cuda" else 0
+    gpus = stage_gpus(str(device), 1, n_gpus, cfg.model.device_map)
+    peaks = [parts_by_device(predict(cfg, stage), gpus)[HOST] + (CUDA_HOST_BYTES if device.type == "cuda" else 0)
+             for stage in SPLIT_STAGES]
+    return worker_limit_bytes(peaks, workers, host_available())

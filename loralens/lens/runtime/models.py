@@ -174,6 +174,16 @@ def download_from_hub(name: str, revision: str | None = None) -> Path:
         ) from None
 
 
+def placement_kwargs(device: str | torch.device, device_map: str | None = None) -> dict[str, object]:
+    """Return the `from_pretrained` keywords that place a model: Hugging Face's `device_map` when one is given; on a
+    GPU ``device_map={"": device}``, every weight loaded straight onto that GPU (no full copy in host RAM first,
+    which N workers loading at once would each make); on a CPU none (loaded on the host, as always)."""
+    if device_map:
+        return {"device_map": device_map}
+    device = torch.device(device)
+    return {"device_map": {"": str(device)}} if device.type == "cuda" else {}
+
+
 def load_model(
     name: str,
     home: Path,
@@ -186,8 +196,8 @@ def load_model(
 ) -> LoadedModel:
     """Return the frozen model, its tokenizer and adapter, loaded with the normal from_pretrained path.
 
-    The model is placed on `device`, or spread by Hugging Face's `device_map` (e.g. "auto": across the visible
-    GPUs, for a model larger than one) when that is given.
+    The model is placed on `device` (a GPU's weights load straight onto it: `placement_kwargs`), or spread by
+    Hugging Face's `device_map` (e.g. "auto": across the visible GPUs, for a model larger than one) when that is given.
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -195,14 +205,15 @@ def load_model(
     config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     adapter = adapter_for(config.model_type)  # fail before loading weights
     has_safetensors = any(Path(path).glob("*.safetensors"))
+    placement = placement_kwargs(device, device_map)
     model = AutoModelForCausalLM.from_pretrained(
         path,
         dtype=getattr(torch, dtype),
         trust_remote_code=trust_remote_code,
         use_safetensors=True if has_safetensors else None,
-        **({"device_map": device_map} if device_map else {}),
+        **placement,
     )
-    if not device_map:
+    if not placement:
         model.to(device)
     model.eval().requires_grad_(False)
     return LoadedModel(

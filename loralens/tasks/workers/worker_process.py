@@ -10,6 +10,7 @@ the flow process) they load afresh each call, as before, so nothing stays in mem
 
 from __future__ import annotations
 
+import gc
 import json
 import threading
 from pathlib import Path
@@ -65,6 +66,22 @@ def _held(key: tuple, load: Any) -> Any:
             _state["model"] = None  # free the old model before loading another
             _state["model"] = (key, load())
         return _state["model"][1]
+
+
+def free_held_model() -> bool:
+    """Drop the model (or decode's lean model and reader) this process holds and hand CUDA's cached blocks back to
+    the GPU (`torch.cuda.empty_cache`, where CUDA is available); return whether one was held. Every worker runs it
+    before a stage that runs in the flow process (the train stage's ranks need the GPUs: `WorkerPool.free_models`);
+    the next unit loads its model again."""
+    import torch
+
+    with _lock:
+        held = _state["model"] is not None
+        _state["model"] = None
+    gc.collect()  # the model's tensors go now, not at the next collection
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return held
 
 
 def stage_model(cfg: PipelineConfig, *, host_float32: bool = False) -> LoadedModel:

@@ -52,9 +52,16 @@ def reader_loads() -> int:
     return model_loads("reader")
 
 
+def holds_model() -> bool:
+    from loralens.tasks.workers import worker_process
+
+    return worker_process._state["model"] is not None
+
+
 def test_cache_on_two_worker_processes_equals_one_process(tiny_pipeline, dask_cluster, tmp_path):
     """Cache shards mapped over 2 Dask worker processes give one process's files byte for byte (so decode, which
-    reads them, gives the same rows too); a worker loads the model once for all the shards it caches."""
+    reads them, gives the same rows too); a worker loads the model once for all the shards it caches, and drops it
+    once the units are done (the finalizing task loads the model in the flow process, on the GPU of a GPU run)."""
     from loralens.flows.pipeline import pipeline
 
     cfg, want = tiny_pipeline
@@ -67,6 +74,7 @@ def test_cache_on_two_worker_processes_equals_one_process(tiny_pipeline, dask_cl
     n_shards = len(list((home / "artifacts" / "cache" / want["cache"]["version"] / "_shards").glob("*.json")))
     loaded = [b - a for a, b in zip(before, after, strict=True)]
     assert n_shards > len(loaded) and all(n <= 1 for n in loaded)  # 3 shards, 2 workers: one reused its model
+    assert sum(loaded) >= 1 and worker_calls(dask_cluster, holds_model) == [False, False]
     version = want["cache"]["version"]
     prompts = f"SELECT * EXCLUDE (version) FROM prompts WHERE version = '{version}' ORDER BY ALL"
     assert rows(home, prompts) == rows(Path(cfg["home"]), prompts)  # registered by the flow process

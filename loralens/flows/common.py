@@ -134,8 +134,9 @@ def split_over_workers(cfg: PipelineConfig, ver: StageVersion, worker_task: Task
     written) a GPU run's local workers are checked to get one GPU each (`check_local_workers`) and the stage's
     predicted peak is checked against this machine's memory, times the local cluster's
     workers (each holds its own model copy; `ensure_fits`); then `prepare`, if given, runs here once (decode
-    scores the vocabulary there, for every worker to read). Workers write Parquet only; the finalizing task, in
-    this process, writes the manifest and the warehouse rows.
+    scores the vocabulary there, for every worker to read). Workers write Parquet only and drop their models once
+    the units are done (`WorkerPool.free_models`); the finalizing task, in this process, writes the manifest and
+    the warehouse rows.
     """
     if _POOL.get() is None and workers <= 1:
         return force
@@ -150,8 +151,9 @@ def split_over_workers(cfg: PipelineConfig, ver: StageVersion, worker_task: Task
             ensure_fits(cfg, ver.stage, workers=local_cluster_workers(workers))
             if prepare is not None:
                 prepare()
-            with results_under_home(cfg), scale_out(workers, cfg=cfg):
+            with results_under_home(cfg), scale_out(workers, cfg=cfg) as pool:
                 map_units(worker_task, args, todo)
+                pool.free_models()  # the finalizing task loads the model here, on the GPU a worker's copy is on
     return False
 
 

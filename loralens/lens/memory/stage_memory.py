@@ -298,10 +298,13 @@ def host_available(available: int | None = None) -> int:
 
 
 def gpu_free_memory(gpus: tuple[str, ...]) -> dict[str, int]:
-    """Return the free bytes of each GPU in `gpus` ("cuda:N"), as CUDA reports them now."""
+    """Return the bytes a stage in this process can use on each GPU in `gpus` ("cuda:N"): the free memory CUDA
+    reports now plus what this process already reserves there (a Dask worker's held model and cached blocks are part
+    of the peak the prediction counts, so a worker's second unit is not refused for its own model)."""
     import torch
 
-    return {gpu: torch.cuda.mem_get_info(torch.device(gpu))[0] for gpu in dict.fromkeys(gpus)}
+    return {gpu: torch.cuda.mem_get_info(torch.device(gpu))[0] + torch.cuda.memory_reserved(torch.device(gpu))
+            for gpu in dict.fromkeys(gpus)}
 
 
 def check_fits(mem: StageMemory, available: int | None = None, gpus: tuple[str, ...] = (),

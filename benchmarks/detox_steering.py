@@ -211,6 +211,8 @@ def main() -> None:
         print(f"All heads (preregistered): {every['name']}; EMT {fmt(every['emt_rel'], '+.1%')} at PPL "
               f"{fmt(every['ppl_rel'], '+.1%')}; goal (EMT <= -40%, PPL <= +{plan.all_heads_ppl_rel:.0%}): "
               f"{'MET' if met_all else 'NOT MET'}")
+    elif not args.exploratory:
+        print("All heads: not evaluated in this run (--no-exploratory)")
     else:
         print("All heads: no all-heads condition lowered the proxy within its PPL budget on the selection split")
     args.out.write_text(json.dumps({

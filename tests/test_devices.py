@@ -161,3 +161,26 @@ def test_select_and_intervene_compute_a_half_model_in_float32_on_a_cpu(tiny_mode
     for stage in ("select", "intervene"):
         assert dict(predict(cfg, stage).parts)["model weights"] == dict(predict(fp32, stage).parts)["model weights"]
     assert predict(cfg, "cache").total < predict(fp32, "cache").total  # the cache stage runs in bf16
+
+
+def test_the_select_plan_counts_the_trained_lenses_its_lens_directions_read(tmp_path):
+    """Measured on the 2-layer Llama-3-8B-shaped model: select peaked at 12.7 GB against a 6.8 GB plan that left
+    out the lenses read for the `lens` directions and their [chunk, heads, vocab] blocks. The plan now has that
+    phase (the model in fp32 on a CPU, the lean lenses, the blocks) when `lens` is a source, and not without it."""
+    from transformers import LlamaConfig
+
+    from loralens.tasks.memory import predict
+
+    LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=2, num_attention_heads=32,
+                num_key_value_heads=8, vocab_size=128256, torch_dtype="bfloat16").to_json_file(tmp_path / "config.json")
+    raw = {"home": str(tmp_path / "home"), "model": {"name": str(tmp_path / "config.json"), "dtype": "bfloat16"}}
+    with_lens = predict(parse_config(raw), "select")
+    parts = dict(with_lens.parts)
+    assert parts["model weights"] > 5.9e9  # 1.49 B parameters in fp32
+    assert parts["trained lenses (lean weights, fp32 fold, banks)"] > 128256 * 4096 * (2 + 4)  # bf16 + fp32 fold
+    blocks = parts["lens-direction [chunk, heads, vocab] blocks"]
+    assert 0 < blocks <= 2**30  # bounded by lens_direction_chunk
+    assert with_lens.total == sum(parts.values()) > 10e9
+    no_lens = predict(parse_config(raw | {"select": {"steering": {"sources": ["contrast", "unembed"]}}}), "select")
+    assert "trained lenses (lean weights, fp32 fold, banks)" not in dict(no_lens.parts)
+    assert no_lens.total < with_lens.total - parts["trained lenses (lean weights, fp32 fold, banks)"] / 2

@@ -56,6 +56,25 @@ def test_lens_direction_of_a_linear_lens_is_the_analytic_gradient():
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
 
 
+def test_lens_direction_chunks_bound_their_blocks_and_chunking_leaves_the_mean_unchanged():
+    """A chunk of positions holds LENS_BLOCKS fp32 [chunk, H, V] blocks: SmolLM2 (9 heads, 49,152 tokens) keeps 32
+    positions; Llama-3-8B (32 heads, 128,256 tokens) takes fewer, within the budget; the weighted mean of chunk
+    means is the mean over all positions."""
+    assert D.lens_direction_chunk(9, 49152) == D.MAX_LENS_CHUNK
+    big = D.lens_direction_chunk(32, 128256)
+    assert 1 <= big < D.MAX_LENS_CHUNK and D.LENS_BLOCKS * big * 32 * 128256 * 4 <= D.LENS_BLOCK_BYTES
+    assert D.lens_direction_chunk(64, 10**7) == 1  # never zero
+    g = torch.Generator().manual_seed(2)
+    n, H, dh, d, V = 7, 2, 3, 4, 5
+    w, w_o = torch.randn(V, d, generator=g), torch.randn(H, dh, d, generator=g)
+    z, scale, tox = torch.randn(n, H, dh, generator=g), torch.rand(n, generator=g) + 0.5, torch.rand(V, generator=g)
+    x = torch.einsum("nhk,hkd->nhd", z, w_o) / scale[:, None, None]
+    whole = D.lens_direction(lambda x_: x_ @ w.T, x, w_o, scale, tox)
+    parts = sum(D.lens_direction(lambda x_: x_ @ w.T, x[i:i + 3], w_o, scale[i:i + 3], tox) * len(x[i:i + 3])
+                for i in range(0, n, 3)) / n
+    torch.testing.assert_close(parts, whole, atol=1e-6, rtol=1e-5)
+
+
 def test_projection_sigma_and_probe_find_the_one_informative_head():
     g = torch.Generator().manual_seed(2)
     n, H, dh = 400, 3, 4

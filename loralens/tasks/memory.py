@@ -19,6 +19,7 @@ from loralens.lens.memory.stage_memory import (
     eval_memory,
     host_available,
     intervene_memory,
+    lens_reader_parts,
     parts_by_device,
     select_memory,
     train_memory,
@@ -72,6 +73,7 @@ def predict(cfg: PipelineConfig, stage: str) -> StageMemory:
     n_layers = len(c.layers) if c.layers is not None else d.n_layers
     shard_tokens = c.prompts_per_shard * c.max_length
     top_k = cfg.target_top_k
+    stored = (d.vocab * d.d_model + n_layers * d.z_width * d.d_model) * DTYPE_BYTES[f.stored_dtype]  # lean weights
     if stage == "cache":
         return cache_memory(d, n_params=f.n_params, d_ff=f.d_ff, model_dtype=cfg.model.resolved_dtype(),
                             batch_size=c.batch_size, max_length=c.max_length, prompts_per_shard=c.prompts_per_shard,
@@ -88,8 +90,6 @@ def predict(cfg: PipelineConfig, stage: str) -> StageMemory:
         return train_memory(plan, d, micro_batch=t.micro_batch_tokens, loss_chunk=t.loss_chunk,
                             world_size=t.world_size, zero_stage=t.zero_stage, ranks_here=ranks_here, **common)
     if stage == "decode":
-        sb = DTYPE_BYTES[f.stored_dtype]
-        stored = (d.vocab * d.d_model + n_layers * d.z_width * d.d_model) * sb
         positions = shard_tokens if cfg.decode.positions == "all" else c.prompts_per_shard
         return decode_memory(d, n_layers=n_layers, form=t.form, rank=t.rank, stored_bytes=stored,
                              chunk=cfg.decode.chunk_tokens, shard_tokens=shard_tokens, positions=positions,
@@ -106,9 +106,13 @@ def predict(cfg: PipelineConfig, stage: str) -> StageMemory:
                                     n_kv_heads=f.n_kv_heads, ppl_window=i.ppl_window)
         if stage == "intervene":
             return sampling
+        st = sel.steering
+        reader = sum(b for _, b in lens_reader_parts(d, n_layers=n_layers, form=t.form, rank=t.rank,
+                                                     stored_bytes=stored))
         return select_memory(d, n_params=f.n_params, d_ff=f.d_ff, model_dtype=dtype,
                              batch_prompts=sel.batch_prompts,
-                             forced_tokens=sel.max_prompt_tokens + sel.max_continuation_tokens, sampling=sampling)
+                             forced_tokens=sel.max_prompt_tokens + sel.max_continuation_tokens, sampling=sampling,
+                             lens_reader=reader if st.enabled and "lens" in st.sources else 0)
     raise ValueError(f"unknown stage {stage!r}; stages: {', '.join(STAGES)}")
 
 

@@ -20,6 +20,16 @@ import torch
 from torch import Tensor
 
 SOURCES = ("contrast", "unembed", "lens")
+LENS_BLOCKS = 6  # fp32 [n, H, V] tensors alive at once in `lens_direction` (logits and their casts, log-probs,
+# probabilities, and the gradients through them)
+LENS_BLOCK_BYTES = 2**30  # what a chunk of positions may take in `lens_direction`'s blocks
+MAX_LENS_CHUNK = 32
+
+
+def lens_direction_chunk(n_heads: int, vocab: int, budget: int = LENS_BLOCK_BYTES) -> int:
+    """Return how many positions `lens_direction` takes at once: at most MAX_LENS_CHUNK, fewer when their
+    `LENS_BLOCKS` fp32 `[n, H, V]` blocks would exceed `budget` bytes (at least one)."""
+    return max(1, min(MAX_LENS_CHUNK, budget // (LENS_BLOCKS * n_heads * vocab * 4)))
 
 
 def unit(v: Tensor, eps: float = 1e-12) -> Tensor:

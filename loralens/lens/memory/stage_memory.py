@@ -22,6 +22,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from loralens.lens.heads.directions import LENS_BLOCKS, lens_direction_chunk
 from loralens.lens.lenses.lens_set import trainable_per_head
 from loralens.lens.lenses.objective import eval_chunk
 from loralens.lens.memory.memory_plan import MemoryPlan
@@ -151,6 +152,17 @@ def eval_memory(plan: MemoryPlan, dims: ModelDims, *, shard_tokens: int, n_layer
                        gpu_parts=frozenset(name for name, _ in parts[1:5]))
 
 
+def lens_reader_parts(dims: ModelDims, *, n_layers: int, form: str, rank: int, stored_bytes: int
+                      ) -> tuple[tuple[str, int], ...]:
+    """Return the trained lenses read lean (decode, select's `lens` directions): the lean weights as stored
+    (unembedding, norm, W_O of the L layers), their fp32 fold ``V d 4`` and fp32 W_O, the banks ``L H per_head 4``."""
+    banks = n_layers * dims.n_heads * trainable_per_head(form, rank, dims.d_model, dims.vocab) * F32
+    w_o = n_layers * dims.z_width * dims.d_model * F32
+    return (("lean weights as stored", stored_bytes),
+            ("fp32 folded unembedding and W_O", dims.vocab * dims.d_model * F32 + w_o),
+            ("lens banks", banks))
+
+
 def decode_memory(dims: ModelDims, *, n_layers: int, form: str, rank: int, stored_bytes: int, chunk: int,
                   shard_tokens: int, positions: int, store_dtype: str, top_k: int) -> StageMemory:
     """Return the decode stage's peak: lenses read lean, heads read chunk by chunk in one pass.
@@ -163,13 +175,9 @@ def decode_memory(dims: ModelDims, *, n_layers: int, form: str, rank: int, store
     - a shard's top-k rows ``positions L H k 2 * 16`` and readout rows ``positions L H 24`` before it is written.
     """
     s = DTYPE_BYTES[store_dtype]
-    banks = n_layers * dims.n_heads * trainable_per_head(form, rank, dims.d_model, dims.vocab) * F32
-    w_o = n_layers * dims.z_width * dims.d_model * F32
     parts = (
         ("runtime", RUNTIME_BYTES),
-        ("lean weights as stored", stored_bytes),
-        ("fp32 folded unembedding and W_O", dims.vocab * dims.d_model * F32 + w_o),
-        ("lens banks", banks),
+        *lens_reader_parts(dims, n_layers=n_layers, form=form, rank=rank, stored_bytes=stored_bytes),
         ("one layer of a shard", shard_tokens * dims.z_width * (s + F32) + chunk * dims.n_heads * dims.d_model * F32),
         ("[chunk, heads, vocab] blocks", 4 * chunk * dims.n_heads * dims.vocab * F32),
         ("a shard's top-k and readout rows", positions * n_layers * dims.n_heads * (top_k * 2 * 16 + 24)),
@@ -216,12 +224,15 @@ def intervene_memory(dims: ModelDims, *, n_params: int, model_dtype: str, batch_
 
 
 def select_memory(dims: ModelDims, *, n_params: int, d_ff: int, model_dtype: str, batch_prompts: int,
-                  forced_tokens: int, sampling: StageMemory) -> StageMemory:
-    """Return the select stage's peak: the larger of its sampling (as intervene's, at select.k) and attribution
-    patching's one forward + backward over ``B = batch_prompts`` teacher-forced rows of ``T = forced_tokens``.
+                  forced_tokens: int, sampling: StageMemory, lens_reader: int = 0) -> StageMemory:
+    """Return the select stage's peak: the largest of its sampling (as intervene's, at select.k), attribution
+    patching's one forward + backward over ``B = batch_prompts`` teacher-forced rows of ``T = forced_tokens``,
+    and, with steering along the `lens` source, the lens directions (`lens_reader` bytes: the trained lenses read
+    as decode reads them, beside the model).
 
     The backward keeps every layer's activations, ``B T N_layers (8 d_model + 3 d_ff) mb`` (residual, norms,
-    q/k/v/o, MLP), and the logits with their fp32 softmax and gradient, ``B T V (mb + 3 * 4)``.
+    q/k/v/o, MLP), and the logits with their fp32 softmax and gradient, ``B T V (mb + 3 * 4)``. The lens
+    directions hold `LENS_BLOCKS` fp32 ``[chunk, H, V]`` blocks (`lens_direction_chunk`).
     """
     mb = DTYPE_BYTES[model_dtype]
     rows = batch_prompts * forced_tokens
@@ -231,10 +242,18 @@ def select_memory(dims: ModelDims, *, n_params: int, d_ff: int, model_dtype: str
         ("activations kept for backward", rows * dims.n_layers * (8 * dims.d_model + 3 * d_ff) * mb),
         ("logits, softmax and gradient", rows * dims.vocab * (mb + 3 * F32)),
     )
-    parts = max(backward, sampling.parts, key=lambda ps: sum(b for _, b in ps))
+    chunk = lens_direction_chunk(dims.n_heads, dims.vocab)
+    directions = (
+        ("runtime", RUNTIME_BYTES),
+        ("model weights", n_params * mb),
+        ("trained lenses (lean weights, fp32 fold, banks)", lens_reader),
+        ("lens-direction [chunk, heads, vocab] blocks", LENS_BLOCKS * chunk * dims.n_heads * dims.vocab * F32),
+    ) if lens_reader else ()
+    parts = max(backward, sampling.parts, directions, key=lambda ps: sum(b for _, b in ps))
     return StageMemory("select", parts, f"select.batch_prompts (now {batch_prompts}), select.k, "
+                                        f"select.steering.sources (`lens` reads the trained lenses), "
                                         f"model.dtype (now {model_dtype})",
-                       gpu_parts=sampling.gpu_parts | {name for name, _ in backward[1:]})
+                       gpu_parts=sampling.gpu_parts | {name for name, _ in (*backward[1:], *directions[1:])})
 
 
 # -- available memory and the check ---------------------------------------------------------------------

@@ -35,6 +35,7 @@ from loralens.lens.heads.directions import (
     ScoredActivations,
     contrast_direction,
     lens_direction,
+    lens_direction_chunk,
     projection_sigma,
     unembed_direction,
     unit,
@@ -74,16 +75,18 @@ def contrast_labels(scores: np.ndarray, threshold: float) -> tuple[np.ndarray, s
 
 def head_directions(loaded: LoadedModel, acts: ScoredActivations, toxic: np.ndarray, token_tox: torch.Tensor,
                     sources: Sequence[str], lens_logits: Mapping[int, Callable[[torch.Tensor], torch.Tensor]] | None,
-                    chunk: int = 32) -> Directions:
+                    chunk: int | None = None) -> Directions:
     """Return `{source: {layer: d [H, dh]}}` for every cached layer (unnormalized; see `lens/heads/directions`).
 
-    `lens_logits[layer]` maps lens inputs `[n, H, d]` to that layer's trained-lens logits (needed for `lens`).
+    `lens_logits[layer]` maps lens inputs `[n, H, d]` to that layer's trained-lens logits (needed for `lens`),
+    `chunk` positions at a time (default `lens_direction_chunk`: bounded `[chunk, H, V]` blocks).
     """
     mask = torch.from_numpy(np.asarray(toxic, dtype=bool))
     w_fold, _ = folded_unembedding(loaded.adapter, loaded.model)
     u = toxic_direction(w_fold.float(), token_tox.to(w_fold.device).float())  # [d]
     tox = token_tox.float()
     out: Directions = {s: {} for s in sources}
+    chunk = chunk or lens_direction_chunk(loaded.dims.n_heads, int(tox.shape[0]))
     for layer, z in acts.z.items():
         w_o = out_proj_weight(loaded.adapter, loaded.model, layer, loaded.dims).detach().float().cpu()
         if "contrast" in out:

@@ -103,7 +103,8 @@ def predict(cfg: PipelineConfig, stage: str) -> StageMemory:
         sampling = intervene_memory(d, n_params=f.n_params, model_dtype=dtype,
                                     batch_prompts=i.batch_prompts, k=sel.k if stage == "select" else i.k,
                                     tokens=c.max_length + i.max_new_tokens, n_layers_total=d.n_layers,
-                                    n_kv_heads=f.n_kv_heads, ppl_window=i.ppl_window)
+                                    n_kv_heads=f.n_kv_heads, ppl_window=i.ppl_window,
+                                    stored_dtype=f.stored_dtype)
         if stage == "intervene":
             return sampling
         st = sel.steering

@@ -73,6 +73,12 @@ def contrast_labels(scores: np.ndarray, threshold: float) -> tuple[np.ndarray, s
     return toxic, f">= {threshold:g}"
 
 
+def _toxic_residual_direction(loaded: LoadedModel, token_tox: torch.Tensor) -> torch.Tensor:
+    """Return the unembedding's toxic direction `[d]` (`toxic_direction` of the folded unembedding)."""
+    w_fold, _ = folded_unembedding(loaded.adapter, loaded.model)
+    return toxic_direction(w_fold.float(), token_tox.to(w_fold.device).float())
+
+
 def head_directions(loaded: LoadedModel, acts: ScoredActivations, toxic: np.ndarray, token_tox: torch.Tensor,
                     sources: Sequence[str], lens_logits: Mapping[int, Callable[[torch.Tensor], torch.Tensor]] | None,
                     chunk: int | None = None) -> Directions:
@@ -82,8 +88,7 @@ def head_directions(loaded: LoadedModel, acts: ScoredActivations, toxic: np.ndar
     `chunk` positions at a time (default `lens_direction_chunk`: bounded `[chunk, H, V]` blocks).
     """
     mask = torch.from_numpy(np.asarray(toxic, dtype=bool))
-    w_fold, _ = folded_unembedding(loaded.adapter, loaded.model)
-    u = toxic_direction(w_fold.float(), token_tox.to(w_fold.device).float())  # [d]
+    u = _toxic_residual_direction(loaded, token_tox)  # [d]; the [V, d] fold is freed before the lens blocks
     tox = token_tox.float()
     out: Directions = {s: {} for s in sources}
     chunk = chunk or lens_direction_chunk(loaded.dims.n_heads, int(tox.shape[0]))

@@ -155,12 +155,14 @@ def fold_unembedding(unembed_w: torch.Tensor, unembed_b: torch.Tensor | None, no
     Whatever the stored dtype (bf16, fp16), the fold is done on fp32 copies.
     """
     u = unembed_w.detach().float()
-    w = u * norm_w.detach().float()[None, :]
-    b = torch.zeros(w.shape[0], device=w.device)
+    b = torch.zeros(u.shape[0], device=u.device)
+    if norm_kind == "layer" and norm_b is not None:
+        b = b + u @ norm_b.detach().float()
+    gain = norm_w.detach().float()[None, :]
+    # in place on a fresh fp32 copy: a bf16 Llama-3-8B unembedding would otherwise peak at two [V, d] fp32 copies
+    w = u.mul_(gain) if u.data_ptr() != unembed_w.data_ptr() else u * gain
     if norm_kind == "layer":
-        if norm_b is not None:
-            b = b + u @ norm_b.detach().float()
-        w = w - w.mean(dim=1, keepdim=True)
+        w.sub_(w.mean(dim=1, keepdim=True))
     if unembed_b is not None:
         b = b + unembed_b.detach().float()
     return w, b

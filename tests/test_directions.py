@@ -41,13 +41,18 @@ def test_unembed_direction_reads_the_residual_write_along_u():
     torch.testing.assert_close((z * d).sum(-1), writes @ u)
 
 
-def test_lens_direction_of_a_linear_lens_is_the_analytic_gradient():
-    """For logits = x W^T: dJ/dx = W^T (p * (t - J)), and dJ/dz_h = W_O[h] dJ/dx / scale (mean over positions)."""
-    g = torch.Generator().manual_seed(1)
-    n, H, dh, d, V = 5, 2, 3, 4, 7
+def linear_lens_case(seed: int, n: int, H: int, dh: int, d: int, V: int):
+    """Return (w [V, d], w_o [H, dh, d], scale [n], tox [V], x [n, H, d]) of random z written through W_O."""
+    g = torch.Generator().manual_seed(seed)
     w, w_o = torch.randn(V, d, generator=g), torch.randn(H, dh, d, generator=g)
     z, scale, tox = torch.randn(n, H, dh, generator=g), torch.rand(n, generator=g) + 0.5, torch.rand(V, generator=g)
-    x = torch.einsum("nhk,hkd->nhd", z, w_o) / scale[:, None, None]
+    return w, w_o, scale, tox, torch.einsum("nhk,hkd->nhd", z, w_o) / scale[:, None, None]
+
+
+def test_lens_direction_of_a_linear_lens_is_the_analytic_gradient():
+    """For logits = x W^T: dJ/dx = W^T (p * (t - J)), and dJ/dz_h = W_O[h] dJ/dx / scale (mean over positions)."""
+    n = 5
+    w, w_o, scale, tox, x = linear_lens_case(1, n, 2, 3, 4, 7)
     got = D.lens_direction(lambda x_: x_ @ w.T, x, w_o, scale, tox)
     p = torch.softmax(x @ w.T, -1)
     j = p @ tox
@@ -64,11 +69,8 @@ def test_lens_direction_chunks_bound_their_blocks_and_chunking_leaves_the_mean_u
     big = D.lens_direction_chunk(32, 128256)
     assert 1 <= big < D.MAX_LENS_CHUNK and D.LENS_BLOCKS * big * 32 * 128256 * 4 <= D.LENS_BLOCK_BYTES
     assert D.lens_direction_chunk(64, 10**7) == 1  # never zero
-    g = torch.Generator().manual_seed(2)
-    n, H, dh, d, V = 7, 2, 3, 4, 5
-    w, w_o = torch.randn(V, d, generator=g), torch.randn(H, dh, d, generator=g)
-    z, scale, tox = torch.randn(n, H, dh, generator=g), torch.rand(n, generator=g) + 0.5, torch.rand(V, generator=g)
-    x = torch.einsum("nhk,hkd->nhd", z, w_o) / scale[:, None, None]
+    n = 7
+    w, w_o, scale, tox, x = linear_lens_case(2, n, 2, 3, 4, 5)
     whole = D.lens_direction(lambda x_: x_ @ w.T, x, w_o, scale, tox)
     parts = sum(D.lens_direction(lambda x_: x_ @ w.T, x[i:i + 3], w_o, scale[i:i + 3], tox) * len(x[i:i + 3])
                 for i in range(0, n, 3)) / n

@@ -149,6 +149,15 @@ def stage_gpus(device: str, processes: int, n_gpus: int, device_map: str | None 
     return tuple(f"cuda:{i % max(n_gpus, 1)}" for i in range(processes))
 
 
+def config_gpus(cfg: PipelineConfig, processes: int) -> tuple[str, ...]:
+    """Return `stage_gpus` for `processes` processes of `cfg`'s model on this machine (none on a CPU)."""
+    import torch
+
+    device = cfg.model.torch_device()
+    n_gpus = torch.cuda.device_count() if device.type == "cuda" else 0
+    return stage_gpus(str(device), processes, n_gpus, cfg.model.device_map)
+
+
 def ensure_fits(cfg: PipelineConfig, stage: str, workers: int = 1) -> None:
     """Refuse (one line, before anything is loaded) a stage whose predicted peak exceeds the memory available on
     any device: its host parts against RAM, on a GPU run its GPU parts against each GPU's free memory (`stage_gpus`).
@@ -156,16 +165,12 @@ def ensure_fits(cfg: PipelineConfig, stage: str, workers: int = 1) -> None:
     `workers`: the local Dask cluster's worker processes a split stage (SPLIT_STAGES) runs on, on this machine;
     the check is then of `workers` times one worker's peak (the flow process checks before it maps the units).
     """
-    import torch
-
     mem = predict(cfg, stage)
     mems = [on_workers(mem, workers) if stage in SPLIT_STAGES else mem]
     if stage == "train":
         mems.append(predict(cfg, "eval"))
-    device = cfg.model.torch_device()
-    n_gpus = torch.cuda.device_count() if device.type == "cuda" else 0
     for m in mems:
-        check_fits(m, gpus=stage_gpus(str(device), m.processes, n_gpus, cfg.model.device_map))
+        check_fits(m, gpus=config_gpus(cfg, m.processes))
 
 
 # A local Dask worker's memory_limit over its predicted peak: Dask pauses a worker at 80% of its limit and restarts
@@ -186,11 +191,7 @@ def worker_memory_limit(cfg: PipelineConfig, workers: int) -> int:
     """Return the `memory_limit` of each of `workers` local Dask workers running `cfg`'s split stages: one worker's
     host peak per stage (on a GPU run its host parts and CUDA's host memory), `worker_limit_bytes` of the memory
     available now (`host_available`)."""
-    import torch
-
-    device = cfg.model.torch_device()
-    n_gpus = torch.cuda.device_count() if device.type == "cuda" else 0
-    gpus = stage_gpus(str(device), 1, n_gpus, cfg.model.device_map)
-    peaks = [parts_by_device(predict(cfg, stage), gpus)[HOST] + (CUDA_HOST_BYTES if device.type == "cuda" else 0)
-             for stage in SPLIT_STAGES]
+    cuda_host = CUDA_HOST_BYTES if cfg.model.torch_device().type == "cuda" else 0
+    gpus = config_gpus(cfg, 1)
+    peaks = [parts_by_device(predict(cfg, stage), gpus)[HOST] + cuda_host for stage in SPLIT_STAGES]
     return worker_limit_bytes(peaks, workers, host_available())

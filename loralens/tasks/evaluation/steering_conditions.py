@@ -23,7 +23,7 @@ from loralens.lens.evaluation.steering_search import Steering
 from loralens.lens.heads.edits import HeadIntervention
 from loralens.lens.heads.head_sets import Head, format_heads, parse_head_list
 from loralens.tasks.evaluation.steering import ALL, Directions, condition_from_record, intervention
-from loralens.tasks.evaluation.steering_controls import RANDOM_SOURCE, random_direction
+from loralens.tasks.evaluation.steering_controls import RANDOM_SOURCE, random_direction, require_in_layers
 from loralens.warehouse.steering_directions import read_directions
 
 # The intervene stage's groups of a steering evaluation (the headline first).
@@ -93,10 +93,7 @@ def steering_conditions(headline: Steering | None, *, layers: Sequence[int], ran
     and the random sets' heads must lie in `layers`."""
     out: list[SteeringCondition] = []
     if headline is not None:
-        layers = [int(la) for la in layers]
-        outside = [la for la, _ in (*headline.heads, *(h for hs in random_sets for h in hs)) if la not in layers]
-        if outside:
-            raise ValueError(f"headline: heads in layers {sorted(set(outside))} are outside the layers {layers}")
+        require_in_layers((*headline.heads, *(h for hs in random_sets for h in hs)), layers)
         spec = _spec(headline)
         out.append(SteeringCondition("headline", STEERING, headline.heads, spec))
         out += [SteeringCondition(f"random{i}", STEERING_RANDOM, tuple(sorted(heads)), spec)

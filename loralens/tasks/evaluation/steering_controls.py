@@ -44,6 +44,15 @@ RANDOM_SOURCE = "random"
 ALL_HEADS = "all_heads"  # the second preregistered condition: every head steered (its own role in the rows)
 
 
+def require_in_layers(heads: Iterable[Head], layers: Sequence[int]) -> list[int]:
+    """Return `layers` as ints; ValueError (one line) when a head of `heads` lies outside them."""
+    layers = [int(la) for la in layers]
+    outside = sorted({la for la, _ in heads if la not in layers})
+    if outside:
+        raise ValueError(f"headline: heads in layers {outside} are outside the layers {layers}")
+    return layers
+
+
 def control_seeds(seed: int, size: int, draws: int) -> list[int]:
     """Return the seeds of the first `draws` random sets of `size` heads (`hash_seed(seed, size, i)`)."""
     return [hash_seed(seed, size, i) for i in range(draws)]
@@ -53,10 +62,7 @@ def draw_random_sets(headline: Steering, layers: Sequence[int], n_heads: int, se
                      ) -> list[tuple[Head, ...]]:
     """Return one random set of the headline's size per seed, over `layers` x `n_heads` (real layer indices),
     outside the headline's heads."""
-    layers = [int(la) for la in layers]
-    outside = [la for la, _ in headline.heads if la not in layers]
-    if outside:
-        raise ValueError(f"headline: heads {format_heads(headline.heads)} are outside the layers {layers}")
+    layers = require_in_layers(headline.heads, layers)
     drawn = random_head_sets(len(layers), n_heads, len(headline.heads), seeds,
                              exclude=[(layers.index(la), h) for la, h in headline.heads])
     return [tuple(sorted((layers[li], h) for li, h in heads)) for heads in drawn]
@@ -148,4 +154,4 @@ def headline_rows(baseline: np.ndarray, conditions: Mapping[str, tuple[Steering 
 
 
 __all__ = ["ALL_HEADS", "RANDOM_SOURCE", "MatchedControls", "control_seeds", "draw_random_sets",
-           "fluency_matched_sets", "headline_rows", "random_direction"]
+           "fluency_matched_sets", "headline_rows", "random_direction", "require_in_layers"]

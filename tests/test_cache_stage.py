@@ -256,3 +256,40 @@ def test_target_top_k_is_stored_only_for_a_subset_loss(tiny_models, tmp_path):
     assert read_tokens(cache_version(subset).artifact).column("topk_ids").type.list_size == 64
     with pytest.raises(ConfigError, match=r"^config error: cache.top_k: 0 stores no target top-k, but train.loss"):
         config("subset", top_k=0)
+
+
+def test_training_text_is_cached_in_text_shards_that_decode_never_reads(tiny_models, tmp_path):
+    from loralens.lens.heads.capture import text_windows
+    from loralens.warehouse.activation_cache import prompt_shards
+    from loralens.warehouse.corpus import load_training_text
+
+    cfg = make_cfg(tmp_path / "home", tiny_models["llama"])
+    cfg = cfg.model_copy(update={"corpus": cfg.corpus.model_copy(update={
+        "text_paths": ("bundled:wikitext2_test",), "text_tokens": 100})})
+    summary = run(cfg)
+    adir = cache_version(cfg).artifact
+    tokens = read_tokens(adir)
+    idx = tokens.column("prompt_idx").to_numpy()
+    # 20 prompts in 4 shards of 6, then the text: 100 tokens in windows of <= 24 tokens, 6 windows a shard
+    assert summary["n_prompts"] == 20 and summary["n_prompt_shards"] == 4
+    assert summary["text_tokens"] == (idx >= 20).sum() == 100 and summary["text_windows"] == 5
+    assert sorted(adir.done_shards()) == [0, 1, 2, 3, 4] and prompt_shards(adir) == [0, 1, 2, 3]
+    assert len(read_prompts(adir)) == 20  # no prompt rows for text windows: attribute and select never see them
+    # The windows are the text's second half (text_start 0.5), in order, each behind the tokenizer's own prefix.
+    tok = load_model(cfg.model.name, cfg.home).tokenizer
+    text = load_training_text(cfg.corpus.text_paths, 0.5).text
+    assert not text.startswith(load_training_text(cfg.corpus.text_paths, 0.0).text[:200])
+    prefix = tok("", add_special_tokens=True)["input_ids"]
+    expected = text_windows(tok, text, 24, 100)
+    assert all(w[: len(prefix)] == prefix and len(w) <= 24 for w in expected)
+    assert [t for w in expected for t in w[len(prefix):]] == tok(text[:2000], add_special_tokens=False)[
+        "input_ids"][: 100 - len(prefix) * len(expected)]
+    stored = [tokens.column("token_id").to_numpy()[idx == 20 + j].tolist() for j in range(5)]
+    assert stored == expected
+    # The text is part of the version: other text or another amount is another version; a bad path names itself.
+    assert cache_version(cfg).version != cache_version(make_cfg(tmp_path / "home", tiny_models["llama"])).version
+    more = cfg.model_copy(update={"corpus": cfg.corpus.model_copy(update={"text_tokens": 101})})
+    assert cache_version(more).version != cache_version(cfg).version
+    bad = cfg.model_copy(update={"corpus": cfg.corpus.model_copy(update={"text_paths": (str(tmp_path / "no.txt"),)})})
+    with pytest.raises(ValueError, match="no.txt"):
+        cache_version(bad)

@@ -58,6 +58,13 @@ class CorpusConfig(Section):
     paths: tuple[str, ...] = Field(DEFAULT_CORPUS, description="prompt files the heads are decoded and scored on "
                                                                 "(`bundled:NAME` or a path)")
     max_prompts_per_file: int | None = Field(128, gt=0, description="first N prompts of each file (null: all)")
+    text_paths: tuple[str, ...] = Field(
+        (), description="text the lenses also train on, never decoded, scored or sampled (`bundled:NAME` or a "
+        ".txt / .jsonl / .parquet path): the files' texts in order, one token stream cut into windows of "
+        "cache.max_length tokens")
+    text_tokens: int = Field(16384, gt=0, description="tokens of text_paths cached (the first ones after text_start)")
+    text_start: float = Field(0.5, ge=0, lt=1, description="fraction of each text file skipped (the bundled "
+                                                           "WikiText-2's first half is where perplexity is measured)")
 
     @field_validator("paths")
     @classmethod

@@ -175,3 +175,12 @@ def read_layer_z(adir: ArtifactDir, layer: int, z_width: int, shards: Iterable[i
 def read_h_final(tokens: pa.Table, d_model: int) -> np.ndarray:
     """Return the cached lm_head inputs `[n, d_model]` float32 from a token table."""
     return binary_to_numpy(tokens.column("h_final"), np.float32, d_model)
+
+
+def prompt_shards(adir: ArtifactDir) -> list[int]:
+    """Return the done shards that hold prompts, in order: those before the manifest's `n_prompt_shards` (the rest
+    hold lens-training text windows, with no prompt rows); every done shard before the manifest is written."""
+    manifest = adir.manifest()
+    done = sorted(adir.done_shards())
+    n = None if manifest is None else manifest["summary"].get("n_prompt_shards")
+    return done if n is None else [s for s in done if s < n]

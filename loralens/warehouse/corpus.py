@@ -155,3 +155,36 @@ def load_corpus(specs: list[str] | tuple[str, ...], max_per_file: int | None = N
     if not prompts:
         raise CorpusError(f"empty corpus: no non-blank prompts in {', '.join(specs)}")
     return corpus
+
+
+@dataclass(frozen=True)
+class TrainingText:
+    """Text the lenses train on besides the prompts: the sources' texts in order, each after its skipped start."""
+
+    text: str
+    per_source: dict[str, int]  # characters kept per source
+
+    def fingerprint(self) -> str:
+        """Return a content hash of the text and where it came from."""
+        h = hashlib.sha256(json.dumps(self.per_source, sort_keys=True).encode())
+        h.update(self.text.encode())
+        return h.hexdigest()[:16]
+
+
+def load_training_text(specs: list[str] | tuple[str, ...], start: float) -> TrainingText:
+    """Return the texts of every file (records or lines joined by newlines), each without its first `start`
+    fraction of characters (cut at the next line break, so no word is split)."""
+    parts: list[str] = []
+    per_source: dict[str, int] = {}
+    for spec in specs:
+        path = _resolve(spec)
+        text = "\n".join(t for _, t, _, _, _ in _records(path) if t.strip())
+        cut = int(len(text) * start)
+        if cut:
+            newline = text.find("\n", cut)
+            text = text[newline + 1:] if newline >= 0 else ""
+        if not text.strip():
+            raise CorpusError(f"{path}: no text left for lens training (empty file, or corpus.text_start skips it all)")
+        per_source[path.stem] = len(text)
+        parts.append(text)
+    return TrainingText(text="\n".join(parts), per_source=per_source)

@@ -45,6 +45,33 @@ def tokenize_prompts(tokenizer, texts: Sequence[str], max_length: int) -> Tokeni
     return TokenizedPrompts(ids=[x[:max_length] for x in ids], truncated=[len(x) > max_length for x in ids])
 
 
+CHARS_PER_TOKEN_READ = 10  # characters tokenized per wanted token: ~2.5x margin over English text's ~4
+
+
+def text_windows(tokenizer, text: str, max_length: int, max_tokens: int) -> list[list[int]]:
+    """Return the first `max_tokens` tokens of `text` as windows of at most `max_length` tokens.
+
+    Each window starts with the tokenizer's own prefix (BOS for Llama, none for GPT-2), as a prompt would; windows
+    shorter than two tokens are dropped (no next token to read).
+    """
+    prefix = tokenizer("", add_special_tokens=True)["input_ids"]
+    body = max_length - len(prefix)
+    if body < 1:
+        raise ValueError(f"max_length {max_length} leaves no room after the tokenizer's {len(prefix)} prefix tokens")
+    head = text[: max_tokens * CHARS_PER_TOKEN_READ]  # tokenizing a whole corpus for a few windows is wasted work
+    ids = tokenizer(head, add_special_tokens=False)["input_ids"]
+    if len(ids) < max_tokens and len(head) < len(text):
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    windows, total = [], 0
+    for start in range(0, len(ids), body):
+        window = (prefix + ids[start:start + body])[: max_tokens - total]
+        if len(window) < 2:
+            break
+        windows.append(window)
+        total += len(window)
+    return windows
+
+
 def effective_max_length(loaded: LoadedModel, requested: int) -> int:
     """Return the requested prompt length capped by the model's context."""
     return min(requested, model_context_length(loaded.model.config))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ from loralens.lens.heads.capture import (
     TokenizedPrompts,
     cache_batch,
     effective_max_length,
+    text_windows,
     tokenize_prompts,
 )
 from loralens.lens.runtime.models import folder_fingerprint, resolve_model_path
@@ -36,7 +38,7 @@ from loralens.tasks.stage_versions import (
 from loralens.tasks.workers.worker_process import stage_model
 from loralens.warehouse.activation_cache import read_prompts, shard_relpaths, write_cache_shard
 from loralens.warehouse.attribution_tables import register_prompts
-from loralens.warehouse.corpus import Corpus, load_corpus
+from loralens.warehouse.corpus import Corpus, load_corpus, load_training_text
 from loralens.warehouse.db import warehouse_path, writes_forbidden
 from loralens.warehouse.versions import artifact_version
 
@@ -51,6 +53,8 @@ def cache_version(cfg: PipelineConfig) -> StageVersion:
     corpus = load_corpus(cfg.corpus.paths, cfg.corpus.max_prompts_per_file)
     config = science_config(cfg, STAGE)  # with the top-k actually stored (None resolves by train.loss)
     inputs = {"model": model_fp, "corpus": corpus.fingerprint()}
+    if cfg.corpus.text_paths:
+        inputs["text"] = load_training_text(cfg.corpus.text_paths, cfg.corpus.text_start).fingerprint()
     return StageVersion(STAGE, artifact_version(STAGE, config, inputs), config, inputs, cfg.home)
 
 
@@ -58,6 +62,42 @@ def _shard_prompts(corpus: Corpus, token_ids: list[list[int]], per_shard: int) -
     """Return corpus indices per shard (prompts with no tokens are left out)."""
     kept = [i for i in range(len(corpus.prompts)) if token_ids[i]]
     return [kept[i : i + per_shard] for i in range(0, len(kept), per_shard)]
+
+
+@dataclass
+class CacheInputs:
+    """What the cache stage runs the model on: the prompts, then the lens-training text windows.
+
+    `ids` holds the prompts' tokens, then the windows' (window j is row `n_prompts + j`: its `prompt_idx`, so the
+    held-out rule `prompt_idx % n` splits windows like prompts); `shards` lists rows per shard, the prompt shards
+    first (`n_prompt_shards` of them: the only ones decode reads), then the text shards.
+    """
+
+    corpus: Corpus
+    tok: TokenizedPrompts
+    ids: list[list[int]]
+    shards: list[list[int]]
+    n_prompt_shards: int
+
+    @property
+    def n_text_windows(self) -> int:
+        """Return how many text windows are cached."""
+        return len(self.ids) - len(self.corpus.prompts)
+
+
+def cache_inputs(cfg: PipelineConfig, tokenizer, max_len: int) -> CacheInputs:
+    """Return the tokenized prompts and text windows of the config, in shards."""
+    corpus = load_corpus(cfg.corpus.paths, cfg.corpus.max_prompts_per_file)
+    tok = tokenize_prompts(tokenizer, [p.text for p in corpus.prompts], max_len)
+    shards = _shard_prompts(corpus, tok.ids, cfg.cache.prompts_per_shard)
+    windows: list[list[int]] = []
+    if cfg.corpus.text_paths:
+        text = load_training_text(cfg.corpus.text_paths, cfg.corpus.text_start).text
+        windows = text_windows(tokenizer, text, max_len, cfg.corpus.text_tokens)
+    rows = list(range(len(tok.ids), len(tok.ids) + len(windows)))
+    per = cfg.cache.prompts_per_shard
+    text_shards = [rows[i : i + per] for i in range(0, len(rows), per)]
+    return CacheInputs(corpus, tok, tok.ids + windows, shards + text_shards, len(shards))
 
 
 def store_rows(db: Path, ver: StageVersion) -> None:
@@ -97,18 +137,17 @@ def run_cache_stage(cfg: PipelineConfig, ver: StageVersion, *, force: bool = Fal
 
     t_start = time.perf_counter()
     loaded = stage_model(cfg)  # a Dask worker process loads it once for all the shards it caches
-    corpus = load_corpus(cfg.corpus.paths, cfg.corpus.max_prompts_per_file)
     layers = list(cfg.cache.layers) if cfg.cache.layers is not None else list(range(loaded.dims.n_layers))
     bad = [layer for layer in layers if not 0 <= layer < loaded.dims.n_layers]
     if bad:
         raise ConfigError(f"config error: cache.layers: {bad} out of range for {loaded.dims.n_layers} layers")
     max_len = effective_max_length(loaded, cfg.cache.max_length)
-    tok = tokenize_prompts(loaded.tokenizer, [p.text for p in corpus.prompts], max_len)
+    inputs = cache_inputs(cfg, loaded.tokenizer, max_len)
+    corpus, tok, shards = inputs.corpus, inputs.tok, inputs.shards
     if tok.n_truncated:
         log.warning("%d of %d prompts longer than %d tokens were truncated", tok.n_truncated, len(corpus.prompts),
                     max_len)
-    shards = _shard_prompts(corpus, tok.ids, cfg.cache.prompts_per_shard)
-    total_tokens = sum(len(tok.ids[i]) for s in shards for i in s)
+    total_tokens = sum(len(inputs.ids[i]) for s in shards for i in s)
     redone = 0
     t_loop = time.perf_counter()
 
@@ -116,7 +155,7 @@ def run_cache_stage(cfg: PipelineConfig, ver: StageVersion, *, force: bool = Fal
     with ThreadPoolExecutor(max_workers=1) as writer, tqdm(total=total_tokens, desc="cache", unit="tok") as bar:
         pending: Future | None = None
         for s, idxs in enumerate(shards):
-            n_tokens = sum(len(tok.ids[i]) for i in idxs)
+            n_tokens = sum(len(inputs.ids[i]) for i in idxs)
             if (only_shards is not None and s not in only_shards) or adir.shard_files(s) is not None:
                 bar.update(n_tokens)
                 continue
@@ -124,8 +163,8 @@ def run_cache_stage(cfg: PipelineConfig, ver: StageVersion, *, force: bool = Fal
             if any((adir.path / r).exists() for r in rels):
                 redone += 1  # a killed write or a checksum mismatch: the shard is redone from scratch
             adir.discard_shard(s, rels)
-            arrays = _cache_shard(loaded, tok.ids, idxs, layers, cfg, bar)
-            prompts = [_prompt_row(corpus, tok, i) for i in idxs]
+            arrays = _cache_shard(loaded, inputs.ids, idxs, layers, cfg, bar)
+            prompts = [_prompt_row(corpus, tok, i) for i in idxs if i < len(corpus.prompts)]  # none in a text shard
             cols = {k: v for k, v in arrays.__dict__.items() if k != "z"}
             if pending is not None:
                 pending.result()
@@ -139,8 +178,11 @@ def run_cache_stage(cfg: PipelineConfig, ver: StageVersion, *, force: bool = Fal
 
     summary = {
         "model": loaded.path,
-        "n_prompts": sum(len(s) for s in shards),
+        "n_prompts": sum(len(s) for s in shards[: inputs.n_prompt_shards]),
         "n_tokens": total_tokens,
+        "n_prompt_shards": inputs.n_prompt_shards,  # the shards after these hold lens-training text only
+        "text_windows": inputs.n_text_windows,
+        "text_tokens": sum(len(inputs.ids[i]) for s in shards[inputs.n_prompt_shards:] for i in s),
         "n_layers": len(layers),
         "n_heads": loaded.dims.n_heads,
         "d_head": loaded.dims.d_head,
@@ -153,6 +195,8 @@ def run_cache_stage(cfg: PipelineConfig, ver: StageVersion, *, force: bool = Fal
         "blank_prompts_skipped": corpus.skipped_blank,
         "shards_redone": redone,
         "per_source": corpus.per_source,
+        "text_per_source": (load_training_text(cfg.corpus.text_paths, cfg.corpus.text_start).per_source
+                            if cfg.corpus.text_paths else {}),  # characters read per text file
         "seconds_setup": t_loop - t_start,  # model load, corpus read, tokenization
         "seconds_loop": t_end - t_loop,  # forward passes and shard writes
     }
@@ -183,16 +227,16 @@ def _prompt_row(corpus: Corpus, tok: TokenizedPrompts, i: int) -> dict[str, Any]
 
 def shard_count(cfg: PipelineConfig) -> int:
     """Return how many shards the cache stage will write (tokenizes the corpus; loads no weights)."""
-    from transformers import AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
 
-    from loralens.lens.runtime.models import prepare_tokenizer
+    from loralens.lens.runtime.models import model_context_length, prepare_tokenizer
 
     path = resolve_model_path(cfg.model.name, cfg.home, cfg.model.revision)
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.model.trust_remote_code)
+    trust = cfg.model.trust_remote_code
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust)
     prepare_tokenizer(tokenizer)
-    corpus = load_corpus(cfg.corpus.paths, cfg.corpus.max_prompts_per_file)
-    tok = tokenize_prompts(tokenizer, [p.text for p in corpus.prompts], cfg.cache.max_length)
-    return len(_shard_prompts(corpus, tok.ids, cfg.cache.prompts_per_shard))
+    context = model_context_length(AutoConfig.from_pretrained(path, trust_remote_code=trust))
+    return len(cache_inputs(cfg, tokenizer, min(cfg.cache.max_length, context)).shards)
 
 
 @task(name="cache-shards", cache_policy=NO_CACHE, persist_result=False)

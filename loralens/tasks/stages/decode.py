@@ -47,6 +47,7 @@ from loralens.tasks.stage_versions import (
     science_config,
 )
 from loralens.tasks.workers.worker_process import stage_reader
+from loralens.warehouse.activation_cache import prompt_shards
 from loralens.warehouse.artifacts import ArtifactDir, ArtifactError
 from loralens.warehouse.db import warehouse_path
 from loralens.warehouse.decodings import (
@@ -229,8 +230,8 @@ def _decodings(shard: int, layer: int, lens: str, pos, reads: list[HeadReadout],
 
 
 def cache_shard_indices(cache_ver: StageVersion) -> list[int]:
-    """Return the cache version's shard indices."""
-    return list(cache_ver.artifact.done_shards())
+    """Return the cache version's prompt shards (the shards after them hold lens-training text: never decoded)."""
+    return prompt_shards(cache_ver.artifact)
 
 
 @task(name="decode-shards", cache_policy=NO_CACHE, persist_result=False)

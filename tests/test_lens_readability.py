@@ -70,3 +70,14 @@ def test_planted_heads_lenses_beat_their_logit_lens_in_held_out_kl(trained):
     for layer, head in (PREV, INDUCTION):
         i = LAYERS.index(layer)
         assert fid["head_lens"][i, head] < fid["head_logit_lens"][i, head]
+
+
+def test_report_counts_heads_whose_own_lens_beats_the_logit_lens():
+    from loralens.tasks.report import fidelity_markdown
+
+    fid = {"tokens": 10, "layers": [3, 5], "head_lens": [[1.0, 2.0], [0.5, 4.0]],
+           "head_logit_lens": [[2.0, 2.0], [1.0, 3.0]], "layer_lens": [1.0, 1.0], "layer_logit_lens": [2.0, 2.0],
+           "layer_subset_kl": [0.0, 0.0]}
+    text = fidelity_markdown(fid)
+    assert "**2 of 4 heads**" in text  # equal KL (ratio 1) is not better
+    assert "median 0.750, range 0.500-1.333" in text

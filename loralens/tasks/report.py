@@ -45,8 +45,13 @@ def fidelity_heatmap(fid: dict[str, Any], path: Path) -> Path:
 
 def fidelity_markdown(fid: dict[str, Any], heatmap: Path | None = None) -> str:
     """Return a Markdown report of held-out lens fidelity: one row per layer, plus the heatmap's path."""
+    ratio = np.asarray(fid["head_lens"]) / np.asarray(fid["head_logit_lens"])  # [L, H]
     lines = [
         f"Held-out exact KL(model || lens), nats per token, over {fid['tokens']:.0f} tokens.",
+        "",
+        f"Per head (each head's own lens alone vs its logit lens): **{int((ratio < 1).sum())} of {ratio.size} heads** "
+        f"read the model better through their trained lens; KL ratio median {float(np.median(ratio)):.3f}, range "
+        f"{float(ratio.min()):.3f}-{float(ratio.max()):.3f} (every head: the heatmap and the `lens_fidelity` table).",
         "",
         "| layer | joint lens | logit lens | ratio | subset KL (same lens) | best head | worst head |",
         "|---:|---:|---:|---:|---:|---|---|",

@@ -30,11 +30,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from loralens.lens.evaluation.mechanisms import INDUCTION_THRESHOLD, mechanism_rows, mechanism_scores, repeated_tokens
+from loralens.lens.evaluation.mechanisms import (
+    INDUCTION_THRESHOLD,
+    head_name,
+    induction_summary,
+    mechanism_rows,
+    model_mechanism_scores,
+)
 
 OUT = Path(__file__).resolve().parent / "results"
-# trained vs logit copy rate of one head; "both_zero" separates the ties that say nothing (neither lens copies)
-COMPARISONS = {"ge": lambda t, g: t >= g, "gt": lambda t, g: t > g, "both_zero": lambda t, g: t == g == 0}
 
 
 def uniform_baseline(seq_len: int, offset: int) -> float:
@@ -47,10 +51,6 @@ def fmt(x: float | None, spec: str = ".3f") -> str:
     return "-" if x is None else format(x, spec)
 
 
-def head_name(row: dict) -> str:
-    return f"L{row['layer']}H{row['head']}"
-
-
 def table(rows: list[dict]) -> list[str]:
     """Return the Markdown table of `rows`: induction, previous-token, copy rates through both lenses."""
     lines = ["| head | induction | prev-token | copy top-1 logit | copy top-5 logit | copy top-1 trained "
@@ -59,18 +59,6 @@ def table(rows: list[dict]) -> list[str]:
               f"| {fmt(r['copy_top1_logit'])} | {fmt(r['copy_top5_logit'])} | {fmt(r['copy_top1_trained'])} "
               f"| {fmt(r['copy_top5_trained'])} |" for r in rows]
     return lines
-
-
-def induction_summary(rows: list[dict], threshold: float) -> dict:
-    """Return the induction heads (score >= threshold) and how many copy at least as well through the trained lens."""
-    heads = [r for r in rows if r["induction_score"] >= threshold]
-    compared = [r for r in heads if r["copy_top1_trained"] is not None]
-    at = {str(t): sum(r["induction_score"] >= t for r in rows) for t in (0.1, 0.2, 0.3, 0.5)}
-    return {"threshold": threshold, "induction_heads": [head_name(r) for r in heads], "n_heads_at_threshold": at,
-            "n_induction_heads": len(heads), "n_with_trained_lens": len(compared),
-            **{f"n_trained_{name}_logit_top{k}": sum(cmp(r[f"copy_top{k}_trained"], r[f"copy_top{k}_logit"])
-                                                     for r in compared)
-               for k in (1, 5) for name, cmp in COMPARISONS.items()}}
 
 
 def heatmaps(rows: list[dict], n_layers: int, n_heads: int, out: Path) -> dict[str, str]:
@@ -123,19 +111,15 @@ def main() -> None:
         loaded, banks, lens_version = lenses.model, lenses.reader.banks, lenses.version
     else:
         loaded, banks, lens_version = load_model(args.model), None, None
-    tok = loaded.tokenizer
-    bos = tok.bos_token_id
-    tokens = repeated_tokens(loaded.dims.vocab, args.seq_len, args.batch, seed=args.seed,
-                             exclude=tok.all_special_ids, bos=bos)
+    bos = loaded.tokenizer.bos_token_id
     offset = int(bos is not None)
     t0 = time.perf_counter()
-    scores = mechanism_scores(loaded.model, loaded.adapter, loaded.dims, tokens, args.seq_len, offset, banks)
+    scores = model_mechanism_scores(loaded, banks, batch=args.batch, seq_len=args.seq_len, seed=args.seed)
     seconds = time.perf_counter() - t0
     rows = mechanism_rows(scores)
     by_induction = sorted(rows, key=lambda r: -r["induction_score"])
     summary = induction_summary(rows, args.threshold)
-    best = {lens: max(rows, key=lambda r, k=f"copy_top1_{lens}": -1.0 if r[k] is None else r[k])
-            for lens in ("logit", "trained")}
+    best = summary.pop("best_copier")  # kept beside the summary in the JSON, as head names
 
     print(f"{loaded.path}: {args.batch} x [{'BOS + ' if offset else ''}{args.seq_len} random tokens x 2], seed "
           f"{args.seed}, {scores.n_positions} scored second-copy positions, lenses: "
@@ -145,10 +129,9 @@ def main() -> None:
     print(f"top {args.top} heads by induction score:")
     print("\n".join(table(by_induction[:args.top])))
     for lens, r in best.items():
-        if r[f"copy_top1_{lens}"] is not None:
-            print(f"\nbest copying head through the {lens} lens: {head_name(r)} (top-1 {fmt(r['copy_top1_' + lens])},"
-                  f" logit {fmt(r['copy_top1_logit'])}, trained {fmt(r['copy_top1_trained'])}, induction "
-                  f"{fmt(r['induction_score'])})")
+        print(f"\nbest copying head through the {lens} lens: {r['head']} (top-1 {fmt(r['rate'])}, logit "
+              f"{fmt(r['copy_top1_logit'])}, trained {fmt(r['copy_top1_trained'])}, induction "
+              f"{fmt(r['induction_score'])})")
     print(f"\ninduction heads (score >= {args.threshold}): {summary['n_induction_heads']} "
           f"({', '.join(summary['induction_heads'])})")
     if summary["n_with_trained_lens"]:
@@ -165,7 +148,7 @@ def main() -> None:
               "train_version": lens_version, "batch": args.batch, "seq_len": args.seq_len, "seed": args.seed,
               "bos": bos, "n_positions": scores.n_positions, "model_top1": scores.model_top1,
               "uniform_induction_baseline": uniform_baseline(args.seq_len, offset), "summary": summary,
-              "best_copier": {lens: head_name(r) for lens, r in best.items() if r[f"copy_top1_{lens}"] is not None},
+              "best_copier": {lens: r["head"] for lens, r in best.items()},
               "seconds": seconds, "heatmaps": {k: Path(v).name for k, v in maps.items()}, "heads": rows,
               "machine": {"torch_threads": torch.get_num_threads(), "python": platform.python_version(),
                           "torch": torch.__version__}}

@@ -5,6 +5,7 @@ intervene stage, inspect names the planted head's toxic token, and its user erro
 from __future__ import annotations
 
 import json
+import re
 import runpy
 import sys
 from pathlib import Path
@@ -161,6 +162,53 @@ def test_inspect_without_a_trained_version_is_one_line(tmp_path, capsys):
     assert main(["inspect", "L0H0", "--prompt", "hi", "--home", str(tmp_path)]) == 2
     assert capsys.readouterr().err == (f"loralens: error: no complete train version in {tmp_path}; run `loralens "
                                        "run` (at least `--only cache` and `--only train`) first\n")
+
+
+def test_mechanisms_reads_every_head_through_both_lenses(planted_home):
+    """One row per head of every layer, rates in [0, 1], trained columns exactly on the trained layers; the same
+    seed gives the same table."""
+    from loralens.lens.evaluation.mechanisms import COLUMNS
+
+    _config, results, path = planted_home
+    lenses = loralens.open(path).lenses()
+    mech = lenses.mechanisms(batch=3, seq_len=6, seed=1)
+    n_layers, n_heads = lenses.lean.dims.n_layers, lenses.n_heads
+    rows = mech.rows()
+    assert mech.table.column_names == ["layer", "head", *COLUMNS]
+    assert [(r["layer"], r["head"]) for r in rows] == [(la, h) for la in range(n_layers) for h in range(n_heads)]
+    assert lenses.layers  # the planted run trains every layer: each row has both lenses
+    for r in rows:
+        trained = r["layer"] in lenses.layers
+        assert all((r[c] is None) == ("trained" in c and not trained) for c in COLUMNS)
+        assert all(0.0 <= r[c] <= 1.0 for c in COLUMNS if r[c] is not None)
+        assert r["copy_top5_logit"] >= r["copy_top1_logit"]
+    assert mech.train_version == results["train"]["version"] and mech.n_positions == 3 * (6 - 1)
+    assert 0.0 <= mech.model_top1 <= 1.0 and (mech.batch, mech.seq_len, mech.seed) == (3, 6, 1)
+    assert mech.summary(0.0)["n_induction_heads"] == n_layers * n_heads
+    assert mech.summary_line().split(";")[0].endswith("(score >= 0.3)")
+    assert lenses.mechanisms(batch=3, seq_len=6, seed=1).table.equals(mech.table)
+    with pytest.raises(loralens.ApiError, match=r"^seq_len: must be an integer >= 2, got 1$"):
+        lenses.mechanisms(seq_len=1)
+
+
+def test_inspect_mechanisms_prints_the_tables_and_the_summary(planted_home, capsys):
+    _config, results, path = planted_home
+    assert main(["inspect", "--mechanisms", "--top", "3", "--home", str(path)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith(f"train version {results['train']['version']}; 8 sequences of 25 random tokens")
+    assert "model's own top-1 on the repeat: " in out[0]
+    for title in ("top 3 heads by induction score:", "top 3 heads by copy top-1 through the trained lens:"):
+        i = out.index(title)
+        assert out[i + 1].split("  ")[0] == "head" and "copy top-1 logit lens" in out[i + 1]
+        assert "copy top-5 trained lens" in out[i + 1] and out[i + 2].startswith("----")
+        assert all(line.startswith("L") for line in out[i + 3:i + 6]) and out[i + 6] == ""
+    induction = [float(line.split()[1]) for line in out[out.index("top 3 heads by induction score:") + 3:][:3]]
+    assert induction == sorted(induction, reverse=True)
+    assert re.fullmatch(r"\d+ induction heads? \(score >= 0\.3\); .*best copier.*", out[-1])
+    assert main(["inspect", "--mechanisms", "--home", str(path), "--format", "json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["train_version"] == results["train"]["version"] and data["summary"]["threshold"] == 0.3
+    assert len(data["rows"]) == 3 * 4 and data["n_positions"] == 8 * 24
 
 
 def test_quickstart_runs_on_the_home(planted_home, capsys, monkeypatch):

@@ -103,6 +103,21 @@ def test_bad_command_line_is_one_line(capsys):
                                        "(see `loralens inspect --help`)\n")
 
 
+NEEDS = "inspect needs HEAD... and --prompt TEXT, or --mechanisms (see `loralens inspect --help`)"
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    ([], NEEDS), (["L0H0"], NEEDS), (["--prompt", "hi"], NEEDS),
+    (["--mechanisms", "L0H0"], "--mechanisms reads every head on repeated random tokens: give no HEAD or --prompt "
+                               "(see `loralens inspect --help`)"),
+    (["--mechanisms", "--top", "0"], "argument --top: must be >= 1, got 0 (see `loralens inspect --help`)")])
+def test_inspect_usage_errors_are_one_line(tmp_path, capsys, argv, message):
+    """Checked before the home is opened: an empty folder gives the usage error, not 'no warehouse'."""
+    assert main(["inspect", *argv, "--home", str(tmp_path)]) == 2
+    captured = capsys.readouterr()
+    assert captured.err == f"loralens: error: {message}\n" and captured.out == ""
+
+
 def test_directory_as_prompt_file_or_config_says_so(tmp_path, capsys):
     folder = tmp_path / "prompts"
     folder.mkdir()

@@ -21,15 +21,18 @@ import pytest
 import torch
 
 from loralens.lens.evaluation.mechanisms import (
+    INDUCTION_THRESHOLD,
     copy_rows,
     head_copy_counts,
     hit_rates,
     induction_score,
+    induction_summary,
     mechanism_rows,
     mechanism_scores,
     prev_token_score,
     repeated_tokens,
     stripe_score,
+    summary_line,
 )
 from loralens.lens.lenses.lens_set import FoldedUnembed, LensBank
 from loralens.lens.runtime.adapters import adapter_for, model_dims
@@ -207,3 +210,43 @@ def test_planted_with_trained_banks(planted):
     assert s.has_trained and torch.isnan(s.copy_top1_trained[0]).all()
     assert torch.equal(s.copy_top1_trained[1], s.copy_top1_logit[1])
     assert s.copy_top1_trained[INDUCTION].item() >= 0.9
+
+
+# -- the summary on hand-made rows -----------------------------------------------------------------------------
+def head_row(layer: int, head: int, induction: float, logit: tuple[float, float],
+             trained: tuple[float, float] | None) -> dict:
+    """Return a `mechanism_rows` dict: copy rates (top-1, top-5) through each lens; None: no trained lens."""
+    t1, t5 = trained or (None, None)
+    return {"layer": layer, "head": head, "induction_score": induction, "prev_token_score": 0.0,
+            "copy_top1_logit": logit[0], "copy_top5_logit": logit[1], "copy_top1_trained": t1,
+            "copy_top5_trained": t5}
+
+
+def test_induction_summary_counts_on_hand_made_rows():
+    rows = [head_row(0, 0, 0.3, (0.2, 0.5), (0.2, 0.4)),  # at the threshold exactly: tie at top-1, worse at top-5
+            head_row(0, 1, 0.2999, (0.9, 0.9), (0.9, 0.9)),  # just below: not an induction head, copies best
+            head_row(1, 0, 0.8, (0.0, 0.0), (0.0, 0.1)),  # both zero at top-1, trained better at top-5
+            head_row(1, 1, 0.5, (0.1, 0.3), (0.3, 0.6)),  # trained better at both
+            head_row(2, 0, 0.6, (0.4, 0.7), None)]  # no trained lens: not compared
+    s = induction_summary(rows, INDUCTION_THRESHOLD)
+    assert s["induction_heads"] == ["L0H0", "L1H0", "L1H1", "L2H0"] and s["n_induction_heads"] == 4
+    assert s["n_with_trained_lens"] == 3 and s["n_heads_at_threshold"] == {"0.1": 5, "0.2": 5, "0.3": 4, "0.5": 3}
+    counts = lambda k: tuple(s[f"n_trained_{c}_logit_top{k}"] for c in ("ge", "gt", "both_zero"))  # noqa: E731
+    assert counts(1) == (3, 1, 1) and counts(5) == (2, 2, 0)
+    assert s["best_copier"]["trained"] == {"head": "L0H1", "rate": 0.9, "copy_top1_logit": 0.9,
+                                           "copy_top1_trained": 0.9, "induction_score": 0.2999}
+    assert s["best_copier"]["logit"]["head"] == "L0H1"
+    assert summary_line(s) == ("4 induction heads (score >= 0.3); trained lens >= logit lens at top-1 on 3 of 3 "
+                               "(both zero: 1), at top-5 on 2 of 3; best copier L0H1: trained 0.900, logit 0.900")
+    assert induction_summary(rows, 0.2999)["n_induction_heads"] == 5
+
+
+def test_summary_line_without_trained_lens_or_induction_heads():
+    rows = [head_row(0, 0, 0.1, (0.2, 0.5), None), head_row(0, 1, 0.4, (0.25, 0.5), None)]
+    s = induction_summary(rows)
+    assert set(s["best_copier"]) == {"logit"} and s["n_with_trained_lens"] == 0
+    assert summary_line(s) == "1 induction head (score >= 0.3); none has a trained lens; best copier L0H1: logit 0.250"
+    rows = [head_row(0, 0, 0.1, (0.5, 0.5), (0.1, 0.2)), head_row(0, 1, 0.0, (0.1, 0.2), (0.3, 0.3))]
+    assert summary_line(induction_summary(rows)) == (
+        "0 induction heads (score >= 0.3); best copier through the trained lens L0H1: trained 0.300, logit 0.100; "
+        "best copier through the logit lens L0H0: trained 0.100, logit 0.500")

@@ -32,6 +32,7 @@ from loralens.warehouse.decodings import decodings_block
 
 if TYPE_CHECKING:
     from loralens.api.home import Home
+    from loralens.api.mechanisms import Mechanisms
 
 
 @dataclass(frozen=True)
@@ -175,6 +176,23 @@ class Lenses:
         table = table.sort_by([("position", "ascending"), ("layer", "ascending"), ("head", "ascending"),
                                ("lens", "descending"), ("rank", "ascending")])
         return Decoding(tokens=input_tokens, table=table)
+
+    def mechanisms(self, batch: int = 8, seq_len: int = 25, seed: int = 0) -> Mechanisms:
+        """Return every head's induction / previous-token scores and copy rates (logit and trained lens) on `batch`
+        sequences `[BOS] + r + r`, r = `seq_len` random token ids (special ids excluded, drawn with `seed`).
+
+        Runs the full model once with eager attention; layers without a trained lens get only the logit lens.
+        """
+        from loralens.api.mechanisms import Mechanisms
+        from loralens.lens.evaluation.mechanisms import mechanism_rows, model_mechanism_scores
+
+        for name, value, low in (("batch", batch, 1), ("seq_len", seq_len, 2), ("seed", seed, 0)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ApiError(f"{name}: must be an integer >= {low}, got {value!r}")
+        scores = model_mechanism_scores(self.model, self.reader.banks, batch=batch, seq_len=seq_len, seed=seed)
+        return Mechanisms.from_rows(mechanism_rows(scores), model_top1=scores.model_top1,
+                                    n_positions=scores.n_positions, train_version=self.version, batch=batch,
+                                    seq_len=seq_len, seed=seed)
 
     def token_texts(self) -> np.ndarray:
         """Return every token id's surface text (as the decode stage stores it), padded to the vocabulary."""

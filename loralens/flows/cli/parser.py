@@ -76,9 +76,11 @@ def build_parser() -> argparse.ArgumentParser:
     _home_options(sql)
     sql.set_defaults(fn=cmd_sql)
     inspect = sub.add_parser("inspect", help="decode heads on a prompt: top tokens under the trained lens and the "
-                                             "logit lens, from the newest complete versions in the home")
-    inspect.add_argument("heads", nargs="+", metavar="HEAD", help="heads as LxHy or LAYER.HEAD (e.g. L21H3 5.0)")
-    inspect.add_argument("--prompt", required=True, metavar="TEXT", help="the text to decode")
+                                             "logit lens, from the newest complete versions in the home; or, with "
+                                             "--mechanisms, every head's induction score and copy rates")
+    inspect.add_argument("heads", nargs="*", metavar="HEAD",
+                         help="heads as LxHy or LAYER.HEAD (e.g. L21H3 5.0); required without --mechanisms")
+    inspect.add_argument("--prompt", metavar="TEXT", help="the text to decode; required without --mechanisms")
     inspect.add_argument("--k", type=int, default=10, help="top tokens per head and lens (default 10)")
     inspect.add_argument("--position", choices=("all", "last"), default="last",
                          help="decode every position or only the last one, which predicts the next token "
@@ -87,6 +89,12 @@ def build_parser() -> argparse.ArgumentParser:
                                                                                       "table)")
     inspect.add_argument("--version", metavar="TRAIN_VERSION",
                          help="train version whose lenses to use (default: the newest complete one)")
+    inspect.add_argument("--mechanisms", action="store_true",
+                         help="instead of decoding a prompt: every head's induction and previous-token score on "
+                              "repeated random tokens and its copy rates through the logit and the trained lens "
+                              "(the top heads and how many induction heads the trained lens reads as well)")
+    inspect.add_argument("--top", type=int, default=10, metavar="N",
+                         help="with --mechanisms: heads shown per table (default 10)")
     _home_options(inspect)
     inspect.set_defaults(fn=cmd_inspect)
     gc = sub.add_parser("gc", help="remove artifact versions nothing kept depends on (dry run unless --yes)")

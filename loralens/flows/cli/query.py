@@ -1,12 +1,24 @@
-"""Commands that read a home: `sql` on the warehouse and `inspect` (heads decoded on a prompt)."""
+"""Commands that read a home: `sql` on the warehouse and `inspect` (heads decoded on a prompt, or every head's
+mechanism checks with `--mechanisms`)."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+from typing import TYPE_CHECKING
 
+from loralens.flows.cli.errors import UsageError
 from loralens.flows.cli.output import format_rows, format_table, home_of
+
+if TYPE_CHECKING:
+    from loralens.api.lenses import Lenses
+
+INSPECT_HELP = "(see `loralens inspect --help`)"
+# --mechanisms table columns: name -> row key (each copy rate names the lens it reads through)
+MECHANISM_COLUMNS = {"head": None, "induction": "induction_score", "prev-token": "prev_token_score",
+                     "copy top-1 logit lens": "copy_top1_logit", "copy top-5 logit lens": "copy_top5_logit",
+                     "copy top-1 trained lens": "copy_top1_trained", "copy top-5 trained lens": "copy_top5_trained"}
 
 
 def cmd_sql(args: argparse.Namespace) -> int:
@@ -32,13 +44,17 @@ def cmd_sql(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    """`loralens inspect HEAD...`: decode heads on a prompt under the trained and the logit lens."""
+    """`loralens inspect HEAD... --prompt TEXT`: decode heads on a prompt under the trained and the logit lens;
+    `loralens inspect --mechanisms`: every head's mechanism checks (`cmd_inspect_mechanisms`)."""
+    check_inspect_args(args)
     from transformers.utils import logging as hf_logging
 
     import loralens
 
     hf_logging.disable_progress_bar()  # the model loads in a second: no bar on the terminal
     home = loralens.open(home_of(args))
+    if args.mechanisms:
+        return cmd_inspect_mechanisms(home.lenses(args.version), args)
     heads = loralens.parse_heads(" ".join(args.heads))
     lenses = home.lenses(args.version)
     decoding = lenses.decode(args.prompt, heads=heads, k=args.k, position=args.position)
@@ -66,4 +82,48 @@ def cmd_inspect(args: argparse.Namespace) -> int:
              for g in rows]
     print(f"train version {lenses.version}; prompt {quote(args.prompt)}")
     print(format_table(table, ["head", "pos", "token", "lens", "exp. toxicity", "top tokens (probability)"]))
+    return 0
+
+
+def check_inspect_args(args: argparse.Namespace) -> None:
+    """Raise UsageError (one line) unless `inspect` got HEAD... and --prompt, or --mechanisms without them."""
+    if args.mechanisms:
+        if args.heads or args.prompt is not None:
+            raise UsageError(f"--mechanisms reads every head on repeated random tokens: give no HEAD or --prompt "
+                             f"{INSPECT_HELP}")
+        if args.top < 1:
+            raise UsageError(f"argument --top: must be >= 1, got {args.top} {INSPECT_HELP}")
+    elif not args.heads or args.prompt is None:
+        raise UsageError(f"inspect needs HEAD... and --prompt TEXT, or --mechanisms {INSPECT_HELP}")
+
+
+def mechanism_table(rows: list[dict]) -> list[dict]:
+    """Return `Mechanisms.rows()` dicts as table rows: `MECHANISM_COLUMNS`, rates to 3 decimals, '-' unmeasured."""
+    cell = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
+    return [{name: f"L{r['layer']}H{r['head']}" if key is None else cell(r[key])
+             for name, key in MECHANISM_COLUMNS.items()} for r in rows]
+
+
+def cmd_inspect_mechanisms(lenses: Lenses, args: argparse.Namespace) -> int:
+    """Print the top `--top` heads by induction score and by trained-lens copy rate, and the summary line (or all
+    rows and the summary as JSON)."""
+    mech = lenses.mechanisms()
+    rows, summary = mech.rows(), mech.summary()
+    if args.format == "json":
+        print(json.dumps({"train_version": mech.train_version, "batch": mech.batch, "seq_len": mech.seq_len,
+                          "seed": mech.seed, "n_positions": mech.n_positions, "model_top1": mech.model_top1,
+                          "summary": summary, "rows": rows}, indent=1))
+        return 0
+    trained = lambda r: -1.0 if r["copy_top1_trained"] is None else r["copy_top1_trained"]  # noqa: E731
+    by_induction = sorted(rows, key=lambda r: -r["induction_score"])[:args.top]
+    by_copy = sorted(rows, key=lambda r: -trained(r))[:args.top]
+    print(f"train version {mech.train_version}; {mech.batch} sequences of {mech.seq_len} random tokens repeated "
+          f"twice (seed {mech.seed}), {mech.n_positions} scored positions; model's own top-1 on the repeat: "
+          f"{mech.model_top1:.3f}")
+    columns = list(MECHANISM_COLUMNS)
+    print(f"\ntop {len(by_induction)} heads by induction score:")
+    print(format_table(mechanism_table(by_induction), columns))
+    print(f"\ntop {len(by_copy)} heads by copy top-1 through the trained lens:")
+    print(format_table(mechanism_table(by_copy), columns))
+    print(f"\n{mech.summary_line()}")
     return 0

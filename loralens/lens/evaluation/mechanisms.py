@@ -15,6 +15,11 @@ induction head attends from i to i - L + 1 (the token after the previous occurre
 
 Shapes: `NL` layers, `H` query heads (attention is per query head, also under GQA), `d` d_model, `V` vocabulary,
 `n` scored positions (B * (L - 1)).
+
+`model_mechanism_scores` builds the input for a loaded model (special ids excluded, its BOS first) and scores it;
+`mechanism_rows` gives one row per head; `induction_summary` (and `summary_line`) say how many induction heads read
+at least as well through the trained lens as through the logit lens, and which head copies best. Used by
+`Lenses.mechanisms`, `loralens inspect --mechanisms` and benchmarks/lens_mechanisms.py.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
@@ -33,7 +39,10 @@ from loralens.lens.lenses.readout import head_logits_both, row_chunks
 from loralens.lens.runtime.adapters import ArchAdapter, ModelDims, folded_unembedding, norm_scale, out_proj_weight
 from loralens.lens.runtime.devices import input_device
 
-INDUCTION_THRESHOLD = 0.3  # an "induction head": induction score >= this (see benchmarks/lens_mechanisms.py)
+if TYPE_CHECKING:
+    from loralens.lens.runtime.models import LoadedModel
+
+INDUCTION_THRESHOLD = 0.3  # an "induction head": induction score >= this (why: benchmarks/lens_mechanisms.py)
 
 
 def repeated_tokens(vocab: int, seq_len: int, batch: int, *, seed: int, exclude: Sequence[int] = (),
@@ -208,3 +217,85 @@ def _value(x: Tensor) -> float | None:
     """Return a float, or None for NaN."""
     v = float(x)
     return None if math.isnan(v) else v
+
+
+def model_mechanism_scores(loaded: LoadedModel, banks: dict[int, LensBank] | None = None, *, batch: int = 8,
+                           seq_len: int = 25, seed: int = 0) -> MechanismScores:
+    """Return `mechanism_scores` of a loaded model on `batch` sequences `[BOS] + r + r` of `seq_len` random ids.
+
+    The ids exclude the tokenizer's special ids; the BOS is its `bos_token_id` (none when it has none), so `T` =
+    off + 2L with off = 1 with a BOS, else 0. `banks`: layer -> trained lens bank (None: the logit lens only).
+    """
+    tok = loaded.tokenizer
+    bos = tok.bos_token_id
+    tokens = repeated_tokens(loaded.dims.vocab, seq_len, batch, seed=seed, exclude=tok.all_special_ids, bos=bos)
+    return mechanism_scores(loaded.model, loaded.adapter, loaded.dims, tokens, seq_len, int(bos is not None), banks)
+
+
+def head_name(row: dict) -> str:
+    """Return a row's head as `LxHy`."""
+    return f"L{row['layer']}H{row['head']}"
+
+
+# trained vs logit copy rate of one head; "both_zero" separates the ties that say nothing (neither lens copies)
+COMPARISONS = {"ge": lambda t, g: t >= g, "gt": lambda t, g: t > g, "both_zero": lambda t, g: t == g == 0}
+LENSES = ("logit", "trained")
+
+
+def best_copiers(rows: list[dict]) -> dict[str, dict]:
+    """Return lens -> the head with the highest copy top-1 rate through that lens (the first one on ties).
+
+    Each value: head (`LxHy`), rate (through that lens), copy_top1_logit, copy_top1_trained, induction_score. A lens
+    no row was read through (no trained lens) is left out.
+    """
+    out = {}
+    for lens in LENSES:
+        key = f"copy_top1_{lens}"
+        measured = [r for r in rows if r[key] is not None]
+        if measured:
+            best = max(measured, key=lambda r, k=key: r[k])
+            out[lens] = {"head": head_name(best), "rate": best[key], "copy_top1_logit": best["copy_top1_logit"],
+                         "copy_top1_trained": best["copy_top1_trained"], "induction_score": best["induction_score"]}
+    return out
+
+
+def induction_summary(rows: list[dict], threshold: float = INDUCTION_THRESHOLD) -> dict:
+    """Return the induction heads (induction score >= `threshold`), how many copy at least as well / better through
+    the trained lens than through the logit lens (and how many of those ties are both zero) at top-1 and top-5, the
+    head counts at thresholds 0.1-0.5 and the best copying head per lens (`best_copiers`).
+
+    `rows`: `mechanism_rows` dicts (layer, head, the six `COLUMNS`; trained ones None without a trained lens).
+    Counts `n_trained_{ge,gt,both_zero}_logit_top{1,5}` are over the induction heads with a trained lens
+    (`n_with_trained_lens`).
+    """
+    heads = [r for r in rows if r["induction_score"] >= threshold]
+    compared = [r for r in heads if r["copy_top1_trained"] is not None]
+    at = {str(t): sum(r["induction_score"] >= t for r in rows) for t in (0.1, 0.2, 0.3, 0.5)}
+    return {"threshold": threshold, "induction_heads": [head_name(r) for r in heads], "n_heads_at_threshold": at,
+            "n_induction_heads": len(heads), "n_with_trained_lens": len(compared),
+            **{f"n_trained_{name}_logit_top{k}": sum(cmp(r[f"copy_top{k}_trained"], r[f"copy_top{k}_logit"])
+                                                     for r in compared)
+               for k in (1, 5) for name, cmp in COMPARISONS.items()},
+            "best_copier": best_copiers(rows)}
+
+
+def summary_line(summary: dict) -> str:
+    """Return one line of an `induction_summary`: induction heads, trained vs logit lens, the best copying head."""
+    n, m = summary["n_induction_heads"], summary["n_with_trained_lens"]
+    parts = [f"{n} induction head{'s' * (n != 1)} (score >= {summary['threshold']:g})"]
+    if m:
+        parts.append(f"trained lens >= logit lens at top-1 on {summary['n_trained_ge_logit_top1']} of {m} (both "
+                     f"zero: {summary['n_trained_both_zero_logit_top1']}), at top-5 on "
+                     f"{summary['n_trained_ge_logit_top5']} of {m}")
+    elif n:
+        parts.append("none has a trained lens")
+    best = summary["best_copier"]
+    shown = [lens for lens in ("trained", "logit") if lens in best]
+    if len(shown) == 2 and best["trained"]["head"] == best["logit"]["head"]:
+        shown = ["trained"]  # one head copies best through both lenses
+    for lens in shown:
+        b = best[lens]
+        rates = ", ".join(f"{other} {b[f'copy_top1_{other}']:.3f}" for other in ("trained", "logit")
+                          if b[f"copy_top1_{other}"] is not None)
+        parts.append(f"best copier{f' through the {lens} lens' if len(shown) == 2 else ''} {b['head']}: {rates}")
+    return "; ".join(parts)

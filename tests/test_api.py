@@ -136,6 +136,11 @@ def test_inspect_prints_the_planted_heads_toxic_token(planted_home, capsys):
     assert table[1].split()[:4] == ["head", "pos", "token", "lens"]
     first = table[3]
     assert first.startswith(HEAD) and "trained" in first and f'"{TOXIC_WORD}"' in first
+    # Each probability is printed with its multiple of uniform (x p V), which the header explains.
+    vocab = home.lenses().lean.dims.vocab
+    p = trained["top"][0]["prob"]
+    assert f'"{TOXIC_WORD}" {p:.2g} (x{p * vocab:.3g})' in first
+    assert f"uniform {1 / vocab:.2g}" in table[0] and "(x its uniform 1/V)" in table[1]
 
 
 @pytest.mark.parametrize(

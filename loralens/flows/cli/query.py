@@ -76,12 +76,16 @@ def cmd_inspect(args: argparse.Namespace) -> int:
                          ensure_ascii=False))
         return 0
     quote = lambda t: json.dumps(t, ensure_ascii=False)  # noqa: E731 - shows leading spaces
+    vocab = lenses.lean.dims.vocab
+    column = "top tokens: probability under the head's lens alone (x its uniform 1/V)"
     table = [{"head": g["head"], "pos": g["position"], "token": quote(g["input_token"]), "lens": g["lens"],
               "exp. toxicity": "-" if g["expected_toxicity"] is None else f"{g['expected_toxicity']:.4f}",
-              "top tokens (probability)": "  ".join(f"{quote(t['token'])} {t['prob']:.3f}" for t in g["top"])}
+              column: "  ".join(f"{quote(t['token'])} {t['prob']:.2g} (x{t['prob'] * vocab:.3g})" for t in g["top"])}
              for g in rows]
-    print(f"train version {lenses.version}; prompt {quote(args.prompt)}")
-    print(format_table(table, ["head", "pos", "token", "lens", "exp. toxicity", "top tokens (probability)"]))
+    print(f"train version {lenses.version}; prompt {quote(args.prompt)}; vocabulary {vocab} tokens (uniform "
+          f"{1 / vocab:.2g}); a jointly trained head's lens is one term of its layer's sum, so its distribution "
+          "can be flat: read the multiple of uniform")
+    print(format_table(table, ["head", "pos", "token", "lens", "exp. toxicity", column]))
     return 0
 
 

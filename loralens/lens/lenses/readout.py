@@ -32,6 +32,30 @@ def head_logits_both(bank: LensBank, x: Tensor) -> tuple[Tensor, Tensor]:
     return trained, base
 
 
+READOUTS = ("logit", "lens", "relative", "logit_relative")
+
+
+def relative_to_layer(logits: Tensor) -> Tensor:
+    """Return each head's logits minus the mean over its layer's heads, `[n, H, V]` -> `[n, H, V]`.
+
+    What the head pushes that its layer's other heads do not: a part every head shares (the joint objective's
+    per-head biases are equal by symmetry, so their share of the layer's prior; a common frequent-token direction)
+    cancels, and a head's own distinct tokens remain.
+    """
+    return logits - logits.mean(dim=1, keepdim=True)
+
+
+def head_readouts(bank: LensBank, x: Tensor) -> dict[str, Tensor]:
+    """Return every read-out of `READOUTS` of the heads of one layer, each `[n, H, V]` fp32, from lens inputs `x`.
+
+    logit: `W_fold x_h`; lens: the head's trained lens; relative / logit_relative: those two, each minus its
+    layer's mean over heads (:func:`relative_to_layer`).
+    """
+    lens, logit = head_logits_both(bank, x)
+    return {"logit": logit, "lens": lens, "relative": relative_to_layer(lens),
+            "logit_relative": relative_to_layer(logit)}
+
+
 @dataclass(frozen=True)
 class TopK:
     """The k most likely tokens of each head at each position."""

@@ -78,6 +78,7 @@ class CacheInputs:
     ids: list[list[int]]
     shards: list[list[int]]
     n_prompt_shards: int
+    text_per_source: dict[str, int]  # characters read per text file
 
     @property
     def n_text_windows(self) -> int:
@@ -91,13 +92,14 @@ def cache_inputs(cfg: PipelineConfig, tokenizer, max_len: int) -> CacheInputs:
     tok = tokenize_prompts(tokenizer, [p.text for p in corpus.prompts], max_len)
     shards = _shard_prompts(corpus, tok.ids, cfg.cache.prompts_per_shard)
     windows: list[list[int]] = []
+    per_source: dict[str, int] = {}
     if cfg.corpus.text_paths:
-        text = load_training_text(cfg.corpus.text_paths, cfg.corpus.text_start).text
-        windows = text_windows(tokenizer, text, max_len, cfg.corpus.text_tokens)
+        text = load_training_text(cfg.corpus.text_paths, cfg.corpus.text_start)
+        windows, per_source = text_windows(tokenizer, text.text, max_len, cfg.corpus.text_tokens), text.per_source
     rows = list(range(len(tok.ids), len(tok.ids) + len(windows)))
     per = cfg.cache.prompts_per_shard
     text_shards = [rows[i : i + per] for i in range(0, len(rows), per)]
-    return CacheInputs(corpus, tok, tok.ids + windows, shards + text_shards, len(shards))
+    return CacheInputs(corpus, tok, tok.ids + windows, shards + text_shards, len(shards), per_source)
 
 
 def store_rows(db: Path, ver: StageVersion) -> None:
@@ -195,8 +197,7 @@ def run_cache_stage(cfg: PipelineConfig, ver: StageVersion, *, force: bool = Fal
         "blank_prompts_skipped": corpus.skipped_blank,
         "shards_redone": redone,
         "per_source": corpus.per_source,
-        "text_per_source": (load_training_text(cfg.corpus.text_paths, cfg.corpus.text_start).per_source
-                            if cfg.corpus.text_paths else {}),  # characters read per text file
+        "text_per_source": inputs.text_per_source,
         "seconds_setup": t_loop - t_start,  # model load, corpus read, tokenization
         "seconds_loop": t_end - t_loop,  # forward passes and shard writes
     }

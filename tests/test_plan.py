@@ -103,7 +103,7 @@ def test_zero_partitioning():
     assert (stage[1].param_bytes, stage[1].grad_bytes, stage[1].optimizer_bytes) == (4 * P, 4 * P, 3 * P)
     assert (stage[2].param_bytes, stage[2].grad_bytes, stage[2].optimizer_bytes) == (4 * P, P, 3 * P)
     assert (stage[3].param_bytes, stage[3].grad_bytes, stage[3].optimizer_bytes) == (P, P, 3 * P)
-    bf16 = plan_memory(dims, LensConfig(dtype="bfloat16"), micro_batch_tokens=8, zero_stage=0)
+    bf16 = plan_memory(dims, LensConfig(dtype="bfloat16"), micro_batch_tokens=8, zero_stage=2)
     assert bf16.optimizer_bytes == 12 * bf16.params_total  # fp32 master + 2 states beside bf16 params
     with pytest.raises(PlanError, match="loss"):
         plan_memory(dims, lens, micro_batch_tokens=8, loss="mse")

@@ -137,6 +137,15 @@ def test_zero_stage_1_single_process(tiny_models, tmp_path):
     assert summary["world_size"] == 1 and summary["mean_layer_kl"] < summary["mean_layer_kl_logit_lens"]
 
 
+def test_bf16_lenses_train_and_are_saved_as_fp32_masters(tiny_models, tmp_path):
+    """param_dtype bfloat16 (ZeRO-2): the saved banks hold the fp32 master weights, not their bf16 rounding."""
+    summary, ver, _ = run_both(raw_config(tmp_path, tiny_models["gpt2"], param_dtype="bfloat16", epochs=1))
+    assert summary["mean_layer_kl"] < summary["mean_layer_kl_logit_lens"]
+    tensors = bank_tensors(ver)
+    assert {t.dtype for t in tensors.values()} == {torch.float32}
+    assert any((t != t.bfloat16().float()).any() for t in tensors.values())
+
+
 @pytest.mark.parametrize(("launcher", "zero_stage"), [("torchrun", 2), ("deepspeed", 3)])
 def test_two_process_training_trains_and_result_loads(tiny_models, tmp_path, launcher, zero_stage):
     summary, ver, _ = run_both(raw_config(tmp_path, tiny_models["qwen2"], world_size=2, epochs=2,

@@ -21,7 +21,9 @@ class TrainConfig(Section):
     # than subset; subset leaves the lens's within-tail shape unconstrained (see README).
     loss: Literal["exact", "subset"] = Field(
         "exact", description="exact: full-vocabulary KL to the model; subset: over the cached target top-k")
-    param_dtype: Literal["float32", "bfloat16"] = Field("float32", description="dtype of the trained lens weights")
+    param_dtype: Literal["float32", "bfloat16"] = Field(
+        "float32", description="dtype of the trained lens weights (bfloat16: fp32 gradient accumulation and fp32 "
+        "master weights, saved as fp32; needs zero_stage 2 or 3)")
     base_dtype: Literal["bfloat16", "float32"] = Field(
         "bfloat16", description="dtype of the frozen base projection in training (targets/eval stay fp32)")
     lr: float = Field(2e-2, gt=0, description="learning rate")

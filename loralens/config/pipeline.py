@@ -63,6 +63,15 @@ class PipelineConfig(Strict):
             raise ValueError("cache.top_k: 0 stores no target top-k, but train.loss 'subset' needs it")
         return self
 
+    @model_validator(mode="after")
+    def _bf16_lenses_need_zero(self) -> PipelineConfig:
+        # DeepSpeed 0.19 (runtime/engine.py, _do_optimizer_sanity_check) refuses bf16 parameters with fp32 gradient
+        # accumulation without ZeRO, and at ZeRO-1 its BF16_Optimizer sums micro-batch gradients in bf16.
+        if self.train.param_dtype == "bfloat16" and self.train.zero_stage < 2:
+            raise ValueError("train.param_dtype 'bfloat16' needs train.zero_stage 2 or 3 (DeepSpeed 0.19 sums a bf16 "
+                             "lens's micro-batch gradients in bf16 at ZeRO 0 and 1)")
+        return self
+
     @field_validator("home")
     @classmethod
     def _absolute_home(cls, home: Path) -> Path:

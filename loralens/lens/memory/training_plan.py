@@ -68,6 +68,8 @@ def state_bytes(
     under ZeRO >= 1 (it clones the rank's partition to fp32 even for fp32 parameters) or when the
     parameters are not fp32 (mixed precision); a plain torch AdamW on fp32 parameters (stage 0) has ``m = 0``.
     ZeRO divides by ``N``: stage >= 1 the optimizer states, >= 2 the gradients, 3 the parameters.
+    Parameters that are not fp32 (bf16: DeepSpeed's mixed precision, ZeRO >= 2 only) also accumulate their
+    gradients in fp32 (``data_types.grad_accum_dtype``): the rank's fp32 gradient partition, ``4 P / N`` more.
     Step transient: one fp32 tensor the size of the rank's optimizer partition, ``4 P / N`` (``4 P`` at
     stage 0), for ``sqrt(exp_avg_sq)``: what a foreach AdamW (torch's GPU default) or DeepSpeed's single
     flat partition allocates. (torch's CPU for-loop AdamW needs ~2x its largest tensor instead; fused none.)
@@ -76,6 +78,8 @@ def state_bytes(
     opt_shards = world_size if zero_stage >= 1 else 1
     params = _ceil_div(n_params * param_bytes, world_size if zero_stage >= 3 else 1)
     grads = _ceil_div(n_params * param_bytes, world_size if zero_stage >= 2 else 1)
+    if param_bytes != F32:  # fp32 gradient accumulation beside the low-precision gradients
+        grads += _ceil_div(n_params * F32, world_size if zero_stage >= 2 else 1)
     optimizer = _ceil_div(n_params * (2 * F32 + master), opt_shards)
     return params, grads, optimizer, _ceil_div(n_params * F32, opt_shards)
 
@@ -264,6 +268,8 @@ def _validate(
         (store_bytes in (2, 4), f"store dtype bytes must be 2 or 4, got {store_bytes}"),
         (world_size >= 1, f"world size must be >= 1, got {world_size}"),
         (zero_stage in (0, 1, 2, 3), f"ZeRO stage must be 0, 1, 2 or 3, got {zero_stage}"),
+        (param_bytes != 2 or zero_stage >= 2, f"bf16 lens parameters need ZeRO stage 2 or 3 (fp32 gradient "
+         f"accumulation), got {zero_stage}"),
     ]
     for ok, message in checks:
         if not ok:

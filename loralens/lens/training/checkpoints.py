@@ -105,12 +105,45 @@ def resume(engine, ckpt_dir: Path, world: int, device: torch.device | None = Non
 
 
 def consolidated_state(engine, ckpt_dir: Path, tag: str, zero_stage: int) -> dict[str, torch.Tensor]:
-    """Return the full fp32 state dict of the trained LensSet, whatever the world size or ZeRO stage."""
+    """Return the full fp32 state dict of the trained LensSet, whatever the world size or ZeRO stage (fp32
+    parameters: at ZeRO-0 the module's own weights are the ones the optimizer steps)."""
     if zero_stage == 0:
         return {k: v.detach().float().cpu() for k, v in engine.module.state_dict().items()}
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     return get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
+
+
+def fp32_master_state(engine) -> dict[str, torch.Tensor]:
+    """Return the full state dict of a mixed-precision (bf16) engine's LensSet with every trained parameter taken
+    from the optimizer's fp32 master copy, not the bf16-rounded module weights (a collective: every rank calls it).
+
+    bf16 trains under ZeRO-2/3, whose optimizers link each parameter to its fp32 master fragments;
+    `deepspeed.utils.safe_get_full_fp32_param` gathers them from every rank.
+    """
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    state = {k: v.detach().float().cpu() for k, v in engine.module.state_dict().items()}
+    for name, param in engine.module.named_parameters():
+        if not param.requires_grad:
+            continue
+        master = safe_get_full_fp32_param(param)
+        if master is None:  # no fp32 master linked to it (e.g. ZeRO-0): never save its bf16 rounding silently
+            raise RuntimeError(f"no fp32 master weight for {name} under {type(engine.optimizer).__name__}")
+        state[name] = master.detach().float().cpu().reshape(getattr(param, "ds_shape", param.shape))  # ZeRO-3: full
+    return state
+
+
+def final_state(engine, ckpt_dir: Path, tag: str, zero_stage: int, *, bf16: bool,
+                rank: int) -> dict[str, torch.Tensor] | None:
+    """Return the fp32 state dict of the trained LensSet on rank 0 (None elsewhere); every rank calls it.
+
+    bf16 parameters: the optimizer's fp32 masters (collective); fp32 parameters: `consolidated_state` (rank 0).
+    """
+    if bf16:
+        state = fp32_master_state(engine)
+        return state if rank == 0 else None
+    return consolidated_state(engine, ckpt_dir, tag, zero_stage) if rank == 0 else None
 
 
 def rank0_state(state: dict[str, torch.Tensor] | None, device: torch.device) -> dict[str, torch.Tensor]:

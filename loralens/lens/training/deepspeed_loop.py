@@ -144,12 +144,24 @@ class TrainResult:
     timing: dict[str, float] = field(default_factory=dict)
 
 
+BF16_NEEDS_ZERO = ("train.param_dtype 'bfloat16' needs train.zero_stage 2 or 3 (DeepSpeed 0.19 sums a bf16 lens's "
+                   "micro-batch gradients in bf16 at ZeRO 0 and 1)")
+
+
 def deepspeed_config(spec: TrainSpec) -> dict:
-    """Return the DeepSpeed config dict (fp32 or bf16, ZeRO stage, clipping, quiet logging)."""
+    """Return the DeepSpeed config dict (fp32 or bf16, ZeRO stage, clipping, quiet logging).
+
+    bf16 parameters get fp32 gradient accumulation (`data_types.grad_accum_dtype`) into the ZeRO-2/3 optimizer's
+    fp32 gradient partitions, and the optimizer steps its fp32 master partitions. DeepSpeed 0.19 rejects bf16 with
+    fp32 accumulation without ZeRO, and at ZeRO-1 routes it to BF16_Optimizer, whose fp32 buffer receives the
+    bf16-rounded sum of the micro-batch gradients: both are refused (BF16_NEEDS_ZERO).
+    """
+    if spec.bf16 and spec.zero_stage < 2:
+        raise ValueError(BF16_NEEDS_ZERO)
     zero: dict = {"stage": spec.zero_stage}
     if spec.zero_stage == 3:
         zero.update(stage3_param_persistence_threshold=0, stage3_gather_16bit_weights_on_model_save=True)
-    return {
+    config = {
         "train_micro_batch_size_per_gpu": 1,  # one LensBatch of `micro_batch` tokens per rank per step
         "gradient_accumulation_steps": spec.grad_accum,
         "zero_optimization": zero,
@@ -159,6 +171,9 @@ def deepspeed_config(spec: TrainSpec) -> dict:
         "wall_clock_breakdown": False,
         "zero_allow_untested_optimizer": True,
     }
+    if spec.bf16:
+        config["data_types"] = {"grad_accum_dtype": "fp32"}
+    return config
 
 
 @contextmanager

@@ -172,9 +172,11 @@ def main(argv: list[str] | None = None) -> int:
         log.warning("stopped by SIGTERM at step %d after a checkpoint; re-run to resume", result.steps)
         return training.STOP_EXIT_CODE
 
-    # Consolidate into a plain, world-size-independent LensSet (rank 0, from the checkpoint), handed to every rank
-    # for the held-out evaluation; rank 0 saves one bank per layer.
-    state = checkpoints.consolidated_state(engine, ckpt_dir, result.final_tag, t["zero_stage"]) if rank == 0 else None
+    # Consolidate into a plain, world-size-independent fp32 LensSet on rank 0 (from the checkpoint; bf16 lenses: from
+    # the optimizer's fp32 masters, never their bf16 rounding), handed to every rank for the held-out evaluation;
+    # rank 0 saves one fp32 bank per layer.
+    state = checkpoints.final_state(engine, ckpt_dir, result.final_tag, t["zero_stage"], bf16=train_spec.bf16,
+                                    rank=rank)
     # Free the optimizer states and the training copy of the banks (DeepSpeed keeps references of its own):
     # evaluation, the process's other peak, holds only the consolidated lenses over the shared frozen base.
     if hasattr(engine, "destroy"):

@@ -81,3 +81,22 @@ def test_report_counts_heads_whose_own_lens_beats_the_logit_lens():
     text = fidelity_markdown(fid)
     assert "**2 of 4 heads**" in text  # equal KL (ratio 1) is not better
     assert "median 0.750, range 0.500-1.333" in text
+
+
+def test_read_outs_of_an_untrained_bank_and_relative_to_the_layer():
+    from loralens.lens.lenses.lens_set import LensBank
+    from loralens.lens.lenses.readout import READOUTS, head_readouts, relative_to_layer
+
+    g = torch.Generator().manual_seed(0)
+    unembed = FoldedUnembed(torch.randn(50, 8, generator=g))
+    bank = LensBank(unembed, 3, LensConfig(rank=2), layer=0)
+    x = torch.randn(5, 3, 8, generator=g)
+    out = head_readouts(bank, x)
+    assert tuple(out) == READOUTS and all(v.shape == (5, 3, 50) for v in out.values())
+    assert torch.equal(out["lens"], out["logit"])  # untrained: the lens is the logit lens
+    assert torch.allclose(out["relative"], out["logit_relative"])
+    assert torch.allclose(out["logit_relative"].sum(1), torch.zeros(5, 50), atol=1e-5)  # relative to the layer's mean
+    # A part every head shares (e.g. the joint objective's equal per-head biases) cancels.
+    with torch.no_grad():
+        bank.bias += torch.randn(50, generator=g)
+    assert torch.allclose(head_readouts(bank, x)["relative"], relative_to_layer(out["logit"]), atol=1e-5)

@@ -100,3 +100,12 @@ def test_read_outs_of_an_untrained_bank_and_relative_to_the_layer():
     with torch.no_grad():
         bank.bias += torch.randn(50, generator=g)
     assert torch.allclose(head_readouts(bank, x)["relative"], relative_to_layer(out["logit"]), atol=1e-5)
+
+
+def test_joint_objective_gives_every_head_of_a_layer_the_same_bias(trained):
+    """The joint loss sees only the sum of a layer's biases, so each head's bias gets the same gradient: a head's
+    bias is its layer's prior divided by H, the same for every head (why `relative` read-outs cancel it)."""
+    _, lens_set = trained
+    for bank in lens_set.banks:
+        assert bank.bias.abs().max() > 1e-3  # trained
+        assert torch.allclose(bank.bias, bank.bias[:1].expand_as(bank.bias), atol=1e-6)

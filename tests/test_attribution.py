@@ -206,6 +206,11 @@ def test_planted_head_ranks_first_by_lens_and_direct_logit(planted_run):
         assert (top[method][0]["layer"], top[method][0]["head"]) == PLANTED, method
     # The planted head's trained-lens decoding on toxic prompts is the toxic word.
     assert TOXIC_WORD in top["lens_contrast"][0]["top_tokens"][:1]
+    # ... and under the logit lens too (the planted head writes the word's unembedding direction); the report
+    # prints both lenses' tokens.
+    assert TOXIC_WORD in top["logit_lens_contrast"][0]["top_tokens_logit"][:1]
+    report = next((db.parent / "artifacts" / "attribute").glob("*/top_heads.md")).read_text()
+    assert "| top tokens, trained lens | top tokens, logit lens |" in report
     with duckdb.connect(str(db), read_only=True) as con:
         rank = con.execute("SELECT rank FROM head_scores WHERE method = 'dictionary_count' AND layer = ? AND head = ?",
                            list(PLANTED)).fetchone()[0]

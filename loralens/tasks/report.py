@@ -79,14 +79,19 @@ def score_heatmap(scores: np.ndarray, layers: list[int], method: str, path: Path
 
 
 def top_heads_markdown(top: dict[str, list[dict[str, Any]]], spearman: dict[str, float | None], scorer: str) -> str:
-    """Return the top heads of every method with their most frequent trained-lens tokens on toxic prompts."""
-    lines = [f"Top toxic heads per method (scorer `{scorer}`); tokens: the head's most frequent top-k tokens "
-             "under its trained lens on toxic prompts.", ""]
+    """Return the top heads of every method with their most frequent tokens on toxic prompts under both lenses."""
+    lines = [f"Top toxic heads per method (scorer `{scorer}`); tokens: the head's most frequent top-k tokens on toxic "
+             "prompts, under its trained lens and under the plain logit lens (a jointly trained head's lens carries "
+             "its layer's shared prior; the logit lens shows the head's own push: see docs/benchmarks.md, readable "
+             "lenses).", ""]
     for method, rows in top.items():
-        lines += [f"### {method}", "", "| rank | head | score | top tokens |", "|---:|---|---:|---|"]
+        lines += [f"### {method}", "", "| rank | head | score | top tokens, trained lens | top tokens, logit lens |",
+                  "|---:|---|---:|---|---|"]
         for r in rows:
-            tokens = ", ".join(f"`{t!r}`".replace("|", "\\|") for t in r["top_tokens"])
-            lines.append(f"| {r['rank']} | L{r['layer']}H{r['head']} | {r['score']:.4g} | {tokens} |")
+            tokens = {key: ", ".join(f"`{t!r}`".replace("|", "\\|") for t in r.get(key, []))
+                      for key in ("top_tokens", "top_tokens_logit")}
+            lines.append(f"| {r['rank']} | L{r['layer']}H{r['head']} | {r['score']:.4g} | {tokens['top_tokens']} "
+                         f"| {tokens['top_tokens_logit']} |")
         lines.append("")
     lines += ["### Rank agreement (Spearman, all heads)", "", "| methods | rho |", "|---|---:|"]
     lines += [f"| {pair.replace('~', ' vs ')} | {'n/a (constant scores)' if rho is None else f'{rho:.3f}'} |"

@@ -148,9 +148,10 @@ def run_attribute_stage(cfg: PipelineConfig, ver: StageVersion, decode_ver: Stag
     toxic_ids = p_idx[toxic_prompt]
     hits = _per_head(dictionary_hits(decodings, toxic_ids, toxic_tokens, spill_dir=spill), "hits", layers, n_heads)
     scores["dictionary_count"] = hits / max(positions[True], 1)
-    top_tokens: dict[tuple[int, int], list[str]] = {}
-    for row in top_tokens_of(decodings, toxic_ids, 5, spill_dir=spill).to_pylist():
-        top_tokens.setdefault((row["layer"], row["head"]), []).append(row["token"])
+    top_tokens: dict[str, dict[tuple[int, int], list[str]]] = {"trained": {}, "logit": {}}  # lens -> head -> tokens
+    for lens, per_head in top_tokens.items():
+        for row in top_tokens_of(decodings, toxic_ids, 5, spill_dir=spill, lens=lens).to_pylist():
+            per_head.setdefault((row["layer"], row["head"]), []).append(row["token"])
     shutil.rmtree(spill, ignore_errors=True)
     ranks = {m: A.ranks(s) for m, s in scores.items()}
     spearman = {f"{m1}~{m2}": _finite_or_none(A.spearman(scores[m1], scores[m2]))
@@ -219,11 +220,13 @@ def _finite_or_none(x: float) -> float | None:
 
 
 def _top_heads(scores: np.ndarray, ranks: np.ndarray, layers: list[int], n: int,
-               top_tokens: dict[tuple[int, int], list[str]]) -> list[dict[str, Any]]:
-    """Return the report rows of the `n` best heads of `[L, H]` scores, best first."""
+               top_tokens: dict[str, dict[tuple[int, int], list[str]]]) -> list[dict[str, Any]]:
+    """Return the report rows of the `n` best heads of `[L, H]` scores, best first, with their top tokens under the
+    trained lens (`top_tokens`) and the logit lens (`top_tokens_logit`)."""
     index = {layer: i for i, layer in enumerate(layers)}
     return [{"rank": int(ranks[index[layer], head]), "layer": layer, "head": head,
-             "score": float(scores[index[layer], head]), "top_tokens": top_tokens.get((layer, head), [])}
+             "score": float(scores[index[layer], head]), "top_tokens": top_tokens["trained"].get((layer, head), []),
+             "top_tokens_logit": top_tokens["logit"].get((layer, head), [])}
             for layer, head in A.heads_best_first(scores, layers)[:n]]
 
 

@@ -9,7 +9,7 @@ from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 
 from loralens.config import PipelineConfig
-from loralens.flows.common import resolve_config, run_stage_task
+from loralens.flows.common import pinned_config, resolve_config, run_stage_task
 from loralens.tasks.chain import stage_chain
 from loralens.tasks.stage_versions import StageVersion
 from loralens.tasks.stages.attribute import attribute_task
@@ -39,4 +39,4 @@ def attribute_heads(
     config_path: str | None = None, config: dict[str, Any] | None = None, force: bool = False
 ) -> dict[str, Any]:
     """Score every head's contribution to toxicity by several methods and store the scores in DuckDB."""
-    return attribute_stage(resolve_config(config_path, config), force=force)
+    return attribute_stage(pinned_config(resolve_config(config_path, config)), force=force)

@@ -8,6 +8,7 @@ from prefect import flow
 
 from loralens.config import PipelineConfig
 from loralens.flows.common import (
+    pin_dtype,
     resolve_config,
     results_under_home,
     run_stage_task,
@@ -51,10 +52,11 @@ def cache_activations(
     without `shards` writes the manifest).
     """
     cfg = resolve_config(config_path, config)
-    ver = cache_version(cfg)
-    if shards is not None:
+    if shards is not None:  # this process caches them: `auto` is what it means here
+        cfg = pin_dtype(cfg)
         with results_under_home(cfg):
-            return cache_shards_task(cfg, ver, sorted(shards))
+            return cache_shards_task(cfg, cache_version(cfg), sorted(shards))
     workers, dask_address = run_workers(cfg, workers, dask_address)
-    with scale_out(workers, dask_address, cfg=cfg):
-        return cache_stage(cfg, ver, force=force, workers=workers)
+    with scale_out(workers, dask_address, cfg=cfg) as pool:
+        cfg = pin_dtype(cfg, pool)  # `auto` as the workers resolve it, before the version
+        return cache_stage(cfg, cache_version(cfg), force=force, workers=workers)

@@ -15,7 +15,7 @@ from prefect.artifacts import create_table_artifact
 from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
 
 from loralens.config import PipelineConfig, load_config, parse_config
-from loralens.lens.runtime.devices import check_local_workers
+from loralens.lens.runtime.devices import agreed_dtype, auto_here, check_local_workers
 from loralens.tasks.memory import ensure_fits
 from loralens.tasks.stage_versions import (
     StageVersion,
@@ -81,6 +81,34 @@ def scale_out(workers: int = 1, dask_address: str | None = None, cfg: PipelineCo
     finally:
         _POOL.reset(token)
         pool.close()
+
+
+def pin_dtype(cfg: PipelineConfig, pool: Any = None) -> PipelineConfig:
+    """Return `cfg` with `model.dtype: auto` replaced by the dtype it means where the model runs; call it before
+    any version is computed (versions hash the resolved dtype, and every process then loads that dtype).
+
+    The one place that decides: on an existing scheduler (`pool.address`) every worker answers for itself
+    (`WorkerPool.resolve_auto`), so a CPU head node never hashes float32 for GPU workers that compute in bf16;
+    workers that disagree are a one-line DeviceError naming `model.dtype` (`devices.agreed_dtype`). Otherwise
+    (no pool, or a local cluster on this machine) this process answers. An explicit dtype is returned as is,
+    asking no worker.
+    """
+    m = cfg.model
+    if m.dtype != "auto":
+        return cfg
+    if pool is not None and pool.address:
+        answers = pool.resolve_auto(m.device, m.dtype)
+    else:
+        answers = {"this process": auto_here(m.device, m.dtype)}
+    return cfg.model_copy(update={"model": m.model_copy(update={"dtype": agreed_dtype(answers)})})
+
+
+def pinned_config(cfg: PipelineConfig) -> PipelineConfig:
+    """Return `cfg` with its dtype pinned (`pin_dtype`) for a flow that runs in this process alone (train,
+    attribute, select): on `run.dask_address`'s workers when the config names one (its versions must equal those
+    of the runs that used them), else here."""
+    with scale_out(1, cfg.run.dask_address, cfg=cfg) as pool:
+        return pin_dtype(cfg, pool)
 
 
 def run_workers(cfg: PipelineConfig, workers: int | None, dask_address: str | None) -> tuple[int, str | None]:

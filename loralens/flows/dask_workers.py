@@ -4,9 +4,9 @@
 used, each with a `memory_limit` from `cfg`'s memory plan (`tasks.memory.worker_memory_limit`), or connects to an
 existing scheduler at `address` at once (a scheduler that does not answer is a one-line ConfigError within
 CONNECT_TIMEOUT_S). `free_models` has every worker drop its held model (before a stage that runs in the flow
-process, such as train). Every worker gets the `LoraLensWorker` plugin, which marks its process
-a work-unit worker: models are kept between units and the DuckDB warehouse is never written there (the flow
-process registers).
+process, such as train); `resolve_auto` asks every worker what `model.dtype: auto` means there. Every worker
+gets the `LoraLensWorker` plugin, which marks its process a work-unit worker: models are kept between units and
+the DuckDB warehouse is never written there (the flow process registers).
 """
 
 from __future__ import annotations
@@ -108,6 +108,13 @@ class WorkerPool:
         from loralens.tasks.workers.worker_process import free_held_model
 
         return self._runner.client.run(free_held_model)
+
+    def resolve_auto(self, device: str, dtype: str) -> dict[str, dict]:
+        """Return what `device` / `dtype` (`auto`) mean on every worker: {worker address: `devices.auto_here`'s
+        answer}, each computed in that worker's process (a CPU head node's torch never decides for GPU workers)."""
+        from loralens.lens.runtime.devices import auto_here
+
+        return self.runner().client.run(auto_here, device, dtype)
 
     def close(self) -> None:
         """Shut the local cluster down (or disconnect); idempotent."""

@@ -7,7 +7,7 @@ from typing import Any
 from prefect import flow
 
 from loralens.config import PipelineConfig
-from loralens.flows.common import resolve_config, run_stage_task, run_workers, scale_out, split_over_workers
+from loralens.flows.common import pin_dtype, resolve_config, run_stage_task, run_workers, scale_out, split_over_workers
 from loralens.tasks.chain import stage_chain
 from loralens.tasks.stage_versions import StageVersion, keeping_old_version, require_complete
 from loralens.tasks.stages.decode import cache_shard_indices, decode_shards_task, decode_task, score_vocabulary
@@ -51,5 +51,6 @@ def decode_heads(
     """
     cfg = resolve_config(config_path, config)
     workers, dask_address = run_workers(cfg, workers, dask_address)
-    with scale_out(workers, dask_address, cfg=cfg):
+    with scale_out(workers, dask_address, cfg=cfg) as pool:
+        cfg = pin_dtype(cfg, pool)  # `auto` as the workers resolve it, before any version
         return decode_stage(cfg, force=force, workers=workers)

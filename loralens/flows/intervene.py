@@ -10,6 +10,7 @@ from prefect.artifacts import create_markdown_artifact
 
 from loralens.config import PipelineConfig
 from loralens.flows.common import (
+    pin_dtype,
     resolve_config,
     results_under_home,
     run_stage_task,
@@ -67,5 +68,6 @@ def intervene_heads(
     """
     cfg = resolve_config(config_path, config)
     workers, dask_address = run_workers(cfg, workers, dask_address)
-    with scale_out(workers, dask_address, cfg=cfg):
+    with scale_out(workers, dask_address, cfg=cfg) as pool:
+        cfg = pin_dtype(cfg, pool)  # `auto` as the workers resolve it, before any version
         return intervene_stage(cfg, force=force, workers=workers, units=units)

@@ -13,7 +13,7 @@ from prefect.artifacts import create_link_artifact, create_markdown_artifact
 from prefect.runtime import flow_run
 
 from loralens.config import PipelineConfig
-from loralens.flows.common import load_entry, resolve_config, run_workers, scale_out
+from loralens.flows.common import load_entry, pin_dtype, resolve_config, run_workers, scale_out
 from loralens.lens.runtime.devices import check_local_workers
 from loralens.tasks.registry import REGISTRY, get_stage
 from loralens.tasks.report import run_report
@@ -44,13 +44,14 @@ def pipeline(
     """
     stages = REGISTRY if only is None else (get_stage(only),)  # an unknown name: one line listing the stages
     cfg = resolve_config(config_path, config)
-    cache_ver = cache_version(cfg)  # one read of the corpus and model fingerprint serves every stage
     results: dict[str, Any] = {}
     seconds: dict[str, float] = {}
     workers, dask_address = run_workers(cfg, workers, dask_address)
     if not dask_address:
         check_local_workers(cfg.model.device, workers)  # before any stage: one GPU per local worker
     with scale_out(workers, dask_address, cfg=cfg) as pool:
+        cfg = pin_dtype(cfg, pool)  # `auto` as the workers resolve it, before any version
+        cache_ver = cache_version(cfg)  # one read of the corpus and model fingerprint serves every stage
         for stage in stages:
             t0 = time.perf_counter()
             if pool is not None and not stage.splits:

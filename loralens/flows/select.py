@@ -9,7 +9,7 @@ from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 
 from loralens.config import PipelineConfig
-from loralens.flows.common import resolve_config, run_stage_task
+from loralens.flows.common import pinned_config, resolve_config, run_stage_task
 from loralens.tasks.chain import stage_chain
 from loralens.tasks.stage_versions import StageVersion
 from loralens.tasks.stages.select import select_task
@@ -33,4 +33,4 @@ def select_heads(
 ) -> dict[str, Any]:
     """Score every head causally (ablation_tox_drop, attribution_patching), choose a head set on the selection
     split."""
-    return select_stage(resolve_config(config_path, config), force=force)
+    return select_stage(pinned_config(resolve_config(config_path, config)), force=force)

@@ -9,7 +9,7 @@ from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 
 from loralens.config import PipelineConfig
-from loralens.flows.common import resolve_config, run_stage_task
+from loralens.flows.common import pinned_config, resolve_config, run_stage_task
 from loralens.tasks.chain import stage_chain
 from loralens.tasks.report import fidelity_markdown
 from loralens.tasks.stage_versions import StageVersion
@@ -34,4 +34,4 @@ def train_lenses(
     config_path: str | None = None, config: dict[str, Any] | None = None, force: bool = False
 ) -> dict[str, Any]:
     """Train a Lora Lens for every head of every cached layer under DeepSpeed."""
-    return train_stage(resolve_config(config_path, config), force=force)
+    return train_stage(pinned_config(resolve_config(config_path, config)), force=force)

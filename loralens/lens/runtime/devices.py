@@ -122,3 +122,35 @@ def steady_host_matmuls(model) -> Iterator[None]:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
             flags.__exit__(None, None, None)
+
+
+def auto_here(device: str, dtype: str) -> dict[str, str | int]:
+    """Return what `model.device` / `model.dtype` mean in this process: {"device", "dtype", "host", "pid"}.
+
+    Dask workers run it (`WorkerPool.resolve_auto`) so that `auto` is decided where the model runs; the flow
+    process runs it for itself when the work stays on this machine. `device` is the device's type (cpu, cuda).
+    """
+    import socket
+
+    where = resolve_device(device)
+    return {"device": where.type, "dtype": resolve_dtype(dtype, where), "host": socket.gethostname(),
+            "pid": os.getpid()}
+
+
+def agreed_dtype(answers: dict[str, dict]) -> str:
+    """Return the dtype every process's `auto_here` answer in `answers` (keyed by worker address) resolved.
+
+    Raises a one-line DeviceError naming `model.dtype` when they disagree (some workers with CUDA, some without),
+    listing which workers resolved which dtype on which device, or when there is no answer at all.
+    """
+    if not answers:
+        raise DeviceError("config error: model.dtype: auto, but the Dask scheduler has no workers to resolve it "
+                          "on; set model.dtype explicitly (float32, bfloat16 or float16)")
+    kinds: dict[tuple[str, str], list[str]] = {}
+    for who, answer in sorted(answers.items()):
+        kinds.setdefault((answer["dtype"], answer["device"]), []).append(who)
+    if len({dtype for dtype, _ in kinds}) == 1:
+        return next(iter(kinds))[0]
+    seen = "; ".join(f"{dtype} on {device} at {', '.join(who)}" for (dtype, device), who in sorted(kinds.items()))
+    raise DeviceError(f"config error: model.dtype: auto resolves differently on the Dask workers ({seen}); set "
+                      f"model.dtype explicitly (float32, bfloat16 or float16)")

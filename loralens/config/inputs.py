@@ -23,7 +23,7 @@ class ModelConfig(Section):
                                   description="auto (cuda when available), cpu, cuda (LOCAL_RANK's GPU) or cuda:N")
     device_map: str | None = execution_field(
         None, description="Hugging Face device_map (e.g. auto) for a model larger than one GPU, in the stages that "
-                          "run it (cache, intervene)")
+                          "run it (cache, select, intervene)")
     trust_remote_code: bool = Field(False, description="run the model repository's own modeling code (it can differ "
                                                        "from the built-in implementation, so it is hashed)")
 

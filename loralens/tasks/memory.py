@@ -134,33 +134,50 @@ def on_workers(mem: StageMemory, workers: int) -> StageMemory:
                    shrink=f"{mem.shrink}, or run.workers (now {workers})")
 
 
-def stage_gpus(device: str, processes: int, n_gpus: int, device_map: str | None = None) -> tuple[str, ...]:
-    """Return the GPU each of a stage's `processes` computes on, for `parts_by_device`.
+MODEL_STAGES = ("cache", "select", "intervene")  # the stages that load the full model, with model.device_map
 
-    `device`: the resolved model device ("cpu", "cuda:N"). A CPU run, or a model spread by a Hugging Face
-    `device_map` (its layers placed by Hugging Face, not known here), has none: every part is checked against host
-    RAM, as on a CPU. One process computes on `device`; several (training ranks, local Dask workers) take GPU i for
-    process i (the launcher's LOCAL_RANK, `LoraLensWorker`), cycling over the `n_gpus` GPUs.
+
+def spreads(device: str, stage: str, processes: int, device_map: str | None) -> bool:
+    """Return whether Hugging Face's `device_map` spreads `stage`'s model over every visible GPU (`spread_by_device`).
+
+    Only with a `device_map`, on a GPU (`device`: the resolved model device; on a CPU the model stays on the host and
+    the check is the CPU one), in a stage that loads the full model (`MODEL_STAGES`: train and decode read the model
+    lean, onto their process's GPU) and in one process: local Dask workers each see only their own GPU
+    (`CUDA_VISIBLE_DEVICES`), so a worker's `device_map` places its model on that one GPU, as without it.
     """
-    if not device.startswith("cuda") or device_map:
+    return bool(device_map) and device.startswith("cuda") and stage in MODEL_STAGES and processes <= 1
+
+
+def stage_gpus(device: str, processes: int, n_gpus: int, spread: bool = False) -> tuple[str, ...]:
+    """Return the GPU each of a stage's `processes` computes on, for `parts_by_device`, or, with `spread` (see
+    `spreads`), the `n_gpus` visible GPUs a `device_map` spreads the one process's model over, for `spread_by_device`.
+
+    `device`: the resolved model device ("cpu", "cuda:N"). A CPU run has none: every part is checked against host
+    RAM. One process computes on `device`; several (training ranks, local Dask workers) take GPU i for process i (the
+    launcher's LOCAL_RANK, `LoraLensWorker`), cycling over the `n_gpus` GPUs.
+    """
+    if not device.startswith("cuda"):
         return ()
+    if spread:
+        return tuple(f"cuda:{i}" for i in range(max(n_gpus, 1)))
     if processes <= 1:
         return (device if ":" in device else "cuda:0",)
     return tuple(f"cuda:{i % max(n_gpus, 1)}" for i in range(processes))
 
 
-def config_gpus(cfg: PipelineConfig, processes: int) -> tuple[str, ...]:
+def config_gpus(cfg: PipelineConfig, processes: int, spread: bool = False) -> tuple[str, ...]:
     """Return `stage_gpus` for `processes` processes of `cfg`'s model on this machine (none on a CPU)."""
     import torch
 
     device = cfg.model.torch_device()
     n_gpus = torch.cuda.device_count() if device.type == "cuda" else 0
-    return stage_gpus(str(device), processes, n_gpus, cfg.model.device_map)
+    return stage_gpus(str(device), processes, n_gpus, spread)
 
 
 def ensure_fits(cfg: PipelineConfig, stage: str, workers: int = 1) -> None:
     """Refuse (one line, before anything is loaded) a stage whose predicted peak exceeds the memory available on
-    any device: its host parts against RAM, on a GPU run its GPU parts against each GPU's free memory (`stage_gpus`).
+    any device: its host parts against RAM, on a GPU run its GPU parts against each GPU's free memory (`stage_gpus`;
+    a model spread by `model.device_map`: its share on each visible GPU, `spreads`).
 
     `workers`: the local Dask cluster's worker processes a split stage (SPLIT_STAGES) runs on, on this machine;
     the check is then of `workers` times one worker's peak (the flow process checks before it maps the units).
@@ -170,7 +187,8 @@ def ensure_fits(cfg: PipelineConfig, stage: str, workers: int = 1) -> None:
     if stage == "train":
         mems.append(predict(cfg, "eval"))
     for m in mems:
-        check_fits(m, gpus=config_gpus(cfg, m.processes))
+        spread = spreads(str(cfg.model.torch_device()), m.stage, m.processes, cfg.model.device_map)
+        check_fits(m, gpus=config_gpus(cfg, m.processes, spread), spread=spread)
 
 
 # A local Dask worker's memory_limit over its predicted peak: Dask pauses a worker at 80% of its limit and restarts

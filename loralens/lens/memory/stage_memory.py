@@ -8,7 +8,9 @@ stage, both numbers and the settings that shrink it.
 Each part lives on a device: the parts named in `StageMemory.gpu_parts` (weights, activations, lens states) on
 the GPU a process computes on when the model device is a GPU, the rest (runtime, Parquet shards, output rows)
 on the host. `parts_by_device` places a stage's processes; `check_fits_per_device` checks every device: the
-host against RAM, each GPU against its free memory (`gpu_free_memory`). On a CPU everything is on the host.
+host against RAM, each GPU against its free memory (`gpu_free_memory`). On a CPU everything is on the host. A model
+spread over several GPUs by Hugging Face's `device_map` is placed by `spread_by_device` instead: its per-layer
+parts (`SPREAD_PARTS`) split evenly over the GPUs.
 
 Notation as in :mod:`loralens.lens.memory.training_plan`: ``B`` prompts per batch, ``T`` tokens per prompt
 (cache.max_length),
@@ -299,10 +301,36 @@ def parts_by_device(mem: StageMemory, gpus: tuple[str, ...] = ()) -> dict[str, i
     return needed
 
 
-def check_fits_per_device(mem: StageMemory, needed: dict[str, int], free: dict[str, int]) -> None:
+# The parts that follow the model's layers: under a `device_map` each GPU holds its layers' share of them.
+SPREAD_PARTS = frozenset({"model weights", "KV cache", "activations kept for backward"})
+
+
+def spread_by_device(mem: StageMemory, gpus: tuple[str, ...]) -> dict[str, int]:
+    """Return a one-process stage's predicted peak bytes on each device when Hugging Face's `device_map` spreads
+    its model over `gpus` (every visible GPU), e.g. ``{"host": ..., "cuda:0": ..., "cuda:1": ...}``.
+
+    An approximation of accelerate's "auto" (balanced) placement: the parts that follow the layers
+    (`SPREAD_PARTS`: the weights, intervene's KV cache, select's activations kept for backward) split evenly by bytes
+    over the N GPUs, ``ceil(bytes / N)`` each; the stage's other GPU parts (logits, one layer's transients, captured
+    z, lens blocks) are counted whole on every GPU (the first GPU holds the inputs, the last the logits, each one
+    layer's transients while it runs them: any of them may be the one that peaks). The host keeps what is not a GPU
+    part (runtime, shards, output rows, stored weights mapped while converting). accelerate would offload what
+    does not fit to the host or disk; the check refuses instead. Empty `gpus` (a CPU run): `parts_by_device`.
+    """
+    if not gpus:
+        return parts_by_device(mem)
+    spread = sum(b for name, b in mem.parts if name in mem.gpu_parts and name in SPREAD_PARTS)
+    whole = sum(b for name, b in mem.parts if name in mem.gpu_parts and name not in SPREAD_PARTS)
+    share = -(-spread // len(gpus))
+    return {HOST: mem.total - (spread + whole) * mem.processes, **{gpu: share + whole for gpu in gpus}}
+
+
+def check_fits_per_device(mem: StageMemory, needed: dict[str, int], free: dict[str, int],
+                          spread_over: int = 0) -> None:
     """Raise MemoryBudgetError (one line, naming the device) for the first device whose predicted bytes
-    (`needed`, from `parts_by_device`) exceed its `free` bytes (host: the memory available; a GPU: its free
-    memory). A device missing from `free` is not checked."""
+    (`needed`, from `parts_by_device` or `spread_by_device`) exceed its `free` bytes (host: the memory available; a
+    GPU: its free memory). A device missing from `free` is not checked. `spread_over`: the GPUs a `device_map`
+    spreads the model over (`spread_by_device`), named in a GPU's error with the suggestion to use more of them."""
     host_share = mem.per_process - sum(b for name, b in mem.parts if name in mem.gpu_parts)
     for device, need in needed.items():
         if device not in free or need <= free[device]:
@@ -315,8 +343,12 @@ def check_fits_per_device(mem: StageMemory, needed: dict[str, int], free: dict[s
             where, avail = f" on {device}", f"{gib(free[device])} free there"
         count = need // share if share else 1
         procs = f" ({count} {mem.process_kind} x {gib(share)})" if count > 1 else ""
+        more = ""
+        if spread_over and device != HOST:
+            procs = f" (its share of the model spread by model.device_map over {spread_over} GPU(s))"
+            more = f", or make more GPUs visible (CUDA_VISIBLE_DEVICES, now {spread_over})"
         raise MemoryBudgetError(f"{mem.stage} stage will not fit in memory{where}: predicted peak {gib(need)}{procs}, "
-                                f"{avail}; to fit, lower {mem.shrink}")
+                                f"{avail}; to fit, lower {mem.shrink}{more}")
 
 
 def host_available(available: int | None = None) -> int:
@@ -336,15 +368,17 @@ def gpu_free_memory(gpus: tuple[str, ...]) -> dict[str, int]:
 
 
 def check_fits(mem: StageMemory, available: int | None = None, gpus: tuple[str, ...] = (),
-               gpu_free: dict[str, int] | None = None) -> None:
+               gpu_free: dict[str, int] | None = None, spread: bool = False) -> None:
     """Raise MemoryBudgetError (one line) when the stage's predicted peak exceeds the memory available on any
     device: host parts against `host_available(available)`, each GPU's parts (`gpus`: the GPU of each process,
-    see `parts_by_device`) against `gpu_free` (default: `gpu_free_memory`, read only for a GPU run)."""
-    needed = parts_by_device(mem, gpus)
+    see `parts_by_device`; with `spread`, the GPUs a `device_map` spreads the one process's model over, see
+    `spread_by_device`) against `gpu_free` (default: `gpu_free_memory`, read only for a GPU run)."""
+    spread = spread and bool(gpus)
+    needed = spread_by_device(mem, gpus) if spread else parts_by_device(mem, gpus)
     free = {HOST: host_available(available)}
     if gpus:
         free.update(gpu_free_memory(gpus) if gpu_free is None else gpu_free)
-    check_fits_per_device(mem, needed, free)
+    check_fits_per_device(mem, needed, free, spread_over=len(gpus) if spread else 0)
 
 
 def memory_limit() -> int | None:

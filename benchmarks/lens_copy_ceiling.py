@@ -21,8 +21,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from loralens.api.heads import check_heads
-from loralens.lens.evaluation.mechanisms import copy_rows, hit_rates, repeated_tokens, run_repeated
-from loralens.lens.lenses.lens_set import lens_inputs
+from loralens.lens.evaluation.mechanisms import copy_positions, hit_rates, model_repeated_tokens, run_repeated
 from loralens.lens.runtime.adapters import folded_unembedding, out_proj_weight
 
 OUT = Path(__file__).resolve().parent / "results"
@@ -31,17 +30,11 @@ SEQ_LEN = 25
 
 def head_inputs(loaded, layers: list[int], seed: int, batch: int) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
     """Return layer -> per-head lens inputs `[n, H, d]` at the copy positions, and the copied tokens `[n]`."""
-    tok = loaded.tokenizer
-    tokens = repeated_tokens(loaded.dims.vocab, SEQ_LEN, batch, seed=seed, exclude=tok.all_special_ids,
-                             bos=tok.bos_token_id)
-    run = run_repeated(loaded.model, loaded.adapter, tokens)
-    rows = copy_rows(SEQ_LEN, 1)
-    targets = tokens[:, rows.start + 1:rows.stop + 1].reshape(-1)
-    scale = run.scale[:, rows].reshape(-1)
-    x = {layer: lens_inputs(run.z[layer][:, rows].reshape(len(targets), -1), scale,
-                            out_proj_weight(loaded.adapter, loaded.model, layer, loaded.dims).float())
+    tokens, offset = model_repeated_tokens(loaded, batch=batch, seq_len=SEQ_LEN, seed=seed)
+    pos = copy_positions(run_repeated(loaded.model, loaded.adapter, tokens), tokens, SEQ_LEN, offset)
+    x = {layer: pos.inputs(layer, out_proj_weight(loaded.adapter, loaded.model, layer, loaded.dims).float())
          for layer in layers}
-    return x, targets
+    return x, pos.targets
 
 
 def rates(logits: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:

@@ -32,14 +32,15 @@ from loralens.config.inputs import DEFAULT_CORPUS
 from loralens.config.lens import TrainConfig
 from loralens.lens.evaluation.mechanisms import (
     INDUCTION_THRESHOLD,
-    copy_rows,
+    CopyPositions,
+    copy_positions,
     hit_rates,
     induction_score,
-    repeated_tokens,
+    model_repeated_tokens,
     run_repeated,
 )
 from loralens.lens.heads.capture import TokenArrays, cache_batch, text_windows, tokenize_prompts
-from loralens.lens.lenses.lens_set import FoldedUnembed, LensConfig, lens_inputs
+from loralens.lens.lenses.lens_set import FoldedUnembed, LensConfig
 from loralens.lens.lenses.objective import LensSet, fidelity
 from loralens.lens.lenses.readout import READOUTS, head_readouts
 from loralens.lens.runtime.adapters import folded_unembedding, out_proj_weight
@@ -86,17 +87,12 @@ def train(lens_set: LensSet, data: ShardData, epochs: int, lr: float, seed: int)
 
 
 @torch.no_grad()
-def copy_rates(run, lens_set: LensSet, layers: list[int], w_o: torch.Tensor, tokens: torch.Tensor,
-               seq_len: int) -> dict[str, np.ndarray]:
-    """Return read-out -> `[L, H]` top-1 copied-token rates at the second-copy positions of `tokens`."""
-    rows = copy_rows(seq_len, 1)
-    targets = tokens[:, rows.start + 1:rows.stop + 1].reshape(-1)
-    scale = run.scale[:, rows].reshape(-1)
+def copy_rates(pos: CopyPositions, lens_set: LensSet, layers: list[int], w_o: torch.Tensor) -> dict[str, np.ndarray]:
+    """Return read-out -> `[L, H]` top-1 copied-token rates at the copy positions `pos`."""
     out = {name: np.zeros((len(layers), w_o.shape[1])) for name in READOUTS}
     for i, layer in enumerate(layers):
-        x = lens_inputs(run.z[layer][:, rows].reshape(len(targets), -1), scale, w_o[i])
-        for name, logits in head_readouts(lens_set.banks[i], x).items():
-            out[name][i] = (hit_rates(logits, targets, 1)[0].float() / len(targets)).numpy()
+        for name, logits in head_readouts(lens_set.banks[i], pos.inputs(layer, w_o[i])).items():
+            out[name][i] = (hit_rates(logits, pos.targets, 1)[0].float() / len(pos.targets)).numpy()
     return out
 
 
@@ -133,11 +129,10 @@ def main() -> None:
     unembed = FoldedUnembed(*(w.float() for w in folded_unembedding(loaded.adapter, loaded.model)))
     w_o = torch.stack([out_proj_weight(loaded.adapter, loaded.model, layer, loaded.dims).float() for layer in layers])
     lm_head = loaded.model.get_output_embeddings().weight.float()
-    reps = repeated_tokens(loaded.dims.vocab, 25, 8, seed=0, exclude=tok.all_special_ids, bos=tok.bos_token_id)
+    reps, offset = model_repeated_tokens(loaded, batch=8, seq_len=25, seed=0)
     run = run_repeated(loaded.model, loaded.adapter, reps)
-    induction = induction_score(run.attn, 25, 1)[layers].numpy()  # [L, H]
-    model_top1 = float((run.logits[:, copy_rows(25, 1)].argmax(-1).reshape(-1)
-                        == reps[:, copy_rows(25, 1).start + 1:copy_rows(25, 1).stop + 1].reshape(-1)).float().mean())
+    induction = induction_score(run.attn, 25, offset)[layers].numpy()  # [L, H]
+    pos = copy_positions(run, reps, 25, offset)
 
     results = []
     plan = [(o, n) for o in args.objectives for n in (args.text_tokens if o == "joint" else args.per_head_text_tokens)]
@@ -154,7 +149,7 @@ def main() -> None:
         fid = fidelity(lens_set, to_batch(held, np.arange(len(held.scale)), "float16"))
         head_kl = (fid["head_lens"] / fid["tokens"]).numpy()
         logit_kl = (fid["head_logit_lens"] / fid["tokens"]).numpy()
-        rates = copy_rates(run, lens_set, layers, w_o, reps, 25)
+        rates = copy_rates(pos, lens_set, layers, w_o)
         ind = induction >= INDUCTION_THRESHOLD
         res = {"objective": objective, "text_tokens": rows, "train_tokens": int(len(data.scale)), "steps": steps,
                "train_seconds": seconds, "held_out_tokens": int(fid["tokens"]),
@@ -172,7 +167,7 @@ def main() -> None:
     print(table(results))
     args.out.mkdir(parents=True, exist_ok=True)
     out = {"benchmark": "lens readability: objective, read-out and training text (issue 21)", "layers": layers,
-           "epochs": args.epochs, "model_top1": model_top1, "induction": induction.tolist(),
+           "epochs": args.epochs, "model_top1": pos.model_top1, "induction": induction.tolist(),
            "held_out_text_fraction": HELD_OUT_TEXT, "readouts": list(READOUTS), "results": results,
            "machine": {"cpu": platform.processor() or platform.machine(), "threads": args.threads,
                        "torch": torch.__version__}}

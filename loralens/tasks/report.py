@@ -32,9 +32,14 @@ def layer_head_heatmap(values: np.ndarray, layers: list[int], path: Path, *, tit
     return path
 
 
+def head_kl_ratio(fid: dict[str, Any]) -> np.ndarray:
+    """Return each head's held-out KL through its own lens over its logit lens's, `[L, H]` (< 1: the lens is better)."""
+    return np.asarray(fid["head_lens"]) / np.asarray(fid["head_logit_lens"])
+
+
 def fidelity_heatmap(fid: dict[str, Any], path: Path) -> Path:
     """Write a layers x heads heatmap of held-out KL (trained lens / logit lens) as a PNG; return its path."""
-    ratio = np.asarray(fid["head_lens"]) / np.asarray(fid["head_logit_lens"])
+    ratio = head_kl_ratio(fid)
     # Scale to the data: after short training every ratio can sit just under 1, and a fixed 0-1 range
     # would paint them all one colour.
     return layer_head_heatmap(ratio, fid["layers"], path, cmap="viridis_r", vmin=float(ratio.min()),
@@ -45,7 +50,7 @@ def fidelity_heatmap(fid: dict[str, Any], path: Path) -> Path:
 
 def fidelity_markdown(fid: dict[str, Any], heatmap: Path | None = None) -> str:
     """Return a Markdown report of held-out lens fidelity: one row per layer, plus the heatmap's path."""
-    ratio = np.asarray(fid["head_lens"]) / np.asarray(fid["head_logit_lens"])  # [L, H]
+    ratio = head_kl_ratio(fid)
     lines = [
         f"Held-out exact KL(model || lens), nats per token, over {fid['tokens']:.0f} tokens.",
         "",
@@ -57,7 +62,7 @@ def fidelity_markdown(fid: dict[str, Any], heatmap: Path | None = None) -> str:
         "|---:|---:|---:|---:|---:|---|---|",
     ]
     for i, layer in enumerate(fid["layers"]):
-        head = np.asarray(fid["head_lens"][i]) / np.asarray(fid["head_logit_lens"][i])
+        head = ratio[i]
         lines.append(
             f"| {layer} | {fid['layer_lens'][i]:.3f} | {fid['layer_logit_lens'][i]:.3f} | "
             f"{fid['layer_lens'][i] / fid['layer_logit_lens'][i]:.3f} | {fid['layer_subset_kl'][i]:.3f} | "

@@ -7,7 +7,7 @@ files always give the same bits.
     group_sums      per (layer, head, prompt group): positions, summed expected toxicity under the trained and
                     the logit lens, summed direct logit attribution            (readouts/*.parquet)
     dictionary_hits per (layer, head): dictionary-toxic tokens in the trained-lens top-k on toxic prompts
-    top_tokens      per (layer, head): the n tokens most often in one lens's (trained or logit) top-k on toxic
+    top_tokens      per (lens, layer, head): the n tokens most often in that lens's (trained, logit) top-k on toxic
                     prompts, by frequency, then summed probability, then token id   (decodings/*.parquet)
 """
 
@@ -68,19 +68,18 @@ def dictionary_hits(decodings: Sequence[Path], toxic_prompts: np.ndarray, toxic_
 
 
 def top_tokens(decodings: Sequence[Path], toxic_prompts: np.ndarray, n: int,
-               spill_dir: Path | None = None, lens: str = "trained") -> pa.Table:
-    """Return (layer, head, token, place): each head's `n` most frequent top-k tokens under `lens` ("trained" or
-    "logit") on toxic prompts."""
+               spill_dir: Path | None = None) -> pa.Table:
+    """Return (lens, layer, head, token, place): each head's `n` most frequent top-k tokens under each lens on toxic
+    prompts (one scan of the files for both lenses)."""
     tp = pa.table({"prompt_idx": pa.array(toxic_prompts, pa.int32())})
     return _query("""
         WITH counted AS (
-            SELECT d.layer, d.head, d.token_id, any_value(d.token) AS token, count(*) AS freq,
+            SELECT d.lens, d.layer, d.head, d.token_id, any_value(d.token) AS token, count(*) AS freq,
                    sum(d.prob::DOUBLE) AS mass
             FROM read_parquet(?) d SEMI JOIN tp USING (prompt_idx)
-            WHERE d.lens = ?
-            GROUP BY d.layer, d.head, d.token_id)
-        SELECT layer, head, token,
-               row_number() OVER (PARTITION BY layer, head ORDER BY freq DESC, mass DESC, token_id) AS place
+            GROUP BY d.lens, d.layer, d.head, d.token_id)
+        SELECT lens, layer, head, token,
+               row_number() OVER (PARTITION BY lens, layer, head ORDER BY freq DESC, mass DESC, token_id) AS place
         FROM counted
         QUALIFY place <= ?
-        ORDER BY layer, head, place""", [_files(decodings), lens, n], {"tp": tp}, spill_dir)
+        ORDER BY lens, layer, head, place""", [_files(decodings), n], {"tp": tp}, spill_dir)

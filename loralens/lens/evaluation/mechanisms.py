@@ -125,6 +125,31 @@ def run_repeated(model: nn.Module, adapter: ArchAdapter, tokens: Tensor) -> Repe
                        scale=norm_scale(adapter, model, cap.final_resid).squeeze(-1), logits=out.logits)
 
 
+@dataclass(frozen=True)
+class CopyPositions:
+    """The scored second-copy positions of one repeated-token run, `n` = B * (L - 1) of them (host tensors as the
+    run left them)."""
+
+    targets: Tensor  # [n] the token to copy (the next token)
+    scale: Tensor  # [n] final norm divisor
+    z: dict[int, Tensor]  # layer -> [n, H*d_head]
+    model_top1: float  # the model's own next-token top-1 rate at these positions
+
+    def inputs(self, layer: int, w_o: Tensor) -> Tensor:
+        """Return the heads' lens inputs `[n, H, d]` of `layer` at these positions (`w_o` `[H, d_head, d]`)."""
+        return lens_inputs(self.z[layer], self.scale, w_o)
+
+
+def copy_positions(run: RepeatedRun, tokens: Tensor, seq_len: int, offset: int) -> CopyPositions:
+    """Return the copy positions (`copy_rows`) of `run` on `tokens` `[B, off + 2L]`: targets, scale, z per layer."""
+    rows = copy_rows(seq_len, offset)
+    targets = tokens[:, rows.start + 1:rows.stop + 1].reshape(-1)
+    own = run.logits[:, rows].argmax(-1).reshape(-1).cpu() == targets
+    return CopyPositions(targets=targets, scale=run.scale[:, rows].reshape(-1),
+                         z={layer: z[:, rows].reshape(len(targets), -1) for layer, z in run.z.items()},
+                         model_top1=own.float().mean().item())
+
+
 def head_copy_counts(z: Tensor, scale: Tensor, w_o: Tensor, targets: Tensor, unembed: FoldedUnembed,
                      bank: LensBank | None, k: int, chunk: int) -> dict[str, tuple[Tensor, Tensor]]:
     """Return lens -> (top-1 hits, top-k hits) `[H]` of one layer's heads read alone, over `n` positions.
@@ -179,24 +204,22 @@ def mechanism_scores(model: nn.Module, adapter: ArchAdapter, dims: ModelDims, to
     run = run_repeated(model, adapter, tokens)
     banks = banks or {}
     unembed = next(iter(banks.values())).unembed if banks else FoldedUnembed(*folded_unembedding(adapter, model))
-    rows = copy_rows(seq_len, offset)
-    targets = tokens[:, rows.start + 1:rows.stop + 1].reshape(-1)  # [n] the token to copy
-    scale = run.scale[:, rows].reshape(-1)
+    pos = copy_positions(run, tokens, seq_len, offset)
+    targets, scale = pos.targets, pos.scale
     shape = (dims.n_layers, dims.n_heads)
     out = {f"{name}_{lens}": torch.full(shape, math.nan)  # host: per-head results, filled from .cpu() values
            for name in ("top1", "top5") for lens in ("logit", "trained")}
-    for layer, z in run.z.items():
+    for layer, z in pos.z.items():
         w_o = out_proj_weight(adapter, model, layer, dims).float().to(unembed.W.device)
-        zl = z[:, rows].reshape(len(targets), -1).to(unembed.W.device)
+        zl = z.to(unembed.W.device)
         counts = head_copy_counts(zl, scale.to(unembed.W.device), w_o, targets, unembed, banks.get(layer), k, chunk)
         for lens, (top1, topk) in counts.items():
             out[f"top1_{lens}"][layer] = top1.cpu().float() / len(targets)
             out[f"top5_{lens}"][layer] = topk.cpu().float() / len(targets)
-    own = run.logits[:, rows].argmax(-1).reshape(-1).cpu() == targets
     return MechanismScores(induction=induction_score(run.attn, seq_len, offset).cpu(),
                            prev_token=prev_token_score(run.attn).cpu(), copy_top1_logit=out["top1_logit"],
                            copy_top5_logit=out["top5_logit"], copy_top1_trained=out["top1_trained"],
-                           copy_top5_trained=out["top5_trained"], model_top1=own.float().mean().item(),
+                           copy_top5_trained=out["top5_trained"], model_top1=pos.model_top1,
                            n_positions=len(targets))
 
 
@@ -226,10 +249,17 @@ def model_mechanism_scores(loaded: LoadedModel, banks: dict[int, LensBank] | Non
     The ids exclude the tokenizer's special ids; the BOS is its `bos_token_id` (none when it has none), so `T` =
     off + 2L with off = 1 with a BOS, else 0. `banks`: layer -> trained lens bank (None: the logit lens only).
     """
+    tokens, offset = model_repeated_tokens(loaded, batch=batch, seq_len=seq_len, seed=seed)
+    return mechanism_scores(loaded.model, loaded.adapter, loaded.dims, tokens, seq_len, offset, banks)
+
+
+def model_repeated_tokens(loaded: LoadedModel, *, batch: int, seq_len: int, seed: int) -> tuple[Tensor, int]:
+    """Return `repeated_tokens` for a loaded model (its special ids excluded, its BOS first if it has one) and the
+    offset (1 with a BOS, else 0)."""
     tok = loaded.tokenizer
     bos = tok.bos_token_id
     tokens = repeated_tokens(loaded.dims.vocab, seq_len, batch, seed=seed, exclude=tok.all_special_ids, bos=bos)
-    return mechanism_scores(loaded.model, loaded.adapter, loaded.dims, tokens, seq_len, int(bos is not None), banks)
+    return tokens, int(bos is not None)
 
 
 def head_name(row: dict) -> str:

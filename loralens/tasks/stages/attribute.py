@@ -149,9 +149,8 @@ def run_attribute_stage(cfg: PipelineConfig, ver: StageVersion, decode_ver: Stag
     hits = _per_head(dictionary_hits(decodings, toxic_ids, toxic_tokens, spill_dir=spill), "hits", layers, n_heads)
     scores["dictionary_count"] = hits / max(positions[True], 1)
     top_tokens: dict[str, dict[tuple[int, int], list[str]]] = {"trained": {}, "logit": {}}  # lens -> head -> tokens
-    for lens, per_head in top_tokens.items():
-        for row in top_tokens_of(decodings, toxic_ids, 5, spill_dir=spill, lens=lens).to_pylist():
-            per_head.setdefault((row["layer"], row["head"]), []).append(row["token"])
+    for row in top_tokens_of(decodings, toxic_ids, 5, spill_dir=spill).to_pylist():
+        top_tokens[row["lens"]].setdefault((row["layer"], row["head"]), []).append(row["token"])
     shutil.rmtree(spill, ignore_errors=True)
     ranks = {m: A.ranks(s) for m, s in scores.items()}
     spearman = {f"{m1}~{m2}": _finite_or_none(A.spearman(scores[m1], scores[m2]))

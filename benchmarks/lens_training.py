@@ -4,7 +4,10 @@
 - P3: one training step (forward + backward + AdamW step) of `lora` vs `full` on the same heads and
   batches (one SmolLM2-sized layer, 9 heads): peak memory (goal <= 0.2x), time (goal <= 0.5x), and the
   exact held-out KL after the same number of tokens on a learnable synthetic target (goal <= 1.1x full's).
-- P4: achieved matmul FLOP rate of the lora step / the measured fp32 matmul peak of this machine (goal >= 0.5).
+- P4: achieved matmul FLOP rate of the lora step / the measured fp32 matmul peak of this machine (goal >= 0.5):
+  on P3's one-layer subset step, and on the train stage's default job (all 30 layers, exact loss, bf16 base,
+  `loss_chunk` 128, 256 tokens) with the fused loss (`lens/lenses/fused_kl.py`) vs the checkpointed chunks,
+  timed alternately in one run; also against a dtype-matched roofline (the bf16 base GEMMs at the bf16 peak).
 - Throughput: tokens/s training ALL 270 SmolLM2 heads (30 layers x 9) with each loss (lora, joint, rank 4).
 - `--loop` (alone): the DeepSpeed loop itself (`lens/training/deepspeed_loop.train`, one process on gloo, ZeRO 2,
   exact loss, one SmolLM2-sized layer) and where its host time goes per optimizer step: waiting for a batch (read),
@@ -35,6 +38,7 @@ import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.flop_counter import FlopCounterMode
+from tqdm.auto import tqdm
 
 from loralens.lens.heads.hooks import head_contributions
 from loralens.lens.lenses.lens_set import FoldedUnembed, LensBank, LensConfig, trainable_per_head
@@ -64,9 +68,9 @@ def nbytes(tensors) -> int:
     return sum(t.nbytes for t in tensors if isinstance(t, Tensor))
 
 
-def matmul_peak_flops(n: int = 2048, reps: int = 8) -> float:
-    """Return the best measured fp32 `torch.mm` rate of ``[n, n] @ [n, n]``, in FLOP/s."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
+def matmul_peak_flops(n: int = 2048, reps: int = 8, dtype: torch.dtype = torch.float32) -> float:
+    """Return the best measured `torch.mm` rate of ``[n, n] @ [n, n]`` in `dtype`, in FLOP/s."""
+    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
     torch.mm(a, b)  # warm-up: thread pool and packing buffers
     best = min(_seconds(lambda: torch.mm(a, b)) for _ in range(reps))
     return 2 * n**3 / best
@@ -239,6 +243,46 @@ def throughput(task: Task, loss: str, tokens: int, steps: int, base_dtype: str) 
             "seconds": seconds, "tokens_per_s": tokens * steps / seconds, "matmul_flops_per_s": flops / seconds}
 
 
+DEFAULT_CHUNK = 128  # train.loss_chunk's default
+
+
+def default_job_flops(dims: ModelDims, rank: int, tokens: int, n_layers: int) -> dict[str, int]:
+    """Return the useful matmul FLOPs of one default-job step (exact loss; what the fused path runs), by dtype.
+
+    bf16: each layer's frozen base ``2 T d V``. fp32: the exact target ``2 T d V`` once; per layer the inputs
+    ``2 T H dh d``, ``A x`` and its weight gradient ``2 x 2 T H d r``, and on ``[T, vocab]`` the low-rank update, the
+    gradients of ``B`` and of ``A x``: ``3 x 2 T H r V``. (The checkpointed path also recomputes each chunk's
+    forward: more FLOPs, the same useful work.)
+    """
+    H, d, V = dims.n_heads, dims.d_model, dims.vocab
+    per_layer = 2 * tokens * H * dims.d_head * d + 4 * tokens * H * d * rank + 6 * tokens * H * rank * V
+    return {"bf16": n_layers * 2 * tokens * d * V, "fp32": 2 * tokens * d * V + n_layers * per_layer}
+
+
+def p4_default(task: Task, steps: int, tokens: int = 256) -> dict:
+    """Return step times of the train stage's default job, fused loss vs checkpointed chunks, timed alternately."""
+    n_layers = task.w_o.shape[0]
+    config = LensConfig(form="lora", rank=4, alpha=8.0, objective="joint")
+    sets = {}
+    for fused in (True, False):
+        torch.manual_seed(2)
+        sets[fused] = LensSet(task.unembed, task.w_o, list(range(n_layers)), config, lm_head=task.lm_head,
+                              loss="exact", chunk=DEFAULT_CHUNK, base_dtype="bfloat16", fused=fused)
+    opts = {k: adamw(m, LR["lora"]) for k, m in sets.items()}
+    times: dict[bool, list[float]] = {True: [], False: []}
+    for step in tqdm(range(steps + 1), desc="P4 default job (fused, checkpointed)"):
+        batch = make_batch(task, tokens, step, "exact")[0]
+        for fused, model in sets.items():
+            seconds = _seconds(lambda m=model, o=opts[fused], b=batch: train_step(m, o, b))
+            if step > 0:  # step 0 warms up (optimizer states, allocator)
+                times[fused].append(seconds)
+    flops = default_job_flops(task.dims, 4, tokens, n_layers)
+    return {"layers": n_layers, "heads": n_layers * task.dims.n_heads, "micro_batch_tokens": tokens,
+            "loss_chunk": DEFAULT_CHUNK, "steps": steps, "matmul_flops": flops,
+            "fused_step_s": statistics.median(times[True]), "checkpointed_step_s": statistics.median(times[False]),
+            "fused_step_times_s": times[True], "checkpointed_step_times_s": times[False]}
+
+
 # -- the DeepSpeed loop -------------------------------------------------------------------------------
 def loop_split(task: Task, micro_batch: int, steps: int, log_every: int, grad_accum: int, root: Path) -> dict:
     """Return what `deepspeed_loop.train` did over `steps` optimizer steps on one synthetic cache shard: tokens/s
@@ -316,6 +360,7 @@ def main() -> None:
 
     t0 = time.perf_counter()
     peak = matmul_peak_flops()
+    peak_bf16 = matmul_peak_flops(dtype=torch.bfloat16)
     task = make_task(SMOL, n_layers=1)
     held = make_batch(task, 256, seed=-1)
     p3 = {form: p3_run(task, form, p3_steps, p3_tokens, held) for form in ("lora", "full")}
@@ -324,12 +369,19 @@ def main() -> None:
     counted = p4_counted_flops(task, p3_tokens)
     achieved = analytic / lora["step_s"]
     all_task = make_task(SMOL, n_layers=SMOL.n_layers)
+    default = p4_default(all_task, steps=1 if args.quick else 3)
+    fl = default["matmul_flops"]
+    for path in ("fused", "checkpointed"):
+        step = default[f"{path}_step_s"]
+        default[f"{path}_fraction_of_fp32_peak"] = (fl["bf16"] + fl["fp32"]) / step / peak
+        default[f"{path}_fraction_of_roofline"] = (fl["bf16"] / peak_bf16 + fl["fp32"] / peak) / step
     # The trainer's default (exact, bf16 base) and its variants.
     tput = {f"{loss}/{bd}": throughput(all_task, loss, all_tokens, all_steps, bd)
             for loss, bd in (("exact", "bfloat16"), ("exact", "float32"), ("subset", "bfloat16"))}
 
     ratios = {"p3_memory": lora["peak_bytes"] / full["peak_bytes"], "p3_time": lora["step_s"] / full["step_s"],
-              "p3_kl": lora["kl_end"] / full["kl_end"], "p4_peak_fraction": achieved / peak}
+              "p3_kl": lora["kl_end"] / full["kl_end"], "p4_peak_fraction": achieved / peak,
+              "p4_default_fraction": default["fused_fraction_of_fp32_peak"]}
     result = {
         "benchmark": "P2-P4 lens training", "quick": args.quick, "goals": GOALS,
         "p2": p2_rows(),
@@ -339,7 +391,7 @@ def main() -> None:
                "lora_step_matmul_flops_counted": counted, "achieved_flops_per_s": achieved,
                "fraction_of_peak": ratios["p4_peak_fraction"],
                "full_fraction_of_peak": step_matmul_flops(SMOL, LensConfig(form="full"), p3_tokens, CHUNK, 1)
-               / full["step_s"] / peak},
+               / full["step_s"] / peak, "matmul_peak_bf16_flops_per_s": peak_bf16, "default_job": default},
         "throughput_all_heads": tput,
         "seconds": time.perf_counter() - t0,
         "machine": {"cpu_threads": torch.get_num_threads(), "python": platform.python_version(),
@@ -377,7 +429,18 @@ def print_report(result: dict, ratios: dict[str, float]) -> None:
         ("P4 lora achieved / peak", f"{ratios['p4_peak_fraction']:.3f}", f">= {GOALS['p4_peak_fraction']}",
          ratios["p4_peak_fraction"] >= GOALS["p4_peak_fraction"]),
         ("P4 full achieved / peak", f"{result['p4']['full_fraction_of_peak']:.3f}", "", None),
+        ("P4 matmul peak (bf16 mm 2048)", f"{result['p4']['matmul_peak_bf16_flops_per_s'] / 1e9:.1f} GFLOP/s", "",
+         None),
     ]
+    d = result["p4"]["default_job"]
+    for path in ("fused", "checkpointed"):
+        frac = d[f"{path}_fraction_of_fp32_peak"]
+        rows += [(f"P4 default job ({d['heads']} heads), {path}: step",
+                  f"{d[f'{path}_step_s']:.2f} s ({d['micro_batch_tokens'] / d[f'{path}_step_s']:.0f} tok/s)", "", None),
+                 (f"P4 default job, {path}: achieved / fp32 peak", f"{frac:.3f}",
+                  f">= {GOALS['p4_peak_fraction']}", frac >= GOALS["p4_peak_fraction"]),
+                 (f"P4 default job, {path}: achieved / roofline", f"{d[f'{path}_fraction_of_roofline']:.3f}", "",
+                  None)]
     for loss, t in result["throughput_all_heads"].items():
         rows.append((f"{t['heads']} heads, {loss} base, {t['micro_batch_tokens']} tok/batch",
                      f"{t['tokens_per_s']:.1f} tok/s", "", None))

@@ -105,3 +105,13 @@ def test_workers_drop_their_held_models(pool):
     assert set(p.free_models().values()) == {True}
     assert set(client.run(_holds_model).values()) == {False}
     assert set(client.run(_hold_model, cfg).values()) == {True}
+
+
+def test_each_local_worker_gets_one_gpu_of_those_it_inherits():
+    """Worker i pins GPU i of the ones its process sees, named as an inherited CUDA_VISIBLE_DEVICES names them."""
+    from loralens.flows.dask_workers import worker_gpu
+
+    assert [worker_gpu(i, None, 2) for i in range(3)] == ["0", "1", "0"]
+    assert [worker_gpu(i, "4,6", 2) for i in range(2)] == ["4", "6"]  # e.g. SLURM's allocation, not GPUs 0 and 1
+    assert worker_gpu(1, "GPU-aa, GPU-bb", 2) == "GPU-bb"
+    assert worker_gpu(0, None, 1) is None and worker_gpu(1, "3", 1) is None  # one GPU (or none): keep it

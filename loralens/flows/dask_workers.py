@@ -36,12 +36,23 @@ class LoraLensWorker(WorkerPlugin):
         from loralens.tasks.workers.worker_process import mark_worker_process
 
         mark_worker_process()
-        if isinstance(worker.name, int) and "CUDA_VISIBLE_DEVICES" not in os.environ:
+        if isinstance(worker.name, int):
             import torch
 
             n_gpus = torch.cuda.device_count()  # NVML: does not initialise CUDA in this process
-            if n_gpus > 1:
-                os.environ["CUDA_VISIBLE_DEVICES"] = str(worker.name % n_gpus)  # local worker i: GPU i
+            pinned = worker_gpu(worker.name, os.environ.get("CUDA_VISIBLE_DEVICES"), n_gpus)
+            if pinned is not None:
+                os.environ["CUDA_VISIBLE_DEVICES"] = pinned
+
+
+def worker_gpu(name: int, visible: str | None, n_gpus: int) -> str | None:
+    """Return the `CUDA_VISIBLE_DEVICES` value that gives local worker `name` one GPU of its own, or None to keep
+    the environment: GPU `name % n` of the `n` this process sees, named as the inherited list names it (a
+    scheduler such as SLURM may have set `0,1` or UUIDs: workers inheriting it unpinned would all use its first)."""
+    if n_gpus <= 1:
+        return None
+    names = [v.strip() for v in visible.split(",")] if visible else [str(i) for i in range(n_gpus)]
+    return names[name % min(n_gpus, len(names))]
 
 
 def _api_url() -> str:

@@ -33,6 +33,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from loralens.lens.heads.hooks import head_contributions
+from loralens.lens.lenses.fused_kl import fused_lora_kl
+from loralens.lens.lenses.losses import ExactTarget
 
 FORMS = ("full", "lora", "residual")
 OBJECTIVES = ("joint", "per_head")
@@ -248,8 +250,20 @@ class LensBank(nn.Module):
         moved = x.sum(1) + s * torch.einsum("thr,hdr->td", vx, self.res_U)
         return self._base(moved) + bias
 
-    def forward(self, x: Tensor, base: Tensor | None = None) -> Tensor:
-        """Return ``layer_logits`` for the joint objective, ``head_logits`` for per_head."""
+    def forward(self, x: Tensor, base: Tensor | None = None, target: ExactTarget | None = None,
+                mask: Tensor | None = None, chunk: int = 256) -> Tensor:
+        """Return ``layer_logits`` for the joint objective, ``head_logits`` for per_head; given an exact
+        ``target`` (joint lora only), the layer's loss instead: :func:`fused_lora_kl` of the layer logits, with
+        ``base`` ``W_fold sum_h x_h`` ``[tokens, vocab]`` and ``mask`` ``[tokens]``.
+
+        One entry point on purpose: ZeRO-3 gathers a bank's partitioned parameters in its forward hooks."""
+        if target is not None:
+            if (self.config.form, self.config.objective) != ("lora", "joint") or base is None:
+                raise ValueError("the fused loss needs the lora form, the joint objective and the base logits")
+            r = self.config.rank
+            ax = torch.einsum("thd,hrd->thr", self._check(x), self.lora_A).reshape(len(x), self.n_heads * r)
+            b = self.lora_B.permute(1, 0, 2).reshape(self.vocab, self.n_heads * r)
+            return fused_lora_kl(ax, b, self.bias.sum(0), base, target, mask, self.config.scale, chunk)
         if self.config.objective == "joint":
             return self.layer_logits(x, base)
         return self.head_logits(x)

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from loralens.lens.lenses.fused_kl import prefers_fused
 from loralens.lens.lenses.lens_set import FoldedUnembed, LensBank, LensConfig, lens_inputs
 from loralens.lens.lenses.losses import ExactTarget, exact_target, kl_exact, kl_from_logits, kl_subset
 
@@ -61,10 +62,13 @@ class LensSet(nn.Module):
         chunk: int = 256,
         base_dtype: str = "float32",
         w_base: Tensor | None = None,
+        fused: bool | None = None,
     ) -> None:
         """`w_o`: `[L, heads, d_head, d_model]` for `layers`; `lm_head` `[vocab, d_model]` for exact targets.
 
         `w_base`: the unembedding already cast to `base_dtype` (shared by several LensSets: no second copy).
+        `fused`: compute the joint lora exact loss with its gradient in the forward (`fused_kl`); None: where
+        `prefers_fused` says so for each micro-batch's tokens; False: checkpointed chunks always.
         """
         super().__init__()
         if loss not in LOSSES:
@@ -75,6 +79,10 @@ class LensSet(nn.Module):
         self.config = config
         self.loss_kind = loss
         self.chunk = chunk
+        self.fusable = (config.form, config.objective, loss) == ("lora", "joint", "exact")
+        if fused and not self.fusable:
+            raise ValueError("fused needs the lora form, the joint objective and the exact loss")
+        self.fused = fused
         self.unembed = unembed
         self.banks = nn.ModuleList(LensBank(unembed, w_o.shape[1], config, layer) for layer in self.layers)
         self.register_buffer("w_o", w_o.detach().float(), persistent=False)
@@ -112,9 +120,22 @@ class LensSet(nn.Module):
             return lambda rows: bank(x[rows], base[rows])
         return lambda rows: bank(x[rows])
 
+    def uses_fused(self, tokens: int) -> bool:
+        """Return whether a micro-batch of `tokens` takes the fused loss (`fused_kl`)."""
+        if not self.fusable or self.fused is False:
+            return False
+        n_heads, base_bytes = self.w_o.shape[1], self.w_base.element_size()
+        return bool(self.fused) or prefers_fused(n_heads, self.config.rank, tokens, base_bytes)
+
     def layer_loss(self, batch: LensBatch, i: int, target: ExactTarget | None = None) -> Tensor:
         """Return layer i's loss: KL(model || lens), mean over masked tokens (and heads for per_head)."""
-        fn = self.lens_fn(i, self.inputs(batch, i))
+        x = self.inputs(batch, i)
+        if self.uses_fused(len(x)):
+            target = exact_target(self.target_logits(batch)) if target is None else target
+            with torch.no_grad():
+                base = x.sum(1).to(self.base_dtype) @ self.w_base.T  # [n, vocab], the frozen part, in base_dtype
+            return self.banks[i](x, base, target=target, mask=batch.mask, chunk=self.chunk)
+        fn = self.lens_fn(i, x)
         if self.loss_kind == "exact":
             target = exact_target(self.target_logits(batch)) if target is None else target
             return kl_exact(target, fn, batch.mask, chunk=self.chunk)

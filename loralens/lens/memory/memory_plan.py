@@ -33,6 +33,7 @@ class MemoryPlan:
     act_chunk_bytes: int
     act_lowrank_bytes: int
     act_grad_accum_bytes: int
+    act_held_grad_bytes: int  # the fused loss's gradients, held from each layer's forward to its backward
     activation_bytes: int
     # cache
     cache_z_bytes_per_token: int
@@ -87,6 +88,7 @@ class MemoryPlan:
             ("micro-batch", "logits chunk peak", self.act_chunk_bytes, B),
             ("micro-batch", "low-rank intermediates", self.act_lowrank_bytes, B),
             ("micro-batch", "grad accumulation", self.act_grad_accum_bytes, B),
+            ("micro-batch", "held gradients (fused loss)", self.act_held_grad_bytes, B),
             ("micro-batch", "activations total", self.activation_bytes, B),
             ("total", "peak per rank", self.peak_bytes, B),
             ("cache", "z per token", self.cache_z_bytes_per_token, B),

@@ -18,6 +18,8 @@ PIP=".venv/bin/python -m pip"
 if [ "$TORCH" = cuda ]; then
   PIP_FIND_LINKS="" $PIP install -q -c constraints.txt ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} torch
   .venv/bin/python -c "import torch; print('torch', torch.__version__, 'CUDA', torch.version.cuda)"
+  # NVML's Python bindings: the memory checks read each GPU's free memory without creating a CUDA context.
+  $PIP install -q -c constraints.txt nvidia-ml-py
 else
   $PIP install -q -c constraints.txt torch
 fi

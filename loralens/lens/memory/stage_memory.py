@@ -8,9 +8,9 @@ stage, both numbers and the settings that shrink it.
 Each part lives on a device: the parts named in `StageMemory.gpu_parts` (weights, activations, lens states) on
 the GPU a process computes on when the model device is a GPU, the rest (runtime, Parquet shards, output rows)
 on the host. `parts_by_device` places a stage's processes; `check_fits_per_device` checks every device: the
-host against RAM, each GPU against its free memory (`gpu_free_memory`). On a CPU everything is on the host. A model
-spread over several GPUs by Hugging Face's `device_map` is placed by `spread_by_device` instead: its per-layer
-parts (`SPREAD_PARTS`) split evenly over the GPUs.
+host against RAM, each GPU against its free memory (`gpu_free_memory`, through NVML where it answers). On a CPU
+everything is on the host. A model spread over several GPUs by Hugging Face's `device_map` is placed by
+`spread_by_device` instead: its per-layer parts (`SPREAD_PARTS`) split evenly over the GPUs.
 
 Notation as in :mod:`loralens.lens.memory.training_plan`: ``B`` prompts per batch, ``T`` tokens per prompt
 (cache.max_length),
@@ -27,6 +27,7 @@ from pathlib import Path
 from loralens.lens.heads.directions import LENS_BLOCKS, lens_direction_chunk
 from loralens.lens.lenses.lens_set import trainable_per_head
 from loralens.lens.lenses.objective import eval_chunk
+from loralens.lens.memory.gpu_free import nvml_free_bytes
 from loralens.lens.memory.memory_plan import MemoryPlan
 from loralens.lens.memory.training_plan import F32
 from loralens.lens.runtime.adapters import ModelDims
@@ -358,13 +359,19 @@ def host_available(available: int | None = None) -> int:
 
 
 def gpu_free_memory(gpus: tuple[str, ...]) -> dict[str, int]:
-    """Return the bytes a stage in this process can use on each GPU in `gpus` ("cuda:N"): the free memory CUDA
+    """Return the bytes a stage in this process can use on each GPU in `gpus` ("cuda:N"): the free memory the driver
     reports now plus what this process already reserves there (a Dask worker's held model and cached blocks are part
-    of the peak the prediction counts, so a worker's second unit is not refused for its own model)."""
+    of the peak the prediction counts, so a worker's second unit is not refused for its own model).
+
+    Free memory is read through NVML where it answers (`nvml_free_bytes`: no CUDA context in the checking process),
+    else `torch.cuda.mem_get_info` (which creates one on each GPU it asks about). `memory_reserved` is 0, and
+    creates no context, in a process that has not used CUDA."""
     import torch
 
-    return {gpu: torch.cuda.mem_get_info(torch.device(gpu))[0] + torch.cuda.memory_reserved(torch.device(gpu))
-            for gpu in dict.fromkeys(gpus)}
+    free = nvml_free_bytes(gpus)
+    if free is None:
+        free = {gpu: torch.cuda.mem_get_info(torch.device(gpu))[0] for gpu in dict.fromkeys(gpus)}
+    return {gpu: b + torch.cuda.memory_reserved(torch.device(gpu)) for gpu, b in free.items()}
 
 
 def check_fits(mem: StageMemory, available: int | None = None, gpus: tuple[str, ...] = (),

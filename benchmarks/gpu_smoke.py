@@ -197,6 +197,7 @@ def run_row(row: SmokeRow, gpus: int) -> list[dict[str, Any]]:
 
     out = []
     for stage in row.stages:
+        torch.cuda.empty_cache()  # blocks cached by an earlier stage would hide this one's growth from NVML
         for d in range(gpus):
             torch.cuda.reset_peak_memory_stats(d)
         t0 = time.perf_counter()

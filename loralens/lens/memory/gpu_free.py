@@ -88,4 +88,7 @@ def nvml_free_bytes(gpus: Sequence[str]) -> dict[str, int] | None:
     except pynvml.NVMLError:
         return None
     finally:
-        pynvml.nvmlShutdown()
+        try:
+            pynvml.nvmlShutdown()
+        except pynvml.NVMLError:
+            pass  # the figures are read; a failed shutdown changes none of them

@@ -182,11 +182,15 @@ def test_bad_input_shape_raises(unembed):
         bank.layer_logits(torch.randn(4, H + 1, D))
 
 
-def test_bfloat16_params(unembed, x):
-    bank = LensBank(unembed, H, LensConfig(rank=R, dtype="bfloat16"))
-    assert bank.lora_A.dtype == torch.bfloat16
-    out = bank.layer_logits(x)
-    assert out.dtype == torch.bfloat16 and out.shape == (x.shape[0], V)
+@pytest.mark.parametrize("form", FORMS)
+def test_bfloat16_params_compute_in_float32(unembed, x, form):
+    """A bf16 bank computes its logits in fp32 from its bf16 weights: exactly an fp32 bank holding those values."""
+    bank = _randomise(LensBank(unembed, H, LensConfig(form=form, rank=R, dtype="bfloat16")))
+    assert {p.dtype for p in bank.parameters()} == {torch.bfloat16}
+    ref = LensBank(unembed, H, LensConfig(form=form, rank=R))
+    ref.load_state_dict({k: v.float() for k, v in bank.state_dict().items()})
+    for got, want in ((bank.layer_logits(x), ref.layer_logits(x)), (bank.head_logits(x), ref.head_logits(x))):
+        assert got.dtype == torch.float32 and torch.equal(got, want)
 
 
 def _toy_target(unembed: FoldedUnembed, x: torch.Tensor) -> torch.Tensor:

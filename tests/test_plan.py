@@ -220,3 +220,18 @@ def test_planned_memory_of_the_fused_loss_matches_measured():
     measured = _measure_step(lens_set, batch)
     assert plan.activation_bytes == pytest.approx(measured["activations"], rel=0.25)
     assert plan.peak_bytes == pytest.approx(measured["peak"], rel=0.25)
+
+
+@pytest.mark.parametrize(("form", "loss", "chunk"), [("full", "exact", 64), ("lora", "exact", 64)])
+def test_planned_activations_of_bf16_lenses_match_measured(form, loss, chunk):
+    """bf16 parameters: each chunk computes with fp32 copies of its layer's weights, and the chunks' gradients are
+    summed in fp32 (loralens.lens.lenses.upcast); the plan counts both."""
+    lens_set, batch, dims = _tiny(form, "joint", loss, 256, chunk)
+    for p in lens_set.parameters():
+        p.data = p.data.bfloat16()
+    lens = LensConfig(form=form, rank=4, alpha=8.0, dtype="bfloat16")
+    # ZeRO-2 (bf16 needs it); its fp32 state is not what a plain torch AdamW allocates, so only activations compare
+    plan = plan_memory(dims, lens, micro_batch_tokens=256, loss=loss, chunk=chunk, top_k=64, zero_stage=2)
+    assert plan.act_upcast_bytes == 4 * plan.params_per_layer
+    assert plan.act_grad_accum_bytes == 3 * 4 * plan.params_per_layer  # 4 chunks summed in fp32
+    assert plan.activation_bytes == pytest.approx(_measure_step(lens_set, batch)["activations"], rel=0.25)

@@ -20,6 +20,8 @@ Parameter shapes per form (``H`` heads, ``r`` rank, ``V`` vocab, ``d`` d_model):
   logits_h = W_fold x_h + (alpha/r) B_h A_h x_h + bias_h.
 - ``residual``: ``res_U [H, d, r]`` (zero), ``res_V [H, r, d]``, ``bias [H, V]``;
   logits_h = W_fold (x_h + (alpha/r) U_h V_h x_h) + bias_h.
+
+bf16/fp16 parameters compute in fp32 (``LensBank.weights``, :mod:`loralens.lens.lenses.upcast`).
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from torch import Tensor, nn
 from loralens.lens.heads.hooks import head_contributions
 from loralens.lens.lenses.fused_kl import fused_lora_kl
 from loralens.lens.lenses.losses import ExactTarget
+from loralens.lens.lenses.upcast import Upcast, compute_dtype
 
 FORMS = ("full", "lora", "residual")
 OBJECTIVES = ("joint", "per_head")
@@ -195,78 +198,92 @@ class LensBank(nn.Module):
         """Return the residual width."""
         return self.unembed.d_model
 
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """Return the dtype the logits are computed in: fp32 for bf16/fp16 parameters, else the parameter dtype."""
+        return compute_dtype(self.bias.dtype)
+
+    def weights(self, upcast: Upcast | None = None) -> dict[str, Tensor]:
+        """Return the tensors the logits are computed with, by parameter name: fp32/fp64 parameters themselves (no
+        copy); bf16/fp16 ones as fp32 copies whose gradients `upcast` sums in fp32 over its whole forward pass (one
+        `Upcast` per pass, shared by its loss chunks; None: this call alone)."""
+        upcast = Upcast() if upcast is None else upcast
+        return {name: upcast(p) for name, p in self.named_parameters(recurse=False)}
+
     def _check(self, x: Tensor) -> Tensor:
-        """Return ``x`` cast to the parameter dtype after a shape check."""
+        """Return ``x`` cast to the compute dtype after a shape check."""
         if x.dim() != 3 or x.shape[1] != self.n_heads or x.shape[2] != self.d_model:
             raise ValueError(f"x must be [tokens, {self.n_heads}, {self.d_model}], got {tuple(x.shape)}")
-        return x.to(self.bias.dtype)
+        return x.to(self.compute_dtype)
 
     def _base(self, x: Tensor) -> Tensor:
-        """Return frozen-base logits ``[..., vocab]`` in the parameter dtype."""
-        return self.unembed(x).to(self.bias.dtype)
+        """Return frozen-base logits ``[..., vocab]`` in the compute dtype."""
+        return self.unembed(x).to(self.compute_dtype)
 
-    def head_logits(self, x: Tensor, base: Tensor | None = None) -> Tensor:
+    def head_logits(self, x: Tensor, base: Tensor | None = None, *, upcast: Upcast | None = None) -> Tensor:
         """Return per-head logits ``[tokens, heads, vocab]`` for ``x [tokens, heads, d_model]``.
 
         ``base``: optional precomputed logit lens ``W_fold @ x_h`` ``[tokens, heads, vocab]`` (lora only).
+        ``upcast``: see :meth:`weights`.
         """
-        x = self._check(x)
+        x, w = self._check(x), self.weights(upcast)
         form, s = self.config.form, self.config.scale
         if form == "full":
-            out = torch.einsum("thd,hvd->thv", x, self.weight)
+            out = torch.einsum("thd,hvd->thv", x, w["weight"])
         elif form == "lora":
-            ax = torch.einsum("thd,hrd->thr", x, self.lora_A)
-            base = self._base(x) if base is None else base.to(self.bias.dtype)
-            out = base + s * torch.einsum("thr,hvr->thv", ax, self.lora_B)
+            ax = torch.einsum("thd,hrd->thr", x, w["lora_A"])
+            base = self._base(x) if base is None else base.to(x.dtype)
+            out = base + s * torch.einsum("thr,hvr->thv", ax, w["lora_B"])
         else:
-            vx = torch.einsum("thd,hrd->thr", x, self.res_V)
-            out = self._base(x + s * torch.einsum("thr,hdr->thd", vx, self.res_U))
-        return out + self.bias
+            vx = torch.einsum("thd,hrd->thr", x, w["res_V"])
+            out = self._base(x + s * torch.einsum("thr,hdr->thd", vx, w["res_U"]))
+        return out + w["bias"]
 
-    def layer_logits(self, x: Tensor, base: Tensor | None = None) -> Tensor:
+    def layer_logits(self, x: Tensor, base: Tensor | None = None, *, upcast: Upcast | None = None) -> Tensor:
         """Return summed-over-heads logits ``[tokens, vocab]``; lora/residual never build ``[tokens, heads, vocab]``.
 
         ``base``: optional precomputed ``W_fold @ sum_h x_h`` ``[tokens, vocab]`` (lora only). It has no
         parameters, so a trainer can compute it once outside activation checkpointing instead of twice inside.
+        ``upcast``: see :meth:`weights`.
         """
-        x = self._check(x)
+        x, w = self._check(x), self.weights(upcast)
         form, s = self.config.form, self.config.scale
         T, H, _ = x.shape
-        bias = self.bias.sum(0)
+        bias = w["bias"].sum(0)
         if form == "full":
             # No shared base to collapse onto: a batched matmul + head sum beats
             # flattening (head, d_model), which would copy all H x [vocab, d_model]
             # weights every call. Only this baseline form builds [tokens, heads, vocab].
-            return torch.einsum("thd,hvd->thv", x, self.weight).sum(1) + bias
+            return torch.einsum("thd,hvd->thv", x, w["weight"]).sum(1) + bias
         if form == "lora":
             r = self.config.rank
-            ax = torch.einsum("thd,hrd->thr", x, self.lora_A).reshape(T, H * r)
-            b = self.lora_B.permute(1, 0, 2).reshape(self.vocab, H * r)
+            ax = torch.einsum("thd,hrd->thr", x, w["lora_A"]).reshape(T, H * r)
+            b = w["lora_B"].permute(1, 0, 2).reshape(self.vocab, H * r)
             # addmm fuses the scaled low-rank update into the base logits: one [tokens, vocab] buffer.
-            base = self._base(x.sum(1)) if base is None else base.to(self.bias.dtype)
+            base = self._base(x.sum(1)) if base is None else base.to(x.dtype)
             return torch.addmm(base + bias, ax, b.T, alpha=s)
         # Residual translators collapse in d_model space before the single projection.
-        vx = torch.einsum("thd,hrd->thr", x, self.res_V)
-        moved = x.sum(1) + s * torch.einsum("thr,hdr->td", vx, self.res_U)
+        vx = torch.einsum("thd,hrd->thr", x, w["res_V"])
+        moved = x.sum(1) + s * torch.einsum("thr,hdr->td", vx, w["res_U"])
         return self._base(moved) + bias
 
     def forward(self, x: Tensor, base: Tensor | None = None, target: ExactTarget | None = None,
-                mask: Tensor | None = None, chunk: int = 256) -> Tensor:
-        """Return ``layer_logits`` for the joint objective, ``head_logits`` for per_head; given an exact
-        ``target`` (joint lora only), the layer's loss instead: :func:`fused_lora_kl` of the layer logits, with
-        ``base`` ``W_fold sum_h x_h`` ``[tokens, vocab]`` and ``mask`` ``[tokens]``.
+                mask: Tensor | None = None, chunk: int = 256, *, upcast: Upcast | None = None) -> Tensor:
+        """Return ``layer_logits`` for the joint objective, ``head_logits`` for per_head (``upcast``: see
+        :meth:`weights`); given an exact ``target`` (joint lora only), the layer's loss instead: :func:`fused_lora_kl`
+        of the layer logits, with ``base`` ``W_fold sum_h x_h`` ``[tokens, vocab]`` and ``mask`` ``[tokens]``.
 
         One entry point on purpose: ZeRO-3 gathers a bank's partitioned parameters in its forward hooks."""
         if target is not None:
             if (self.config.form, self.config.objective) != ("lora", "joint") or base is None:
                 raise ValueError("the fused loss needs the lora form, the joint objective and the base logits")
-            r = self.config.rank
-            ax = torch.einsum("thd,hrd->thr", self._check(x), self.lora_A).reshape(len(x), self.n_heads * r)
-            b = self.lora_B.permute(1, 0, 2).reshape(self.vocab, self.n_heads * r)
-            return fused_lora_kl(ax, b, self.bias.sum(0), base, target, mask, self.config.scale, chunk)
+            w, r = self.weights(upcast), self.config.rank  # one use each: 16-bit gradients are rounded once
+            ax = torch.einsum("thd,hrd->thr", self._check(x), w["lora_A"]).reshape(len(x), self.n_heads * r)
+            b = w["lora_B"].permute(1, 0, 2).reshape(self.vocab, self.n_heads * r)
+            return fused_lora_kl(ax, b, w["bias"].sum(0), base, target, mask, self.config.scale, chunk)
         if self.config.objective == "joint":
-            return self.layer_logits(x, base)
-        return self.head_logits(x)
+            return self.layer_logits(x, base, upcast=upcast)
+        return self.head_logits(x, upcast=upcast)
 
     def trainable_parameters(self) -> int:
         """Return the number of trainable scalars in the bank (all heads)."""

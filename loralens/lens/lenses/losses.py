@@ -9,6 +9,9 @@ full lens logits nor their softmax are ever alive at once: peak memory is one
 chunk's ``[chunk, (heads,) vocab]`` in forward and again in backward, e.g.::
 
     loss = kl_exact(target, lambda rows: bank.layer_logits(x[rows]), mask, chunk=256)
+
+(A bank with bf16 parameters takes one ``Upcast`` shared by every chunk, as ``LensSet.lens_fn`` passes it, so
+that the chunks' gradients are summed in fp32.)
 """
 
 from __future__ import annotations

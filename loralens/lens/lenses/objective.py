@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from loralens.lens.lenses.fused_kl import prefers_fused
 from loralens.lens.lenses.lens_set import FoldedUnembed, LensBank, LensConfig, lens_inputs
 from loralens.lens.lenses.losses import ExactTarget, exact_target, kl_exact, kl_from_logits, kl_subset
+from loralens.lens.lenses.upcast import Upcast
 
 LOSSES = ("subset", "exact")
 
@@ -111,14 +112,16 @@ class LensSet(nn.Module):
         """Return rows -> lens logits for layer i under the configured objective."""
         bank = self.banks[i]
         # Call the module (forward picks layer or head logits by objective): ZeRO-3 gathers a bank's
-        # partitioned parameters only in its forward hooks.
+        # partitioned parameters only in its forward hooks. One Upcast for all the chunks (and their recomputes):
+        # bf16 parameters' chunk gradients are summed in fp32 and rounded once (fp32 parameters: untouched).
+        upcast = Upcast()
         if self.config.objective == "joint" and self.config.form == "lora":
             # The frozen base projection is the bulk of the FLOPs and needs no graph: compute it once here
             # rather than again in every checkpointed chunk's backward recompute.
             with torch.no_grad():
                 base = (x.sum(1).to(self.base_dtype) @ self.w_base.T).float()
-            return lambda rows: bank(x[rows], base[rows])
-        return lambda rows: bank(x[rows])
+            return lambda rows: bank(x[rows], base[rows], upcast=upcast)
+        return lambda rows: bank(x[rows], upcast=upcast)
 
     def uses_fused(self, tokens: int) -> bool:
         """Return whether a micro-batch of `tokens` takes the fused loss (`fused_kl`)."""

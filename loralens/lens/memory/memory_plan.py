@@ -32,6 +32,7 @@ class MemoryPlan:
     act_base_bytes: int
     act_chunk_bytes: int
     act_lowrank_bytes: int
+    act_upcast_bytes: int  # fp32 copies of one layer's 16-bit parameters, one chunk at a time (0 for fp32)
     act_grad_accum_bytes: int
     act_held_grad_bytes: int  # the fused loss's gradients, held from each layer's forward to its backward
     activation_bytes: int
@@ -87,6 +88,7 @@ class MemoryPlan:
             ("micro-batch", "precomputed base logits (lora joint)", self.act_base_bytes, B),
             ("micro-batch", "logits chunk peak", self.act_chunk_bytes, B),
             ("micro-batch", "low-rank intermediates", self.act_lowrank_bytes, B),
+            ("micro-batch", "fp32 copy of a layer's bf16 weights", self.act_upcast_bytes, B),
             ("micro-batch", "grad accumulation", self.act_grad_accum_bytes, B),
             ("micro-batch", "held gradients (fused loss)", self.act_held_grad_bytes, B),
             ("micro-batch", "activations total", self.activation_bytes, B),

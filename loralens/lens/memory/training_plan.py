@@ -155,36 +155,43 @@ def activation_parts(
     - checkpointed path (``lora_joint_path`` below is the other):
       ``base`` = ``L T V bb`` for lora + joint: each layer's frozen base projection ``W_fold sum_h x_h``,
       computed once outside the checkpointed chunks (``bb`` = 2 for a bf16 base, 4 for fp32) and alive until
-      the backward ends; ``chunk`` (see :func:`chunk_bytes`) and ``lowrank`` (see :func:`lowrank_bytes`): one
-      chunk at a time, since each chunk is recomputed and released inside its own backward; ``grad_accum``: a
-      layer's parameter gradient ``G = H per_head pb`` comes out of a batched matmul in another layout, so
-      accumulating it copies: ``G`` besides the final gradient with one chunk; with ``n = ceil(T / chunk) > 1``
-      chunks autograd sums over the chunks, holding one ``G`` during the next chunk's backward (added to
-      ``chunk``) and 3 at the summing instant (buffered, new, sum).
+      the backward ends.
+    - ``chunk`` (see :func:`chunk_bytes`) and ``lowrank`` (see :func:`lowrank_bytes`): one chunk at a time,
+      since each chunk is recomputed and released inside its own backward.
+    - ``upcast`` = ``H per_head 4`` for 16-bit (bf16) parameters, else 0: a chunk computes with fp32 copies of its
+      layer's parameters (:mod:`loralens.lens.lenses.upcast`), made in its forward and again in its recompute,
+      one chunk at a time (SmolLM2-135M at r=4: 8.9 MB; Llama-3-8B at r=4: 84 MB).
+    - ``grad_accum``: a layer's parameter gradient ``G = H per_head gb`` (``gb = pb``, but 4 for 16-bit
+      parameters: their chunk gradients are computed and summed in fp32, rounded to ``pb`` once) comes out of a
+      batched matmul in another layout, so accumulating it copies: ``G`` besides the final gradient with one
+      chunk; with ``n = ceil(T / chunk) > 1`` chunks autograd sums over the chunks, holding one ``G`` during the
+      next chunk's backward (added to ``chunk``) and 3 at the summing instant (buffered, new, sum).
     - forward only: one layer's ``c_h = z_h W_O`` before division and the fp32 ``z``, ``T H (d + dh) 4``.
 
-    total = ``max(target making, inputs + targets + base + max(chunk + lowrank + G [n > 1], grad_accum,
-    T H (d + dh) 4))``. (Only the full form's ``G`` is large enough to matter.)
+    total = ``max(target making, inputs + targets + base + max(chunk + lowrank + upcast + G [n > 1], grad_accum,
+    T H (d + dh) 4))``. (Only the full form's ``G`` and ``upcast`` are large enough to matter.)
     """
     c = min(chunk, tokens)
     n_chunks = math.ceil(tokens / chunk)
-    layer_grad = dims.n_heads * trainable_per_head(lens.form, lens.rank, dims.d_model, dims.vocab) * param_bytes
+    layer_params = dims.n_heads * trainable_per_head(lens.form, lens.rank, dims.d_model, dims.vocab)
+    upcast = layer_params * F32 if param_bytes < F32 else 0
+    layer_grad = layer_params * max(param_bytes, F32)
     inputs = tokens * n_layers * dims.n_heads * dims.d_model * F32
     targets = tokens * dims.vocab * F32 if loss == "exact" else 0
     making_targets = (21 * targets) // 4
     forward_inputs = tokens * dims.n_heads * (dims.d_model + dims.d_head) * F32
     if fused_path(dims, lens, tokens, loss, base_bytes):
-        return fused_parts(dims, lens, n_layers=n_layers, tokens=tokens, chunk=chunk, param_bytes=param_bytes,
-                           base_bytes=base_bytes, inputs=inputs, targets=targets, making_targets=making_targets,
-                           forward_inputs=forward_inputs, layer_grad=layer_grad)
+        return fused_parts(dims, lens, n_layers=n_layers, tokens=tokens, chunk=chunk, base_bytes=base_bytes,
+                           inputs=inputs, targets=targets, making_targets=making_targets,
+                           forward_inputs=forward_inputs, upcast=upcast, layer_grad=layer_grad)
     base = n_layers * tokens * dims.vocab * base_bytes if (lens.form, lens.objective) == ("lora", "joint") else 0
     chunk_peak = chunk_bytes(dims, lens, c, loss)
     lowrank = lowrank_bytes(dims, lens, c)
     grad_accum = layer_grad if n_chunks == 1 else 3 * layer_grad
-    in_chunk = chunk_peak + lowrank + (layer_grad if n_chunks > 1 else 0)
+    in_chunk = chunk_peak + lowrank + upcast + (layer_grad if n_chunks > 1 else 0)
     total = max(making_targets, inputs + targets + base + max(in_chunk, grad_accum, forward_inputs))
     return {"inputs": inputs, "targets": targets, "base": base, "chunk": chunk_peak, "lowrank": lowrank,
-            "grad_accum": grad_accum, "held_grad": 0, "total": total}
+            "upcast": upcast, "grad_accum": grad_accum, "held_grad": 0, "total": total}
 
 
 def fused_path(dims: ModelDims, lens: LensConfig, tokens: int, loss: str, base_bytes: int) -> bool:
@@ -193,30 +200,31 @@ def fused_path(dims: ModelDims, lens: LensConfig, tokens: int, loss: str, base_b
             and prefers_fused(dims.n_heads, lens.rank, tokens, base_bytes))
 
 
-def fused_parts(dims: ModelDims, lens: LensConfig, *, n_layers: int, tokens: int, chunk: int, param_bytes: int,
-                base_bytes: int, inputs: int, targets: int, making_targets: int, forward_inputs: int,
+def fused_parts(dims: ModelDims, lens: LensConfig, *, n_layers: int, tokens: int, chunk: int, base_bytes: int,
+                inputs: int, targets: int, making_targets: int, forward_inputs: int, upcast: int,
                 layer_grad: int) -> dict[str, int]:
     """Return the activation terms of the fused joint lora exact loss (`lens/lenses/fused_kl.py`).
 
     - ``held_grad`` = ``L (V H r + V + T H r) 4``: each layer's fp32 gradients, from its forward to its backward.
     - ``base`` = ``T V bb``: one layer's frozen base logits, during that layer's forward only.
     - ``chunk`` = ``c V 4``: the chunk's logits, turned in place into its softmax and gradient.
-    - ``lowrank`` = ``V H r (4 + pb)``: ``lora_B`` flattened (``pb``) and its fp32 transpose, in the forward.
+    - ``lowrank`` = ``V H r 8``: ``lora_B`` flattened and its transpose (fp32), in the layer's forward.
+    - ``upcast``: as in :func:`activation_parts`, once per layer's forward.
     - ``grad_accum`` = ``3 G``: a layer's gradient scaled, flattened back and copied into the parameter layout.
 
-    total = ``max(target making, inputs + targets + held_grad + max(base + chunk + lowrank, grad_accum,
+    total = ``max(target making, inputs + targets + held_grad + max(base + chunk + lowrank + upcast, grad_accum,
     T H (d + dh) 4))``.
     """
     H, r, V = dims.n_heads, lens.rank, dims.vocab
     held = n_layers * (V * H * r + V + tokens * H * r) * F32
     base = tokens * V * base_bytes
     chunk_peak = min(chunk, tokens) * V * F32
-    lowrank = V * H * r * (F32 + param_bytes)
+    lowrank = 2 * V * H * r * F32
     grad_accum = 3 * layer_grad
-    total = max(making_targets, inputs + targets + held + max(base + chunk_peak + lowrank, grad_accum,
+    total = max(making_targets, inputs + targets + held + max(base + chunk_peak + lowrank + upcast, grad_accum,
                                                                forward_inputs))
     return {"inputs": inputs, "targets": targets, "base": base, "chunk": chunk_peak, "lowrank": lowrank,
-            "grad_accum": grad_accum, "held_grad": held, "total": total}
+            "upcast": upcast, "grad_accum": grad_accum, "held_grad": held, "total": total}
 
 
 # -- the cache -------------------------------------------------------------------------------------
@@ -276,7 +284,7 @@ def plan_memory(
         batch_bytes=batch_bytes(dims, L, micro_batch_tokens, loss, top_k, store_dtype_bytes),
         act_inputs_bytes=act["inputs"], act_targets_bytes=act["targets"], act_base_bytes=act["base"],
         act_chunk_bytes=act["chunk"],
-        act_lowrank_bytes=act["lowrank"], act_grad_accum_bytes=act["grad_accum"],
+        act_lowrank_bytes=act["lowrank"], act_upcast_bytes=act["upcast"], act_grad_accum_bytes=act["grad_accum"],
         act_held_grad_bytes=act["held_grad"], activation_bytes=act["total"],
         cache_z_bytes_per_token=z, cache_target_bytes_per_token=target, cache_meta_bytes_per_token=meta,
     )

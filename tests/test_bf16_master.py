@@ -109,6 +109,7 @@ def accumulated_grad(zero: int) -> dict:
     batches = micro_batches(2)
     plain, twin = lens_set(), lens_set()
     plain.chunk = twin.chunk = CHUNK
+    plain.fused = twin.fused = False  # checkpointed chunks, whose gradients chunk_grads can take apart
     for p, q in zip(plain.parameters(), twin.parameters(), strict=True):
         p.data = p.data.bfloat16()  # what the engine trains: bf16 parameters over fp32 buffers
         q.data = p.data.float()
@@ -119,7 +120,7 @@ def accumulated_grad(zero: int) -> dict:
         micro.append(flat_grad(plain))
     chunks = [chunk_grads(twin, batch, divide=2) for batch in batches]
     model = lens_set()
-    model.chunk = CHUNK
+    model.chunk, model.fused = CHUNK, False
     trainable = [p for p in model.parameters() if p.requires_grad]
     engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(trainable, lr=s.lr),
                                       model_parameters=trainable, config=deepspeed_config(s))
@@ -192,10 +193,10 @@ def test_a_resumed_bf16_run_continues_exactly_from_the_fp32_masters(bf16_runs, z
 
 def seeded_set(form: str, objective: str) -> LensSet:
     """The tiny LensSet of test_training_loop as `form` / `objective` with every parameter randomised (fp32), its loss
-    in chunks of CHUNK tokens."""
+    in checkpointed chunks of CHUNK tokens (the fused loss of lora + joint: tests/test_fused_kl.py)."""
     src = lens_set()
     out = LensSet(src.unembed, src.w_o, src.layers, LensConfig(form=form, rank=2, alpha=4.0, objective=objective),
-                  lm_head=src.lm_head, chunk=CHUNK)
+                  lm_head=src.lm_head, chunk=CHUNK, fused=False)
     g = torch.Generator().manual_seed(3)
     with torch.no_grad():
         for p in out.parameters():

@@ -148,7 +148,8 @@ def test_utf8_byte_order_mark_is_accepted(tmp_path):
 
 def test_user_error_inside_a_flow_is_one_line_and_stays_in_the_flow_run_log(prefect_server, tiny_models, tmp_path):
     """Prefect's own lines about the failure (traceback, 'Finished in state Failed') stay off the terminal and in
-    the flow run's log."""
+    the flow run's log. A home under a regular file: found only when the stage writes (the checks before the flow
+    run write nothing, tests/test_preflight.py)."""
     import os
     import subprocess
     import sys
@@ -159,19 +160,20 @@ def test_user_error_inside_a_flow_is_one_line_and_stays_in_the_flow_run_log(pref
 
     config = tmp_path / "c.yaml"
     config.write_text(f"model:\n  name: {tiny_models['llama']}\ncorpus:\n  max_prompts_per_file: 4\n")
+    blocker = tmp_path / "a-file"
+    blocker.write_text("a file where a folder should be")
     env = os.environ | {"PREFECT_API_URL": str(PREFECT_API_URL.value())}  # reuse the test server: no start-up
     proc = subprocess.run([sys.executable, "-m", "loralens.flows.cli", "run", "--config", str(config), "--only",
-                           "decode", "--home", str(tmp_path / "home")], capture_output=True, text=True, env=env,
+                           "cache", "--home", str(blocker / "home")], capture_output=True, text=True, env=env,
                           timeout=120)
     assert proc.returncode == 2
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     errors = [ln for ln in lines if not ln.startswith("INFO ")]  # progress: the flow run started, its URL
-    assert errors == [f"loralens: error: missing upstream artifact: train version {errors[0].split()[7]} is not "
-                      "complete; run `loralens run --only train` first"], proc.stderr
+    assert len(errors) == 1 and errors[0].startswith("loralens: error: cannot write artifact folder"), proc.stderr
     assert not any("Failed" in ln or "Traceback" in ln for ln in lines), proc.stderr
     with get_client(sync_client=True) as client:
         runs = client.read_flow_runs(sort="START_TIME_DESC", limit=1)
         logs = client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[runs[0].id])))
     assert runs[0].state.is_failed()
-    assert any("missing upstream artifact" in log.message and "Finished in state Failed" in log.message
+    assert any("cannot write artifact folder" in log.message and "Finished in state Failed" in log.message
                for log in logs), [log.message for log in logs]

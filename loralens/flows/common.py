@@ -138,13 +138,18 @@ def map_units(worker_task: Task, args: tuple, units: list[int]) -> list[Any]:
     return [future.result() for future in futures]
 
 
+def local_workers(workers: int, dask_address: str | None = None) -> int:
+    """Return how many worker processes of a run with `workers` and `dask_address` (`run_workers`) share this
+    machine: `workers` (a local cluster, or this process alone), 1 on an existing scheduler (its workers are sized
+    where they run)."""
+    return 1 if dask_address else max(workers, 1)
+
+
 def local_cluster_workers(workers: int) -> int:
-    """Return how many worker processes of this run share this machine: the open pool's local cluster size, else
-    `workers`; 1 for a pool on an existing scheduler (`dask_address`: its workers are sized where they run)."""
+    """Return how many worker processes of this run share this machine (`local_workers`): the open pool's, else
+    `workers`."""
     pool = _POOL.get()
-    if pool is None:
-        return max(workers, 1)
-    return 1 if pool.address else pool.workers
+    return local_workers(workers) if pool is None else local_workers(pool.workers, pool.address)
 
 
 def split_over_workers(cfg: PipelineConfig, ver: StageVersion, worker_task: Task, args: tuple,

@@ -11,29 +11,31 @@ from loralens.warehouse.constants import STAGES
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    """`loralens run`: run the pipeline (or one stage) and print each stage's version and result."""
+    """`loralens run`: check the run (`tasks.preflight`), then run the pipeline (or one stage) and print each
+    stage's version and result."""
     from loralens.config import ConfigError, load_config
     from loralens.warehouse.corpus import load_corpus
 
-    cfg = load_config(args.config)  # validate before Prefect starts its server
+    cfg = load_config(args.config)  # validate before anything heavy is imported
     if args.only is not None and args.only not in STAGES:
         raise ConfigError(f"unknown stage '{args.only}'; stages: {', '.join(STAGES)}")
     if args.workers is not None and args.workers < 1:
         raise ConfigError(f"--workers: must be >= 1, got {args.workers}")
-    load_corpus(cfg.corpus.paths, cfg.corpus.max_prompts_per_file)  # a bad prompt file: one line, no flow run
-    from loralens.lens.runtime.devices import resolve_device, resolve_dtype
+    load_corpus(cfg.corpus.paths, cfg.corpus.max_prompts_per_file)  # a bad prompt file: one line, before torch
+    from loralens.flows.common import local_workers, pin_dtype, resolve_config, run_workers
+    from loralens.tasks.preflight import preflight
 
-    resolve_dtype(cfg.model.dtype, resolve_device(cfg.model.device))  # a device or dtype this machine lacks: here
-    if cfg.train.hostfile:
-        from loralens.tasks.stages.train import hostfile_world_size
-
-        hostfile_world_size(cfg.train.hostfile)  # a missing or malformed hostfile: one line, no flow run
+    overrides = {"home": str(args.home)} if args.home else None
+    cfg = resolve_config(args.config, overrides)  # the config the flow will resolve
+    workers, dask_address = run_workers(cfg, args.workers, args.dask_address)
+    # Every error the config and this machine reveal, before Prefect starts a server (the stages check again).
+    preflight(cfg if dask_address else pin_dtype(cfg), args.only, force=args.force,
+              workers=local_workers(workers, dask_address))
     from loralens.flows.pipeline import pipeline
     from loralens.tasks.report import stage_detail
     from loralens.warehouse.db import warehouse_path
 
     quiet_user_error_logs()
-    overrides = {"home": str(args.home)} if args.home else None
     results = pipeline(config_path=args.config, config=overrides, only=args.only, force=args.force,
                        workers=args.workers, verify=args.verify, dask_address=args.dask_address)
     rows = [{"stage": stage, "version": res["version"], "result": "cached" if res.get("cached") else "done",

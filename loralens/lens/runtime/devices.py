@@ -28,6 +28,22 @@ class DeviceError(ConfigError):
     """A configured device that this machine does not have (one line)."""
 
 
+def quiet_deepspeed_on_cpu() -> None:
+    """Pin DeepSpeed's accelerator to the CPU (`DS_ACCELERATOR=cpu`, inherited by the training processes) where
+    torch sees no CUDA device, before anything imports DeepSpeed (accelerate imports it to save a model).
+
+    DeepSpeed's auto-detection falls back to the CPU there too, but prints "Setting accelerator to CPU..." on stdout
+    in every process that imports it. Lora Lens runs on cpu or cuda only, so the pin changes no device it uses.
+    Left alone where CUDA devices exist (detection picks cuda, as before) or DS_ACCELERATOR is set. The GPUs are
+    counted through NVML (`torch.cuda.device_count`): CUDA is not initialised here.
+    """
+    if "DS_ACCELERATOR" not in os.environ and torch.cuda.device_count() == 0:
+        os.environ["DS_ACCELERATOR"] = "cpu"
+
+
+quiet_deepspeed_on_cpu()  # at import: every stage's device choice goes through this module before a model loads
+
+
 def resolve_device(spec: str) -> torch.device:
     """Return the torch device `spec` ("auto", "cpu", "cuda", "cuda:N") means on this machine.
 

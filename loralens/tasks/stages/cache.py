@@ -85,6 +85,11 @@ class CacheInputs:
         """Return how many text windows are cached."""
         return len(self.ids) - len(self.corpus.prompts)
 
+    @property
+    def n_tokens(self) -> int:
+        """Return how many tokens the shards hold (prompts with no tokens are in none)."""
+        return sum(len(self.ids[i]) for s in self.shards for i in s)
+
 
 def cache_inputs(cfg: PipelineConfig, tokenizer, max_len: int) -> CacheInputs:
     """Return the tokenized prompts and text windows of the config, in shards."""
@@ -149,7 +154,7 @@ def run_cache_stage(cfg: PipelineConfig, ver: StageVersion, *, force: bool = Fal
     if tok.n_truncated:
         log.warning("%d of %d prompts longer than %d tokens were truncated", tok.n_truncated, len(corpus.prompts),
                     max_len)
-    total_tokens = sum(len(inputs.ids[i]) for s in shards for i in s)
+    total_tokens = inputs.n_tokens
     redone = 0
     t_loop = time.perf_counter()
 
@@ -226,8 +231,8 @@ def _prompt_row(corpus: Corpus, tok: TokenizedPrompts, i: int) -> dict[str, Any]
             "n_tokens": len(tok.ids[i]), "truncated": tok.truncated[i]}
 
 
-def shard_count(cfg: PipelineConfig) -> int:
-    """Return how many shards the cache stage will write (tokenizes the corpus; loads no weights)."""
+def planned_inputs(cfg: PipelineConfig) -> CacheInputs:
+    """Return the inputs the cache stage will cache, in its shards (tokenizes the corpus; loads no weights)."""
     from transformers import AutoConfig, AutoTokenizer
 
     from loralens.lens.runtime.models import model_context_length, prepare_tokenizer
@@ -237,7 +242,12 @@ def shard_count(cfg: PipelineConfig) -> int:
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust)
     prepare_tokenizer(tokenizer)
     context = model_context_length(AutoConfig.from_pretrained(path, trust_remote_code=trust))
-    return len(cache_inputs(cfg, tokenizer, min(cfg.cache.max_length, context)).shards)
+    return cache_inputs(cfg, tokenizer, min(cfg.cache.max_length, context))
+
+
+def shard_count(cfg: PipelineConfig) -> int:
+    """Return how many shards the cache stage will write (`planned_inputs`)."""
+    return len(planned_inputs(cfg).shards)
 
 
 @task(name="cache-shards", cache_policy=NO_CACHE, persist_result=False)

@@ -16,7 +16,7 @@
 
 Prints a table, writes JSON. Never a timed test: run it by hand on an idle machine.
 
-    python benchmarks/lens_training.py [--quick] [--out benchmarks/results]
+    python benchmarks/lens_training.py [--quick] [--threads N] [--out benchmarks/results]
     python benchmarks/lens_training.py --loop [--quick] [--out benchmarks/results]
 """
 
@@ -350,7 +350,11 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="few steps: a smoke run, not a measurement")
     parser.add_argument("--out", default="benchmarks/results", help="folder for lens_training.json")
     parser.add_argument("--loop", action="store_true", help="only the DeepSpeed loop's per-step split")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads for every measurement, peaks included (default: torch's own)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.loop:
         loop_main(args)
         return

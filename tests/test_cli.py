@@ -177,3 +177,23 @@ def test_user_error_inside_a_flow_is_one_line_and_stays_in_the_flow_run_log(pref
     assert runs[0].state.is_failed()
     assert any("cannot write artifact folder" in log.message and "Finished in state Failed" in log.message
                for log in logs), [log.message for log in logs]
+
+
+def test_a_user_error_inside_a_flow_is_the_last_line_after_a_temporary_server(tiny_models, tmp_path):
+    """No Prefect server configured: the run starts a temporary one; the error still comes last, after it stopped."""
+    import os
+    import subprocess
+    import sys
+
+    config = tmp_path / "c.yaml"
+    config.write_text(f"model:\n  name: {tiny_models['llama']}\ncorpus:\n  max_prompts_per_file: 4\n")
+    blocker = tmp_path / "a-file"
+    blocker.write_text("a file where a folder should be")
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"} | {"PREFECT_HOME": str(tmp_path / "ph")}
+    proc = subprocess.run([sys.executable, "-m", "loralens.flows.cli", "run", "--config", str(config), "--only",
+                           "cache", "--home", str(blocker / "home")], capture_output=True, text=True, env=env,
+                          timeout=180)
+    assert proc.returncode == 2
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert lines[-1].startswith("loralens: error: cannot write artifact folder"), proc.stderr
+    assert not any("Stopping temporary server" in ln for ln in lines), proc.stderr

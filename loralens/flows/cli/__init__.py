@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import sys
 
-from loralens.flows.cli.errors import UsageError, is_user_error
+from loralens.flows.cli.errors import UsageError, is_user_error, stop_temporary_server
 from loralens.flows.cli.parser import build_parser
 
 __all__ = ["build_parser", "main"]
@@ -28,5 +28,6 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as err:
         if not is_user_error(err):
             raise
+        stop_temporary_server()
         print(f"loralens: error: {str(err).splitlines()[0] if str(err) else type(err).__name__}", file=sys.stderr)
         return 2

@@ -66,3 +66,24 @@ def quiet_user_error_logs() -> None:
             if not isinstance(handler, APILogHandler) and not any(
                     isinstance(f, _DropUserErrorLines) for f in handler.filters):
                 handler.addFilter(_DropUserErrorLines())
+
+
+def stop_temporary_server() -> None:
+    """Stop the temporary Prefect server this process started, if any, without its "Stopping temporary server" line:
+    it would otherwise stop at exit and print that line after the error, which must be the last line printed."""
+    server = sys.modules.get("prefect.server.api.server")
+    if server is None:
+        return
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    for worker in (APILogWorker, EventsWorker):  # what the run still sends goes while the server listens
+        worker.drain_all(timeout=5)
+    prefect_logger = logging.getLogger("prefect")
+    level = prefect_logger.level
+    prefect_logger.setLevel(logging.WARNING)
+    try:
+        for instance in list(getattr(server.SubprocessASGIServer, "_instances", {}).values()):
+            instance.stop()
+    finally:
+        prefect_logger.setLevel(level)

@@ -118,10 +118,14 @@ class LensSet(nn.Module):
         if self.config.objective == "joint" and self.config.form == "lora":
             # The frozen base projection is the bulk of the FLOPs and needs no graph: compute it once here
             # rather than again in every checkpointed chunk's backward recompute.
-            with torch.no_grad():
-                base = (x.sum(1).to(self.base_dtype) @ self.w_base.T).float()
+            base = self.frozen_base(x).float()
             return lambda rows: bank(x[rows], base[rows], upcast=upcast)
         return lambda rows: bank(x[rows], upcast=upcast)
+
+    def frozen_base(self, x: Tensor) -> Tensor:
+        """Return the joint lora lens's frozen part `W_fold sum_h x_h` `[n, vocab]` in `base_dtype` (no graph)."""
+        with torch.no_grad():
+            return x.sum(1).to(self.base_dtype) @ self.w_base.T
 
     def uses_fused(self, tokens: int) -> bool:
         """Return whether a micro-batch of `tokens` takes the fused loss (`fused_kl`)."""
@@ -135,9 +139,7 @@ class LensSet(nn.Module):
         x = self.inputs(batch, i)
         if self.uses_fused(len(x)):
             target = exact_target(self.target_logits(batch)) if target is None else target
-            with torch.no_grad():
-                base = x.sum(1).to(self.base_dtype) @ self.w_base.T  # [n, vocab], the frozen part, in base_dtype
-            return self.banks[i](x, base, target=target, mask=batch.mask, chunk=self.chunk)
+            return self.banks[i](x, self.frozen_base(x), target=target, mask=batch.mask, chunk=self.chunk)
         fn = self.lens_fn(i, x)
         if self.loss_kind == "exact":
             target = exact_target(self.target_logits(batch)) if target is None else target

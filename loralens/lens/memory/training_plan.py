@@ -152,7 +152,7 @@ def activation_parts(
       layer's forward until the backward ends (the checkpointed chunks' closures, or ``A x``'s graph, hold it).
     - ``targets`` = ``T V 4`` for the exact loss: the target probabilities, shared by all layers; while they are
       made, ``5.25 T V 4`` (logits, log-softmax, probabilities, the ``p > 0`` mask, ``p log p``) before any layer.
-    - checkpointed path (``lora_joint_path`` below is the other):
+    - checkpointed path (the fused loss: :func:`fused_parts`):
       ``base`` = ``L T V bb`` for lora + joint: each layer's frozen base projection ``W_fold sum_h x_h``,
       computed once outside the checkpointed chunks (``bb`` = 2 for a bf16 base, 4 for fp32) and alive until
       the backward ends.

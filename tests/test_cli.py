@@ -197,3 +197,18 @@ def test_a_user_error_inside_a_flow_is_the_last_line_after_a_temporary_server(ti
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert lines[-1].startswith("loralens: error: cannot write artifact folder"), proc.stderr
     assert not any("Stopping temporary server" in ln for ln in lines), proc.stderr
+
+
+def test_a_user_error_leaves_running_a_server_the_command_did_not_start(prefect_server, tiny_models, tmp_path):
+    """In process, under the test harness's server: the error path stops only a server the command started."""
+    from prefect.client.orchestration import get_client
+
+    from loralens.flows.cli import main
+
+    config = tmp_path / "c.yaml"
+    config.write_text(f"model:\n  name: {tiny_models['llama']}\ncorpus:\n  max_prompts_per_file: 4\n")
+    blocker = tmp_path / "a-file"
+    blocker.write_text("a file where a folder should be")
+    assert main(["run", "--config", str(config), "--only", "cache", "--home", str(blocker / "home")]) == 2
+    with get_client(sync_client=True) as client:
+        assert client.api_healthcheck() is None  # None: the server answers

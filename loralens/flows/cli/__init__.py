@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import sys
 
-from loralens.flows.cli.errors import UsageError, is_user_error, stop_temporary_server
+from loralens.flows.cli.errors import UsageError, is_user_error, prefect_servers, stop_temporary_server
 from loralens.flows.cli.parser import build_parser
 
 __all__ = ["build_parser", "main"]
@@ -19,6 +19,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the `loralens` console command."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
+    servers_before = prefect_servers()
     try:
         args = build_parser().parse_args(argv)
         return args.fn(args)
@@ -28,6 +29,6 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as err:
         if not is_user_error(err):
             raise
-        stop_temporary_server()
+        stop_temporary_server(servers_before)
         print(f"loralens: error: {str(err).splitlines()[0] if str(err) else type(err).__name__}", file=sys.stderr)
         return 2

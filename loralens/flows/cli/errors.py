@@ -68,11 +68,20 @@ def quiet_user_error_logs() -> None:
                 handler.addFilter(_DropUserErrorLines())
 
 
-def stop_temporary_server() -> None:
-    """Stop the temporary Prefect server this process started, if any, without its "Stopping temporary server" line:
-    it would otherwise stop at exit and print that line after the error, which must be the last line printed."""
+def prefect_servers() -> set[int]:
+    """Return the ids of the temporary Prefect servers this process runs now (none before Prefect is imported)."""
     server = sys.modules.get("prefect.server.api.server")
-    if server is None:
+    return set() if server is None else {id(s) for s in server.SubprocessASGIServer._instances.values()}
+
+
+def stop_temporary_server(running_before: set[int]) -> None:
+    """Stop the temporary Prefect server this command started (not one in `running_before`, e.g. a test harness's),
+    without its "Stopping temporary server" line: it would otherwise stop at exit and print that line after the
+    error, which must be the last line printed."""
+    server = sys.modules.get("prefect.server.api.server")
+    started = [] if server is None else [s for s in list(server.SubprocessASGIServer._instances.values())
+                                         if id(s) not in running_before]
+    if not started:
         return
     from prefect.events.worker import EventsWorker
     from prefect.logging.handlers import APILogWorker
@@ -83,7 +92,7 @@ def stop_temporary_server() -> None:
     level = prefect_logger.level
     prefect_logger.setLevel(logging.WARNING)
     try:
-        for instance in list(getattr(server.SubprocessASGIServer, "_instances", {}).values()):
+        for instance in started:
             instance.stop()
     finally:
         prefect_logger.setLevel(level)

@@ -67,10 +67,20 @@ class Split:
         return self.x[lh][:m], self.targets[:m]
 
 
-def collect(loaded, heads: list[tuple[int, int]], first_seed: int, seqs: int, desc: str) -> Split:
-    """Return the copy positions of `seqs` sequences (`PER_SEED` per seed from `first_seed`) for `heads`."""
+def collect(loaded, heads: list[tuple[int, int]], first_seed: int, seqs: int, desc: str,
+            cache: Path | None = None) -> Split:
+    """Return the copy positions of `seqs` sequences (`PER_SEED` per seed from `first_seed`) for `heads`.
+
+    With a `cache` folder, a split already collected with the same heads, seeds and size is read from it (the forward
+    passes are most of a small run's time on a loaded CPU), and a new one is written there.
+    """
     if seqs % PER_SEED:
         raise ValueError(f"{desc}: sequences must be a multiple of {PER_SEED}, got {seqs}")
+    file = None if cache is None else cache / f"copy_{first_seed}_{seqs}.pt"
+    if file is not None and file.exists():
+        kept = torch.load(file)
+        if all(lh in kept["x"] for lh in heads):
+            return Split(**{**kept, "x": {lh: kept["x"][lh] for lh in heads}})
     layers = sorted({layer for layer, _ in heads})
     w_o = {layer: out_proj_weight(loaded.adapter, loaded.model, layer, loaded.dims).float() for layer in layers}
     xs: dict[tuple[int, int], list[Tensor]] = {lh: [] for lh in heads}
@@ -85,8 +95,12 @@ def collect(loaded, heads: list[tuple[int, int]], first_seed: int, seqs: int, de
                     xs[lh].append(x[:, lh[1]].contiguous())
         targets.append(pos.targets)
         own.append(pos.model_top1)
-    return Split(x={lh: torch.cat(v) for lh, v in xs.items()}, targets=torch.cat(targets), seqs=seqs,
-                 model_top1=float(np.mean(own)))
+    split = Split(x={lh: torch.cat(v) for lh, v in xs.items()}, targets=torch.cat(targets), seqs=seqs,
+                  model_top1=float(np.mean(own)))
+    if file is not None:
+        file.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(vars(split), file)
+    return split
 
 
 class Readout(nn.Module):
@@ -254,26 +268,28 @@ def parse_rank(value: str) -> int | None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--heads", nargs="+", default=["L29H1", "L23H2"])
-    ap.add_argument("--train-seqs", type=int, default=2560)
+    ap.add_argument("--train-seqs", type=int, default=1280)
     ap.add_argument("--val-seqs", type=int, default=32)
     ap.add_argument("--held-out-seqs", type=int, default=64)
     ap.add_argument("--rank", type=parse_rank, default=None, help="'full' (default) or the rank of D = U V")
     ap.add_argument("--bias", action=argparse.BooleanOptionalAction, default=True, help="a free vocabulary bias")
-    ap.add_argument("--weight-decays", type=float, nargs="+", default=[0.0, 1.0, 10.0])
+    ap.add_argument("--weight-decays", type=float, nargs="+", default=[0.0, 10.0])
     ap.add_argument("--curve", type=float, nargs="+", default=[0.25, 0.5, 1.0])
     ap.add_argument("--batch", type=int, default=512)
-    ap.add_argument("--steps", type=int, default=800, help="at most this many minibatch steps per fit")
-    ap.add_argument("--eval-every", type=int, default=50)
-    ap.add_argument("--patience", type=int, default=4)
+    ap.add_argument("--steps", type=int, default=500, help="at most this many minibatch steps per fit")
+    ap.add_argument("--eval-every", type=int, default=40)
+    ap.add_argument("--patience", type=int, default=3)
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--results-name", default="lens_copy_ceiling.json", help="the results file's name in --out")
+    ap.add_argument("--cache", type=Path, default=None, help="a folder to keep the collected positions in")
     ap.add_argument("--quick", action="store_true", help="a ~1-minute smoke run, not a measurement")
     ap.add_argument("--out", type=Path, default=None, help="results folder (default benchmarks/results; "
                                                              "--quick writes nothing without it)")
     args = ap.parse_args()
     if args.quick:
         args.heads, args.train_seqs, args.val_seqs, args.held_out_seqs = args.heads[:1], 32, 8, 8
-        args.weight_decays, args.curve, args.steps, args.eval_every = args.weight_decays[:2], [0.5, 1.0], 12, 4
+        args.weight_decays, args.curve, args.steps, args.eval_every = args.weight_decays[:1], [0.5, 1.0], 12, 4
     out = args.out or (None if args.quick else OUT)
     if SEEDS["val"] + args.val_seqs // PER_SEED > SEEDS["train"] or args.held_out_seqs // PER_SEED > SEEDS["val"]:
         raise ValueError("the seed ranges of train / validation / held-out overlap: fewer sequences, please")
@@ -284,22 +300,31 @@ def main() -> None:
     heads = check_heads(" ".join(args.heads), list(range(loaded.dims.n_layers)), loaded.dims.n_heads)
     w = folded_unembedding(loaded.adapter, loaded.model)[0].float()  # [V, d]; evaluation in fp32
     w_bf16 = w.to(torch.bfloat16)  # the training GEMM (and early stopping) in bf16
-    data = {"train": collect(loaded, heads, SEEDS["train"], args.train_seqs, "train sequences"),
-            "val": collect(loaded, heads, SEEDS["val"], args.val_seqs, "validation sequences"),
-            "test": collect(loaded, heads, SEEDS["test"], args.held_out_seqs, "held-out sequences")}
-    config = {k: v for k, v in vars(args).items() if k != "out"}
+    sizes = {"val": args.val_seqs, "test": args.held_out_seqs, "train": args.train_seqs}
+    data = {k: collect(loaded, heads, SEEDS[k], n, f"{k} sequences", args.cache) for k, n in sizes.items()}
+    config = {k: v for k, v in vars(args).items() if k not in ("out", "cache", "results_name")}
     config["rank"] = "full" if args.rank is None else args.rank
     rows = []
     for lh in heads:  # the results file is rewritten after each head
         rows.append(head_report(lh, data, w, w_bf16, args))
         if out is not None:
-            out.mkdir(parents=True, exist_ok=True)
-            (out / "lens_copy_ceiling.json").write_text(json.dumps(
-                {"benchmark": "oracle ceiling of a per-head linear read-out on copying (issue 21, goal (a))",
-                 "model": "smollm2-135m-instruct (embedded)", "model_own_top1_held_out": data["test"].model_top1,
-                 "config": config, "positions": {k: len(s.targets) for k, s in data.items()}, "seeds_first": SEEDS,
-                 "heads": rows}, indent=1))
+            write_results(out / args.results_name, rows, {
+                "benchmark": "oracle ceiling of a per-head linear read-out on copying (issue 21, goal (a))",
+                "model": "smollm2-135m-instruct (embedded)", "model_own_top1_held_out": data["test"].model_top1,
+                "config": config, "positions": {k: len(s.targets) for k, s in data.items()}, "seeds_first": SEEDS})
     print_tables(rows)
+
+
+def write_results(file: Path, rows: list[dict], meta: dict) -> None:
+    """Write `meta` and `rows` to `file`, keeping the rows of other heads already there from a run of the same
+    config (so heads can be run one at a time, e.g. in parallel processes), in `--heads` order of each run."""
+    old = json.loads(file.read_text()) if file.exists() else {}
+    same = {k: v for k, v in old.get("config", {}).items() if k not in ("heads", "threads")} == {
+        k: v for k, v in meta["config"].items() if k not in ("heads", "threads")}
+    mine = {r["head"] for r in rows}
+    kept = [r for r in old.get("heads", []) if r["head"] not in mine] if same else []
+    file.parent.mkdir(parents=True, exist_ok=True)
+    file.write_text(json.dumps({**meta, "heads": kept + rows}, indent=1))
 
 
 if __name__ == "__main__":

@@ -23,6 +23,14 @@ independent). The training-set rate is read on its first `--held-out-seqs` seque
 
     python benchmarks/lens_copy_ceiling.py                 # the measurement (writes results/lens_copy_ceiling.json)
     python benchmarks/lens_copy_ceiling.py --quick         # a ~1-minute smoke run (writes nothing without --out)
+
+As measured (one process per head, 1 thread each, positions collected once into a cache; both write their rows into
+the same results file), and the longer fits of the chosen setting (`lens_copy_ceiling_long.json`):
+
+    python benchmarks/lens_copy_ceiling.py --heads L29H1 --threads 1 --cache /tmp/copy_cache
+    python benchmarks/lens_copy_ceiling.py --heads L23H2 --threads 1 --cache /tmp/copy_cache
+    python benchmarks/lens_copy_ceiling.py --heads L29H1 --threads 1 --cache /tmp/copy_cache --steps 1200 \
+        --patience 8 --weight-decays 0 --curve 1 --results-name lens_copy_ceiling_long.json   # and L23H2
 """
 
 from __future__ import annotations

@@ -332,7 +332,8 @@ def write_results(file: Path, rows: list[dict], meta: dict) -> None:
     mine = {r["head"] for r in rows}
     kept = [r for r in old.get("heads", []) if r["head"] not in mine] if same else []
     file.parent.mkdir(parents=True, exist_ok=True)
-    file.write_text(json.dumps({**meta, "heads": kept + rows}, indent=1))
+    config = {**meta["config"], "heads": [r["head"] for r in kept + rows]}
+    file.write_text(json.dumps({**meta, "config": config, "heads": kept + rows}, indent=1))
 
 
 if __name__ == "__main__":

@@ -96,6 +96,20 @@ def copy_rates(pos: CopyPositions, lens_set: LensSet, layers: list[int], w_o: to
     return out
 
 
+def repeated_windows(tok, text: str, max_len: int, budget: int) -> list[list[int]]:
+    """Return windows of at most `max_len` tokens, each the tokenizer's prefix, a span of `text`, then that span again
+    (copying for the model to do in natural text), `budget` tokens in all."""
+    prefix = len(tok("", add_special_tokens=True)["input_ids"])
+    halves = text_windows(tok, text, (max_len + prefix) // 2, budget)
+    out, total = [], 0
+    for w in halves:
+        if total >= budget:
+            break
+        out.append(w + w[prefix:])
+        total += len(out[-1])
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--layers", type=int, nargs="+", default=[23, 29])
@@ -105,7 +119,10 @@ def main() -> None:
                     help="budgets the per_head objective also runs at (it costs ~50x joint per token)")
     ap.add_argument("--epochs", type=int, default=TrainConfig().epochs)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeat-text", action="store_true",
+                    help="training text with copying in it: each window is a span of the text followed by itself")
     ap.add_argument("--out", type=Path, default=OUT)
+    ap.add_argument("--name", default="lens_readability", help="results file name (without .json)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -121,7 +138,9 @@ def main() -> None:
     full = load_training_text(["bundled:wikitext2_test"], 0.0).text
     held_text = text_windows(tok, full[: int(len(full) * HELD_OUT_TEXT)], max_len, 1024)
     text = load_training_text(["bundled:wikitext2_test"], HELD_OUT_TEXT).text
-    windows = text_windows(tok, text, max_len, max(args.text_tokens + args.per_head_text_tokens))
+    budget = max(args.text_tokens + args.per_head_text_tokens)
+    windows = (repeated_windows(tok, text, max_len, budget) if args.repeat_text
+               else text_windows(tok, text, max_len, budget))
 
     held = concat([arrays(loaded, held_prompts, layers, 0), arrays(loaded, held_text, layers, 10_000)])
     prompt_data = arrays(loaded, train_prompts, layers, 0)
@@ -168,10 +187,11 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     out = {"benchmark": "lens readability: objective, read-out and training text (issue 21)", "layers": layers,
            "epochs": args.epochs, "model_top1": pos.model_top1, "induction": induction.tolist(),
-           "held_out_text_fraction": HELD_OUT_TEXT, "readouts": list(READOUTS), "results": results,
+           "held_out_text_fraction": HELD_OUT_TEXT, "repeat_text": args.repeat_text, "readouts": list(READOUTS),
+           "results": results,
            "machine": {"cpu": platform.processor() or platform.machine(), "threads": args.threads,
                        "torch": torch.__version__}}
-    (args.out / "lens_readability.json").write_text(json.dumps(out, indent=1))
+    (args.out / f"{args.name}.json").write_text(json.dumps(out, indent=1))
 
 
 def _best(rates: np.ndarray, layers: list[int]) -> dict:

@@ -51,7 +51,9 @@ def worker_gpu(name: int, visible: str | None, n_gpus: int) -> str | None:
     scheduler such as SLURM may have set `0,1` or UUIDs: workers inheriting it unpinned would all use its first)."""
     if n_gpus <= 1:
         return None
-    names = [v.strip() for v in visible.split(",")] if visible else [str(i) for i in range(n_gpus)]
+    from loralens.lens.runtime.devices import visible_gpus
+
+    names = visible_gpus(visible, n_gpus)
     return names[name % min(n_gpus, len(names))]
 
 

@@ -65,6 +65,12 @@ def resolve_device(spec: str) -> torch.device:
     return torch.device("cuda", index)
 
 
+def visible_gpus(visible: str | None, n_gpus: int) -> list[str]:
+    """Return how each of the `n_gpus` GPUs this process sees is named to a child process's
+    `CUDA_VISIBLE_DEVICES`: the entries of the inherited list `visible` (ordinals or UUIDs), else "0".."n-1"."""
+    return [v.strip() for v in visible.split(",")] if visible else [str(i) for i in range(n_gpus)]
+
+
 def check_local_workers(device: str, workers: int, n_gpus: int | None = None) -> None:
     """Raise a one-line DeviceError when the local Dask workers of a GPU run would not get one GPU each.
 

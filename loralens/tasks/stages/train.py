@@ -19,6 +19,7 @@ from loralens.config import ConfigError, PipelineConfig, TrainConfig
 from loralens.hashing import file_sha256
 from loralens.killpoints import maybe_kill
 from loralens.lens.memory.stage_memory import gib
+from loralens.lens.runtime.devices import visible_gpus
 from loralens.lens.training.deepspeed_loop import STOP_EXIT_CODE, free_port
 from loralens.tasks.lens_loading import cached_layers
 from loralens.tasks.memory import ensure_fits, predict
@@ -130,11 +131,11 @@ def training_devices(device: str, world_size: int, visible: str | None) -> tuple
         raise ConfigError(f"config error: model.device: {device} pins one GPU, but train.world_size is "
                           f"{world_size} (one GPU per process): use 'cuda' and CUDA_VISIBLE_DEVICES")
     index = int(device.split(":")[1])
-    gpus = [g.strip() for g in visible.split(",")] if visible else None
-    if gpus is not None and index >= len(gpus):
+    gpus = visible_gpus(visible, index + 1)
+    if index >= len(gpus):
         raise ConfigError(f"config error: model.device: {device}, but CUDA_VISIBLE_DEVICES={visible} has "
                           f"{len(gpus)} GPU(s)")
-    return {"CUDA_VISIBLE_DEVICES": gpus[index] if gpus is not None else str(index)}, "cuda"
+    return {"CUDA_VISIBLE_DEVICES": gpus[index]}, "cuda"
 
 
 # What ranks on other nodes of a hostfile run need from this environment: the deepspeed launcher forwards only a

@@ -121,6 +121,10 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeat-text", action="store_true",
                     help="training text with copying in it: each window is a span of the text followed by itself")
+    ap.add_argument("--random-repeat", type=int, default=0,
+                    help="training tokens of repeated random tokens (BOS + 25 random + the same 25; seeds from 1001, "
+                         "disjoint from the read-out's seed 0), the model's own output as the target like all text")
+    ap.add_argument("--rank", type=int, default=None, help="lens rank (default: the train stage's)")
     ap.add_argument("--out", type=Path, default=OUT)
     ap.add_argument("--name", default="lens_readability", help="results file name (without .json)")
     args = ap.parse_args()
@@ -142,6 +146,11 @@ def main() -> None:
     windows = (repeated_windows(tok, text, max_len, budget) if args.repeat_text
                else text_windows(tok, text, max_len, budget))
 
+    if args.random_repeat:
+        n_seq = -(-args.random_repeat // 51)
+        rand = torch.cat([model_repeated_tokens(loaded, batch=8, seq_len=25, seed=1001 + i)[0]
+                          for i in range(-(-n_seq // 8))])[:n_seq]
+        rand_data = arrays(loaded, rand.tolist(), layers, 200_000)
     held = concat([arrays(loaded, held_prompts, layers, 0), arrays(loaded, held_text, layers, 10_000)])
     prompt_data = arrays(loaded, train_prompts, layers, 0)
     text_data = arrays(loaded, windows, layers, 100_000) if windows else None
@@ -161,7 +170,9 @@ def main() -> None:
         data = prompt_data if not rows else concat([prompt_data, ShardData(
             **{k: None if getattr(text_data, k) is None else getattr(text_data, k)[:rows]
                for k in ShardData.__dataclass_fields__})])
-        cfg = LensConfig(form=t.form, rank=t.rank, alpha=t.alpha, objective=objective)
+        if args.random_repeat:
+            data = concat([data, rand_data])
+        cfg = LensConfig(form=t.form, rank=args.rank or t.rank, alpha=t.alpha, objective=objective)
         lens_set = LensSet(unembed, w_o, layers, cfg, lm_head=lm_head, loss="exact", chunk=128,
                            base_dtype=t.base_dtype)
         seconds, steps = train(lens_set, data, args.epochs, t.lr, t.seed)
@@ -187,7 +198,8 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     out = {"benchmark": "lens readability: objective, read-out and training text (issue 21)", "layers": layers,
            "epochs": args.epochs, "model_top1": pos.model_top1, "induction": induction.tolist(),
-           "held_out_text_fraction": HELD_OUT_TEXT, "repeat_text": args.repeat_text, "readouts": list(READOUTS),
+           "held_out_text_fraction": HELD_OUT_TEXT, "repeat_text": args.repeat_text,
+           "random_repeat_tokens": args.random_repeat, "rank": args.rank or t.rank, "readouts": list(READOUTS),
            "results": results,
            "machine": {"cpu": platform.processor() or platform.machine(), "threads": args.threads,
                        "torch": torch.__version__}}

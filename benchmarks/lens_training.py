@@ -283,6 +283,49 @@ def p4_default(task: Task, steps: int, tokens: int = 256) -> dict:
             "fused_step_times_s": times[True], "checkpointed_step_times_s": times[False]}
 
 
+def per_head_costs(task: Task, steps: int, tokens: int = 256) -> dict:
+    """Return step times of the per_head objective, fused (`fused_lora_kl_per_head`) vs checkpointed, beside the
+    default joint job (fused), on the same batches, timed alternately (rank 4, exact, bf16 base, `loss_chunk` 128)."""
+    n_layers = task.w_o.shape[0]
+    jobs = {"joint fused": ("joint", True), "per_head fused": ("per_head", True),
+            "per_head checkpointed": ("per_head", False)}
+    sets = {}
+    for name, (objective, fused) in jobs.items():
+        torch.manual_seed(2)
+        sets[name] = LensSet(task.unembed, task.w_o, list(range(n_layers)),
+                             LensConfig(form="lora", rank=4, alpha=8.0, objective=objective), lm_head=task.lm_head,
+                             loss="exact", chunk=DEFAULT_CHUNK, base_dtype="bfloat16", fused=fused)
+    opts = {k: adamw(m, LR["lora"]) for k, m in sets.items()}
+    times: dict[str, list[float]] = {k: [] for k in sets}
+    for step in tqdm(range(steps + 1), desc="per_head: fused, checkpointed (and joint)"):
+        batch = make_batch(task, tokens, step, "exact")[0]
+        for name, model in sets.items():
+            seconds = _seconds(lambda m=model, o=opts[name], b=batch: train_step(m, o, b))
+            if step > 0:
+                times[name].append(seconds)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    return {"layers": n_layers, "heads": n_layers * task.dims.n_heads, "micro_batch_tokens": tokens,
+            "loss_chunk": DEFAULT_CHUNK, "steps": steps, "step_s": med, "step_times_s": times,
+            "per_head_fused_over_joint": med["per_head fused"] / med["joint fused"],
+            "per_head_checkpointed_over_joint": med["per_head checkpointed"] / med["joint fused"],
+            "speedup": med["per_head checkpointed"] / med["per_head fused"]}
+
+
+def per_head_main(args: argparse.Namespace) -> None:
+    """Measure `per_head_costs` on `--per-head-layers` SmolLM2 layers; print a table, write the JSON."""
+    t0 = time.perf_counter()
+    res = per_head_costs(make_task(SMOL, n_layers=args.per_head_layers), steps=1 if args.quick else 3)
+    res["seconds"] = time.perf_counter() - t0
+    res["machine"] = {"cpu_threads": torch.get_num_threads(), "torch": torch.__version__}
+    print(f"| job ({res['heads']} heads, {res['micro_batch_tokens']} tokens) | step s | tokens/s | / joint fused |")
+    print("|---|---:|---:|---:|")
+    for name, s in res["step_s"].items():
+        print(f"| {name} | {s:.2f} | {res['micro_batch_tokens'] / s:.0f} | {s / res['step_s']['joint fused']:.1f} |")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "lens_training_per_head.json").write_text(json.dumps(res, indent=1))
+
+
 # -- the DeepSpeed loop -------------------------------------------------------------------------------
 def loop_split(task: Task, micro_batch: int, steps: int, log_every: int, grad_accum: int, root: Path) -> dict:
     """Return what `deepspeed_loop.train` did over `steps` optimizer steps on one synthetic cache shard: tokens/s
@@ -352,9 +395,15 @@ def main() -> None:
     parser.add_argument("--loop", action="store_true", help="only the DeepSpeed loop's per-step split")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads for every measurement, peaks included (default: torch's own)")
+    parser.add_argument("--per-head", action="store_true",
+                        help="only the per_head objective's cost, fused vs checkpointed (lens_training_per_head.json)")
+    parser.add_argument("--per-head-layers", type=int, default=3, help="layers of the --per-head job")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.per_head:
+        per_head_main(args)
+        return
     if args.loop:
         loop_main(args)
         return

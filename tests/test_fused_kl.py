@@ -14,13 +14,13 @@ D, V, H, DH, LAYERS, TOKENS = 48, 700, 3, 16, 2, 37
 
 
 def _lens_set(fused: bool | None, base_dtype: str = "float32", chunk: int = 8, rank: int = 4,
-              param_dtype: str = "float32", loss: str = "exact") -> LensSet:
+              param_dtype: str = "float32", loss: str = "exact", objective: str = "joint") -> LensSet:
     """Return a LensSet over fixed random weights with non-zero lora_B and bias (so every gradient is live)."""
     g = torch.Generator().manual_seed(0)
     unembed = FoldedUnembed(torch.randn(V, D, generator=g) / D**0.5, torch.randn(V, generator=g))
     w_o = torch.randn(LAYERS, H, DH, D, generator=g) / DH**0.5
     lm_head = torch.randn(V, D, generator=g) / D**0.5
-    config = LensConfig(form="lora", rank=rank, alpha=2.0 * rank, objective="joint", dtype=param_dtype)
+    config = LensConfig(form="lora", rank=rank, alpha=2.0 * rank, objective=objective, dtype=param_dtype)
     torch.manual_seed(1)  # lora_A's initialisation
     out = LensSet(unembed, w_o, list(range(LAYERS)), config, lm_head=lm_head, loss=loss, chunk=chunk,
                   base_dtype=base_dtype, fused=fused)
@@ -87,6 +87,29 @@ def test_fused_bf16_parameters_sum_chunks_in_fp32_and_round_once():
     per_chunk = [grads(torch.bfloat16, slice(s, s + chunk)) for s in range(0, n, chunk)]
     naive = [sum((c[i] / (n // chunk) for c in per_chunk[1:]), per_chunk[0][i] / (n // chunk)) for i in (1, 2)]
     assert any(not torch.equal(a, gb) for a, gb in zip(naive, got[1:], strict=True))
+
+
+@pytest.mark.parametrize("param_dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("chunk", [8, 64])
+def test_fused_per_head_loss_and_gradients_equal_the_checkpointed_path(chunk, param_dtype):
+    """per_head: each head's lens alone against the model, mean over heads; the fused path makes each head's
+    `[chunk, vocab]` block in turn from the bank's fp32 unembedding, as the checkpointed path's `head_logits` do."""
+    mask = torch.ones(TOKENS, dtype=torch.bool)
+    mask[5:9] = False
+    mask[16:24] = False
+    batch = _batch(mask)
+    ref = _lens_set(False, "bfloat16", chunk, param_dtype=param_dtype, objective="per_head")
+    fused = _lens_set(None, "bfloat16", chunk, param_dtype=param_dtype, objective="per_head")
+    assert fused.uses_fused(TOKENS) and not ref.uses_fused(TOKENS)  # per_head: fused whatever the rank or tokens
+    assert all(p.dtype == getattr(torch, param_dtype) for p in fused.parameters())
+    ref_loss, ref_grads = _loss_and_grads(ref, batch)
+    loss, grads = _loss_and_grads(fused, batch)
+    assert loss == pytest.approx(ref_loss, rel=1e-5)
+    assert len(grads) == len(ref_grads) == 3 * LAYERS
+    for got, want in zip(grads, ref_grads, strict=True):
+        assert want.abs().max() > 0
+        tol = 1e-4 if param_dtype == "float32" else 1e-2  # bf16 gradients: rounded once either way
+        torch.testing.assert_close(got, want, rtol=tol, atol=tol * float(want.abs().max()))
 
 
 def test_fused_lora_kl_equals_kl_exact_of_the_same_logits():

@@ -210,12 +210,14 @@ def test_planned_memory_matches_measured(form, objective, loss, tokens, chunk):
     assert plan.peak_bytes == pytest.approx(measured["peak"], rel=0.25)
 
 
-def test_planned_memory_of_the_fused_loss_matches_measured():
-    """Enough layers that the fused loss's held gradients and inputs, not the target, make the peak."""
-    lens_set, batch, dims = _tiny("lora", "joint", "exact", tokens=256, chunk=64, layers=24)
+@pytest.mark.parametrize(("objective", "base_rows"), [("joint", 256), ("per_head", 64)])
+def test_planned_memory_of_the_fused_loss_matches_measured(objective, base_rows):
+    """Enough layers that the fused loss's held gradients and inputs, not the target, make the peak. Joint holds a
+    layer's fp32 base `[tokens, vocab]` in its forward, per_head one head's `[chunk, vocab]` at a time."""
+    lens_set, batch, dims = _tiny("lora", objective, "exact", tokens=256, chunk=64, layers=24)
     assert lens_set.uses_fused(256)
     plan = plan_memory(dims, lens_set.config, micro_batch_tokens=256, loss="exact", chunk=64, top_k=64, zero_stage=0)
-    assert plan.act_held_grad_bytes > 0 and plan.act_base_bytes == 256 * dims.vocab * 4  # one layer's, fp32 base
+    assert plan.act_held_grad_bytes > 0 and plan.act_base_bytes == base_rows * dims.vocab * 4
     assert plan.activation_bytes > (21 * plan.act_targets_bytes) // 4  # not the target's making
     measured = _measure_step(lens_set, batch)
     assert plan.activation_bytes == pytest.approx(measured["activations"], rel=0.25)

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from loralens.lens.heads.hooks import head_contributions
-from loralens.lens.lenses.fused_kl import fused_lora_kl
+from loralens.lens.lenses.fused_kl import fused_lora_kl, fused_lora_kl_per_head
 from loralens.lens.lenses.losses import ExactTarget
 from loralens.lens.lenses.upcast import Upcast, compute_dtype
 
@@ -270,17 +270,24 @@ class LensBank(nn.Module):
     def forward(self, x: Tensor, base: Tensor | None = None, target: ExactTarget | None = None,
                 mask: Tensor | None = None, chunk: int = 256, *, upcast: Upcast | None = None) -> Tensor:
         """Return ``layer_logits`` for the joint objective, ``head_logits`` for per_head (``upcast``: see
-        :meth:`weights`); given an exact ``target`` (joint lora only), the layer's loss instead: :func:`fused_lora_kl`
-        of the layer logits, with ``base`` ``W_fold sum_h x_h`` ``[tokens, vocab]`` and ``mask`` ``[tokens]``.
+        :meth:`weights`); given an exact ``target`` (lora only), the layer's loss instead, with ``mask`` ``[tokens]``:
+        :func:`fused_lora_kl` of the layer logits (joint; ``base`` ``W_fold sum_h x_h`` ``[tokens, vocab]``) or
+        :func:`fused_lora_kl_per_head` of each head's (per_head; ``base`` unused: each head's base is the bank's
+        own fp32 unembedding of ``x_h``, as :meth:`head_logits` computes it).
 
         One entry point on purpose: ZeRO-3 gathers a bank's partitioned parameters in its forward hooks."""
         if target is not None:
-            if (self.config.form, self.config.objective) != ("lora", "joint") or base is None:
-                raise ValueError("the fused loss needs the lora form, the joint objective and the base logits")
+            if self.config.form != "lora" or (self.config.objective == "joint" and base is None):
+                raise ValueError("the fused loss needs the lora form (and the base logits for the joint objective)")
             w, r = self.weights(upcast), self.config.rank  # one use each: 16-bit gradients are rounded once
-            ax = torch.einsum("thd,hrd->thr", self._check(x), w["lora_A"]).reshape(len(x), self.n_heads * r)
+            x = self._check(x)
+            ax = torch.einsum("thd,hrd->thr", x, w["lora_A"])  # [T, H, r]
+            if self.config.objective == "per_head":
+                return fused_lora_kl_per_head(ax, w["lora_B"], w["bias"], x, self.unembed.W, target, mask,
+                                              self.config.scale, chunk)
             b = w["lora_B"].permute(1, 0, 2).reshape(self.vocab, self.n_heads * r)
-            return fused_lora_kl(ax, b, w["bias"].sum(0), base, target, mask, self.config.scale, chunk)
+            return fused_lora_kl(ax.reshape(len(x), self.n_heads * r), b, w["bias"].sum(0), base, target, mask,
+                                 self.config.scale, chunk)
         if self.config.objective == "joint":
             return self.layer_logits(x, base, upcast=upcast)
         return self.head_logits(x, upcast=upcast)

@@ -80,9 +80,9 @@ class LensSet(nn.Module):
         self.config = config
         self.loss_kind = loss
         self.chunk = chunk
-        self.fusable = (config.form, config.objective, loss) == ("lora", "joint", "exact")
+        self.fusable = (config.form, loss) == ("lora", "exact")
         if fused and not self.fusable:
-            raise ValueError("fused needs the lora form, the joint objective and the exact loss")
+            raise ValueError("fused needs the lora form and the exact loss")
         self.fused = fused
         self.unembed = unembed
         self.banks = nn.ModuleList(LensBank(unembed, w_o.shape[1], config, layer) for layer in self.layers)
@@ -131,6 +131,8 @@ class LensSet(nn.Module):
         """Return whether a micro-batch of `tokens` takes the fused loss (`fused_kl`)."""
         if not self.fusable or self.fused is False:
             return False
+        if self.config.objective == "per_head":
+            return True  # no more memory than the checkpointed per-head chunks (`fused_kl`), always
         n_heads, base_bytes = self.w_o.shape[1], self.w_base.element_size()
         return bool(self.fused) or prefers_fused(n_heads, self.config.rank, tokens, base_bytes)
 
@@ -139,7 +141,8 @@ class LensSet(nn.Module):
         x = self.inputs(batch, i)
         if self.uses_fused(len(x)):
             target = exact_target(self.target_logits(batch)) if target is None else target
-            return self.banks[i](x, self.frozen_base(x), target=target, mask=batch.mask, chunk=self.chunk)
+            base = self.frozen_base(x) if self.config.objective == "joint" else None
+            return self.banks[i](x, base, target=target, mask=batch.mask, chunk=self.chunk)
         fn = self.lens_fn(i, x)
         if self.loss_kind == "exact":
             target = exact_target(self.target_logits(batch)) if target is None else target

@@ -195,18 +195,21 @@ def activation_parts(
 
 
 def fused_path(dims: ModelDims, lens: LensConfig, tokens: int, loss: str, base_bytes: int) -> bool:
-    """Return whether `LensSet` computes this job's loss with `fused_kl` (its rule, `prefers_fused`)."""
-    return ((lens.form, lens.objective, loss) == ("lora", "joint", "exact")
-            and prefers_fused(dims.n_heads, lens.rank, tokens, base_bytes))
+    """Return whether `LensSet` computes this job's loss with `fused_kl` (its rule: `LensSet.uses_fused`)."""
+    if (lens.form, loss) != ("lora", "exact"):
+        return False
+    return lens.objective == "per_head" or prefers_fused(dims.n_heads, lens.rank, tokens, base_bytes)
 
 
 def fused_parts(dims: ModelDims, lens: LensConfig, *, n_layers: int, tokens: int, chunk: int, base_bytes: int,
                 inputs: int, targets: int, making_targets: int, forward_inputs: int, upcast: int,
                 layer_grad: int) -> dict[str, int]:
-    """Return the activation terms of the fused joint lora exact loss (`lens/lenses/fused_kl.py`).
+    """Return the activation terms of the fused lora exact loss (`lens/lenses/fused_kl.py`).
 
-    - ``held_grad`` = ``L (V H r + V + T H r) 4``: each layer's fp32 gradients, from its forward to its backward.
-    - ``base`` = ``T V bb``: one layer's frozen base logits, during that layer's forward only.
+    - ``held_grad`` = ``L (V H r + V n_b + T H r) 4``: each layer's fp32 gradients, from its forward to its
+      backward (``n_b`` biases: 1 summed for joint, ``H`` for per_head).
+    - ``base`` = ``T V bb``: one layer's frozen base logits, during that layer's forward only (joint); per_head
+      makes one head's ``c V 4`` at a time.
     - ``chunk`` = ``c V 4``: the chunk's logits, turned in place into its softmax and gradient.
     - ``lowrank`` = ``V H r 8``: ``lora_B`` flattened and its transpose (fp32), in the layer's forward.
     - ``upcast``: as in :func:`activation_parts`, once per layer's forward.
@@ -216,8 +219,9 @@ def fused_parts(dims: ModelDims, lens: LensConfig, *, n_layers: int, tokens: int
     T H (d + dh) 4))``.
     """
     H, r, V = dims.n_heads, lens.rank, dims.vocab
-    held = n_layers * (V * H * r + V + tokens * H * r) * F32
-    base = tokens * V * base_bytes
+    per_head = lens.objective == "per_head"
+    held = n_layers * (V * H * r + V * (H if per_head else 1) + tokens * H * r) * F32
+    base = min(chunk, tokens) * V * F32 if per_head else tokens * V * base_bytes
     chunk_peak = min(chunk, tokens) * V * F32
     lowrank = 2 * V * H * r * F32
     grad_accum = 3 * layer_grad

@@ -68,8 +68,9 @@ class LensSet(nn.Module):
         """`w_o`: `[L, heads, d_head, d_model]` for `layers`; `lm_head` `[vocab, d_model]` for exact targets.
 
         `w_base`: the unembedding already cast to `base_dtype` (shared by several LensSets: no second copy).
-        `fused`: compute the joint lora exact loss with its gradient in the forward (`fused_kl`); None: where
-        `prefers_fused` says so for each micro-batch's tokens; False: checkpointed chunks always.
+        `fused`: compute the lora exact loss with its gradient in the forward (`fused_kl`); None: always for
+        per_head, and for joint where `prefers_fused` says so for each micro-batch's tokens; False: checkpointed
+        chunks always.
         """
         super().__init__()
         if loss not in LOSSES:

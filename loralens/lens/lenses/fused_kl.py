@@ -47,6 +47,14 @@ def prefers_fused(n_heads: int, rank: int, tokens: int, base_bytes: int) -> bool
     return (n_heads * rank + 1) * F32 <= HELD_SLACK * tokens * base_bytes
 
 
+def takes_fused(form: str, objective: str, loss: str, n_heads: int, rank: int, tokens: int, base_bytes: int) -> bool:
+    """Return whether a micro-batch of `tokens` is computed by the fused loss (the rule `LensSet` and the memory
+    plan share): the lora form with the exact loss; per_head always, joint where :func:`prefers_fused` says so."""
+    if (form, loss) != ("lora", "exact"):
+        return False
+    return objective == "per_head" or prefers_fused(n_heads, rank, tokens, base_bytes)
+
+
 class _FusedLoraKL(torch.autograd.Function):
     """Forward: the weighted KL sum and the input gradients; backward: those gradients times the output's.
 

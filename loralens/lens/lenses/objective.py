@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from loralens.lens.lenses.fused_kl import prefers_fused
+from loralens.lens.lenses.fused_kl import takes_fused
 from loralens.lens.lenses.lens_set import FoldedUnembed, LensBank, LensConfig, lens_inputs
 from loralens.lens.lenses.losses import ExactTarget, exact_target, kl_exact, kl_from_logits, kl_subset
 from loralens.lens.lenses.upcast import Upcast
@@ -81,8 +81,7 @@ class LensSet(nn.Module):
         self.config = config
         self.loss_kind = loss
         self.chunk = chunk
-        self.fusable = (config.form, loss) == ("lora", "exact")
-        if fused and not self.fusable:
+        if fused and (config.form, loss) != ("lora", "exact"):
             raise ValueError("fused needs the lora form and the exact loss")
         self.fused = fused
         self.unembed = unembed
@@ -130,12 +129,11 @@ class LensSet(nn.Module):
 
     def uses_fused(self, tokens: int) -> bool:
         """Return whether a micro-batch of `tokens` takes the fused loss (`fused_kl`)."""
-        if not self.fusable or self.fused is False:
-            return False
-        if self.config.objective == "per_head":
-            return True  # no more memory than the checkpointed per-head chunks (`fused_kl`), always
+        if self.fused is not None:
+            return self.fused
         n_heads, base_bytes = self.w_o.shape[1], self.w_base.element_size()
-        return bool(self.fused) or prefers_fused(n_heads, self.config.rank, tokens, base_bytes)
+        return takes_fused(self.config.form, self.config.objective, self.loss_kind, n_heads, self.config.rank,
+                           tokens, base_bytes)
 
     def layer_loss(self, batch: LensBatch, i: int, target: ExactTarget | None = None) -> Tensor:
         """Return layer i's loss: KL(model || lens), mean over masked tokens (and heads for per_head)."""

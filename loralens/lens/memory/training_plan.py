@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 
-from loralens.lens.lenses.fused_kl import prefers_fused
+from loralens.lens.lenses.fused_kl import takes_fused
 from loralens.lens.lenses.lens_set import LensConfig, trainable_per_head
 from loralens.lens.memory.memory_plan import MemoryPlan
 from loralens.lens.runtime.adapters import ModelDims
@@ -195,10 +195,8 @@ def activation_parts(
 
 
 def fused_path(dims: ModelDims, lens: LensConfig, tokens: int, loss: str, base_bytes: int) -> bool:
-    """Return whether `LensSet` computes this job's loss with `fused_kl` (its rule: `LensSet.uses_fused`)."""
-    if (lens.form, loss) != ("lora", "exact"):
-        return False
-    return lens.objective == "per_head" or prefers_fused(dims.n_heads, lens.rank, tokens, base_bytes)
+    """Return whether `LensSet` computes this job's loss with `fused_kl` (`takes_fused`)."""
+    return takes_fused(lens.form, lens.objective, loss, dims.n_heads, lens.rank, tokens, base_bytes)
 
 
 def fused_parts(dims: ModelDims, lens: LensConfig, *, n_layers: int, tokens: int, chunk: int, base_bytes: int,

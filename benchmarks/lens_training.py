@@ -259,6 +259,20 @@ def default_job_flops(dims: ModelDims, rank: int, tokens: int, n_layers: int) ->
     return {"bf16": n_layers * 2 * tokens * d * V, "fp32": 2 * tokens * d * V + n_layers * per_layer}
 
 
+def time_alternately(task: Task, sets: dict, steps: int, tokens: int, desc: str) -> dict:
+    """Return key -> training-step seconds of each LensSet of `sets` (lora lr, AdamW), all stepped on the same
+    exact-loss batches in turn, `steps` steps after one warm-up step (optimizer states, allocator)."""
+    opts = {k: adamw(m, LR["lora"]) for k, m in sets.items()}
+    times: dict = {k: [] for k in sets}
+    for step in tqdm(range(steps + 1), desc=desc):
+        batch = make_batch(task, tokens, step, "exact")[0]
+        for key, model in sets.items():
+            seconds = _seconds(lambda m=model, o=opts[key], b=batch: train_step(m, o, b))
+            if step > 0:
+                times[key].append(seconds)
+    return times
+
+
 def p4_default(task: Task, steps: int, tokens: int = 256) -> dict:
     """Return step times of the train stage's default job, fused loss vs checkpointed chunks, timed alternately."""
     n_layers = task.w_o.shape[0]
@@ -268,14 +282,7 @@ def p4_default(task: Task, steps: int, tokens: int = 256) -> dict:
         torch.manual_seed(2)
         sets[fused] = LensSet(task.unembed, task.w_o, list(range(n_layers)), config, lm_head=task.lm_head,
                               loss="exact", chunk=DEFAULT_CHUNK, base_dtype="bfloat16", fused=fused)
-    opts = {k: adamw(m, LR["lora"]) for k, m in sets.items()}
-    times: dict[bool, list[float]] = {True: [], False: []}
-    for step in tqdm(range(steps + 1), desc="P4 default job (fused, checkpointed)"):
-        batch = make_batch(task, tokens, step, "exact")[0]
-        for fused, model in sets.items():
-            seconds = _seconds(lambda m=model, o=opts[fused], b=batch: train_step(m, o, b))
-            if step > 0:  # step 0 warms up (optimizer states, allocator)
-                times[fused].append(seconds)
+    times = time_alternately(task, sets, steps, tokens, "P4 default job (fused, checkpointed)")
     flops = default_job_flops(task.dims, 4, tokens, n_layers)
     return {"layers": n_layers, "heads": n_layers * task.dims.n_heads, "micro_batch_tokens": tokens,
             "loss_chunk": DEFAULT_CHUNK, "steps": steps, "matmul_flops": flops,
@@ -285,7 +292,8 @@ def p4_default(task: Task, steps: int, tokens: int = 256) -> dict:
 
 def per_head_costs(task: Task, steps: int, tokens: int = 256) -> dict:
     """Return step times of the per_head objective, fused (`fused_lora_kl_per_head`) vs checkpointed, beside the
-    default joint job (fused), on the same batches, timed alternately (rank 4, exact, bf16 base, `loss_chunk` 128)."""
+    default joint job (fused), on the same batches, timed alternately (rank 4, exact, `loss_chunk` 128; the joint job's
+    base in bf16, per_head's in fp32 as `head_logits` compute it on either path)."""
     n_layers = task.w_o.shape[0]
     jobs = {"joint fused": ("joint", True), "per_head fused": ("per_head", True),
             "per_head checkpointed": ("per_head", False)}
@@ -295,14 +303,7 @@ def per_head_costs(task: Task, steps: int, tokens: int = 256) -> dict:
         sets[name] = LensSet(task.unembed, task.w_o, list(range(n_layers)),
                              LensConfig(form="lora", rank=4, alpha=8.0, objective=objective), lm_head=task.lm_head,
                              loss="exact", chunk=DEFAULT_CHUNK, base_dtype="bfloat16", fused=fused)
-    opts = {k: adamw(m, LR["lora"]) for k, m in sets.items()}
-    times: dict[str, list[float]] = {k: [] for k in sets}
-    for step in tqdm(range(steps + 1), desc="per_head: fused, checkpointed (and joint)"):
-        batch = make_batch(task, tokens, step, "exact")[0]
-        for name, model in sets.items():
-            seconds = _seconds(lambda m=model, o=opts[name], b=batch: train_step(m, o, b))
-            if step > 0:
-                times[name].append(seconds)
+    times = time_alternately(task, sets, steps, tokens, "per_head: fused, checkpointed (and joint)")
     med = {k: statistics.median(v) for k, v in times.items()}
     return {"layers": n_layers, "heads": n_layers * task.dims.n_heads, "micro_batch_tokens": tokens,
             "loss_chunk": DEFAULT_CHUNK, "steps": steps, "step_s": med, "step_times_s": times,

@@ -4,13 +4,16 @@ On `--batch` sequences `[BOS] + r + r` (r = `--seq-len` random token ids, specia
 head's induction score and previous-token score (attention patterns, eager attention) and its copy rate: at each
 second-copy position with a next token, is that next token (the one an induction head copies) the top-1 / in the
 top-5 of the head's output alone, read through the plain logit lens and, with `--home`, through that home's trained
-lenses (`open_home(home).lenses()`, the newest complete train version). Prints the top heads by induction score,
+lenses (`open_home(home).lenses()`, the newest complete train version), and with `--effect` from what the head adds
+to the model's output (log-probs minus those with the head mean-ablated: every path through later layers, where both
+lenses read the head's direct write only; one forward pass per head). Prints the top heads by induction score,
 the best copying heads, the model's own top-1 rate, and how many induction heads (induction score >=
 `--threshold`) read at least as well through the trained lens as through the logit lens. Writes
 benchmarks/results/lens_mechanisms.json and layers x heads heatmaps beside it.
 
     python benchmarks/lens_mechanisms.py                          # embedded SmolLM2, logit lens only
     python benchmarks/lens_mechanisms.py --home /tmp/home        # and that home's trained lenses
+    python benchmarks/lens_mechanisms.py --home /tmp/home --effect   # and every head's effect
 
 Threshold: an induction head puts >= 0.3 of its attention, on average, on the one key the mechanism predicts (the
 token after the previous occurrence) among the 27-51 keys a second-copy query sees (L = 25, with BOS). A head
@@ -31,7 +34,10 @@ import numpy as np
 import torch
 
 from loralens.lens.evaluation.mechanisms import (
+    COMPARED,
     INDUCTION_THRESHOLD,
+    READ_NAMES,
+    READS,
     head_name,
     induction_summary,
     mechanism_rows,
@@ -51,13 +57,14 @@ def fmt(x: float | None, spec: str = ".3f") -> str:
     return "-" if x is None else format(x, spec)
 
 
-def table(rows: list[dict]) -> list[str]:
-    """Return the Markdown table of `rows`: induction, previous-token, copy rates through both lenses."""
-    lines = ["| head | induction | prev-token | copy top-1 logit | copy top-5 logit | copy top-1 trained "
-             "| copy top-5 trained |", "|---|---:|---:|---:|---:|---:|---:|"]
-    lines += [f"| {head_name(r)} | {fmt(r['induction_score'])} | {fmt(r['prev_token_score'])} "
-              f"| {fmt(r['copy_top1_logit'])} | {fmt(r['copy_top5_logit'])} | {fmt(r['copy_top1_trained'])} "
-              f"| {fmt(r['copy_top5_trained'])} |" for r in rows]
+def table(rows: list[dict], effect: bool) -> list[str]:
+    """Return the Markdown table of `rows`: induction, previous-token, copy rates through both lenses (and the
+    effect)."""
+    reads = READS if effect else tuple(r for r in READS if r != "effect")
+    keys = ["induction_score", "prev_token_score"] + [f"copy_top{k}_{read}" for read in reads for k in (1, 5)]
+    names = ["induction", "prev-token"] + [f"copy top-{k} {read}" for read in reads for k in (1, 5)]
+    lines = ["| head | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
+    lines += ["| " + " | ".join([head_name(r)] + [fmt(r[key]) for key in keys]) + " |" for r in rows]
     return lines
 
 
@@ -74,7 +81,8 @@ def heatmaps(rows: list[dict], n_layers: int, n_heads: int, out: Path) -> dict[s
     layers = list(range(n_layers))
     maps = {"induction_score": ("induction score", "Reds"), "prev_token_score": ("previous-token score", "Reds"),
             "copy_top1_logit": ("copy top-1, logit lens", "Blues"),
-            "copy_top1_trained": ("copy top-1, trained lens", "Blues")}
+            "copy_top1_trained": ("copy top-1, trained lens", "Blues"),
+            "copy_top1_effect": ("copy top-1, effect on the output", "Blues")}
     paths = {}
     for key, (title, cmap) in maps.items():
         g = grid(key)
@@ -99,6 +107,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threshold", type=float, default=INDUCTION_THRESHOLD)
     ap.add_argument("--top", type=int, default=10)
+    ap.add_argument("--effect", action="store_true", help="also every head's effect read-out (a forward pass each)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", type=Path, default=OUT)
     args = ap.parse_args()
@@ -114,7 +123,8 @@ def main() -> None:
     bos = loaded.tokenizer.bos_token_id
     offset = int(bos is not None)
     t0 = time.perf_counter()
-    scores = model_mechanism_scores(loaded, banks, batch=args.batch, seq_len=args.seq_len, seed=args.seed)
+    scores = model_mechanism_scores(loaded, banks, batch=args.batch, seq_len=args.seq_len, seed=args.seed,
+                                    effect=args.effect)
     seconds = time.perf_counter() - t0
     rows = mechanism_rows(scores)
     by_induction = sorted(rows, key=lambda r: -r["induction_score"])
@@ -127,25 +137,29 @@ def main() -> None:
     print(f"model's own top-1 on the repeat: {scores.model_top1:.3f}")
     print(f"uniform-attention induction score at this length: {uniform_baseline(args.seq_len, offset):.3f}\n")
     print(f"top {args.top} heads by induction score:")
-    print("\n".join(table(by_induction[:args.top])))
-    for lens, r in best.items():
-        print(f"\nbest copying head through the {lens} lens: {r['head']} (top-1 {fmt(r['rate'])}, logit "
-              f"{fmt(r['copy_top1_logit'])}, trained {fmt(r['copy_top1_trained'])}, induction "
-              f"{fmt(r['induction_score'])})")
+    print("\n".join(table(by_induction[:args.top], args.effect)))
+    for read, r in best.items():
+        rates = ", ".join(f"{other} {fmt(r[f'copy_top1_{other}'])}" for other in READS)
+        print(f"\nbest copying head through the {READ_NAMES[read]}: {r['head']} (top-1 {fmt(r['rate'])}; {rates}; "
+              f"induction {fmt(r['induction_score'])})")
+    if args.effect:
+        print(f"\ntop {args.top} heads by copy top-1 through the effect:")
+        print("\n".join(table(sorted(rows, key=lambda r: -r["copy_top1_effect"])[:args.top], True)))
     print(f"\ninduction heads (score >= {args.threshold}): {summary['n_induction_heads']} "
           f"({', '.join(summary['induction_heads'])})")
-    if summary["n_with_trained_lens"]:
-        n = summary["n_with_trained_lens"]
-        for k in (1, 5):
-            print(f"  copy top-{k}: trained >= logit {summary[f'n_trained_ge_logit_top{k}']}/{n} (of which both "
-                  f"0: {summary[f'n_trained_both_zero_logit_top{k}']}), trained > logit "
-                  f"{summary[f'n_trained_gt_logit_top{k}']}/{n}")
+    for read in COMPARED:
+        n = summary["n_with_trained_lens" if read == "trained" else f"n_with_{read}"]
+        for k in (1, 5) if n else ():
+            print(f"  copy top-{k}: {read} >= logit {summary[f'n_{read}_ge_logit_top{k}']}/{n} (of which both "
+                  f"0: {summary[f'n_{read}_both_zero_logit_top{k}']}), {read} > logit "
+                  f"{summary[f'n_{read}_gt_logit_top{k}']}/{n}")
 
     args.out.mkdir(parents=True, exist_ok=True)
     maps = heatmaps(rows, loaded.dims.n_layers, loaded.dims.n_heads, args.out)
     result = {"benchmark": "lens mechanism check: induction / copying on repeated random tokens (issue 21)",
               "model": loaded.path, "home": None if args.home is None else str(args.home),
-              "train_version": lens_version, "batch": args.batch, "seq_len": args.seq_len, "seed": args.seed,
+              "train_version": lens_version, "effect": args.effect, "batch": args.batch, "seq_len": args.seq_len,
+              "seed": args.seed,
               "bos": bos, "n_positions": scores.n_positions, "model_top1": scores.model_top1,
               "uniform_induction_baseline": uniform_baseline(args.seq_len, offset), "summary": summary,
               "best_copier": {lens: r["head"] for lens, r in best.items()},

@@ -184,7 +184,7 @@ def test_mechanisms_reads_every_head_through_both_lenses(planted_home):
     assert lenses.layers  # the planted run trains every layer: each row has both lenses
     for r in rows:
         trained = r["layer"] in lenses.layers
-        assert all((r[c] is None) == ("trained" in c and not trained) for c in COLUMNS)
+        assert all((r[c] is None) == ("trained" in c and not trained or "effect" in c) for c in COLUMNS)
         assert all(0.0 <= r[c] <= 1.0 for c in COLUMNS if r[c] is not None)
         assert r["copy_top5_logit"] >= r["copy_top1_logit"]
     assert mech.train_version == results["train"]["version"] and mech.n_positions == 3 * (6 - 1)
@@ -194,6 +194,14 @@ def test_mechanisms_reads_every_head_through_both_lenses(planted_home):
     assert lenses.mechanisms(batch=3, seq_len=6, seed=1).table.equals(mech.table)
     with pytest.raises(loralens.ApiError, match=r"^seq_len: must be an integer >= 2, got 1$"):
         lenses.mechanisms(seq_len=1)
+    with pytest.raises(loralens.ApiError, match=r"^effect: must be True or False, got 'yes'$"):
+        lenses.mechanisms(effect="yes")
+    effect = lenses.mechanisms(batch=3, seq_len=6, seed=1, effect=True)
+    assert effect.table.drop_columns(["copy_top1_effect", "copy_top5_effect"]).equals(
+        mech.table.drop_columns(["copy_top1_effect", "copy_top5_effect"]))  # the effect adds its columns only
+    for r in effect.rows():
+        assert 0.0 <= r["copy_top1_effect"] <= r["copy_top5_effect"] <= 1.0
+    assert effect.summary()["n_with_effect"] == effect.summary()["n_induction_heads"]
 
 
 def test_inspect_mechanisms_prints_the_tables_and_the_summary(planted_home, capsys):
@@ -214,6 +222,12 @@ def test_inspect_mechanisms_prints_the_tables_and_the_summary(planted_home, caps
     data = json.loads(capsys.readouterr().out)
     assert data["train_version"] == results["train"]["version"] and data["summary"]["threshold"] == 0.3
     assert len(data["rows"]) == 3 * 4 and data["n_positions"] == 8 * 24
+    assert main(["inspect", "--mechanisms", "--effect", "--top", "2", "--home", str(path)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    i = out.index("top 2 heads by copy top-1 through the effect:")
+    assert "copy top-1 effect" in out[i + 1] and out[i + 2].startswith("----")
+    effects = [float(line.split()[-2]) for line in out[i + 3:i + 5]]
+    assert effects == sorted(effects, reverse=True) and re.search(r"best copier.*effect \d\.\d{3}", out[-1])
 
 
 def test_quickstart_runs_on_the_home(planted_home, capsys, monkeypatch):

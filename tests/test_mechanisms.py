@@ -212,14 +212,36 @@ def test_planted_with_trained_banks(planted):
     assert s.copy_top1_trained[INDUCTION].item() >= 0.9
 
 
+def test_planted_effect_reads_the_circuit_through_later_layers(planted):
+    """The effect read-out (what a head adds to the model's output) names the copied token for both heads of the
+    circuit: the induction head, and the previous-token head, which writes only into the subspace the induction
+    head's key reads, so no read-out of its own output sees the copy; an inert head adds nothing."""
+    model, without = planted
+    s = mechanism_scores(model, adapter_for("llama"), model_dims(model.config), unique_repeats(6, 0), L, 1,
+                         mean_tokens=unique_repeats(6, 1))
+    assert torch.isnan(without.copy_top1_effect).all() and torch.isnan(without.copy_top5_effect).all()
+    assert s.copy_top1_effect[INDUCTION].item() >= 0.9 and s.copy_top1_effect[PREV].item() >= 0.9
+    assert s.copy_top1_logit[PREV].item() < 0.5  # its own output, read directly, does not name the copy
+    assert (s.copy_top5_effect >= s.copy_top1_effect).all()
+    inert = [s.copy_top5_effect[layer, h].item() for layer in range(2) for h in range(H)
+             if (layer, h) not in (PREV, INDUCTION)]
+    assert max(inert) < 0.5  # a zero read-out ranks token 0 (BOS) first, never a target
+    rows = mechanism_rows(s)
+    summary = induction_summary(rows)
+    assert summary["n_with_effect"] == 1 and summary["n_effect_ge_logit_top1"] == 1
+    assert summary["best_copier"]["effect"]["head"] == "L0H0"  # the first on ties: the previous-token head
+    assert "effect >= logit lens at top-1 on 1 of 1" in summary_line(summary)
+
+
 # -- the summary on hand-made rows -----------------------------------------------------------------------------
 def head_row(layer: int, head: int, induction: float, logit: tuple[float, float],
-             trained: tuple[float, float] | None) -> dict:
-    """Return a `mechanism_rows` dict: copy rates (top-1, top-5) through each lens; None: no trained lens."""
+             trained: tuple[float, float] | None, effect: tuple[float, float] | None = None) -> dict:
+    """Return a `mechanism_rows` dict: copy rates (top-1, top-5) through each read-out; None: not measured."""
     t1, t5 = trained or (None, None)
+    e1, e5 = effect or (None, None)
     return {"layer": layer, "head": head, "induction_score": induction, "prev_token_score": 0.0,
             "copy_top1_logit": logit[0], "copy_top5_logit": logit[1], "copy_top1_trained": t1,
-            "copy_top5_trained": t5}
+            "copy_top5_trained": t5, "copy_top1_effect": e1, "copy_top5_effect": e5}
 
 
 def test_induction_summary_counts_on_hand_made_rows():
@@ -234,7 +256,9 @@ def test_induction_summary_counts_on_hand_made_rows():
     counts = lambda k: tuple(s[f"n_trained_{c}_logit_top{k}"] for c in ("ge", "gt", "both_zero"))  # noqa: E731
     assert counts(1) == (3, 1, 1) and counts(5) == (2, 2, 0)
     assert s["best_copier"]["trained"] == {"head": "L0H1", "rate": 0.9, "copy_top1_logit": 0.9,
-                                           "copy_top1_trained": 0.9, "induction_score": 0.2999}
+                                           "copy_top1_trained": 0.9, "copy_top1_effect": None,
+                                           "induction_score": 0.2999}
+    assert "effect" not in s["best_copier"] and s["n_with_effect"] == 0
     assert s["best_copier"]["logit"]["head"] == "L0H1"
     assert summary_line(s) == ("4 induction heads (score >= 0.3); trained lens >= logit lens at top-1 on 3 of 3 "
                                "(both zero: 1), at top-5 on 2 of 3; best copier L0H1: trained 0.900, logit 0.900")
@@ -250,3 +274,23 @@ def test_summary_line_without_trained_lens_or_induction_heads():
     assert summary_line(induction_summary(rows)) == (
         "0 induction heads (score >= 0.3); best copier through the trained lens L0H1: trained 0.300, logit 0.100; "
         "best copier through the logit lens L0H0: trained 0.100, logit 0.500")
+
+
+def test_summary_counts_the_effect_against_the_logit_lens():
+    rows = [head_row(0, 0, 0.9, (0.0, 0.0), (0.0, 0.0), (0.3, 0.5)),  # the logit lens sees nothing, its effect does
+            head_row(0, 1, 0.5, (0.2, 0.4), (0.1, 0.3), (0.1, 0.4)),  # effect below at top-1, tied at top-5
+            head_row(1, 0, 0.0, (0.25, 0.3), (0.2, 0.3), (0.6, 0.7))]  # not an induction head, best effect
+    s = induction_summary(rows)
+    assert s["n_with_effect"] == 2 and s["n_with_trained_lens"] == 2
+    assert [s[f"n_effect_{c}_logit_top1"] for c in ("ge", "gt", "both_zero")] == [1, 1, 0]
+    assert [s[f"n_effect_{c}_logit_top5"] for c in ("ge", "gt", "both_zero")] == [2, 1, 0]
+    assert {read: b["head"] for read, b in s["best_copier"].items()} == {"logit": "L1H0", "trained": "L1H0",
+                                                                         "effect": "L1H0"}
+    assert summary_line(s) == (
+        "2 induction heads (score >= 0.3); trained lens >= logit lens at top-1 on 1 of 2 (both zero: 1), at top-5 "
+        "on 1 of 2; effect >= logit lens at top-1 on 1 of 2 (both zero: 0), at top-5 on 2 of 2; best copier L1H0: "
+        "trained 0.200, logit 0.250, effect 0.600")
+    rows[2]["copy_top1_effect"] = 0.1
+    assert summary_line(induction_summary(rows)).endswith(
+        "best copier through the trained lens and logit lens L1H0: trained 0.200, logit 0.250, effect 0.100; "
+        "best copier through the effect L0H0: trained 0.000, logit 0.000, effect 0.300")

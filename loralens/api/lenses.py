@@ -177,11 +177,13 @@ class Lenses:
                                ("lens", "descending"), ("rank", "ascending")])
         return Decoding(tokens=input_tokens, table=table)
 
-    def mechanisms(self, batch: int = 8, seq_len: int = 25, seed: int = 0) -> Mechanisms:
+    def mechanisms(self, batch: int = 8, seq_len: int = 25, seed: int = 0, effect: bool = False) -> Mechanisms:
         """Return every head's induction / previous-token scores and copy rates (logit and trained lens) on `batch`
         sequences `[BOS] + r + r`, r = `seq_len` random token ids (special ids excluded, drawn with `seed`).
 
         Runs the full model once with eager attention; layers without a trained lens get only the logit lens.
+        `effect`: also each head's copy rate read from what it adds to the model's output (the model's log-probs
+        minus those with the head mean-ablated): one more forward pass per head.
         """
         from loralens.api.mechanisms import Mechanisms
         from loralens.lens.evaluation.mechanisms import mechanism_rows, model_mechanism_scores
@@ -189,7 +191,10 @@ class Lenses:
         for name, value, low in (("batch", batch, 1), ("seq_len", seq_len, 2), ("seed", seed, 0)):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ApiError(f"{name}: must be an integer >= {low}, got {value!r}")
-        scores = model_mechanism_scores(self.model, self.reader.banks, batch=batch, seq_len=seq_len, seed=seed)
+        if not isinstance(effect, bool):
+            raise ApiError(f"effect: must be True or False, got {effect!r}")
+        scores = model_mechanism_scores(self.model, self.reader.banks, batch=batch, seq_len=seq_len, seed=seed,
+                                        effect=effect)
         return Mechanisms.from_rows(mechanism_rows(scores), model_top1=scores.model_top1,
                                     n_positions=scores.n_positions, train_version=self.version, batch=batch,
                                     seq_len=seq_len, seed=seed)

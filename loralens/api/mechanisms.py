@@ -1,6 +1,6 @@
 """Mechanism checks of a lens set (`Lenses.mechanisms`): every head's induction and previous-token scores on
-repeated random tokens and its copy rates read alone through the logit lens and the trained lens
-(`loralens.lens.evaluation.mechanisms`, which defines each number)."""
+repeated random tokens and its copy rates read alone through the logit lens and the trained lens, and optionally from
+its effect on the model's output (`loralens.lens.evaluation.mechanisms`, which defines each number)."""
 
 from __future__ import annotations
 
@@ -15,9 +15,10 @@ SCHEMA = pa.schema([("layer", pa.int16()), ("head", pa.int16())] + [(c, pa.float
 
 @dataclass(frozen=True)
 class Mechanisms:
-    """One head per row of `table` (layer, head and the six `COLUMNS`, null trained columns for a layer without a
-    trained lens), the model's own next-token top-1 rate at the `n_positions` scored positions, the train version
-    whose lenses were read and the input (`batch` sequences of BOS + `seq_len` random tokens twice, `seed`)."""
+    """One head per row of `table` (layer, head and the eight `COLUMNS`; null trained columns for a layer without a
+    trained lens, null effect columns unless asked for), the model's own next-token top-1 rate at the `n_positions`
+    scored positions, the train version whose lenses were read and the input (`batch` sequences of BOS + `seq_len`
+    random tokens twice, `seed`)."""
 
     table: pa.Table
     model_top1: float
@@ -33,12 +34,12 @@ class Mechanisms:
         return cls(table=pa.Table.from_pylist(rows, schema=SCHEMA), **info)
 
     def rows(self) -> list[dict]:
-        """Return one dict per head (layer, head, the six `COLUMNS`; None where not measured)."""
+        """Return one dict per head (layer, head, the eight `COLUMNS`; None where not measured)."""
         return self.table.to_pylist()
 
     def summary(self, threshold: float = INDUCTION_THRESHOLD) -> dict:
-        """Return `induction_summary` of the heads: induction heads at `threshold`, trained vs logit lens counts at
-        top-1 and top-5, the best copying head per lens."""
+        """Return `induction_summary` of the heads: induction heads at `threshold`, trained lens (and effect) vs
+        logit lens counts at top-1 and top-5, the best copying head per read-out."""
         return induction_summary(self.rows(), threshold)
 
     def summary_line(self, threshold: float = INDUCTION_THRESHOLD) -> str:

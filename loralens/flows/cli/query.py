@@ -18,7 +18,8 @@ INSPECT_HELP = "(see `loralens inspect --help`)"
 # --mechanisms table columns: name -> row key (each copy rate names the lens it reads through)
 MECHANISM_COLUMNS = {"head": None, "induction": "induction_score", "prev-token": "prev_token_score",
                      "copy top-1 logit lens": "copy_top1_logit", "copy top-5 logit lens": "copy_top5_logit",
-                     "copy top-1 trained lens": "copy_top1_trained", "copy top-5 trained lens": "copy_top5_trained"}
+                     "copy top-1 trained lens": "copy_top1_trained", "copy top-5 trained lens": "copy_top5_trained",
+                     "copy top-1 effect": "copy_top1_effect", "copy top-5 effect": "copy_top5_effect"}
 
 
 def cmd_sql(args: argparse.Namespace) -> int:
@@ -97,6 +98,8 @@ def check_inspect_args(args: argparse.Namespace) -> None:
                              f"{INSPECT_HELP}")
         if args.top < 1:
             raise UsageError(f"argument --top: must be >= 1, got {args.top} {INSPECT_HELP}")
+    elif args.effect:
+        raise UsageError(f"--effect is a column of --mechanisms: add --mechanisms {INSPECT_HELP}")
     elif not args.heads or args.prompt is None:
         raise UsageError(f"inspect needs HEAD... and --prompt TEXT, or --mechanisms {INSPECT_HELP}")
 
@@ -109,22 +112,35 @@ def mechanism_table(rows: list[dict]) -> list[dict]:
 
 
 def cmd_inspect_mechanisms(lenses: Lenses, args: argparse.Namespace) -> int:
-    """Print the top `--top` heads by induction score and by trained-lens copy rate, and the summary line (or all
-    rows and the summary as JSON)."""
-    mech = lenses.mechanisms()
+    """Print the top `--top` heads by induction score, by trained-lens copy rate (and with `--effect` by effect copy
+    rate), and the summary line (or all rows and the summary as JSON)."""
+    mech = lenses.mechanisms(effect=args.effect)
     rows, summary = mech.rows(), mech.summary()
     if args.format == "json":
         print(json.dumps({"train_version": mech.train_version, "batch": mech.batch, "seq_len": mech.seq_len,
                           "seed": mech.seed, "n_positions": mech.n_positions, "model_top1": mech.model_top1,
                           "summary": summary, "rows": rows}, indent=1))
         return 0
+    print(f"train version {mech.train_version}; {mech.batch} sequences of {mech.seq_len} random tokens repeated "
+          f"twice (seed {mech.seed}), {mech.n_positions} scored positions; model's own top-1 on the repeat: "
+          f"{mech.model_top1:.3f}")
+    columns = [name for name, key in MECHANISM_COLUMNS.items() if args.effect or key is None or "effect" not in key]
+    orders = {"induction score": "induction_score", "copy top-1 through the trained lens": "copy_top1_trained"}
+    if args.effect:
+        orders["copy top-1 through the effect"] = "copy_top1_effect"
+    for title, key in orders.items():
+        top = sorted(rows, key=lambda r, k=key: (r[k] is None, -(r[k] or 0.0)))[:args.top]  # unmeasured last
+        print(f"\ntop {len(top)} heads by {title}:")
+        print(format_table(mechanism_table(top), columns))
+    print(f"\n{mech.summary_line()}")
+    return 0
     trained = lambda r: -1.0 if r["copy_top1_trained"] is None else r["copy_top1_trained"]  # noqa: E731
     by_induction = sorted(rows, key=lambda r: -r["induction_score"])[:args.top]
     by_copy = sorted(rows, key=lambda r: -trained(r))[:args.top]
     print(f"train version {mech.train_version}; {mech.batch} sequences of {mech.seq_len} random tokens repeated "
           f"twice (seed {mech.seed}), {mech.n_positions} scored positions; model's own top-1 on the repeat: "
           f"{mech.model_top1:.3f}")
-    columns = list(MECHANISM_COLUMNS)
+    columns = [name for name, key in MECHANISM_COLUMNS.items() if args.effect or key is None or "effect" not in key]
     print(f"\ntop {len(by_induction)} heads by induction score:")
     print(format_table(mechanism_table(by_induction), columns))
     print(f"\ntop {len(by_copy)} heads by copy top-1 through the trained lens:")

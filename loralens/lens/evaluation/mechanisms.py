@@ -11,6 +11,11 @@ induction head attends from i to i - L + 1 (the token after the previous occurre
                           L - 1 per sequence) whose next token is in the top-k of the head's output alone, read
                           through the plain logit lens (`W_fold x_h`) or a trained lens bank (`lens_inputs`,
                           `head_logits_both`: the readout the decode stage uses)
+    copy rate, effect     the same positions and top-k, read from what the head adds to the model's own output:
+                          the model's next-token log-probs minus those with the head mean-ablated (its z set to its
+                          mean over `mean_tokens`, a second batch of repeated tokens): every path from the head to
+                          the output (through later heads and MLPs), where the two lenses read only `W_fold x_h`.
+                          One forward pass per head; optional (`mean_tokens`)
     model top-1 rate      the same positions, the model's own next-token top-1
 
 Shapes: `NL` layers, `H` query heads (attention is per query head, also under GQA), `d` d_model, `V` vocabulary,
@@ -33,6 +38,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
+from loralens.lens.heads.edits import HeadIntervention, intervene, mean_head_z
 from loralens.lens.heads.hooks import capture
 from loralens.lens.lenses.lens_set import FoldedUnembed, LensBank, lens_inputs
 from loralens.lens.lenses.readout import head_logits_both, row_chunks
@@ -173,6 +179,40 @@ def head_copy_counts(z: Tensor, scale: Tensor, w_o: Tensor, targets: Tensor, une
     return {lens: (c[0], c[1]) for lens, c in counts.items()}
 
 
+@torch.no_grad()
+def output_log_probs(model: nn.Module, tokens: Tensor, rows: slice) -> Tensor:
+    """Return the model's next-token log-probs `[B * len(rows), V]` fp32 at positions `rows` of `tokens` `[B, T]`."""
+    logits = model(input_ids=tokens.to(input_device(model)), use_cache=False).logits[:, rows]
+    return logits.float().log_softmax(-1).reshape(-1, logits.shape[-1])
+
+
+@torch.no_grad()
+def effect_copy_counts(model: nn.Module, adapter: ArchAdapter, dims: ModelDims, tokens: Tensor, rows: slice,
+                       targets: Tensor, mean_tokens: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """Return top-1 and top-k hits `[NL, H]` of every head's effect read-out at positions `rows` of `tokens`.
+
+    A head's effect read-out is `log p(model) - log p(model, head mean-ablated)` `[n, V]`: what the head adds to the
+    model's own next-token distribution, through every later layer. Its mean z is taken over `mean_tokens` (a batch
+    drawn apart from `tokens`), so a head's average output, the same in every context, cancels. `targets` `[n]`.
+    One forward pass per head, with the model's own attention implementation (the base too, so an inert head's
+    read-out is exactly zero).
+    """
+    from tqdm.auto import tqdm
+
+    means = mean_head_z(model, adapter, dims, [(mean_tokens, None)], range(dims.n_layers))
+    base = output_log_probs(model, tokens, rows)
+    targets = targets.to(base.device)
+    top1 = torch.zeros(dims.n_layers, dims.n_heads, dtype=torch.long)  # host: per-head counts
+    topk = torch.zeros_like(top1)
+    heads = [(layer, head) for layer in range(dims.n_layers) for head in range(dims.n_heads)]
+    for layer, head in tqdm(heads, desc="head effects", unit="head"):
+        with intervene(model, adapter, HeadIntervention(kind="mean", heads=((layer, head),), means=means), dims):
+            ablated = output_log_probs(model, tokens, rows)
+        hits = hit_rates((base - ablated.to(base.device))[:, None], targets, k)
+        top1[layer, head], topk[layer, head] = (int(h[0]) for h in hits)
+    return top1, topk
+
+
 @dataclass(frozen=True)
 class MechanismScores:
     """Every head's attention-pattern scores and copy rates on one batch of repeated tokens (each `[NL, H]`)."""
@@ -183,6 +223,8 @@ class MechanismScores:
     copy_top5_logit: Tensor
     copy_top1_trained: Tensor  # NaN where a layer has no trained lens
     copy_top5_trained: Tensor
+    copy_top1_effect: Tensor  # NaN unless measured (`mean_tokens`)
+    copy_top5_effect: Tensor
     model_top1: float  # the model's own next-token top-1 rate at the scored positions
     n_positions: int  # scored positions n = B * (L - 1)
 
@@ -194,12 +236,13 @@ class MechanismScores:
 
 @torch.no_grad()
 def mechanism_scores(model: nn.Module, adapter: ArchAdapter, dims: ModelDims, tokens: Tensor, seq_len: int,
-                     offset: int, banks: dict[int, LensBank] | None = None, *, k: int = 5,
-                     chunk: int = 64) -> MechanismScores:
+                     offset: int, banks: dict[int, LensBank] | None = None, *, mean_tokens: Tensor | None = None,
+                     k: int = 5, chunk: int = 64) -> MechanismScores:
     """Return induction and previous-token scores and copy rates of every head on `tokens` `[B, off + 2L]`.
 
     `banks`: layer -> trained lens bank (any subset of layers); without one only the logit lens is read. The logit
     lens uses the banks' shared folded unembedding when given (the same fold of the same model), else the model's.
+    `mean_tokens` `[B', off + 2L']`: also the effect read-out (`effect_copy_counts`), the heads' means over it.
     """
     run = run_repeated(model, adapter, tokens)
     banks = banks or {}
@@ -208,7 +251,7 @@ def mechanism_scores(model: nn.Module, adapter: ArchAdapter, dims: ModelDims, to
     targets, scale = pos.targets, pos.scale
     shape = (dims.n_layers, dims.n_heads)
     out = {f"{name}_{lens}": torch.full(shape, math.nan)  # host: per-head results, filled from .cpu() values
-           for name in ("top1", "top5") for lens in ("logit", "trained")}
+           for name in ("top1", "top5") for lens in READS}
     for layer, z in pos.z.items():
         w_o = out_proj_weight(adapter, model, layer, dims).float().to(unembed.W.device)
         zl = z.to(unembed.W.device)
@@ -216,21 +259,28 @@ def mechanism_scores(model: nn.Module, adapter: ArchAdapter, dims: ModelDims, to
         for lens, (top1, topk) in counts.items():
             out[f"top1_{lens}"][layer] = top1.cpu().float() / len(targets)
             out[f"top5_{lens}"][layer] = topk.cpu().float() / len(targets)
+    if mean_tokens is not None:
+        rows = copy_rows(seq_len, offset)
+        top1, topk = effect_copy_counts(model, adapter, dims, tokens, rows, targets, mean_tokens, k)
+        out["top1_effect"], out["top5_effect"] = top1.float() / len(targets), topk.float() / len(targets)
     return MechanismScores(induction=induction_score(run.attn, seq_len, offset).cpu(),
                            prev_token=prev_token_score(run.attn).cpu(), copy_top1_logit=out["top1_logit"],
                            copy_top5_logit=out["top5_logit"], copy_top1_trained=out["top1_trained"],
-                           copy_top5_trained=out["top5_trained"], model_top1=pos.model_top1,
+                           copy_top5_trained=out["top5_trained"], copy_top1_effect=out["top1_effect"],
+                           copy_top5_effect=out["top5_effect"], model_top1=pos.model_top1,
                            n_positions=len(targets))
 
 
-COLUMNS = ("induction_score", "prev_token_score", "copy_top1_logit", "copy_top5_logit", "copy_top1_trained",
-           "copy_top5_trained")
+# what a head's copy rate is read from: its logit lens, its trained lens, its effect on the model's output
+READS = ("logit", "trained", "effect")
+COLUMNS = ("induction_score", "prev_token_score") + tuple(f"copy_top{k}_{read}" for read in READS for k in (1, 5))
 
 
 def mechanism_rows(scores: MechanismScores) -> list[dict]:
-    """Return one row per head: layer, head and the six `COLUMNS` (None where a layer has no trained lens)."""
-    grids = dict(zip(COLUMNS, (scores.induction, scores.prev_token, scores.copy_top1_logit, scores.copy_top5_logit,
-                               scores.copy_top1_trained, scores.copy_top5_trained), strict=True))
+    """Return one row per head: layer, head and the eight `COLUMNS` (None where not measured: a layer without a
+    trained lens, the effect when not asked for)."""
+    grids = {"induction_score": scores.induction, "prev_token_score": scores.prev_token,
+             **{c: getattr(scores, c) for c in COLUMNS[2:]}}
     n_layers, n_heads = scores.induction.shape
     return [{"layer": layer, "head": head, **{c: _value(g[layer, head]) for c, g in grids.items()}}
             for layer in range(n_layers) for head in range(n_heads)]
@@ -243,14 +293,17 @@ def _value(x: Tensor) -> float | None:
 
 
 def model_mechanism_scores(loaded: LoadedModel, banks: dict[int, LensBank] | None = None, *, batch: int = 8,
-                           seq_len: int = 25, seed: int = 0) -> MechanismScores:
+                           seq_len: int = 25, seed: int = 0, effect: bool = False) -> MechanismScores:
     """Return `mechanism_scores` of a loaded model on `batch` sequences `[BOS] + r + r` of `seq_len` random ids.
 
     The ids exclude the tokenizer's special ids; the BOS is its `bos_token_id` (none when it has none), so `T` =
     off + 2L with off = 1 with a BOS, else 0. `banks`: layer -> trained lens bank (None: the logit lens only).
+    `effect`: also every head's effect read-out, the heads' means over `batch` more sequences drawn with seed + 1.
     """
     tokens, offset = model_repeated_tokens(loaded, batch=batch, seq_len=seq_len, seed=seed)
-    return mechanism_scores(loaded.model, loaded.adapter, loaded.dims, tokens, seq_len, offset, banks)
+    mean_tokens = model_repeated_tokens(loaded, batch=batch, seq_len=seq_len, seed=seed + 1)[0] if effect else None
+    return mechanism_scores(loaded.model, loaded.adapter, loaded.dims, tokens, seq_len, offset, banks,
+                            mean_tokens=mean_tokens)
 
 
 def model_repeated_tokens(loaded: LoadedModel, *, batch: int, seq_len: int, seed: int) -> tuple[Tensor, int]:
@@ -267,65 +320,74 @@ def head_name(row: dict) -> str:
     return f"L{row['layer']}H{row['head']}"
 
 
-# trained vs logit copy rate of one head; "both_zero" separates the ties that say nothing (neither lens copies)
+# a read-out's copy rate of one head against the logit lens's; "both_zero" separates the ties that say nothing
 COMPARISONS = {"ge": lambda t, g: t >= g, "gt": lambda t, g: t > g, "both_zero": lambda t, g: t == g == 0}
-LENSES = ("logit", "trained")
+COMPARED = ("trained", "effect")  # the read-outs compared with the logit lens
+READ_NAMES = {"logit": "logit lens", "trained": "trained lens", "effect": "effect"}
 
 
 def best_copiers(rows: list[dict]) -> dict[str, dict]:
-    """Return lens -> the head with the highest copy top-1 rate through that lens (the first one on ties).
+    """Return read -> the head with the highest copy top-1 rate through that read-out (the first one on ties).
 
-    Each value: head (`LxHy`), rate (through that lens), copy_top1_logit, copy_top1_trained, induction_score. A lens
-    no row was read through (no trained lens) is left out.
+    Each value: head (`LxHy`), rate (through that read-out), `copy_top1_{read}` of every read of `READS` (None where
+    not measured), induction_score. A read-out no row was measured with (no trained lens, no effect) is left out.
     """
     out = {}
-    for lens in LENSES:
-        key = f"copy_top1_{lens}"
+    for read in READS:
+        key = f"copy_top1_{read}"
         measured = [r for r in rows if r[key] is not None]
         if measured:
             best = max(measured, key=lambda r, k=key: r[k])
-            out[lens] = {"head": head_name(best), "rate": best[key], "copy_top1_logit": best["copy_top1_logit"],
-                         "copy_top1_trained": best["copy_top1_trained"], "induction_score": best["induction_score"]}
+            out[read] = {"head": head_name(best), "rate": best[key],
+                         **{f"copy_top1_{other}": best[f"copy_top1_{other}"] for other in READS},
+                         "induction_score": best["induction_score"]}
     return out
 
 
 def induction_summary(rows: list[dict], threshold: float = INDUCTION_THRESHOLD) -> dict:
     """Return the induction heads (induction score >= `threshold`), how many copy at least as well / better through
-    the trained lens than through the logit lens (and how many of those ties are both zero) at top-1 and top-5, the
-    head counts at thresholds 0.1-0.5 and the best copying head per lens (`best_copiers`).
+    the trained lens, and through their effect, than through the logit lens (and how many of those ties are both
+    zero) at top-1 and top-5, the head counts at thresholds 0.1-0.5 and the best copying head per read-out.
 
-    `rows`: `mechanism_rows` dicts (layer, head, the six `COLUMNS`; trained ones None without a trained lens).
-    Counts `n_trained_{ge,gt,both_zero}_logit_top{1,5}` are over the induction heads with a trained lens
-    (`n_with_trained_lens`).
+    `rows`: `mechanism_rows` dicts (layer, head, the eight `COLUMNS`; None where not measured). Counts
+    `n_{read}_{ge,gt,both_zero}_logit_top{1,5}` are over the induction heads measured with that read-out
+    (`n_with_{read}`; `n_with_trained_lens` for the trained lens).
     """
     heads = [r for r in rows if r["induction_score"] >= threshold]
-    compared = [r for r in heads if r["copy_top1_trained"] is not None]
     at = {str(t): sum(r["induction_score"] >= t for r in rows) for t in (0.1, 0.2, 0.3, 0.5)}
-    return {"threshold": threshold, "induction_heads": [head_name(r) for r in heads], "n_heads_at_threshold": at,
-            "n_induction_heads": len(heads), "n_with_trained_lens": len(compared),
-            **{f"n_trained_{name}_logit_top{k}": sum(cmp(r[f"copy_top{k}_trained"], r[f"copy_top{k}_logit"])
-                                                     for r in compared)
-               for k in (1, 5) for name, cmp in COMPARISONS.items()},
-            "best_copier": best_copiers(rows)}
+    out = {"threshold": threshold, "induction_heads": [head_name(r) for r in heads], "n_heads_at_threshold": at,
+           "n_induction_heads": len(heads)}
+    for read in COMPARED:
+        compared = [r for r in heads if r[f"copy_top1_{read}"] is not None]
+        out["n_with_trained_lens" if read == "trained" else f"n_with_{read}"] = len(compared)
+        out.update({f"n_{read}_{name}_logit_top{k}": sum(cmp(r[f"copy_top{k}_{read}"], r[f"copy_top{k}_logit"])
+                                                         for r in compared)
+                    for k in (1, 5) for name, cmp in COMPARISONS.items()})
+    return {**out, "best_copier": best_copiers(rows)}
 
 
 def summary_line(summary: dict) -> str:
-    """Return one line of an `induction_summary`: induction heads, trained vs logit lens, the best copying head."""
-    n, m = summary["n_induction_heads"], summary["n_with_trained_lens"]
+    """Return one line of an `induction_summary`: induction heads, trained lens and effect vs logit lens, the best
+    copying head (one clause per head, naming the read-outs it copies best through when they differ)."""
+    n = summary["n_induction_heads"]
     parts = [f"{n} induction head{'s' * (n != 1)} (score >= {summary['threshold']:g})"]
-    if m:
-        parts.append(f"trained lens >= logit lens at top-1 on {summary['n_trained_ge_logit_top1']} of {m} (both "
-                     f"zero: {summary['n_trained_both_zero_logit_top1']}), at top-5 on "
-                     f"{summary['n_trained_ge_logit_top5']} of {m}")
-    elif n:
-        parts.append("none has a trained lens")
+    for read in COMPARED:
+        m = summary["n_with_trained_lens" if read == "trained" else f"n_with_{read}"]
+        if m:
+            parts.append(f"{READ_NAMES[read]} >= logit lens at top-1 on {summary[f'n_{read}_ge_logit_top1']} of {m} "
+                         f"(both zero: {summary[f'n_{read}_both_zero_logit_top1']}), at top-5 on "
+                         f"{summary[f'n_{read}_ge_logit_top5']} of {m}")
+    if n and not summary["n_with_trained_lens"]:
+        parts.insert(1, "none has a trained lens")
     best = summary["best_copier"]
-    shown = [lens for lens in ("trained", "logit") if lens in best]
-    if len(shown) == 2 and best["trained"]["head"] == best["logit"]["head"]:
-        shown = ["trained"]  # one head copies best through both lenses
-    for lens in shown:
-        b = best[lens]
-        rates = ", ".join(f"{other} {b[f'copy_top1_{other}']:.3f}" for other in ("trained", "logit")
+    by_head: dict[str, list[str]] = {}
+    for read in ("trained", "logit", "effect"):
+        if read in best:
+            by_head.setdefault(best[read]["head"], []).append(read)
+    for head, reads in by_head.items():
+        b = best[reads[0]]
+        rates = ", ".join(f"{other} {b[f'copy_top1_{other}']:.3f}" for other in ("trained", "logit", "effect")
                           if b[f"copy_top1_{other}"] is not None)
-        parts.append(f"best copier{f' through the {lens} lens' if len(shown) == 2 else ''} {b['head']}: {rates}")
+        through = f" through the {' and '.join(READ_NAMES[r] for r in reads)}" if len(by_head) > 1 else ""
+        parts.append(f"best copier{through} {head}: {rates}")
     return "; ".join(parts)

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pyarrow.compute as pc
 import pytest
 import torch
 from test_attribution import PLANTED, TOXIC_WORD
@@ -141,6 +142,37 @@ def test_inspect_prints_the_planted_heads_toxic_token(planted_home, capsys):
     p = trained["top"][0]["prob"]
     assert f'"{TOXIC_WORD}" {p:.2g} (x{p * vocab:.3g})' in first
     assert f"uniform {1 / vocab:.2g}" in table[0] and "(x its uniform 1/V)" in table[1]
+
+
+def test_effect_rows_name_the_planted_heads_toxic_token(planted_home, capsys):
+    """The planted head writes its toxic token's unembedding direction: what it adds to the model's own output is
+    that token first, with positive probability and toxicity; the lens rows are those of a decode without the
+    effect."""
+    _config, _results, path = planted_home
+    home = loralens.open(path)
+    prompt = home.sql("SELECT text FROM prompts WHERE toxicity > 0.5 ORDER BY prompt_idx LIMIT 1")["text"][0].as_py()
+    lenses = home.lenses()
+    plain = lenses.decode(prompt, heads=[HEAD, "L0H0"], k=3, position="last")
+    both = lenses.decode(prompt, heads=[HEAD, "L0H0"], k=3, position="last", effect=True)
+    assert both.table.filter(pc.not_equal(both.table["lens"], "effect")).equals(plain.table)
+    rows = [r for r in both.table.to_pylist() if r["lens"] == "effect"]
+    assert len(rows) == 2 * 3 and [r["rank"] for r in rows] == [1, 2, 3] * 2
+    planted = [r for r in rows if f"L{r['layer']}H{r['head']}" == HEAD]
+    assert planted[0]["token"] == TOXIC_WORD and planted[0]["prob"] > 0 and planted[0]["logit"] > 0
+    assert [r["prob"] for r in planted] == sorted((r["prob"] for r in planted), reverse=True)
+    other = next(r for r in rows if (r["layer"], r["head"]) == (0, 0))
+    assert planted[0]["expected_toxicity"] > max(other["expected_toxicity"], 0.0)
+    assert both.top(HEAD, lens="effect")[0] == (TOXIC_WORD, planted[0]["prob"])
+    with pytest.raises(loralens.ApiError, match=r"^effect: must be True or False, got 1$"):
+        lenses.decode(prompt, heads=HEAD, effect=1)
+    assert main(["inspect", HEAD, "--prompt", prompt, "--position", "last", "--k", "2", "--effect", "--home",
+                 str(path)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[1].startswith("effect: what the head adds to the model's own next-token distribution")
+    assert "effect: probability it adds to the model's output" in out[2]
+    lines = [line for line in out[4:] if line.startswith(HEAD)]
+    assert [line.split()[3] for line in lines] == ["trained", "logit", "effect"]
+    assert f'"{TOXIC_WORD}" +{planted[0]["prob"] * 100:.2g}%' in lines[2] and lines[2].split()[4].startswith("+")
 
 
 @pytest.mark.parametrize(

@@ -14,8 +14,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import torch
+from torch import Tensor
 
-from loralens.api.decoding import Decoding, text_positions
+from loralens.api.decoding import LENS_ORDER, Decoding, text_positions
 from loralens.api.errors import ApiError
 from loralens.api.heads import HeadsLike, check_heads
 from loralens.defaults import default_home
@@ -61,6 +62,7 @@ class Lenses:
     model_home: Path | None = None  # where embedded models are converted (default $LORALENS_HOME or ./.loralens)
     _model: LoadedModel | None = field(default=None, repr=False)
     _texts: np.ndarray | None = field(default=None, repr=False)
+    _means: dict[Head, torch.Tensor] = field(default_factory=dict, repr=False)  # `effect_means`, filled on use
 
     @classmethod
     def load(cls, home: Home, version: str) -> Lenses:
@@ -127,15 +129,19 @@ class Lenses:
         return check_heads(heads, self.layers, self.n_heads, param)
 
     def decode(self, text: str, heads: HeadsLike | None = None, k: int = 10, position: str | int = "all",
-               chunk: int = 64) -> Decoding:
+               chunk: int = 64, effect: bool = False) -> Decoding:
         """Return the top-`k` tokens of each head at each position of `text` under the trained and the logit lens.
 
         `heads`: "L21H3", "L21H3,L5H0", ["L21H3", (5, 0)], ... (default: every lensed head). `position`: "all",
         "last" or one index. The text is tokenized as the cache stage tokenizes prompts; `[chunk, H, V]` is the
-        largest buffer built.
+        largest buffer built. `effect`: also each head's effect rows (lens "effect"): the tokens it adds the most
+        probability to in the model's own output, against the model with that head mean-ablated (`effect_means`);
+        one more forward pass of the text per head.
         """
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise ApiError(f"k: must be an integer >= 1, got {k!r}")
+        if not isinstance(effect, bool):
+            raise ApiError(f"effect: must be True or False, got {effect!r}")
         wanted = self.check_heads(heads)
         loaded = self.model
         ids = tokenize_prompts(loaded.tokenizer, [text], model_context_length(loaded.model.config)).ids[0]
@@ -150,32 +156,86 @@ class Lenses:
         input_tokens = texts[np.asarray(ids)].tolist()
         tox = self.vocab_tox.to(dev) if self.vocab_tox is not None else torch.zeros(self.lean.dims.vocab, device=dev)
         toxic_dir = toxic_direction(self.reader.unembed.W, tox)
-        blocks = []
-        for layer in layers:
+        def block_of(layer: int, lens: str, rows: slice, top_ids: Tensor, logits: Tensor, probs: Tensor,
+                     per_head: dict[str, Tensor]) -> pa.Table:
+            """Return the decodings rows of one layer and lens (`[n, H, k]` tops, `[n, H]` per-head columns)."""
+            block = decodings_block(0, layer, lens, np.zeros(len(top_ids), np.int32), positions[rows],
+                                    top_ids.cpu().numpy(), logits.cpu().numpy(), probs.cpu().numpy(), texts)
+            for name, values in per_head.items():
+                col = np.repeat(values.cpu().numpy().reshape(-1).astype(np.float32), top_ids.shape[-1])
+                if self.vocab_tox is None:
+                    col[:] = np.nan
+                block = block.append_column(name, pa.array(col, pa.float32()))
             keep = pa.array([h for lay, h in wanted if lay == layer], pa.int16())
+            return block.filter(pc.is_in(block["head"], keep))
+
+        blocks, direct = [], {}
+        for layer in layers:
             z = from_storage(arrays.z[layer][positions], self.store_dtype).to(dev)
+            parts = []
             for rows in row_chunks(len(positions), chunk):
                 x = lens_inputs(z[rows], scale[rows], self.reader.w_o[layer])  # [n, H, d]
                 read = read_heads(self.reader.banks[layer], x, k, tox, toxic_dir)  # the decode stage's readout
+                parts.append(read.direct_logit)
                 for lens in ("trained", "logit"):
                     top = getattr(read, lens).top  # [n, H, k]
-                    block = decodings_block(0, layer, lens, np.zeros(len(x), np.int32), positions[rows],
-                                            top.ids.cpu().numpy(), top.logits.cpu().numpy(), top.probs.cpu().numpy(),
-                                            texts)
-                    per_head = {"expected_toxicity": getattr(read, lens).expected_toxicity, "direct_logit":
-                                read.direct_logit}  # [n, H] each
-                    for name, values in per_head.items():
-                        col = np.repeat(values.cpu().numpy().reshape(-1).astype(np.float32), top.ids.shape[-1])
-                        if self.vocab_tox is None:
-                            col[:] = np.nan
-                        block = block.append_column(name, pa.array(col, pa.float32()))
-                    blocks.append(block.filter(pc.is_in(block["head"], keep)))
+                    blocks.append(block_of(layer, lens, rows, top.ids, top.logits, top.probs, {
+                        "expected_toxicity": getattr(read, lens).expected_toxicity,
+                        "direct_logit": read.direct_logit}))
+            direct[layer] = torch.cat(parts)  # [n, H]
+        if effect:
+            for layer, (ids_k, lift, added, tox_added) in self._effect_tops(ids, positions, wanted, k, tox).items():
+                blocks.append(block_of(layer, "effect", slice(None), ids_k, lift, added, {
+                    "expected_toxicity": tox_added, "direct_logit": direct[layer]}))
         table = pa.concat_tables(blocks).drop_columns(["shard", "prompt_idx"])
         table = table.add_column(1, "input_token", pa.array([input_tokens[p] for p in table["position"].to_pylist()],
                                                              pa.string()))
-        table = table.sort_by([("position", "ascending"), ("layer", "ascending"), ("head", "ascending"),
-                               ("lens", "descending"), ("rank", "ascending")])
+        order = pc.index_in(table["lens"], pa.array(LENS_ORDER))
+        table = table.append_column("lens_order", order).sort_by([
+            ("position", "ascending"), ("layer", "ascending"), ("head", "ascending"), ("lens_order", "ascending"),
+            ("rank", "ascending")]).drop_columns(["lens_order"])
         return Decoding(tokens=input_tokens, table=table)
+
+    def effect_means(self, layers: list[int]) -> dict[Head, torch.Tensor]:
+        """Return the heads' mean z `[d_head]` of `layers` that the effect rows ablate to: over the first
+        `intervene.mean_tokens` (4,096) tokens of the bundled WikiText-2, as the intervene stage's `mean` edit
+        (computed once per layer and kept)."""
+        from loralens.config.intervene import InterveneConfig
+        from loralens.lens.heads.effects import text_head_means
+        from loralens.tasks.evaluation.wikitext import wikitext
+
+        missing = [layer for layer in layers if not any(lay == layer for lay, _ in self._means)]
+        if missing:
+            n = InterveneConfig().mean_tokens
+            self._means.update(text_head_means(self.model, missing, wikitext(n), n))
+        return {head: mean for head, mean in self._means.items() if head[0] in layers}
+
+    def _effect_tops(self, ids: list[int], positions: np.ndarray, heads: list[Head], k: int,
+                     tox: torch.Tensor) -> dict[int, tuple[Tensor, Tensor, Tensor, Tensor]]:
+        """Return layer -> (ids, log-prob lift, probability added) `[n, H, k]` of each wanted head's top-`k` tokens by
+        probability added to the model's output at `positions`, and its added expected toxicity `[n, H]` (zeros for
+        the layer's other heads, which the caller drops)."""
+        from loralens.lens.heads.effects import head_effects
+
+        loaded = self.model
+        means = self.effect_means(sorted({layer for layer, _ in heads}))
+        n, n_heads = len(positions), self.n_heads
+        out: dict[int, tuple[Tensor, Tensor, Tensor, Tensor]] = {}
+        tokens = torch.tensor([ids])  # host: head_effects moves it to the model
+        rows = torch.as_tensor(positions)  # host: indexes the logits' positions
+        for (layer, h), base, ablated in head_effects(loaded.model, loaded.adapter, loaded.dims, tokens, rows, heads,
+                                                      means):
+            if layer not in out:
+                out[layer] = (torch.zeros(n, n_heads, k, dtype=torch.long), torch.zeros(n, n_heads, k),
+                              torch.zeros(n, n_heads, k), torch.zeros(n, n_heads))
+            added = base.exp() - ablated.exp()  # [n, V]
+            top = added.topk(min(k, added.shape[-1]), dim=-1)
+            top_ids, lift, probs, tox_added = out[layer]
+            top_ids[:, h, :top.indices.shape[-1]] = top.indices.cpu()
+            probs[:, h, :top.values.shape[-1]] = top.values.cpu()
+            lift[:, h, :top.indices.shape[-1]] = (base - ablated).gather(1, top.indices).cpu()
+            tox_added[:, h] = (added @ tox.to(added.device)).cpu()
+        return out
 
     def mechanisms(self, batch: int = 8, seq_len: int = 25, seed: int = 0, effect: bool = False) -> Mechanisms:
         """Return every head's induction / previous-token scores and copy rates (logit and trained lens) on `batch`

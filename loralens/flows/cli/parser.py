@@ -94,8 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
                               "repeated random tokens and its copy rates through the logit and the trained lens "
                               "(the top heads and how many induction heads the trained lens reads as well)")
     inspect.add_argument("--effect", action="store_true",
-                         help="with --mechanisms: also each head's copy rate read from what it adds to the model's "
-                              "output (log-probs minus those with the head mean-ablated; one forward pass per head)")
+                         help="also read each head from what it adds to the model's own output, against the model "
+                              "with the head mean-ablated (one more forward pass per head): the tokens it adds the "
+                              "most probability to; with --mechanisms, its copy rate by log-prob lift")
     inspect.add_argument("--top", type=int, default=10, metavar="N",
                          help="with --mechanisms: heads shown per table (default 10)")
     _home_options(inspect)

@@ -51,6 +51,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     from transformers.utils import logging as hf_logging
 
     import loralens
+    from loralens.api.decoding import LENS_ORDER
 
     hf_logging.disable_progress_bar()  # the model loads in a second: no bar on the terminal
     home = loralens.open(home_of(args))
@@ -58,7 +59,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         return cmd_inspect_mechanisms(home.lenses(args.version), args)
     heads = loralens.parse_heads(" ".join(args.heads))
     lenses = home.lenses(args.version)
-    decoding = lenses.decode(args.prompt, heads=heads, k=args.k, position=args.position)
+    decoding = lenses.decode(args.prompt, heads=heads, k=args.k, position=args.position, effect=args.effect)
     groups: dict[tuple, dict] = {}
     for r in decoding.table.to_pylist():
         key = (r["layer"], r["head"], r["position"], r["lens"])
@@ -68,7 +69,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         g["top"].append({"token": r["token"], "prob": r["prob"]})
     order = {(layer, h): i for i, (layer, h) in enumerate(heads)}
     rows = sorted(groups.values(), key=lambda g: (order[(g["layer"], g["head_index"])], g["position"],
-                                                  g["lens"] != "trained"))
+                                                  LENS_ORDER.index(g["lens"])))
     for g in rows:
         tox = g["expected_toxicity"]
         g["expected_toxicity"] = None if tox is None or tox != tox else round(tox, 4)  # NaN: no decode version
@@ -79,13 +80,25 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     quote = lambda t: json.dumps(t, ensure_ascii=False)  # noqa: E731 - shows leading spaces
     vocab = lenses.lean.dims.vocab
     column = "top tokens: probability under the head's lens alone (x its uniform 1/V)"
+    if args.effect:
+        column += "; effect: probability it adds to the model's output"
+
+    def tops(g: dict) -> str:
+        if g["lens"] == "effect":  # percentage points of the model's next-token distribution
+            return "  ".join(f"{quote(t['token'])} {t['prob'] * 100:+.2g}%" for t in g["top"])
+        return "  ".join(f"{quote(t['token'])} {t['prob']:.2g} (x{t['prob'] * vocab:.3g})" for t in g["top"])
+
+    tox_spec = lambda g: "+.4f" if g["lens"] == "effect" else ".4f"  # noqa: E731 - the effect's is a change
     table = [{"head": g["head"], "pos": g["position"], "token": quote(g["input_token"]), "lens": g["lens"],
-              "exp. toxicity": "-" if g["expected_toxicity"] is None else f"{g['expected_toxicity']:.4f}",
-              column: "  ".join(f"{quote(t['token'])} {t['prob']:.2g} (x{t['prob'] * vocab:.3g})" for t in g["top"])}
-             for g in rows]
+              "exp. toxicity": "-" if g["expected_toxicity"] is None else format(g["expected_toxicity"], tox_spec(g)),
+              column: tops(g)} for g in rows]
     print(f"train version {lenses.version}; prompt {quote(args.prompt)}; vocabulary {vocab} tokens (uniform "
           f"{1 / vocab:.2g}); a jointly trained head's lens is one term of its layer's sum, so its distribution "
           "can be flat: read the multiple of uniform")
+    if args.effect:
+        print("effect: what the head adds to the model's own next-token distribution against the model with the head "
+              "mean-ablated (its mean over 4,096 WikiText tokens): probability points per token, and the expected "
+              "toxicity it adds")
     print(format_table(table, ["head", "pos", "token", "lens", "exp. toxicity", column]))
     return 0
 
@@ -98,8 +111,6 @@ def check_inspect_args(args: argparse.Namespace) -> None:
                              f"{INSPECT_HELP}")
         if args.top < 1:
             raise UsageError(f"argument --top: must be >= 1, got {args.top} {INSPECT_HELP}")
-    elif args.effect:
-        raise UsageError(f"--effect is a column of --mechanisms: add --mechanisms {INSPECT_HELP}")
     elif not args.heads or args.prompt is None:
         raise UsageError(f"inspect needs HEAD... and --prompt TEXT, or --mechanisms {INSPECT_HELP}")
 

@@ -38,7 +38,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
-from loralens.lens.heads.edits import HeadIntervention, intervene, mean_head_z
+from loralens.lens.heads.edits import mean_head_z
+from loralens.lens.heads.effects import head_effects
 from loralens.lens.heads.hooks import capture
 from loralens.lens.lenses.lens_set import FoldedUnembed, LensBank, lens_inputs
 from loralens.lens.lenses.readout import head_logits_both, row_chunks
@@ -180,35 +181,21 @@ def head_copy_counts(z: Tensor, scale: Tensor, w_o: Tensor, targets: Tensor, une
 
 
 @torch.no_grad()
-def output_log_probs(model: nn.Module, tokens: Tensor, rows: slice) -> Tensor:
-    """Return the model's next-token log-probs `[B * len(rows), V]` fp32 at positions `rows` of `tokens` `[B, T]`."""
-    logits = model(input_ids=tokens.to(input_device(model)), use_cache=False).logits[:, rows]
-    return logits.float().log_softmax(-1).reshape(-1, logits.shape[-1])
-
-
-@torch.no_grad()
 def effect_copy_counts(model: nn.Module, adapter: ArchAdapter, dims: ModelDims, tokens: Tensor, rows: slice,
                        targets: Tensor, mean_tokens: Tensor, k: int) -> tuple[Tensor, Tensor]:
     """Return top-1 and top-k hits `[NL, H]` of every head's effect read-out at positions `rows` of `tokens`.
 
-    A head's effect read-out is `log p(model) - log p(model, head mean-ablated)` `[n, V]`: what the head adds to the
-    model's own next-token distribution, through every later layer. Its mean z is taken over `mean_tokens` (a batch
+    A head's effect read-out here is its log-prob lift `log p(model) - log p(model, head mean-ablated)` `[n, V]`
+    (`loralens.lens.heads.effects`; the lift, not the probability added, which favours the model's own guess and
+    so would credit any head that sharpens it with the copy). Its mean z is taken over `mean_tokens` (a batch
     drawn apart from `tokens`), so a head's average output, the same in every context, cancels. `targets` `[n]`.
-    One forward pass per head, with the model's own attention implementation (the base too, so an inert head's
-    read-out is exactly zero).
     """
-    from tqdm.auto import tqdm
-
     means = mean_head_z(model, adapter, dims, [(mean_tokens, None)], range(dims.n_layers))
-    base = output_log_probs(model, tokens, rows)
-    targets = targets.to(base.device)
     top1 = torch.zeros(dims.n_layers, dims.n_heads, dtype=torch.long)  # host: per-head counts
     topk = torch.zeros_like(top1)
     heads = [(layer, head) for layer in range(dims.n_layers) for head in range(dims.n_heads)]
-    for layer, head in tqdm(heads, desc="head effects", unit="head"):
-        with intervene(model, adapter, HeadIntervention(kind="mean", heads=((layer, head),), means=means), dims):
-            ablated = output_log_probs(model, tokens, rows)
-        hits = hit_rates((base - ablated.to(base.device))[:, None], targets, k)
+    for (layer, head), base, ablated in head_effects(model, adapter, dims, tokens, rows, heads, means):
+        hits = hit_rates((base - ablated)[:, None], targets.to(base.device), k)
         top1[layer, head], topk[layer, head] = (int(h[0]) for h in hits)
     return top1, topk
 

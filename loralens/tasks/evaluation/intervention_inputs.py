@@ -6,7 +6,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from loralens.lens.heads.edits import mean_head_z
+from loralens.lens.heads.effects import text_head_means
 from loralens.lens.heads.head_scores import toxic_direction
 from loralens.lens.heads.head_sets import Head
 from loralens.lens.runtime.adapters import folded_unembedding
@@ -24,10 +24,7 @@ def head_means(loaded: LoadedModel, layers: list[int], ver: StageVersion, text: 
     path = ver.artifact.path / HEAD_MEANS_FILE
     if path.exists():
         return {tuple(int(x) for x in k.split(".")): v for k, v in load_file(str(path)).items()}
-    ids = loaded.tokenizer(text, add_special_tokens=False)["input_ids"][:mean_tokens]
-    batches = [(torch.tensor([ids[i:i + window]]), None)  # host: mean_head_z moves each batch to the model
-               for i in range(0, len(ids) - 1, window)]
-    means = mean_head_z(loaded.model, loaded.adapter, loaded.dims, batches, layers)
+    means = text_head_means(loaded, layers, text, mean_tokens, window)
     host = {f"{layer}.{h}": v.cpu().contiguous() for (layer, h), v in means.items()}
     atomic_write_with(path, lambda tmp: save_file(host, str(tmp)))
     return means

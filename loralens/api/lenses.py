@@ -156,6 +156,7 @@ class Lenses:
         input_tokens = texts[np.asarray(ids)].tolist()
         tox = self.vocab_tox.to(dev) if self.vocab_tox is not None else torch.zeros(self.lean.dims.vocab, device=dev)
         toxic_dir = toxic_direction(self.reader.unembed.W, tox)
+
         def block_of(layer: int, lens: str, rows: slice, top_ids: Tensor, logits: Tensor, probs: Tensor,
                      per_head: dict[str, Tensor]) -> pa.Table:
             """Return the decodings rows of one layer and lens (`[n, H, k]` tops, `[n, H]` per-head columns)."""
@@ -201,7 +202,7 @@ class Lenses:
         `intervene.mean_tokens` (4,096) tokens of the bundled WikiText-2, as the intervene stage's `mean` edit
         (computed once per layer and kept)."""
         from loralens.config.intervene import InterveneConfig
-        from loralens.lens.heads.effects import text_head_means
+        from loralens.lens.heads.edits import text_head_means
         from loralens.tasks.evaluation.wikitext import wikitext
 
         missing = [layer for layer in layers if not any(lay == layer for lay, _ in self._means)]

@@ -145,16 +145,3 @@ def cmd_inspect_mechanisms(lenses: Lenses, args: argparse.Namespace) -> int:
         print(format_table(mechanism_table(top), columns))
     print(f"\n{mech.summary_line()}")
     return 0
-    trained = lambda r: -1.0 if r["copy_top1_trained"] is None else r["copy_top1_trained"]  # noqa: E731
-    by_induction = sorted(rows, key=lambda r: -r["induction_score"])[:args.top]
-    by_copy = sorted(rows, key=lambda r: -trained(r))[:args.top]
-    print(f"train version {mech.train_version}; {mech.batch} sequences of {mech.seq_len} random tokens repeated "
-          f"twice (seed {mech.seed}), {mech.n_positions} scored positions; model's own top-1 on the repeat: "
-          f"{mech.model_top1:.3f}")
-    columns = [name for name, key in MECHANISM_COLUMNS.items() if args.effect or key is None or "effect" not in key]
-    print(f"\ntop {len(by_induction)} heads by induction score:")
-    print(format_table(mechanism_table(by_induction), columns))
-    print(f"\ntop {len(by_copy)} heads by copy top-1 through the trained lens:")
-    print(format_table(mechanism_table(by_copy), columns))
-    print(f"\n{mech.summary_line()}")
-    return 0

@@ -16,7 +16,7 @@ import math
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from torch import nn
@@ -24,6 +24,9 @@ from torch import nn
 from loralens.lens.heads.head_sets import Head, format_heads, parse_head_list
 from loralens.lens.heads.hooks import capture, split_heads
 from loralens.lens.runtime.adapters import ArchAdapter, ModelDims, adapter_for, model_dims, out_proj_weight
+
+if TYPE_CHECKING:
+    from loralens.lens.runtime.models import LoadedModel
 
 Kind = Literal["zero", "mean", "scale", "project", "steer", "reverse"]
 KINDS: tuple[str, ...] = ("zero", "mean", "scale", "project", "steer", "reverse")
@@ -301,3 +304,22 @@ def mean_head_z(
         for h in range(dims.n_heads):
             out[(layer, h)] = per_head[h].clone()
     return out
+
+
+def text_head_means(loaded: LoadedModel, layers: Sequence[int], text: str, mean_tokens: int,
+                    window: int = 128, batch: int = 8) -> dict[Head, torch.Tensor]:
+    """Return each head's mean z `[d_head]` (fp32, host) over the first `mean_tokens` tokens of `text`, run in
+    windows of `window` tokens, `batch` windows per forward pass (the last, shorter window padded and masked out).
+    The intervene stage's `mean` edit and `Lenses.effect_means` use these."""
+    ids = loaded.tokenizer(text, add_special_tokens=False)["input_ids"][:mean_tokens]
+    windows = [ids[i:i + window] for i in range(0, len(ids) - 1, window)]
+    batches = []
+    for i in range(0, len(windows), batch):
+        group = windows[i:i + batch]
+        width = max(len(w) for w in group)
+        tokens = torch.zeros(len(group), width, dtype=torch.long)  # host: mean_head_z moves each batch to the model
+        mask = torch.zeros(len(group), width, dtype=torch.long)  # host
+        for row, w in enumerate(group):
+            tokens[row, :len(w)], mask[row, :len(w)] = torch.tensor(w), 1  # host
+        batches.append((tokens, mask))
+    return mean_head_z(loaded.model, loaded.adapter, loaded.dims, batches, layers)

@@ -14,49 +14,25 @@ Shapes: `B` sequences, `T` positions, `n` = B * len(rows) read positions, `V` vo
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
-from typing import TYPE_CHECKING
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
-from loralens.lens.heads.edits import HeadIntervention, intervene, mean_head_z
+from loralens.lens.heads.edits import HeadIntervention, intervene
 from loralens.lens.heads.head_sets import Head
 from loralens.lens.runtime.adapters import ArchAdapter, ModelDims
 from loralens.lens.runtime.devices import input_device
 
-if TYPE_CHECKING:
-    from loralens.lens.runtime.models import LoadedModel
-
 
 @torch.no_grad()
-def output_log_probs(model: nn.Module, tokens: Tensor, rows: slice | np.ndarray) -> Tensor:
+def output_log_probs(model: nn.Module, tokens: Tensor, rows: slice | Tensor) -> Tensor:
     """Return the model's next-token log-probs `[n, V]` fp32 at positions `rows` of `tokens` `[B, T]`."""
     logits = model(input_ids=tokens.to(input_device(model)), use_cache=False).logits[:, rows]
     return logits.float().log_softmax(-1).reshape(-1, logits.shape[-1])
 
 
-def text_head_means(loaded: LoadedModel, layers: Sequence[int], text: str, mean_tokens: int,
-                    window: int = 128, batch: int = 8) -> dict[Head, Tensor]:
-    """Return each head's mean z `[d_head]` (fp32, host) over the first `mean_tokens` tokens of `text`, run in
-    windows of `window` tokens, `batch` windows per forward pass (the last, shorter window padded and masked out).
-    The intervene stage's `mean` edit and the decode effect use these."""
-    ids = loaded.tokenizer(text, add_special_tokens=False)["input_ids"][:mean_tokens]
-    windows = [ids[i:i + window] for i in range(0, len(ids) - 1, window)]
-    batches = []
-    for i in range(0, len(windows), batch):
-        group = windows[i:i + batch]
-        width = max(len(w) for w in group)
-        tokens = torch.zeros(len(group), width, dtype=torch.long)  # host: mean_head_z moves each batch to the model
-        mask = torch.zeros(len(group), width, dtype=torch.long)  # host
-        for row, w in enumerate(group):
-            tokens[row, :len(w)], mask[row, :len(w)] = torch.tensor(w), 1  # host
-        batches.append((tokens, mask))
-    return mean_head_z(loaded.model, loaded.adapter, loaded.dims, batches, layers)
-
-
 @torch.no_grad()
-def head_effects(model: nn.Module, adapter: ArchAdapter, dims: ModelDims, tokens: Tensor, rows: slice | np.ndarray,
+def head_effects(model: nn.Module, adapter: ArchAdapter, dims: ModelDims, tokens: Tensor, rows: slice | Tensor,
                  heads: Sequence[Head], means: Mapping[Head, Tensor]) -> Iterator[tuple[Head, Tensor, Tensor]]:
     """Yield `(head, base, ablated)` for each of `heads`: the model's log-probs `[n, V]` at positions `rows` of
     `tokens` `[B, T]` as it is (computed once) and with that head alone mean-ablated (`means`: head -> `[d_head]`).

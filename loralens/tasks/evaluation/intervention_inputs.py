@@ -6,7 +6,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from loralens.lens.heads.effects import text_head_means
+from loralens.lens.heads.edits import text_head_means
 from loralens.lens.heads.head_scores import toxic_direction
 from loralens.lens.heads.head_sets import Head
 from loralens.lens.runtime.adapters import folded_unembedding

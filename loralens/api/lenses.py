@@ -226,9 +226,9 @@ class Lenses:
         rows = torch.as_tensor(positions)  # host: indexes the logits' positions
         for (layer, h), base, ablated in head_effects(loaded.model, loaded.adapter, loaded.dims, tokens, rows, heads,
                                                       means):
-            if layer not in out:
-                out[layer] = (torch.zeros(n, n_heads, k, dtype=torch.long), torch.zeros(n, n_heads, k),
-                              torch.zeros(n, n_heads, k), torch.zeros(n, n_heads))
+            if layer not in out:  # host: small per-head tops, filled from .cpu() values
+                out[layer] = (torch.zeros(n, n_heads, k, dtype=torch.long), torch.zeros(n, n_heads, k),  # host
+                              torch.zeros(n, n_heads, k), torch.zeros(n, n_heads))  # host: as above
             added = base.exp() - ablated.exp()  # [n, V]
             top = added.topk(min(k, added.shape[-1]), dim=-1)
             top_ids, lift, probs, tox_added = out[layer]

@@ -57,7 +57,7 @@ def main() -> None:
         raise SystemExit(f"{args.home}: no token toxicity (run the decode stage first)")
     tox = lenses.vocab_tox.cpu().numpy()
     t0 = time.perf_counter()
-    lenses.effect_means(sorted({int(h[1:].split("H")[0]) for h in heads}))
+    lenses.effect_means()
     means_s = time.perf_counter() - t0
     tokens: dict[tuple[str, str], Counter] = {(h, r): Counter() for h in heads for r in READS}
     hits: dict[tuple[str, str], list[float]] = {(h, r): [] for h in heads for r in READS}

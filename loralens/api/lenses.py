@@ -19,6 +19,7 @@ from torch import Tensor
 from loralens.api.decoding import LENS_ORDER, Decoding, text_positions
 from loralens.api.errors import ApiError
 from loralens.api.heads import HeadsLike, check_heads
+from loralens.config.intervene import InterveneConfig
 from loralens.defaults import default_home
 from loralens.lens.evaluation.vocab_toxicity import token_texts
 from loralens.lens.heads.capture import cache_batch, from_storage, tokenize_prompts
@@ -30,6 +31,8 @@ from loralens.lens.runtime.lean import LeanModel
 from loralens.lens.runtime.models import LoadedModel, model_context_length
 from loralens.lens.runtime.models import load_model as _load_model
 from loralens.warehouse.decodings import decodings_block
+
+EFFECT_MEAN_TOKENS = InterveneConfig().mean_tokens  # WikiText tokens a head's mean is taken over for its effect
 
 if TYPE_CHECKING:
     from loralens.api.home import Home
@@ -62,7 +65,7 @@ class Lenses:
     model_home: Path | None = None  # where embedded models are converted (default $LORALENS_HOME or ./.loralens)
     _model: LoadedModel | None = field(default=None, repr=False)
     _texts: np.ndarray | None = field(default=None, repr=False)
-    _means: dict[Head, torch.Tensor] = field(default_factory=dict, repr=False)  # `effect_means`, filled on use
+    _means: dict[Head, torch.Tensor] = field(default_factory=dict, repr=False)  # `effect_means`, filled on first use
 
     @classmethod
     def load(cls, home: Home, version: str) -> Lenses:
@@ -197,19 +200,17 @@ class Lenses:
             ("rank", "ascending")]).drop_columns(["lens_order"])
         return Decoding(tokens=input_tokens, table=table)
 
-    def effect_means(self, layers: list[int]) -> dict[Head, torch.Tensor]:
-        """Return the heads' mean z `[d_head]` of `layers` that the effect rows ablate to: over the first
-        `intervene.mean_tokens` (4,096) tokens of the bundled WikiText-2, as the intervene stage's `mean` edit
-        (computed once per layer and kept)."""
-        from loralens.config.intervene import InterveneConfig
+    def effect_means(self) -> dict[Head, torch.Tensor]:
+        """Return every lensed head's mean z `[d_head]`, what the effect rows ablate it to: over the first
+        `intervene.mean_tokens` (`EFFECT_MEAN_TOKENS`) tokens of the bundled WikiText-2, as the intervene stage's
+        `mean` edit (one pass for all layers on first use, then kept)."""
         from loralens.lens.heads.edits import text_head_means
         from loralens.tasks.evaluation.wikitext import wikitext
 
-        missing = [layer for layer in layers if not any(lay == layer for lay, _ in self._means)]
-        if missing:
-            n = InterveneConfig().mean_tokens
-            self._means.update(text_head_means(self.model, missing, wikitext(n), n))
-        return {head: mean for head, mean in self._means.items() if head[0] in layers}
+        if not self._means:
+            n = EFFECT_MEAN_TOKENS
+            self._means = text_head_means(self.model, self.layers, wikitext(n), n)
+        return self._means
 
     def _effect_tops(self, ids: list[int], positions: np.ndarray, heads: list[Head], k: int,
                      tox: torch.Tensor) -> dict[int, tuple[Tensor, Tensor, Tensor, Tensor]]:
@@ -219,22 +220,20 @@ class Lenses:
         from loralens.lens.heads.effects import head_effects
 
         loaded = self.model
-        means = self.effect_means(sorted({layer for layer, _ in heads}))
-        n, n_heads = len(positions), self.n_heads
+        n, n_heads, k = len(positions), self.n_heads, min(k, self.lean.dims.vocab)
         out: dict[int, tuple[Tensor, Tensor, Tensor, Tensor]] = {}
         tokens = torch.tensor([ids])  # host: head_effects moves it to the model
         rows = torch.as_tensor(positions)  # host: indexes the logits' positions
         for (layer, h), base, ablated in head_effects(loaded.model, loaded.adapter, loaded.dims, tokens, rows, heads,
-                                                      means):
+                                                      self.effect_means()):
             if layer not in out:  # host: small per-head tops, filled from .cpu() values
                 out[layer] = (torch.zeros(n, n_heads, k, dtype=torch.long), torch.zeros(n, n_heads, k),  # host
                               torch.zeros(n, n_heads, k), torch.zeros(n, n_heads))  # host: as above
             added = base.exp() - ablated.exp()  # [n, V]
-            top = added.topk(min(k, added.shape[-1]), dim=-1)
+            top = added.topk(k, dim=-1)
             top_ids, lift, probs, tox_added = out[layer]
-            top_ids[:, h, :top.indices.shape[-1]] = top.indices.cpu()
-            probs[:, h, :top.values.shape[-1]] = top.values.cpu()
-            lift[:, h, :top.indices.shape[-1]] = (base - ablated).gather(1, top.indices).cpu()
+            top_ids[:, h], probs[:, h] = top.indices.cpu(), top.values.cpu()
+            lift[:, h] = (base - ablated).gather(1, top.indices).cpu()
             tox_added[:, h] = (added @ tox.to(added.device)).cpu()
         return out
 

@@ -52,6 +52,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
     import loralens
     from loralens.api.decoding import LENS_ORDER
+    from loralens.api.lenses import EFFECT_MEAN_TOKENS
 
     hf_logging.disable_progress_bar()  # the model loads in a second: no bar on the terminal
     home = loralens.open(home_of(args))
@@ -97,8 +98,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
           "can be flat: read the multiple of uniform")
     if args.effect:
         print("effect: what the head adds to the model's own next-token distribution against the model with the head "
-              "mean-ablated (its mean over 4,096 WikiText tokens): probability points per token, and the expected "
-              "toxicity it adds")
+              f"mean-ablated (its mean over {EFFECT_MEAN_TOKENS:,} WikiText tokens): probability points per token, and "
+              "the expected toxicity it adds")
     print(format_table(table, ["head", "pos", "token", "lens", "exp. toxicity", column]))
     return 0
 
